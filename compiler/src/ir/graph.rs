@@ -1,0 +1,199 @@
+//! The IR graph: a petgraph DAG of typed primitive ops. Edges run from operand to
+//! user and carry the operand's slot.
+
+use super::{infer, Op, TensorType, TypeError};
+use petgraph::graph::{DiGraph, NodeIndex};
+use petgraph::visit::EdgeRef;
+use petgraph::Direction;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+pub type NodeId = NodeIndex<u32>;
+
+/// One op in a graph with its inferred type and where it came from (the spec path
+/// that lowered to it), so that later failures can name their origin.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Node {
+    pub op: Op,
+    pub ty: TensorType,
+    pub origin: String,
+}
+
+#[derive(Debug, Error, Clone, PartialEq)]
+pub enum GraphError {
+    #[error("node {index} ({origin}): {source}")]
+    Type {
+        index: usize,
+        origin: String,
+        #[source]
+        source: TypeError,
+    },
+    #[error("graph `{graph}` has a cycle through node {index}")]
+    Cycle { graph: String, index: usize },
+    #[error("graph `{graph}`: node {index} is not in the graph")]
+    UnknownNode { graph: String, index: usize },
+    #[error("graph `{graph}` already has an output named `{name}`")]
+    DuplicateOutput { graph: String, name: String },
+    #[error("graph `{graph}`: node {index} records type {recorded} but its op yields {inferred}")]
+    StaleType {
+        graph: String,
+        index: usize,
+        recorded: TensorType,
+        inferred: TensorType,
+    },
+}
+
+/// A typed DAG of IR ops with named outputs.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Graph {
+    pub name: String,
+    dag: DiGraph<Node, u32>,
+    outputs: Vec<(String, NodeId)>,
+}
+
+impl Graph {
+    pub fn new(name: impl Into<String>) -> Graph {
+        Graph {
+            name: name.into(),
+            dag: DiGraph::new(),
+            outputs: Vec::new(),
+        }
+    }
+
+    /// Appends `op` applied to `operands`, inferring and checking its type.
+    pub fn push(
+        &mut self,
+        op: Op,
+        operands: &[NodeId],
+        origin: impl Into<String>,
+    ) -> Result<NodeId, GraphError> {
+        let origin = origin.into();
+        for &o in operands {
+            if o.index() >= self.dag.node_count() {
+                return Err(GraphError::UnknownNode {
+                    graph: self.name.clone(),
+                    index: o.index(),
+                });
+            }
+        }
+        let types: Vec<&TensorType> = operands.iter().map(|&o| &self.dag[o].ty).collect();
+        let ty = infer(&op, &types).map_err(|source| GraphError::Type {
+            index: self.dag.node_count(),
+            origin: origin.clone(),
+            source,
+        })?;
+        let id = self.dag.add_node(Node { op, ty, origin });
+        for (slot, &o) in operands.iter().enumerate() {
+            self.dag.add_edge(o, id, slot as u32);
+        }
+        Ok(id)
+    }
+
+    pub fn set_output(&mut self, name: impl Into<String>, id: NodeId) -> Result<(), GraphError> {
+        let name = name.into();
+        if self.outputs.iter().any(|(n, _)| *n == name) {
+            return Err(GraphError::DuplicateOutput {
+                graph: self.name.clone(),
+                name,
+            });
+        }
+        self.outputs.push((name, id));
+        Ok(())
+    }
+
+    pub fn node(&self, id: NodeId) -> &Node {
+        &self.dag[id]
+    }
+
+    pub fn len(&self) -> usize {
+        self.dag.node_count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.dag.node_count() == 0
+    }
+
+    /// Operands of `id`, in slot order.
+    pub fn operands(&self, id: NodeId) -> Vec<NodeId> {
+        let mut edges: Vec<(u32, NodeId)> = self
+            .dag
+            .edges_directed(id, Direction::Incoming)
+            .map(|e| (*e.weight(), e.source()))
+            .collect();
+        edges.sort_unstable_by_key(|(slot, _)| *slot);
+        edges.into_iter().map(|(_, n)| n).collect()
+    }
+
+    pub fn outputs(&self) -> &[(String, NodeId)] {
+        &self.outputs
+    }
+
+    pub fn output(&self, name: &str) -> Option<NodeId> {
+        self.outputs.iter().find(|(n, _)| n == name).map(|(_, id)| *id)
+    }
+
+    pub fn node_ids(&self) -> impl Iterator<Item = NodeId> + '_ {
+        self.dag.node_indices()
+    }
+
+    /// Nodes in an order where every operand comes before its users.
+    pub fn topo_order(&self) -> Result<Vec<NodeId>, GraphError> {
+        petgraph::algo::toposort(&self.dag, None).map_err(|cycle| GraphError::Cycle {
+            graph: self.name.clone(),
+            index: cycle.node_id().index(),
+        })
+    }
+
+    /// The `Input` nodes: name, node.
+    pub fn inputs(&self) -> impl Iterator<Item = (&str, NodeId)> + '_ {
+        self.dag.node_indices().filter_map(|id| match &self.dag[id].op {
+            Op::Input { name, .. } => Some((name.as_str(), id)),
+            _ => None,
+        })
+    }
+
+    /// The `Parameter` nodes: name, node.
+    pub fn parameters(&self) -> impl Iterator<Item = (&str, NodeId)> + '_ {
+        self.dag.node_indices().filter_map(|id| match &self.dag[id].op {
+            Op::Parameter { name, .. } => Some((name.as_str(), id)),
+            _ => None,
+        })
+    }
+
+    /// Re-checks a graph that did not come from `push` (one read from an artifact):
+    /// acyclic, outputs present, every recorded type what its op yields.
+    pub fn validate(&self) -> Result<(), GraphError> {
+        for id in self.topo_order()? {
+            let operands = self.operands(id);
+            let types: Vec<&TensorType> = operands.iter().map(|&o| &self.dag[o].ty).collect();
+            let node = &self.dag[id];
+            let inferred = infer(&node.op, &types).map_err(|source| GraphError::Type {
+                index: id.index(),
+                origin: node.origin.clone(),
+                source,
+            })?;
+            if inferred != node.ty {
+                return Err(GraphError::StaleType {
+                    graph: self.name.clone(),
+                    index: id.index(),
+                    recorded: node.ty.clone(),
+                    inferred,
+                });
+            }
+        }
+        for (_, id) in &self.outputs {
+            if id.index() >= self.dag.node_count() {
+                return Err(GraphError::UnknownNode {
+                    graph: self.name.clone(),
+                    index: id.index(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The underlying petgraph, for analyses and Graphviz.
+    pub fn dag(&self) -> &DiGraph<Node, u32> {
+        &self.dag
+    }
+}

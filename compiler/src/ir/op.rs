@@ -1,0 +1,193 @@
+//! The primitive operations of the IR. Every spec construct lowers to these; later
+//! stages (autodiff, rewrites, fusion, kernels) only ever see this set.
+
+use super::{DType, Shape};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// An `f64` attribute compared and hashed by its bits, so ops stay `Eq + Hash`
+/// (needed to put them in an e-graph and to key compiled kernels).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub struct Scalar(pub f64);
+
+impl PartialEq for Scalar {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.to_bits() == other.0.to_bits()
+    }
+}
+impl Eq for Scalar {}
+impl std::hash::Hash for Scalar {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.to_bits().hash(state)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum UnaryOp {
+    Neg,
+    Abs,
+    Exp,
+    Log,
+    Sqrt,
+    Rsqrt,
+    Recip,
+    Square,
+    Tanh,
+    Sigmoid,
+    Relu,
+    /// Exact GELU, `x * Phi(x)` with the normal CDF through `erf` (PyTorch's default).
+    Gelu,
+    /// `x * sigmoid(x)`.
+    Silu,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum BinaryOp {
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Max,
+    Min,
+    Pow,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum CompareOp {
+    Lt,
+    Le,
+    Gt,
+    Ge,
+    Eq,
+    Ne,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ReduceOp {
+    Sum,
+    Mean,
+    Max,
+    Min,
+}
+
+/// One IR operation. Operands are the node's incoming edges, ordered by slot; the
+/// comment on each variant names them. Ops whose result type is not determined by
+/// their operands (`Constant`, `Iota`, `Cast`, `Reshape`, `BroadcastTo`,
+/// `ScatterAdd`) carry it as an attribute.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Op {
+    /// A batch tensor fed by the runtime. No operands.
+    Input { name: String, dtype: DType, shape: Shape },
+    /// A named weight from the program's parameter table. No operands.
+    Parameter { name: String, dtype: DType, shape: Shape },
+    /// A tensor filled with one value. No operands.
+    Constant { value: Scalar, dtype: DType, shape: Shape },
+    /// A tensor whose elements are their own index along `axis`. No operands.
+    Iota { axis: usize, dtype: DType, shape: Shape },
+    /// `(x)`.
+    Unary(UnaryOp),
+    /// `(a, b)` with NumPy broadcasting.
+    Binary(BinaryOp),
+    /// `(a, b)` with NumPy broadcasting; yields `Bool`.
+    Compare(CompareOp),
+    /// `(condition, a, b)` with NumPy broadcasting.
+    Where,
+    /// `(x)` converted to `dtype`.
+    Cast { dtype: DType },
+    /// `(x)` reduced over `axes`.
+    Reduce { op: ReduceOp, axes: Vec<usize>, keep_dims: bool },
+    /// `(a, b)`: `[..., M, K] x [..., K, N] -> [..., M, N]`, batch dimensions broadcast;
+    /// a transposed operand swaps its last two dimensions first.
+    MatMul { transpose_a: bool, transpose_b: bool },
+    /// `(x)` with dimensions permuted: result dim `i` is operand dim `perm[i]`.
+    Transpose { perm: Vec<usize> },
+    /// `(x)` reinterpreted row-major with the same elements.
+    Reshape { shape: Shape },
+    /// `(x)` expanded to `shape` by NumPy broadcasting rules.
+    BroadcastTo { shape: Shape },
+    /// `(x)` restricted to `start..end` along `axis`.
+    Slice { axis: usize, start: usize, end: usize },
+    /// `(x0, x1, ...)` joined along `axis`.
+    Concat { axis: usize },
+    /// `(x, index)`: `out[.., i, ..] = x[.., index[.., i, ..], ..]` along `axis`
+    /// (PyTorch `gather`); the result has the index's shape.
+    Gather { axis: usize },
+    /// `(index, src)`: zeros of `shape`, then `out[.., index[.., j, ..], ..] += src[.., j, ..]`
+    /// along `axis` (the adjoint of `Gather`).
+    ScatterAdd { axis: usize, shape: Shape },
+    /// `(x)`: indices (`I32`) of the `k` largest elements along the last axis, largest
+    /// first, ties broken towards the lower index. Values are `Gather(x, TopK(x))`, so
+    /// gradients reach the kept values and never the indices.
+    TopK { k: usize },
+    /// `(x)`: inverted dropout with keep probability `1 - rate`. The mask comes from a
+    /// counter-based generator keyed by (seed, step, `stream`, element), so any backend
+    /// reproduces it exactly.
+    Dropout { rate: Scalar, stream: u64 },
+}
+
+impl Op {
+    /// Short name for listings, Graphviz and error messages.
+    pub fn mnemonic(&self) -> String {
+        match self {
+            Op::Input { name, .. } => format!("input {name}"),
+            Op::Parameter { name, .. } => format!("param {name}"),
+            Op::Constant { value, .. } => format!("const {}", value.0),
+            Op::Iota { axis, .. } => format!("iota axis={axis}"),
+            Op::Unary(u) => format!("{u:?}").to_lowercase(),
+            Op::Binary(b) => format!("{b:?}").to_lowercase(),
+            Op::Compare(c) => format!("{c:?}").to_lowercase(),
+            Op::Where => "where".into(),
+            Op::Cast { dtype } => format!("cast {dtype}"),
+            Op::Reduce { op, axes, keep_dims } => {
+                let keep = if *keep_dims { " keep" } else { "" };
+                format!("reduce_{} {axes:?}{keep}", format!("{op:?}").to_lowercase())
+            }
+            Op::MatMul {
+                transpose_a,
+                transpose_b,
+            } => format!(
+                "matmul{}{}",
+                if *transpose_a { " aT" } else { "" },
+                if *transpose_b { " bT" } else { "" }
+            ),
+            Op::Transpose { perm } => format!("transpose {perm:?}"),
+            Op::Reshape { shape } => format!("reshape {shape}"),
+            Op::BroadcastTo { shape } => format!("broadcast {shape}"),
+            Op::Slice { axis, start, end } => format!("slice axis={axis} {start}..{end}"),
+            Op::Concat { axis } => format!("concat axis={axis}"),
+            Op::Gather { axis } => format!("gather axis={axis}"),
+            Op::ScatterAdd { axis, .. } => format!("scatter_add axis={axis}"),
+            Op::TopK { k } => format!("top_k k={k}"),
+            Op::Dropout { rate, .. } => format!("dropout p={}", rate.0),
+        }
+    }
+
+    /// Number of operands the op takes (`None`: any number of at least one).
+    pub fn arity(&self) -> Option<usize> {
+        Some(match self {
+            Op::Input { .. } | Op::Parameter { .. } | Op::Constant { .. } | Op::Iota { .. } => 0,
+            Op::Unary(_)
+            | Op::Cast { .. }
+            | Op::Reduce { .. }
+            | Op::Transpose { .. }
+            | Op::Reshape { .. }
+            | Op::BroadcastTo { .. }
+            | Op::Slice { .. }
+            | Op::TopK { .. }
+            | Op::Dropout { .. } => 1,
+            Op::Binary(_)
+            | Op::Compare(_)
+            | Op::MatMul { .. }
+            | Op::Gather { .. }
+            | Op::ScatterAdd { .. } => 2,
+            Op::Where => 3,
+            Op::Concat { .. } => return None,
+        })
+    }
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.mnemonic())
+    }
+}

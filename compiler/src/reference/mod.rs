@@ -1,0 +1,10 @@
+//! The reference interpreter: plain Rust on the CPU, f32 and f64, deterministic. It
+//! runs any IR graph one op at a time and is the oracle that rewritten graphs, fused
+//! kernels and devices are compared with, so it favours being obviously right over
+//! being fast.
+
+mod eval;
+mod tensor;
+
+pub use eval::{evaluate, run, EvalContext, EvalError, Evaluation, Real, TensorMap};
+pub use tensor::{Data, Tensor};

@@ -1,0 +1,135 @@
+//! The model spec language: RON files parsed through serde, then validated. Every
+//! error names the file and a line:column; semantic errors also name the spec path
+//! (`connector.router.top_k`) and say what would be valid.
+
+mod model;
+mod source_map;
+mod validate;
+
+pub use model::*;
+pub use source_map::{Position, SourceMap};
+
+use std::fmt;
+use std::path::Path;
+
+/// A spec that could not be read, parsed or validated.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    #[error("{file}: cannot read: {source}")]
+    Io {
+        file: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{file}:{position}: syntax error: {message}")]
+    Syntax {
+        file: String,
+        position: Position,
+        message: String,
+    },
+    #[error("{}", .0)]
+    Invalid(Box<Invalid>),
+}
+
+/// A semantic error: the value at `path` breaks a rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid {
+    pub file: String,
+    pub position: Option<Position>,
+    pub path: String,
+    pub message: String,
+    /// What would be valid instead.
+    pub hint: String,
+}
+
+impl fmt::Display for Invalid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.position {
+            Some(p) => write!(f, "{}:{p}: ", self.file)?,
+            None => write!(f, "{}: ", self.file)?,
+        }
+        write!(f, "{}: {}", self.path, self.message)?;
+        if !self.hint.is_empty() {
+            write!(f, " ({})", self.hint)?;
+        }
+        Ok(())
+    }
+}
+
+impl SpecError {
+    /// The spec path of a semantic error.
+    pub fn path(&self) -> Option<&str> {
+        match self {
+            SpecError::Invalid(i) => Some(&i.path),
+            _ => None,
+        }
+    }
+
+    pub fn position(&self) -> Option<Position> {
+        match self {
+            SpecError::Syntax { position, .. } => Some(*position),
+            SpecError::Invalid(i) => i.position,
+            SpecError::Io { .. } => None,
+        }
+    }
+}
+
+/// A parsed and validated spec with the text it came from, for locating later errors.
+#[derive(Debug)]
+pub struct LoadedSpec {
+    pub file: String,
+    pub spec: ModelSpec,
+    pub source_map: SourceMap,
+}
+
+impl LoadedSpec {
+    /// A semantic error at `path`, located in this spec's file.
+    pub fn invalid(&self, path: &str, message: impl Into<String>, hint: impl Into<String>) -> SpecError {
+        SpecError::Invalid(Box::new(Invalid {
+            file: self.file.clone(),
+            position: self.source_map.locate(path),
+            path: path.to_string(),
+            message: message.into(),
+            hint: hint.into(),
+        }))
+    }
+}
+
+/// Reads, parses and validates the spec at `path`.
+pub fn load(path: &Path) -> Result<LoadedSpec, SpecError> {
+    let file = path.display().to_string();
+    let src = std::fs::read_to_string(path).map_err(|source| SpecError::Io {
+        file: file.clone(),
+        source,
+    })?;
+    parse(&src, &file)
+}
+
+/// Parses and validates spec text; `file` names it in errors.
+pub fn parse(src: &str, file: &str) -> Result<LoadedSpec, SpecError> {
+    let spec: ModelSpec = ron::Options::default()
+        .from_str(src)
+        .map_err(|e| SpecError::Syntax {
+            file: file.to_string(),
+            position: Position {
+                line: e.position.line,
+                col: e.position.col,
+            },
+            message: e.code.to_string(),
+        })?;
+    let loaded = LoadedSpec {
+        file: file.to_string(),
+        spec,
+        source_map: SourceMap::build(src),
+    };
+    validate::validate(&loaded)?;
+    Ok(loaded)
+}
+
+/// Prints a spec as RON that `parse` reads back to the same spec.
+pub fn to_ron(spec: &ModelSpec) -> String {
+    let config = ron::ser::PrettyConfig::new()
+        .struct_names(false)
+        .indentor("    ".to_string());
+    ron::ser::to_string_pretty(spec, config).expect("every spec value is representable in RON")
+}

@@ -1,0 +1,340 @@
+//! Semantic rules a parsed spec must satisfy before it is lowered. Each rule names
+//! the offending spec path and what would be valid; the first broken rule is reported.
+
+use super::{
+    Encoder, ExpertPool, GateInput, Layer, LoadedSpec, LossKind, LrSchedule, DecaySchedule,
+    Duration, GradClip, Optimizer, Schedule, Span, SpecError, Temperature,
+};
+use std::collections::BTreeSet;
+
+type Check = Result<(), SpecError>;
+
+pub fn validate(s: &LoadedSpec) -> Check {
+    let spec = &s.spec;
+    if spec.name.trim().is_empty() {
+        return Err(s.invalid("name", "the model needs a name", "any non-empty string"));
+    }
+    modalities(s)?;
+    connector(s)?;
+    losses(s)?;
+    directions(s)?;
+    schedule(s)?;
+    optimizer(s)?;
+    training(s)
+}
+
+fn unique<'a>(s: &LoadedSpec, what: &str, path: &str, names: impl Iterator<Item = &'a str>) -> Check {
+    let mut seen = BTreeSet::new();
+    for (i, name) in names.enumerate() {
+        if name.trim().is_empty() {
+            return Err(s.invalid(&format!("{path}[{i}].name"), format!("{what} names cannot be empty"), ""));
+        }
+        if !seen.insert(name) {
+            return Err(s.invalid(
+                &format!("{path}[{i}].name"),
+                format!("{what} `{name}` is declared twice"),
+                format!("{what} names must be unique"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn positive(s: &LoadedSpec, path: &str, value: usize, what: &str) -> Check {
+    if value == 0 {
+        return Err(s.invalid(path, format!("{what} must be at least 1"), "a positive whole number"));
+    }
+    Ok(())
+}
+
+fn positive_real(s: &LoadedSpec, path: &str, value: f64, what: &str) -> Check {
+    if !(value.is_finite() && value > 0.0) {
+        return Err(s.invalid(path, format!("{what} is {value}"), "a finite number above 0"));
+    }
+    Ok(())
+}
+
+fn in_unit(s: &LoadedSpec, path: &str, value: f64, what: &str, upper_inclusive: bool) -> Check {
+    let ok = value >= 0.0 && if upper_inclusive { value <= 1.0 } else { value < 1.0 };
+    if !ok {
+        let range = if upper_inclusive { "0 to 1" } else { "at least 0 and below 1" };
+        return Err(s.invalid(path, format!("{what} is {value}"), format!("a number from {range}")));
+    }
+    Ok(())
+}
+
+fn names(list: impl Iterator<Item = String>) -> String {
+    let v: Vec<String> = list.map(|n| format!("`{n}`")).collect();
+    if v.is_empty() {
+        "none are declared".into()
+    } else {
+        format!("valid: {}", v.join(", "))
+    }
+}
+
+fn modalities(s: &LoadedSpec) -> Check {
+    let spec = &s.spec;
+    if spec.modalities.is_empty() {
+        return Err(s.invalid("modalities", "no modalities are declared", "declare at least two"));
+    }
+    unique(s, "modality", "modalities", spec.modalities.iter().map(|m| m.name.as_str()))?;
+    for (i, m) in spec.modalities.iter().enumerate() {
+        let path = format!("modalities[{i}]");
+        positive(s, &format!("{path}.width"), m.width, "the width")?;
+        positive(s, &format!("{path}.tokens"), m.tokens.count(), "the token count")?;
+        let Encoder::Graph { input_width, layers, .. } = &m.encoder else {
+            continue;
+        };
+        positive(s, &format!("{path}.encoder.input_width"), *input_width, "the input width")?;
+        let mut width = *input_width;
+        for (li, layer) in layers.iter().enumerate() {
+            let lpath = format!("{path}.encoder.layers[{li}]");
+            match layer {
+                Layer::Linear { width: w, .. } => {
+                    positive(s, &format!("{lpath}.width"), *w, "the width")?;
+                    width = *w;
+                }
+                Layer::Mlp { hidden, width: w, residual, .. } => {
+                    positive(s, &format!("{lpath}.hidden"), *hidden, "the hidden width")?;
+                    positive(s, &format!("{lpath}.width"), *w, "the width")?;
+                    if *residual && *w != width {
+                        return Err(s.invalid(
+                            &format!("{lpath}.width"),
+                            format!("a residual MLP must keep its input width {width}, but this one produces {w}"),
+                            format!("width: {width}, or residual: false"),
+                        ));
+                    }
+                    width = *w;
+                }
+                Layer::LayerNorm { eps } => positive_real(s, &format!("{lpath}.eps"), *eps, "eps")?,
+                Layer::SelfAttention { heads } => {
+                    positive(s, &format!("{lpath}.heads"), *heads, "the head count")?;
+                    if width % heads != 0 {
+                        let divisors: Vec<String> = (1..=width).filter(|d| width % d == 0).map(|d| d.to_string()).collect();
+                        return Err(s.invalid(
+                            &format!("{lpath}.heads"),
+                            format!("{heads} heads do not divide the width {width}"),
+                            format!("a divisor of {width}: {}", divisors.join(", ")),
+                        ));
+                    }
+                }
+                Layer::TokenPool(_) => {}
+            }
+        }
+        if width != m.width {
+            return Err(s.invalid(
+                &format!("{path}.encoder.layers"),
+                format!("the encoder produces width {width}, but modality `{}` declares width {}", m.name, m.width),
+                format!("end the layers at width {}, or declare width: {width}", m.width),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn connector(s: &LoadedSpec) -> Check {
+    let c = &s.spec.connector;
+    positive(s, "connector.hidden", c.hidden, "the hidden width")?;
+    positive(s, "connector.experts.count", c.experts.count, "the expert count")?;
+    positive(s, "connector.experts.hidden", c.experts.hidden, "the expert hidden width")?;
+    in_unit(s, "connector.experts.dropout", c.experts.dropout, "the dropout rate", false)?;
+    positive(s, "connector.target_projection.width", c.target_projection.width, "the width")?;
+    let experts = c.experts.count;
+    let per = match c.experts.pool {
+        ExpertPool::Shared => "",
+        ExpertPool::PerModality => " per modality",
+    };
+    if c.router.top_k == 0 || c.router.top_k > experts {
+        return Err(s.invalid(
+            "connector.router.top_k",
+            format!("top_k = {} but the router chooses among {experts} experts{per}", c.router.top_k),
+            format!("valid: 1 to {experts}"),
+        ));
+    }
+    if let GateInput::HiddenWithModality { width } = c.router.gate_input {
+        positive(s, "connector.router.gate_input.width", width, "the modality embedding width")?;
+    }
+    if c.branches.is_empty() {
+        return Err(s.invalid("connector.branches", "no branches are declared", "declare one branch per loss output"));
+    }
+    unique(s, "branch", "connector.branches", c.branches.iter().map(|b| b.name.as_str()))
+}
+
+fn losses(s: &LoadedSpec) -> Check {
+    let spec = &s.spec;
+    if spec.losses.is_empty() {
+        return Err(s.invalid("losses", "no losses are declared", "declare at least one loss"));
+    }
+    unique(s, "loss", "losses", spec.losses.iter().map(|l| l.name.as_str()))?;
+    let branches = || spec.connector.branches.iter().map(|b| b.name.clone());
+    for (i, loss) in spec.losses.iter().enumerate() {
+        let path = format!("losses[{i}]");
+        if !spec.connector.branches.iter().any(|b| b.name == loss.output) {
+            return Err(s.invalid(
+                &format!("{path}.output"),
+                format!("loss `{}` reads output `{}`, which no branch produces", loss.name, loss.output),
+                names(branches()),
+            ));
+        }
+        if !(loss.weight.is_finite() && loss.weight >= 0.0) {
+            return Err(s.invalid(&format!("{path}.weight"), format!("the weight is {}", loss.weight), "a finite number, 0 or more"));
+        }
+        match &loss.kind {
+            LossKind::SmoothL1 { beta } => positive_real(s, &format!("{path}.kind.beta"), *beta, "beta")?,
+            LossKind::SquaredL2 => {}
+            LossKind::InfoNce { temperature: Temperature::Fixed(t) | Temperature::Learned { init: t } } => {
+                positive_real(s, &format!("{path}.kind.temperature"), *t, "the temperature")?
+            }
+        }
+    }
+    for (i, b) in spec.connector.branches.iter().enumerate() {
+        if !spec.losses.iter().any(|l| l.output == b.name) {
+            return Err(s.invalid(
+                &format!("connector.branches[{i}].name"),
+                format!("branch `{}` feeds no loss, so nothing would train it", b.name),
+                "name it as some loss's `output`, or remove it",
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn directions(s: &LoadedSpec) -> Check {
+    let spec = &s.spec;
+    if spec.directions.is_empty() {
+        return Err(s.invalid("directions", "no directions are declared", "declare at least one `source -> target` direction"));
+    }
+    unique(s, "direction", "directions", spec.directions.iter().map(|d| d.name.as_str()))?;
+    let modality_names = || spec.modalities.iter().map(|m| m.name.clone());
+    for (i, d) in spec.directions.iter().enumerate() {
+        let path = format!("directions[{i}]");
+        for (field, name) in [("source", &d.source), ("target", &d.target)] {
+            if !spec.modalities.iter().any(|m| &m.name == name) {
+                return Err(s.invalid(
+                    &format!("{path}.{field}"),
+                    format!("direction `{}` names unknown modality `{name}`", d.name),
+                    names(modality_names()),
+                ));
+            }
+        }
+        if d.source == d.target {
+            return Err(s.invalid(&format!("{path}.target"), format!("direction `{}` maps `{}` onto itself", d.name, d.source), "a different modality"));
+        }
+        if let Some(other) = spec.directions[..i].iter().find(|o| o.source == d.source && o.target == d.target) {
+            return Err(s.invalid(&format!("{path}.target"), format!("`{} -> {}` is already direction `{}`", d.source, d.target, other.name), "each source/target pair once"));
+        }
+        let target = spec.modalities.iter().find(|m| m.name == d.target).expect("checked above");
+        for key in d.heads.keys() {
+            if !spec.connector.branches.iter().any(|b| &b.name == key) {
+                return Err(s.invalid(
+                    &format!("{path}.heads.{key}"),
+                    format!("a head for `{key}`, which is not a branch"),
+                    names(spec.connector.branches.iter().map(|b| b.name.clone())),
+                ));
+            }
+        }
+        for branch in &spec.connector.branches {
+            let Some(&width) = d.heads.get(&branch.name) else {
+                return Err(s.invalid(
+                    &format!("{path}.heads"),
+                    format!("direction `{}` has no head for branch `{}`", d.name, branch.name),
+                    format!("add \"{}\": <width>", branch.name),
+                ));
+            };
+            for loss in spec.losses.iter().filter(|l| l.output == branch.name) {
+                let (wanted, why) = if loss.kind.is_regression() {
+                    (target.width, format!("loss `{}` regresses it onto modality `{}` of width {}", loss.name, target.name, target.width))
+                } else {
+                    let w = spec.connector.target_projection.width;
+                    (w, format!("loss `{}` compares it with the target projection of width {w}", loss.name))
+                };
+                if width != wanted {
+                    return Err(s.invalid(
+                        &format!("{path}.heads.{}", branch.name),
+                        format!("head `{}` of direction `{}` produces width {width}, but {why}", branch.name, d.name),
+                        format!("valid: {wanted}"),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn schedule(s: &LoadedSpec) -> Check {
+    let n = s.spec.directions.len();
+    match &s.spec.schedule {
+        Schedule::Alternate { steps_per_task } => positive(s, "schedule.steps_per_task", *steps_per_task, "steps_per_task"),
+        Schedule::Joint => Ok(()),
+        Schedule::Sample { probabilities } => {
+            if probabilities.len() != n {
+                return Err(s.invalid(
+                    "schedule.probabilities",
+                    format!("{} probabilities for {n} directions", probabilities.len()),
+                    format!("one probability per direction, in the order of `directions` ({n})"),
+                ));
+            }
+            for (i, p) in probabilities.iter().enumerate() {
+                in_unit(s, &format!("schedule.probabilities[{i}]"), *p, "the probability", true)?;
+            }
+            let sum: f64 = probabilities.iter().sum();
+            if (sum - 1.0).abs() > 1e-6 {
+                return Err(s.invalid("schedule.probabilities", format!("the probabilities sum to {sum}"), "probabilities that sum to 1"));
+            }
+            Ok(())
+        }
+    }
+}
+
+fn optimizer(s: &LoadedSpec) -> Check {
+    let Optimizer::AdamW { betas, eps, lr, weight_decay, clip, .. } = &s.spec.optimizer;
+    in_unit(s, "optimizer.betas.0", betas.0, "beta1", false)?;
+    in_unit(s, "optimizer.betas.1", betas.1, "beta2", false)?;
+    positive_real(s, "optimizer.eps", *eps, "eps")?;
+    let non_negative = |path: &str, v: f64| -> Check {
+        if v.is_finite() && v >= 0.0 {
+            Ok(())
+        } else {
+            Err(s.invalid(path, format!("the value is {v}"), "a finite number, 0 or more"))
+        }
+    };
+    match lr {
+        LrSchedule::Constant(v) => positive_real(s, "optimizer.lr", *v, "the learning rate")?,
+        LrSchedule::WarmupCosine { start, peak, end, warmup } => {
+            non_negative("optimizer.lr.start", *start)?;
+            positive_real(s, "optimizer.lr.peak", *peak, "the peak learning rate")?;
+            non_negative("optimizer.lr.final", *end)?;
+            match warmup {
+                Span::Steps(_) => {}
+                Span::Epochs(e) => non_negative("optimizer.lr.warmup", *e)?,
+                Span::Fraction(f) => in_unit(s, "optimizer.lr.warmup", *f, "the warm-up fraction", true)?,
+            }
+        }
+    }
+    match weight_decay {
+        DecaySchedule::Constant(v) => non_negative("optimizer.weight_decay", *v)?,
+        DecaySchedule::Cosine { start, end } => {
+            non_negative("optimizer.weight_decay.start", *start)?;
+            non_negative("optimizer.weight_decay.final", *end)?;
+        }
+    }
+    if let GradClip::GlobalNorm(n) = clip {
+        positive_real(s, "optimizer.clip", *n, "the clipping norm")?;
+    }
+    Ok(())
+}
+
+fn training(s: &LoadedSpec) -> Check {
+    let t = &s.spec.training;
+    if t.batch_size < 2 && s.spec.losses.iter().any(|l| !l.kind.is_regression()) {
+        return Err(s.invalid(
+            "training.batch_size",
+            format!("batch_size = {}, but a contrastive loss needs in-batch negatives", t.batch_size),
+            "valid: 2 or more",
+        ));
+    }
+    positive(s, "training.batch_size", t.batch_size, "the batch size")?;
+    match t.duration {
+        Duration::Steps(n) | Duration::Epochs(n) => positive(s, "training.duration", n, "the duration"),
+    }
+}
