@@ -1,1 +1,127 @@
-fn main() {}
+//! `altc`: the command line of the altc compiler.
+
+use altc_compiler::artifact::Artifact;
+use altc_compiler::ir::to_dot;
+use altc_compiler::lower::{lower_loaded, LowerOptions};
+use altc_compiler::{spec, summary};
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "altc", version, about = "Compiles Alt-MoE model specs (RON) into fused GPU kernels")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate a model spec and print its modules, parameter counts and shapes.
+    Check {
+        /// The model spec (`.ron`).
+        spec: PathBuf,
+    },
+    /// Lower a model spec and write the compiled artifact.
+    Compile {
+        /// The model spec (`.ron`).
+        spec: PathBuf,
+        /// Where to write the artifact [default: the spec's name with `.altc`].
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
+    /// Summarise a compiled artifact, or render its graphs as Graphviz.
+    Inspect {
+        /// The compiled artifact (`.altc`).
+        artifact: PathBuf,
+        /// Print Graphviz (dot) instead of the summary.
+        #[arg(long)]
+        dot: bool,
+        /// Only these graphs (repeatable), e.g. `--graph image_to_text.loss`.
+        #[arg(long = "graph", value_name = "NAME")]
+        graphs: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Check { spec } => check(&spec),
+        Command::Compile { spec, output } => compile(&spec, output),
+        Command::Inspect { artifact, dot, graphs } => inspect(&artifact, dot, &graphs),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            for cause in e.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check(path: &Path) -> Result<()> {
+    let loaded = spec::load(path)?;
+    let program = lower_loaded(&loaded, LowerOptions::default())?;
+    emit(&format!("{}{}: ok\n", summary::program_summary(&program), path.display()))
+}
+
+fn compile(path: &Path, output: Option<PathBuf>) -> Result<()> {
+    let loaded = spec::load(path)?;
+    let program = lower_loaded(&loaded, LowerOptions::default())?;
+    let output = output.unwrap_or_else(|| path.with_extension("altc"));
+    let text = std::fs::read_to_string(path).with_context(|| format!("re-reading {}", path.display()))?;
+    let artifact = Artifact::new(&path.display().to_string(), &text, program);
+    artifact.write(&output)?;
+    let nodes: usize = artifact.program.graphs.iter().map(|g| g.len()).sum();
+    emit(&format!(
+        "compiled {} -> {} ({} graphs, {} nodes, {} trainable parameters)\n",
+        path.display(),
+        output.display(),
+        artifact.program.graphs.len(),
+        nodes,
+        summary::thousands(artifact.program.params.trainable_count())
+    ))
+}
+
+fn inspect(path: &Path, dot: bool, only: &[String]) -> Result<()> {
+    let artifact = Artifact::read(path)?;
+    let program = &artifact.program;
+    for name in only {
+        if program.graph(name).is_none() {
+            let known: Vec<&str> = program.graphs.iter().map(|g| g.name.as_str()).collect();
+            bail!("{}: no graph `{name}` (graphs: {})", path.display(), known.join(", "));
+        }
+    }
+    let selected: Vec<_> = program
+        .graphs
+        .iter()
+        .filter(|g| only.is_empty() || only.contains(&g.name))
+        .collect();
+    if dot {
+        return emit(&to_dot(&selected));
+    }
+    emit(&format!(
+        "{}: {} v{}, written by altc {}, compiled from {}\n\n{}\n{}",
+        path.display(),
+        artifact.format,
+        artifact.version,
+        artifact.altc_version,
+        artifact.source_path,
+        summary::program_summary(program),
+        summary::graph_summary(program)
+    ))
+}
+
+/// Writes a report to stdout; a reader that went away (`| head`) is not an error.
+fn emit(text: &str) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e).context("writing to stdout"),
+        _ => Ok(()),
+    }
+}

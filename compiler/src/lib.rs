@@ -6,8 +6,10 @@
 //! (`reference`), and the versioned artifact `altc compile` writes (`artifact`).
 //! It never talks to a device: kernels and the runtime live in their own crates.
 
+pub mod artifact;
 pub mod ir;
 pub mod lower;
 pub mod reference;
 pub mod rng;
 pub mod spec;
+pub mod summary;

@@ -587,3 +587,12 @@ fn info_nce(b: &mut Builder, q: NodeId, k: NodeId, temperature: Temperature, los
     let both = b.add(rows, cols)?;
     b.scale(both, 0.5)
 }
+
+/// Lowers a loaded spec, reporting a graph that cannot be built at the spec path and
+/// line it came from.
+pub fn lower_loaded(loaded: &crate::spec::LoadedSpec, options: LowerOptions) -> Result<Program, crate::spec::SpecError> {
+    lower(&loaded.spec, options).map_err(|e| {
+        let path = if e.origin.is_empty() { "connector" } else { e.origin.as_str() };
+        loaded.invalid(path, format!("the lowered graph does not fit: {}", e.source), "")
+    })
+}

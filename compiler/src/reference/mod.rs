@@ -4,7 +4,9 @@
 //! being fast.
 
 mod eval;
+mod init;
 mod tensor;
 
 pub use eval::{evaluate, run, EvalContext, EvalError, Evaluation, Real, TensorMap};
+pub use init::initial_parameters;
 pub use tensor::{Data, Tensor};
