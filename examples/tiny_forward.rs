@@ -12,7 +12,10 @@ use altc_compiler::{rng, spec};
 fn main() -> anyhow::Result<()> {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/alt_moe_tiny.ron");
     let loaded = spec::load(&path)?;
-    let options = LowerOptions { dtype: DType::F32, mode: Mode::Eval };
+    let options = LowerOptions {
+        dtype: DType::F32,
+        mode: Mode::Eval,
+    };
     let program = lower_loaded(&loaded, options)?;
     let params = initial_parameters(&program.params, DType::F32, 0);
     let batch = 8;
@@ -21,25 +24,50 @@ fn main() -> anyhow::Result<()> {
     let mut inputs = TensorMap::new();
     for (mi, m) in program.modalities.iter().enumerate() {
         let n = batch * m.tokens * m.input_width;
-        let tokens = (0..n).map(|i| 2.0 * rng::uniform(1, 0, mi as u64, i as u64) - 1.0).collect();
-        inputs.insert(format!("{}.tokens", m.name), Tensor::from_f64(DType::F32, &[batch, m.tokens, m.input_width], tokens));
+        let tokens = (0..n)
+            .map(|i| 2.0 * rng::uniform(1, 0, mi as u64, i as u64) - 1.0)
+            .collect();
+        inputs.insert(
+            format!("{}.tokens", m.name),
+            Tensor::from_f64(DType::F32, &[batch, m.tokens, m.input_width], tokens),
+        );
         if m.padded {
             let mask = (0..batch * m.tokens)
-                .map(|i| if i % m.tokens <= (i / m.tokens) % m.tokens { 1.0 } else { 0.0 })
+                .map(|i| {
+                    if i % m.tokens <= (i / m.tokens) % m.tokens {
+                        1.0
+                    } else {
+                        0.0
+                    }
+                })
                 .collect();
-            inputs.insert(format!("{}.mask", m.name), Tensor::from_f64(DType::F32, &[batch, m.tokens], mask));
+            inputs.insert(
+                format!("{}.mask", m.name),
+                Tensor::from_f64(DType::F32, &[batch, m.tokens], mask),
+            );
         }
     }
 
-    println!("{}: {} trainable parameters", program.model, program.params.trainable_count());
+    println!(
+        "{}: {} trainable parameters",
+        program.model,
+        program.params.trainable_count()
+    );
     for direction in &program.directions {
-        let graph = program.graph(&direction.loss_graph).expect("every direction has a loss graph");
+        let graph = program
+            .graph(&direction.loss_graph)
+            .expect("every direction has a loss graph");
         let outputs = run(graph, &inputs, &params, EvalContext::default())?;
         let terms: Vec<String> = outputs
             .iter()
             .map(|(name, t)| format!("{name} = {:.5}", t.scalar().unwrap_or(f64::NAN)))
             .collect();
-        println!("  {:<14} ({} nodes): {}", direction.name, graph.len(), terms.join(", "));
+        println!(
+            "  {:<14} ({} nodes): {}",
+            direction.name,
+            graph.len(),
+            terms.join(", ")
+        );
     }
     Ok(())
 }

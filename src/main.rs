@@ -11,7 +11,11 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "altc", version, about = "Compiles Alt-MoE model specs (RON) into fused GPU kernels")]
+#[command(
+    name = "altc",
+    version,
+    about = "Compiles Alt-MoE model specs (RON) into fused GPU kernels"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -50,7 +54,11 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Check { spec } => check(&spec),
         Command::Compile { spec, output } => compile(&spec, output),
-        Command::Inspect { artifact, dot, graphs } => inspect(&artifact, dot, &graphs),
+        Command::Inspect {
+            artifact,
+            dot,
+            graphs,
+        } => inspect(&artifact, dot, &graphs),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -67,14 +75,19 @@ fn main() -> ExitCode {
 fn check(path: &Path) -> Result<()> {
     let loaded = spec::load(path)?;
     let program = lower_loaded(&loaded, LowerOptions::default())?;
-    emit(&format!("{}{}: ok\n", summary::program_summary(&program), path.display()))
+    emit(&format!(
+        "{}{}: ok\n",
+        summary::program_summary(&program),
+        path.display()
+    ))
 }
 
 fn compile(path: &Path, output: Option<PathBuf>) -> Result<()> {
     let loaded = spec::load(path)?;
     let program = lower_loaded(&loaded, LowerOptions::default())?;
     let output = output.unwrap_or_else(|| path.with_extension("altc"));
-    let text = std::fs::read_to_string(path).with_context(|| format!("re-reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("re-reading {}", path.display()))?;
     let artifact = Artifact::new(&path.display().to_string(), &text, program);
     artifact.write(&output)?;
     let nodes: usize = artifact.program.graphs.iter().map(|g| g.len()).sum();
@@ -94,7 +107,11 @@ fn inspect(path: &Path, dot: bool, only: &[String]) -> Result<()> {
     for name in only {
         if program.graph(name).is_none() {
             let known: Vec<&str> = program.graphs.iter().map(|g| g.name.as_str()).collect();
-            bail!("{}: no graph `{name}` (graphs: {})", path.display(), known.join(", "));
+            bail!(
+                "{}: no graph `{name}` (graphs: {})",
+                path.display(),
+                known.join(", ")
+            );
         }
     }
     let selected: Vec<_> = program

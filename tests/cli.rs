@@ -27,7 +27,13 @@ fn scratch(name: &str) -> PathBuf {
 }
 
 fn assert_clean_failure(o: &Output) -> String {
-    assert_eq!(o.status.code(), Some(1), "stdout: {}\nstderr: {}", stdout(o), stderr(o));
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "stdout: {}\nstderr: {}",
+        stdout(o),
+        stderr(o)
+    );
     let err = stderr(o);
     assert!(err.starts_with("error: "), "{err}");
     assert!(!err.contains("panicked"), "{err}");
@@ -40,8 +46,16 @@ fn check_prints_the_paper_scale_summary() {
     assert!(o.status.success(), "{}", stderr(&o));
     let out = stdout(&o);
     assert!(out.contains("trainable parameters: 140,617,740"), "{out}");
-    for module in ["experts", "router.gate", "target_projections.text", "directions.image_to_text.input_projection"] {
-        assert!(out.lines().any(|l| l.trim_start().starts_with(module)), "module {module} missing:\n{out}");
+    for module in [
+        "experts",
+        "router.gate",
+        "target_projections.text",
+        "directions.image_to_text.input_projection",
+    ] {
+        assert!(
+            out.lines().any(|l| l.trim_start().starts_with(module)),
+            "module {module} missing:\n{out}"
+        );
     }
     assert!(out.contains("w1 [12, 2048, 2048]"), "{out}");
     assert!(out.contains("image_to_text    image -> text"), "{out}");
@@ -53,14 +67,21 @@ fn compile_then_inspect_the_tiny_model() {
     let a = artifact.to_str().unwrap();
     let o = altc(&["compile", "models/alt_moe_tiny.ron", "-o", a]);
     assert!(o.status.success(), "{}", stderr(&o));
-    assert!(stdout(&o).contains("7,380 trainable parameters"), "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains("7,380 trainable parameters"),
+        "{}",
+        stdout(&o)
+    );
 
     let o = altc(&["inspect", a]);
     assert!(o.status.success(), "{}", stderr(&o));
     let out = stdout(&o);
     assert!(out.contains("altc-artifact v1"), "{out}");
     assert!(out.contains("image_to_text.loss ("), "{out}");
-    assert!(out.contains("outputs: loss.regression f32[], loss.contrastive f32[], loss f32[]"), "{out}");
+    assert!(
+        out.contains("outputs: loss.regression f32[], loss.contrastive f32[], loss f32[]"),
+        "{out}"
+    );
 
     let o = altc(&["inspect", a, "--dot", "--graph", "image.key"]);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -68,33 +89,50 @@ fn compile_then_inspect_the_tiny_model() {
     assert!(dot.starts_with("digraph altc {"), "{dot}");
     assert!(dot.contains("label=\"image.key\""), "{dot}");
     assert!(dot.contains("g0_0 -> "), "{dot}");
-    assert!(!dot.contains("image_to_text.loss"), "only the selected graph: {dot}");
+    assert!(
+        !dot.contains("image_to_text.loss"),
+        "only the selected graph: {dot}"
+    );
 }
 
 #[test]
 fn inspect_names_a_missing_graph_and_lists_the_real_ones() {
     let artifact = scratch("tiny-graphs.altc");
     let a = artifact.to_str().unwrap();
-    assert!(altc(&["compile", "models/alt_moe_tiny.ron", "-o", a]).status.success());
+    assert!(altc(&["compile", "models/alt_moe_tiny.ron", "-o", a])
+        .status
+        .success());
     let err = assert_clean_failure(&altc(&["inspect", a, "--graph", "nope"]));
-    assert!(err.contains("no graph `nope`") && err.contains("image_to_text.loss"), "{err}");
+    assert!(
+        err.contains("no graph `nope`") && err.contains("image_to_text.loss"),
+        "{err}"
+    );
 }
 
 #[test]
 fn a_bad_spec_is_one_located_error_and_leaves_the_old_artifact() {
     let artifact = scratch("kept.altc");
     let a = artifact.to_str().unwrap();
-    assert!(altc(&["compile", "models/alt_moe_tiny.ron", "-o", a]).status.success());
+    assert!(altc(&["compile", "models/alt_moe_tiny.ron", "-o", a])
+        .status
+        .success());
     let before = std::fs::read(&artifact).unwrap();
 
     let bad = scratch("bad.ron");
-    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("models/alt_moe_tiny.ron")).unwrap();
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("models/alt_moe_tiny.ron"),
+    )
+    .unwrap();
     std::fs::write(&bad, text.replace("top_k: 2", "top_k: 9")).unwrap();
     let err = assert_clean_failure(&altc(&["compile", bad.to_str().unwrap(), "-o", a]));
     assert!(err.contains("connector.router.top_k"), "{err}");
     assert!(err.contains(&format!("{}:34:", bad.display())), "{err}");
     assert_eq!(err.lines().count(), 1, "one error: {err}");
-    assert_eq!(std::fs::read(&artifact).unwrap(), before, "the previous artifact was modified");
+    assert_eq!(
+        std::fs::read(&artifact).unwrap(),
+        before,
+        "the previous artifact was modified"
+    );
 }
 
 #[test]

@@ -63,7 +63,7 @@ pub enum ArtifactError {
         path: PathBuf,
         graph: String,
         #[source]
-        source: crate::ir::GraphError,
+        source: Box<crate::ir::GraphError>,
     },
 }
 
@@ -86,13 +86,17 @@ impl Artifact {
             path: path.to_path_buf(),
             source,
         };
-        let text = ron::ser::to_string_pretty(self, ron::ser::PrettyConfig::new().struct_names(false))
-            .expect("every artifact value is representable in RON");
+        let text =
+            ron::ser::to_string_pretty(self, ron::ser::PrettyConfig::new().struct_names(false))
+                .expect("every artifact value is representable in RON");
         let dir = match path.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
         };
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
         let result = (|| {
             let mut file = std::fs::File::create(&tmp)?;
@@ -147,19 +151,20 @@ impl Artifact {
                 supported: FORMAT_VERSION,
             });
         }
-        let artifact: Artifact = ron::Options::default()
-            .from_str(&text)
-            .map_err(|e| ArtifactError::Corrupt {
-                path: path.to_path_buf(),
-                line: e.position.line,
-                col: e.position.col,
-                message: e.code.to_string(),
-            })?;
+        let artifact: Artifact =
+            ron::Options::default()
+                .from_str(&text)
+                .map_err(|e| ArtifactError::Corrupt {
+                    path: path.to_path_buf(),
+                    line: e.position.line,
+                    col: e.position.col,
+                    message: e.code.to_string(),
+                })?;
         for graph in &artifact.program.graphs {
             graph.validate().map_err(|source| ArtifactError::Graph {
                 path: path.to_path_buf(),
                 graph: graph.name.clone(),
-                source,
+                source: Box::new(source),
             })?;
         }
         Ok(artifact)

@@ -33,7 +33,12 @@ pub fn philox4x32_10(counter: [u32; 4], key: [u32; 2]) -> [u32; 4] {
 /// The uniform draw in `[0, 1)` for one element: 24 random bits, so the value is
 /// exact in `f32` as well as `f64`.
 pub fn uniform(seed: u64, step: u64, stream: u64, index: u64) -> f64 {
-    let counter = [index as u32, (index >> 32) as u32, step as u32, stream as u32];
+    let counter = [
+        index as u32,
+        (index >> 32) as u32,
+        step as u32,
+        stream as u32,
+    ];
     let key = [seed as u32, (seed >> 32) as u32];
     let bits = philox4x32_10(counter, key)[0] >> 8;
     bits as f64 / (1u32 << 24) as f64

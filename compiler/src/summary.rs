@@ -11,7 +11,7 @@ pub fn thousands(n: usize) -> String {
     let digits = n.to_string();
     let mut out = String::new();
     for (i, ch) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(ch);
@@ -48,7 +48,11 @@ pub fn program_summary(p: &Program) -> String {
             format!("{} tokens", m.tokens)
         };
         let prefix = format!("encoders.{}.", m.name);
-        let encoder_params: Vec<&ParamInfo> = p.params.iter().filter(|q| q.name.starts_with(&prefix)).collect();
+        let encoder_params: Vec<&ParamInfo> = p
+            .params
+            .iter()
+            .filter(|q| q.name.starts_with(&prefix))
+            .collect();
         let encoder = if encoder_params.is_empty() && m.input_width == m.width {
             "precomputed".to_string()
         } else {
@@ -62,7 +66,11 @@ pub fn program_summary(p: &Program) -> String {
                 if frozen { ", frozen" } else { "" }
             )
         };
-        let _ = writeln!(out, "  {:<12} width {:<6} {:<28} {encoder}", m.name, m.width, tokens);
+        let _ = writeln!(
+            out,
+            "  {:<12} width {:<6} {:<28} {encoder}",
+            m.name, m.width, tokens
+        );
     }
     let _ = writeln!(out, "\ndirections");
     for d in &p.directions {
@@ -88,10 +96,25 @@ pub fn program_summary(p: &Program) -> String {
         let count: usize = params.iter().map(|q| q.numel()).sum();
         let shapes: Vec<String> = params
             .iter()
-            .map(|q| format!("{} {}", q.name.rsplit('.').next().unwrap_or(&q.name), shape(q)))
+            .map(|q| {
+                format!(
+                    "{} {}",
+                    q.name.rsplit('.').next().unwrap_or(&q.name),
+                    shape(q)
+                )
+            })
             .collect();
-        let frozen = if params.iter().all(|q| !q.trainable) { " (frozen)" } else { "" };
-        let _ = writeln!(out, "  {module:<42}{:>14}  {}{frozen}", thousands(count), shapes.join(", "));
+        let frozen = if params.iter().all(|q| !q.trainable) {
+            " (frozen)"
+        } else {
+            ""
+        };
+        let _ = writeln!(
+            out,
+            "  {module:<42}{:>14}  {}{frozen}",
+            thousands(count),
+            shapes.join(", ")
+        );
     }
     let trainable = p.params.trainable_count();
     let frozen = p.params.total_count() - trainable;
@@ -137,10 +160,16 @@ fn op_family(op: &Op) -> &'static str {
         Op::Input { .. } => "input",
         Op::Parameter { .. } => "param",
         Op::Constant { .. } | Op::Iota { .. } => "const",
-        Op::Unary(_) | Op::Binary(_) | Op::Compare(_) | Op::Where | Op::Cast { .. } => "elementwise",
+        Op::Unary(_) | Op::Binary(_) | Op::Compare(_) | Op::Where | Op::Cast { .. } => {
+            "elementwise"
+        }
         Op::Reduce { .. } => "reduce",
         Op::MatMul { .. } => "matmul",
-        Op::Transpose { .. } | Op::Reshape { .. } | Op::BroadcastTo { .. } | Op::Slice { .. } | Op::Concat { .. } => "layout",
+        Op::Transpose { .. }
+        | Op::Reshape { .. }
+        | Op::BroadcastTo { .. }
+        | Op::Slice { .. }
+        | Op::Concat { .. } => "layout",
         Op::Gather { .. } | Op::ScatterAdd { .. } => "gather/scatter",
         Op::TopK { .. } => "top_k",
         Op::Dropout { .. } => "dropout",

@@ -54,8 +54,14 @@ fn another_format_version_is_refused_with_advice() {
     let future = text.replacen(&format!("version: {FORMAT_VERSION},"), "version: 99,", 1);
     std::fs::write(&path, future).unwrap();
     let err = Artifact::read(&path).unwrap_err();
-    assert!(matches!(err, ArtifactError::Version { found: 99, .. }), "{err}");
-    assert!(err.to_string().contains("recompile it with `altc compile`"), "{err}");
+    assert!(
+        matches!(err, ArtifactError::Version { found: 99, .. }),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("recompile it with `altc compile`"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -66,7 +72,10 @@ fn truncated_artifact_is_corrupt_with_a_location() {
     std::fs::write(&path, &text[..text.len() / 2]).unwrap();
     let err = Artifact::read(&path).unwrap_err();
     assert!(matches!(err, ArtifactError::Corrupt { .. }), "{err}");
-    assert!(err.to_string().starts_with(&path.display().to_string()), "{err}");
+    assert!(
+        err.to_string().starts_with(&path.display().to_string()),
+        "{err}"
+    );
 }
 
 #[test]
@@ -96,7 +105,9 @@ fn a_failed_write_leaves_the_previous_artifact_intact() {
     write(&path);
     let before = std::fs::read(&path).unwrap();
     // Writing into a directory that does not exist fails before touching `path`.
-    let err = tiny_artifact().write(&scratch("missing-dir").join("x.altc")).unwrap_err();
+    let err = tiny_artifact()
+        .write(&scratch("missing-dir").join("x.altc"))
+        .unwrap_err();
     assert!(matches!(err, ArtifactError::Io { .. }));
     assert_eq!(std::fs::read(&path).unwrap(), before);
     let leftovers: Vec<_> = std::fs::read_dir(path.parent().unwrap())
@@ -104,5 +115,8 @@ fn a_failed_write_leaves_the_previous_artifact_intact() {
         .filter_map(|e| e.ok())
         .filter(|e| e.file_name().to_string_lossy().contains(".tmp-"))
         .collect();
-    assert!(leftovers.is_empty(), "temporary files left behind: {leftovers:?}");
+    assert!(
+        leftovers.is_empty(),
+        "temporary files left behind: {leftovers:?}"
+    );
 }

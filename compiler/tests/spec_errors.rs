@@ -7,13 +7,20 @@ const FILE: &str = "models/alt_moe_tiny.ron";
 
 /// The tiny model with `from` replaced by `to` (which must occur exactly once).
 fn tiny_with(from: &str, to: &str) -> String {
-    assert_eq!(TINY.matches(from).count(), 1, "`{from}` must occur once in the tiny model");
+    assert_eq!(
+        TINY.matches(from).count(),
+        1,
+        "`{from}` must occur once in the tiny model"
+    );
     TINY.replace(from, to)
 }
 
 /// The 1-based line and column where `needle` starts in `text`, plus `skip` columns.
 fn position_of(text: &str, needle: &str, skip: usize) -> Position {
-    let at = text.find(needle).unwrap_or_else(|| panic!("`{needle}` not in text")) + skip;
+    let at = text
+        .find(needle)
+        .unwrap_or_else(|| panic!("`{needle}` not in text"))
+        + skip;
     let line = text[..at].matches('\n').count() + 1;
     let col = at - text[..at].rfind('\n').map_or(0, |i| i + 1) + 1;
     Position { line, col }
@@ -33,9 +40,16 @@ fn assert_invalid(src: &str, path: &str, anchor: &str, skip: usize, says: &[&str
     let message = err.to_string();
     assert_eq!(err.path(), Some(path), "wrong path in: {message}");
     let expected = position_of(src, anchor, skip);
-    assert_eq!(err.position(), Some(expected), "wrong location in: {message}");
+    assert_eq!(
+        err.position(),
+        Some(expected),
+        "wrong location in: {message}"
+    );
     assert!(
-        message.starts_with(&format!("{FILE}:{}:{}: {path}: ", expected.line, expected.col)),
+        message.starts_with(&format!(
+            "{FILE}:{}:{}: {path}: ",
+            expected.line, expected.col
+        )),
         "message should lead with file:line:col: path: {message}"
     );
     for piece in says {
@@ -45,15 +59,26 @@ fn assert_invalid(src: &str, path: &str, anchor: &str, skip: usize, says: &[&str
 
 #[test]
 fn syntax_error_names_file_line_and_column() {
-    let src = tiny_with("hidden: 16,\n        direction_embedding", "hidden: 16\n        direction_embedding");
+    let src = tiny_with(
+        "hidden: 16,\n        direction_embedding",
+        "hidden: 16\n        direction_embedding",
+    );
     let err = parse_err(&src);
-    let SpecError::Syntax { file, position, message } = &err else {
+    let SpecError::Syntax {
+        file,
+        position,
+        message,
+    } = &err
+    else {
         panic!("expected a syntax error, got {err}");
     };
     assert_eq!(file, FILE);
     assert_eq!(*position, position_of(&src, "direction_embedding: true", 0));
     assert!(message.contains("Expected"), "{message}");
-    assert!(err.to_string().starts_with(&format!("{FILE}:{}:{}: syntax error:", position.line, position.col)));
+    assert!(err.to_string().starts_with(&format!(
+        "{FILE}:{}:{}: syntax error:",
+        position.line, position.col
+    )));
 }
 
 #[test]
@@ -61,26 +86,44 @@ fn unclosed_file_is_a_syntax_error_at_the_end() {
     let src = TINY.trim_end().trim_end_matches(')');
     let err = parse_err(src);
     assert!(matches!(err, SpecError::Syntax { .. }), "{err}");
-    assert!(err.to_string().contains("Unexpected end of RON") || err.to_string().contains("Expected"), "{err}");
+    assert!(
+        err.to_string().contains("Unexpected end of RON") || err.to_string().contains("Expected"),
+        "{err}"
+    );
 }
 
 #[test]
 fn unknown_field_is_rejected_with_its_location_and_the_valid_fields() {
-    let src = tiny_with("hidden: 16,\n        direction_embedding", "hiden: 16,\n        direction_embedding");
+    let src = tiny_with(
+        "hidden: 16,\n        direction_embedding",
+        "hiden: 16,\n        direction_embedding",
+    );
     let err = parse_err(&src);
     let text = err.to_string();
     assert!(matches!(err, SpecError::Syntax { .. }), "{text}");
     assert!(text.contains("hiden"), "{text}");
-    assert!(text.contains("hidden"), "the valid field names should be listed: {text}");
-    assert_eq!(err.position().map(|p| p.line), Some(position_of(&src, "hiden", 0).line));
+    assert!(
+        text.contains("hidden"),
+        "the valid field names should be listed: {text}"
+    );
+    assert_eq!(
+        err.position().map(|p| p.line),
+        Some(position_of(&src, "hiden", 0).line)
+    );
 }
 
 #[test]
 fn unknown_variant_lists_the_valid_ones() {
     let src = tiny_with("pooling: MaskedMean", "pooling: Median");
     let text = parse_err(&src).to_string();
-    assert!(text.contains("Median") && text.contains("MaskedMean") && text.contains("First"), "{text}");
-    assert!(text.starts_with(&format!("{FILE}:{}:", position_of(&src, "Median", 0).line)), "{text}");
+    assert!(
+        text.contains("Median") && text.contains("MaskedMean") && text.contains("First"),
+        "{text}"
+    );
+    assert!(
+        text.starts_with(&format!("{FILE}:{}:", position_of(&src, "Median", 0).line)),
+        "{text}"
+    );
 }
 
 #[test]
@@ -88,12 +131,18 @@ fn wrong_value_type_is_located() {
     let src = tiny_with("top_k: 2", "top_k: \"two\"");
     let err = parse_err(&src);
     assert!(matches!(err, SpecError::Syntax { .. }), "{err}");
-    assert_eq!(err.position().map(|p| p.line), Some(position_of(&src, "\"two\"", 0).line));
+    assert_eq!(
+        err.position().map(|p| p.line),
+        Some(position_of(&src, "\"two\"", 0).line)
+    );
 }
 
 #[test]
 fn unknown_modality_in_a_direction_lists_the_modalities() {
-    let src = tiny_with("source: \"image\", target: \"text\"", "source: \"image\", target: \"txt\"");
+    let src = tiny_with(
+        "source: \"image\", target: \"text\"",
+        "source: \"image\", target: \"txt\"",
+    );
     assert_invalid(
         &src,
         "directions[0].target",
@@ -106,13 +155,25 @@ fn unknown_modality_in_a_direction_lists_the_modalities() {
 #[test]
 fn top_k_above_the_expert_count_says_the_valid_range() {
     let src = tiny_with("top_k: 2", "top_k: 5");
-    assert_invalid(&src, "connector.router.top_k", "top_k: 5", 7, &["top_k = 5", "4 experts", "valid: 1 to 4"]);
+    assert_invalid(
+        &src,
+        "connector.router.top_k",
+        "top_k: 5",
+        7,
+        &["top_k = 5", "4 experts", "valid: 1 to 4"],
+    );
 }
 
 #[test]
 fn top_k_of_zero_is_rejected() {
     let src = tiny_with("top_k: 2", "top_k: 0");
-    assert_invalid(&src, "connector.router.top_k", "top_k: 0", 7, &["valid: 1 to 4"]);
+    assert_invalid(
+        &src,
+        "connector.router.top_k",
+        "top_k: 0",
+        7,
+        &["valid: 1 to 4"],
+    );
 }
 
 #[test]
@@ -123,13 +184,20 @@ fn head_that_does_not_fit_its_regression_target_names_the_target_width() {
         "directions[0].heads.prediction",
         "\"prediction\": 23",
         14,
-        &["produces width 23", "modality `text` of width 24", "valid: 24"],
+        &[
+            "produces width 23",
+            "modality `text` of width 24",
+            "valid: 24",
+        ],
     );
 }
 
 #[test]
 fn contrastive_head_must_meet_the_target_projection() {
-    let src = tiny_with("heads: {\"prediction\": 16, \"contrastive\": 16}", "heads: {\"prediction\": 16, \"contrastive\": 8}");
+    let src = tiny_with(
+        "heads: {\"prediction\": 16, \"contrastive\": 16}",
+        "heads: {\"prediction\": 16, \"contrastive\": 8}",
+    );
     assert_invalid(
         &src,
         "directions[1].heads.contrastive",
@@ -147,7 +215,10 @@ fn loss_on_a_missing_output_lists_the_branches() {
         "losses[1].output",
         "\"contrastiv\"",
         0,
-        &["reads output `contrastiv`", "valid: `prediction`, `contrastive`"],
+        &[
+            "reads output `contrastiv`",
+            "valid: `prediction`, `contrastive`",
+        ],
     );
 }
 
@@ -165,14 +236,32 @@ fn attention_heads_must_divide_the_width() {
 
 #[test]
 fn encoder_output_must_match_the_modality_width() {
-    let src = tiny_with("LayerNorm(eps: 1e-5),\n                ]", "LayerNorm(eps: 1e-5),\n                    Linear(width: 8),\n                ]");
-    assert_invalid(&src, "modalities[1].encoder.layers", "layers: [", 8, &["produces width 8", "declares width 16"]);
+    let src = tiny_with(
+        "LayerNorm(eps: 1e-5),\n                ]",
+        "LayerNorm(eps: 1e-5),\n                    Linear(width: 8),\n                ]",
+    );
+    assert_invalid(
+        &src,
+        "modalities[1].encoder.layers",
+        "layers: [",
+        8,
+        &["produces width 8", "declares width 16"],
+    );
 }
 
 #[test]
 fn sample_schedule_needs_one_probability_per_direction() {
-    let src = tiny_with("schedule: Alternate(steps_per_task: 1)", "schedule: Sample(probabilities: [1.0])");
-    assert_invalid(&src, "schedule.probabilities", "[1.0]", 0, &["1 probabilities for 2 directions"]);
+    let src = tiny_with(
+        "schedule: Alternate(steps_per_task: 1)",
+        "schedule: Sample(probabilities: [1.0])",
+    );
+    assert_invalid(
+        &src,
+        "schedule.probabilities",
+        "[1.0]",
+        0,
+        &["1 probabilities for 2 directions"],
+    );
 }
 
 #[test]
@@ -180,7 +269,10 @@ fn duplicate_names_are_rejected() {
     let src = tiny_with("(name: \"text_to_image\"", "(name: \"image_to_text\"");
     let err = parse_err(&src);
     let text = err.to_string();
-    assert!(text.contains("direction `image_to_text` is declared twice"), "{text}");
+    assert!(
+        text.contains("direction `image_to_text` is declared twice"),
+        "{text}"
+    );
     assert_eq!(err.path(), Some("directions[1].name"));
 }
 
@@ -191,7 +283,10 @@ fn a_branch_no_loss_reads_is_rejected() {
         "(name: \"contrastive\", task_embedding: true),\n            (name: \"spare\"),\n        ],",
     );
     let err = parse_err(&src);
-    assert!(err.to_string().contains("branch `spare` feeds no loss"), "{err}");
+    assert!(
+        err.to_string().contains("branch `spare` feeds no loss"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -205,5 +300,8 @@ fn missing_file_names_the_file() {
     let err = spec::load(std::path::Path::new("models/no_such_model.ron")).unwrap_err();
     let text = err.to_string();
     assert!(matches!(err, SpecError::Io { .. }));
-    assert!(text.starts_with("models/no_such_model.ron: cannot read"), "{text}");
+    assert!(
+        text.starts_with("models/no_such_model.ron: cannot read"),
+        "{text}"
+    );
 }

@@ -16,7 +16,10 @@ fn model_files() -> Vec<PathBuf> {
         .filter(|p| p.extension().is_some_and(|e| e == "ron"))
         .collect();
     files.sort();
-    assert!(files.len() >= 3, "expected the paper, tiny and audio models, found {files:?}");
+    assert!(
+        files.len() >= 3,
+        "expected the paper, tiny and audio models, found {files:?}"
+    );
     files
 }
 
@@ -25,10 +28,24 @@ fn every_model_round_trips_through_ron() {
     for path in model_files() {
         let loaded = spec::load(&path).unwrap_or_else(|e| panic!("{e}"));
         let printed = spec::to_ron(&loaded.spec);
-        let again = spec::parse(&printed, "printed")
-            .unwrap_or_else(|e| panic!("{}: printed spec does not parse: {e}\n{printed}", path.display()));
-        assert_eq!(again.spec, loaded.spec, "{} changed in the round trip", path.display());
-        assert_eq!(spec::to_ron(&again.spec), printed, "printing is not stable for {}", path.display());
+        let again = spec::parse(&printed, "printed").unwrap_or_else(|e| {
+            panic!(
+                "{}: printed spec does not parse: {e}\n{printed}",
+                path.display()
+            )
+        });
+        assert_eq!(
+            again.spec,
+            loaded.spec,
+            "{} changed in the round trip",
+            path.display()
+        );
+        assert_eq!(
+            spec::to_ron(&again.spec),
+            printed,
+            "printing is not stable for {}",
+            path.display()
+        );
     }
 }
 
@@ -36,9 +53,15 @@ fn every_model_round_trips_through_ron() {
 fn every_model_lowers() {
     for path in model_files() {
         let loaded = spec::load(&path).unwrap_or_else(|e| panic!("{e}"));
-        let program = lower(&loaded.spec, LowerOptions::default()).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let program = lower(&loaded.spec, LowerOptions::default())
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         for d in &program.directions {
-            assert!(program.graph(&d.loss_graph).is_some(), "{}: no graph {}", path.display(), d.loss_graph);
+            assert!(
+                program.graph(&d.loss_graph).is_some(),
+                "{}: no graph {}",
+                path.display(),
+                d.loss_graph
+            );
         }
     }
 }
@@ -54,7 +77,11 @@ fn paper_scale_model_has_140_617_740_trainable_parameters() {
         .filter(|p| p.module() == "experts")
         .map(|p| p.numel())
         .sum();
-    assert_eq!(experts, 12 * 2 * (2048 * 2048 + 2048), "12 experts of Linear(h,h) x 2");
+    assert_eq!(
+        experts,
+        12 * 2 * (2048 * 2048 + 2048),
+        "12 experts of Linear(h,h) x 2"
+    );
 }
 
 #[test]
@@ -64,11 +91,24 @@ fn audio_model_shares_router_and_experts_across_three_modalities() {
     assert_eq!(program.modalities.len(), 3);
     assert_eq!(program.directions.len(), 4);
     // One expert pool and one gate per branch, whatever the number of directions.
-    let modules: std::collections::BTreeSet<&str> = program.params.iter().map(|p| p.module()).collect();
+    let modules: std::collections::BTreeSet<&str> =
+        program.params.iter().map(|p| p.module()).collect();
     assert!(modules.contains("experts"));
-    assert!(modules.contains("router.prediction.gate") && modules.contains("router.contrastive.gate"));
-    assert_eq!(program.params.iter().filter(|p| p.name.starts_with("router.modality_embedding.")).count(), 3);
-    assert!(program.params.get("losses.contrastive.log_temperature").is_some());
+    assert!(
+        modules.contains("router.prediction.gate") && modules.contains("router.contrastive.gate")
+    );
+    assert_eq!(
+        program
+            .params
+            .iter()
+            .filter(|p| p.name.starts_with("router.modality_embedding."))
+            .count(),
+        3
+    );
+    assert!(program
+        .params
+        .get("losses.contrastive.log_temperature")
+        .is_some());
 }
 
 #[test]
@@ -82,8 +122,11 @@ fn tiny_model_encoder_is_a_real_graph() {
         .map(|p| p.numel())
         .sum();
     // Linear 12->16, attention (LN + q/k/v/out), MLP 16->32->16, LayerNorm.
-    let expected = (12 * 16 + 16) + (2 * 16 + 4 * (16 * 16 + 16)) + (16 * 32 + 32 + 32 * 16 + 16) + 2 * 16;
+    let expected =
+        (12 * 16 + 16) + (2 * 16 + 4 * (16 * 16 + 16)) + (16 * 32 + 32 + 32 * 16 + 16) + 2 * 16;
     assert_eq!(encoder, expected);
-    let image = program.graph("image.key").expect("image is a contrastive target");
+    let image = program
+        .graph("image.key")
+        .expect("image is a contrastive target");
     assert!(image.inputs().any(|(name, _)| name == "image.tokens"));
 }

@@ -7,14 +7,20 @@ use std::fmt::Write;
 /// Renders `graphs` as one Graphviz digraph with a cluster per graph. Inputs are
 /// drawn as ellipses, parameters as boxes with a grey fill, outputs in bold.
 pub fn to_dot(graphs: &[&Graph]) -> String {
-    let mut out = String::from("digraph altc {\n  rankdir=TB;\n  node [fontname=\"monospace\", fontsize=10];\n");
+    let mut out = String::from(
+        "digraph altc {\n  rankdir=TB;\n  node [fontname=\"monospace\", fontsize=10];\n",
+    );
     for (gi, graph) in graphs.iter().enumerate() {
         let dag = graph.dag();
         let body = format!(
             "{:?}",
             Dot::with_attr_getters(
                 dag,
-                &[Config::GraphContentOnly, Config::EdgeNoLabel, Config::NodeNoLabel],
+                &[
+                    Config::GraphContentOnly,
+                    Config::EdgeNoLabel,
+                    Config::NodeNoLabel
+                ],
                 &|_, _| String::new(),
                 &|_, (id, node)| {
                     let is_output = graph.outputs().iter().any(|(_, o)| *o == id);
@@ -45,7 +51,11 @@ pub fn to_dot(graphs: &[&Graph]) -> String {
                 },
             )
         );
-        let _ = writeln!(out, "  subgraph cluster_{gi} {{\n    label=\"{}\";", escape(&graph.name));
+        let _ = writeln!(
+            out,
+            "  subgraph cluster_{gi} {{\n    label=\"{}\";",
+            escape(&graph.name)
+        );
         // Node ids must be unique across clusters: prefix them with the graph number.
         for line in body.lines() {
             let line = line.trim();

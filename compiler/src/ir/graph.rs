@@ -26,7 +26,7 @@ pub enum GraphError {
         index: usize,
         origin: String,
         #[source]
-        source: TypeError,
+        source: Box<TypeError>,
     },
     #[error("graph `{graph}` has a cycle through node {index}")]
     Cycle { graph: String, index: usize },
@@ -38,8 +38,8 @@ pub enum GraphError {
     StaleType {
         graph: String,
         index: usize,
-        recorded: TensorType,
-        inferred: TensorType,
+        recorded: String,
+        inferred: String,
     },
 }
 
@@ -80,7 +80,7 @@ impl Graph {
         let ty = infer(&op, &types).map_err(|source| GraphError::Type {
             index: self.dag.node_count(),
             origin: origin.clone(),
-            source,
+            source: Box::new(source),
         })?;
         let id = self.dag.add_node(Node { op, ty, origin });
         for (slot, &o) in operands.iter().enumerate() {
@@ -129,7 +129,10 @@ impl Graph {
     }
 
     pub fn output(&self, name: &str) -> Option<NodeId> {
-        self.outputs.iter().find(|(n, _)| n == name).map(|(_, id)| *id)
+        self.outputs
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, id)| *id)
     }
 
     pub fn node_ids(&self) -> impl Iterator<Item = NodeId> + '_ {
@@ -146,18 +149,22 @@ impl Graph {
 
     /// The `Input` nodes: name, node.
     pub fn inputs(&self) -> impl Iterator<Item = (&str, NodeId)> + '_ {
-        self.dag.node_indices().filter_map(|id| match &self.dag[id].op {
-            Op::Input { name, .. } => Some((name.as_str(), id)),
-            _ => None,
-        })
+        self.dag
+            .node_indices()
+            .filter_map(|id| match &self.dag[id].op {
+                Op::Input { name, .. } => Some((name.as_str(), id)),
+                _ => None,
+            })
     }
 
     /// The `Parameter` nodes: name, node.
     pub fn parameters(&self) -> impl Iterator<Item = (&str, NodeId)> + '_ {
-        self.dag.node_indices().filter_map(|id| match &self.dag[id].op {
-            Op::Parameter { name, .. } => Some((name.as_str(), id)),
-            _ => None,
-        })
+        self.dag
+            .node_indices()
+            .filter_map(|id| match &self.dag[id].op {
+                Op::Parameter { name, .. } => Some((name.as_str(), id)),
+                _ => None,
+            })
     }
 
     /// Re-checks a graph that did not come from `push` (one read from an artifact):
@@ -170,14 +177,14 @@ impl Graph {
             let inferred = infer(&node.op, &types).map_err(|source| GraphError::Type {
                 index: id.index(),
                 origin: node.origin.clone(),
-                source,
+                source: Box::new(source),
             })?;
             if inferred != node.ty {
                 return Err(GraphError::StaleType {
                     graph: self.name.clone(),
                     index: id.index(),
-                    recorded: node.ty.clone(),
-                    inferred,
+                    recorded: node.ty.to_string(),
+                    inferred: inferred.to_string(),
                 });
             }
         }

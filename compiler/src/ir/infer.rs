@@ -61,7 +61,7 @@ pub fn broadcast_shapes(a: &Shape, b: &Shape) -> Option<Shape> {
     Some(Shape(out))
 }
 
-fn same_dtype<'a>(op: &Op, operands: &[&'a TensorType]) -> Result<DType, TypeError> {
+fn same_dtype(op: &Op, operands: &[&TensorType]) -> Result<DType, TypeError> {
     let first = operands[0].dtype;
     if operands.iter().any(|t| t.dtype != first) {
         return Err(dtype_err(op, "operands of one element type", operands));
@@ -115,7 +115,13 @@ pub fn infer(op: &Op, operands: &[&TensorType]) -> Result<TensorType, TypeError>
             check_axis(op, *axis, shape.rank())?;
             ty(*dtype, shape.clone())
         }
-        Op::Unary(_) | Op::Dropout { .. } => ty(float_dtype(op, operands)?, operands[0].shape.clone()),
+        Op::Unary(_) => ty(float_dtype(op, operands)?, operands[0].shape.clone()),
+        Op::Dropout { rate, .. } => {
+            if !(0.0..1.0).contains(&rate.0) {
+                return Err(shape_err(op, format!("rate {} is not in [0, 1)", rate.0)));
+            }
+            ty(float_dtype(op, operands)?, operands[0].shape.clone())
+        }
         Op::Binary(_) => {
             let d = float_dtype(op, operands)?;
             let s = broadcast_shapes(&operands[0].shape, &operands[1].shape).ok_or_else(|| {
@@ -161,7 +167,9 @@ pub fn infer(op: &Op, operands: &[&TensorType]) -> Result<TensorType, TypeError>
             ty(d, s)
         }
         Op::Cast { dtype } => ty(*dtype, operands[0].shape.clone()),
-        Op::Reduce { axes, keep_dims, .. } => {
+        Op::Reduce {
+            axes, keep_dims, ..
+        } => {
             let x = operands[0];
             let d = float_dtype(op, operands)?;
             for (i, a) in axes.iter().enumerate() {
@@ -263,10 +271,7 @@ pub fn infer(op: &Op, operands: &[&TensorType]) -> Result<TensorType, TypeError>
                 if !fits {
                     return Err(shape_err(
                         op,
-                        format!(
-                            "{} and {} differ outside axis {axis}",
-                            first, t.shape
-                        ),
+                        format!("{} and {} differ outside axis {axis}", first, t.shape),
                     ));
                 }
                 match &t.shape.0[*axis] {

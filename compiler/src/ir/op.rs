@@ -77,13 +77,29 @@ pub enum ReduceOp {
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Op {
     /// A batch tensor fed by the runtime. No operands.
-    Input { name: String, dtype: DType, shape: Shape },
+    Input {
+        name: String,
+        dtype: DType,
+        shape: Shape,
+    },
     /// A named weight from the program's parameter table. No operands.
-    Parameter { name: String, dtype: DType, shape: Shape },
+    Parameter {
+        name: String,
+        dtype: DType,
+        shape: Shape,
+    },
     /// A tensor filled with one value. No operands.
-    Constant { value: Scalar, dtype: DType, shape: Shape },
+    Constant {
+        value: Scalar,
+        dtype: DType,
+        shape: Shape,
+    },
     /// A tensor whose elements are their own index along `axis`. No operands.
-    Iota { axis: usize, dtype: DType, shape: Shape },
+    Iota {
+        axis: usize,
+        dtype: DType,
+        shape: Shape,
+    },
     /// `(x)`.
     Unary(UnaryOp),
     /// `(a, b)` with NumPy broadcasting.
@@ -95,10 +111,17 @@ pub enum Op {
     /// `(x)` converted to `dtype`.
     Cast { dtype: DType },
     /// `(x)` reduced over `axes`.
-    Reduce { op: ReduceOp, axes: Vec<usize>, keep_dims: bool },
+    Reduce {
+        op: ReduceOp,
+        axes: Vec<usize>,
+        keep_dims: bool,
+    },
     /// `(a, b)`: `[..., M, K] x [..., K, N] -> [..., M, N]`, batch dimensions broadcast;
     /// a transposed operand swaps its last two dimensions first.
-    MatMul { transpose_a: bool, transpose_b: bool },
+    MatMul {
+        transpose_a: bool,
+        transpose_b: bool,
+    },
     /// `(x)` with dimensions permuted: result dim `i` is operand dim `perm[i]`.
     Transpose { perm: Vec<usize> },
     /// `(x)` reinterpreted row-major with the same elements.
@@ -106,7 +129,11 @@ pub enum Op {
     /// `(x)` expanded to `shape` by NumPy broadcasting rules.
     BroadcastTo { shape: Shape },
     /// `(x)` restricted to `start..end` along `axis`.
-    Slice { axis: usize, start: usize, end: usize },
+    Slice {
+        axis: usize,
+        start: usize,
+        end: usize,
+    },
     /// `(x0, x1, ...)` joined along `axis`.
     Concat { axis: usize },
     /// `(x, index)`: `out[.., i, ..] = x[.., index[.., i, ..], ..]` along `axis`
@@ -138,7 +165,11 @@ impl Op {
             Op::Compare(c) => format!("{c:?}").to_lowercase(),
             Op::Where => "where".into(),
             Op::Cast { dtype } => format!("cast {dtype}"),
-            Op::Reduce { op, axes, keep_dims } => {
+            Op::Reduce {
+                op,
+                axes,
+                keep_dims,
+            } => {
                 let keep = if *keep_dims { " keep" } else { "" };
                 format!("reduce_{} {axes:?}{keep}", format!("{op:?}").to_lowercase())
             }

@@ -25,7 +25,12 @@ pub struct Builder<'p> {
 pub type Result<T> = std::result::Result<T, GraphError>;
 
 impl<'p> Builder<'p> {
-    pub fn new(name: &str, params: &'p mut ParamTable, streams: &'p mut u64, dtype: DType) -> Builder<'p> {
+    pub fn new(
+        name: &str,
+        params: &'p mut ParamTable,
+        streams: &'p mut u64,
+        dtype: DType,
+    ) -> Builder<'p> {
         Builder {
             graph: Graph::new(name),
             params,
@@ -54,20 +59,47 @@ impl<'p> Builder<'p> {
 
     pub fn input(&mut self, name: &str, shape: Shape) -> Result<NodeId> {
         let dtype = self.dtype;
-        self.push(Op::Input { name: name.into(), dtype, shape }, &[])
+        self.push(
+            Op::Input {
+                name: name.into(),
+                dtype,
+                shape,
+            },
+            &[],
+        )
     }
 
     /// A parameter node, registering the parameter on first use.
-    pub fn param(&mut self, name: &str, shape: &[usize], kind: ParamKind, init: Init) -> Result<NodeId> {
+    pub fn param(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        kind: ParamKind,
+        init: Init,
+    ) -> Result<NodeId> {
         self.params.register(name, shape, kind, init, &self.origin);
         let dtype = self.dtype;
         let shape = shape.iter().copied().collect();
-        self.push(Op::Parameter { name: name.into(), dtype, shape }, &[])
+        self.push(
+            Op::Parameter {
+                name: name.into(),
+                dtype,
+                shape,
+            },
+            &[],
+        )
     }
 
     pub fn scalar(&mut self, value: f64) -> Result<NodeId> {
         let dtype = self.dtype;
-        self.push(Op::Constant { value: Scalar(value), dtype, shape: Shape::scalar() }, &[])
+        self.push(
+            Op::Constant {
+                value: Scalar(value),
+                dtype,
+                shape: Shape::scalar(),
+            },
+            &[],
+        )
     }
 
     pub fn unary(&mut self, op: UnaryOp, x: NodeId) -> Result<NodeId> {
@@ -99,12 +131,31 @@ impl<'p> Builder<'p> {
         self.mul(x, f)
     }
 
-    pub fn reduce(&mut self, op: ReduceOp, x: NodeId, axes: &[usize], keep_dims: bool) -> Result<NodeId> {
-        self.push(Op::Reduce { op, axes: axes.to_vec(), keep_dims }, &[x])
+    pub fn reduce(
+        &mut self,
+        op: ReduceOp,
+        x: NodeId,
+        axes: &[usize],
+        keep_dims: bool,
+    ) -> Result<NodeId> {
+        self.push(
+            Op::Reduce {
+                op,
+                axes: axes.to_vec(),
+                keep_dims,
+            },
+            &[x],
+        )
     }
 
     pub fn matmul(&mut self, a: NodeId, b: NodeId, transpose_b: bool) -> Result<NodeId> {
-        self.push(Op::MatMul { transpose_a: false, transpose_b }, &[a, b])
+        self.push(
+            Op::MatMul {
+                transpose_a: false,
+                transpose_b,
+            },
+            &[a, b],
+        )
     }
 
     pub fn reshape(&mut self, x: NodeId, shape: Shape) -> Result<NodeId> {
@@ -112,7 +163,12 @@ impl<'p> Builder<'p> {
     }
 
     pub fn transpose(&mut self, x: NodeId, perm: &[usize]) -> Result<NodeId> {
-        self.push(Op::Transpose { perm: perm.to_vec() }, &[x])
+        self.push(
+            Op::Transpose {
+                perm: perm.to_vec(),
+            },
+            &[x],
+        )
     }
 
     pub fn last_axis(&self, x: NodeId) -> usize {
@@ -131,19 +187,42 @@ impl<'p> Builder<'p> {
     }
 
     /// `x W + b` over the last axis, with PyTorch's default initialisation.
-    pub fn linear(&mut self, x: NodeId, prefix: &str, inp: usize, out: usize, bias: bool) -> Result<NodeId> {
+    pub fn linear(
+        &mut self,
+        x: NodeId,
+        prefix: &str,
+        inp: usize,
+        out: usize,
+        bias: bool,
+    ) -> Result<NodeId> {
         let bound = 1.0 / (inp as f64).sqrt();
-        let w = self.param(&format!("{prefix}.weight"), &[inp, out], ParamKind::Weight, Init::Uniform { bound })?;
+        let w = self.param(
+            &format!("{prefix}.weight"),
+            &[inp, out],
+            ParamKind::Weight,
+            Init::Uniform { bound },
+        )?;
         let y = self.matmul(x, w, false)?;
         if !bias {
             return Ok(y);
         }
-        let b = self.param(&format!("{prefix}.bias"), &[out], ParamKind::Bias, Init::Uniform { bound })?;
+        let b = self.param(
+            &format!("{prefix}.bias"),
+            &[out],
+            ParamKind::Bias,
+            Init::Uniform { bound },
+        )?;
         self.add(y, b)
     }
 
     /// LayerNorm over the last axis (biased variance, as PyTorch).
-    pub fn layer_norm(&mut self, x: NodeId, prefix: &str, width: usize, eps: f64) -> Result<NodeId> {
+    pub fn layer_norm(
+        &mut self,
+        x: NodeId,
+        prefix: &str,
+        width: usize,
+        eps: f64,
+    ) -> Result<NodeId> {
         let axis = self.last_axis(x);
         let mean = self.reduce(ReduceOp::Mean, x, &[axis], true)?;
         let centred = self.sub(x, mean)?;
@@ -153,8 +232,18 @@ impl<'p> Builder<'p> {
         let var = self.add(var, eps)?;
         let inv = self.unary(UnaryOp::Rsqrt, var)?;
         let normed = self.mul(centred, inv)?;
-        let gamma = self.param(&format!("{prefix}.gamma"), &[width], ParamKind::Norm, Init::Ones)?;
-        let beta = self.param(&format!("{prefix}.beta"), &[width], ParamKind::Norm, Init::Zeros)?;
+        let gamma = self.param(
+            &format!("{prefix}.gamma"),
+            &[width],
+            ParamKind::Norm,
+            Init::Ones,
+        )?;
+        let beta = self.param(
+            &format!("{prefix}.beta"),
+            &[width],
+            ParamKind::Norm,
+            Init::Zeros,
+        )?;
         let scaled = self.mul(normed, gamma)?;
         self.add(scaled, beta)
     }
@@ -187,7 +276,10 @@ impl<'p> Builder<'p> {
         let dims = self.ty(x).dims().to_vec();
         match (pooling, mask) {
             (Pooling::MaskedMean, Some(mask)) => {
-                let m3 = self.reshape(mask, Shape(vec![dims[0].clone(), dims[1].clone(), Dim::Fixed(1)]))?;
+                let m3 = self.reshape(
+                    mask,
+                    Shape(vec![dims[0].clone(), dims[1].clone(), Dim::Fixed(1)]),
+                )?;
                 let weighted = self.mul(x, m3)?;
                 let total = self.reduce(ReduceOp::Sum, weighted, &[1], false)?;
                 let count = self.reduce(ReduceOp::Sum, m3, &[1], false)?;
@@ -197,7 +289,14 @@ impl<'p> Builder<'p> {
             }
             (Pooling::MaskedMean | Pooling::Mean, _) => self.reduce(ReduceOp::Mean, x, &[1], false),
             (Pooling::First, _) => {
-                let first = self.push(Op::Slice { axis: 1, start: 0, end: 1 }, &[x])?;
+                let first = self.push(
+                    Op::Slice {
+                        axis: 1,
+                        start: 0,
+                        end: 1,
+                    },
+                    &[x],
+                )?;
                 self.reshape(first, Shape(vec![dims[0].clone(), dims[2].clone()]))
             }
         }
@@ -217,8 +316,22 @@ impl<'p> Builder<'p> {
     /// A `[B, B]` identity in the graph's float type.
     pub fn batch_identity(&mut self) -> Result<NodeId> {
         let shape = Shape(vec![Dim::sym(BATCH), Dim::sym(BATCH)]);
-        let rows = self.push(Op::Iota { axis: 0, dtype: DType::I32, shape: shape.clone() }, &[])?;
-        let cols = self.push(Op::Iota { axis: 1, dtype: DType::I32, shape }, &[])?;
+        let rows = self.push(
+            Op::Iota {
+                axis: 0,
+                dtype: DType::I32,
+                shape: shape.clone(),
+            },
+            &[],
+        )?;
+        let cols = self.push(
+            Op::Iota {
+                axis: 1,
+                dtype: DType::I32,
+                shape,
+            },
+            &[],
+        )?;
         let eq = self.push(Op::Compare(CompareOp::Eq), &[rows, cols])?;
         let dtype = self.dtype;
         self.push(Op::Cast { dtype }, &[eq])
@@ -232,6 +345,12 @@ impl<'p> Builder<'p> {
         }
         let stream = *self.streams;
         *self.streams += 1;
-        self.push(Op::Dropout { rate: Scalar(rate), stream }, &[x])
+        self.push(
+            Op::Dropout {
+                rate: Scalar(rate),
+                stream,
+            },
+            &[x],
+        )
     }
 }

@@ -23,8 +23,8 @@ pub use params::{Init, ParamInfo, ParamKind, ParamTable};
 
 use crate::ir::{DType, Dim, Graph, GraphError, NodeId, Op, ReduceOp, Shape, UnaryOp};
 use crate::spec::{
-    Direction, Encoder, ExpertPool, Gate, GateInput, Layer, LossKind, ModelSpec,
-    NoDecay, Optimizer, Schedule, Temperature, Tokens, Training,
+    Direction, Encoder, ExpertPool, Gate, GateInput, Layer, LossKind, ModelSpec, NoDecay,
+    Optimizer, Schedule, Temperature, Tokens, Training,
 };
 use builder::Builder;
 use serde::{Deserialize, Serialize};
@@ -168,7 +168,11 @@ pub fn lower(spec: &ModelSpec, options: LowerOptions) -> Result<Program, LowerEr
             })
             .collect(),
         directions,
-        losses: spec.losses.iter().map(|l| (l.name.clone(), l.weight)).collect(),
+        losses: spec
+            .losses
+            .iter()
+            .map(|l| (l.name.clone(), l.weight))
+            .collect(),
         params: lowering.params,
         graphs,
         schedule: spec.schedule.clone(),
@@ -192,7 +196,12 @@ struct Encoded {
 
 impl Lowering<'_> {
     fn builder(&mut self, name: &str) -> Builder<'_> {
-        Builder::new(name, &mut self.params, &mut self.streams, self.options.dtype)
+        Builder::new(
+            name,
+            &mut self.params,
+            &mut self.streams,
+            self.options.dtype,
+        )
     }
 
     fn train(&self) -> bool {
@@ -235,7 +244,12 @@ impl Lowering<'_> {
         Ok(b.graph)
     }
 
-    fn query_graph(&mut self, index: usize, dir: &Direction, branch: &str) -> Result<Graph, LowerError> {
+    fn query_graph(
+        &mut self,
+        index: usize,
+        dir: &Direction,
+        branch: &str,
+    ) -> Result<Graph, LowerError> {
         let spec = self.spec;
         let name = format!("{}.query", dir.name);
         let mut b = self.builder(&name);
@@ -303,20 +317,30 @@ fn encode(b: &mut Builder, spec: &ModelSpec, mi: usize) -> Result<Encoded, Graph
     let tokens = m.tokens.count();
     b.at(&path, |b| {
         let mask = match m.tokens {
-            Tokens::Padded { .. } => Some(b.input(&format!("{}.mask", m.name), batch_shape(&[tokens]))?),
+            Tokens::Padded { .. } => {
+                Some(b.input(&format!("{}.mask", m.name), batch_shape(&[tokens]))?)
+            }
             Tokens::Fixed(_) => None,
         };
         let (input_width, layers) = match &m.encoder {
             Encoder::Precomputed => (m.width, &[][..]),
-            Encoder::Graph { input_width, layers, .. } => (*input_width, layers.as_slice()),
+            Encoder::Graph {
+                input_width,
+                layers,
+                ..
+            } => (*input_width, layers.as_slice()),
         };
-        let mut x = b.input(&format!("{}.tokens", m.name), batch_shape(&[tokens, input_width]))?;
+        let mut x = b.input(
+            &format!("{}.tokens", m.name),
+            batch_shape(&[tokens, input_width]),
+        )?;
         let mut mask = mask;
         let mut width = input_width;
         for (li, layer) in layers.iter().enumerate() {
             let prefix = format!("encoders.{}.layers.{li}", m.name);
             let lpath = format!("{path}.encoder.layers[{li}]");
-            (x, width, mask) = b.at(&lpath, |b| encoder_layer(b, layer, &prefix, x, width, mask))?;
+            (x, width, mask) =
+                b.at(&lpath, |b| encoder_layer(b, layer, &prefix, x, width, mask))?;
         }
         Ok(Encoded { tokens: x, mask })
     })
@@ -331,8 +355,15 @@ fn encoder_layer(
     mask: Option<NodeId>,
 ) -> Result<(NodeId, usize, Option<NodeId>), GraphError> {
     Ok(match layer {
-        Layer::Linear { width: out, bias } => (b.linear(x, prefix, width, *out, *bias)?, *out, mask),
-        Layer::Mlp { hidden, width: out, activation, residual } => {
+        Layer::Linear { width: out, bias } => {
+            (b.linear(x, prefix, width, *out, *bias)?, *out, mask)
+        }
+        Layer::Mlp {
+            hidden,
+            width: out,
+            activation,
+            residual,
+        } => {
             let h = b.linear(x, &format!("{prefix}.fc1"), width, *hidden, true)?;
             let h = b.activation(*activation, h)?;
             let mut y = b.linear(h, &format!("{prefix}.fc2"), *hidden, *out, true)?;
@@ -341,8 +372,16 @@ fn encoder_layer(
             }
             (y, *out, mask)
         }
-        Layer::LayerNorm { eps } => (b.layer_norm(x, &format!("{prefix}.norm"), width, *eps)?, width, mask),
-        Layer::SelfAttention { heads } => (self_attention(b, prefix, x, width, *heads, mask)?, width, mask),
+        Layer::LayerNorm { eps } => (
+            b.layer_norm(x, &format!("{prefix}.norm"), width, *eps)?,
+            width,
+            mask,
+        ),
+        Layer::SelfAttention { heads } => (
+            self_attention(b, prefix, x, width, *heads, mask)?,
+            width,
+            mask,
+        ),
         Layer::TokenPool(pooling) => {
             let pooled = b.pool(x, mask, *pooling)?;
             (b.reshape(pooled, batch_shape(&[1, width]))?, width, None)
@@ -402,7 +441,12 @@ fn connector_input(
     let mut x = src.tokens;
     if spec.connector.direction_embedding {
         x = b.at(&format!("directions[{index}]"), |b| {
-            let e = b.param(&format!("{prefix}.embedding"), &[1, 1, width], ParamKind::Embedding, Init::Normal { std: 0.02 })?;
+            let e = b.param(
+                &format!("{prefix}.embedding"),
+                &[1, 1, width],
+                ParamKind::Embedding,
+                Init::Normal { std: 0.02 },
+            )?;
             b.add(x, e)
         })?;
     }
@@ -433,11 +477,18 @@ fn branch_head(
         if !c.branches[bi].task_embedding {
             return Ok(z);
         }
-        let t = b.param(&format!("branches.{branch}.task_embedding"), &[1, 1, h], ParamKind::Embedding, Init::Normal { std: 0.02 })?;
+        let t = b.param(
+            &format!("branches.{branch}.task_embedding"),
+            &[1, 1, h],
+            ParamKind::Embedding,
+            Init::Normal { std: 0.02 },
+        )?;
         b.add(z, t)
     })?;
     let gate = b.at("connector.router", |b| route(b, spec, dir, branch, zb))?;
-    let mixed = b.at("connector.experts", |b| experts(b, spec, dir, zb, gate, train))?;
+    let mixed = b.at("connector.experts", |b| {
+        experts(b, spec, dir, zb, gate, train)
+    })?;
     let out = b.at("connector.branch_output", |b| {
         let mut o = mixed;
         if c.branch_output.layer_norm {
@@ -451,12 +502,24 @@ fn branch_head(
     })?;
     let width = dir.heads[branch];
     b.at(&format!("directions[{index}].heads.{branch}"), |b| {
-        b.linear(out, &format!("directions.{}.heads.{branch}", dir.name), h, width, true)
+        b.linear(
+            out,
+            &format!("directions.{}.heads.{branch}", dir.name),
+            h,
+            width,
+            true,
+        )
     })
 }
 
 /// The dense gate `[B, L, E]`: softmax probabilities at the top-k experts, zero elsewhere.
-fn route(b: &mut Builder, spec: &ModelSpec, dir: &Direction, branch: &str, zb: NodeId) -> Result<NodeId, GraphError> {
+fn route(
+    b: &mut Builder,
+    spec: &ModelSpec,
+    dir: &Direction,
+    branch: &str,
+    zb: NodeId,
+) -> Result<NodeId, GraphError> {
     let r = &spec.connector.router;
     let h = spec.connector.hidden;
     let experts = spec.connector.experts.count;
@@ -464,7 +527,12 @@ fn route(b: &mut Builder, spec: &ModelSpec, dir: &Direction, branch: &str, zb: N
     let (input, in_width) = match r.gate_input {
         GateInput::Hidden => (zb, h),
         GateInput::HiddenWithModality { width } => {
-            let e = b.param(&format!("router.modality_embedding.{}", dir.source), &[1, 1, width], ParamKind::Embedding, Init::Normal { std: 0.02 })?;
+            let e = b.param(
+                &format!("router.modality_embedding.{}", dir.source),
+                &[1, 1, width],
+                ParamKind::Embedding,
+                Init::Normal { std: 0.02 },
+            )?;
             let shape = Shape(vec![dims[0].clone(), dims[1].clone(), Dim::Fixed(width)]);
             let e = b.push(Op::BroadcastTo { shape }, &[e])?;
             (b.push(Op::Concat { axis: 2 }, &[zb, e])?, h + width)
@@ -506,10 +574,30 @@ fn experts(
     let fixed = |v: &[usize]| Shape(v.iter().map(|&d| Dim::Fixed(d)).collect());
     let b1_bound = 1.0 / (h as f64).sqrt();
     let b2_bound = 1.0 / (eh as f64).sqrt();
-    let w1 = b.param(&format!("{prefix}.w1"), &[e, h, eh], ParamKind::Weight, Init::Uniform { bound: b1_bound })?;
-    let b1 = b.param(&format!("{prefix}.b1"), &[e, eh], ParamKind::Bias, Init::Uniform { bound: b1_bound })?;
-    let w2 = b.param(&format!("{prefix}.w2"), &[e, eh, h], ParamKind::Weight, Init::Uniform { bound: b2_bound })?;
-    let b2 = b.param(&format!("{prefix}.b2"), &[e, h], ParamKind::Bias, Init::Uniform { bound: b2_bound })?;
+    let w1 = b.param(
+        &format!("{prefix}.w1"),
+        &[e, h, eh],
+        ParamKind::Weight,
+        Init::Uniform { bound: b1_bound },
+    )?;
+    let b1 = b.param(
+        &format!("{prefix}.b1"),
+        &[e, eh],
+        ParamKind::Bias,
+        Init::Uniform { bound: b1_bound },
+    )?;
+    let w2 = b.param(
+        &format!("{prefix}.w2"),
+        &[e, eh, h],
+        ParamKind::Weight,
+        Init::Uniform { bound: b2_bound },
+    )?;
+    let b2 = b.param(
+        &format!("{prefix}.b2"),
+        &[e, h],
+        ParamKind::Bias,
+        Init::Uniform { bound: b2_bound },
+    )?;
     // [B, L, h] x [E, 1, h, eh] -> [E, B, L, eh]: batch dims [B] and [E, 1] broadcast.
     let w1 = b.reshape(w1, fixed(&[e, 1, h, eh]))?;
     let b1 = b.reshape(b1, fixed(&[e, 1, 1, eh]))?;
@@ -530,17 +618,33 @@ fn experts(
 }
 
 /// `Linear_y(e_y)` pooled: the target side of the contrastive loss.
-fn target_side(b: &mut Builder, spec: &ModelSpec, modality: &str, tgt: &Encoded) -> Result<NodeId, GraphError> {
+fn target_side(
+    b: &mut Builder,
+    spec: &ModelSpec,
+    modality: &str,
+    tgt: &Encoded,
+) -> Result<NodeId, GraphError> {
     let width = spec.modalities[lower_index(spec, modality)].width;
     let out = spec.connector.target_projection.width;
     b.at("connector.target_projection", |b| {
-        let y = b.linear(tgt.tokens, &format!("target_projections.{modality}"), width, out, true)?;
+        let y = b.linear(
+            tgt.tokens,
+            &format!("target_projections.{modality}"),
+            width,
+            out,
+            true,
+        )?;
         b.pool(y, tgt.mask, spec.connector.pooling)
     })
 }
 
 /// SmoothL1 (Huber) or squared error between pooled `[B, d]` vectors, mean over all.
-fn regression(b: &mut Builder, kind: &LossKind, pred: NodeId, target: NodeId) -> Result<NodeId, GraphError> {
+fn regression(
+    b: &mut Builder,
+    kind: &LossKind,
+    pred: NodeId,
+    target: NodeId,
+) -> Result<NodeId, GraphError> {
     let d = b.sub(pred, target)?;
     let per_element = match kind {
         LossKind::SmoothL1 { beta } => {
@@ -561,14 +665,25 @@ fn regression(b: &mut Builder, kind: &LossKind, pred: NodeId, target: NodeId) ->
 
 /// `0.5 * [CE(S/tau, diag) + CE(S^T/tau, diag)]` with `S` the cosine similarities of
 /// the pooled queries and keys, `[B, B]`.
-fn info_nce(b: &mut Builder, q: NodeId, k: NodeId, temperature: Temperature, loss: &str) -> Result<NodeId, GraphError> {
+fn info_nce(
+    b: &mut Builder,
+    q: NodeId,
+    k: NodeId,
+    temperature: Temperature,
+    loss: &str,
+) -> Result<NodeId, GraphError> {
     let q = b.l2_normalize(q)?;
     let k = b.l2_normalize(k)?;
     let sim = b.matmul(q, k, true)?;
     let logits = match temperature {
         Temperature::Fixed(tau) => b.scale(sim, 1.0 / tau)?,
         Temperature::Learned { init } => {
-            let log_tau = b.param(&format!("losses.{loss}.log_temperature"), &[1], ParamKind::Scalar, Init::Constant(init.ln()))?;
+            let log_tau = b.param(
+                &format!("losses.{loss}.log_temperature"),
+                &[1],
+                ParamKind::Scalar,
+                Init::Constant(init.ln()),
+            )?;
             let neg = b.unary(UnaryOp::Neg, log_tau)?;
             let inv_tau = b.unary(UnaryOp::Exp, neg)?;
             b.mul(sim, inv_tau)?
@@ -590,9 +705,20 @@ fn info_nce(b: &mut Builder, q: NodeId, k: NodeId, temperature: Temperature, los
 
 /// Lowers a loaded spec, reporting a graph that cannot be built at the spec path and
 /// line it came from.
-pub fn lower_loaded(loaded: &crate::spec::LoadedSpec, options: LowerOptions) -> Result<Program, crate::spec::SpecError> {
+pub fn lower_loaded(
+    loaded: &crate::spec::LoadedSpec,
+    options: LowerOptions,
+) -> Result<Program, crate::spec::SpecError> {
     lower(&loaded.spec, options).map_err(|e| {
-        let path = if e.origin.is_empty() { "connector" } else { e.origin.as_str() };
-        loaded.invalid(path, format!("the lowered graph does not fit: {}", e.source), "")
+        let path = if e.origin.is_empty() {
+            "connector"
+        } else {
+            e.origin.as_str()
+        };
+        loaded.invalid(
+            path,
+            format!("the lowered graph does not fit: {}", e.source),
+            "",
+        )
     })
 }

@@ -9,8 +9,12 @@ pub enum Init {
     Ones,
     Constant(f64),
     /// `U(-bound, bound)` (PyTorch's default for linear layers: `1/sqrt(fan_in)`).
-    Uniform { bound: f64 },
-    Normal { std: f64 },
+    Uniform {
+        bound: f64,
+    },
+    Normal {
+        std: f64,
+    },
 }
 
 /// What a parameter is, for weight-decay rules and summaries.
@@ -56,7 +60,14 @@ pub struct ParamTable {
 impl ParamTable {
     /// Adds a parameter unless it exists; a parameter is shared by every graph that
     /// names it, so a second use with another shape is a lowering bug.
-    pub fn register(&mut self, name: &str, shape: &[usize], kind: ParamKind, init: Init, origin: &str) {
+    pub fn register(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        kind: ParamKind,
+        init: Init,
+        origin: &str,
+    ) {
         if let Some(p) = self.params.iter().find(|p| p.name == name) {
             assert_eq!(p.shape, shape, "parameter `{name}` used with two shapes");
             return;
@@ -93,7 +104,11 @@ impl ParamTable {
     }
 
     pub fn trainable_count(&self) -> usize {
-        self.params.iter().filter(|p| p.trainable).map(ParamInfo::numel).sum()
+        self.params
+            .iter()
+            .filter(|p| p.trainable)
+            .map(ParamInfo::numel)
+            .sum()
     }
 
     pub fn total_count(&self) -> usize {

@@ -97,14 +97,15 @@ pub fn evaluate(
     // Bind symbols from every leaf before computing anything, so shape attributes of
     // later ops can be resolved whatever the node order.
     for &id in &order {
-        let (name, source, dtype, shape) = match &graph.node(id).op {
-            Op::Input { name, dtype, shape } => (name, inputs, dtype, shape),
-            Op::Parameter { name, dtype, shape } => (name, params, dtype, shape),
+        let (name, is_input, dtype, shape) = match &graph.node(id).op {
+            Op::Input { name, dtype, shape } => (name, true, dtype, shape),
+            Op::Parameter { name, dtype, shape } => (name, false, dtype, shape),
             _ => continue,
         };
+        let source = if is_input { inputs } else { params };
         let Some(t) = source.get(name) else {
             let (graph, name) = (graph.name.clone(), name.clone());
-            return Err(if std::ptr::eq(source, inputs) {
+            return Err(if is_input {
                 EvalError::MissingInput { graph, name }
             } else {
                 EvalError::MissingParameter { graph, name }
@@ -118,7 +119,11 @@ pub fn evaluate(
         let operands: Vec<&Tensor> = graph
             .operands(id)
             .into_iter()
-            .map(|o| values[o.index()].as_ref().expect("operands come first in topological order"))
+            .map(|o| {
+                values[o.index()]
+                    .as_ref()
+                    .expect("operands come first in topological order")
+            })
             .collect();
         let at = Site {
             index: id.index(),
@@ -133,7 +138,10 @@ pub fn evaluate(
         values[id.index()] = Some(value);
     }
     Ok(Evaluation {
-        values: values.into_iter().map(|v| v.expect("every node evaluated")).collect(),
+        values: values
+            .into_iter()
+            .map(|v| v.expect("every node evaluated"))
+            .collect(),
         symbols,
     })
 }
@@ -192,11 +200,16 @@ impl Site<'_> {
             .iter()
             .map(|d| match d {
                 Dim::Fixed(n) => Ok(*n),
-                Dim::Sym(s) => self.symbols.get(s).copied().ok_or_else(|| EvalError::UnboundSymbol {
-                    index: self.index,
-                    origin: self.origin.to_string(),
-                    symbol: s.clone(),
-                }),
+                Dim::Sym(s) => {
+                    self.symbols
+                        .get(s)
+                        .copied()
+                        .ok_or_else(|| EvalError::UnboundSymbol {
+                            index: self.index,
+                            origin: self.origin.to_string(),
+                            symbol: s.clone(),
+                        })
+                }
             })
             .collect()
     }
@@ -258,7 +271,11 @@ macro_rules! any_map {
 fn eval_op(op: &Op, x: &[&Tensor], at: &Site, ctx: EvalContext) -> Result<Tensor, EvalError> {
     Ok(match op {
         Op::Input { .. } | Op::Parameter { .. } => unreachable!("leaves are bound, not evaluated"),
-        Op::Constant { value, dtype, shape } => {
+        Op::Constant {
+            value,
+            dtype,
+            shape,
+        } => {
             let shape = at.resolve(shape)?;
             let n = shape.iter().product();
             Tensor::from_f64(*dtype, &shape, vec![value.0; n])
@@ -269,12 +286,29 @@ fn eval_op(op: &Op, x: &[&Tensor], at: &Site, ctx: EvalContext) -> Result<Tensor
             for_each_index(&shape, |_, coords| v.push(coords[*axis] as f64));
             Tensor::from_f64(*dtype, &shape, v)
         }
-        Op::Unary(u) => Tensor::new(x[0].shape.clone(), float_map!(x[0], |v| v.iter().map(|&a| unary(*u, a)).collect())),
+        Op::Unary(u) => Tensor::new(
+            x[0].shape.clone(),
+            float_map!(x[0], |v| v.iter().map(|&a| unary(*u, a)).collect()),
+        ),
         Op::Binary(b) => {
             let out = broadcast(&x[0].shape, &x[1].shape);
             let data = match (&x[0].data, &x[1].data) {
-                (Data::F32(a), Data::F32(bv)) => Data::F32(zip_broadcast(a, &x[0].shape, bv, &x[1].shape, &out, |p, q| binary(*b, p, q))),
-                (Data::F64(a), Data::F64(bv)) => Data::F64(zip_broadcast(a, &x[0].shape, bv, &x[1].shape, &out, |p, q| binary(*b, p, q))),
+                (Data::F32(a), Data::F32(bv)) => Data::F32(zip_broadcast(
+                    a,
+                    &x[0].shape,
+                    bv,
+                    &x[1].shape,
+                    &out,
+                    |p, q| binary(*b, p, q),
+                )),
+                (Data::F64(a), Data::F64(bv)) => Data::F64(zip_broadcast(
+                    a,
+                    &x[0].shape,
+                    bv,
+                    &x[1].shape,
+                    &out,
+                    |p, q| binary(*b, p, q),
+                )),
                 _ => unreachable!("type inference admits only matching floats"),
             };
             Tensor::new(out, data)
@@ -282,7 +316,12 @@ fn eval_op(op: &Op, x: &[&Tensor], at: &Site, ctx: EvalContext) -> Result<Tensor
         Op::Compare(cmp) => {
             let out = broadcast(&x[0].shape, &x[1].shape);
             let (a, b) = (x[0].to_f64(), x[1].to_f64());
-            Tensor::bool(&out, zip_broadcast(&a, &x[0].shape, &b, &x[1].shape, &out, |p, q| compare(*cmp, p, q)))
+            Tensor::bool(
+                &out,
+                zip_broadcast(&a, &x[0].shape, &b, &x[1].shape, &out, |p, q| {
+                    compare(*cmp, p, q)
+                }),
+            )
         }
         Op::Where => {
             let out = broadcast(&broadcast(&x[0].shape, &x[1].shape), &x[2].shape);
@@ -290,23 +329,44 @@ fn eval_op(op: &Op, x: &[&Tensor], at: &Site, ctx: EvalContext) -> Result<Tensor
                 unreachable!("type inference admits only bool conditions")
             };
             let cs = broadcast_strides(&x[0].shape, &out);
-            let (as_, bs) = (broadcast_strides(&x[1].shape, &out), broadcast_strides(&x[2].shape, &out));
+            let (as_, bs) = (
+                broadcast_strides(&x[1].shape, &out),
+                broadcast_strides(&x[2].shape, &out),
+            );
             let pick = |i: &[usize]| cond[offset(i, &cs)];
             match (&x[1].data, &x[2].data) {
-                (Data::F32(a), Data::F32(b)) => Tensor::f32(&out, select(&out, pick, a, &as_, b, &bs)),
-                (Data::F64(a), Data::F64(b)) => Tensor::f64(&out, select(&out, pick, a, &as_, b, &bs)),
-                (Data::I32(a), Data::I32(b)) => Tensor::i32(&out, select(&out, pick, a, &as_, b, &bs)),
-                (Data::Bool(a), Data::Bool(b)) => Tensor::bool(&out, select(&out, pick, a, &as_, b, &bs)),
+                (Data::F32(a), Data::F32(b)) => {
+                    Tensor::f32(&out, select(&out, pick, a, &as_, b, &bs))
+                }
+                (Data::F64(a), Data::F64(b)) => {
+                    Tensor::f64(&out, select(&out, pick, a, &as_, b, &bs))
+                }
+                (Data::I32(a), Data::I32(b)) => {
+                    Tensor::i32(&out, select(&out, pick, a, &as_, b, &bs))
+                }
+                (Data::Bool(a), Data::Bool(b)) => {
+                    Tensor::bool(&out, select(&out, pick, a, &as_, b, &bs))
+                }
                 _ => unreachable!("type inference admits only matching branches"),
             }
         }
         Op::Cast { dtype } => match (&x[0].data, dtype) {
-            (Data::F32(v), DType::I32) => Tensor::i32(&x[0].shape, v.iter().map(|&a| a as i32).collect()),
-            (Data::F64(v), DType::I32) => Tensor::i32(&x[0].shape, v.iter().map(|&a| a as i32).collect()),
-            (Data::F32(v), DType::F64) => Tensor::f64(&x[0].shape, v.iter().map(|&a| a as f64).collect()),
+            (Data::F32(v), DType::I32) => {
+                Tensor::i32(&x[0].shape, v.iter().map(|&a| a as i32).collect())
+            }
+            (Data::F64(v), DType::I32) => {
+                Tensor::i32(&x[0].shape, v.iter().map(|&a| a as i32).collect())
+            }
+            (Data::F32(v), DType::F64) => {
+                Tensor::f64(&x[0].shape, v.iter().map(|&a| a as f64).collect())
+            }
             _ => Tensor::from_f64(*dtype, &x[0].shape, x[0].to_f64()),
         },
-        Op::Reduce { op, axes, keep_dims } => {
+        Op::Reduce {
+            op,
+            axes,
+            keep_dims,
+        } => {
             let (data, shape) = match &x[0].data {
                 Data::F32(v) => {
                     let (r, s) = reduce(*op, v, &x[0].shape, axes, *keep_dims);
@@ -320,7 +380,10 @@ fn eval_op(op: &Op, x: &[&Tensor], at: &Site, ctx: EvalContext) -> Result<Tensor
             };
             Tensor::new(shape, data)
         }
-        Op::MatMul { transpose_a, transpose_b } => {
+        Op::MatMul {
+            transpose_a,
+            transpose_b,
+        } => {
             let (a, b) = (x[0], x[1]);
             let (data, shape) = match (&a.data, &b.data) {
                 (Data::F32(av), Data::F32(bv)) => {
@@ -339,24 +402,33 @@ fn eval_op(op: &Op, x: &[&Tensor], at: &Site, ctx: EvalContext) -> Result<Tensor
             let shape: Vec<usize> = perm.iter().map(|&p| x[0].shape[p]).collect();
             let src = strides(&x[0].shape);
             let moved: Vec<usize> = perm.iter().map(|&p| src[p]).collect();
-            Tensor::new(shape.clone(), any_map!(x[0], |v| gather_strided(v, &shape, &moved)))
+            Tensor::new(
+                shape.clone(),
+                any_map!(x[0], |v| gather_strided(v, &shape, &moved)),
+            )
         }
         Op::Reshape { shape } => Tensor::new(at.resolve(shape)?, x[0].data.clone()),
         Op::BroadcastTo { shape } => {
             let shape = at.resolve(shape)?;
             let st = broadcast_strides(&x[0].shape, &shape);
-            Tensor::new(shape.clone(), any_map!(x[0], |v| gather_strided(v, &shape, &st)))
+            Tensor::new(
+                shape.clone(),
+                any_map!(x[0], |v| gather_strided(v, &shape, &st)),
+            )
         }
         Op::Slice { axis, start, end } => {
             let mut shape = x[0].shape.clone();
             shape[*axis] = end - start;
             let st = strides(&x[0].shape);
             let base = start * st[*axis];
-            Tensor::new(shape.clone(), any_map!(x[0], |v| {
-                let mut out = Vec::with_capacity(shape.iter().product());
-                for_each_index(&shape, |_, i| out.push(v[base + offset(i, &st)]));
-                out
-            }))
+            Tensor::new(
+                shape.clone(),
+                any_map!(x[0], |v| {
+                    let mut out = Vec::with_capacity(shape.iter().product());
+                    for_each_index(&shape, |_, i| out.push(v[base + offset(i, &st)]));
+                    out
+                }),
+            )
         }
         Op::Concat { axis } => {
             let mut shape = x[0].shape.clone();
@@ -365,7 +437,9 @@ fn eval_op(op: &Op, x: &[&Tensor], at: &Site, ctx: EvalContext) -> Result<Tensor
         }
         Op::Gather { axis } => {
             let (src, index) = (x[0], x[1]);
-            let idx = index.as_i32().expect("type inference admits only i32 indices");
+            let idx = index
+                .as_i32()
+                .expect("type inference admits only i32 indices");
             let st = strides(&src.shape);
             let size = src.shape[*axis];
             let mut offsets = Vec::with_capacity(idx.len());
@@ -383,12 +457,17 @@ fn eval_op(op: &Op, x: &[&Tensor], at: &Site, ctx: EvalContext) -> Result<Tensor
             if let Some(i) = bad {
                 return Err(at.index_error(i as i64, size));
             }
-            Tensor::new(index.shape.clone(), any_map!(src, |v| offsets.iter().map(|&o| v[o]).collect()))
+            Tensor::new(
+                index.shape.clone(),
+                any_map!(src, |v| offsets.iter().map(|&o| v[o]).collect()),
+            )
         }
         Op::ScatterAdd { axis, shape } => {
             let shape = at.resolve(shape)?;
             let (index, src) = (x[0], x[1]);
-            let idx = index.as_i32().expect("type inference admits only i32 indices");
+            let idx = index
+                .as_i32()
+                .expect("type inference admits only i32 indices");
             let st = strides(&shape);
             let size = shape[*axis];
             let mut targets = Vec::with_capacity(idx.len());
@@ -402,14 +481,17 @@ fn eval_op(op: &Op, x: &[&Tensor], at: &Site, ctx: EvalContext) -> Result<Tensor
                 return Err(at.index_error(idx[pos] as i64, size));
             }
             let n = shape.iter().product();
-            Tensor::new(shape, float_map!(src, |v| {
-                let mut out = vec![num_traits::zero(); n];
-                for (t, &s) in targets.iter().zip(v.iter()) {
-                    let t = t.expect("checked above");
-                    out[t] = out[t] + s;
-                }
-                out
-            }))
+            Tensor::new(
+                shape,
+                float_map!(src, |v| {
+                    let mut out = vec![num_traits::zero(); n];
+                    for (t, &s) in targets.iter().zip(v.iter()) {
+                        let t = t.expect("checked above");
+                        out[t] += s;
+                    }
+                    out
+                }),
+            )
         }
         Op::TopK { k } => {
             let values = x[0].to_f64();
@@ -418,7 +500,11 @@ fn eval_op(op: &Op, x: &[&Tensor], at: &Site, ctx: EvalContext) -> Result<Tensor
             for row in values.chunks(n.max(1)) {
                 let mut order: Vec<usize> = (0..n).collect();
                 // Stable sort: equal values keep ascending index order.
-                order.sort_by(|&i, &j| row[j].partial_cmp(&row[i]).unwrap_or(std::cmp::Ordering::Equal));
+                order.sort_by(|&i, &j| {
+                    row[j]
+                        .partial_cmp(&row[i])
+                        .unwrap_or(std::cmp::Ordering::Equal)
+                });
                 out.extend(order[..*k].iter().map(|&i| i as i32));
             }
             let mut shape = x[0].shape.clone();
@@ -464,7 +550,10 @@ fn zip_broadcast<A: Copy, B: Copy, O>(
     out: &[usize],
     f: impl Fn(A, B) -> O,
 ) -> Vec<O> {
-    let (sa, sb) = (broadcast_strides(a_shape, out), broadcast_strides(b_shape, out));
+    let (sa, sb) = (
+        broadcast_strides(a_shape, out),
+        broadcast_strides(b_shape, out),
+    );
     let mut v = Vec::with_capacity(out.iter().product());
     for_each_index(out, |_, i| v.push(f(a[offset(i, &sa)], b[offset(i, &sb)])));
     v
@@ -479,7 +568,13 @@ fn select<E: Copy>(
     sb: &[usize],
 ) -> Vec<E> {
     let mut v = Vec::with_capacity(out.iter().product());
-    for_each_index(out, |_, i| v.push(if pick(i) { a[offset(i, sa)] } else { b[offset(i, sb)] }));
+    for_each_index(out, |_, i| {
+        v.push(if pick(i) {
+            a[offset(i, sa)]
+        } else {
+            b[offset(i, sb)]
+        })
+    });
     v
 }
 
@@ -531,6 +626,8 @@ pub(crate) fn unary<T: Real>(op: UnaryOp, x: T) -> T {
         UnaryOp::Square => x * x,
         UnaryOp::Tanh => x.tanh(),
         UnaryOp::Sigmoid => one / (one + (-x).exp()),
+        // NaN must propagate (as in PyTorch) so the first bad node can be located.
+        UnaryOp::Relu if x.is_nan() => x,
         UnaryOp::Relu => x.max(T::zero()),
         UnaryOp::Gelu => c::<T>(0.5) * x * (one + (x * c(std::f64::consts::FRAC_1_SQRT_2)).erf()),
         UnaryOp::Silu => x / (one + (-x).exp()),
@@ -543,6 +640,7 @@ pub(crate) fn binary<T: Real>(op: BinaryOp, a: T, b: T) -> T {
         BinaryOp::Sub => a - b,
         BinaryOp::Mul => a * b,
         BinaryOp::Div => a / b,
+        BinaryOp::Max | BinaryOp::Min if a.is_nan() || b.is_nan() => T::nan(),
         BinaryOp::Max => a.max(b),
         BinaryOp::Min => a.min(b),
         BinaryOp::Pow => a.powf(b),
@@ -560,7 +658,13 @@ fn compare(op: CompareOp, a: f64, b: f64) -> bool {
     }
 }
 
-fn reduce<T: Real>(op: ReduceOp, v: &[T], shape: &[usize], axes: &[usize], keep: bool) -> (Vec<T>, Vec<usize>) {
+fn reduce<T: Real>(
+    op: ReduceOp,
+    v: &[T],
+    shape: &[usize],
+    axes: &[usize],
+    keep: bool,
+) -> (Vec<T>, Vec<usize>) {
     let kept_shape: Vec<usize> = shape
         .iter()
         .enumerate()
@@ -579,6 +683,7 @@ fn reduce<T: Real>(op: ReduceOp, v: &[T], shape: &[usize], axes: &[usize], keep:
         let x = v[linear];
         acc[o] = match op {
             ReduceOp::Sum | ReduceOp::Mean => acc[o] + x,
+            ReduceOp::Max | ReduceOp::Min if x.is_nan() || acc[o].is_nan() => T::nan(),
             ReduceOp::Max => acc[o].max(x),
             ReduceOp::Min => acc[o].min(x),
         };
@@ -601,9 +706,20 @@ fn reduce<T: Real>(op: ReduceOp, v: &[T], shape: &[usize], axes: &[usize], keep:
     (acc, out_shape)
 }
 
-fn matmul<T: Real>(a: &[T], a_shape: &[usize], ta: bool, b: &[T], b_shape: &[usize], tb: bool) -> (Vec<T>, Vec<usize>) {
+fn matmul<T: Real>(
+    a: &[T],
+    a_shape: &[usize],
+    ta: bool,
+    b: &[T],
+    b_shape: &[usize],
+    tb: bool,
+) -> (Vec<T>, Vec<usize>) {
     let (ra, rb) = (a_shape.len(), b_shape.len());
-    let (m, k) = if ta { (a_shape[ra - 1], a_shape[ra - 2]) } else { (a_shape[ra - 2], a_shape[ra - 1]) };
+    let (m, k) = if ta {
+        (a_shape[ra - 1], a_shape[ra - 2])
+    } else {
+        (a_shape[ra - 2], a_shape[ra - 1])
+    };
     let n = if tb { b_shape[rb - 2] } else { b_shape[rb - 1] };
     let batch = broadcast(&a_shape[..ra - 2], &b_shape[..rb - 2]);
     // Batch strides in units of whole matrices; a broadcast batch dim has stride 0.
@@ -622,8 +738,16 @@ fn matmul<T: Real>(a: &[T], a_shape: &[usize], ta: bool, b: &[T], b_shape: &[usi
             for j in 0..n {
                 let mut acc = T::zero();
                 for p in 0..k {
-                    let x = if ta { a[ao + p * m + i] } else { a[ao + i * k + p] };
-                    let y = if tb { b[bo + j * k + p] } else { b[bo + p * n + j] };
+                    let x = if ta {
+                        a[ao + p * m + i]
+                    } else {
+                        a[ao + i * k + p]
+                    };
+                    let y = if tb {
+                        b[bo + j * k + p]
+                    } else {
+                        b[bo + p * n + j]
+                    };
                     acc = acc + x * y;
                 }
                 out.push(acc);

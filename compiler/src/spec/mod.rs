@@ -84,7 +84,12 @@ pub struct LoadedSpec {
 
 impl LoadedSpec {
     /// A semantic error at `path`, located in this spec's file.
-    pub fn invalid(&self, path: &str, message: impl Into<String>, hint: impl Into<String>) -> SpecError {
+    pub fn invalid(
+        &self,
+        path: &str,
+        message: impl Into<String>,
+        hint: impl Into<String>,
+    ) -> SpecError {
         SpecError::Invalid(Box::new(Invalid {
             file: self.file.clone(),
             position: self.source_map.locate(path),

@@ -295,7 +295,9 @@ impl LossKind {
 pub enum Temperature {
     Fixed(f64),
     /// A learned scalar, stored as `log(tau)` and started at `init`.
-    Learned { init: f64 },
+    Learned {
+        init: f64,
+    },
 }
 
 /// Which direction each step trains.

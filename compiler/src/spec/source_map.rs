@@ -121,12 +121,21 @@ fn tokenize(src: &str) -> Vec<(Tok<'_>, Position)> {
                 }
                 i += 1;
                 let inner = &src[start + 1..(i - 1).max(start + 1)];
-                out.push((if b == b'"' { Tok::Str(inner) } else { Tok::Atom }, pos));
+                out.push((
+                    if b == b'"' {
+                        Tok::Str(inner)
+                    } else {
+                        Tok::Atom
+                    },
+                    pos,
+                ));
                 continue;
             }
             b'r' if matches!(bytes.get(i + 1), Some(b'"') | Some(b'#')) => {
                 let hashes = bytes[i + 1..].iter().take_while(|&&c| c == b'#').count();
-                let close: Vec<u8> = std::iter::once(b'"').chain(std::iter::repeat_n(b'#', hashes)).collect();
+                let close: Vec<u8> = std::iter::once(b'"')
+                    .chain(std::iter::repeat_n(b'#', hashes))
+                    .collect();
                 i += 2 + hashes;
                 let body = i;
                 while i < bytes.len() && !bytes[i..].starts_with(&close) {
@@ -145,14 +154,24 @@ fn tokenize(src: &str) -> Vec<(Tok<'_>, Position)> {
             b',' => out.push((Tok::Comma, pos)),
             b':' => out.push((Tok::Colon, pos)),
             _ => {
-                let word = |c: u8| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'+' | b'-' | b'#');
+                let word = |c: u8| {
+                    c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'+' | b'-' | b'#')
+                };
                 while i < bytes.len() && (word(bytes[i]) || !bytes[i].is_ascii()) {
                     i += 1;
                 }
                 let text = &src[start..i.max(start + 1)];
                 let first = text.as_bytes()[0];
-                let is_ident = first.is_ascii_alphabetic() || first == b'_' || text.starts_with("r#");
-                out.push((if is_ident && !matches!(text, "inf" | "NaN") { Tok::Ident(text) } else { Tok::Atom }, pos));
+                let is_ident =
+                    first.is_ascii_alphabetic() || first == b'_' || text.starts_with("r#");
+                out.push((
+                    if is_ident && !matches!(text, "inf" | "NaN") {
+                        Tok::Ident(text)
+                    } else {
+                        Tok::Atom
+                    },
+                    pos,
+                ));
                 i = i.max(start + 1);
                 continue;
             }
@@ -284,6 +303,10 @@ mod tests {
         assert_eq!(at("a.c[1].d"), Some((2, 25)));
         assert_eq!(at("m.k"), Some((4, 12)));
         assert_eq!(at("t.1"), Some((5, 12)));
-        assert_eq!(at("a.missing"), Some((2, 6)), "a defaulted field points at its parent");
+        assert_eq!(
+            at("a.missing"),
+            Some((2, 6)),
+            "a defaulted field points at its parent"
+        );
     }
 }

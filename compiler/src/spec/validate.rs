@@ -2,8 +2,8 @@
 //! the offending spec path and what would be valid; the first broken rule is reported.
 
 use super::{
-    Encoder, ExpertPool, GateInput, Layer, LoadedSpec, LossKind, LrSchedule, DecaySchedule,
-    Duration, GradClip, Optimizer, Schedule, Span, SpecError, Temperature,
+    DecaySchedule, Duration, Encoder, ExpertPool, GateInput, GradClip, Layer, LoadedSpec, LossKind,
+    LrSchedule, Optimizer, Schedule, Span, SpecError, Temperature,
 };
 use std::collections::BTreeSet;
 
@@ -23,11 +23,20 @@ pub fn validate(s: &LoadedSpec) -> Check {
     training(s)
 }
 
-fn unique<'a>(s: &LoadedSpec, what: &str, path: &str, names: impl Iterator<Item = &'a str>) -> Check {
+fn unique<'a>(
+    s: &LoadedSpec,
+    what: &str,
+    path: &str,
+    names: impl Iterator<Item = &'a str>,
+) -> Check {
     let mut seen = BTreeSet::new();
     for (i, name) in names.enumerate() {
         if name.trim().is_empty() {
-            return Err(s.invalid(&format!("{path}[{i}].name"), format!("{what} names cannot be empty"), ""));
+            return Err(s.invalid(
+                &format!("{path}[{i}].name"),
+                format!("{what} names cannot be empty"),
+                "",
+            ));
         }
         if !seen.insert(name) {
             return Err(s.invalid(
@@ -42,23 +51,44 @@ fn unique<'a>(s: &LoadedSpec, what: &str, path: &str, names: impl Iterator<Item 
 
 fn positive(s: &LoadedSpec, path: &str, value: usize, what: &str) -> Check {
     if value == 0 {
-        return Err(s.invalid(path, format!("{what} must be at least 1"), "a positive whole number"));
+        return Err(s.invalid(
+            path,
+            format!("{what} must be at least 1"),
+            "a positive whole number",
+        ));
     }
     Ok(())
 }
 
 fn positive_real(s: &LoadedSpec, path: &str, value: f64, what: &str) -> Check {
     if !(value.is_finite() && value > 0.0) {
-        return Err(s.invalid(path, format!("{what} is {value}"), "a finite number above 0"));
+        return Err(s.invalid(
+            path,
+            format!("{what} is {value}"),
+            "a finite number above 0",
+        ));
     }
     Ok(())
 }
 
 fn in_unit(s: &LoadedSpec, path: &str, value: f64, what: &str, upper_inclusive: bool) -> Check {
-    let ok = value >= 0.0 && if upper_inclusive { value <= 1.0 } else { value < 1.0 };
+    let ok = value >= 0.0
+        && if upper_inclusive {
+            value <= 1.0
+        } else {
+            value < 1.0
+        };
     if !ok {
-        let range = if upper_inclusive { "0 to 1" } else { "at least 0 and below 1" };
-        return Err(s.invalid(path, format!("{what} is {value}"), format!("a number from {range}")));
+        let range = if upper_inclusive {
+            "0 to 1"
+        } else {
+            "at least 0 and below 1"
+        };
+        return Err(s.invalid(
+            path,
+            format!("{what} is {value}"),
+            format!("a number from {range}"),
+        ));
     }
     Ok(())
 }
@@ -75,17 +105,41 @@ fn names(list: impl Iterator<Item = String>) -> String {
 fn modalities(s: &LoadedSpec) -> Check {
     let spec = &s.spec;
     if spec.modalities.is_empty() {
-        return Err(s.invalid("modalities", "no modalities are declared", "declare at least two"));
+        return Err(s.invalid(
+            "modalities",
+            "no modalities are declared",
+            "declare at least two",
+        ));
     }
-    unique(s, "modality", "modalities", spec.modalities.iter().map(|m| m.name.as_str()))?;
+    unique(
+        s,
+        "modality",
+        "modalities",
+        spec.modalities.iter().map(|m| m.name.as_str()),
+    )?;
     for (i, m) in spec.modalities.iter().enumerate() {
         let path = format!("modalities[{i}]");
         positive(s, &format!("{path}.width"), m.width, "the width")?;
-        positive(s, &format!("{path}.tokens"), m.tokens.count(), "the token count")?;
-        let Encoder::Graph { input_width, layers, .. } = &m.encoder else {
+        positive(
+            s,
+            &format!("{path}.tokens"),
+            m.tokens.count(),
+            "the token count",
+        )?;
+        let Encoder::Graph {
+            input_width,
+            layers,
+            ..
+        } = &m.encoder
+        else {
             continue;
         };
-        positive(s, &format!("{path}.encoder.input_width"), *input_width, "the input width")?;
+        positive(
+            s,
+            &format!("{path}.encoder.input_width"),
+            *input_width,
+            "the input width",
+        )?;
         let mut width = *input_width;
         for (li, layer) in layers.iter().enumerate() {
             let lpath = format!("{path}.encoder.layers[{li}]");
@@ -94,7 +148,12 @@ fn modalities(s: &LoadedSpec) -> Check {
                     positive(s, &format!("{lpath}.width"), *w, "the width")?;
                     width = *w;
                 }
-                Layer::Mlp { hidden, width: w, residual, .. } => {
+                Layer::Mlp {
+                    hidden,
+                    width: w,
+                    residual,
+                    ..
+                } => {
                     positive(s, &format!("{lpath}.hidden"), *hidden, "the hidden width")?;
                     positive(s, &format!("{lpath}.width"), *w, "the width")?;
                     if *residual && *w != width {
@@ -110,7 +169,10 @@ fn modalities(s: &LoadedSpec) -> Check {
                 Layer::SelfAttention { heads } => {
                     positive(s, &format!("{lpath}.heads"), *heads, "the head count")?;
                     if width % heads != 0 {
-                        let divisors: Vec<String> = (1..=width).filter(|d| width % d == 0).map(|d| d.to_string()).collect();
+                        let divisors: Vec<String> = (1..=width)
+                            .filter(|d| width % d == 0)
+                            .map(|d| d.to_string())
+                            .collect();
                         return Err(s.invalid(
                             &format!("{lpath}.heads"),
                             format!("{heads} heads do not divide the width {width}"),
@@ -124,8 +186,14 @@ fn modalities(s: &LoadedSpec) -> Check {
         if width != m.width {
             return Err(s.invalid(
                 &format!("{path}.encoder.layers"),
-                format!("the encoder produces width {width}, but modality `{}` declares width {}", m.name, m.width),
-                format!("end the layers at width {}, or declare width: {width}", m.width),
+                format!(
+                    "the encoder produces width {width}, but modality `{}` declares width {}",
+                    m.name, m.width
+                ),
+                format!(
+                    "end the layers at width {}, or declare width: {width}",
+                    m.width
+                ),
             ));
         }
     }
@@ -135,10 +203,31 @@ fn modalities(s: &LoadedSpec) -> Check {
 fn connector(s: &LoadedSpec) -> Check {
     let c = &s.spec.connector;
     positive(s, "connector.hidden", c.hidden, "the hidden width")?;
-    positive(s, "connector.experts.count", c.experts.count, "the expert count")?;
-    positive(s, "connector.experts.hidden", c.experts.hidden, "the expert hidden width")?;
-    in_unit(s, "connector.experts.dropout", c.experts.dropout, "the dropout rate", false)?;
-    positive(s, "connector.target_projection.width", c.target_projection.width, "the width")?;
+    positive(
+        s,
+        "connector.experts.count",
+        c.experts.count,
+        "the expert count",
+    )?;
+    positive(
+        s,
+        "connector.experts.hidden",
+        c.experts.hidden,
+        "the expert hidden width",
+    )?;
+    in_unit(
+        s,
+        "connector.experts.dropout",
+        c.experts.dropout,
+        "the dropout rate",
+        false,
+    )?;
+    positive(
+        s,
+        "connector.target_projection.width",
+        c.target_projection.width,
+        "the width",
+    )?;
     let experts = c.experts.count;
     let per = match c.experts.pool {
         ExpertPool::Shared => "",
@@ -147,51 +236,99 @@ fn connector(s: &LoadedSpec) -> Check {
     if c.router.top_k == 0 || c.router.top_k > experts {
         return Err(s.invalid(
             "connector.router.top_k",
-            format!("top_k = {} but the router chooses among {experts} experts{per}", c.router.top_k),
+            format!(
+                "top_k = {} but the router chooses among {experts} experts{per}",
+                c.router.top_k
+            ),
             format!("valid: 1 to {experts}"),
         ));
     }
     if let GateInput::HiddenWithModality { width } = c.router.gate_input {
-        positive(s, "connector.router.gate_input.width", width, "the modality embedding width")?;
+        positive(
+            s,
+            "connector.router.gate_input.width",
+            width,
+            "the modality embedding width",
+        )?;
     }
     if c.branches.is_empty() {
-        return Err(s.invalid("connector.branches", "no branches are declared", "declare one branch per loss output"));
+        return Err(s.invalid(
+            "connector.branches",
+            "no branches are declared",
+            "declare one branch per loss output",
+        ));
     }
-    unique(s, "branch", "connector.branches", c.branches.iter().map(|b| b.name.as_str()))
+    unique(
+        s,
+        "branch",
+        "connector.branches",
+        c.branches.iter().map(|b| b.name.as_str()),
+    )
 }
 
 fn losses(s: &LoadedSpec) -> Check {
     let spec = &s.spec;
     if spec.losses.is_empty() {
-        return Err(s.invalid("losses", "no losses are declared", "declare at least one loss"));
+        return Err(s.invalid(
+            "losses",
+            "no losses are declared",
+            "declare at least one loss",
+        ));
     }
-    unique(s, "loss", "losses", spec.losses.iter().map(|l| l.name.as_str()))?;
+    unique(
+        s,
+        "loss",
+        "losses",
+        spec.losses.iter().map(|l| l.name.as_str()),
+    )?;
     let branches = || spec.connector.branches.iter().map(|b| b.name.clone());
     for (i, loss) in spec.losses.iter().enumerate() {
         let path = format!("losses[{i}]");
-        if !spec.connector.branches.iter().any(|b| b.name == loss.output) {
+        if !spec
+            .connector
+            .branches
+            .iter()
+            .any(|b| b.name == loss.output)
+        {
             return Err(s.invalid(
                 &format!("{path}.output"),
-                format!("loss `{}` reads output `{}`, which no branch produces", loss.name, loss.output),
+                format!(
+                    "loss `{}` reads output `{}`, which no branch produces",
+                    loss.name, loss.output
+                ),
                 names(branches()),
             ));
         }
         if !(loss.weight.is_finite() && loss.weight >= 0.0) {
-            return Err(s.invalid(&format!("{path}.weight"), format!("the weight is {}", loss.weight), "a finite number, 0 or more"));
+            return Err(s.invalid(
+                &format!("{path}.weight"),
+                format!("the weight is {}", loss.weight),
+                "a finite number, 0 or more",
+            ));
         }
         match &loss.kind {
-            LossKind::SmoothL1 { beta } => positive_real(s, &format!("{path}.kind.beta"), *beta, "beta")?,
-            LossKind::SquaredL2 => {}
-            LossKind::InfoNce { temperature: Temperature::Fixed(t) | Temperature::Learned { init: t } } => {
-                positive_real(s, &format!("{path}.kind.temperature"), *t, "the temperature")?
+            LossKind::SmoothL1 { beta } => {
+                positive_real(s, &format!("{path}.kind.beta"), *beta, "beta")?
             }
+            LossKind::SquaredL2 => {}
+            LossKind::InfoNce {
+                temperature: Temperature::Fixed(t) | Temperature::Learned { init: t },
+            } => positive_real(
+                s,
+                &format!("{path}.kind.temperature"),
+                *t,
+                "the temperature",
+            )?,
         }
     }
     for (i, b) in spec.connector.branches.iter().enumerate() {
         if !spec.losses.iter().any(|l| l.output == b.name) {
             return Err(s.invalid(
                 &format!("connector.branches[{i}].name"),
-                format!("branch `{}` feeds no loss, so nothing would train it", b.name),
+                format!(
+                    "branch `{}` feeds no loss, so nothing would train it",
+                    b.name
+                ),
                 "name it as some loss's `output`, or remove it",
             ));
         }
@@ -202,9 +339,18 @@ fn losses(s: &LoadedSpec) -> Check {
 fn directions(s: &LoadedSpec) -> Check {
     let spec = &s.spec;
     if spec.directions.is_empty() {
-        return Err(s.invalid("directions", "no directions are declared", "declare at least one `source -> target` direction"));
+        return Err(s.invalid(
+            "directions",
+            "no directions are declared",
+            "declare at least one `source -> target` direction",
+        ));
     }
-    unique(s, "direction", "directions", spec.directions.iter().map(|d| d.name.as_str()))?;
+    unique(
+        s,
+        "direction",
+        "directions",
+        spec.directions.iter().map(|d| d.name.as_str()),
+    )?;
     let modality_names = || spec.modalities.iter().map(|m| m.name.clone());
     for (i, d) in spec.directions.iter().enumerate() {
         let path = format!("directions[{i}]");
@@ -218,12 +364,30 @@ fn directions(s: &LoadedSpec) -> Check {
             }
         }
         if d.source == d.target {
-            return Err(s.invalid(&format!("{path}.target"), format!("direction `{}` maps `{}` onto itself", d.name, d.source), "a different modality"));
+            return Err(s.invalid(
+                &format!("{path}.target"),
+                format!("direction `{}` maps `{}` onto itself", d.name, d.source),
+                "a different modality",
+            ));
         }
-        if let Some(other) = spec.directions[..i].iter().find(|o| o.source == d.source && o.target == d.target) {
-            return Err(s.invalid(&format!("{path}.target"), format!("`{} -> {}` is already direction `{}`", d.source, d.target, other.name), "each source/target pair once"));
+        if let Some(other) = spec.directions[..i]
+            .iter()
+            .find(|o| o.source == d.source && o.target == d.target)
+        {
+            return Err(s.invalid(
+                &format!("{path}.target"),
+                format!(
+                    "`{} -> {}` is already direction `{}`",
+                    d.source, d.target, other.name
+                ),
+                "each source/target pair once",
+            ));
         }
-        let target = spec.modalities.iter().find(|m| m.name == d.target).expect("checked above");
+        let target = spec
+            .modalities
+            .iter()
+            .find(|m| m.name == d.target)
+            .expect("checked above");
         for key in d.heads.keys() {
             if !spec.connector.branches.iter().any(|b| &b.name == key) {
                 return Err(s.invalid(
@@ -237,21 +401,39 @@ fn directions(s: &LoadedSpec) -> Check {
             let Some(&width) = d.heads.get(&branch.name) else {
                 return Err(s.invalid(
                     &format!("{path}.heads"),
-                    format!("direction `{}` has no head for branch `{}`", d.name, branch.name),
+                    format!(
+                        "direction `{}` has no head for branch `{}`",
+                        d.name, branch.name
+                    ),
                     format!("add \"{}\": <width>", branch.name),
                 ));
             };
             for loss in spec.losses.iter().filter(|l| l.output == branch.name) {
                 let (wanted, why) = if loss.kind.is_regression() {
-                    (target.width, format!("loss `{}` regresses it onto modality `{}` of width {}", loss.name, target.name, target.width))
+                    (
+                        target.width,
+                        format!(
+                            "loss `{}` regresses it onto modality `{}` of width {}",
+                            loss.name, target.name, target.width
+                        ),
+                    )
                 } else {
                     let w = spec.connector.target_projection.width;
-                    (w, format!("loss `{}` compares it with the target projection of width {w}", loss.name))
+                    (
+                        w,
+                        format!(
+                            "loss `{}` compares it with the target projection of width {w}",
+                            loss.name
+                        ),
+                    )
                 };
                 if width != wanted {
                     return Err(s.invalid(
                         &format!("{path}.heads.{}", branch.name),
-                        format!("head `{}` of direction `{}` produces width {width}, but {why}", branch.name, d.name),
+                        format!(
+                            "head `{}` of direction `{}` produces width {width}, but {why}",
+                            branch.name, d.name
+                        ),
                         format!("valid: {wanted}"),
                     ));
                 }
@@ -264,7 +446,12 @@ fn directions(s: &LoadedSpec) -> Check {
 fn schedule(s: &LoadedSpec) -> Check {
     let n = s.spec.directions.len();
     match &s.spec.schedule {
-        Schedule::Alternate { steps_per_task } => positive(s, "schedule.steps_per_task", *steps_per_task, "steps_per_task"),
+        Schedule::Alternate { steps_per_task } => positive(
+            s,
+            "schedule.steps_per_task",
+            *steps_per_task,
+            "steps_per_task",
+        ),
         Schedule::Joint => Ok(()),
         Schedule::Sample { probabilities } => {
             if probabilities.len() != n {
@@ -275,11 +462,21 @@ fn schedule(s: &LoadedSpec) -> Check {
                 ));
             }
             for (i, p) in probabilities.iter().enumerate() {
-                in_unit(s, &format!("schedule.probabilities[{i}]"), *p, "the probability", true)?;
+                in_unit(
+                    s,
+                    &format!("schedule.probabilities[{i}]"),
+                    *p,
+                    "the probability",
+                    true,
+                )?;
             }
             let sum: f64 = probabilities.iter().sum();
             if (sum - 1.0).abs() > 1e-6 {
-                return Err(s.invalid("schedule.probabilities", format!("the probabilities sum to {sum}"), "probabilities that sum to 1"));
+                return Err(s.invalid(
+                    "schedule.probabilities",
+                    format!("the probabilities sum to {sum}"),
+                    "probabilities that sum to 1",
+                ));
             }
             Ok(())
         }
@@ -287,7 +484,14 @@ fn schedule(s: &LoadedSpec) -> Check {
 }
 
 fn optimizer(s: &LoadedSpec) -> Check {
-    let Optimizer::AdamW { betas, eps, lr, weight_decay, clip, .. } = &s.spec.optimizer;
+    let Optimizer::AdamW {
+        betas,
+        eps,
+        lr,
+        weight_decay,
+        clip,
+        ..
+    } = &s.spec.optimizer;
     in_unit(s, "optimizer.betas.0", betas.0, "beta1", false)?;
     in_unit(s, "optimizer.betas.1", betas.1, "beta2", false)?;
     positive_real(s, "optimizer.eps", *eps, "eps")?;
@@ -295,19 +499,30 @@ fn optimizer(s: &LoadedSpec) -> Check {
         if v.is_finite() && v >= 0.0 {
             Ok(())
         } else {
-            Err(s.invalid(path, format!("the value is {v}"), "a finite number, 0 or more"))
+            Err(s.invalid(
+                path,
+                format!("the value is {v}"),
+                "a finite number, 0 or more",
+            ))
         }
     };
     match lr {
         LrSchedule::Constant(v) => positive_real(s, "optimizer.lr", *v, "the learning rate")?,
-        LrSchedule::WarmupCosine { start, peak, end, warmup } => {
+        LrSchedule::WarmupCosine {
+            start,
+            peak,
+            end,
+            warmup,
+        } => {
             non_negative("optimizer.lr.start", *start)?;
             positive_real(s, "optimizer.lr.peak", *peak, "the peak learning rate")?;
             non_negative("optimizer.lr.final", *end)?;
             match warmup {
                 Span::Steps(_) => {}
                 Span::Epochs(e) => non_negative("optimizer.lr.warmup", *e)?,
-                Span::Fraction(f) => in_unit(s, "optimizer.lr.warmup", *f, "the warm-up fraction", true)?,
+                Span::Fraction(f) => {
+                    in_unit(s, "optimizer.lr.warmup", *f, "the warm-up fraction", true)?
+                }
             }
         }
     }
@@ -329,12 +544,17 @@ fn training(s: &LoadedSpec) -> Check {
     if t.batch_size < 2 && s.spec.losses.iter().any(|l| !l.kind.is_regression()) {
         return Err(s.invalid(
             "training.batch_size",
-            format!("batch_size = {}, but a contrastive loss needs in-batch negatives", t.batch_size),
+            format!(
+                "batch_size = {}, but a contrastive loss needs in-batch negatives",
+                t.batch_size
+            ),
             "valid: 2 or more",
         ));
     }
     positive(s, "training.batch_size", t.batch_size, "the batch size")?;
     match t.duration {
-        Duration::Steps(n) | Duration::Epochs(n) => positive(s, "training.duration", n, "the duration"),
+        Duration::Steps(n) | Duration::Epochs(n) => {
+            positive(s, "training.duration", n, "the duration")
+        }
     }
 }
