@@ -7,9 +7,11 @@
 //! It never talks to a device: kernels and the runtime live in their own crates.
 
 pub mod artifact;
+pub mod autodiff;
 pub mod ir;
 pub mod lower;
 pub mod reference;
 pub mod rng;
 pub mod spec;
 pub mod summary;
+pub mod train;

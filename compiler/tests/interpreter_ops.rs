@@ -194,6 +194,13 @@ fn unary_transcendental_ops() {
         ],
         false,
     );
+    // erf(0) = 0, erf(1) = 0.8427007929497149 (A&S table 7.1), erf is odd.
+    check_unary(
+        UnaryOp::Erf,
+        &[0.0, 1.0, -1.0],
+        &[0.0, 0.8427007929497149, -0.8427007929497149],
+        false,
+    );
     // silu(x) = x * sigmoid(x): silu(1) = sigmoid(1), silu(-1) = -sigmoid(-1)
     check_unary(
         UnaryOp::Silu,

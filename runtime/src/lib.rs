@@ -1,7 +1,41 @@
-//! altc's runtime: device selection (`cuda` | `wgpu` | the reference interpreter),
-//! buffers allocated from a compiled plan, launching the kernels of each schedule
-//! task, data loading, checkpoints, metrics and retrieval.
+//! altc's runtime: executing compiled programs. It owns paired datasets (loading,
+//! batching, the planted generator), the training loop over the schedule's tasks,
+//! checkpoints, and retrieval metrics.
 //!
-//! It reads compiled artifacts (`altc_compiler::artifact`) and never parses RON specs.
-//! Device execution arrives with the runtime issue; today the reference interpreter in
-//! `altc_compiler::reference` is the only backend.
+//! It reads lowered programs and training graphs from `altc_compiler` and never parses
+//! RON specs. The reference interpreter is the backend today; cubecl devices (wgpu,
+//! CUDA), and the kernels they launch from `altc_kernels`, arrive with the runtime
+//! issue.
+
+pub mod checkpoint;
+pub mod data;
+pub mod retrieval;
+pub mod synth;
+pub mod training;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// Writes `bytes` to a temporary file beside `path`, syncs it, and renames it over
+/// `path`, so readers see the old file or the new one, never a torn one.
+pub fn atomic_write(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let result = (|| {
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}

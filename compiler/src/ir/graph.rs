@@ -199,6 +199,40 @@ impl Graph {
         Ok(())
     }
 
+    /// Copies every node of `other` into this graph, sharing leaves: an `Input` or
+    /// `Parameter` whose name already exists here is reused rather than duplicated.
+    /// Returns where each node of `other` landed.
+    pub fn absorb(&mut self, other: &Graph) -> Result<Vec<NodeId>, GraphError> {
+        let mut leaves: std::collections::HashMap<(bool, String), NodeId> = self
+            .inputs()
+            .map(|(n, id)| ((true, n.to_string()), id))
+            .chain(
+                self.parameters()
+                    .map(|(n, id)| ((false, n.to_string()), id)),
+            )
+            .collect();
+        let mut map = vec![NodeId::end(); other.len()];
+        for id in other.topo_order()? {
+            let node = other.node(id);
+            let leaf = match &node.op {
+                Op::Input { name, .. } => Some((true, name.clone())),
+                Op::Parameter { name, .. } => Some((false, name.clone())),
+                _ => None,
+            };
+            if let Some(&existing) = leaf.as_ref().and_then(|k| leaves.get(k)) {
+                map[id.index()] = existing;
+                continue;
+            }
+            let operands: Vec<NodeId> = other.operands(id).iter().map(|o| map[o.index()]).collect();
+            let new = self.push(node.op.clone(), &operands, node.origin.clone())?;
+            if let Some(key) = leaf {
+                leaves.insert(key, new);
+            }
+            map[id.index()] = new;
+        }
+        Ok(map)
+    }
+
     /// The underlying petgraph, for analyses and Graphviz.
     pub fn dag(&self) -> &DiGraph<Node, u32> {
         &self.dag

@@ -35,6 +35,8 @@ pub enum UnaryOp {
     Tanh,
     Sigmoid,
     Relu,
+    /// The error function (GELU's derivative needs it).
+    Erf,
     /// Exact GELU, `x * Phi(x)` with the normal CDF through `erf` (PyTorch's default).
     Gelu,
     /// `x * sigmoid(x)`.

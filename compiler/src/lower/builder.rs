@@ -78,6 +78,10 @@ impl<'p> Builder<'p> {
         init: Init,
     ) -> Result<NodeId> {
         self.params.register(name, shape, kind, init, &self.origin);
+        // One node per parameter however often it is used.
+        if let Some((_, id)) = self.graph.parameters().find(|(n, _)| *n == name) {
+            return Ok(id);
+        }
         let dtype = self.dtype;
         let shape = shape.iter().copied().collect();
         self.push(

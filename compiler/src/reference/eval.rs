@@ -625,6 +625,7 @@ pub(crate) fn unary<T: Real>(op: UnaryOp, x: T) -> T {
         UnaryOp::Recip => one / x,
         UnaryOp::Square => x * x,
         UnaryOp::Tanh => x.tanh(),
+        UnaryOp::Erf => x.erf(),
         UnaryOp::Sigmoid => one / (one + (-x).exp()),
         // NaN must propagate (as in PyTorch) so the first bad node can be located.
         UnaryOp::Relu if x.is_nan() => x,

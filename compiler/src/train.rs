@@ -1,0 +1,396 @@
+//! Training graphs: for each schedule task, one IR graph that computes the forward
+//! pass, the task's losses, the gradients (by `autodiff`), global-norm clipping and the
+//! AdamW update of every parameter the task touches. The optimizer is IR so later
+//! stages rewrite and fuse it like the rest; the runtime only feeds batches and the
+//! scheduled scalars, and swaps the updated tensors in.
+//!
+//! AdamW follows PyTorch exactly, including its per-parameter step counters: a
+//! parameter that a task does not touch is not in that task's graph, so neither it nor
+//! its moments nor its step change (as when its `.grad` is `None` in PyTorch).
+
+use crate::autodiff::append_gradients;
+use crate::ir::{BinaryOp, DType, Graph, GraphError, NodeId, Op, ReduceOp, Scalar, Shape, UnaryOp};
+use crate::lower::{ParamInfo, Program};
+use crate::spec::{DecaySchedule, GradClip, LrSchedule, Optimizer, Schedule, Span};
+use serde::{Deserialize, Serialize};
+
+/// Graph inputs the runtime feeds besides the batch: scalars of the graph's dtype.
+pub const LR_INPUT: &str = "optimizer.lr";
+pub const WEIGHT_DECAY_INPUT: &str = "optimizer.weight_decay";
+
+/// Optimizer state names of parameter `p`.
+pub fn first_moment(p: &str) -> String {
+    format!("adamw.m.{p}")
+}
+pub fn second_moment(p: &str) -> String {
+    format!("adamw.v.{p}")
+}
+pub fn step_count(p: &str) -> String {
+    format!("adamw.step.{p}")
+}
+/// The output carrying a parameter's raw (unclipped) gradient.
+pub fn gradient(p: &str) -> String {
+    format!("grad.{p}")
+}
+/// The output carrying the new value of a parameter or state tensor `name`.
+pub fn updated(name: &str) -> String {
+    format!("new.{name}")
+}
+
+/// One schedule task's training graph.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TrainingTask {
+    /// `image_to_text`, or `joint` for a joint schedule.
+    pub name: String,
+    /// The directions whose losses this task sums.
+    pub directions: Vec<String>,
+    /// Parameters this task updates.
+    pub updates: Vec<String>,
+    pub graph: Graph,
+}
+
+/// The training graphs of `program`, one per schedule task, in the schedule's order.
+pub fn training_tasks(program: &Program) -> Result<Vec<TrainingTask>, GraphError> {
+    let groups: Vec<(String, Vec<String>)> = match program.schedule {
+        Schedule::Joint => vec![(
+            "joint".into(),
+            program.directions.iter().map(|d| d.name.clone()).collect(),
+        )],
+        _ => program
+            .directions
+            .iter()
+            .map(|d| (d.name.clone(), vec![d.name.clone()]))
+            .collect(),
+    };
+    groups
+        .into_iter()
+        .map(|(name, directions)| build_task(program, &name, &directions))
+        .collect()
+}
+
+fn build_task(
+    program: &Program,
+    name: &str,
+    directions: &[String],
+) -> Result<TrainingTask, GraphError> {
+    let mut graph = Graph::new(format!("{name}.train"));
+    let mut total: Option<NodeId> = None;
+    let joint = directions.len() > 1;
+    for dir in directions {
+        let info = program
+            .directions
+            .iter()
+            .find(|d| &d.name == dir)
+            .expect("task directions exist");
+        let loss_graph = program
+            .graph(&info.loss_graph)
+            .expect("every direction has a loss graph");
+        let map = graph.absorb(loss_graph)?;
+        for (out, id) in loss_graph.outputs() {
+            let label = if joint {
+                format!("{dir}.{out}")
+            } else {
+                out.clone()
+            };
+            graph.set_output(label, map[id.index()])?;
+        }
+        let loss = map[loss_graph
+            .output("loss")
+            .expect("loss graphs output `loss`")
+            .index()];
+        total = Some(match total {
+            None => loss,
+            Some(t) => graph.push(Op::Binary(BinaryOp::Add), &[t, loss], "schedule")?,
+        });
+    }
+    let total = total.expect("a task has at least one direction");
+    if joint {
+        graph.set_output("loss", total)?;
+    }
+    let trainable: Vec<(&ParamInfo, NodeId)> = graph
+        .parameters()
+        .filter_map(|(n, id)| {
+            program
+                .params
+                .get(n)
+                .filter(|p| p.trainable)
+                .map(|p| (p, id))
+        })
+        .collect();
+    let wrt: Vec<NodeId> = trainable.iter().map(|(_, id)| *id).collect();
+    let grads = append_gradients(&mut graph, total, &wrt)?;
+    let with_grads: Vec<(&ParamInfo, NodeId, NodeId)> = trainable
+        .iter()
+        .zip(grads)
+        .filter_map(|((p, id), g)| g.map(|g| (*p, *id, g)))
+        .collect();
+    for (p, _, g) in &with_grads {
+        graph.set_output(gradient(&p.name), *g)?;
+    }
+    let mut opt = OptimizerBuilder {
+        graph: &mut graph,
+        dtype: program.dtype,
+    };
+    let grads = opt.clip(&program.optimizer, &with_grads)?;
+    let mut updates = Vec::new();
+    for ((p, id, _), g) in with_grads.iter().zip(grads) {
+        opt.adamw(&program.optimizer, p, *id, g)?;
+        updates.push(p.name.clone());
+    }
+    Ok(TrainingTask {
+        name: name.to_string(),
+        directions: directions.to_vec(),
+        updates,
+        graph,
+    })
+}
+
+struct OptimizerBuilder<'g> {
+    graph: &'g mut Graph,
+    dtype: DType,
+}
+
+impl OptimizerBuilder<'_> {
+    fn push(&mut self, op: Op, operands: &[NodeId], origin: &str) -> Result<NodeId, GraphError> {
+        self.graph.push(op, operands, origin)
+    }
+
+    fn scalar(&mut self, v: f64, origin: &str) -> Result<NodeId, GraphError> {
+        let dtype = self.dtype;
+        self.push(
+            Op::Constant {
+                value: Scalar(v),
+                dtype,
+                shape: Shape::scalar(),
+            },
+            &[],
+            origin,
+        )
+    }
+
+    fn bin(
+        &mut self,
+        op: BinaryOp,
+        a: NodeId,
+        b: NodeId,
+        origin: &str,
+    ) -> Result<NodeId, GraphError> {
+        self.push(Op::Binary(op), &[a, b], origin)
+    }
+
+    fn scalar_input(&mut self, name: &str) -> Result<NodeId, GraphError> {
+        if let Some((_, id)) = self.graph.inputs().find(|(n, _)| *n == name) {
+            return Ok(id);
+        }
+        let dtype = self.dtype;
+        self.push(
+            Op::Input {
+                name: name.into(),
+                dtype,
+                shape: Shape::scalar(),
+            },
+            &[],
+            "optimizer",
+        )
+    }
+
+    fn state(&mut self, name: &str, shape: &[usize]) -> Result<NodeId, GraphError> {
+        let dtype = self.dtype;
+        let shape = shape.iter().copied().collect();
+        self.push(
+            Op::Parameter {
+                name: name.into(),
+                dtype,
+                shape,
+            },
+            &[],
+            "optimizer",
+        )
+    }
+
+    /// Scales every gradient by `min(1, c / (||g|| + 1e-6))`, `||g||` the global norm
+    /// over all of them (PyTorch's `clip_grad_norm_`); outputs `grad_norm`.
+    fn clip(
+        &mut self,
+        optimizer: &Optimizer,
+        grads: &[(&ParamInfo, NodeId, NodeId)],
+    ) -> Result<Vec<NodeId>, GraphError> {
+        let Optimizer::AdamW { clip, .. } = optimizer;
+        let origin = "optimizer.clip";
+        let mut total: Option<NodeId> = None;
+        for (_, _, g) in grads {
+            let rank = self.graph.node(*g).ty.shape.rank();
+            let sq = self.push(Op::Unary(UnaryOp::Square), &[*g], origin)?;
+            let sum = self.push(
+                Op::Reduce {
+                    op: ReduceOp::Sum,
+                    axes: (0..rank).collect(),
+                    keep_dims: false,
+                },
+                &[sq],
+                origin,
+            )?;
+            total = Some(match total {
+                None => sum,
+                Some(t) => self.bin(BinaryOp::Add, t, sum, origin)?,
+            });
+        }
+        let Some(total) = total else {
+            return Ok(vec![]);
+        };
+        let norm = self.push(Op::Unary(UnaryOp::Sqrt), &[total], origin)?;
+        self.graph.set_output("grad_norm", norm)?;
+        let GradClip::GlobalNorm(max_norm) = clip else {
+            return Ok(grads.iter().map(|(_, _, g)| *g).collect());
+        };
+        let eps = self.scalar(1e-6, origin)?;
+        let denom = self.bin(BinaryOp::Add, norm, eps, origin)?;
+        let max_norm = self.scalar(*max_norm, origin)?;
+        let coef = self.bin(BinaryOp::Div, max_norm, denom, origin)?;
+        let one = self.scalar(1.0, origin)?;
+        let coef = self.bin(BinaryOp::Min, coef, one, origin)?;
+        grads
+            .iter()
+            .map(|(_, _, g)| self.bin(BinaryOp::Mul, *g, coef, origin))
+            .collect()
+    }
+
+    /// PyTorch's AdamW step for one parameter: decoupled decay, then the bias-corrected
+    /// Adam update `p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps)`.
+    fn adamw(
+        &mut self,
+        optimizer: &Optimizer,
+        p: &ParamInfo,
+        param: NodeId,
+        g: NodeId,
+    ) -> Result<(), GraphError> {
+        let Optimizer::AdamW {
+            betas: (b1, b2),
+            eps,
+            ..
+        } = optimizer;
+        let origin = format!("optimizer (AdamW on {})", p.name);
+        let o = origin.as_str();
+        let lr = self.scalar_input(LR_INPUT)?;
+        let m = self.state(&first_moment(&p.name), &p.shape)?;
+        let v = self.state(&second_moment(&p.name), &p.shape)?;
+        let step = self.state(&step_count(&p.name), &[])?;
+        let one = self.scalar(1.0, o)?;
+        let t = self.bin(BinaryOp::Add, step, one, o)?;
+        // Decoupled weight decay: p *= 1 - lr * wd.
+        let decayed = if p.decay {
+            let wd = self.scalar_input(WEIGHT_DECAY_INPUT)?;
+            let lr_wd = self.bin(BinaryOp::Mul, lr, wd, o)?;
+            let keep = self.bin(BinaryOp::Sub, one, lr_wd, o)?;
+            self.bin(BinaryOp::Mul, param, keep, o)?
+        } else {
+            param
+        };
+        let moment =
+            |s: &mut Self, state: NodeId, value: NodeId, beta: f64| -> Result<NodeId, GraphError> {
+                let b = s.scalar(beta, o)?;
+                let rest = s.scalar(1.0 - beta, o)?;
+                let kept = s.bin(BinaryOp::Mul, state, b, o)?;
+                let new = s.bin(BinaryOp::Mul, value, rest, o)?;
+                s.bin(BinaryOp::Add, kept, new, o)
+            };
+        let m_new = moment(self, m, g, *b1)?;
+        let g2 = self.push(Op::Unary(UnaryOp::Square), &[g], o)?;
+        let v_new = moment(self, v, g2, *b2)?;
+        let correction = |s: &mut Self, beta: f64| -> Result<NodeId, GraphError> {
+            let b = s.scalar(beta, o)?;
+            let pow = s.bin(BinaryOp::Pow, b, t, o)?;
+            s.bin(BinaryOp::Sub, one, pow, o)
+        };
+        let bc1 = correction(self, *b1)?;
+        let bc2 = correction(self, *b2)?;
+        let step_size = self.bin(BinaryOp::Div, lr, bc1, o)?;
+        let root_v = self.push(Op::Unary(UnaryOp::Sqrt), &[v_new], o)?;
+        let root_bc2 = self.push(Op::Unary(UnaryOp::Sqrt), &[bc2], o)?;
+        let denom = self.bin(BinaryOp::Div, root_v, root_bc2, o)?;
+        let eps = self.scalar(*eps, o)?;
+        let denom = self.bin(BinaryOp::Add, denom, eps, o)?;
+        let ratio = self.bin(BinaryOp::Div, m_new, denom, o)?;
+        let delta = self.bin(BinaryOp::Mul, ratio, step_size, o)?;
+        let p_new = self.bin(BinaryOp::Sub, decayed, delta, o)?;
+        self.graph.set_output(updated(&p.name), p_new)?;
+        self.graph
+            .set_output(updated(&first_moment(&p.name)), m_new)?;
+        self.graph
+            .set_output(updated(&second_moment(&p.name)), v_new)?;
+        self.graph.set_output(updated(&step_count(&p.name)), t)
+    }
+}
+
+/// How long a run is, for the schedules: total steps and steps per epoch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RunLength {
+    pub total_steps: usize,
+    pub steps_per_epoch: usize,
+}
+
+impl RunLength {
+    fn span_steps(&self, span: Span) -> f64 {
+        match span {
+            Span::Steps(n) => n as f64,
+            Span::Epochs(e) => e * self.steps_per_epoch as f64,
+            Span::Fraction(f) => f * self.total_steps as f64,
+        }
+    }
+}
+
+/// Learning rate at 0-based `step`: linear warm-up from `start` to `peak`, then cosine
+/// to `final` at the last step.
+pub fn learning_rate(schedule: &LrSchedule, step: usize, run: RunLength) -> f64 {
+    match schedule {
+        LrSchedule::Constant(lr) => *lr,
+        LrSchedule::WarmupCosine {
+            start,
+            peak,
+            end,
+            warmup,
+        } => {
+            let warm = run.span_steps(*warmup);
+            let s = step as f64;
+            if s < warm {
+                return start + (peak - start) * s / warm;
+            }
+            let rest = (run.total_steps as f64 - warm).max(1.0);
+            let progress = ((s - warm) / rest).min(1.0);
+            end + 0.5 * (peak - end) * (1.0 + (std::f64::consts::PI * progress).cos())
+        }
+    }
+}
+
+/// Weight decay at 0-based `step`: cosine from `start` to `final` over the run.
+pub fn weight_decay(schedule: &DecaySchedule, step: usize, run: RunLength) -> f64 {
+    match schedule {
+        DecaySchedule::Constant(wd) => *wd,
+        DecaySchedule::Cosine { start, end } => {
+            let progress = (step as f64 / (run.total_steps as f64).max(1.0)).min(1.0);
+            end + 0.5 * (start - end) * (1.0 + (std::f64::consts::PI * progress).cos())
+        }
+    }
+}
+
+/// Stream of the task-sampling draws, apart from dropout's and initialisation's.
+const SAMPLE_STREAM: u64 = 1 << 30;
+
+/// Which task (index into `training_tasks`) trains at 0-based `step`.
+pub fn task_at(schedule: &Schedule, tasks: usize, step: usize, seed: u64) -> usize {
+    match schedule {
+        Schedule::Joint => 0,
+        Schedule::Alternate { steps_per_task } => (step / steps_per_task) % tasks,
+        Schedule::Sample { probabilities } => {
+            let u = crate::rng::uniform(seed, step as u64, SAMPLE_STREAM, 0);
+            let mut acc = 0.0;
+            for (i, p) in probabilities.iter().enumerate() {
+                acc += p;
+                if u < acc {
+                    return i;
+                }
+            }
+            tasks - 1
+        }
+    }
+}

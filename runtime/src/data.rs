@@ -1,0 +1,237 @@
+//! Paired datasets in safetensors: for each modality `m`, `m.tokens` `[N, L, d]` and,
+//! when padded, `m.mask` `[N, L]` (1 = real token), all f32, row `i` of every tensor
+//! being pair `i`. Batching, seeded per-epoch shuffling and a seeded held-out split.
+
+use altc_compiler::ir::DType;
+use altc_compiler::lower::{ModalityInfo, Program};
+use altc_compiler::reference::{Tensor, TensorMap};
+use altc_compiler::rng;
+use safetensors::tensor::TensorView;
+use safetensors::SafeTensors;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum DataError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: not a readable safetensors file: {detail}")]
+    Format { path: PathBuf, detail: String },
+    #[error("{path}: the model needs tensor `{name}` ({expected}) for modality `{modality}`, which the dataset lacks (it has: {present})")]
+    Missing {
+        path: PathBuf,
+        name: String,
+        modality: String,
+        expected: String,
+        present: String,
+    },
+    #[error("{path}: tensor `{name}` is {got}, but the model expects {expected}")]
+    Shape {
+        path: PathBuf,
+        name: String,
+        got: String,
+        expected: String,
+    },
+    #[error("{path}: tensor `{name}` holds {dtype:?}, but datasets hold F32")]
+    DType {
+        path: PathBuf,
+        name: String,
+        dtype: safetensors::Dtype,
+    },
+    #[error("{path}: {pairs} pairs leave {train} for training, fewer than one batch of {batch}")]
+    TooSmall {
+        path: PathBuf,
+        pairs: usize,
+        train: usize,
+        batch: usize,
+    },
+}
+
+/// A loaded paired dataset.
+pub struct Dataset {
+    pub path: PathBuf,
+    pub pairs: usize,
+    tensors: HashMap<String, (Vec<usize>, Vec<f32>)>,
+}
+
+fn tensor_names(m: &ModalityInfo) -> Vec<(String, Vec<usize>)> {
+    let mut names = vec![(format!("{}.tokens", m.name), vec![m.tokens, m.input_width])];
+    if m.padded {
+        names.push((format!("{}.mask", m.name), vec![m.tokens]));
+    }
+    names
+}
+
+impl Dataset {
+    /// Reads `path` and checks it against the model's modalities.
+    pub fn load(path: &Path, program: &Program) -> Result<Dataset, DataError> {
+        let bytes = std::fs::read(path).map_err(|source| DataError::Io {
+            path: path.into(),
+            source,
+        })?;
+        let st = SafeTensors::deserialize(&bytes).map_err(|e| DataError::Format {
+            path: path.into(),
+            detail: e.to_string(),
+        })?;
+        let mut tensors = HashMap::new();
+        let mut pairs: Option<usize> = None;
+        for m in &program.modalities {
+            for (name, row_shape) in tensor_names(m) {
+                let view = st.tensor(&name).map_err(|_| {
+                    let mut present: Vec<String> =
+                        st.names().into_iter().map(|n| n.to_string()).collect();
+                    present.sort();
+                    DataError::Missing {
+                        path: path.into(),
+                        name: name.clone(),
+                        modality: m.name.clone(),
+                        expected: format!("[N, {}]", dims(&row_shape)),
+                        present: present.join(", "),
+                    }
+                })?;
+                let shape = view.shape().to_vec();
+                let n = pairs.unwrap_or(shape.first().copied().unwrap_or(0));
+                let mut expected = vec![n];
+                expected.extend(&row_shape);
+                if shape != expected {
+                    return Err(DataError::Shape {
+                        path: path.into(),
+                        name,
+                        got: format!("[{}]", dims(&shape)),
+                        expected: format!("[{}]", dims(&expected)),
+                    });
+                }
+                pairs = Some(n);
+                tensors.insert(name.clone(), (shape, f32_values(path, &name, &view)?));
+            }
+        }
+        Ok(Dataset {
+            path: path.into(),
+            pairs: pairs.unwrap_or(0),
+            tensors,
+        })
+    }
+
+    /// A seeded split: the first `held_out` of a fixed permutation is held out.
+    pub fn split(&self, held_out: usize, seed: u64) -> Split {
+        let order = permutation(self.pairs, seed, u64::MAX);
+        Split {
+            held_out: order[..held_out].to_vec(),
+            train: order[held_out..].to_vec(),
+        }
+    }
+
+    /// The batch of these pairs, as graph inputs of `dtype`.
+    pub fn batch(&self, indices: &[usize], dtype: DType) -> TensorMap {
+        self.tensors
+            .iter()
+            .map(|(name, (shape, values))| {
+                let row: usize = shape[1..].iter().product();
+                let mut data = Vec::with_capacity(indices.len() * row);
+                for &i in indices {
+                    data.extend(values[i * row..(i + 1) * row].iter().map(|&v| v as f64));
+                }
+                let mut batch_shape = vec![indices.len()];
+                batch_shape.extend(&shape[1..]);
+                (name.clone(), Tensor::from_f64(dtype, &batch_shape, data))
+            })
+            .collect()
+    }
+}
+
+/// Training pairs and held-out pairs.
+pub struct Split {
+    pub train: Vec<usize>,
+    pub held_out: Vec<usize>,
+}
+
+impl Split {
+    pub fn steps_per_epoch(&self, batch: usize) -> usize {
+        self.train.len() / batch
+    }
+
+    /// The pairs of 0-based training `step`: epochs visit the training pairs in a
+    /// fresh seeded order each; a last partial batch is dropped.
+    pub fn batch_at(&self, step: usize, batch: usize, seed: u64) -> Vec<usize> {
+        let per_epoch = self.steps_per_epoch(batch).max(1);
+        let epoch = step / per_epoch;
+        let order = permutation(self.train.len(), seed, epoch as u64);
+        let start = (step % per_epoch) * batch;
+        order[start..start + batch]
+            .iter()
+            .map(|&i| self.train[i])
+            .collect()
+    }
+}
+
+/// Stream of the shuffling draws.
+const SHUFFLE_STREAM: u64 = 1 << 29;
+
+/// A Fisher-Yates permutation of `0..n` from the counter-based stream of `(seed, epoch)`.
+fn permutation(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        let u = rng::uniform(seed, epoch, SHUFFLE_STREAM, i as u64);
+        let j = ((u * (i + 1) as f64) as usize).min(i);
+        order.swap(i, j);
+    }
+    order
+}
+
+fn dims(shape: &[usize]) -> String {
+    shape
+        .iter()
+        .map(|d| d.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn f32_values(path: &Path, name: &str, view: &TensorView) -> Result<Vec<f32>, DataError> {
+    if view.dtype() != safetensors::Dtype::F32 {
+        return Err(DataError::DType {
+            path: path.into(),
+            name: name.into(),
+            dtype: view.dtype(),
+        });
+    }
+    Ok(view
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect())
+}
+
+/// Writes f32 tensors as safetensors atomically (temporary file, then rename).
+pub fn write_f32_safetensors(
+    path: &Path,
+    tensors: &[(String, Vec<usize>, Vec<f32>)],
+    metadata: HashMap<String, String>,
+) -> Result<(), DataError> {
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
+        .collect();
+    let views: Vec<(String, TensorView)> = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|((name, shape, _), b)| {
+            let view = TensorView::new(safetensors::Dtype::F32, shape.clone(), b)
+                .expect("shape matches data");
+            (name.clone(), view)
+        })
+        .collect();
+    let serialized =
+        safetensors::serialize(views, Some(metadata)).map_err(|e| DataError::Format {
+            path: path.into(),
+            detail: e.to_string(),
+        })?;
+    crate::atomic_write(path, &serialized).map_err(|source| DataError::Io {
+        path: path.into(),
+        source,
+    })
+}

@@ -1,0 +1,337 @@
+//! The training loop on the reference backend: picks each step's task from the
+//! schedule, feeds a batch and the scheduled learning rate and weight decay to that
+//! task's training graph, swaps the updated tensors in, stops at the first non-finite
+//! value with the node that produced it, and writes checkpoints.
+
+use crate::checkpoint::{Checkpoint, CheckpointError};
+use crate::data::{DataError, Dataset, Split};
+use crate::retrieval::{recalls, Recall};
+use altc_compiler::ir::{Graph, Op};
+use altc_compiler::lower::Program;
+use altc_compiler::reference::{evaluate, run, EvalContext, EvalError, Tensor, TensorMap};
+use altc_compiler::spec::{Duration, Optimizer};
+use altc_compiler::train::{
+    first_moment, learning_rate, second_moment, step_count, task_at, weight_decay, RunLength,
+    TrainingTask, LR_INPUT, WEIGHT_DECAY_INPUT,
+};
+use std::path::PathBuf;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Data(#[from] DataError),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error("step {step} ({task}): {source}")]
+    Eval {
+        step: usize,
+        task: String,
+        #[source]
+        source: EvalError,
+    },
+    #[error("step {step}, direction {task}: {what} is not finite; the first non-finite value is node {node} (`{op}`, from {origin}); the last good checkpoint is kept")]
+    NonFinite {
+        step: usize,
+        task: String,
+        what: String,
+        node: usize,
+        op: String,
+        origin: String,
+    },
+    #[error("{0}")]
+    Config(String),
+}
+
+#[derive(Clone, Debug)]
+pub struct TrainOptions {
+    /// Total steps of the run; `None` takes the spec's duration.
+    pub steps: Option<usize>,
+    pub batch_size: usize,
+    pub seed: u64,
+    /// Pairs held out for retrieval metrics.
+    pub held_out: usize,
+    pub checkpoint_every: usize,
+    pub run_dir: PathBuf,
+    pub resume: bool,
+}
+
+/// What one step did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepReport {
+    pub step: usize,
+    pub task: String,
+    /// `loss` and every `loss.<term>` output, in name order.
+    pub losses: Vec<(String, f64)>,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub grad_norm: f64,
+}
+
+pub struct Trainer<'p> {
+    program: &'p Program,
+    tasks: &'p [TrainingTask],
+    data: Dataset,
+    split: Split,
+    state: TensorMap,
+    step: usize,
+    run: RunLength,
+    options: TrainOptions,
+}
+
+impl<'p> Trainer<'p> {
+    /// A trainer at step 0 with freshly initialised parameters, or, with `resume`, at
+    /// the run directory's checkpoint.
+    pub fn new(
+        program: &'p Program,
+        tasks: &'p [TrainingTask],
+        data: Dataset,
+        options: TrainOptions,
+    ) -> Result<Self, TrainError> {
+        let held_out = options.held_out.min(data.pairs / 2);
+        let split = data.split(held_out, options.seed);
+        let per_epoch = split.steps_per_epoch(options.batch_size);
+        if per_epoch == 0 {
+            return Err(DataError::TooSmall {
+                path: data.path.clone(),
+                pairs: data.pairs,
+                train: split.train.len(),
+                batch: options.batch_size,
+            }
+            .into());
+        }
+        let total_steps = match (options.steps, program.training.duration) {
+            (Some(n), _) | (None, Duration::Steps(n)) => n,
+            (None, Duration::Epochs(e)) => e * per_epoch,
+        };
+        let run = RunLength {
+            total_steps,
+            steps_per_epoch: per_epoch,
+        };
+        let (state, step) = if options.resume {
+            let ckpt = Checkpoint::load(
+                &checkpoint_path(&options.run_dir),
+                &program.model,
+                &state_shapes(program),
+                program.dtype,
+            )?;
+            if ckpt.seed != options.seed {
+                return Err(TrainError::Config(format!(
+                    "the checkpoint was trained with seed {}, not {}; resume with --seed {}",
+                    ckpt.seed, options.seed, ckpt.seed
+                )));
+            }
+            (ckpt.state, ckpt.step)
+        } else {
+            (initial_state(program, options.seed), 0)
+        };
+        Ok(Trainer {
+            program,
+            tasks,
+            data,
+            split,
+            state,
+            step,
+            run,
+            options,
+        })
+    }
+
+    pub fn step_index(&self) -> usize {
+        self.step
+    }
+
+    pub fn total_steps(&self) -> usize {
+        self.run.total_steps
+    }
+
+    pub fn state(&self) -> &TensorMap {
+        &self.state
+    }
+
+    /// Runs one training step.
+    pub fn step(&mut self) -> Result<StepReport, TrainError> {
+        let step = self.step;
+        let t = task_at(
+            &self.program.schedule,
+            self.tasks.len(),
+            step,
+            self.options.seed,
+        );
+        let task = &self.tasks[t];
+        let Optimizer::AdamW {
+            lr,
+            weight_decay: wd,
+            ..
+        } = &self.program.optimizer;
+        let (lr, wd) = (
+            learning_rate(lr, step, self.run),
+            weight_decay(wd, step, self.run),
+        );
+        let pairs = self
+            .split
+            .batch_at(step, self.options.batch_size, self.options.seed);
+        let mut inputs = self.data.batch(&pairs, self.program.dtype);
+        inputs.insert(
+            LR_INPUT.into(),
+            Tensor::from_f64(self.program.dtype, &[], vec![lr]),
+        );
+        inputs.insert(
+            WEIGHT_DECAY_INPUT.into(),
+            Tensor::from_f64(self.program.dtype, &[], vec![wd]),
+        );
+        let ctx = EvalContext {
+            seed: self.options.seed,
+            step: step as u64,
+        };
+        let eval_error = |source| TrainError::Eval {
+            step,
+            task: task.name.clone(),
+            source,
+        };
+        let outputs = run(&task.graph, &inputs, &self.state, ctx).map_err(eval_error)?;
+        if let Some((name, _)) = outputs
+            .iter()
+            .find(|(_, t)| t.to_f64().iter().any(|v| !v.is_finite()))
+        {
+            let evaluation =
+                evaluate(&task.graph, &inputs, &self.state, ctx).map_err(eval_error)?;
+            return Err(first_non_finite(
+                &task.graph,
+                &evaluation.values,
+                step,
+                &task.name,
+                name,
+            ));
+        }
+        let scalar = |name: &str| {
+            outputs
+                .get(name)
+                .and_then(Tensor::scalar)
+                .unwrap_or(f64::NAN)
+        };
+        let losses = outputs
+            .iter()
+            .filter(|(n, _)| {
+                *n == "loss"
+                    || n.starts_with("loss.")
+                    || n.ends_with(".loss")
+                    || n.contains(".loss.")
+            })
+            .map(|(n, t)| (n.clone(), t.scalar().unwrap_or(f64::NAN)))
+            .collect();
+        let report = StepReport {
+            step,
+            task: task.name.clone(),
+            losses,
+            lr,
+            weight_decay: wd,
+            grad_norm: scalar("grad_norm"),
+        };
+        for (name, value) in outputs {
+            if let Some(target) = name.strip_prefix("new.") {
+                self.state.insert(target.to_string(), value);
+            }
+        }
+        self.step += 1;
+        if self.options.checkpoint_every > 0 && self.step % self.options.checkpoint_every == 0 {
+            self.save_checkpoint()?;
+        }
+        Ok(report)
+    }
+
+    pub fn save_checkpoint(&self) -> Result<(), TrainError> {
+        std::fs::create_dir_all(&self.options.run_dir).map_err(|source| CheckpointError::Io {
+            path: self.options.run_dir.clone(),
+            source,
+        })?;
+        Checkpoint {
+            model: self.program.model.clone(),
+            step: self.step,
+            seed: self.options.seed,
+            state: self.state.clone(),
+        }
+        .save(&checkpoint_path(&self.options.run_dir))?;
+        Ok(())
+    }
+
+    /// Recall@1/5/10 on the held-out pairs.
+    pub fn recalls(&self) -> Result<Vec<Recall>, TrainError> {
+        recalls(self.program, &self.state, &self.data, &self.split.held_out).map_err(|source| {
+            TrainError::Eval {
+                step: self.step,
+                task: "retrieval".into(),
+                source,
+            }
+        })
+    }
+}
+
+pub fn checkpoint_path(run_dir: &std::path::Path) -> PathBuf {
+    run_dir.join("checkpoint.safetensors")
+}
+
+/// Names and shapes of everything a checkpoint holds: parameters and AdamW state.
+pub fn state_shapes(program: &Program) -> Vec<(String, Vec<usize>)> {
+    let mut out = Vec::new();
+    for p in program.params.iter() {
+        out.push((p.name.clone(), p.shape.clone()));
+        if p.trainable {
+            out.push((first_moment(&p.name), p.shape.clone()));
+            out.push((second_moment(&p.name), p.shape.clone()));
+            out.push((step_count(&p.name), vec![]));
+        }
+    }
+    out
+}
+
+/// Initial parameters from the seed, zero moments and step counts.
+pub fn initial_state(program: &Program, seed: u64) -> TensorMap {
+    let mut state =
+        altc_compiler::reference::initial_parameters(&program.params, program.dtype, seed);
+    for (name, shape) in state_shapes(program) {
+        state.entry(name).or_insert_with_key(|_| {
+            let n = shape.iter().product();
+            Tensor::from_f64(program.dtype, &shape, vec![0.0; n])
+        });
+    }
+    state
+}
+
+fn first_non_finite(
+    graph: &Graph,
+    values: &[Tensor],
+    step: usize,
+    task: &str,
+    output: &str,
+) -> TrainError {
+    let order = graph.topo_order().unwrap_or_default();
+    let bad = order
+        .into_iter()
+        .find(|id| {
+            !matches!(graph.node(*id).op, Op::Parameter { .. } | Op::Input { .. })
+                && values[id.index()].to_f64().iter().any(|v| !v.is_finite())
+        })
+        .or_else(|| graph.output(output));
+    let (node, op, origin) = match bad {
+        Some(id) => (
+            id.index(),
+            graph.node(id).op.mnemonic(),
+            graph.node(id).origin.clone(),
+        ),
+        None => (0, String::new(), String::new()),
+    };
+    let what = if output.starts_with("new.") {
+        format!("the update {output}")
+    } else {
+        format!("`{output}`")
+    };
+    TrainError::NonFinite {
+        step,
+        task: task.into(),
+        what,
+        node,
+        op,
+        origin,
+    }
+}
