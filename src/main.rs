@@ -10,6 +10,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+mod training;
+
 #[derive(Parser)]
 #[command(
     name = "altc",
@@ -47,6 +49,15 @@ enum Command {
         #[arg(long = "graph", value_name = "NAME")]
         graphs: Vec<String>,
     },
+    /// Datasets: `altc data synth` writes a planted paired dataset.
+    Data {
+        #[command(subcommand)]
+        command: training::DataCommand,
+    },
+    /// Train a model (`.ron` or compiled `.altc`) on a paired dataset.
+    Run(training::RunArgs),
+    /// Recompute the held-out recalls of a run from its checkpoint.
+    Eval(training::EvalArgs),
 }
 
 fn main() -> ExitCode {
@@ -59,6 +70,9 @@ fn main() -> ExitCode {
             dot,
             graphs,
         } => inspect(&artifact, dot, &graphs),
+        Command::Data { command } => training::data(command),
+        Command::Run(args) => training::run(args),
+        Command::Eval(args) => training::eval(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -70,6 +84,15 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Loads a model from a spec (`.ron`) or a compiled artifact (`.altc`).
+fn load_program(path: &Path, options: LowerOptions) -> Result<altc_compiler::lower::Program> {
+    if path.extension().is_some_and(|e| e == "altc") {
+        return Ok(Artifact::read(path)?.program);
+    }
+    let loaded = spec::load(path)?;
+    Ok(lower_loaded(&loaded, options)?)
 }
 
 fn check(path: &Path) -> Result<()> {
@@ -135,7 +158,7 @@ fn inspect(path: &Path, dot: bool, only: &[String]) -> Result<()> {
 }
 
 /// Writes a report to stdout; a reader that went away (`| head`) is not an error.
-fn emit(text: &str) -> Result<()> {
+pub(crate) fn emit(text: &str) -> Result<()> {
     let mut out = std::io::stdout().lock();
     match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
         Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e).context("writing to stdout"),

@@ -234,7 +234,9 @@ impl<'p> Trainer<'p> {
             }
         }
         self.step += 1;
-        if self.options.checkpoint_every > 0 && self.step % self.options.checkpoint_every == 0 {
+        if self.options.checkpoint_every > 0
+            && self.step.is_multiple_of(self.options.checkpoint_every)
+        {
             self.save_checkpoint()?;
         }
         Ok(report)

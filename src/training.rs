@@ -1,0 +1,280 @@
+//! `altc data synth`, `altc run` and `altc eval`: training and evaluation as a user
+//! runs them, with a progress bar, checkpoints in a run directory, and recalls.
+
+use crate::{emit, load_program};
+use altc_compiler::artifact::Artifact;
+use altc_compiler::lower::{LowerOptions, Program};
+use altc_compiler::train::training_tasks;
+use altc_runtime::checkpoint::Checkpoint;
+use altc_runtime::data::Dataset;
+use altc_runtime::retrieval::{recalls, Recall};
+use altc_runtime::synth::{write_planted, SynthOptions};
+use altc_runtime::training::{checkpoint_path, state_shapes, StepReport, TrainOptions, Trainer};
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+#[derive(Subcommand)]
+pub enum DataCommand {
+    /// Write a planted paired dataset for a model's modalities (see README: datasets).
+    Synth {
+        /// The model (`.ron` or `.altc`) whose modalities the data feeds.
+        model: PathBuf,
+        #[arg(short, long)]
+        output: PathBuf,
+        #[arg(long, default_value_t = 4096)]
+        pairs: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Shared latent factors per pair.
+        #[arg(long, default_value_t = 8)]
+        latent: usize,
+        /// Scale of the additive noise.
+        #[arg(long, default_value_t = 0.1)]
+        noise: f64,
+        /// Scale of the per-token variation of the latents.
+        #[arg(long, default_value_t = 0.5)]
+        token_variation: f64,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Device {
+    /// CUDA when a driver is found, else wgpu.
+    Auto,
+    Cuda,
+    Wgpu,
+    /// The reference interpreter (CPU, plain Rust).
+    Reference,
+}
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// The model: a spec (`.ron`) or a compiled artifact (`.altc`).
+    model: PathBuf,
+    /// The paired dataset (safetensors).
+    #[arg(long)]
+    data: PathBuf,
+    #[arg(long, value_enum, default_value_t = Device::Reference)]
+    device: Device,
+    /// Total steps [default: the spec's training duration].
+    #[arg(long)]
+    steps: Option<usize>,
+    /// [default: the spec's batch size]
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// [default: the spec's seed]
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Pairs held out for the recalls.
+    #[arg(long, default_value_t = 512)]
+    held_out: usize,
+    /// Write a checkpoint every this many steps (and at the end).
+    #[arg(long, default_value_t = 50)]
+    checkpoint_every: usize,
+    /// The run directory [default: runs/<model name>].
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Continue from the run directory's checkpoint.
+    #[arg(long)]
+    resume: bool,
+}
+
+#[derive(Args)]
+pub struct EvalArgs {
+    /// The run directory (holds `model.altc`, `run.ron`, `checkpoint.safetensors`).
+    run_dir: PathBuf,
+    /// The paired dataset [default: the one the run trained on].
+    #[arg(long)]
+    data: Option<PathBuf>,
+}
+
+/// The settings of a run, kept in its directory so `eval` and `--resume` agree with it.
+#[derive(Serialize, Deserialize)]
+struct RunRecord {
+    data: PathBuf,
+    seed: u64,
+    batch_size: usize,
+    held_out: usize,
+    steps: usize,
+}
+
+pub fn data(command: DataCommand) -> Result<()> {
+    let DataCommand::Synth {
+        model,
+        output,
+        pairs,
+        seed,
+        latent,
+        noise,
+        token_variation,
+    } = command;
+    let program = load_program(&model, LowerOptions::default())?;
+    let options = SynthOptions {
+        pairs,
+        seed,
+        latent,
+        noise,
+        token_variation,
+        ..SynthOptions::default()
+    };
+    write_planted(&output, &program, options)?;
+    let sides: Vec<String> = program
+        .modalities
+        .iter()
+        .map(|m| format!("{} [{pairs}, {}, {}]", m.name, m.tokens, m.input_width))
+        .collect();
+    emit(&format!(
+        "wrote {} ({pairs} pairs: {})\n",
+        output.display(),
+        sides.join(", ")
+    ))
+}
+
+fn require_reference(device: Device) -> Result<()> {
+    match device {
+        Device::Reference => Ok(()),
+        Device::Auto | Device::Cuda | Device::Wgpu => bail!(
+            "the cubecl devices (auto, cuda, wgpu) are not implemented yet; altc trains on the reference interpreter: use --device reference"
+        ),
+    }
+}
+
+pub fn run(args: RunArgs) -> Result<()> {
+    require_reference(args.device)?;
+    let program = load_program(&args.model, LowerOptions::default())?;
+    let run_dir = args
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("runs").join(&program.model));
+    let record_path = run_dir.join("run.ron");
+    let record = if args.resume {
+        let text = std::fs::read_to_string(&record_path)
+            .with_context(|| format!("--resume: reading {}", record_path.display()))?;
+        let r: RunRecord = ron::from_str(&text)
+            .with_context(|| format!("{}: unreadable run record", record_path.display()))?;
+        r
+    } else {
+        RunRecord {
+            data: args.data.clone(),
+            seed: args.seed.unwrap_or(program.training.seed),
+            batch_size: args.batch_size.unwrap_or(program.training.batch_size),
+            held_out: args.held_out,
+            steps: 0,
+        }
+    };
+    let data = Dataset::load(&args.data, &program)?;
+    let tasks = training_tasks(&program).context("building the training graphs")?;
+    let options = TrainOptions {
+        steps: args.steps,
+        batch_size: record.batch_size,
+        seed: record.seed,
+        held_out: record.held_out,
+        checkpoint_every: args.checkpoint_every,
+        run_dir: run_dir.clone(),
+        resume: args.resume,
+    };
+    let mut trainer = Trainer::new(&program, &tasks, data, options)?;
+    std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+    if !args.resume {
+        let text = std::fs::read_to_string(&args.model).unwrap_or_default();
+        Artifact::new(&args.model.display().to_string(), &text, program.clone())
+            .write(&run_dir.join("model.altc"))?;
+    }
+    let record = RunRecord {
+        steps: trainer.total_steps(),
+        ..record
+    };
+    let pretty =
+        ron::ser::to_string_pretty(&record, ron::ser::PrettyConfig::new().struct_names(false))?;
+    altc_runtime::atomic_write(&record_path, pretty.as_bytes())
+        .with_context(|| format!("writing {}", record_path.display()))?;
+
+    let total = trainer.total_steps();
+    let bar = ProgressBar::new(total as u64).with_position(trainer.step_index() as u64);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}, {per_sec}] {msg}",
+        )
+        .expect("valid template"),
+    );
+    let mut last: Option<StepReport> = None;
+    while trainer.step_index() < total {
+        let report = trainer.step()?;
+        bar.set_message(describe(&report));
+        bar.inc(1);
+        last = Some(report);
+    }
+    bar.finish();
+    trainer.save_checkpoint()?;
+    let mut text = String::new();
+    if let Some(r) = last {
+        text.push_str(&format!("final step {}: {}\n", r.step, describe(&r)));
+    }
+    text.push_str(&format!(
+        "checkpoint: {}\n",
+        checkpoint_path(&run_dir).display()
+    ));
+    text.push_str(&recall_table(&trainer.recalls()?));
+    emit(&text)
+}
+
+pub fn eval(args: EvalArgs) -> Result<()> {
+    let record_path = args.run_dir.join("run.ron");
+    let text = std::fs::read_to_string(&record_path)
+        .with_context(|| format!("reading {}", record_path.display()))?;
+    let record: RunRecord = ron::from_str(&text)
+        .with_context(|| format!("{}: unreadable run record", record_path.display()))?;
+    let program: Program = Artifact::read(&args.run_dir.join("model.altc"))?.program;
+    let data_path = args.data.unwrap_or(record.data);
+    let data = Dataset::load(&data_path, &program)?;
+    let ckpt = Checkpoint::load(
+        &checkpoint_path(&args.run_dir),
+        &program.model,
+        &state_shapes(&program),
+        program.dtype,
+    )?;
+    let split = data.split(record.held_out.min(data.pairs / 2), record.seed);
+    let r = recalls(&program, &ckpt.state, &data, &split.held_out).context("computing recalls")?;
+    emit(&format!(
+        "checkpoint at step {} of {}\n{}",
+        ckpt.step,
+        record.steps,
+        recall_table(&r)
+    ))
+}
+
+fn describe(r: &StepReport) -> String {
+    let terms: Vec<String> = r
+        .losses
+        .iter()
+        .map(|(n, v)| format!("{n} {v:.4}"))
+        .collect();
+    format!(
+        "{} | {} | lr {:.2e} | |g| {:.3}",
+        r.task,
+        terms.join(" "),
+        r.lr,
+        r.grad_norm
+    )
+}
+
+fn recall_table(recalls: &[Recall]) -> String {
+    let mut out = String::from("held-out retrieval (cosine)    R@1     R@5    R@10\n");
+    for r in recalls {
+        let [a, b, c] = r.at.map(|(_, v)| 100.0 * v);
+        out.push_str(&format!(
+            "  {:<16} {:>5} queries {a:6.1}% {b:6.1}% {c:6.1}%\n",
+            r.direction, r.queries
+        ));
+    }
+    if let Some(r) = recalls.first() {
+        out.push_str(&format!(
+            "  (chance R@1 = {:.2}%)\n",
+            100.0 / r.queries.max(1) as f64
+        ));
+    }
+    out
+}
