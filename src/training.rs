@@ -168,7 +168,10 @@ pub fn run(args: RunArgs) -> Result<()> {
     let data = Dataset::load(&args.data, &program)?;
     let tasks = training_tasks(&program).context("building the training graphs")?;
     let options = TrainOptions {
-        steps: args.steps,
+        // A resumed run keeps its length (and so its schedules) unless told otherwise.
+        steps: args
+            .steps
+            .or((args.resume && record.steps > 0).then_some(record.steps)),
         batch_size: record.batch_size,
         seed: record.seed,
         held_out: record.held_out,

@@ -148,3 +148,125 @@ fn inspecting_a_spec_says_it_is_not_an_artifact() {
     let err = assert_clean_failure(&altc(&["inspect", "models/alt_moe_tiny.ron"]));
     assert!(err.contains("not an altc artifact"), "{err}");
 }
+
+#[test]
+fn synth_run_eval_and_resume_the_tiny_model() {
+    let dir = scratch("train");
+    std::fs::create_dir_all(&dir).unwrap();
+    let data = dir.join("pairs.safetensors");
+    let run_dir = dir.join("run");
+    let (d, r) = (data.to_str().unwrap(), run_dir.to_str().unwrap());
+    let o = altc(&[
+        "data",
+        "synth",
+        "models/alt_moe_tiny.ron",
+        "-o",
+        d,
+        "--pairs",
+        "256",
+        "--seed",
+        "1",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("256 pairs: text [256, 6, 24], image [256, 5, 12]"),
+        "{}",
+        stdout(&o)
+    );
+
+    let train = |extra: &[&str]| {
+        let mut args = vec![
+            "run",
+            "models/alt_moe_tiny.ron",
+            "--data",
+            d,
+            "--device",
+            "reference",
+            "--batch-size",
+            "16",
+            "--held-out",
+            "32",
+            "--out",
+            r,
+            "--checkpoint-every",
+            "3",
+        ];
+        args.extend_from_slice(extra);
+        altc(&args)
+    };
+    let o = train(&["--steps", "4"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("final step 3: text_to_image | loss "), "{out}");
+    assert!(out.contains("image_to_text       32 queries"), "{out}");
+    for file in ["checkpoint.safetensors", "model.altc", "run.ron"] {
+        assert!(
+            run_dir.join(file).exists(),
+            "{file} missing from the run directory"
+        );
+    }
+
+    let o = altc(&["eval", r]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let eval = stdout(&o);
+    assert!(eval.starts_with("checkpoint at step 4 of 4"), "{eval}");
+    // eval recomputes exactly the recalls the run reported.
+    let table = |s: &str| {
+        s.lines()
+            .filter(|l| l.contains("queries"))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(table(&eval), table(&out));
+
+    let o = train(&["--steps", "6", "--resume"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("final step 5:"),
+        "resumed at step 4 and ran 2 more: {}",
+        stdout(&o)
+    );
+}
+
+#[test]
+fn devices_that_do_not_exist_yet_are_refused_plainly() {
+    let err = assert_clean_failure(&altc(&[
+        "run",
+        "models/alt_moe_tiny.ron",
+        "--data",
+        "x.safetensors",
+        "--device",
+        "wgpu",
+    ]));
+    assert!(err.contains("use --device reference"), "{err}");
+}
+
+#[test]
+fn a_dataset_for_another_model_is_refused_by_name() {
+    let dir = scratch("mismatch");
+    std::fs::create_dir_all(&dir).unwrap();
+    let data = dir.join("paper.safetensors");
+    // The paper-scale model's modalities are far wider than the tiny model's.
+    let o = altc(&[
+        "data",
+        "synth",
+        "models/alt_moe_audio.ron",
+        "-o",
+        data.to_str().unwrap(),
+        "--pairs",
+        "2",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = assert_clean_failure(&altc(&[
+        "run",
+        "models/alt_moe_tiny.ron",
+        "--data",
+        data.to_str().unwrap(),
+        "--device",
+        "reference",
+    ]));
+    assert!(
+        err.contains("`text.tokens` is [2, 77, 4096], but the model expects [2, 6, 24]"),
+        "{err}"
+    );
+}
