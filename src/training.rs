@@ -182,9 +182,18 @@ pub fn run(args: RunArgs) -> Result<()> {
     let mut trainer = Trainer::new(&program, &tasks, data, options)?;
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
     if !args.resume {
-        let text = std::fs::read_to_string(&args.model).unwrap_or_default();
-        Artifact::new(&args.model.display().to_string(), &text, program.clone())
-            .write(&run_dir.join("model.altc"))?;
+        // The run directory keeps the compiled model so `eval` needs nothing else.
+        let kept = run_dir.join("model.altc");
+        if args.model.extension().is_some_and(|e| e == "altc") {
+            std::fs::copy(&args.model, &kept).with_context(|| {
+                format!("copying {} to {}", args.model.display(), kept.display())
+            })?;
+        } else {
+            let text = std::fs::read_to_string(&args.model)
+                .with_context(|| format!("re-reading {}", args.model.display()))?;
+            Artifact::new(&args.model.display().to_string(), &text, program.clone())
+                .write(&kept)?;
+        }
     }
     let record = RunRecord {
         steps: trainer.total_steps(),
