@@ -5,12 +5,14 @@ use crate::{emit, load_program};
 use altc_compiler::artifact::Artifact;
 use altc_compiler::lower::{LowerOptions, Program};
 use altc_compiler::train::training_tasks;
+use altc_runtime::backend::{Backend, ReferenceBackend};
 use altc_runtime::checkpoint::Checkpoint;
 use altc_runtime::data::Dataset;
+use altc_runtime::device::DeviceChoice;
 use altc_runtime::retrieval::{recalls, Recall};
 use altc_runtime::synth::{write_planted, SynthOptions};
 use altc_runtime::training::{checkpoint_path, state_shapes, StepReport, TrainOptions, Trainer};
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
@@ -57,7 +59,7 @@ pub struct RunArgs {
     /// The paired dataset (safetensors).
     #[arg(long)]
     data: PathBuf,
-    #[arg(long, value_enum, default_value_t = Device::Reference)]
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
     device: Device,
     /// Total steps [default: the spec's training duration].
     #[arg(long)]
@@ -89,6 +91,8 @@ pub struct EvalArgs {
     /// The paired dataset [default: the one the run trained on].
     #[arg(long)]
     data: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    device: Device,
 }
 
 /// The settings of a run, kept in its directory so `eval` and `--resume` agree with it.
@@ -133,17 +137,18 @@ pub fn data(command: DataCommand) -> Result<()> {
     ))
 }
 
-fn require_reference(device: Device) -> Result<()> {
-    match device {
-        Device::Reference => Ok(()),
-        Device::Auto | Device::Cuda | Device::Wgpu => bail!(
-            "the cubecl devices (auto, cuda, wgpu) are not implemented yet; altc trains on the reference interpreter: use --device reference"
-        ),
-    }
+/// Opens the backend `device` names, saying which one it is.
+fn open_backend(device: Device) -> Result<Box<dyn Backend>> {
+    let choice = match device {
+        Device::Reference => return Ok(Box::new(ReferenceBackend::default())),
+        Device::Auto => DeviceChoice::Auto,
+        Device::Cuda => DeviceChoice::Cuda,
+        Device::Wgpu => DeviceChoice::Wgpu,
+    };
+    Ok(altc_runtime::device::open(choice)?)
 }
 
 pub fn run(args: RunArgs) -> Result<()> {
-    require_reference(args.device)?;
     let program = load_program(&args.model, LowerOptions::default())?;
     let run_dir = args
         .out
@@ -179,7 +184,9 @@ pub fn run(args: RunArgs) -> Result<()> {
         run_dir: run_dir.clone(),
         resume: args.resume,
     };
-    let mut trainer = Trainer::new(&program, &tasks, data, options)?;
+    let backend = open_backend(args.device)?;
+    eprintln!("device: {}", backend.describe());
+    let mut trainer = Trainer::new(&program, &tasks, data, options, backend)?;
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
     if !args.resume {
         // The run directory keeps the compiled model so `eval` needs nothing else.
@@ -249,7 +256,10 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         program.dtype,
     )?;
     let split = data.split(record.held_out.min(data.pairs / 2), record.seed);
-    let r = recalls(&program, &ckpt.state, &data, &split.held_out).context("computing recalls")?;
+    let mut backend = open_backend(args.device)?;
+    backend.load_state(&ckpt.state);
+    let r =
+        recalls(&program, backend.as_mut(), &data, &split.held_out).context("computing recalls")?;
     emit(&format!(
         "checkpoint at step {} of {}\n{}",
         ckpt.step,

@@ -1,8 +1,21 @@
-//! altc's kernels: cubecl kernels for every IR op family (fused elementwise chains,
-//! reductions, matmul, the MoE route/dispatch/grouped GEMM, losses, the optimizer),
-//! written once and generic over the cubecl runtime (`wgpu` in CI, `cuda` on a GPU).
+//! altc's kernels: cubecl kernels for every IR op family, written once and generic
+//! over the cubecl runtime (`wgpu` in CI, `cuda` on a GPU).
 //!
-//! This crate knows nothing of RON specs or of the graph compiler: it receives op
-//! lists and shapes and launches kernels. It pins `cubecl = "=0.10.0"` (see
-//! `platform.md`); the kernels themselves arrive with the runtime issue, and until
-//! then the crate only compiles the cubecl stack so the build and CI are real.
+//! The crate knows nothing of RON specs or of the graph compiler: callers pass device
+//! buffers, shapes and strides. Every buffer holds `F` (f32 today) in row-major
+//! order; integer and boolean values (top-k indices, comparison results) are carried
+//! exactly as `F` (0/1 for booleans, small whole numbers for indices). Operands are
+//! read through strided views, so broadcasting (stride 0), transposition and slicing
+//! cost no copies before an op. No kernel assumes a plane size: work is spread over
+//! cubes of a fixed size and tiles are sized independently of `PLANE_DIM`.
+
+mod elementwise;
+mod index;
+mod launch;
+mod matmul;
+mod random;
+mod reduce;
+
+pub use elementwise::{BinaryKind, UnaryKind};
+pub use launch::{contiguous_strides, Kernels, View};
+pub use reduce::ReduceKind;

@@ -7,8 +7,10 @@
 //! CUDA), and the kernels they launch from `altc_kernels`, arrive with the runtime
 //! issue.
 
+pub mod backend;
 pub mod checkpoint;
 pub mod data;
+pub mod device;
 pub mod retrieval;
 pub mod synth;
 pub mod training;

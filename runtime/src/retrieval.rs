@@ -2,9 +2,10 @@
 //! graph and the held-out targets with the target's key graph, rank targets by cosine
 //! similarity (both sides are normalised by the graphs) and report Recall@K.
 
+use crate::backend::{Backend, BackendError};
 use crate::data::Dataset;
 use altc_compiler::lower::Program;
-use altc_compiler::reference::{run, EvalContext, EvalError, TensorMap};
+use altc_compiler::reference::EvalContext;
 
 /// Recall@1/5/10 of one direction, as fractions.
 #[derive(Clone, Debug, PartialEq)]
@@ -17,19 +18,19 @@ pub struct Recall {
 /// Recall@1/5/10 for every direction with query and key graphs, on `pairs`.
 pub fn recalls(
     program: &Program,
-    state: &TensorMap,
+    backend: &mut dyn Backend,
     data: &Dataset,
     pairs: &[usize],
-) -> Result<Vec<Recall>, EvalError> {
+) -> Result<Vec<Recall>, BackendError> {
     let batch = data.batch(pairs, program.dtype);
     let mut out = Vec::new();
     for d in &program.directions {
         let (Some(query), Some(key)) = (&d.query_graph, &d.key_graph) else {
             continue;
         };
-        let embed = |graph: &str| -> Result<(Vec<f64>, usize), EvalError> {
+        let mut embed = |graph: &str| -> Result<(Vec<f64>, usize), BackendError> {
             let g = program.graph(graph).expect("direction graphs exist");
-            let e = &run(g, &batch, state, EvalContext::default())?["embedding"];
+            let e = &backend.run(g, &batch, EvalContext::default())?["embedding"];
             Ok((e.to_f64(), e.shape[1]))
         };
         let (q, width) = embed(query)?;
@@ -44,8 +45,9 @@ pub fn recalls(
                     .sum()
             };
             let own = score(i);
-            // Rank of the true target: how many others score strictly higher.
-            let rank = (0..n).filter(|&j| j != i && score(j) > own).count();
+            // Rank of the true target: how many others score at least as high (ties
+            // count against the query, so identical embeddings cannot look perfect).
+            let rank = (0..n).filter(|&j| j != i && score(j) >= own).count();
             for (h, &kk) in hits.iter_mut().zip(&ks) {
                 if rank < kk {
                     *h += 1;

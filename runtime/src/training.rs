@@ -3,12 +3,13 @@
 //! task's training graph, swaps the updated tensors in, stops at the first non-finite
 //! value with the node that produced it, and writes checkpoints.
 
+use crate::backend::{Backend, BackendError};
 use crate::checkpoint::{Checkpoint, CheckpointError};
 use crate::data::{DataError, Dataset, Split};
 use crate::retrieval::{recalls, Recall};
 use altc_compiler::ir::{Graph, Op};
 use altc_compiler::lower::Program;
-use altc_compiler::reference::{evaluate, run, EvalContext, EvalError, Tensor, TensorMap};
+use altc_compiler::reference::{evaluate, EvalContext, EvalError, Tensor, TensorMap};
 use altc_compiler::spec::{Duration, Optimizer};
 use altc_compiler::train::{
     first_moment, learning_rate, second_moment, step_count, task_at, weight_decay, RunLength,
@@ -38,6 +39,13 @@ pub enum TrainError {
         node: usize,
         op: String,
         origin: String,
+    },
+    #[error("step {step} ({task}): {source}")]
+    Backend {
+        step: usize,
+        task: String,
+        #[source]
+        source: BackendError,
     },
     #[error("{0}")]
     Config(String),
@@ -73,7 +81,7 @@ pub struct Trainer<'p> {
     tasks: &'p [TrainingTask],
     data: Dataset,
     split: Split,
-    state: TensorMap,
+    backend: Box<dyn Backend>,
     step: usize,
     run: RunLength,
     options: TrainOptions,
@@ -81,12 +89,13 @@ pub struct Trainer<'p> {
 
 impl<'p> Trainer<'p> {
     /// A trainer at step 0 with freshly initialised parameters, or, with `resume`, at
-    /// the run directory's checkpoint.
+    /// the run directory's checkpoint; the state lives on `backend` from here on.
     pub fn new(
         program: &'p Program,
         tasks: &'p [TrainingTask],
         data: Dataset,
         options: TrainOptions,
+        mut backend: Box<dyn Backend>,
     ) -> Result<Self, TrainError> {
         let held_out = options.held_out.min(data.pairs / 2);
         let split = data.split(held_out, options.seed);
@@ -125,12 +134,13 @@ impl<'p> Trainer<'p> {
         } else {
             (initial_state(program, options.seed), 0)
         };
+        backend.load_state(&state);
         Ok(Trainer {
             program,
             tasks,
             data,
             split,
-            state,
+            backend,
             step,
             run,
             options,
@@ -145,8 +155,13 @@ impl<'p> Trainer<'p> {
         self.run.total_steps
     }
 
-    pub fn state(&self) -> &TensorMap {
-        &self.state
+    /// The parameters and optimizer state, copied to the host.
+    pub fn state(&mut self) -> TensorMap {
+        self.backend.read_state()
+    }
+
+    pub fn backend(&self) -> &dyn Backend {
+        self.backend.as_ref()
     }
 
     /// Runs one training step.
@@ -184,18 +199,28 @@ impl<'p> Trainer<'p> {
             seed: self.options.seed,
             step: step as u64,
         };
-        let eval_error = |source| TrainError::Eval {
+        let backend_error = |source| TrainError::Backend {
             step,
             task: task.name.clone(),
             source,
         };
-        let outputs = run(&task.graph, &inputs, &self.state, ctx).map_err(eval_error)?;
+        let outputs = self
+            .backend
+            .run(&task.graph, &inputs, ctx)
+            .map_err(backend_error)?;
         if let Some((name, _)) = outputs
             .iter()
             .find(|(_, t)| t.to_f64().iter().any(|v| !v.is_finite()))
         {
+            // Nothing is committed; replay the step on the reference interpreter from
+            // the untouched state to find the first node that went non-finite.
+            let state = self.backend.read_state();
             let evaluation =
-                evaluate(&task.graph, &inputs, &self.state, ctx).map_err(eval_error)?;
+                evaluate(&task.graph, &inputs, &state, ctx).map_err(|source| TrainError::Eval {
+                    step,
+                    task: task.name.clone(),
+                    source,
+                })?;
             return Err(first_non_finite(
                 &task.graph,
                 &evaluation.values,
@@ -228,11 +253,7 @@ impl<'p> Trainer<'p> {
             weight_decay: wd,
             grad_norm: scalar("grad_norm"),
         };
-        for (name, value) in outputs {
-            if let Some(target) = name.strip_prefix("new.") {
-                self.state.insert(target.to_string(), value);
-            }
-        }
+        self.backend.commit();
         self.step += 1;
         if self.options.checkpoint_every > 0
             && self.step.is_multiple_of(self.options.checkpoint_every)
@@ -242,7 +263,7 @@ impl<'p> Trainer<'p> {
         Ok(report)
     }
 
-    pub fn save_checkpoint(&self) -> Result<(), TrainError> {
+    pub fn save_checkpoint(&mut self) -> Result<(), TrainError> {
         std::fs::create_dir_all(&self.options.run_dir).map_err(|source| CheckpointError::Io {
             path: self.options.run_dir.clone(),
             source,
@@ -251,20 +272,24 @@ impl<'p> Trainer<'p> {
             model: self.program.model.clone(),
             step: self.step,
             seed: self.options.seed,
-            state: self.state.clone(),
+            state: self.backend.read_state(),
         }
         .save(&checkpoint_path(&self.options.run_dir))?;
         Ok(())
     }
 
     /// Recall@1/5/10 on the held-out pairs.
-    pub fn recalls(&self) -> Result<Vec<Recall>, TrainError> {
-        recalls(self.program, &self.state, &self.data, &self.split.held_out).map_err(|source| {
-            TrainError::Eval {
-                step: self.step,
-                task: "retrieval".into(),
-                source,
-            }
+    pub fn recalls(&mut self) -> Result<Vec<Recall>, TrainError> {
+        recalls(
+            self.program,
+            self.backend.as_mut(),
+            &self.data,
+            &self.split.held_out,
+        )
+        .map_err(|source| TrainError::Backend {
+            step: self.step,
+            task: "retrieval".into(),
+            source,
         })
     }
 }

@@ -6,6 +6,7 @@ use altc_compiler::ir::DType;
 use altc_compiler::lower::{lower, LowerOptions, Program};
 use altc_compiler::spec;
 use altc_compiler::train::{training_tasks, TrainingTask};
+use altc_runtime::backend::ReferenceBackend;
 use altc_runtime::checkpoint::{Checkpoint, CheckpointError};
 use altc_runtime::data::{write_f32_safetensors, DataError, Dataset};
 use altc_runtime::synth::{write_planted, SynthOptions};
@@ -68,8 +69,14 @@ fn train(
     // outliving this helper keeps the tests short.
     let program: &'static Program = Box::leak(Box::new(program.clone()));
     let tasks: &'static [TrainingTask] = Box::leak(tasks.to_vec().into_boxed_slice());
-    let mut trainer =
-        Trainer::new(program, tasks, Dataset::load(data, program).unwrap(), opts).unwrap();
+    let mut trainer = Trainer::new(
+        program,
+        tasks,
+        Dataset::load(data, program).unwrap(),
+        opts,
+        Box::new(ReferenceBackend::default()),
+    )
+    .unwrap();
     let reports = (0..steps).map(|_| trainer.step().unwrap()).collect();
     (reports, trainer)
 }
@@ -83,7 +90,7 @@ fn tiny_model_learns_the_planted_pairs_in_both_directions() {
     let mut opts = options(&dir, 200);
     opts.batch_size = 32;
     opts.held_out = 256;
-    let (reports, trainer) = train(&program, &tasks, &data, opts, 200);
+    let (reports, mut trainer) = train(&program, &tasks, &data, opts, 200);
     assert_eq!(reports[0].task, "image_to_text");
     assert_eq!(
         reports[1].task, "text_to_image",
@@ -142,7 +149,7 @@ fn saved_checkpoint(dir: &Path) -> (Program, PathBuf) {
     let program = tiny();
     let tasks = training_tasks(&program).unwrap();
     let data = planted(dir, &program, 128);
-    let (_, trainer) = train(&program, &tasks, &data, options(dir, 2), 2);
+    let (_, mut trainer) = train(&program, &tasks, &data, options(dir, 2), 2);
     trainer.save_checkpoint().unwrap();
     (program, checkpoint_path(dir))
 }
@@ -289,6 +296,7 @@ fn a_nan_stops_the_run_at_its_node_and_keeps_the_last_good_checkpoint() {
         tasks_ref,
         Dataset::load(&bad_data, program_ref).unwrap(),
         resumed,
+        Box::new(ReferenceBackend::default()),
     )
     .unwrap();
     let err = poisoned.step().expect_err("NaN data must stop the run");

@@ -1,0 +1,464 @@
+//! Host side: launching each kernel family on a cubecl client, with the metadata
+//! layouts the kernels expect.
+
+use crate::elementwise::{
+    binary_kernel, copy_kernel, fill_kernel, iota_kernel, select_kernel, unary_kernel,
+};
+use crate::index::{gather_kernel, scatter_add_kernel, top_k_kernel};
+use crate::matmul::{matmul_kernel, TILE};
+use crate::random::dropout_kernel;
+use crate::reduce::reduce_kernel;
+use crate::{BinaryKind, ReduceKind, UnaryKind};
+use cubecl::prelude::*;
+use cubecl::server::Handle;
+
+/// Units per cube for one-dimensional launches.
+const CUBE_SIZE: u32 = 256;
+/// The largest cube count along one grid dimension every backend accepts.
+const MAX_GRID: u32 = 65_535;
+
+/// A strided view of a device buffer: element `c` of the logical tensor is at
+/// `offset + sum(c[i] * strides[i])`. A broadcast dimension has stride 0.
+#[derive(Clone, Debug)]
+pub struct View {
+    pub handle: Handle,
+    /// Elements in the buffer.
+    pub len: usize,
+    pub offset: usize,
+    pub strides: Vec<usize>,
+}
+
+impl View {
+    /// A contiguous row-major view of `shape`.
+    pub fn contiguous(handle: Handle, shape: &[usize]) -> View {
+        View {
+            handle,
+            len: shape.iter().product(),
+            offset: 0,
+            strides: contiguous_strides(shape),
+        }
+    }
+}
+
+pub fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
+    let mut s = vec![1; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        s[i] = s[i + 1] * shape[i + 1];
+    }
+    s
+}
+
+/// Every kernel launch altc needs, on one client. Buffers hold f32.
+pub struct Kernels<R: Runtime> {
+    client: ComputeClient<R>,
+}
+
+fn u32s(values: impl IntoIterator<Item = usize>) -> Vec<u32> {
+    values
+        .into_iter()
+        .map(|v| u32::try_from(v).expect("tensor extents and strides fit in 32 bits"))
+        .collect()
+}
+
+fn grid(units: usize) -> (CubeCount, CubeDim) {
+    let cubes = (units as u32).div_ceil(CUBE_SIZE).max(1);
+    let x = cubes.min(MAX_GRID);
+    (
+        CubeCount::Static(x, cubes.div_ceil(x), 1),
+        CubeDim::new_1d(CUBE_SIZE),
+    )
+}
+
+impl<R: Runtime> Kernels<R> {
+    pub fn new(client: ComputeClient<R>) -> Self {
+        Kernels { client }
+    }
+
+    pub fn client(&self) -> &ComputeClient<R> {
+        &self.client
+    }
+
+    pub fn upload(&self, values: &[f32]) -> Handle {
+        if values.is_empty() {
+            return self.client.empty(4);
+        }
+        self.client.create_from_slice(f32::as_bytes(values))
+    }
+
+    pub fn read(&self, handle: Handle, len: usize) -> Vec<f32> {
+        if len == 0 {
+            return Vec::new();
+        }
+        let bytes = self
+            .client
+            .read_one(handle)
+            .expect("reading a device buffer");
+        f32::from_bytes(&bytes)[..len].to_vec()
+    }
+
+    fn alloc(&self, len: usize) -> Handle {
+        self.client.empty(len.max(1) * 4)
+    }
+
+    fn meta(&self, values: Vec<u32>) -> Handle {
+        let values = if values.is_empty() { vec![0] } else { values };
+        self.client.create_from_slice(u32::as_bytes(&values))
+    }
+
+    /// `op` of every element of `x` (read through its view) into a new `shape` buffer.
+    pub fn unary(&self, op: UnaryKind, x: &View, shape: &[usize]) -> Handle {
+        let n: usize = shape.iter().product();
+        let out = self.alloc(n);
+        let mut meta = u32s(shape.iter().copied());
+        meta.extend(u32s(x.strides.iter().copied()));
+        meta.extend(u32s([x.offset]));
+        let (count, dim) = grid(n);
+        unsafe {
+            unary_kernel::launch_unchecked::<f32, R>(
+                &self.client,
+                count,
+                dim,
+                ArrayArg::from_raw_parts(x.handle.clone(), x.len.max(1)),
+                ArrayArg::from_raw_parts(out.clone(), n),
+                ArrayArg::from_raw_parts(self.meta(meta), 2 * shape.len() + 1),
+                shape.len(),
+                op,
+            )
+        };
+        out
+    }
+
+    pub fn binary(&self, op: BinaryKind, a: &View, b: &View, shape: &[usize]) -> Handle {
+        let n: usize = shape.iter().product();
+        let out = self.alloc(n);
+        let mut meta = u32s(shape.iter().copied());
+        meta.extend(u32s(a.strides.iter().copied()));
+        meta.extend(u32s(b.strides.iter().copied()));
+        meta.extend(u32s([a.offset, b.offset]));
+        let (count, dim) = grid(n);
+        unsafe {
+            binary_kernel::launch_unchecked::<f32, R>(
+                &self.client,
+                count,
+                dim,
+                ArrayArg::from_raw_parts(a.handle.clone(), a.len.max(1)),
+                ArrayArg::from_raw_parts(b.handle.clone(), b.len.max(1)),
+                ArrayArg::from_raw_parts(out.clone(), n),
+                ArrayArg::from_raw_parts(self.meta(meta), 3 * shape.len() + 2),
+                shape.len(),
+                op,
+            )
+        };
+        out
+    }
+
+    pub fn select(&self, cond: &View, a: &View, b: &View, shape: &[usize]) -> Handle {
+        let n: usize = shape.iter().product();
+        let out = self.alloc(n);
+        let mut meta = u32s(shape.iter().copied());
+        for v in [cond, a, b] {
+            meta.extend(u32s(v.strides.iter().copied()));
+        }
+        meta.extend(u32s([cond.offset, a.offset, b.offset]));
+        let (count, dim) = grid(n);
+        unsafe {
+            select_kernel::launch_unchecked::<f32, R>(
+                &self.client,
+                count,
+                dim,
+                ArrayArg::from_raw_parts(cond.handle.clone(), cond.len.max(1)),
+                ArrayArg::from_raw_parts(a.handle.clone(), a.len.max(1)),
+                ArrayArg::from_raw_parts(b.handle.clone(), b.len.max(1)),
+                ArrayArg::from_raw_parts(out.clone(), n),
+                ArrayArg::from_raw_parts(self.meta(meta), 4 * shape.len() + 3),
+                shape.len(),
+            )
+        };
+        out
+    }
+
+    /// Allocates an uninitialised buffer of `len` elements (filled by `copy_into`).
+    pub fn buffer(&self, len: usize) -> Handle {
+        self.alloc(len)
+    }
+
+    /// Copies `x` (logical `shape`) into `out` at `out_offset` with `out_strides`.
+    pub fn copy_into(
+        &self,
+        x: &View,
+        shape: &[usize],
+        out: &Handle,
+        out_len: usize,
+        out_offset: usize,
+        out_strides: &[usize],
+    ) {
+        let n: usize = shape.iter().product();
+        if n == 0 {
+            return;
+        }
+        let mut meta = u32s(shape.iter().copied());
+        meta.extend(u32s(x.strides.iter().copied()));
+        meta.extend(u32s(out_strides.iter().copied()));
+        meta.extend(u32s([x.offset, out_offset]));
+        let meta_len = meta.len();
+        let (count, dim) = grid(n);
+        unsafe {
+            copy_kernel::launch_unchecked::<f32, R>(
+                &self.client,
+                count,
+                dim,
+                ArrayArg::from_raw_parts(x.handle.clone(), x.len.max(1)),
+                ArrayArg::from_raw_parts(out.clone(), out_len.max(1)),
+                ArrayArg::from_raw_parts(self.meta(meta), meta_len),
+                u32s([n])[0],
+                shape.len(),
+            )
+        };
+    }
+
+    pub fn fill(&self, value: f32, len: usize) -> Handle {
+        let out = self.alloc(len);
+        let (count, dim) = grid(len);
+        unsafe {
+            fill_kernel::launch_unchecked::<f32, R>(
+                &self.client,
+                count,
+                dim,
+                ArrayArg::from_raw_parts(out.clone(), len),
+                value,
+            )
+        };
+        out
+    }
+
+    /// Each element's coordinate along `axis` of `shape`.
+    pub fn iota(&self, shape: &[usize], axis: usize) -> Handle {
+        let n: usize = shape.iter().product();
+        let out = self.alloc(n);
+        let inner: usize = shape[axis + 1..].iter().product();
+        let (count, dim) = grid(n);
+        let [inner, size] = [inner, shape[axis]].map(|v| u32s([v])[0]);
+        unsafe {
+            iota_kernel::launch_unchecked::<f32, R>(
+                &self.client,
+                count,
+                dim,
+                ArrayArg::from_raw_parts(out.clone(), n),
+                inner,
+                size,
+            )
+        };
+        out
+    }
+
+    /// Reduces `x` (logical `shape`) over `axes`; the result is contiguous in the order
+    /// of the kept axes.
+    pub fn reduce(&self, op: ReduceKind, x: &View, shape: &[usize], axes: &[usize]) -> Handle {
+        let kept: Vec<usize> = (0..shape.len()).filter(|a| !axes.contains(a)).collect();
+        let reduced: Vec<usize> = (0..shape.len()).filter(|a| axes.contains(a)).collect();
+        let n: usize = kept.iter().map(|&a| shape[a]).product();
+        let count_reduced: usize = reduced.iter().map(|&a| shape[a]).product();
+        let out = self.alloc(n);
+        let mut meta = u32s(kept.iter().map(|&a| shape[a]));
+        meta.extend(u32s(kept.iter().map(|&a| x.strides[a])));
+        meta.extend(u32s(reduced.iter().map(|&a| shape[a])));
+        meta.extend(u32s(reduced.iter().map(|&a| x.strides[a])));
+        meta.extend(u32s([x.offset, count_reduced]));
+        let meta_len = meta.len();
+        let (count, dim) = grid(n);
+        unsafe {
+            reduce_kernel::launch_unchecked::<f32, R>(
+                &self.client,
+                count,
+                dim,
+                ArrayArg::from_raw_parts(x.handle.clone(), x.len.max(1)),
+                ArrayArg::from_raw_parts(out.clone(), n),
+                ArrayArg::from_raw_parts(self.meta(meta), meta_len),
+                kept.len(),
+                reduced.len(),
+                op,
+            )
+        };
+        out
+    }
+
+    /// `[..., M, K] x [..., K, N]` with batch dimensions broadcast (`out_batch` is the
+    /// broadcast batch shape); a transposed operand swaps its last two dimensions.
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul(
+        &self,
+        a: &View,
+        a_shape: &[usize],
+        transpose_a: bool,
+        b: &View,
+        b_shape: &[usize],
+        transpose_b: bool,
+        out_batch: &[usize],
+    ) -> Handle {
+        let (ra, rb) = (a_shape.len(), b_shape.len());
+        let (m, k) = if transpose_a {
+            (a_shape[ra - 1], a_shape[ra - 2])
+        } else {
+            (a_shape[ra - 2], a_shape[ra - 1])
+        };
+        let n = if transpose_b {
+            b_shape[rb - 2]
+        } else {
+            b_shape[rb - 1]
+        };
+        let (a_row, a_col) = (a.strides[ra - 2], a.strides[ra - 1]);
+        let (b_row, b_col) = (b.strides[rb - 2], b.strides[rb - 1]);
+        let (a_rs, a_cs) = if transpose_a {
+            (a_col, a_row)
+        } else {
+            (a_row, a_col)
+        };
+        let (b_rs, b_cs) = if transpose_b {
+            (b_col, b_row)
+        } else {
+            (b_row, b_col)
+        };
+        let batch_strides = |shape: &[usize], strides: &[usize]| -> Vec<usize> {
+            let own = shape.len() - 2;
+            let lead = out_batch.len() - own;
+            (0..out_batch.len())
+                .map(|i| {
+                    if i < lead || shape[i - lead] == 1 {
+                        0
+                    } else {
+                        strides[i - lead]
+                    }
+                })
+                .collect()
+        };
+        let batches: usize = out_batch.iter().product();
+        let out = self.alloc(batches * m * n);
+        let mut meta = u32s(out_batch.iter().copied());
+        meta.extend(u32s(batch_strides(a_shape, &a.strides)));
+        meta.extend(u32s(batch_strides(b_shape, &b.strides)));
+        meta.extend(u32s([m, n, k, a_rs, a_cs, b_rs, b_cs, a.offset, b.offset]));
+        let meta_len = meta.len();
+        let tiles = |d: usize| (d as u32).div_ceil(TILE).max(1);
+        let count = CubeCount::Static(tiles(n), tiles(m), u32s([batches])[0].max(1));
+        unsafe {
+            matmul_kernel::launch_unchecked::<f32, R>(
+                &self.client,
+                count,
+                CubeDim::new_2d(TILE, TILE),
+                ArrayArg::from_raw_parts(a.handle.clone(), a.len.max(1)),
+                ArrayArg::from_raw_parts(b.handle.clone(), b.len.max(1)),
+                ArrayArg::from_raw_parts(out.clone(), (batches * m * n).max(1)),
+                ArrayArg::from_raw_parts(self.meta(meta), meta_len),
+                out_batch.len(),
+            )
+        };
+        out
+    }
+
+    /// PyTorch `gather` along `axis`; the result has the index's `shape`.
+    pub fn gather(&self, x: &View, index: &View, axis: usize, shape: &[usize]) -> Handle {
+        let n: usize = shape.iter().product();
+        let out = self.alloc(n);
+        let mut meta = u32s(shape.iter().copied());
+        meta.extend(u32s(index.strides.iter().copied()));
+        meta.extend(u32s(x.strides.iter().copied()));
+        meta.extend(u32s([axis, index.offset, x.offset]));
+        let meta_len = meta.len();
+        let (count, dim) = grid(n);
+        unsafe {
+            gather_kernel::launch_unchecked::<f32, R>(
+                &self.client,
+                count,
+                dim,
+                ArrayArg::from_raw_parts(x.handle.clone(), x.len.max(1)),
+                ArrayArg::from_raw_parts(index.handle.clone(), index.len.max(1)),
+                ArrayArg::from_raw_parts(out.clone(), n),
+                ArrayArg::from_raw_parts(self.meta(meta), meta_len),
+                shape.len(),
+            )
+        };
+        out
+    }
+
+    /// Zeros of `shape`, then `out[.., index[.., j, ..], ..] += src[.., j, ..]`;
+    /// `extent` is the index's size along `axis`.
+    pub fn scatter_add(
+        &self,
+        index: &View,
+        src: &View,
+        axis: usize,
+        extent: usize,
+        shape: &[usize],
+    ) -> Handle {
+        let n: usize = shape.iter().product();
+        let out = self.alloc(n);
+        let mut meta = u32s(shape.iter().copied());
+        meta.extend(u32s(index.strides.iter().copied()));
+        meta.extend(u32s(src.strides.iter().copied()));
+        meta.extend(u32s([axis, extent, index.offset, src.offset]));
+        let meta_len = meta.len();
+        let (count, dim) = grid(n);
+        unsafe {
+            scatter_add_kernel::launch_unchecked::<f32, R>(
+                &self.client,
+                count,
+                dim,
+                ArrayArg::from_raw_parts(index.handle.clone(), index.len.max(1)),
+                ArrayArg::from_raw_parts(src.handle.clone(), src.len.max(1)),
+                ArrayArg::from_raw_parts(out.clone(), n),
+                ArrayArg::from_raw_parts(self.meta(meta), meta_len),
+                shape.len(),
+            )
+        };
+        out
+    }
+
+    /// Indices of the `k` largest of each of `rows` contiguous rows of `n`.
+    pub fn top_k(&self, x: &Handle, rows: usize, n: usize, k: usize) -> Handle {
+        let out = self.alloc(rows * k);
+        let (count, dim) = grid(rows);
+        let [n32, k32] = [n, k].map(|v| u32s([v])[0]);
+        unsafe {
+            top_k_kernel::launch_unchecked::<f32, R>(
+                &self.client,
+                count,
+                dim,
+                ArrayArg::from_raw_parts(x.clone(), (rows * n).max(1)),
+                ArrayArg::from_raw_parts(out.clone(), (rows * k).max(1)),
+                n32,
+                k32,
+            )
+        };
+        out
+    }
+
+    /// Inverted dropout of contiguous `x` with the Philox stream of (seed, step, stream).
+    pub fn dropout(
+        &self,
+        x: &Handle,
+        len: usize,
+        rate: f64,
+        seed: u64,
+        step: u64,
+        stream: u64,
+    ) -> Handle {
+        let out = self.alloc(len);
+        let (count, dim) = grid(len);
+        unsafe {
+            dropout_kernel::launch_unchecked::<f32, R>(
+                &self.client,
+                count,
+                dim,
+                ArrayArg::from_raw_parts(x.clone(), len.max(1)),
+                ArrayArg::from_raw_parts(out.clone(), len),
+                rate as f32,
+                (1.0 / (1.0 - rate)) as f32,
+                seed as u32,
+                (seed >> 32) as u32,
+                step as u32,
+                stream as u32,
+            )
+        };
+        out
+    }
+}

@@ -1,0 +1,75 @@
+//! Batched matrix multiply: shared-memory tiles of `TILE x TILE`, one cube per output
+//! tile and batch entry. Operands are strided views, so transposed operands and
+//! broadcast batch dimensions (stride 0) need no copies.
+
+use cubecl::prelude::*;
+
+/// Tile edge; a cube is `TILE x TILE` units, whatever the plane size.
+pub const TILE: u32 = 16;
+
+/// `meta`: batch shape (`batch_rank` dims), a's batch strides, b's batch strides,
+/// then `M, N, K`, a's row and column strides, b's row and column strides, a offset,
+/// b offset. The output is contiguous `[batch..., M, N]`.
+#[cube(launch_unchecked)]
+pub(crate) fn matmul_kernel<F: Float>(
+    a: &Array<F>,
+    b: &Array<F>,
+    out: &mut Array<F>,
+    meta: &Array<u32>,
+    #[comptime] batch_rank: usize,
+) {
+    let tile = comptime!(TILE as usize);
+    let mut a_tile = SharedMemory::<F>::new(tile * tile);
+    let mut b_tile = SharedMemory::<F>::new(tile * tile);
+    let tail = 3 * batch_rank;
+    let m = meta[tail];
+    let n = meta[tail + 1];
+    let k = meta[tail + 2];
+    let a_rs = meta[tail + 3];
+    let a_cs = meta[tail + 4];
+    let b_rs = meta[tail + 5];
+    let b_cs = meta[tail + 6];
+
+    // Which batch entry this cube computes, and where its operands start.
+    let mut rem = CUBE_POS_Z;
+    let mut a_base = meta[tail + 7];
+    let mut b_base = meta[tail + 8];
+    #[unroll]
+    for i in 0..batch_rank {
+        let axis = batch_rank - 1 - i;
+        let dim = meta[axis];
+        let coord = rem % dim;
+        rem /= dim;
+        a_base += coord * meta[batch_rank + axis];
+        b_base += coord * meta[2 * batch_rank + axis];
+    }
+    let tx = UNIT_POS_X;
+    let ty = UNIT_POS_Y;
+    let row = CUBE_POS_Y * TILE + ty;
+    let col = CUBE_POS_X * TILE + tx;
+    let mut acc = F::new(0.0);
+    let tiles = (k + TILE - 1) / TILE;
+    for t in 0..tiles {
+        let ak = t * TILE + tx;
+        let bk = t * TILE + ty;
+        a_tile[(ty * TILE + tx) as usize] = select(
+            row < m && ak < k,
+            a[(a_base + select(row < m && ak < k, row * a_rs + ak * a_cs, 0)) as usize],
+            F::new(0.0),
+        );
+        b_tile[(ty * TILE + tx) as usize] = select(
+            bk < k && col < n,
+            b[(b_base + select(bk < k && col < n, bk * b_rs + col * b_cs, 0)) as usize],
+            F::new(0.0),
+        );
+        sync_cube();
+        #[unroll]
+        for i in 0..tile {
+            acc += a_tile[ty as usize * tile + i] * b_tile[i * tile + tx as usize];
+        }
+        sync_cube();
+    }
+    if row < m && col < n {
+        out[(CUBE_POS_Z * m * n + row * n + col) as usize] = acc;
+    }
+}

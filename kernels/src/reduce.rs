@@ -1,0 +1,87 @@
+//! Reductions over any set of axes of a strided view: one unit per output element
+//! walks the reduced elements in order, so results are deterministic.
+
+use cubecl::prelude::*;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ReduceKind {
+    Sum,
+    Mean,
+    Max,
+    Min,
+}
+
+/// Offset of linear index `pos` within the shape at `meta[shape_at..]` and the
+/// strides at `meta[strides_at..]`.
+#[cube]
+fn offset_in(
+    pos: u32,
+    meta: &Array<u32>,
+    shape_at: u32,
+    strides_at: u32,
+    #[comptime] rank: usize,
+) -> u32 {
+    let mut rem = pos;
+    let mut offset = 0u32;
+    #[unroll]
+    for i in 0..rank {
+        let axis = rank - 1 - i;
+        let dim = meta[shape_at as usize + axis];
+        let coord = rem % dim;
+        rem /= dim;
+        offset += coord * meta[strides_at as usize + axis];
+    }
+    offset
+}
+
+#[cube]
+fn combine<F: Float>(acc: F, v: F, #[comptime] op: ReduceKind) -> F {
+    match op {
+        ReduceKind::Sum | ReduceKind::Mean => acc + v,
+        // `v + acc` is NaN when either is: NaN propagates as in the reference.
+        ReduceKind::Max => select(v != v || acc != acc, v + acc, select(v > acc, v, acc)),
+        ReduceKind::Min => select(v != v || acc != acc, v + acc, select(v < acc, v, acc)),
+    }
+}
+
+/// `meta`: kept shape (`kept` dims), kept strides, reduced shape (`reduced` dims),
+/// reduced strides, x offset, number of reduced elements.
+#[cube(launch_unchecked)]
+pub(crate) fn reduce_kernel<F: Float>(
+    x: &Array<F>,
+    out: &mut Array<F>,
+    meta: &Array<u32>,
+    #[comptime] kept: usize,
+    #[comptime] reduced: usize,
+    #[comptime] op: ReduceKind,
+) {
+    let pos = ABSOLUTE_POS;
+    if pos < out.len() {
+        let tail = 2 * kept + 2 * reduced;
+        let base = offset_in(pos as u32, meta, 0, kept as u32, kept) + meta[tail];
+        let count = meta[tail + 1];
+        let mut acc = F::new(0.0);
+        if comptime![op == ReduceKind::Max] {
+            acc = F::min_value();
+        }
+        if comptime![op == ReduceKind::Min] {
+            acc = F::max_value();
+        }
+        for r in 0..count {
+            let v = x[(base
+                + offset_in(
+                    r,
+                    meta,
+                    2 * kept as u32,
+                    (2 * kept + reduced) as u32,
+                    reduced,
+                )) as usize];
+            acc = combine::<F>(acc, v, op);
+        }
+        let result = match op {
+            ReduceKind::Mean => acc / F::cast_from(count),
+            _ => acc,
+        };
+        out[pos] = result;
+    }
+}

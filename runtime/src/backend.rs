@@ -1,0 +1,94 @@
+//! Backends execute IR graphs over resident training state. The reference backend
+//! keeps state on the host and runs the interpreter; cubecl backends keep parameters
+//! and optimizer state on the device and move only batches, scalars and metrics.
+
+use altc_compiler::ir::Graph;
+use altc_compiler::reference::{run, EvalContext, EvalError, Tensor, TensorMap};
+use std::collections::BTreeMap;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum BackendError {
+    #[error(transparent)]
+    Eval(#[from] EvalError),
+    #[error("graph `{graph}`: state tensor `{name}` is not on the device")]
+    MissingState { graph: String, name: String },
+    #[error("graph `{graph}` needs input `{name}`, which was not given")]
+    MissingInput { graph: String, name: String },
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// Where graphs run.
+pub trait Backend: Send {
+    /// A line saying what this is (`reference`, `wgpu: llvmpipe ...`).
+    fn describe(&self) -> String;
+
+    /// Replaces the resident state (parameters and optimizer tensors).
+    fn load_state(&mut self, state: &TensorMap);
+
+    /// Copies the resident state to the host (for checkpoints).
+    fn read_state(&mut self) -> TensorMap;
+
+    /// Runs `graph`: `Parameter` leaves read the resident state, `Input` leaves the
+    /// given host tensors. Outputs named `new.<x>` are staged to replace state `<x>`
+    /// (see `commit`) and stay where the state lives; `grad.<x>` outputs stay there
+    /// too; every other output comes back to the host.
+    fn run(
+        &mut self,
+        graph: &Graph,
+        inputs: &TensorMap,
+        ctx: EvalContext,
+    ) -> Result<BTreeMap<String, Tensor>, BackendError>;
+
+    /// Applies the updates staged by the last `run`; a run whose results were
+    /// rejected (a NaN) is simply not committed.
+    fn commit(&mut self);
+}
+
+/// The reference interpreter over host state.
+#[derive(Default)]
+pub struct ReferenceBackend {
+    state: TensorMap,
+    staged: TensorMap,
+}
+
+impl Backend for ReferenceBackend {
+    fn describe(&self) -> String {
+        "reference interpreter (CPU, plain Rust)".into()
+    }
+
+    fn load_state(&mut self, state: &TensorMap) {
+        self.state = state.clone();
+    }
+
+    fn read_state(&mut self) -> TensorMap {
+        self.state.clone()
+    }
+
+    fn run(
+        &mut self,
+        graph: &Graph,
+        inputs: &TensorMap,
+        ctx: EvalContext,
+    ) -> Result<BTreeMap<String, Tensor>, BackendError> {
+        let outputs = run(graph, inputs, &self.state, ctx)?;
+        let mut host = BTreeMap::new();
+        for (name, value) in outputs {
+            match name.strip_prefix("new.") {
+                Some(target) => {
+                    self.staged.insert(target.to_string(), value);
+                }
+                None if name.starts_with("grad.") => {}
+                None => {
+                    host.insert(name, value);
+                }
+            }
+        }
+        Ok(host)
+    }
+
+    fn commit(&mut self) {
+        self.state.extend(std::mem::take(&mut self.staged));
+    }
+}

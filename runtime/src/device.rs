@@ -1,0 +1,454 @@
+//! cubecl devices: choosing one, and executing IR graphs on it op by op with the
+//! kernels of `altc_kernels`. Layout ops (transpose, broadcast, slice, reshape of a
+//! contiguous buffer) become strided views and launch nothing; every other op is one
+//! kernel launch. Intermediate buffers are released after their last use.
+
+use crate::backend::{Backend, BackendError};
+use altc_compiler::ir::{
+    BinaryOp, CompareOp, DType, Dim, Graph, NodeId, Op, ReduceOp, Shape, UnaryOp,
+};
+use altc_compiler::reference::{EvalContext, Tensor, TensorMap};
+use altc_kernels::{BinaryKind, Kernels, ReduceKind, UnaryKind, View};
+use cubecl::prelude::*;
+use std::collections::{BTreeMap, HashMap};
+
+/// Which device to use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceChoice {
+    /// CUDA when a driver is found, else wgpu.
+    Auto,
+    Cuda,
+    Wgpu,
+}
+
+/// Opens the chosen device, or says plainly why it cannot.
+pub fn open(choice: DeviceChoice) -> Result<Box<dyn Backend>, BackendError> {
+    match choice {
+        DeviceChoice::Cuda => open_cuda(),
+        DeviceChoice::Wgpu => open_wgpu(),
+        DeviceChoice::Auto => open_cuda().or_else(|cuda| {
+            open_wgpu()
+                .map_err(|wgpu| BackendError::Unavailable(format!("no device: {cuda}; {wgpu}")))
+        }),
+    }
+}
+
+/// Creating a client panics inside the driver bindings when no device exists; probe
+/// it on a quiet panic hook so a missing device is an error, not a crash.
+fn probe<T>(
+    what: &str,
+    make: impl FnOnce() -> T + std::panic::UnwindSafe,
+) -> Result<T, BackendError> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let result = std::panic::catch_unwind(make);
+    std::panic::set_hook(hook);
+    result.map_err(|e| {
+        let why = e
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default();
+        let why = why.lines().next().unwrap_or("").to_string();
+        BackendError::Unavailable(format!("{what} is not available ({why})"))
+    })
+}
+
+fn open_cuda() -> Result<Box<dyn Backend>, BackendError> {
+    use cubecl::cuda::{CudaDevice, CudaRuntime};
+    let client = probe("CUDA", || CudaRuntime::client(&CudaDevice::default()))?;
+    Ok(Box::new(DeviceBackend::<CudaRuntime>::new(client, "cuda")))
+}
+
+fn open_wgpu() -> Result<Box<dyn Backend>, BackendError> {
+    use cubecl::wgpu::{WgpuDevice, WgpuRuntime};
+    let client = probe("wgpu (Vulkan)", || {
+        WgpuRuntime::client(&WgpuDevice::default())
+    })?;
+    Ok(Box::new(DeviceBackend::<WgpuRuntime>::new(client, "wgpu")))
+}
+
+/// A value on the device: a (possibly strided) view and its logical shape.
+#[derive(Clone)]
+struct Value {
+    view: View,
+    shape: Vec<usize>,
+}
+
+impl Value {
+    fn contiguous(handle: cubecl::server::Handle, shape: Vec<usize>) -> Value {
+        Value {
+            view: View::contiguous(handle, &shape),
+            shape,
+        }
+    }
+
+    fn is_contiguous(&self) -> bool {
+        self.view.offset == 0
+            && self.view.strides == altc_kernels_strides(&self.shape)
+            && self.view.len == self.shape.iter().product::<usize>()
+    }
+}
+
+fn altc_kernels_strides(shape: &[usize]) -> Vec<usize> {
+    altc_kernels::contiguous_strides(shape)
+}
+
+pub struct DeviceBackend<R: Runtime> {
+    kernels: Kernels<R>,
+    name: &'static str,
+    state: HashMap<String, Value>,
+    staged: Vec<(String, Value)>,
+}
+
+impl<R: Runtime> DeviceBackend<R> {
+    pub fn new(client: ComputeClient<R>, name: &'static str) -> Self {
+        DeviceBackend {
+            kernels: Kernels::new(client),
+            name,
+            state: HashMap::new(),
+            staged: Vec::new(),
+        }
+    }
+
+    fn upload(&self, t: &Tensor) -> Value {
+        let values: Vec<f32> = t.to_f64().iter().map(|&v| v as f32).collect();
+        Value::contiguous(self.kernels.upload(&values), t.shape.clone())
+    }
+
+    fn download(&self, v: &Value, dtype: DType) -> Tensor {
+        let v = self.materialise(v);
+        let n = v.shape.iter().product();
+        let data = self.kernels.read(v.view.handle.clone(), n);
+        Tensor::from_f64(dtype, &v.shape, data.into_iter().map(f64::from).collect())
+    }
+
+    fn materialise(&self, v: &Value) -> Value {
+        if v.is_contiguous() {
+            return v.clone();
+        }
+        Value::contiguous(
+            self.kernels.unary(UnaryKind::Identity, &v.view, &v.shape),
+            v.shape.clone(),
+        )
+    }
+
+    fn view_as(&self, v: &Value, shape: &[usize]) -> View {
+        // Broadcast `v` to `shape`: right-align, stretched dimensions get stride 0.
+        let lead = shape.len() - v.shape.len();
+        let strides = (0..shape.len())
+            .map(|i| {
+                if i < lead || v.shape[i - lead] == 1 {
+                    0
+                } else {
+                    v.view.strides[i - lead]
+                }
+            })
+            .collect();
+        View {
+            strides,
+            ..v.view.clone()
+        }
+    }
+
+    fn eval(
+        &self,
+        graph: &Graph,
+        id: NodeId,
+        x: &[&Value],
+        shape: Vec<usize>,
+        ctx: EvalContext,
+    ) -> Value {
+        let node = graph.node(id);
+        let k = &self.kernels;
+        let contiguous = |h| Value::contiguous(h, shape.clone());
+        match &node.op {
+            Op::Input { .. } | Op::Parameter { .. } => {
+                unreachable!("leaves are bound before evaluation")
+            }
+            Op::Constant { value, .. } => {
+                // One element, read everywhere through stride 0.
+                let handle = k.upload(&[value.0 as f32]);
+                Value {
+                    view: View {
+                        handle,
+                        len: 1,
+                        offset: 0,
+                        strides: vec![0; shape.len()],
+                    },
+                    shape,
+                }
+            }
+            Op::Iota { axis, .. } => contiguous(k.iota(&shape, *axis)),
+            Op::Unary(u) => contiguous(k.unary(unary_kind(*u), &x[0].view, &shape)),
+            Op::Cast { dtype } => {
+                let kind = match dtype {
+                    DType::I32 => UnaryKind::Trunc,
+                    DType::Bool => UnaryKind::NonZero,
+                    DType::F32 | DType::F64 => UnaryKind::Identity,
+                };
+                contiguous(k.unary(kind, &x[0].view, &shape))
+            }
+            Op::Binary(b) => contiguous(k.binary(
+                binary_kind(*b),
+                &self.view_as(x[0], &shape),
+                &self.view_as(x[1], &shape),
+                &shape,
+            )),
+            Op::Compare(c) => contiguous(k.binary(
+                compare_kind(*c),
+                &self.view_as(x[0], &shape),
+                &self.view_as(x[1], &shape),
+                &shape,
+            )),
+            Op::Where => contiguous(k.select(
+                &self.view_as(x[0], &shape),
+                &self.view_as(x[1], &shape),
+                &self.view_as(x[2], &shape),
+                &shape,
+            )),
+            Op::Reduce { op, axes, .. } => {
+                contiguous(k.reduce(reduce_kind(*op), &x[0].view, &x[0].shape, axes))
+            }
+            Op::MatMul {
+                transpose_a,
+                transpose_b,
+            } => {
+                let batch = &shape[..shape.len() - 2];
+                contiguous(k.matmul(
+                    &x[0].view,
+                    &x[0].shape,
+                    *transpose_a,
+                    &x[1].view,
+                    &x[1].shape,
+                    *transpose_b,
+                    batch,
+                ))
+            }
+            Op::Transpose { perm } => Value {
+                view: View {
+                    strides: perm.iter().map(|&p| x[0].view.strides[p]).collect(),
+                    ..x[0].view.clone()
+                },
+                shape,
+            },
+            Op::Reshape { .. } => {
+                let base = self.materialise(x[0]);
+                Value {
+                    view: View::contiguous(base.view.handle, &shape),
+                    shape,
+                }
+            }
+            Op::BroadcastTo { .. } => Value {
+                view: self.view_as(x[0], &shape),
+                shape,
+            },
+            Op::Slice { axis, start, .. } => {
+                let mut view = x[0].view.clone();
+                view.offset += start * view.strides[*axis];
+                Value { view, shape }
+            }
+            Op::Concat { axis } => {
+                let n: usize = shape.iter().product();
+                let out = k.buffer(n);
+                let strides = altc_kernels_strides(&shape);
+                let mut at = 0;
+                for part in x {
+                    k.copy_into(
+                        &part.view,
+                        &part.shape,
+                        &out,
+                        n,
+                        at * strides[*axis],
+                        &strides,
+                    );
+                    at += part.shape[*axis];
+                }
+                contiguous(out)
+            }
+            Op::Gather { axis } => contiguous(k.gather(&x[0].view, &x[1].view, *axis, &shape)),
+            Op::ScatterAdd { axis, .. } => {
+                contiguous(k.scatter_add(&x[0].view, &x[1].view, *axis, x[0].shape[*axis], &shape))
+            }
+            Op::TopK { k: kk } => {
+                let input = self.materialise(x[0]);
+                let n = *input.shape.last().expect("top-k operands have an axis");
+                let rows = input.shape.iter().product::<usize>() / n.max(1);
+                contiguous(k.top_k(&input.view.handle, rows, n, *kk))
+            }
+            Op::Dropout { rate, stream } => {
+                let input = self.materialise(x[0]);
+                let n = shape.iter().product();
+                contiguous(k.dropout(&input.view.handle, n, rate.0, ctx.seed, ctx.step, *stream))
+            }
+        }
+    }
+}
+
+fn concrete(shape: &Shape, symbols: &BTreeMap<String, usize>) -> Option<Vec<usize>> {
+    shape
+        .dims()
+        .iter()
+        .map(|d| match d {
+            Dim::Fixed(n) => Some(*n),
+            Dim::Sym(s) => symbols.get(s).copied(),
+        })
+        .collect()
+}
+
+impl<R: Runtime> Backend for DeviceBackend<R> {
+    fn describe(&self) -> String {
+        self.name.to_string()
+    }
+
+    fn load_state(&mut self, state: &TensorMap) {
+        self.state = state
+            .iter()
+            .map(|(n, t)| (n.clone(), self.upload(t)))
+            .collect();
+    }
+
+    fn read_state(&mut self) -> TensorMap {
+        self.state
+            .iter()
+            .map(|(n, v)| (n.clone(), self.download(v, DType::F32)))
+            .collect()
+    }
+
+    fn run(
+        &mut self,
+        graph: &Graph,
+        inputs: &TensorMap,
+        ctx: EvalContext,
+    ) -> Result<BTreeMap<String, Tensor>, BackendError> {
+        let order = graph
+            .topo_order()
+            .map_err(altc_compiler::reference::EvalError::from)?;
+        let mut symbols = BTreeMap::new();
+        for (name, id) in graph.inputs() {
+            let t = inputs.get(name).ok_or_else(|| BackendError::MissingInput {
+                graph: graph.name.clone(),
+                name: name.into(),
+            })?;
+            for (d, &n) in graph.node(id).ty.shape.dims().iter().zip(&t.shape) {
+                if let Dim::Sym(s) = d {
+                    symbols.insert(s.clone(), n);
+                }
+            }
+        }
+        // Release each intermediate after its last user.
+        let mut last_use = vec![0usize; graph.len()];
+        for (pos, &id) in order.iter().enumerate() {
+            for o in graph.operands(id) {
+                last_use[o.index()] = pos;
+            }
+        }
+        let kept: Vec<bool> = (0..graph.len())
+            .map(|i| graph.outputs().iter().any(|(_, o)| o.index() == i))
+            .collect();
+        let mut values: Vec<Option<Value>> = vec![None; graph.len()];
+        for (pos, &id) in order.iter().enumerate() {
+            let node = graph.node(id);
+            let value = match &node.op {
+                Op::Input { name, .. } => self.upload(&inputs[name]),
+                Op::Parameter { name, .. } => {
+                    self.state
+                        .get(name)
+                        .cloned()
+                        .ok_or_else(|| BackendError::MissingState {
+                            graph: graph.name.clone(),
+                            name: name.clone(),
+                        })?
+                }
+                _ => {
+                    let operands: Vec<&Value> = graph
+                        .operands(id)
+                        .iter()
+                        .map(|o| values[o.index()].as_ref().expect("operands come first"))
+                        .collect();
+                    let shape =
+                        concrete(&node.ty.shape, &symbols).expect("inputs bind every symbol");
+                    self.eval(graph, id, &operands, shape, ctx)
+                }
+            };
+            values[id.index()] = Some(value);
+            for o in graph.operands(id) {
+                if last_use[o.index()] == pos && !kept[o.index()] {
+                    values[o.index()] = None;
+                }
+            }
+        }
+        let mut host = BTreeMap::new();
+        let mut updates = Vec::new();
+        for (name, id) in graph.outputs() {
+            let value = values[id.index()].clone().expect("outputs are kept");
+            match name.strip_prefix("new.") {
+                Some(target) => updates.push((target.to_string(), self.materialise(&value))),
+                None if name.starts_with("grad.") => {}
+                None => {
+                    host.insert(
+                        name.clone(),
+                        self.download(&value, graph.node(*id).ty.dtype),
+                    );
+                }
+            }
+        }
+        self.staged = updates;
+        Ok(host)
+    }
+
+    fn commit(&mut self) {
+        self.state.extend(std::mem::take(&mut self.staged));
+    }
+}
+
+fn unary_kind(u: UnaryOp) -> UnaryKind {
+    match u {
+        UnaryOp::Neg => UnaryKind::Neg,
+        UnaryOp::Abs => UnaryKind::Abs,
+        UnaryOp::Exp => UnaryKind::Exp,
+        UnaryOp::Log => UnaryKind::Log,
+        UnaryOp::Sqrt => UnaryKind::Sqrt,
+        UnaryOp::Rsqrt => UnaryKind::Rsqrt,
+        UnaryOp::Recip => UnaryKind::Recip,
+        UnaryOp::Square => UnaryKind::Square,
+        UnaryOp::Tanh => UnaryKind::Tanh,
+        UnaryOp::Sigmoid => UnaryKind::Sigmoid,
+        UnaryOp::Relu => UnaryKind::Relu,
+        UnaryOp::Erf => UnaryKind::Erf,
+        UnaryOp::Gelu => UnaryKind::Gelu,
+        UnaryOp::Silu => UnaryKind::Silu,
+    }
+}
+
+fn binary_kind(b: BinaryOp) -> BinaryKind {
+    match b {
+        BinaryOp::Add => BinaryKind::Add,
+        BinaryOp::Sub => BinaryKind::Sub,
+        BinaryOp::Mul => BinaryKind::Mul,
+        BinaryOp::Div => BinaryKind::Div,
+        BinaryOp::Max => BinaryKind::Max,
+        BinaryOp::Min => BinaryKind::Min,
+        BinaryOp::Pow => BinaryKind::Pow,
+    }
+}
+
+fn compare_kind(c: CompareOp) -> BinaryKind {
+    match c {
+        CompareOp::Lt => BinaryKind::Lt,
+        CompareOp::Le => BinaryKind::Le,
+        CompareOp::Gt => BinaryKind::Gt,
+        CompareOp::Ge => BinaryKind::Ge,
+        CompareOp::Eq => BinaryKind::Eq,
+        CompareOp::Ne => BinaryKind::Ne,
+    }
+}
+
+fn reduce_kind(r: ReduceOp) -> ReduceKind {
+    match r {
+        ReduceOp::Sum => ReduceKind::Sum,
+        ReduceOp::Mean => ReduceKind::Mean,
+        ReduceOp::Max => ReduceKind::Max,
+        ReduceOp::Min => ReduceKind::Min,
+    }
+}

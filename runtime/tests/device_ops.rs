@@ -1,0 +1,382 @@
+//! Differential tests: every op family on the wgpu device (lavapipe in CI) against
+//! the reference interpreter, on random inputs and awkward shapes (sizes that are not
+//! multiples of any tile or plane, size 1, experts that receive no tokens). Tolerance:
+//! |device - reference| <= 1e-5 + 1e-4 |reference| (f32 on both sides; transcendental
+//! functions differ in their last bits between libm and the GPU's).
+
+use altc_compiler::ir::{
+    BinaryOp, CompareOp, DType, Graph, NodeId, Op, ReduceOp, Scalar, Shape, UnaryOp,
+};
+use altc_compiler::reference::{run, EvalContext, Tensor, TensorMap};
+use altc_compiler::{rng, shape};
+use altc_runtime::backend::Backend;
+use altc_runtime::device::{open, DeviceChoice};
+use std::sync::Mutex;
+
+/// One wgpu device for the whole file (opening one per test is slow on lavapipe).
+static DEVICE: Mutex<Option<Box<dyn Backend>>> = Mutex::new(None);
+
+fn with_device<T>(f: impl FnOnce(&mut dyn Backend) -> T) -> Option<T> {
+    let mut guard = DEVICE.lock().unwrap_or_else(|e| e.into_inner());
+    if guard.is_none() {
+        match open(DeviceChoice::Wgpu) {
+            Ok(b) => *guard = Some(b),
+            Err(e) => {
+                eprintln!("skipping: {e}");
+                return None;
+            }
+        }
+    }
+    Some(f(guard.as_mut().expect("opened above").as_mut()))
+}
+
+fn random(shape: &[usize], stream: u64, lo: f64, hi: f64) -> Tensor {
+    let n = shape.iter().product();
+    Tensor::f32(
+        shape,
+        (0..n)
+            .map(|i| (lo + (hi - lo) * rng::uniform(11, 0, stream, i as u64)) as f32)
+            .collect(),
+    )
+}
+
+/// Builds a graph with one input per tensor (`x0`, `x1`, ...), applies `build`, and
+/// compares the device with the reference on output `y`.
+fn check(name: &str, inputs: Vec<Tensor>, build: impl FnOnce(&mut Graph, &[NodeId]) -> NodeId) {
+    let mut g = Graph::new(name);
+    let mut feeds = TensorMap::new();
+    let mut leaves = Vec::new();
+    for (i, t) in inputs.into_iter().enumerate() {
+        let shape: Shape = t.shape.iter().copied().collect();
+        leaves.push(
+            g.push(
+                Op::Input {
+                    name: format!("x{i}"),
+                    dtype: t.dtype(),
+                    shape,
+                },
+                &[],
+                "test",
+            )
+            .unwrap(),
+        );
+        feeds.insert(format!("x{i}"), t);
+    }
+    let y = build(&mut g, &leaves);
+    g.set_output("y", y).unwrap();
+    let ctx = EvalContext { seed: 5, step: 9 };
+    let want = run(&g, &feeds, &TensorMap::new(), ctx).unwrap()["y"].clone();
+    let Some(got) = with_device(|d| d.run(&g, &feeds, ctx).unwrap()["y"].clone()) else {
+        return;
+    };
+    assert_eq!(got.shape, want.shape, "{name}: shape");
+    for (i, (a, b)) in got.to_f64().iter().zip(want.to_f64()).enumerate() {
+        let ok = (a - b).abs() <= 1e-5 + 1e-4 * b.abs() || (a.is_nan() && b.is_nan());
+        assert!(ok, "{name}[{i}]: device {a}, reference {b}");
+    }
+}
+
+fn push(g: &mut Graph, op: Op, operands: &[NodeId]) -> NodeId {
+    g.push(op, operands, "test").unwrap()
+}
+
+#[test]
+fn unary_ops_match() {
+    let ops = [
+        UnaryOp::Neg,
+        UnaryOp::Abs,
+        UnaryOp::Exp,
+        UnaryOp::Log,
+        UnaryOp::Sqrt,
+        UnaryOp::Rsqrt,
+        UnaryOp::Recip,
+        UnaryOp::Square,
+        UnaryOp::Tanh,
+        UnaryOp::Sigmoid,
+        UnaryOp::Relu,
+        UnaryOp::Erf,
+        UnaryOp::Gelu,
+        UnaryOp::Silu,
+    ];
+    for op in ops {
+        let positive = matches!(
+            op,
+            UnaryOp::Log | UnaryOp::Sqrt | UnaryOp::Rsqrt | UnaryOp::Recip
+        );
+        let (lo, hi) = if positive { (0.1, 3.0) } else { (-3.0, 3.0) };
+        check(
+            &format!("{op:?}"),
+            vec![random(&[3, 37], 1, lo, hi)],
+            |g, x| push(g, Op::Unary(op), &[x[0]]),
+        );
+    }
+}
+
+#[test]
+fn binary_and_compare_ops_broadcast() {
+    let ops = [
+        BinaryOp::Add,
+        BinaryOp::Sub,
+        BinaryOp::Mul,
+        BinaryOp::Div,
+        BinaryOp::Max,
+        BinaryOp::Min,
+        BinaryOp::Pow,
+    ];
+    for op in ops {
+        let a = random(&[5, 1, 7], 2, 0.5, 2.0);
+        let b = random(&[3, 1], 3, 0.5, 2.0);
+        check(&format!("{op:?}"), vec![a, b], |g, x| {
+            push(g, Op::Binary(op), &[x[0], x[1]])
+        });
+    }
+    for op in [
+        CompareOp::Lt,
+        CompareOp::Le,
+        CompareOp::Gt,
+        CompareOp::Ge,
+        CompareOp::Eq,
+        CompareOp::Ne,
+    ] {
+        let a = Tensor::f32(&[2, 3], vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+        let b = Tensor::f32(&[3], vec![2.0, 2.0, 7.0]);
+        check(&format!("{op:?}"), vec![a, b], |g, x| {
+            let c = push(g, Op::Compare(op), &[x[0], x[1]]);
+            push(g, Op::Cast { dtype: DType::F32 }, &[c])
+        });
+    }
+}
+
+#[test]
+fn where_cast_constant_and_iota() {
+    let c = random(&[4, 9], 4, -1.0, 1.0);
+    let a = random(&[9], 5, -1.0, 1.0);
+    let b = random(&[4, 1], 6, -1.0, 1.0);
+    check("where", vec![c, a, b], |g, x| {
+        let zero = push(
+            g,
+            Op::Constant {
+                value: Scalar(0.0),
+                dtype: DType::F32,
+                shape: Shape::scalar(),
+            },
+            &[],
+        );
+        let cond = push(g, Op::Compare(CompareOp::Gt), &[x[0], zero]);
+        push(g, Op::Where, &[cond, x[1], x[2]])
+    });
+    check(
+        "cast to i32 and back",
+        vec![random(&[17], 7, -4.0, 4.0)],
+        |g, x| {
+            let i = push(g, Op::Cast { dtype: DType::I32 }, &[x[0]]);
+            push(g, Op::Cast { dtype: DType::F32 }, &[i])
+        },
+    );
+    check(
+        "iota plus constant",
+        vec![random(&["B".len() + 2, 3], 8, 0.0, 1.0)],
+        |g, x| {
+            let iota = push(
+                g,
+                Op::Iota {
+                    axis: 0,
+                    dtype: DType::F32,
+                    shape: shape![3, 3],
+                },
+                &[],
+            );
+            let two = push(
+                g,
+                Op::Constant {
+                    value: Scalar(2.0),
+                    dtype: DType::F32,
+                    shape: shape![3, 3],
+                },
+                &[],
+            );
+            let s = push(g, Op::Binary(BinaryOp::Mul), &[iota, two]);
+            push(g, Op::Binary(BinaryOp::Add), &[s, x[0]])
+        },
+    );
+}
+
+#[test]
+fn reductions_over_one_and_several_axes() {
+    for op in [ReduceOp::Sum, ReduceOp::Mean, ReduceOp::Max, ReduceOp::Min] {
+        for (axes, keep) in [
+            (vec![1], false),
+            (vec![0, 2], true),
+            (vec![0, 1, 2], false),
+            (vec![2], true),
+        ] {
+            check(
+                &format!("{op:?} {axes:?}"),
+                vec![random(&[3, 35, 1], 9, -2.0, 2.0)],
+                |g, x| {
+                    push(
+                        g,
+                        Op::Reduce {
+                            op,
+                            axes: axes.clone(),
+                            keep_dims: keep,
+                        },
+                        &[x[0]],
+                    )
+                },
+            );
+        }
+    }
+}
+
+#[test]
+fn matmul_with_transposes_and_broadcast_batches() {
+    for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+        let a = if ta {
+            random(&[2, 19, 17], 10, -1.0, 1.0)
+        } else {
+            random(&[2, 17, 19], 10, -1.0, 1.0)
+        };
+        let b = if tb {
+            random(&[3, 1, 5, 19], 11, -1.0, 1.0)
+        } else {
+            random(&[3, 1, 19, 5], 11, -1.0, 1.0)
+        };
+        check(&format!("matmul ta={ta} tb={tb}"), vec![a, b], |g, x| {
+            push(
+                g,
+                Op::MatMul {
+                    transpose_a: ta,
+                    transpose_b: tb,
+                },
+                &[x[0], x[1]],
+            )
+        });
+    }
+    check(
+        "matmul 1x1",
+        vec![
+            random(&[1, 1], 12, -1.0, 1.0),
+            random(&[1, 1], 13, -1.0, 1.0),
+        ],
+        |g, x| {
+            push(
+                g,
+                Op::MatMul {
+                    transpose_a: false,
+                    transpose_b: false,
+                },
+                &[x[0], x[1]],
+            )
+        },
+    );
+}
+
+#[test]
+fn layout_ops_transpose_reshape_broadcast_slice_concat() {
+    check(
+        "transpose then exp",
+        vec![random(&[2, 3, 5], 14, -1.0, 1.0)],
+        |g, x| {
+            let t = push(
+                g,
+                Op::Transpose {
+                    perm: vec![2, 0, 1],
+                },
+                &[x[0]],
+            );
+            push(g, Op::Unary(UnaryOp::Exp), &[t])
+        },
+    );
+    check(
+        "reshape of a transpose",
+        vec![random(&[4, 6], 15, -1.0, 1.0)],
+        |g, x| {
+            let t = push(g, Op::Transpose { perm: vec![1, 0] }, &[x[0]]);
+            push(
+                g,
+                Op::Reshape {
+                    shape: shape![3, 2, 4],
+                },
+                &[t],
+            )
+        },
+    );
+    check("broadcast", vec![random(&[1, 5], 16, -1.0, 1.0)], |g, x| {
+        push(
+            g,
+            Op::BroadcastTo {
+                shape: shape![3, 5],
+            },
+            &[x[0]],
+        )
+    });
+    check("slice", vec![random(&[4, 9], 17, -1.0, 1.0)], |g, x| {
+        push(
+            g,
+            Op::Slice {
+                axis: 1,
+                start: 2,
+                end: 7,
+            },
+            &[x[0]],
+        )
+    });
+    check(
+        "concat",
+        vec![
+            random(&[2, 3], 18, -1.0, 1.0),
+            random(&[2, 1], 19, -1.0, 1.0),
+            random(&[2, 4], 20, -1.0, 1.0),
+        ],
+        |g, x| push(g, Op::Concat { axis: 1 }, &[x[0], x[1], x[2]]),
+    );
+}
+
+#[test]
+fn routing_top_k_gather_scatter_with_empty_and_full_experts() {
+    // 7 tokens over 5 experts, top-2: expert 4 never wins, expert 0 always does.
+    let mut logits = random(&[7, 5], 21, -1.0, 0.0).to_f64();
+    for t in 0..7 {
+        logits[t * 5] = 3.0;
+        logits[t * 5 + 4] = -5.0;
+    }
+    let logits = Tensor::f32(&[7, 5], logits.into_iter().map(|v| v as f32).collect());
+    check("route", vec![logits], |g, x| {
+        let top = push(g, Op::TopK { k: 2 }, &[x[0]]);
+        let kept = push(g, Op::Gather { axis: 1 }, &[x[0], top]);
+        push(
+            g,
+            Op::ScatterAdd {
+                axis: 1,
+                shape: shape![7, 5],
+            },
+            &[top, kept],
+        )
+    });
+    check(
+        "top-k with ties",
+        vec![Tensor::f32(
+            &[2, 4],
+            vec![1.0, 3.0, 3.0, 0.0, 2.0, 2.0, 2.0, 2.0],
+        )],
+        |g, x| {
+            let top = push(g, Op::TopK { k: 3 }, &[x[0]]);
+            push(g, Op::Cast { dtype: DType::F32 }, &[top])
+        },
+    );
+}
+
+#[test]
+fn dropout_draws_the_reference_mask() {
+    check("dropout", vec![random(&[3, 333], 22, 0.5, 1.5)], |g, x| {
+        push(
+            g,
+            Op::Dropout {
+                rate: Scalar(0.3),
+                stream: 7,
+            },
+            &[x[0]],
+        )
+    });
+}
