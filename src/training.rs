@@ -150,6 +150,8 @@ fn open_backend(device: Device) -> Result<Box<dyn Backend>> {
 
 pub fn run(args: RunArgs) -> Result<()> {
     let program = load_program(&args.model, LowerOptions::default())?;
+    let backend = open_backend(args.device)?;
+    eprintln!("device: {}", backend.describe());
     let run_dir = args
         .out
         .clone()
@@ -184,8 +186,6 @@ pub fn run(args: RunArgs) -> Result<()> {
         run_dir: run_dir.clone(),
         resume: args.resume,
     };
-    let backend = open_backend(args.device)?;
-    eprintln!("device: {}", backend.describe());
     let mut trainer = Trainer::new(&program, &tasks, data, options, backend)?;
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
     if !args.resume {

@@ -84,11 +84,21 @@ fn apply_unary<F: Float>(x: F, #[comptime] op: UnaryKind) -> F {
         // NaN propagates as in the reference: max(NaN, 0) must stay NaN.
         UnaryKind::Relu => select(x < F::new(0.0), F::new(0.0), x),
         UnaryKind::Erf => F::erf(x),
-        UnaryKind::Gelu => F::new(0.5) * x * (F::new(1.0) + F::erf(x * F::new(0.7071067811865476))),
+        UnaryKind::Gelu => {
+            F::new(0.5) * x * (F::new(1.0) + F::erf(x * F::new(core::f32::consts::FRAC_1_SQRT_2)))
+        }
         UnaryKind::Silu => x / (F::new(1.0) + F::exp(-x)),
         UnaryKind::Trunc => F::trunc(x),
         UnaryKind::NonZero => select(x != F::new(0.0), F::new(1.0), F::new(0.0)),
     }
+}
+
+/// Whether `a` and `b` are unordered, i.e. one of them is NaN. Written as two
+/// comparisons because the shader compilers fold `x != x` away.
+#[cube]
+#[allow(clippy::neg_cmp_op_on_partial_ord)]
+pub(crate) fn unordered<F: Float>(a: F, b: F) -> bool {
+    !(a <= b) && !(a > b)
 }
 
 #[cube]
@@ -100,9 +110,11 @@ fn apply_binary<F: Float>(a: F, b: F, #[comptime] op: BinaryKind) -> F {
         BinaryKind::Sub => a - b,
         BinaryKind::Mul => a * b,
         BinaryKind::Div => a / b,
-        // NaN-propagating max/min, as in the reference interpreter.
-        BinaryKind::Max => select(a != a || b != b, a + b, select(a > b, a, b)),
-        BinaryKind::Min => select(a != a || b != b, a + b, select(a < b, a, b)),
+        // NaN-propagating max/min, as in the reference interpreter: a comparison that
+        // is neither <= nor > is unordered, i.e. one side is NaN (and `x != x` is
+        // folded away by the shader compilers).
+        BinaryKind::Max => select(unordered::<F>(a, b), a + b, select(a > b, a, b)),
+        BinaryKind::Min => select(unordered::<F>(a, b), a + b, select(a < b, a, b)),
         BinaryKind::Pow => F::powf(a, b),
         BinaryKind::Lt => select(a < b, one, zero),
         BinaryKind::Le => select(a <= b, one, zero),

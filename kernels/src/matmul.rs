@@ -48,6 +48,8 @@ pub(crate) fn matmul_kernel<F: Float>(
     let row = CUBE_POS_Y * TILE + ty;
     let col = CUBE_POS_X * TILE + tx;
     let mut acc = F::new(0.0);
+    // `div_ceil` is not part of the kernel language.
+    #[allow(clippy::manual_div_ceil)]
     let tiles = (k + TILE - 1) / TILE;
     for t in 0..tiles {
         let ak = t * TILE + tx;

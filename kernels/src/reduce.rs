@@ -1,6 +1,7 @@
 //! Reductions over any set of axes of a strided view: one unit per output element
 //! walks the reduced elements in order, so results are deterministic.
 
+use crate::elementwise::unordered;
 use cubecl::prelude::*;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -38,9 +39,10 @@ fn offset_in(
 fn combine<F: Float>(acc: F, v: F, #[comptime] op: ReduceKind) -> F {
     match op {
         ReduceKind::Sum | ReduceKind::Mean => acc + v,
-        // `v + acc` is NaN when either is: NaN propagates as in the reference.
-        ReduceKind::Max => select(v != v || acc != acc, v + acc, select(v > acc, v, acc)),
-        ReduceKind::Min => select(v != v || acc != acc, v + acc, select(v < acc, v, acc)),
+        // Unordered (one side NaN): `v + acc` is NaN, so NaN propagates as in the
+        // reference.
+        ReduceKind::Max => select(unordered::<F>(v, acc), v + acc, select(v > acc, v, acc)),
+        ReduceKind::Min => select(unordered::<F>(v, acc), v + acc, select(v < acc, v, acc)),
     }
 }
 

@@ -56,6 +56,14 @@ fn probe<T>(
 
 fn open_cuda() -> Result<Box<dyn Backend>, BackendError> {
     use cubecl::cuda::{CudaDevice, CudaRuntime};
+    // The driver bindings fail on another thread without a useful message when there
+    // is no driver at all, so look for the kernel driver first.
+    if !std::path::Path::new("/proc/driver/nvidia/version").exists() {
+        return Err(BackendError::Unavailable(
+            "CUDA is not available (no NVIDIA driver: /proc/driver/nvidia/version is missing)"
+                .into(),
+        ));
+    }
     let client = probe("CUDA", || CudaRuntime::client(&CudaDevice::default()))?;
     Ok(Box::new(DeviceBackend::<CudaRuntime>::new(client, "cuda")))
 }

@@ -13,21 +13,27 @@ use altc_runtime::backend::Backend;
 use altc_runtime::device::{open, DeviceChoice};
 use std::sync::Mutex;
 
-/// One wgpu device for the whole file (opening one per test is slow on lavapipe).
-static DEVICE: Mutex<Option<Box<dyn Backend>>> = Mutex::new(None);
+/// One device of each kind for the whole file (opening one per test is slow on
+/// lavapipe); `None` inside means it is not available here.
+static WGPU: Mutex<Option<Option<Box<dyn Backend>>>> = Mutex::new(None);
+static CUDA: Mutex<Option<Option<Box<dyn Backend>>>> = Mutex::new(None);
 
-fn with_device<T>(f: impl FnOnce(&mut dyn Backend) -> T) -> Option<T> {
-    let mut guard = DEVICE.lock().unwrap_or_else(|e| e.into_inner());
-    if guard.is_none() {
-        match open(DeviceChoice::Wgpu) {
-            Ok(b) => *guard = Some(b),
+/// Runs `f` on wgpu and on CUDA; a device that is not present is skipped with the
+/// reason printed.
+fn on_each_device(mut f: impl FnMut(&mut dyn Backend)) {
+    for (slot, choice) in [(&WGPU, DeviceChoice::Wgpu), (&CUDA, DeviceChoice::Cuda)] {
+        let mut guard = slot.lock().unwrap_or_else(|e| e.into_inner());
+        let device = guard.get_or_insert_with(|| match open(choice) {
+            Ok(b) => Some(b),
             Err(e) => {
-                eprintln!("skipping: {e}");
-                return None;
+                eprintln!("skipping {choice:?}: {e}");
+                None
             }
+        });
+        if let Some(d) = device.as_mut() {
+            f(d.as_mut());
         }
     }
-    Some(f(guard.as_mut().expect("opened above").as_mut()))
 }
 
 fn random(shape: &[usize], stream: u64, lo: f64, hi: f64) -> Tensor {
@@ -66,14 +72,15 @@ fn check(name: &str, inputs: Vec<Tensor>, build: impl FnOnce(&mut Graph, &[NodeI
     g.set_output("y", y).unwrap();
     let ctx = EvalContext { seed: 5, step: 9 };
     let want = run(&g, &feeds, &TensorMap::new(), ctx).unwrap()["y"].clone();
-    let Some(got) = with_device(|d| d.run(&g, &feeds, ctx).unwrap()["y"].clone()) else {
-        return;
-    };
-    assert_eq!(got.shape, want.shape, "{name}: shape");
-    for (i, (a, b)) in got.to_f64().iter().zip(want.to_f64()).enumerate() {
-        let ok = (a - b).abs() <= 1e-5 + 1e-4 * b.abs() || (a.is_nan() && b.is_nan());
-        assert!(ok, "{name}[{i}]: device {a}, reference {b}");
-    }
+    on_each_device(|device| {
+        let got = device.run(&g, &feeds, ctx).unwrap()["y"].clone();
+        let on = device.describe();
+        assert_eq!(got.shape, want.shape, "{name} on {on}: shape");
+        for (i, (a, b)) in got.to_f64().iter().zip(want.to_f64()).enumerate() {
+            let ok = (a - b).abs() <= 1e-5 + 1e-4 * b.abs() || (a.is_nan() && b.is_nan());
+            assert!(ok, "{name}[{i}] on {on}: device {a}, reference {b}");
+        }
+    });
 }
 
 fn push(g: &mut Graph, op: Op, operands: &[NodeId]) -> NodeId {
@@ -379,4 +386,30 @@ fn dropout_draws_the_reference_mask() {
             &[x[0]],
         )
     });
+}
+
+#[test]
+fn nan_propagates_through_max_min_relu_and_reductions() {
+    let x = Tensor::f32(&[2, 3], vec![1.0, f32::NAN, -2.0, 0.5, 0.25, -1.0]);
+    check("relu", vec![x.clone()], |g, x| {
+        push(g, Op::Unary(UnaryOp::Relu), &[x[0]])
+    });
+    check(
+        "max",
+        vec![x.clone(), Tensor::f32(&[3], vec![0.0; 3])],
+        |g, x| push(g, Op::Binary(BinaryOp::Max), &[x[0], x[1]]),
+    );
+    for op in [ReduceOp::Max, ReduceOp::Min, ReduceOp::Sum] {
+        check(&format!("{op:?} with NaN"), vec![x.clone()], |g, x| {
+            push(
+                g,
+                Op::Reduce {
+                    op,
+                    axes: vec![1],
+                    keep_dims: false,
+                },
+                &[x[0]],
+            )
+        });
+    }
 }
