@@ -10,6 +10,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+mod serving;
 mod training;
 
 #[derive(Parser)]
@@ -58,6 +59,12 @@ enum Command {
     Run(training::RunArgs),
     /// Recompute the held-out recalls of a run from its checkpoint.
     Eval(training::EvalArgs),
+    /// Embed one side of a dataset into a safetensors vector store.
+    Embed(serving::EmbedArgs),
+    /// Rank a vector store for a batch of queries on the device; recalls and queries/s.
+    Retrieve(serving::RetrieveArgs),
+    /// Print the devices altc sees: drivers, Vulkan device, plane sizes, element types.
+    Doctor,
 }
 
 fn main() -> ExitCode {
@@ -73,6 +80,9 @@ fn main() -> ExitCode {
         Command::Data { command } => training::data(command),
         Command::Run(args) => training::run(args),
         Command::Eval(args) => training::eval(args),
+        Command::Embed(args) => serving::embed_command(args),
+        Command::Retrieve(args) => serving::retrieve_command(args),
+        Command::Doctor => serving::doctor(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -138,7 +138,7 @@ pub fn data(command: DataCommand) -> Result<()> {
 }
 
 /// Opens the backend `device` names, saying which one it is.
-fn open_backend(device: Device) -> Result<Box<dyn Backend>> {
+pub(crate) fn open_backend(device: Device) -> Result<Box<dyn Backend>> {
     let choice = match device {
         Device::Reference => return Ok(Box::new(ReferenceBackend::default())),
         Device::Auto => DeviceChoice::Auto,

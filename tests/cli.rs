@@ -229,6 +229,48 @@ fn synth_run_eval_and_resume_the_tiny_model() {
         "resumed at step 4 and ran 2 more: {}",
         stdout(&o)
     );
+
+    let store = dir.join("keys.safetensors");
+    let st = store.to_str().unwrap();
+    let o = altc(&[
+        "embed",
+        r,
+        "--data",
+        d,
+        "--direction",
+        "image_to_text",
+        "--side",
+        "key",
+        "-o",
+        st,
+        "--device",
+        "reference",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("embedded 256 text items with `text.key`"),
+        "{}",
+        stdout(&o)
+    );
+    let o = altc(&[
+        "retrieve",
+        r,
+        "--store",
+        st,
+        "--data",
+        d,
+        "--queries",
+        "64",
+        "--device",
+        "reference",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(
+        out.starts_with("image_to_text: 64 queries against 256 stored items"),
+        "{out}"
+    );
+    assert!(out.contains("queries/s"), "{out}");
 }
 
 #[test]
@@ -279,4 +321,13 @@ fn a_dataset_for_another_model_is_refused_by_name() {
         err.contains("`text.tokens` is [2, 77, 4096], but the model expects [2, 6, 24]"),
         "{err}"
     );
+}
+
+#[test]
+fn doctor_reports_every_backend() {
+    let o = altc(&["doctor"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("reference: available"), "{out}");
+    assert!(out.contains("cuda: ") && out.contains("wgpu: "), "{out}");
 }

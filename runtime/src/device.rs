@@ -460,3 +460,69 @@ fn reduce_kind(r: ReduceOp) -> ReduceKind {
         ReduceOp::Min => ReduceKind::Min,
     }
 }
+
+/// What one client reports: plane sizes, shared memory, element types.
+fn client_report<R: Runtime>(client: &ComputeClient<R>) -> String {
+    let props = client.properties();
+    let hw = &props.hardware;
+    let dtypes: Vec<&str> = [
+        ("f32", f32::as_type_native_unchecked()),
+        ("f16", half::f16::as_type_native_unchecked()),
+        ("bf16", half::bf16::as_type_native_unchecked()),
+        ("f64", f64::as_type_native_unchecked()),
+    ]
+    .into_iter()
+    .filter(|(_, t)| props.supports_type(*t))
+    .map(|(name, _)| name)
+    .collect();
+    format!(
+        "  plane size {}..{}, shared memory {} KiB per cube, up to {} units per cube\n  element types: {}\n",
+        hw.plane_size_min,
+        hw.plane_size_max,
+        hw.max_shared_memory_size / 1024,
+        hw.max_units_per_cube,
+        dtypes.join(", ")
+    )
+}
+
+/// A report of every cubecl device altc can see, and why the others are missing.
+pub fn describe_devices() -> String {
+    let mut out = String::new();
+    match std::fs::read_to_string("/proc/driver/nvidia/version") {
+        Ok(version) => {
+            out.push_str(&format!(
+                "cuda: NVIDIA driver: {}\n",
+                version.lines().next().unwrap_or("").trim()
+            ));
+            use cubecl::cuda::{CudaDevice, CudaRuntime};
+            match probe("CUDA", || CudaRuntime::client(&CudaDevice::default())) {
+                Ok(client) => {
+                    out.push_str("  client: ok (NVRTC compiles kernels at first use)\n");
+                    out.push_str(&client_report(&client));
+                }
+                Err(e) => out.push_str(&format!("  {e}\n")),
+            }
+        }
+        Err(_) => out.push_str(
+            "cuda: not available (no NVIDIA driver: /proc/driver/nvidia/version is missing)\n",
+        ),
+    }
+    use cubecl::wgpu::{init_setup, AutoGraphicsApi, RuntimeOptions, WgpuDevice, WgpuRuntime};
+    match probe("wgpu", || {
+        init_setup::<AutoGraphicsApi>(&WgpuDevice::default(), RuntimeOptions::default())
+    }) {
+        Ok(setup) => {
+            let info = setup.adapter.get_info();
+            out.push_str(&format!(
+                "wgpu: {} ({:?}, {:?}), driver {} {}\n",
+                info.name, info.backend, info.device_type, info.driver, info.driver_info
+            ));
+            let client = WgpuRuntime::client(&WgpuDevice::default());
+            out.push_str(&client_report(&client));
+        }
+        Err(e) => out.push_str(&format!(
+            "wgpu: {e}; on Debian install mesa-vulkan-drivers and libvulkan1 (scripts/setup.sh)\n"
+        )),
+    }
+    out
+}

@@ -62,3 +62,103 @@ pub fn recalls(
     }
     Ok(out)
 }
+
+/// Pairs embedded per graph run.
+const EMBED_CHUNK: usize = 512;
+
+/// Runs `graph` (a query or key graph) over `pairs` in chunks and returns the
+/// embeddings row by row, `[pairs.len(), width]`, and the width.
+pub fn embed(
+    program: &Program,
+    backend: &mut dyn Backend,
+    data: &Dataset,
+    pairs: &[usize],
+    graph: &str,
+) -> Result<(Vec<f32>, usize), BackendError> {
+    let g = program
+        .graph(graph)
+        .ok_or_else(|| BackendError::Unavailable(format!("the model has no graph `{graph}`")))?;
+    let mut out = Vec::new();
+    let mut width = 0;
+    for chunk in pairs.chunks(EMBED_CHUNK) {
+        let batch = data.batch(chunk, program.dtype);
+        let e = &backend.run(g, &batch, EvalContext::default())?["embedding"];
+        width = e.shape[1];
+        out.extend(e.to_f64().into_iter().map(|v| v as f32));
+    }
+    Ok((out, width))
+}
+
+/// The `k` stored rows most similar to each query (dot products of normalised
+/// embeddings, i.e. cosine similarity), best first, computed on `backend` by an IR
+/// graph: a matmul against the transposed store, then top-k.
+pub fn rank(
+    backend: &mut dyn Backend,
+    queries: &[f32],
+    store: &[f32],
+    width: usize,
+    k: usize,
+) -> Result<Vec<Vec<usize>>, BackendError> {
+    use altc_compiler::ir::{DType, Graph, Op, Shape};
+    use altc_compiler::reference::{Tensor, TensorMap};
+    let (q, n) = (queries.len() / width, store.len() / width);
+    let k = k.min(n);
+    let mut g = Graph::new("retrieve");
+    let sym = |dims: &[&str]| {
+        Shape(
+            dims.iter()
+                .map(|d| altc_compiler::ir::Dim::sym(d))
+                .collect(),
+        )
+    };
+    let mut shape_q = sym(&["Q"]);
+    shape_q.0.push(altc_compiler::ir::Dim::Fixed(width));
+    // The store's size is fixed for the graph: top-k needs a known extent.
+    let shape_k: Shape = [n, width].into_iter().collect();
+    let graph_error = |e| BackendError::Unavailable(format!("building the ranking graph: {e}"));
+    let qn = g
+        .push(
+            Op::Input {
+                name: "queries".into(),
+                dtype: DType::F32,
+                shape: shape_q,
+            },
+            &[],
+            "retrieve",
+        )
+        .map_err(graph_error)?;
+    let kn = g
+        .push(
+            Op::Input {
+                name: "store".into(),
+                dtype: DType::F32,
+                shape: shape_k,
+            },
+            &[],
+            "retrieve",
+        )
+        .map_err(graph_error)?;
+    let scores = g
+        .push(
+            Op::MatMul {
+                transpose_a: false,
+                transpose_b: true,
+            },
+            &[qn, kn],
+            "retrieve",
+        )
+        .map_err(graph_error)?;
+    let top = g
+        .push(Op::TopK { k }, &[scores], "retrieve")
+        .map_err(graph_error)?;
+    g.set_output("top", top).map_err(graph_error)?;
+    let mut inputs = TensorMap::new();
+    inputs.insert("queries".into(), Tensor::f32(&[q, width], queries.to_vec()));
+    inputs.insert("store".into(), Tensor::f32(&[n, width], store.to_vec()));
+    let top = &backend.run(&g, &inputs, EvalContext::default())?["top"];
+    Ok(top
+        .to_f64()
+        .chunks(k.max(1))
+        .map(|row| row.iter().map(|&i| i as usize).collect())
+        .collect())
+}

@@ -1,0 +1,235 @@
+//! `altc embed`, `altc retrieve` and `altc doctor`: vector pre-storage, real-time
+//! retrieval on the device, and what altc sees of this machine.
+
+use crate::emit;
+use crate::training::{open_backend, Device};
+use altc_compiler::artifact::Artifact;
+use altc_runtime::checkpoint::Checkpoint;
+use altc_runtime::data::{write_f32_safetensors, Dataset};
+use altc_runtime::retrieval::{embed, rank};
+use altc_runtime::training::{checkpoint_path, state_shapes};
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use safetensors::SafeTensors;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Side {
+    /// The target side of a direction, through its key graph: what retrieval stores.
+    Key,
+    /// The source side, through the direction's query graph.
+    Query,
+}
+
+#[derive(Args)]
+pub struct EmbedArgs {
+    /// The run directory (holds `model.altc` and `checkpoint.safetensors`).
+    run_dir: PathBuf,
+    #[arg(long)]
+    data: PathBuf,
+    /// The direction, e.g. `image_to_text`.
+    #[arg(long)]
+    direction: String,
+    #[arg(long, value_enum, default_value_t = Side::Key)]
+    side: Side,
+    #[arg(short, long)]
+    output: PathBuf,
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    device: Device,
+}
+
+#[derive(Args)]
+pub struct RetrieveArgs {
+    /// The run directory (holds `model.altc` and `checkpoint.safetensors`).
+    run_dir: PathBuf,
+    /// A vector store written by `altc embed --side key`.
+    #[arg(long)]
+    store: PathBuf,
+    /// The dataset whose pairs the store holds; its first `--queries` pairs are queried.
+    #[arg(long)]
+    data: PathBuf,
+    #[arg(long)]
+    queries: Option<usize>,
+    #[arg(long, default_value_t = 10)]
+    k: usize,
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    device: Device,
+}
+
+struct Loaded {
+    program: altc_compiler::lower::Program,
+    backend: Box<dyn altc_runtime::backend::Backend>,
+}
+
+fn load_run(run_dir: &Path, device: Device) -> Result<Loaded> {
+    let program = Artifact::read(&run_dir.join("model.altc"))?.program;
+    let ckpt = Checkpoint::load(
+        &checkpoint_path(run_dir),
+        &program.model,
+        &state_shapes(&program),
+        program.dtype,
+    )?;
+    let mut backend = open_backend(device)?;
+    eprintln!("device: {}", backend.describe());
+    backend.load_state(&ckpt.state);
+    Ok(Loaded { program, backend })
+}
+
+pub fn embed_command(args: EmbedArgs) -> Result<()> {
+    let Loaded {
+        program,
+        mut backend,
+    } = load_run(&args.run_dir, args.device)?;
+    let Some(d) = program.directions.iter().find(|d| d.name == args.direction) else {
+        let known: Vec<&str> = program.directions.iter().map(|d| d.name.as_str()).collect();
+        bail!(
+            "no direction `{}` (directions: {})",
+            args.direction,
+            known.join(", ")
+        );
+    };
+    let (graph, modality) = match args.side {
+        Side::Key => (d.key_graph.clone(), d.target.clone()),
+        Side::Query => (d.query_graph.clone(), d.source.clone()),
+    };
+    let graph = graph.context("this model has no contrastive loss, so no retrieval embeddings")?;
+    let data = Dataset::load(&args.data, &program)?;
+    let pairs: Vec<usize> = (0..data.pairs).collect();
+    let start = Instant::now();
+    let (vectors, width) = embed(&program, backend.as_mut(), &data, &pairs, &graph)?;
+    let seconds = start.elapsed().as_secs_f64();
+    let metadata = HashMap::from([
+        ("altc.store".to_string(), "1".to_string()),
+        ("model".to_string(), program.model.clone()),
+        ("direction".to_string(), d.name.clone()),
+        (
+            "side".to_string(),
+            if args.side == Side::Key {
+                "key"
+            } else {
+                "query"
+            }
+            .to_string(),
+        ),
+        ("modality".to_string(), modality.clone()),
+        ("graph".to_string(), graph.clone()),
+    ]);
+    write_f32_safetensors(
+        &args.output,
+        &[("embeddings".to_string(), vec![data.pairs, width], vectors)],
+        metadata,
+    )?;
+    emit(&format!(
+        "embedded {} {modality} items with `{graph}` -> {} ([{}, {width}], {:.0} items/s)\n",
+        data.pairs,
+        args.output.display(),
+        data.pairs,
+        data.pairs as f64 / seconds.max(1e-9)
+    ))
+}
+
+/// Reads a vector store: its embeddings, width and metadata.
+fn read_store(path: &Path) -> Result<(Vec<f32>, usize, HashMap<String, String>)> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let (_, meta) = SafeTensors::read_metadata(&bytes)
+        .map_err(|e| anyhow::anyhow!("{}: not a vector store: {e}", path.display()))?;
+    let meta = meta.metadata().clone().unwrap_or_default();
+    if meta.get("altc.store").map(String::as_str) != Some("1") {
+        bail!(
+            "{}: not an altc vector store (no `altc.store` metadata)",
+            path.display()
+        );
+    }
+    let st =
+        SafeTensors::deserialize(&bytes).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let view = st
+        .tensor("embeddings")
+        .map_err(|_| anyhow::anyhow!("{}: tensor `embeddings` is missing", path.display()))?;
+    let width = *view
+        .shape()
+        .get(1)
+        .context("embeddings must be [N, width]")?;
+    let values = view
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    Ok((values, width, meta))
+}
+
+pub fn retrieve_command(args: RetrieveArgs) -> Result<()> {
+    let (store, width, meta) = read_store(&args.store)?;
+    let Loaded {
+        program,
+        mut backend,
+    } = load_run(&args.run_dir, args.device)?;
+    if meta.get("model") != Some(&program.model)
+        || meta.get("side").map(String::as_str) != Some("key")
+    {
+        bail!(
+            "{}: the store holds {} vectors of model `{}`; embed the key side of this run's model",
+            args.store.display(),
+            meta.get("side").cloned().unwrap_or_default(),
+            meta.get("model").cloned().unwrap_or_default()
+        );
+    }
+    let direction = meta.get("direction").cloned().unwrap_or_default();
+    let d = program
+        .directions
+        .iter()
+        .find(|d| d.name == direction)
+        .context("the store's direction is not in this model")?;
+    let query_graph = d
+        .query_graph
+        .clone()
+        .context("the direction has no query graph")?;
+    let data = Dataset::load(&args.data, &program)?;
+    let n = store.len() / width;
+    if data.pairs != n {
+        bail!("{} holds {} pairs but the store {} vectors: queries are matched to stored items by pair index", args.data.display(), data.pairs, n);
+    }
+    let queries: Vec<usize> = (0..args.queries.unwrap_or(n).min(n)).collect();
+    let start = Instant::now();
+    let (q, _) = embed(&program, backend.as_mut(), &data, &queries, &query_graph)?;
+    let mut ranked = Vec::with_capacity(queries.len());
+    for chunk in q.chunks(256 * width) {
+        ranked.extend(rank(
+            backend.as_mut(),
+            chunk,
+            &store,
+            width,
+            args.k.max(10),
+        )?);
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let recall = |k: usize| {
+        100.0
+            * ranked
+                .iter()
+                .enumerate()
+                .filter(|(i, top)| top.iter().take(k).any(|j| j == i))
+                .count() as f64
+            / queries.len().max(1) as f64
+    };
+    emit(&format!(
+        "{direction}: {} queries against {n} stored items on {}\n  R@1 {:.1}%  R@5 {:.1}%  R@10 {:.1}%  (chance R@1 {:.2}%)\n  {:.0} queries/s ({:.3} s: embedding the queries, scoring and top-{} on the backend)\n",
+        queries.len(),
+        backend.describe(),
+        recall(1),
+        recall(5),
+        recall(10),
+        100.0 / n.max(1) as f64,
+        queries.len() as f64 / seconds.max(1e-9),
+        seconds,
+        args.k.max(10)
+    ))
+}
+
+pub fn doctor() -> Result<()> {
+    let mut out = format!("altc {}\n", env!("CARGO_PKG_VERSION"));
+    out.push_str("reference: available (CPU interpreter; f32, f64)\n");
+    out.push_str(&altc_runtime::device::describe_devices());
+    emit(&out)
+}
