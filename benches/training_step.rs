@@ -1,0 +1,73 @@
+//! One training step of the tiny model (batch 32, alternating directions) on each
+//! backend present: the op-by-op baseline that fusion (`--no-opt` vs optimised) will
+//! be measured against.
+
+use altc_compiler::lower::{lower, LowerOptions};
+use altc_compiler::spec;
+use altc_compiler::train::training_tasks;
+use altc_runtime::backend::{Backend, ReferenceBackend};
+use altc_runtime::data::Dataset;
+use altc_runtime::device::{open, DeviceChoice};
+use altc_runtime::synth::{write_planted, SynthOptions};
+use altc_runtime::training::{TrainOptions, Trainer};
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+
+fn tiny_training_step(c: &mut Criterion) {
+    let loaded = spec::parse(
+        include_str!("../models/alt_moe_tiny.ron"),
+        "alt_moe_tiny.ron",
+    )
+    .expect("valid");
+    let program = lower(&loaded.spec, LowerOptions::default()).expect("lowers");
+    let tasks = training_tasks(&program).expect("training graphs");
+    let dir = std::env::temp_dir().join(format!("altc-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("scratch directory");
+    let data = dir.join("pairs.safetensors");
+    write_planted(
+        &data,
+        &program,
+        SynthOptions {
+            pairs: 1024,
+            ..SynthOptions::default()
+        },
+    )
+    .expect("planted data");
+
+    let mut backends: Vec<(&str, Box<dyn Backend>)> =
+        vec![("reference", Box::new(ReferenceBackend::default()))];
+    for (name, choice) in [("wgpu", DeviceChoice::Wgpu), ("cuda", DeviceChoice::Cuda)] {
+        match open(choice) {
+            Ok(b) => backends.push((name, b)),
+            Err(e) => eprintln!("not benchmarking {name}: {e}"),
+        }
+    }
+    let mut group = c.benchmark_group("tiny_training_step");
+    group.throughput(Throughput::Elements(1));
+    group.sample_size(10);
+    for (name, backend) in backends {
+        let options = TrainOptions {
+            steps: Some(1_000_000),
+            batch_size: 32,
+            seed: 0,
+            held_out: 64,
+            checkpoint_every: 0,
+            run_dir: dir.clone(),
+            resume: false,
+        };
+        let mut trainer = Trainer::new(
+            &program,
+            &tasks,
+            Dataset::load(&data, &program).expect("data"),
+            options,
+            backend,
+        )
+        .expect("trainer");
+        group.bench_function(format!("{name}/batch32"), |b| {
+            b.iter(|| trainer.step().expect("step"))
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, tiny_training_step);
+criterion_main!(benches);
