@@ -1,11 +1,10 @@
-//! altc's runtime: executing compiled programs. It owns paired datasets (loading,
-//! batching, the planted generator), the training loop over the schedule's tasks,
-//! checkpoints, and retrieval metrics.
+//! altc's runtime: executing compiled programs. It owns backends (the reference
+//! interpreter, and cubecl devices running `altc_kernels`: wgpu, CUDA), paired datasets
+//! (loading, batching, the planted generator), the training loop over the schedule's
+//! tasks, checkpoints, and retrieval.
 //!
 //! It reads lowered programs and training graphs from `altc_compiler` and never parses
-//! RON specs. The reference interpreter is the backend today; cubecl devices (wgpu,
-//! CUDA), and the kernels they launch from `altc_kernels`, arrive with the runtime
-//! issue.
+//! RON specs.
 
 pub mod backend;
 pub mod checkpoint;
