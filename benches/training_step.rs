@@ -4,6 +4,7 @@
 
 use altc_compiler::lower::{lower, LowerOptions};
 use altc_compiler::spec;
+use altc_compiler::spec::Precision;
 use altc_compiler::train::training_tasks;
 use altc_runtime::backend::{Backend, ReferenceBackend};
 use altc_runtime::data::Dataset;
@@ -36,7 +37,7 @@ fn tiny_training_step(c: &mut Criterion) {
     let mut backends: Vec<(&str, Box<dyn Backend>)> =
         vec![("reference", Box::new(ReferenceBackend::default()))];
     for (name, choice) in [("wgpu", DeviceChoice::Wgpu), ("cuda", DeviceChoice::Cuda)] {
-        match open(choice) {
+        match open(choice, Precision::F32) {
             Ok(b) => backends.push((name, b)),
             Err(e) => eprintln!("not benchmarking {name}: {e}"),
         }

@@ -4,6 +4,7 @@
 use crate::{emit, load_program};
 use altc_compiler::artifact::Artifact;
 use altc_compiler::lower::{LowerOptions, Program};
+use altc_compiler::spec::Precision;
 use altc_compiler::train::training_tasks;
 use altc_runtime::backend::{Backend, ReferenceBackend};
 use altc_runtime::checkpoint::Checkpoint;
@@ -138,19 +139,19 @@ pub fn data(command: DataCommand) -> Result<()> {
 }
 
 /// Opens the backend `device` names, saying which one it is.
-pub(crate) fn open_backend(device: Device) -> Result<Box<dyn Backend>> {
+pub(crate) fn open_backend(device: Device, precision: Precision) -> Result<Box<dyn Backend>> {
     let choice = match device {
         Device::Reference => return Ok(Box::new(ReferenceBackend::default())),
         Device::Auto => DeviceChoice::Auto,
         Device::Cuda => DeviceChoice::Cuda,
         Device::Wgpu => DeviceChoice::Wgpu,
     };
-    Ok(altc_runtime::device::open(choice)?)
+    Ok(altc_runtime::device::open(choice, precision)?)
 }
 
 pub fn run(args: RunArgs) -> Result<()> {
     let program = load_program(&args.model, LowerOptions::default())?;
-    let backend = open_backend(args.device)?;
+    let backend = open_backend(args.device, program.training.precision)?;
     eprintln!("device: {}", backend.describe());
     let run_dir = args
         .out
@@ -256,7 +257,7 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         program.dtype,
     )?;
     let split = data.split(record.held_out.min(data.pairs / 2), record.seed);
-    let mut backend = open_backend(args.device)?;
+    let mut backend = open_backend(args.device, program.training.precision)?;
     backend.load_state(&ckpt.state);
     let r =
         recalls(&program, backend.as_mut(), &data, &split.held_out).context("computing recalls")?;

@@ -284,6 +284,8 @@ impl<R: Runtime> Kernels<R> {
 
     /// `[..., M, K] x [..., K, N]` with batch dimensions broadcast (`out_batch` is the
     /// broadcast batch shape); a transposed operand swaps its last two dimensions.
+    /// With `bf16_operands` the operands are rounded to bf16 as they are loaded and
+    /// products accumulate in f32 (autocast semantics).
     #[allow(clippy::too_many_arguments)]
     pub fn matmul(
         &self,
@@ -294,6 +296,7 @@ impl<R: Runtime> Kernels<R> {
         b_shape: &[usize],
         transpose_b: bool,
         out_batch: &[usize],
+        bf16_operands: bool,
     ) -> Handle {
         let (ra, rb) = (a_shape.len(), b_shape.len());
         let (m, k) = if transpose_a {
@@ -350,6 +353,7 @@ impl<R: Runtime> Kernels<R> {
                 ArrayArg::from_raw_parts(out.clone(), (batches * m * n).max(1)),
                 ArrayArg::from_raw_parts(self.meta(meta), meta_len),
                 out_batch.len(),
+                bf16_operands,
             )
         };
         out

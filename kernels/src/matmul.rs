@@ -2,10 +2,23 @@
 //! tile and batch entry. Operands are strided views, so transposed operands and
 //! broadcast batch dimensions (stride 0) need no copies.
 
+use crate::elementwise::unordered;
 use cubecl::prelude::*;
 
 /// Tile edge; a cube is `TILE x TILE` units, whatever the plane size.
 pub const TILE: u32 = 16;
+
+/// Rounds an f32 to the nearest bf16 (ties to even) and back, so products see
+/// exactly bf16 operands while accumulation stays in f32 (as tensor cores do). NaN
+/// stays NaN.
+#[cube]
+pub(crate) fn round_to_bf16<F: Float>(x: F) -> F {
+    let bits = u32::reinterpret(x);
+    let keep_high = 0xffff_0000u32;
+    let bias = 0x7fffu32;
+    let rounded = (bits + bias + ((bits >> 16) & 1)) & keep_high;
+    select(unordered::<F>(x, x), x, F::reinterpret(rounded))
+}
 
 /// `meta`: batch shape (`batch_rank` dims), a's batch strides, b's batch strides,
 /// then `M, N, K`, a's row and column strides, b's row and column strides, a offset,
@@ -17,6 +30,7 @@ pub(crate) fn matmul_kernel<F: Float>(
     out: &mut Array<F>,
     meta: &Array<u32>,
     #[comptime] batch_rank: usize,
+    #[comptime] bf16_operands: bool,
 ) {
     let tile = comptime!(TILE as usize);
     let mut a_tile = SharedMemory::<F>::new(tile * tile);
@@ -54,16 +68,22 @@ pub(crate) fn matmul_kernel<F: Float>(
     for t in 0..tiles {
         let ak = t * TILE + tx;
         let bk = t * TILE + ty;
-        a_tile[(ty * TILE + tx) as usize] = select(
+        let mut a_value = select(
             row < m && ak < k,
             a[(a_base + select(row < m && ak < k, row * a_rs + ak * a_cs, 0)) as usize],
             F::new(0.0),
         );
-        b_tile[(ty * TILE + tx) as usize] = select(
+        let mut b_value = select(
             bk < k && col < n,
             b[(b_base + select(bk < k && col < n, bk * b_rs + col * b_cs, 0)) as usize],
             F::new(0.0),
         );
+        if comptime![bf16_operands] {
+            a_value = round_to_bf16::<F>(a_value);
+            b_value = round_to_bf16::<F>(b_value);
+        }
+        a_tile[(ty * TILE + tx) as usize] = a_value;
+        b_tile[(ty * TILE + tx) as usize] = b_value;
         sync_cube();
         #[unroll]
         for i in 0..tile {

@@ -8,6 +8,7 @@ use altc_compiler::ir::{
     BinaryOp, CompareOp, DType, Dim, Graph, NodeId, Op, ReduceOp, Shape, UnaryOp,
 };
 use altc_compiler::reference::{EvalContext, Tensor, TensorMap};
+use altc_compiler::spec::Precision;
 use altc_kernels::{BinaryKind, Kernels, ReduceKind, UnaryKind, View};
 use cubecl::prelude::*;
 use std::collections::{BTreeMap, HashMap};
@@ -21,12 +22,16 @@ pub enum DeviceChoice {
     Wgpu,
 }
 
-/// Opens the chosen device, or says plainly why it cannot.
-pub fn open(choice: DeviceChoice) -> Result<Box<dyn Backend>, BackendError> {
+/// Opens the chosen device, or says plainly why it cannot. With `Precision::Bf16`,
+/// CUDA runs matmuls on bf16 operands with f32 accumulation while parameters,
+/// optimizer state and every other op stay f32 (autocast); wgpu (lavapipe has no
+/// bf16) computes in f32.
+pub fn open(choice: DeviceChoice, precision: Precision) -> Result<Box<dyn Backend>, BackendError> {
+    let bf16 = precision == Precision::Bf16;
     match choice {
-        DeviceChoice::Cuda => open_cuda(),
+        DeviceChoice::Cuda => open_cuda(bf16),
         DeviceChoice::Wgpu => open_wgpu(),
-        DeviceChoice::Auto => open_cuda().or_else(|cuda| {
+        DeviceChoice::Auto => open_cuda(bf16).or_else(|cuda| {
             open_wgpu()
                 .map_err(|wgpu| BackendError::Unavailable(format!("no device: {cuda}; {wgpu}")))
         }),
@@ -54,7 +59,7 @@ fn probe<T>(
     })
 }
 
-fn open_cuda() -> Result<Box<dyn Backend>, BackendError> {
+fn open_cuda(bf16_matmuls: bool) -> Result<Box<dyn Backend>, BackendError> {
     use cubecl::cuda::{CudaDevice, CudaRuntime};
     // The driver bindings fail on another thread without a useful message when there
     // is no driver at all, so look for the kernel driver first.
@@ -65,7 +70,11 @@ fn open_cuda() -> Result<Box<dyn Backend>, BackendError> {
         ));
     }
     let client = probe("CUDA", || CudaRuntime::client(&CudaDevice::default()))?;
-    Ok(Box::new(DeviceBackend::<CudaRuntime>::new(client, "cuda")))
+    Ok(Box::new(DeviceBackend::<CudaRuntime>::new(
+        client,
+        "cuda",
+        bf16_matmuls,
+    )))
 }
 
 fn open_wgpu() -> Result<Box<dyn Backend>, BackendError> {
@@ -73,7 +82,9 @@ fn open_wgpu() -> Result<Box<dyn Backend>, BackendError> {
     let client = probe("wgpu (Vulkan)", || {
         WgpuRuntime::client(&WgpuDevice::default())
     })?;
-    Ok(Box::new(DeviceBackend::<WgpuRuntime>::new(client, "wgpu")))
+    Ok(Box::new(DeviceBackend::<WgpuRuntime>::new(
+        client, "wgpu", false,
+    )))
 }
 
 /// A value on the device: a (possibly strided) view and its logical shape.
@@ -107,15 +118,18 @@ pub struct DeviceBackend<R: Runtime> {
     name: &'static str,
     state: HashMap<String, Value>,
     staged: Vec<(String, Value)>,
+    /// Round matmul operands to bf16 (f32 accumulation): mixed precision.
+    bf16_matmuls: bool,
 }
 
 impl<R: Runtime> DeviceBackend<R> {
-    pub fn new(client: ComputeClient<R>, name: &'static str) -> Self {
+    pub fn new(client: ComputeClient<R>, name: &'static str, bf16_matmuls: bool) -> Self {
         DeviceBackend {
             kernels: Kernels::new(client),
             name,
             state: HashMap::new(),
             staged: Vec::new(),
+            bf16_matmuls,
         }
     }
 
@@ -231,6 +245,7 @@ impl<R: Runtime> DeviceBackend<R> {
                     &x[1].shape,
                     *transpose_b,
                     batch,
+                    self.bf16_matmuls,
                 ))
             }
             Op::Transpose { perm } => Value {
@@ -306,7 +321,11 @@ fn concrete(shape: &Shape, symbols: &BTreeMap<String, usize>) -> Option<Vec<usiz
 
 impl<R: Runtime> Backend for DeviceBackend<R> {
     fn describe(&self) -> String {
-        self.name.to_string()
+        if self.bf16_matmuls {
+            format!("{} (bf16 matmuls, f32 master weights)", self.name)
+        } else {
+            self.name.to_string()
+        }
     }
 
     fn load_state(&mut self, state: &TensorMap) {

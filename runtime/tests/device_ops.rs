@@ -8,6 +8,7 @@ use altc_compiler::ir::{
     BinaryOp, CompareOp, DType, Graph, NodeId, Op, ReduceOp, Scalar, Shape, UnaryOp,
 };
 use altc_compiler::reference::{run, EvalContext, Tensor, TensorMap};
+use altc_compiler::spec::Precision;
 use altc_compiler::{rng, shape};
 use altc_runtime::backend::Backend;
 use altc_runtime::device::{open, DeviceChoice};
@@ -23,7 +24,7 @@ static CUDA: Mutex<Option<Option<Box<dyn Backend>>>> = Mutex::new(None);
 fn on_each_device(mut f: impl FnMut(&mut dyn Backend)) {
     for (slot, choice) in [(&WGPU, DeviceChoice::Wgpu), (&CUDA, DeviceChoice::Cuda)] {
         let mut guard = slot.lock().unwrap_or_else(|e| e.into_inner());
-        let device = guard.get_or_insert_with(|| match open(choice) {
+        let device = guard.get_or_insert_with(|| match open(choice, Precision::F32) {
             Ok(b) => Some(b),
             Err(e) => {
                 eprintln!("skipping {choice:?}: {e}");
@@ -412,4 +413,91 @@ fn nan_propagates_through_max_min_relu_and_reductions() {
             )
         });
     }
+}
+
+#[test]
+fn bf16_matmuls_round_operands_and_accumulate_in_f32() {
+    use altc_runtime::device::DeviceBackend;
+    use cubecl::prelude::Runtime;
+    use cubecl::wgpu::{WgpuDevice, WgpuRuntime};
+    // lavapipe has no bf16 hardware, but the autocast kernel only rounds f32 operands to
+    // bf16, so it runs (and is checked) on wgpu exactly as it would on CUDA.
+    if open(DeviceChoice::Wgpu, Precision::F32).is_err() {
+        eprintln!("skipping: wgpu is not available");
+        return;
+    }
+    let mut device = DeviceBackend::<WgpuRuntime>::new(
+        WgpuRuntime::client(&WgpuDevice::default()),
+        "wgpu",
+        true,
+    );
+    let (a, b) = (
+        random(&[2, 19, 23], 30, -2.0, 2.0),
+        random(&[23, 7], 31, -2.0, 2.0),
+    );
+    let mut g = Graph::new("autocast");
+    let xa = push(
+        &mut g,
+        Op::Input {
+            name: "a".into(),
+            dtype: DType::F32,
+            shape: shape![2, 19, 23],
+        },
+        &[],
+    );
+    let xb = push(
+        &mut g,
+        Op::Input {
+            name: "b".into(),
+            dtype: DType::F32,
+            shape: shape![23, 7],
+        },
+        &[],
+    );
+    let y = push(
+        &mut g,
+        Op::MatMul {
+            transpose_a: false,
+            transpose_b: false,
+        },
+        &[xa, xb],
+    );
+    g.set_output("y", y).unwrap();
+    let to_bf16 = |t: &Tensor| {
+        Tensor::f32(
+            &t.shape,
+            t.to_f64()
+                .iter()
+                .map(|&v| half::bf16::from_f32(v as f32).to_f32())
+                .collect(),
+        )
+    };
+    let feeds =
+        |a: Tensor, b: Tensor| TensorMap::from([("a".to_string(), a), ("b".to_string(), b)]);
+    let got = device
+        .run(&g, &feeds(a.clone(), b.clone()), EvalContext::default())
+        .unwrap()["y"]
+        .to_f64();
+    let rounded = run(
+        &g,
+        &feeds(to_bf16(&a), to_bf16(&b)),
+        &TensorMap::new(),
+        EvalContext::default(),
+    )
+    .unwrap()["y"]
+        .to_f64();
+    let exact =
+        run(&g, &feeds(a, b), &TensorMap::new(), EvalContext::default()).unwrap()["y"].to_f64();
+    let mut max_rounding_effect = 0.0f64;
+    for ((g, r), e) in got.iter().zip(&rounded).zip(&exact) {
+        assert!(
+            (g - r).abs() <= 1e-5 + 1e-5 * r.abs(),
+            "autocast {g} vs bf16 operands on the reference {r}"
+        );
+        max_rounding_effect = max_rounding_effect.max((r - e).abs());
+    }
+    assert!(
+        max_rounding_effect > 1e-4,
+        "bf16 rounding must be visible against f32, got {max_rounding_effect}"
+    );
 }

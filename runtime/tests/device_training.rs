@@ -5,6 +5,7 @@
 
 use altc_compiler::lower::{lower, LowerOptions, Program};
 use altc_compiler::spec;
+use altc_compiler::spec::Precision;
 use altc_compiler::train::{training_tasks, TrainingTask};
 use altc_runtime::backend::{Backend, ReferenceBackend};
 use altc_runtime::data::Dataset;
@@ -42,7 +43,7 @@ fn trainer<'p>(
 
 #[test]
 fn five_wgpu_training_steps_match_the_reference_backend() {
-    let device = match open(DeviceChoice::Wgpu) {
+    let device = match open(DeviceChoice::Wgpu, Precision::F32) {
         Ok(d) => d,
         Err(e) => {
             eprintln!("skipping: {e}");
