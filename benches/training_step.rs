@@ -34,12 +34,14 @@ fn tiny_training_step(c: &mut Criterion) {
     )
     .expect("planted data");
 
-    let mut backends: Vec<(&str, Box<dyn Backend>)> =
-        vec![("reference", Box::new(ReferenceBackend::default()))];
+    let mut backends: Vec<(String, Box<dyn Backend>)> =
+        vec![("reference".into(), Box::new(ReferenceBackend::default()))];
     for (name, choice) in [("wgpu", DeviceChoice::Wgpu), ("cuda", DeviceChoice::Cuda)] {
-        match open(choice, Precision::F32) {
-            Ok(b) => backends.push((name, b)),
-            Err(e) => eprintln!("not benchmarking {name}: {e}"),
+        for (variant, fuse) in [("fused", true), ("no-opt", false)] {
+            match open(choice, Precision::F32, fuse) {
+                Ok(b) => backends.push((format!("{name}-{variant}"), b)),
+                Err(e) => eprintln!("not benchmarking {name}: {e}"),
+            }
         }
     }
     let mut group = c.benchmark_group("tiny_training_step");
@@ -66,6 +68,9 @@ fn tiny_training_step(c: &mut Criterion) {
         group.bench_function(format!("{name}/batch32"), |b| {
             b.iter(|| trainer.step().expect("step"))
         });
+        if let Some(launches) = trainer.backend().kernel_launches() {
+            eprintln!("{name}: {launches} kernel launches per step");
+        }
     }
     group.finish();
 }

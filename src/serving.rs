@@ -71,7 +71,7 @@ fn load_run(run_dir: &Path, device: Device) -> Result<Loaded> {
         &state_shapes(&program),
         program.dtype,
     )?;
-    let mut backend = open_backend(device, program.training.precision)?;
+    let mut backend = open_backend(device, program.training.precision, true)?;
     eprintln!("device: {}", backend.describe());
     backend.load_state(&ckpt.state);
     Ok(Loaded { program, backend })

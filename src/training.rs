@@ -83,6 +83,9 @@ pub struct RunArgs {
     /// Continue from the run directory's checkpoint.
     #[arg(long)]
     resume: bool,
+    /// One kernel per op, no fusion: the unoptimised baseline.
+    #[arg(long)]
+    no_opt: bool,
 }
 
 #[derive(Args)]
@@ -94,6 +97,9 @@ pub struct EvalArgs {
     data: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = Device::Auto)]
     device: Device,
+    /// One kernel per op, no fusion.
+    #[arg(long)]
+    no_opt: bool,
 }
 
 /// The settings of a run, kept in its directory so `eval` and `--resume` agree with it.
@@ -139,19 +145,23 @@ pub fn data(command: DataCommand) -> Result<()> {
 }
 
 /// Opens the backend `device` names, saying which one it is.
-pub(crate) fn open_backend(device: Device, precision: Precision) -> Result<Box<dyn Backend>> {
+pub(crate) fn open_backend(
+    device: Device,
+    precision: Precision,
+    fuse: bool,
+) -> Result<Box<dyn Backend>> {
     let choice = match device {
         Device::Reference => return Ok(Box::new(ReferenceBackend::default())),
         Device::Auto => DeviceChoice::Auto,
         Device::Cuda => DeviceChoice::Cuda,
         Device::Wgpu => DeviceChoice::Wgpu,
     };
-    Ok(altc_runtime::device::open(choice, precision)?)
+    Ok(altc_runtime::device::open(choice, precision, fuse)?)
 }
 
 pub fn run(args: RunArgs) -> Result<()> {
     let program = load_program(&args.model, LowerOptions::default())?;
-    let backend = open_backend(args.device, program.training.precision)?;
+    let backend = open_backend(args.device, program.training.precision, !args.no_opt)?;
     eprintln!("device: {}", backend.describe());
     let run_dir = args
         .out
@@ -233,6 +243,12 @@ pub fn run(args: RunArgs) -> Result<()> {
     if let Some(r) = last {
         text.push_str(&format!("final step {}: {}\n", r.step, describe(&r)));
     }
+    if let Some(launches) = trainer.backend().kernel_launches() {
+        text.push_str(&format!(
+            "device: {}, {launches} kernel launches in the last step\n",
+            trainer.backend().describe()
+        ));
+    }
     text.push_str(&format!(
         "checkpoint: {}\n",
         checkpoint_path(&run_dir).display()
@@ -257,7 +273,7 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         program.dtype,
     )?;
     let split = data.split(record.held_out.min(data.pairs / 2), record.seed);
-    let mut backend = open_backend(args.device, program.training.precision)?;
+    let mut backend = open_backend(args.device, program.training.precision, !args.no_opt)?;
     backend.load_state(&ckpt.state);
     let r =
         recalls(&program, backend.as_mut(), &data, &split.held_out).context("computing recalls")?;

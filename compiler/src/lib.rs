@@ -8,6 +8,7 @@
 
 pub mod artifact;
 pub mod autodiff;
+pub mod fusion;
 pub mod ir;
 pub mod lower;
 pub mod reference;

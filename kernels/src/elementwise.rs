@@ -68,7 +68,7 @@ pub(crate) fn view_offset(
 }
 
 #[cube]
-fn apply_unary<F: Float>(x: F, #[comptime] op: UnaryKind) -> F {
+pub(crate) fn apply_unary<F: Float>(x: F, #[comptime] op: UnaryKind) -> F {
     match op {
         UnaryKind::Identity => x,
         UnaryKind::Neg => -x,
@@ -102,7 +102,7 @@ pub(crate) fn unordered<F: Float>(a: F, b: F) -> bool {
 }
 
 #[cube]
-fn apply_binary<F: Float>(a: F, b: F, #[comptime] op: BinaryKind) -> F {
+pub(crate) fn apply_binary<F: Float>(a: F, b: F, #[comptime] op: BinaryKind) -> F {
     let one = F::new(1.0);
     let zero = F::new(0.0);
     match op {

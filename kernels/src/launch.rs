@@ -4,6 +4,7 @@
 use crate::elementwise::{
     binary_kernel, copy_kernel, fill_kernel, iota_kernel, select_kernel, unary_kernel,
 };
+use crate::fused::{fused_kernel, FusedProgram};
 use crate::index::{gather_kernel, scatter_add_kernel, top_k_kernel};
 use crate::matmul::{matmul_kernel, TILE};
 use crate::random::dropout_kernel;
@@ -214,6 +215,49 @@ impl<R: Runtime> Kernels<R> {
                 shape.len(),
             )
         };
+    }
+
+    /// Runs a fused elementwise `program` over `shape`: `inputs` are views already
+    /// broadcast to `shape`; returns one contiguous buffer per program output. `seed`
+    /// and `step` key the program's dropout streams.
+    pub fn fused(
+        &self,
+        program: &FusedProgram,
+        inputs: &[View],
+        shape: &[usize],
+        seed: u64,
+        step: u64,
+    ) -> Vec<Handle> {
+        let n: usize = shape.iter().product();
+        let outputs: Vec<Handle> = program.outputs.iter().map(|_| self.alloc(n)).collect();
+        let mut meta = u32s(shape.iter().copied());
+        for v in inputs {
+            meta.extend(u32s(v.strides.iter().copied()));
+        }
+        meta.extend(u32s(inputs.iter().map(|v| v.offset)));
+        meta.extend([seed as u32, (seed >> 32) as u32, step as u32]);
+        let meta_len = meta.len();
+        let mut input_args = SequenceArg::new();
+        for v in inputs {
+            input_args.push(unsafe { ArrayArg::from_raw_parts(v.handle.clone(), v.len.max(1)) });
+        }
+        let mut output_args = SequenceArg::new();
+        for o in &outputs {
+            output_args.push(unsafe { ArrayArg::from_raw_parts(o.clone(), n) });
+        }
+        let (count, dim) = grid(n);
+        unsafe {
+            fused_kernel::launch_unchecked::<f32, R>(
+                &self.client,
+                count,
+                dim,
+                input_args,
+                output_args,
+                ArrayArg::from_raw_parts(self.meta(meta), meta_len),
+                program.clone(),
+            )
+        };
+        outputs
     }
 
     pub fn fill(&self, value: f32, len: usize) -> Handle {

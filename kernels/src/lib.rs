@@ -10,6 +10,7 @@
 //! cubes of a fixed size and tiles are sized independently of `PLANE_DIM`.
 
 mod elementwise;
+mod fused;
 mod index;
 mod launch;
 mod matmul;
@@ -17,5 +18,6 @@ mod random;
 mod reduce;
 
 pub use elementwise::{BinaryKind, UnaryKind};
+pub use fused::{FusedOp, FusedProgram};
 pub use launch::{contiguous_strides, Kernels, View};
 pub use reduce::ReduceKind;

@@ -48,6 +48,20 @@ fn philox_first(c0: u32, c2: u32, c3: u32, k0: u32, k1: u32) -> u32 {
     x0
 }
 
+/// Whether dropout with `rate` keeps element `index` of the stream (seed, step, stream).
+#[cube]
+pub(crate) fn keeps<F: Float>(
+    index: u32,
+    seed_lo: u32,
+    seed_hi: u32,
+    step: u32,
+    stream: u32,
+    rate: F,
+) -> bool {
+    let bits = philox_first(index, step, stream, seed_lo, seed_hi) >> 8;
+    F::cast_from(bits) / F::new(16777216.0) >= rate
+}
+
 /// `out[i] = keep(i) ? x[i] * scale : 0` with `keep(i)` = the 24-bit uniform of element
 /// `i` at or above `rate`. Elements are indexed below 2^32.
 #[cube(launch_unchecked)]

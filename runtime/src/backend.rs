@@ -44,6 +44,11 @@ pub trait Backend: Send {
     /// Applies the updates staged by the last `run`; a run whose results were
     /// rejected (a NaN) is simply not committed.
     fn commit(&mut self);
+
+    /// Kernel launches of the last `run`, on backends that launch kernels.
+    fn kernel_launches(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// The reference interpreter over host state.

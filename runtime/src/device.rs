@@ -4,14 +4,18 @@
 //! kernel launch. Intermediate buffers are released after their last use.
 
 use crate::backend::{Backend, BackendError};
+use altc_compiler::fusion::{self, FusionGroup, FusionPlan, Step};
 use altc_compiler::ir::{
     BinaryOp, CompareOp, DType, Dim, Graph, NodeId, Op, ReduceOp, Shape, UnaryOp,
 };
 use altc_compiler::reference::{EvalContext, Tensor, TensorMap};
 use altc_compiler::spec::Precision;
-use altc_kernels::{BinaryKind, Kernels, ReduceKind, UnaryKind, View};
+use altc_kernels::{BinaryKind, FusedOp, FusedProgram, Kernels, ReduceKind, UnaryKind, View};
 use cubecl::prelude::*;
 use std::collections::{BTreeMap, HashMap};
+
+/// The most external values one fused kernel reads.
+const MAX_FUSED_INPUTS: usize = 16;
 
 /// Which device to use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -26,13 +30,19 @@ pub enum DeviceChoice {
 /// CUDA runs matmuls on bf16 operands with f32 accumulation while parameters,
 /// optimizer state and every other op stay f32 (autocast); wgpu (lavapipe has no
 /// bf16) computes in f32.
-pub fn open(choice: DeviceChoice, precision: Precision) -> Result<Box<dyn Backend>, BackendError> {
+///
+/// `fuse: false` runs one kernel per op: the unoptimised baseline (`--no-opt`).
+pub fn open(
+    choice: DeviceChoice,
+    precision: Precision,
+    fuse: bool,
+) -> Result<Box<dyn Backend>, BackendError> {
     let bf16 = precision == Precision::Bf16;
     match choice {
-        DeviceChoice::Cuda => open_cuda(bf16),
-        DeviceChoice::Wgpu => open_wgpu(),
-        DeviceChoice::Auto => open_cuda(bf16).or_else(|cuda| {
-            open_wgpu()
+        DeviceChoice::Cuda => open_cuda(bf16, fuse),
+        DeviceChoice::Wgpu => open_wgpu(fuse),
+        DeviceChoice::Auto => open_cuda(bf16, fuse).or_else(|cuda| {
+            open_wgpu(fuse)
                 .map_err(|wgpu| BackendError::Unavailable(format!("no device: {cuda}; {wgpu}")))
         }),
     }
@@ -59,7 +69,7 @@ fn probe<T>(
     })
 }
 
-fn open_cuda(bf16_matmuls: bool) -> Result<Box<dyn Backend>, BackendError> {
+fn open_cuda(bf16_matmuls: bool, fuse: bool) -> Result<Box<dyn Backend>, BackendError> {
     use cubecl::cuda::{CudaDevice, CudaRuntime};
     // The driver bindings fail on another thread without a useful message when there
     // is no driver at all, so look for the kernel driver first.
@@ -70,21 +80,19 @@ fn open_cuda(bf16_matmuls: bool) -> Result<Box<dyn Backend>, BackendError> {
         ));
     }
     let client = probe("CUDA", || CudaRuntime::client(&CudaDevice::default()))?;
-    Ok(Box::new(DeviceBackend::<CudaRuntime>::new(
-        client,
-        "cuda",
-        bf16_matmuls,
-    )))
+    Ok(Box::new(
+        DeviceBackend::<CudaRuntime>::new(client, "cuda", bf16_matmuls).fused(fuse),
+    ))
 }
 
-fn open_wgpu() -> Result<Box<dyn Backend>, BackendError> {
+fn open_wgpu(fuse: bool) -> Result<Box<dyn Backend>, BackendError> {
     use cubecl::wgpu::{WgpuDevice, WgpuRuntime};
     let client = probe("wgpu (Vulkan)", || {
         WgpuRuntime::client(&WgpuDevice::default())
     })?;
-    Ok(Box::new(DeviceBackend::<WgpuRuntime>::new(
-        client, "wgpu", false,
-    )))
+    Ok(Box::new(
+        DeviceBackend::<WgpuRuntime>::new(client, "wgpu", false).fused(fuse),
+    ))
 }
 
 /// A value on the device: a (possibly strided) view and its logical shape.
@@ -120,6 +128,10 @@ pub struct DeviceBackend<R: Runtime> {
     staged: Vec<(String, Value)>,
     /// Round matmul operands to bf16 (f32 accumulation): mixed precision.
     bf16_matmuls: bool,
+    /// Run fusion groups as single kernels (off: one kernel per op, the baseline).
+    fuse: bool,
+    /// Kernel launches of the last run.
+    launches: usize,
 }
 
 impl<R: Runtime> DeviceBackend<R> {
@@ -130,7 +142,104 @@ impl<R: Runtime> DeviceBackend<R> {
             state: HashMap::new(),
             staged: Vec::new(),
             bf16_matmuls,
+            fuse: true,
+            launches: 0,
         }
+    }
+
+    /// Whether to run fusion groups as single kernels; off runs one kernel per op
+    /// (`--no-opt`, the baseline).
+    pub fn fused(mut self, fuse: bool) -> Self {
+        self.fuse = fuse;
+        self
+    }
+
+    /// Evaluates a fusion group with one fused kernel: external operands are loaded
+    /// through views broadcast to the group's shape, constants are inlined.
+    fn eval_group(
+        &self,
+        graph: &Graph,
+        group: &FusionGroup,
+        values: &[Option<Value>],
+        shape: Vec<usize>,
+        ctx: EvalContext,
+    ) -> Vec<Value> {
+        let mut program = FusedProgram {
+            ops: Vec::new(),
+            outputs: Vec::new(),
+            rank: shape.len(),
+            inputs: 0,
+        };
+        let mut register: HashMap<NodeId, usize> = HashMap::new();
+        let mut inputs: Vec<View> = Vec::new();
+        for &member in &group.nodes {
+            let mut regs = Vec::new();
+            for o in graph.operands(member) {
+                let r = match register.get(&o) {
+                    Some(&r) => r,
+                    None => {
+                        let op = match &graph.node(o).op {
+                            Op::Constant { value, .. } => FusedOp::Constant {
+                                bits: (value.0 as f32).to_bits(),
+                            },
+                            _ => {
+                                let value = values[o.index()]
+                                    .as_ref()
+                                    .expect("external operands are evaluated first");
+                                inputs.push(self.view_as(value, &shape));
+                                FusedOp::Load {
+                                    input: inputs.len() - 1,
+                                }
+                            }
+                        };
+                        program.ops.push(op);
+                        register.insert(o, program.ops.len() - 1);
+                        program.ops.len() - 1
+                    }
+                };
+                regs.push(r);
+            }
+            let op = match &graph.node(member).op {
+                Op::Unary(u) => FusedOp::Unary {
+                    op: unary_kind(*u),
+                    a: regs[0],
+                },
+                Op::Binary(b) => FusedOp::Binary {
+                    op: binary_kind(*b),
+                    a: regs[0],
+                    b: regs[1],
+                },
+                Op::Compare(c) => FusedOp::Binary {
+                    op: compare_kind(*c),
+                    a: regs[0],
+                    b: regs[1],
+                },
+                Op::Where => FusedOp::Select {
+                    c: regs[0],
+                    a: regs[1],
+                    b: regs[2],
+                },
+                Op::Cast { dtype } => FusedOp::Unary {
+                    op: cast_kind(*dtype),
+                    a: regs[0],
+                },
+                Op::Dropout { rate, stream } => FusedOp::Dropout {
+                    a: regs[0],
+                    rate_bits: (rate.0 as f32).to_bits(),
+                    stream: *stream as u32,
+                },
+                other => unreachable!("the planner fuses only elementwise ops, not {other}"),
+            };
+            program.ops.push(op);
+            register.insert(member, program.ops.len() - 1);
+        }
+        program.outputs = group.outputs.iter().map(|o| register[o]).collect();
+        program.inputs = inputs.len();
+        self.kernels
+            .fused(&program, &inputs, &shape, ctx.seed, ctx.step)
+            .into_iter()
+            .map(|h| Value::contiguous(h, shape.clone()))
+            .collect()
     }
 
     fn upload(&self, t: &Tensor) -> Value {
@@ -203,14 +312,7 @@ impl<R: Runtime> DeviceBackend<R> {
             }
             Op::Iota { axis, .. } => contiguous(k.iota(&shape, *axis)),
             Op::Unary(u) => contiguous(k.unary(unary_kind(*u), &x[0].view, &shape)),
-            Op::Cast { dtype } => {
-                let kind = match dtype {
-                    DType::I32 => UnaryKind::Trunc,
-                    DType::Bool => UnaryKind::NonZero,
-                    DType::F32 | DType::F64 => UnaryKind::Identity,
-                };
-                contiguous(k.unary(kind, &x[0].view, &shape))
-            }
+            Op::Cast { dtype } => contiguous(k.unary(cast_kind(*dtype), &x[0].view, &shape)),
             Op::Binary(b) => contiguous(k.binary(
                 binary_kind(*b),
                 &self.view_as(x[0], &shape),
@@ -321,11 +423,14 @@ fn concrete(shape: &Shape, symbols: &BTreeMap<String, usize>) -> Option<Vec<usiz
 
 impl<R: Runtime> Backend for DeviceBackend<R> {
     fn describe(&self) -> String {
+        let mut text = self.name.to_string();
         if self.bf16_matmuls {
-            format!("{} (bf16 matmuls, f32 master weights)", self.name)
-        } else {
-            self.name.to_string()
+            text.push_str(", bf16 matmuls with f32 master weights");
         }
+        if !self.fuse {
+            text.push_str(", unfused (--no-opt)");
+        }
+        text
     }
 
     fn load_state(&mut self, state: &TensorMap) {
@@ -348,7 +453,8 @@ impl<R: Runtime> Backend for DeviceBackend<R> {
         inputs: &TensorMap,
         ctx: EvalContext,
     ) -> Result<BTreeMap<String, Tensor>, BackendError> {
-        let order = graph
+        // A graph with a cycle cannot run (checked before anything is uploaded).
+        graph
             .topo_order()
             .map_err(altc_compiler::reference::EvalError::from)?;
         let mut symbols = BTreeMap::new();
@@ -363,43 +469,80 @@ impl<R: Runtime> Backend for DeviceBackend<R> {
                 }
             }
         }
-        // Release each intermediate after its last user.
+        let plan = if self.fuse {
+            // Leave room for the outputs and the metadata among the bindings.
+            let bindings = self.kernels.client().properties().hardware.max_bindings as usize;
+            fusion::plan(graph, bindings.saturating_sub(4).clamp(2, MAX_FUSED_INPUTS))
+        } else {
+            FusionPlan::unfused(graph)
+        };
+        // Release each value after the last step that reads it.
+        let mut step_at = vec![0usize; graph.len()];
+        for (pos, step) in plan.schedule.iter().enumerate() {
+            match step {
+                Step::Node(id) => step_at[id.index()] = pos,
+                Step::Group(g) => plan.groups[*g]
+                    .nodes
+                    .iter()
+                    .for_each(|m| step_at[m.index()] = pos),
+            }
+        }
         let mut last_use = vec![0usize; graph.len()];
-        for (pos, &id) in order.iter().enumerate() {
+        let mut reads: Vec<Vec<NodeId>> = vec![Vec::new(); plan.schedule.len()];
+        for id in graph.node_ids() {
             for o in graph.operands(id) {
-                last_use[o.index()] = pos;
+                let at = step_at[id.index()];
+                last_use[o.index()] = last_use[o.index()].max(at);
+                reads[at].push(o);
             }
         }
         let kept: Vec<bool> = (0..graph.len())
             .map(|i| graph.outputs().iter().any(|(_, o)| o.index() == i))
             .collect();
+        self.launches = 0;
         let mut values: Vec<Option<Value>> = vec![None; graph.len()];
-        for (pos, &id) in order.iter().enumerate() {
-            let node = graph.node(id);
-            let value = match &node.op {
-                Op::Input { name, .. } => self.upload(&inputs[name]),
-                Op::Parameter { name, .. } => {
-                    self.state
-                        .get(name)
-                        .cloned()
-                        .ok_or_else(|| BackendError::MissingState {
-                            graph: graph.name.clone(),
-                            name: name.clone(),
-                        })?
+        for (pos, step) in plan.schedule.iter().enumerate() {
+            match *step {
+                Step::Group(g) => {
+                    let group = &plan.groups[g];
+                    let shape = concrete(&graph.node(group.nodes[0]).ty.shape, &symbols)
+                        .expect("inputs bind every symbol");
+                    self.launches += 1;
+                    let outputs = self.eval_group(graph, group, &values, shape, ctx);
+                    for (id, value) in group.outputs.iter().zip(outputs) {
+                        values[id.index()] = Some(value);
+                    }
                 }
-                _ => {
-                    let operands: Vec<&Value> = graph
-                        .operands(id)
-                        .iter()
-                        .map(|o| values[o.index()].as_ref().expect("operands come first"))
-                        .collect();
-                    let shape =
-                        concrete(&node.ty.shape, &symbols).expect("inputs bind every symbol");
-                    self.eval(graph, id, &operands, shape, ctx)
+                Step::Node(id) => {
+                    let node = graph.node(id);
+                    let value = match &node.op {
+                        Op::Input { name, .. } => self.upload(&inputs[name]),
+                        Op::Parameter { name, .. } => {
+                            self.state.get(name).cloned().ok_or_else(|| {
+                                BackendError::MissingState {
+                                    graph: graph.name.clone(),
+                                    name: name.clone(),
+                                }
+                            })?
+                        }
+                        _ => {
+                            let operands: Vec<&Value> = graph
+                                .operands(id)
+                                .iter()
+                                .map(|o| values[o.index()].as_ref().expect("operands come first"))
+                                .collect();
+                            let shape = concrete(&node.ty.shape, &symbols)
+                                .expect("inputs bind every symbol");
+                            if fusion::launches_kernel(&node.op) {
+                                self.launches += 1;
+                            }
+                            self.eval(graph, id, &operands, shape, ctx)
+                        }
+                    };
+                    values[id.index()] = Some(value);
                 }
-            };
-            values[id.index()] = Some(value);
-            for o in graph.operands(id) {
+            }
+            for &o in &reads[pos] {
                 if last_use[o.index()] == pos && !kept[o.index()] {
                     values[o.index()] = None;
                 }
@@ -426,6 +569,18 @@ impl<R: Runtime> Backend for DeviceBackend<R> {
 
     fn commit(&mut self) {
         self.state.extend(std::mem::take(&mut self.staged));
+    }
+
+    fn kernel_launches(&self) -> Option<usize> {
+        Some(self.launches)
+    }
+}
+
+fn cast_kind(dtype: DType) -> UnaryKind {
+    match dtype {
+        DType::I32 => UnaryKind::Trunc,
+        DType::Bool => UnaryKind::NonZero,
+        DType::F32 | DType::F64 => UnaryKind::Identity,
     }
 }
 

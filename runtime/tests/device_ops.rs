@@ -24,7 +24,7 @@ static CUDA: Mutex<Option<Option<Box<dyn Backend>>>> = Mutex::new(None);
 fn on_each_device(mut f: impl FnMut(&mut dyn Backend)) {
     for (slot, choice) in [(&WGPU, DeviceChoice::Wgpu), (&CUDA, DeviceChoice::Cuda)] {
         let mut guard = slot.lock().unwrap_or_else(|e| e.into_inner());
-        let device = guard.get_or_insert_with(|| match open(choice, Precision::F32) {
+        let device = guard.get_or_insert_with(|| match open(choice, Precision::F32, true) {
             Ok(b) => Some(b),
             Err(e) => {
                 eprintln!("skipping {choice:?}: {e}");
@@ -422,7 +422,7 @@ fn bf16_matmuls_round_operands_and_accumulate_in_f32() {
     use cubecl::wgpu::{WgpuDevice, WgpuRuntime};
     // lavapipe has no bf16 hardware, but the autocast kernel only rounds f32 operands to
     // bf16, so it runs (and is checked) on wgpu exactly as it would on CUDA.
-    if open(DeviceChoice::Wgpu, Precision::F32).is_err() {
+    if open(DeviceChoice::Wgpu, Precision::F32, true).is_err() {
         eprintln!("skipping: wgpu is not available");
         return;
     }

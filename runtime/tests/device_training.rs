@@ -43,7 +43,7 @@ fn trainer<'p>(
 
 #[test]
 fn five_wgpu_training_steps_match_the_reference_backend() {
-    let device = match open(DeviceChoice::Wgpu, Precision::F32) {
+    let device = match open(DeviceChoice::Wgpu, Precision::F32, true) {
         Ok(d) => d,
         Err(e) => {
             eprintln!("skipping: {e}");

@@ -1,0 +1,315 @@
+//! Fusion planning: which nodes of a graph run together in one kernel, and in which
+//! order the kernels run.
+//!
+//! The planner groups elementwise ops (unary, binary, compare, where, cast, dropout)
+//! of one shape: a producer joins its consumer's group whenever that creates no cycle
+//! between groups (no path from the producer's group to the consumer's through a
+//! node outside both) and keeps the group's external inputs within what one kernel may
+//! bind. A member whose value is used outside its group becomes one of the group's
+//! outputs; every other intermediate lives in registers. Constants are folded into the
+//! groups that read them. Matmuls, reductions, layout and index ops stay kernels of
+//! their own. The plan's `schedule` orders groups and single ops topologically.
+
+use crate::ir::{Graph, NodeId, Op};
+use petgraph::Direction;
+use std::collections::BTreeSet;
+
+/// A group of elementwise nodes evaluated by one kernel; `nodes` are in topological
+/// order, `outputs` are the members whose values leave the group.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FusionGroup {
+    pub nodes: Vec<NodeId>,
+    pub outputs: Vec<NodeId>,
+}
+
+/// One step of a fused schedule.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// A node on its own (leaves, layout views, non-elementwise kernels).
+    Node(NodeId),
+    /// A fusion group, by index.
+    Group(usize),
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct FusionPlan {
+    pub groups: Vec<FusionGroup>,
+    /// Every node exactly once, as a member of a group or on its own, in an order
+    /// where all inputs of a step come before it.
+    pub schedule: Vec<Step>,
+    member_of: Vec<Option<usize>>,
+}
+
+impl FusionPlan {
+    pub fn group_of(&self, id: NodeId) -> Option<&FusionGroup> {
+        self.member_of
+            .get(id.index())
+            .copied()
+            .flatten()
+            .map(|g| &self.groups[g])
+    }
+
+    /// Kernel launches of one run of the planned graph on a device, where leaves and
+    /// layout ops (views) launch nothing.
+    pub fn launches(&self, graph: &Graph) -> usize {
+        self.schedule
+            .iter()
+            .filter(|s| match s {
+                Step::Group(_) => true,
+                Step::Node(id) => launches_kernel(&graph.node(*id).op),
+            })
+            .count()
+    }
+
+    /// The unfused plan: every node on its own, in topological order.
+    pub fn unfused(graph: &Graph) -> FusionPlan {
+        FusionPlan {
+            groups: Vec::new(),
+            schedule: graph
+                .topo_order()
+                .unwrap_or_default()
+                .into_iter()
+                .map(Step::Node)
+                .collect(),
+            member_of: vec![None; graph.len()],
+        }
+    }
+}
+
+/// Whether an op runs as a kernel on a device (leaves are bound, layout ops are views).
+pub fn launches_kernel(op: &Op) -> bool {
+    !matches!(
+        op,
+        Op::Input { .. }
+            | Op::Parameter { .. }
+            | Op::Constant { .. }
+            | Op::Transpose { .. }
+            | Op::BroadcastTo { .. }
+            | Op::Slice { .. }
+            | Op::Reshape { .. }
+    )
+}
+
+/// Elementwise ops that can share a kernel.
+pub fn is_fusible(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::Unary(_)
+            | Op::Binary(_)
+            | Op::Compare(_)
+            | Op::Where
+            | Op::Cast { .. }
+            | Op::Dropout { .. }
+    )
+}
+
+/// Plans the fusion groups of `graph`; no group reads more than `max_inputs` distinct
+/// values from outside (devices bound the buffers one kernel may bind).
+pub fn plan(graph: &Graph, max_inputs: usize) -> FusionPlan {
+    let n = graph.len();
+    let order = graph.topo_order().unwrap_or_default();
+    let mut position = vec![0usize; n];
+    for (pos, id) in order.iter().enumerate() {
+        position[id.index()] = pos;
+    }
+    let users: Vec<Vec<NodeId>> = (0..n)
+        .map(|i| {
+            graph
+                .dag()
+                .neighbors_directed(NodeId::new(i), Direction::Outgoing)
+                .collect()
+        })
+        .collect();
+    let is_constant = |o: NodeId| matches!(graph.node(o).op, Op::Constant { .. });
+
+    // Groups are identified by a representative; members and external inputs live there.
+    let mut group: Vec<Option<usize>> = vec![None; n];
+    let mut members: Vec<Vec<usize>> = vec![Vec::new(); n];
+    let mut inputs: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); n];
+    for &id in &order {
+        let node = graph.node(id);
+        if !is_fusible(&node.op) {
+            continue;
+        }
+        let me = id.index();
+        group[me] = Some(me);
+        members[me] = vec![me];
+        inputs[me] = graph
+            .operands(id)
+            .iter()
+            .filter(|&&o| !is_constant(o))
+            .map(|o| o.index())
+            .collect();
+        for o in graph.operands(id) {
+            let Some(p) = group[o.index()] else { continue };
+            let g = group[me].expect("just grouped");
+            if p == g || graph.node(o).ty.shape != node.ty.shape {
+                continue;
+            }
+            let merged_members: BTreeSet<usize> =
+                members[p].iter().chain(&members[g]).copied().collect();
+            let merged_inputs: BTreeSet<usize> = inputs[p]
+                .union(&inputs[g])
+                .filter(|i| !merged_members.contains(i))
+                .copied()
+                .collect();
+            let cycle = creates_cycle(
+                &members[p],
+                &merged_members,
+                position[id.index()],
+                &users,
+                &position,
+                &group,
+                &members,
+            );
+            if merged_inputs.len() > max_inputs || cycle {
+                continue;
+            }
+            // Fold group `p` into `g`.
+            let moved = std::mem::take(&mut members[p]);
+            for &m in &moved {
+                group[m] = Some(g);
+            }
+            members[g].extend(moved);
+            inputs[g] = merged_inputs;
+            inputs[p].clear();
+        }
+    }
+
+    let outputs_of_graph: BTreeSet<usize> =
+        graph.outputs().iter().map(|(_, o)| o.index()).collect();
+    let mut groups = Vec::new();
+    let mut member_of = vec![None; n];
+    let mut index_of_rep = vec![None; n];
+    for &id in &order {
+        let Some(rep) = group[id.index()] else {
+            continue;
+        };
+        let gi = *index_of_rep[rep].get_or_insert_with(|| {
+            groups.push(FusionGroup {
+                nodes: Vec::new(),
+                outputs: Vec::new(),
+            });
+            groups.len() - 1
+        });
+        groups[gi].nodes.push(id);
+        member_of[id.index()] = Some(gi);
+    }
+    for g in &mut groups {
+        let inside: BTreeSet<usize> = g.nodes.iter().map(|m| m.index()).collect();
+        g.outputs = g
+            .nodes
+            .iter()
+            .copied()
+            .filter(|m| {
+                outputs_of_graph.contains(&m.index())
+                    || users[m.index()]
+                        .iter()
+                        .any(|u| !inside.contains(&u.index()))
+            })
+            .collect();
+    }
+    let schedule = schedule(graph, &order, &groups, &member_of);
+    if schedule.len()
+        != graph.len() - groups.iter().map(|g| g.nodes.len()).sum::<usize>() + groups.len()
+    {
+        // Grouping is built to be acyclic; should it ever not be, run unfused rather
+        // than drop work.
+        return FusionPlan::unfused(graph);
+    }
+    FusionPlan {
+        groups,
+        schedule,
+        member_of,
+    }
+}
+
+/// Whether joining the producer group (`producer`) to a consumer group makes a cycle:
+/// some user of a producer member outside the merged group leads back into it. Other
+/// groups count as units (a group runs once all its inputs exist, so reaching any
+/// member reaches the users of all its members). Paths are followed only up to the
+/// consumer's position, past which nothing reaches it.
+#[allow(clippy::too_many_arguments)]
+fn creates_cycle(
+    producer: &[usize],
+    merged: &BTreeSet<usize>,
+    limit: usize,
+    users: &[Vec<NodeId>],
+    position: &[usize],
+    group: &[Option<usize>],
+    members: &[Vec<usize>],
+) -> bool {
+    let mut stack: Vec<usize> = producer
+        .iter()
+        .flat_map(|&m| users[m].iter().map(|u| u.index()))
+        .filter(|u| !merged.contains(u))
+        .collect();
+    let mut seen = BTreeSet::new();
+    while let Some(x) = stack.pop() {
+        if position[x] > limit || !seen.insert(x) {
+            continue;
+        }
+        let unit: Vec<usize> = match group[x] {
+            Some(r) if !merged.contains(&x) => members[r].clone(),
+            _ => vec![x],
+        };
+        for m in unit {
+            seen.insert(m);
+            for u in &users[m] {
+                if merged.contains(&u.index()) {
+                    return true;
+                }
+                stack.push(u.index());
+            }
+        }
+    }
+    false
+}
+
+/// Topological order of groups and single nodes (Kahn's algorithm on the condensed
+/// graph, preferring the original order among ready steps).
+fn schedule(
+    graph: &Graph,
+    order: &[NodeId],
+    groups: &[FusionGroup],
+    member_of: &[Option<usize>],
+) -> Vec<Step> {
+    let step_of = |id: NodeId| member_of[id.index()].map_or(Step::Node(id), Step::Group);
+    let key = |s: Step| match s {
+        Step::Node(id) => id.index(),
+        Step::Group(g) => graph.len() + g,
+    };
+    let total = graph.len() + groups.len();
+    let mut indegree = vec![0usize; total];
+    let mut successors: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); total];
+    let mut first_position = vec![usize::MAX; total];
+    let mut step_by_key: Vec<Option<Step>> = vec![None; total];
+    for (pos, &id) in order.iter().enumerate() {
+        let s = step_of(id);
+        let k = key(s);
+        step_by_key[k] = Some(s);
+        first_position[k] = first_position[k].min(pos);
+        for o in graph.operands(id) {
+            let from = key(step_of(o));
+            if from != k && successors[from].insert(k) {
+                indegree[k] += 1;
+            }
+        }
+    }
+    let mut ready: BTreeSet<(usize, usize)> = (0..total)
+        .filter(|&k| step_by_key[k].is_some() && indegree[k] == 0)
+        .map(|k| (first_position[k], k))
+        .collect();
+    let mut out = Vec::with_capacity(total);
+    while let Some(&(pos, k)) = ready.iter().next() {
+        ready.remove(&(pos, k));
+        out.push(step_by_key[k].expect("scheduled keys exist"));
+        for &s in &successors[k] {
+            indegree[s] -= 1;
+            if indegree[s] == 0 {
+                ready.insert((first_position[s], s));
+            }
+        }
+    }
+    out
+}

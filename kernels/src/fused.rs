@@ -1,0 +1,119 @@
+//! Fused elementwise kernels: one launch evaluates a whole group of elementwise ops.
+//! The group's op list is comptime data, so each distinct group compiles once into
+//! straight-line code over registers; operands are loaded through their own strided
+//! (broadcast) views, and only the group's outputs are written.
+
+use crate::elementwise::{apply_binary, apply_unary, view_offset};
+use crate::{BinaryKind, UnaryKind};
+use cubecl::prelude::*;
+
+/// One step of a fused program; operands name earlier registers (one per step).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum FusedOp {
+    /// Reads input `index` through its view.
+    Load {
+        input: usize,
+    },
+    /// An f32 constant, stored as its bits so the program stays `Eq + Hash`.
+    Constant {
+        bits: u32,
+    },
+    Unary {
+        op: UnaryKind,
+        a: usize,
+    },
+    Binary {
+        op: BinaryKind,
+        a: usize,
+        b: usize,
+    },
+    /// `c != 0 ? a : b`.
+    Select {
+        c: usize,
+        a: usize,
+        b: usize,
+    },
+    /// Inverted dropout of register `a` with the Philox stream `stream`, keyed by the
+    /// element's position in the group's shape.
+    Dropout {
+        a: usize,
+        rate_bits: u32,
+        stream: u32,
+    },
+}
+
+/// A fused program: its steps, and which registers are written to the outputs.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct FusedProgram {
+    pub ops: Vec<FusedOp>,
+    pub outputs: Vec<usize>,
+    pub rank: usize,
+    pub inputs: usize,
+}
+
+/// `meta`: the group's shape, each input's strides, each input's offset, then the
+/// dropout key (seed low, seed high, step).
+#[cube(launch_unchecked)]
+pub(crate) fn fused_kernel<F: Float>(
+    inputs: &Sequence<Array<F>>,
+    outputs: &mut Sequence<Array<F>>,
+    meta: &Array<u32>,
+    #[comptime] program: FusedProgram,
+) {
+    let pos = ABSOLUTE_POS;
+    let rank = comptime!(program.rank);
+    let n_inputs = comptime!(program.inputs);
+    if pos < outputs.index(0usize).len() {
+        let mut regs = Sequence::<F>::new();
+        #[unroll]
+        for step in 0usize..comptime!(program.ops.len()) {
+            let op = comptime!(program.ops[step].clone());
+            let value = match op {
+                FusedOp::Load { input } => {
+                    let at =
+                        view_offset(pos as u32, meta, comptime!(rank * (1 + input)) as u32, rank)
+                            + meta[comptime!(rank * (1 + n_inputs) + input)];
+                    let source = inputs.index(input);
+                    source[at as usize]
+                }
+                FusedOp::Constant { bits } => F::new(comptime!(f32::from_bits(bits))),
+                FusedOp::Unary { op, a } => apply_unary::<F>(*regs.index(a), op),
+                FusedOp::Binary { op, a, b } => {
+                    apply_binary::<F>(*regs.index(a), *regs.index(b), op)
+                }
+                FusedOp::Select { c, a, b } => select(
+                    *regs.index(c) != F::new(0.0),
+                    *regs.index(a),
+                    *regs.index(b),
+                ),
+                FusedOp::Dropout {
+                    a,
+                    rate_bits,
+                    stream,
+                } => {
+                    let key_at = comptime!(rank * (1 + n_inputs) + n_inputs);
+                    let rate = comptime!(f32::from_bits(rate_bits));
+                    let keep = crate::random::keeps::<F>(
+                        pos as u32,
+                        meta[key_at],
+                        meta[key_at + 1],
+                        meta[key_at + 2],
+                        stream,
+                        F::new(rate),
+                    );
+                    select(
+                        keep,
+                        *regs.index(a) * F::new(comptime!(1.0 / (1.0 - rate))),
+                        F::new(0.0),
+                    )
+                }
+            };
+            regs.push(value);
+        }
+        #[unroll]
+        for o in 0usize..comptime!(program.outputs.len()) {
+            let out = outputs.index_mut(o);
+            out[pos] = *regs.index(comptime!(program.outputs[o]));
+        }
+    }
+}
