@@ -63,17 +63,32 @@ impl FusionPlan {
 
     /// The unfused plan: every node on its own, in topological order.
     pub fn unfused(graph: &Graph) -> FusionPlan {
+        let live = live_nodes(graph);
         FusionPlan {
             groups: Vec::new(),
             schedule: graph
                 .topo_order()
                 .unwrap_or_default()
                 .into_iter()
+                .filter(|id| live[id.index()])
                 .map(Step::Node)
                 .collect(),
             member_of: vec![None; graph.len()],
         }
     }
+}
+
+/// Nodes some output depends on; the rest (values autodiff built that nothing reads)
+/// never need to run.
+pub fn live_nodes(graph: &Graph) -> Vec<bool> {
+    let mut live = vec![false; graph.len()];
+    let mut stack: Vec<NodeId> = graph.outputs().iter().map(|(_, id)| *id).collect();
+    while let Some(id) = stack.pop() {
+        if !std::mem::replace(&mut live[id.index()], true) {
+            stack.extend(graph.operands(id));
+        }
+    }
+    live
 }
 
 /// Whether an op runs as a kernel on a device (leaves are bound, layout ops are views).
@@ -107,7 +122,13 @@ pub fn is_fusible(op: &Op) -> bool {
 /// values from outside (devices bound the buffers one kernel may bind).
 pub fn plan(graph: &Graph, max_inputs: usize) -> FusionPlan {
     let n = graph.len();
-    let order = graph.topo_order().unwrap_or_default();
+    let live = live_nodes(graph);
+    let order: Vec<NodeId> = graph
+        .topo_order()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|id| live[id.index()])
+        .collect();
     let mut position = vec![0usize; n];
     for (pos, id) in order.iter().enumerate() {
         position[id.index()] = pos;
@@ -117,6 +138,7 @@ pub fn plan(graph: &Graph, max_inputs: usize) -> FusionPlan {
             graph
                 .dag()
                 .neighbors_directed(NodeId::new(i), Direction::Outgoing)
+                .filter(|u| live[u.index()])
                 .collect()
         })
         .collect();
@@ -211,7 +233,7 @@ pub fn plan(graph: &Graph, max_inputs: usize) -> FusionPlan {
     }
     let schedule = schedule(graph, &order, &groups, &member_of);
     if schedule.len()
-        != graph.len() - groups.iter().map(|g| g.nodes.len()).sum::<usize>() + groups.len()
+        != order.len() - groups.iter().map(|g| g.nodes.len()).sum::<usize>() + groups.len()
     {
         // Grouping is built to be acyclic; should it ever not be, run unfused rather
         // than drop work.

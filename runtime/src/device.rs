@@ -489,7 +489,11 @@ impl<R: Runtime> Backend for DeviceBackend<R> {
         }
         let mut last_use = vec![0usize; graph.len()];
         let mut reads: Vec<Vec<NodeId>> = vec![Vec::new(); plan.schedule.len()];
-        for id in graph.node_ids() {
+        let scheduled = plan.schedule.iter().flat_map(|step| match step {
+            Step::Node(id) => vec![*id],
+            Step::Group(g) => plan.groups[*g].nodes.clone(),
+        });
+        for id in scheduled {
             for o in graph.operands(id) {
                 let at = step_at[id.index()];
                 last_use[o.index()] = last_use[o.index()].max(at);

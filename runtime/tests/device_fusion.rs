@@ -1,0 +1,174 @@
+//! Fused kernels against the unfused device path and the reference interpreter, on
+//! random elementwise graphs: broadcasting leaves, values used many times, dropout,
+//! and reductions in between that split groups. Tolerance 1e-5 + 1e-4 relative.
+
+use altc_compiler::ir::{
+    BinaryOp, CompareOp, DType, Graph, NodeId, Op, ReduceOp, Scalar, Shape, UnaryOp,
+};
+use altc_compiler::reference::{run, EvalContext, Tensor, TensorMap};
+use altc_compiler::rng;
+use altc_compiler::spec::Precision;
+use altc_runtime::device::{open, DeviceChoice};
+
+struct Draw {
+    stream: u64,
+    next: u64,
+}
+
+impl Draw {
+    fn pick(&mut self, n: usize) -> usize {
+        self.next += 1;
+        ((rng::uniform(17, 0, self.stream, self.next) * n as f64) as usize).min(n - 1)
+    }
+}
+
+/// A random graph over inputs `a [4, 5]`, `b [5]`, `c [4, 1]` with several outputs.
+fn random_graph(seed: u64) -> Graph {
+    let mut d = Draw {
+        stream: seed,
+        next: 0,
+    };
+    let mut g = Graph::new(format!("random-{seed}"));
+    let mut nodes: Vec<NodeId> = Vec::new();
+    for (name, shape) in [("a", vec![4, 5]), ("b", vec![5]), ("c", vec![4, 1])] {
+        let shape: Shape = shape.into_iter().collect();
+        nodes.push(
+            g.push(
+                Op::Input {
+                    name: name.into(),
+                    dtype: DType::F32,
+                    shape,
+                },
+                &[],
+                "test",
+            )
+            .unwrap(),
+        );
+    }
+    nodes.push(
+        g.push(
+            Op::Constant {
+                value: Scalar(0.5),
+                dtype: DType::F32,
+                shape: Shape::scalar(),
+            },
+            &[],
+            "test",
+        )
+        .unwrap(),
+    );
+    let unary = [
+        UnaryOp::Neg,
+        UnaryOp::Abs,
+        UnaryOp::Tanh,
+        UnaryOp::Sigmoid,
+        UnaryOp::Square,
+        UnaryOp::Gelu,
+        UnaryOp::Silu,
+        UnaryOp::Relu,
+    ];
+    let binary = [
+        BinaryOp::Add,
+        BinaryOp::Sub,
+        BinaryOp::Mul,
+        BinaryOp::Max,
+        BinaryOp::Min,
+    ];
+    for _ in 0..18 {
+        let x = nodes[d.pick(nodes.len())];
+        let y = nodes[d.pick(nodes.len())];
+        let node = match d.pick(6) {
+            0 | 1 => g.push(Op::Unary(unary[d.pick(unary.len())]), &[x], "test"),
+            2 | 3 => g.push(Op::Binary(binary[d.pick(binary.len())]), &[x, y], "test"),
+            4 => {
+                let c = g.push(Op::Compare(CompareOp::Gt), &[x, y], "test").unwrap();
+                g.push(Op::Where, &[c, x, y], "test")
+            }
+            _ => {
+                let rank = g.node(x).ty.shape.rank();
+                if rank == 2 && d.pick(2) == 0 {
+                    g.push(
+                        Op::Reduce {
+                            op: ReduceOp::Sum,
+                            axes: vec![1],
+                            keep_dims: true,
+                        },
+                        &[x],
+                        "test",
+                    )
+                } else {
+                    g.push(
+                        Op::Dropout {
+                            rate: Scalar(0.25),
+                            stream: d.pick(1000) as u64,
+                        },
+                        &[x],
+                        "test",
+                    )
+                }
+            }
+        };
+        if let Ok(id) = node {
+            nodes.push(id);
+        }
+    }
+    let last = nodes.len();
+    for (i, &id) in nodes[last - 3..].iter().enumerate() {
+        g.set_output(format!("y{i}"), id).unwrap();
+    }
+    g.set_output("mid", nodes[last / 2]).unwrap();
+    g
+}
+
+#[test]
+fn fused_random_elementwise_graphs_match_unfused_and_reference() {
+    let (Ok(mut fused), Ok(mut unfused)) = (
+        open(DeviceChoice::Wgpu, Precision::F32, true),
+        open(DeviceChoice::Wgpu, Precision::F32, false),
+    ) else {
+        eprintln!("skipping: wgpu is not available");
+        return;
+    };
+    let input = |shape: &[usize], stream: u64| {
+        let n = shape.iter().product();
+        Tensor::f32(
+            shape,
+            (0..n)
+                .map(|i| (2.0 * rng::uniform(3, 0, stream, i as u64) - 1.0) as f32)
+                .collect(),
+        )
+    };
+    let feeds = TensorMap::from([
+        ("a".to_string(), input(&[4, 5], 1)),
+        ("b".to_string(), input(&[5], 2)),
+        ("c".to_string(), input(&[4, 1], 3)),
+    ]);
+    let ctx = EvalContext { seed: 9, step: 4 };
+    let mut fewer = 0;
+    for seed in 0..24 {
+        let g = random_graph(seed);
+        let want = run(&g, &feeds, &TensorMap::new(), ctx).unwrap();
+        let got_fused = fused.run(&g, &feeds, ctx).unwrap();
+        let fused_launches = fused.kernel_launches().unwrap();
+        let got_unfused = unfused.run(&g, &feeds, ctx).unwrap();
+        if fused_launches < unfused.kernel_launches().unwrap() {
+            fewer += 1;
+        }
+        for (name, w) in &want {
+            for (label, got) in [("fused", &got_fused), ("unfused", &got_unfused)] {
+                let gv = got[name].to_f64();
+                for (i, (a, b)) in gv.iter().zip(w.to_f64()).enumerate() {
+                    let ok = (a - b).abs() <= 1e-5 + 1e-4 * b.abs() || (a.is_nan() && b.is_nan());
+                    assert!(
+                        ok,
+                        "graph {seed} output {name}[{i}] {label}: {a} vs reference {b}"
+                    );
+                }
+            }
+        }
+    }
+    assert!(
+        fewer >= 20,
+        "fusion saved launches in only {fewer} of 24 graphs"
+    );
+}
