@@ -38,6 +38,10 @@ enum Command {
         /// Where to write the artifact [default: the spec's name with `.altc`].
         #[arg(short, long)]
         output: Option<PathBuf>,
+        /// Print the fusion groups of every training graph and their planned cost
+        /// (launches, bytes moved, peak memory) against running op by op.
+        #[arg(long)]
+        explain: bool,
     },
     /// Summarise a compiled artifact, or render its graphs as Graphviz.
     Inspect {
@@ -71,7 +75,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Check { spec } => check(&spec),
-        Command::Compile { spec, output } => compile(&spec, output),
+        Command::Compile {
+            spec,
+            output,
+            explain,
+        } => compile(&spec, output, explain),
         Command::Inspect {
             artifact,
             dot,
@@ -120,7 +128,7 @@ fn check(path: &Path) -> Result<()> {
     ))
 }
 
-fn compile(path: &Path, output: Option<PathBuf>) -> Result<()> {
+fn compile(path: &Path, output: Option<PathBuf>, explain: bool) -> Result<()> {
     let loaded = spec::load(path)?;
     let program = lower_loaded(&loaded, LowerOptions::default())?;
     let output = output.unwrap_or_else(|| path.with_extension("altc"));
@@ -129,6 +137,9 @@ fn compile(path: &Path, output: Option<PathBuf>) -> Result<()> {
     let artifact = Artifact::new(&path.display().to_string(), &text, program);
     artifact.write(&output)?;
     let nodes: usize = artifact.program.graphs.iter().map(|g| g.len()).sum();
+    if explain {
+        emit(&explain_fusion(&artifact.program)?)?;
+    }
     emit(&format!(
         "compiled {} -> {} ({} graphs, {} nodes, {} trainable parameters)\n",
         path.display(),
@@ -170,6 +181,82 @@ fn inspect(path: &Path, dot: bool, only: &[String]) -> Result<()> {
         summary::program_summary(program),
         summary::graph_summary(program)
     ))
+}
+
+/// The fusion plan of every training graph at the spec's batch size, against running
+/// the same graph op by op.
+fn explain_fusion(program: &altc_compiler::lower::Program) -> Result<String> {
+    use altc_compiler::fusion::{plan, FusionPlan};
+    use altc_compiler::memory::plan_cost;
+    use std::fmt::Write as _;
+    let tasks =
+        altc_compiler::train::training_tasks(program).context("building the training graphs")?;
+    let symbols = std::collections::BTreeMap::from([(
+        altc_compiler::lower::BATCH.to_string(),
+        program.training.batch_size,
+    )]);
+    let mut out = String::new();
+    let mb = |b: u64| b as f64 / (1024.0 * 1024.0);
+    for task in &tasks {
+        let g = &task.graph;
+        let fused = plan(g, 16);
+        let (a, b) = (
+            plan_cost(g, &fused, &symbols),
+            plan_cost(g, &FusionPlan::unfused(g), &symbols),
+        );
+        let _ = writeln!(
+            out,
+            "{} ({} nodes, batch {}):",
+            g.name,
+            g.len(),
+            program.training.batch_size
+        );
+        let _ = writeln!(
+            out,
+            "  {:<22}{:>12}{:>14}{:>8}",
+            "", "fused", "op by op", "ratio"
+        );
+        let _ = writeln!(
+            out,
+            "  {:<22}{:>12}{:>14}{:>8.2}",
+            "kernel launches",
+            a.launches,
+            b.launches,
+            a.launches as f64 / b.launches as f64
+        );
+        let _ = writeln!(
+            out,
+            "  {:<22}{:>9.1} MiB{:>11.1} MiB{:>8.2}",
+            "bytes moved",
+            mb(a.bytes_moved),
+            mb(b.bytes_moved),
+            a.bytes_moved as f64 / b.bytes_moved as f64
+        );
+        let _ = writeln!(
+            out,
+            "  {:<22}{:>9.1} MiB{:>11.1} MiB{:>8.2}",
+            "peak intermediates",
+            mb(a.peak_bytes),
+            mb(b.peak_bytes),
+            a.peak_bytes as f64 / b.peak_bytes as f64
+        );
+        let _ = writeln!(out, "  {} fusion groups:", fused.groups.len());
+        for (i, group) in fused.groups.iter().enumerate() {
+            let ops: Vec<String> = group
+                .nodes
+                .iter()
+                .map(|&n| g.node(n).op.mnemonic())
+                .collect();
+            let _ = writeln!(
+                out,
+                "    #{i} {} [{} out]: {}",
+                g.node(group.nodes[0]).ty,
+                group.outputs.len(),
+                ops.join(", ")
+            );
+        }
+    }
+    Ok(out)
 }
 
 /// Writes a report to stdout; a reader that went away (`| head`) is not an error.

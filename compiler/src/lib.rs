@@ -11,6 +11,7 @@ pub mod autodiff;
 pub mod fusion;
 pub mod ir;
 pub mod lower;
+pub mod memory;
 pub mod reference;
 pub mod rng;
 pub mod spec;

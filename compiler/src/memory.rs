@@ -1,0 +1,101 @@
+//! Planned cost of running a graph under a fusion plan, at concrete symbol values:
+//! kernel launches, bytes moved (every kernel reads its inputs and writes its outputs
+//! once) and peak memory under liveness-based reuse (a buffer is freed after the last
+//! step that reads it; views and leaves allocate nothing new). These are the numbers
+//! `altc compile --explain` reports; the device runtime frees buffers on the same
+//! schedule.
+
+use crate::fusion::{launches_kernel, FusionPlan, Step};
+use crate::ir::{Dim, Graph, NodeId, Op};
+use std::collections::BTreeMap;
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PlanCost {
+    pub launches: usize,
+    pub bytes_moved: u64,
+    /// Largest total size of intermediates alive at once (parameters, inputs and
+    /// optimizer state are resident and not counted).
+    pub peak_bytes: u64,
+}
+
+fn bytes(graph: &Graph, id: NodeId, symbols: &BTreeMap<String, usize>) -> u64 {
+    let ty = &graph.node(id).ty;
+    let elements: u64 = ty
+        .shape
+        .dims()
+        .iter()
+        .map(|d| match d {
+            Dim::Fixed(n) => *n as u64,
+            Dim::Sym(s) => symbols.get(s).copied().unwrap_or(1) as u64,
+        })
+        .product();
+    // Devices hold every value as f32.
+    elements * 4
+}
+
+/// The planned cost of `graph` under `plan` with symbols bound to `symbols`.
+pub fn plan_cost(graph: &Graph, plan: &FusionPlan, symbols: &BTreeMap<String, usize>) -> PlanCost {
+    let steps: Vec<Vec<NodeId>> = plan
+        .schedule
+        .iter()
+        .map(|s| match s {
+            Step::Node(id) => vec![*id],
+            Step::Group(g) => plan.groups[*g].nodes.clone(),
+        })
+        .collect();
+    let mut step_of = vec![usize::MAX; graph.len()];
+    for (pos, nodes) in steps.iter().enumerate() {
+        for id in nodes {
+            step_of[id.index()] = pos;
+        }
+    }
+    let mut last_read = vec![None; graph.len()];
+    for (pos, nodes) in steps.iter().enumerate() {
+        for &id in nodes {
+            for o in graph.operands(id) {
+                if step_of[o.index()] != pos {
+                    last_read[o.index()] = Some(pos);
+                }
+            }
+        }
+    }
+    let is_output: Vec<bool> = (0..graph.len())
+        .map(|i| graph.outputs().iter().any(|(_, o)| o.index() == i))
+        .collect();
+    let mut cost = PlanCost::default();
+    let mut live: u64 = 0;
+    let mut frees: Vec<u64> = vec![0; steps.len()];
+    for (pos, (step, nodes)) in plan.schedule.iter().zip(&steps).enumerate() {
+        // What this step writes: a group's outputs, or the node itself if it is a kernel.
+        let written: Vec<NodeId> = match step {
+            Step::Group(g) => plan.groups[*g].outputs.clone(),
+            Step::Node(id) if launches_kernel(&graph.node(*id).op) => vec![*id],
+            Step::Node(_) => Vec::new(),
+        };
+        if !written.is_empty() || matches!(step, Step::Group(_)) {
+            cost.launches += 1;
+            let mut read = std::collections::BTreeSet::new();
+            for &id in nodes {
+                for o in graph.operands(id) {
+                    if step_of[o.index()] != pos && !matches!(graph.node(o).op, Op::Constant { .. })
+                    {
+                        read.insert(o);
+                    }
+                }
+            }
+            cost.bytes_moved += read.iter().map(|&o| bytes(graph, o, symbols)).sum::<u64>();
+        }
+        for &id in &written {
+            let b = bytes(graph, id, symbols);
+            cost.bytes_moved += b;
+            live += b;
+            match last_read[id.index()] {
+                Some(at) if !is_output[id.index()] => frees[at] += b,
+                _ => {}
+            }
+        }
+        cost.peak_bytes = cost.peak_bytes.max(live);
+        live -= frees[pos];
+    }
+    cost
+}
