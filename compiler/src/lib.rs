@@ -12,6 +12,7 @@ pub mod fusion;
 pub mod ir;
 pub mod lower;
 pub mod memory;
+pub mod optimize;
 pub mod reference;
 pub mod rng;
 pub mod spec;

@@ -613,6 +613,16 @@ fn concat_same_dtype(x: &[&Tensor], shape: &[usize], axis: usize) -> Tensor {
     Tensor::new(shape.to_vec(), data)
 }
 
+/// `op` of one `f64` (the interpreter's own definition, reused for constant folding).
+pub fn unary_scalar(op: UnaryOp, x: f64) -> f64 {
+    unary(op, x)
+}
+
+/// `op` of two `f64`s (the interpreter's own definition, reused for constant folding).
+pub fn binary_scalar(op: BinaryOp, a: f64, b: f64) -> f64 {
+    binary(op, a, b)
+}
+
 pub(crate) fn unary<T: Real>(op: UnaryOp, x: T) -> T {
     let one = T::one();
     match op {

@@ -7,6 +7,8 @@ mod eval;
 mod init;
 mod tensor;
 
-pub use eval::{evaluate, run, EvalContext, EvalError, Evaluation, Real, TensorMap};
+pub use eval::{
+    binary_scalar, evaluate, run, unary_scalar, EvalContext, EvalError, Evaluation, Real, TensorMap,
+};
 pub use init::initial_parameters;
 pub use tensor::{Data, Tensor};
