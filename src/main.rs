@@ -198,11 +198,45 @@ fn explain_fusion(program: &altc_compiler::lower::Program) -> Result<String> {
     let mut out = String::new();
     let mb = |b: u64| b as f64 / (1024.0 * 1024.0);
     for task in &tasks {
-        let g = &task.graph;
+        let original = &task.graph;
+        let started = std::time::Instant::now();
+        let (optimised, report) =
+            altc_compiler::optimize::optimize(original, altc_compiler::optimize::Limits::default())
+                .with_context(|| format!("optimising {}", original.name))?;
+        let _ = writeln!(
+            out,
+            "{}: e-graph {} nodes in {} classes after {} iterations ({}), {:.2} s",
+            original.name,
+            report.egraph_nodes,
+            report.egraph_classes,
+            report.iterations,
+            report.stop,
+            started.elapsed().as_secs_f64()
+        );
+        let fired: Vec<String> = report
+            .fired
+            .iter()
+            .map(|(r, n)| format!("{r} x{n}"))
+            .collect();
+        let _ = writeln!(
+            out,
+            "  rewrites: {}",
+            if fired.is_empty() {
+                "none".to_string()
+            } else {
+                fired.join(", ")
+            }
+        );
+        let _ = writeln!(
+            out,
+            "  kernel nodes: {} before, {} after (shared subgraphs counted once)",
+            report.kernels_before, report.kernels_after
+        );
+        let g = &optimised;
         let fused = plan(g, 16);
         let (a, b) = (
             plan_cost(g, &fused, &symbols),
-            plan_cost(g, &FusionPlan::unfused(g), &symbols),
+            plan_cost(original, &FusionPlan::unfused(original), &symbols),
         );
         let _ = writeln!(
             out,
@@ -214,7 +248,7 @@ fn explain_fusion(program: &altc_compiler::lower::Program) -> Result<String> {
         let _ = writeln!(
             out,
             "  {:<22}{:>12}{:>14}{:>8}",
-            "", "fused", "op by op", "ratio"
+            "", "optimised", "--no-opt", "ratio"
         );
         let _ = writeln!(
             out,

@@ -4,6 +4,7 @@
 use crate::{emit, load_program};
 use altc_compiler::artifact::Artifact;
 use altc_compiler::lower::{LowerOptions, Program};
+use altc_compiler::optimize::{optimize, Limits};
 use altc_compiler::spec::Precision;
 use altc_compiler::train::training_tasks;
 use altc_runtime::backend::{Backend, ReferenceBackend};
@@ -184,7 +185,22 @@ pub fn run(args: RunArgs) -> Result<()> {
         }
     };
     let data = Dataset::load(&args.data, &program)?;
-    let tasks = training_tasks(&program).context("building the training graphs")?;
+    let mut tasks = training_tasks(&program).context("building the training graphs")?;
+    if !args.no_opt {
+        for task in &mut tasks {
+            let (graph, report) = optimize(&task.graph, Limits::default())
+                .with_context(|| format!("optimising {}", task.graph.name))?;
+            eprintln!(
+                "optimised {}: {} -> {} kernels ({} rewrites, e-graph {} nodes)",
+                task.graph.name,
+                report.kernels_before,
+                report.kernels_after,
+                report.fired.values().sum::<usize>(),
+                report.egraph_nodes
+            );
+            task.graph = graph;
+        }
+    }
     let options = TrainOptions {
         // A resumed run keeps its length (and so its schedules) unless told otherwise.
         steps: args

@@ -392,7 +392,10 @@ pub fn optimize(graph: &Graph, limits: Limits) -> Result<(Graph, OptimizeReport)
         egraph_nodes: runner.egraph.total_size(),
         egraph_classes: runner.egraph.number_of_classes(),
         iterations: runner.iterations.len(),
-        stop: format!("{:?}", runner.stop_reason),
+        stop: runner
+            .stop_reason
+            .as_ref()
+            .map_or_else(|| "running".into(), |r| format!("{r:?}")),
         kernels_before,
         ..OptimizeReport::default()
     };

@@ -101,7 +101,10 @@ fn a_tampered_graph_is_caught_by_type_checking() {
 
 #[test]
 fn a_failed_write_leaves_the_previous_artifact_intact() {
-    let path = scratch("kept.altc");
+    // Its own directory: other tests write (and briefly hold temporaries) beside theirs.
+    let dir = scratch("isolated");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("kept.altc");
     write(&path);
     let before = std::fs::read(&path).unwrap();
     // Writing into a directory that does not exist fails before touching `path`.
