@@ -3,9 +3,10 @@
 //! be measured against.
 
 use altc_compiler::lower::{lower, LowerOptions};
+use altc_compiler::optimize::{optimize, Limits};
 use altc_compiler::spec;
 use altc_compiler::spec::Precision;
-use altc_compiler::train::training_tasks;
+use altc_compiler::train::{training_tasks, TrainingTask};
 use altc_runtime::backend::{Backend, ReferenceBackend};
 use altc_runtime::data::Dataset;
 use altc_runtime::device::{open, DeviceChoice};
@@ -21,6 +22,14 @@ fn tiny_training_step(c: &mut Criterion) {
     .expect("valid");
     let program = lower(&loaded.spec, LowerOptions::default()).expect("lowers");
     let tasks = training_tasks(&program).expect("training graphs");
+    // What `altc run` executes by default: e-graph rewrites, then fusion on the device.
+    let optimised: Vec<TrainingTask> = tasks
+        .iter()
+        .map(|t| TrainingTask {
+            graph: optimize(&t.graph, Limits::default()).expect("optimises").0,
+            ..t.clone()
+        })
+        .collect();
     let dir = std::env::temp_dir().join(format!("altc-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("scratch directory");
     let data = dir.join("pairs.safetensors");
@@ -34,12 +43,19 @@ fn tiny_training_step(c: &mut Criterion) {
     )
     .expect("planted data");
 
-    let mut backends: Vec<(String, Box<dyn Backend>)> =
-        vec![("reference".into(), Box::new(ReferenceBackend::default()))];
+    let mut backends: Vec<(String, Box<dyn Backend>, &[TrainingTask])> = vec![(
+        "reference".into(),
+        Box::new(ReferenceBackend::default()),
+        &tasks,
+    )];
     for (name, choice) in [("wgpu", DeviceChoice::Wgpu), ("cuda", DeviceChoice::Cuda)] {
-        for (variant, fuse) in [("fused", true), ("no-opt", false)] {
-            match open(choice, Precision::F32, fuse) {
-                Ok(b) => backends.push((format!("{name}-{variant}"), b)),
+        for (variant, opt) in [("optimised", true), ("no-opt", false)] {
+            match open(choice, Precision::F32, opt) {
+                Ok(b) => backends.push((
+                    format!("{name}-{variant}"),
+                    b,
+                    if opt { &optimised } else { &tasks },
+                )),
                 Err(e) => eprintln!("not benchmarking {name}: {e}"),
             }
         }
@@ -47,7 +63,7 @@ fn tiny_training_step(c: &mut Criterion) {
     let mut group = c.benchmark_group("tiny_training_step");
     group.throughput(Throughput::Elements(1));
     group.sample_size(10);
-    for (name, backend) in backends {
+    for (name, backend, tasks) in backends {
         let options = TrainOptions {
             steps: Some(1_000_000),
             batch_size: 32,
@@ -59,7 +75,7 @@ fn tiny_training_step(c: &mut Criterion) {
         };
         let mut trainer = Trainer::new(
             &program,
-            &tasks,
+            tasks,
             Dataset::load(&data, &program).expect("data"),
             options,
             backend,

@@ -51,13 +51,16 @@ pub struct FusedProgram {
     pub inputs: usize,
 }
 
-/// `meta`: the group's shape, each input's strides, each input's offset, then the
-/// dropout key (seed low, seed high, step).
+/// `meta`: the group's shape, each input's strides, each input's offset. The dropout
+/// key (seed, step) comes as scalars, so the metadata is the same every step.
 #[cube(launch_unchecked)]
 pub(crate) fn fused_kernel<F: Float>(
     inputs: &Sequence<Array<F>>,
     outputs: &mut Sequence<Array<F>>,
     meta: &Array<u32>,
+    seed_lo: u32,
+    seed_hi: u32,
+    rng_step: u32,
     #[comptime] program: FusedProgram,
 ) {
     let pos = ABSOLUTE_POS;
@@ -91,13 +94,12 @@ pub(crate) fn fused_kernel<F: Float>(
                     rate_bits,
                     stream,
                 } => {
-                    let key_at = comptime!(rank * (1 + n_inputs) + n_inputs);
                     let rate = comptime!(f32::from_bits(rate_bits));
                     let keep = crate::random::keeps::<F>(
                         pos as u32,
-                        meta[key_at],
-                        meta[key_at + 1],
-                        meta[key_at + 2],
+                        seed_lo,
+                        seed_hi,
+                        rng_step,
                         stream,
                         F::new(rate),
                     );

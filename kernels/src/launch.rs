@@ -52,6 +52,9 @@ pub fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
 /// Every kernel launch altc needs, on one client. Buffers hold f32.
 pub struct Kernels<R: Runtime> {
     client: ComputeClient<R>,
+    /// Metadata buffers by content: a training step launches the same kernels on the
+    /// same shapes every step, so each distinct layout is uploaded once.
+    metas: std::sync::Mutex<std::collections::HashMap<Vec<u32>, Handle>>,
 }
 
 fn u32s(values: impl IntoIterator<Item = usize>) -> Vec<u32> {
@@ -72,7 +75,10 @@ fn grid(units: usize) -> (CubeCount, CubeDim) {
 
 impl<R: Runtime> Kernels<R> {
     pub fn new(client: ComputeClient<R>) -> Self {
-        Kernels { client }
+        Kernels {
+            client,
+            metas: Default::default(),
+        }
     }
 
     pub fn client(&self) -> &ComputeClient<R> {
@@ -103,7 +109,11 @@ impl<R: Runtime> Kernels<R> {
 
     fn meta(&self, values: Vec<u32>) -> Handle {
         let values = if values.is_empty() { vec![0] } else { values };
-        self.client.create_from_slice(u32::as_bytes(&values))
+        let mut cache = self.metas.lock().unwrap_or_else(|e| e.into_inner());
+        cache
+            .entry(values)
+            .or_insert_with_key(|v| self.client.create_from_slice(u32::as_bytes(v)))
+            .clone()
     }
 
     /// `op` of every element of `x` (read through its view) into a new `shape` buffer.
@@ -235,7 +245,6 @@ impl<R: Runtime> Kernels<R> {
             meta.extend(u32s(v.strides.iter().copied()));
         }
         meta.extend(u32s(inputs.iter().map(|v| v.offset)));
-        meta.extend([seed as u32, (seed >> 32) as u32, step as u32]);
         let meta_len = meta.len();
         let mut input_args = SequenceArg::new();
         for v in inputs {
@@ -254,6 +263,9 @@ impl<R: Runtime> Kernels<R> {
                 input_args,
                 output_args,
                 ArrayArg::from_raw_parts(self.meta(meta), meta_len),
+                seed as u32,
+                (seed >> 32) as u32,
+                step as u32,
                 program.clone(),
             )
         };
