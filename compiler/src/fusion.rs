@@ -29,6 +29,10 @@ pub enum Step {
     Node(NodeId),
     /// A fusion group, by index.
     Group(usize),
+    /// A reduction whose operand is a group's only output, used by nothing else: the
+    /// group runs as the reduction's prologue in the same kernel and its values are
+    /// never written.
+    GroupReduce { group: usize, reduce: NodeId },
 }
 
 #[derive(Clone, Debug, Default)]
@@ -49,13 +53,26 @@ impl FusionPlan {
             .map(|g| &self.groups[g])
     }
 
+    /// The nodes one step evaluates.
+    pub fn step_nodes(&self, step: &Step) -> Vec<NodeId> {
+        match step {
+            Step::Node(id) => vec![*id],
+            Step::Group(g) => self.groups[*g].nodes.clone(),
+            Step::GroupReduce { group, reduce } => {
+                let mut nodes = self.groups[*group].nodes.clone();
+                nodes.push(*reduce);
+                nodes
+            }
+        }
+    }
+
     /// Kernel launches of one run of the planned graph on a device, where leaves and
     /// layout ops (views) launch nothing.
     pub fn launches(&self, graph: &Graph) -> usize {
         self.schedule
             .iter()
             .filter(|s| match s {
-                Step::Group(_) => true,
+                Step::Group(_) | Step::GroupReduce { .. } => true,
                 Step::Node(id) => launches_kernel(&graph.node(*id).op),
             })
             .count()
@@ -231,7 +248,7 @@ pub fn plan(graph: &Graph, max_inputs: usize) -> FusionPlan {
             })
             .collect();
     }
-    let schedule = schedule(graph, &order, &groups, &member_of);
+    let mut schedule = schedule(graph, &order, &groups, &member_of);
     if schedule.len()
         != order.len() - groups.iter().map(|g| g.nodes.len()).sum::<usize>() + groups.len()
     {
@@ -239,6 +256,14 @@ pub fn plan(graph: &Graph, max_inputs: usize) -> FusionPlan {
         // than drop work.
         return FusionPlan::unfused(graph);
     }
+    fold_prologues(
+        graph,
+        &groups,
+        &member_of,
+        &users,
+        &outputs_of_graph,
+        &mut schedule,
+    );
     FusionPlan {
         groups,
         schedule,
@@ -288,6 +313,41 @@ fn creates_cycle(
     false
 }
 
+/// Turns a group that only feeds one reduction into that reduction's prologue: the
+/// group's step disappears and the reduction's step evaluates it. The reduction
+/// already comes after the group, and nothing else reads the group's output.
+fn fold_prologues(
+    graph: &Graph,
+    groups: &[FusionGroup],
+    member_of: &[Option<usize>],
+    users: &[Vec<NodeId>],
+    graph_outputs: &BTreeSet<usize>,
+    schedule: &mut Vec<Step>,
+) {
+    let mut absorbed = vec![false; groups.len()];
+    for step in schedule.iter_mut() {
+        let Step::Node(r) = *step else { continue };
+        if !matches!(graph.node(r).op, Op::Reduce { .. }) {
+            continue;
+        }
+        let operand = graph.operands(r)[0];
+        let Some(g) = member_of[operand.index()] else {
+            continue;
+        };
+        let only_output = groups[g].outputs == [operand];
+        let only_reader =
+            users[operand.index()] == [r] && !graph_outputs.contains(&operand.index());
+        if only_output && only_reader && !absorbed[g] {
+            absorbed[g] = true;
+            *step = Step::GroupReduce {
+                group: g,
+                reduce: r,
+            };
+        }
+    }
+    schedule.retain(|s| !matches!(s, Step::Group(g) if absorbed[*g]));
+}
+
 /// Topological order of groups and single nodes (Kahn's algorithm on the condensed
 /// graph, preferring the original order among ready steps).
 fn schedule(
@@ -300,6 +360,7 @@ fn schedule(
     let key = |s: Step| match s {
         Step::Node(id) => id.index(),
         Step::Group(g) => graph.len() + g,
+        Step::GroupReduce { .. } => unreachable!("prologues are folded after scheduling"),
     };
     let total = graph.len() + groups.len();
     let mut indegree = vec![0usize; total];

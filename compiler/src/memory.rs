@@ -35,14 +35,7 @@ fn bytes(graph: &Graph, id: NodeId, symbols: &BTreeMap<String, usize>) -> u64 {
 
 /// The planned cost of `graph` under `plan` with symbols bound to `symbols`.
 pub fn plan_cost(graph: &Graph, plan: &FusionPlan, symbols: &BTreeMap<String, usize>) -> PlanCost {
-    let steps: Vec<Vec<NodeId>> = plan
-        .schedule
-        .iter()
-        .map(|s| match s {
-            Step::Node(id) => vec![*id],
-            Step::Group(g) => plan.groups[*g].nodes.clone(),
-        })
-        .collect();
+    let steps: Vec<Vec<NodeId>> = plan.schedule.iter().map(|s| plan.step_nodes(s)).collect();
     let mut step_of = vec![usize::MAX; graph.len()];
     for (pos, nodes) in steps.iter().enumerate() {
         for id in nodes {
@@ -69,10 +62,11 @@ pub fn plan_cost(graph: &Graph, plan: &FusionPlan, symbols: &BTreeMap<String, us
         // What this step writes: a group's outputs, or the node itself if it is a kernel.
         let written: Vec<NodeId> = match step {
             Step::Group(g) => plan.groups[*g].outputs.clone(),
+            Step::GroupReduce { reduce, .. } => vec![*reduce],
             Step::Node(id) if launches_kernel(&graph.node(*id).op) => vec![*id],
             Step::Node(_) => Vec::new(),
         };
-        if !written.is_empty() || matches!(step, Step::Group(_)) {
+        if !written.is_empty() || matches!(step, Step::Group(_) | Step::GroupReduce { .. }) {
             cost.launches += 1;
             let mut read = std::collections::BTreeSet::new();
             for &id in nodes {

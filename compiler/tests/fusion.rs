@@ -24,10 +24,7 @@ fn training_graphs() -> Vec<Graph> {
 fn check_plan(graph: &Graph, plan: &FusionPlan, max_inputs: usize) {
     let mut done = vec![false; graph.len()];
     for step in &plan.schedule {
-        let nodes = match step {
-            Step::Node(id) => vec![*id],
-            Step::Group(g) => plan.groups[*g].nodes.clone(),
-        };
+        let nodes = plan.step_nodes(step);
         for &id in &nodes {
             for o in graph.operands(id) {
                 assert!(

@@ -4,7 +4,8 @@
 //! (broadcast) views, and only the group's outputs are written.
 
 use crate::elementwise::{apply_binary, apply_unary, view_offset};
-use crate::{BinaryKind, UnaryKind};
+use crate::reduce::{combine, offset_in};
+use crate::{BinaryKind, ReduceKind, UnaryKind};
 use cubecl::prelude::*;
 
 /// One step of a fused program; operands name earlier registers (one per step).
@@ -51,6 +52,66 @@ pub struct FusedProgram {
     pub inputs: usize,
 }
 
+/// Evaluates every step of `program` for the element at linear position `pos` of the
+/// group's shape; returns the registers. `meta` starts with the group's shape, each
+/// input's strides and each input's offset.
+#[cube]
+fn run_program<F: Float>(
+    inputs: &Sequence<Array<F>>,
+    meta: &Array<u32>,
+    pos: u32,
+    seed_lo: u32,
+    seed_hi: u32,
+    rng_step: u32,
+    #[comptime] program: FusedProgram,
+) -> Sequence<F> {
+    let rank = comptime!(program.rank);
+    let n_inputs = comptime!(program.inputs);
+    let mut regs = Sequence::<F>::new();
+    #[unroll]
+    for step in 0usize..comptime!(program.ops.len()) {
+        let op = comptime!(program.ops[step].clone());
+        let value = match op {
+            FusedOp::Load { input } => {
+                let at = view_offset(pos, meta, comptime!(rank * (1 + input)) as u32, rank)
+                    + meta[comptime!(rank * (1 + n_inputs) + input)];
+                let source = inputs.index(input);
+                source[at as usize]
+            }
+            FusedOp::Constant { bits } => F::new(comptime!(f32::from_bits(bits))),
+            FusedOp::Unary { op, a } => apply_unary::<F>(*regs.index(a), op),
+            FusedOp::Binary { op, a, b } => apply_binary::<F>(*regs.index(a), *regs.index(b), op),
+            FusedOp::Select { c, a, b } => select(
+                *regs.index(c) != F::new(0.0),
+                *regs.index(a),
+                *regs.index(b),
+            ),
+            FusedOp::Dropout {
+                a,
+                rate_bits,
+                stream,
+            } => {
+                let rate = comptime!(f32::from_bits(rate_bits));
+                let keep = crate::random::keeps::<F>(
+                    pos,
+                    seed_lo,
+                    seed_hi,
+                    rng_step,
+                    stream,
+                    F::new(rate),
+                );
+                select(
+                    keep,
+                    *regs.index(a) * F::new(comptime!(1.0 / (1.0 - rate))),
+                    F::new(0.0),
+                )
+            }
+        };
+        regs.push(value);
+    }
+    regs
+}
+
 /// `meta`: the group's shape, each input's strides, each input's offset. The dropout
 /// key (seed, step) comes as scalars, so the metadata is the same every step.
 #[cube(launch_unchecked)]
@@ -64,58 +125,71 @@ pub(crate) fn fused_kernel<F: Float>(
     #[comptime] program: FusedProgram,
 ) {
     let pos = ABSOLUTE_POS;
-    let rank = comptime!(program.rank);
-    let n_inputs = comptime!(program.inputs);
     if pos < outputs.index(0usize).len() {
-        let mut regs = Sequence::<F>::new();
-        #[unroll]
-        for step in 0usize..comptime!(program.ops.len()) {
-            let op = comptime!(program.ops[step].clone());
-            let value = match op {
-                FusedOp::Load { input } => {
-                    let at =
-                        view_offset(pos as u32, meta, comptime!(rank * (1 + input)) as u32, rank)
-                            + meta[comptime!(rank * (1 + n_inputs) + input)];
-                    let source = inputs.index(input);
-                    source[at as usize]
-                }
-                FusedOp::Constant { bits } => F::new(comptime!(f32::from_bits(bits))),
-                FusedOp::Unary { op, a } => apply_unary::<F>(*regs.index(a), op),
-                FusedOp::Binary { op, a, b } => {
-                    apply_binary::<F>(*regs.index(a), *regs.index(b), op)
-                }
-                FusedOp::Select { c, a, b } => select(
-                    *regs.index(c) != F::new(0.0),
-                    *regs.index(a),
-                    *regs.index(b),
-                ),
-                FusedOp::Dropout {
-                    a,
-                    rate_bits,
-                    stream,
-                } => {
-                    let rate = comptime!(f32::from_bits(rate_bits));
-                    let keep = crate::random::keeps::<F>(
-                        pos as u32,
-                        seed_lo,
-                        seed_hi,
-                        rng_step,
-                        stream,
-                        F::new(rate),
-                    );
-                    select(
-                        keep,
-                        *regs.index(a) * F::new(comptime!(1.0 / (1.0 - rate))),
-                        F::new(0.0),
-                    )
-                }
-            };
-            regs.push(value);
-        }
+        let regs = run_program::<F>(
+            inputs,
+            meta,
+            pos as u32,
+            seed_lo,
+            seed_hi,
+            rng_step,
+            program.clone(),
+        );
         #[unroll]
         for o in 0usize..comptime!(program.outputs.len()) {
             let out = outputs.index_mut(o);
             out[pos] = *regs.index(comptime!(program.outputs[o]));
         }
+    }
+}
+
+/// A reduction whose operand is a fused elementwise program (its prologue): each
+/// reduced element is computed in registers and never written. The program has one
+/// output; `meta` continues after the program's part with the kept shape and its
+/// strides in the program's shape, the reduced shape and its strides, and the count.
+#[cube(launch_unchecked)]
+pub(crate) fn fused_reduce_kernel<F: Float>(
+    inputs: &Sequence<Array<F>>,
+    out: &mut Array<F>,
+    meta: &Array<u32>,
+    seed_lo: u32,
+    seed_hi: u32,
+    rng_step: u32,
+    #[comptime] program: FusedProgram,
+    #[comptime] kept: usize,
+    #[comptime] reduced: usize,
+    #[comptime] op: ReduceKind,
+) {
+    let pos = ABSOLUTE_POS;
+    if pos < out.len() {
+        let at = comptime!(program.rank * (1 + program.inputs) + program.inputs) as u32;
+        let base = offset_in(pos as u32, meta, at, at + kept as u32, kept);
+        let red_at = at + 2 * kept as u32;
+        let count = meta[(red_at + 2 * reduced as u32) as usize];
+        let output = comptime!(program.outputs[0]);
+        let mut acc = F::new(0.0);
+        if comptime![op == ReduceKind::Max] {
+            acc = F::min_value();
+        }
+        if comptime![op == ReduceKind::Min] {
+            acc = F::max_value();
+        }
+        for r in 0..count {
+            let element = base + offset_in(r, meta, red_at, red_at + reduced as u32, reduced);
+            let regs = run_program::<F>(
+                inputs,
+                meta,
+                element,
+                seed_lo,
+                seed_hi,
+                rng_step,
+                program.clone(),
+            );
+            acc = combine::<F>(acc, *regs.index(output), op);
+        }
+        out[pos] = match op {
+            ReduceKind::Mean => acc / F::cast_from(count),
+            _ => acc,
+        };
     }
 }

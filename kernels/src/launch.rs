@@ -4,7 +4,7 @@
 use crate::elementwise::{
     binary_kernel, copy_kernel, fill_kernel, iota_kernel, select_kernel, unary_kernel,
 };
-use crate::fused::{fused_kernel, FusedProgram};
+use crate::fused::{fused_kernel, fused_reduce_kernel, FusedProgram};
 use crate::index::{gather_kernel, scatter_add_kernel, top_k_kernel};
 use crate::matmul::{matmul_kernel, TILE};
 use crate::random::dropout_kernel;
@@ -270,6 +270,61 @@ impl<R: Runtime> Kernels<R> {
             )
         };
         outputs
+    }
+
+    /// Reduces the single output of a fused `program` over `axes` of `shape` without
+    /// writing the program's values: the reduction's prologue runs in registers.
+    #[allow(clippy::too_many_arguments)]
+    pub fn fused_reduce(
+        &self,
+        program: &FusedProgram,
+        inputs: &[View],
+        shape: &[usize],
+        op: ReduceKind,
+        axes: &[usize],
+        seed: u64,
+        step: u64,
+    ) -> Handle {
+        let kept: Vec<usize> = (0..shape.len()).filter(|a| !axes.contains(a)).collect();
+        let reduced: Vec<usize> = (0..shape.len()).filter(|a| axes.contains(a)).collect();
+        let strides = contiguous_strides(shape);
+        let n: usize = kept.iter().map(|&a| shape[a]).product();
+        let count: usize = reduced.iter().map(|&a| shape[a]).product();
+        let out = self.alloc(n);
+        let mut meta = u32s(shape.iter().copied());
+        for v in inputs {
+            meta.extend(u32s(v.strides.iter().copied()));
+        }
+        meta.extend(u32s(inputs.iter().map(|v| v.offset)));
+        meta.extend(u32s(kept.iter().map(|&a| shape[a])));
+        meta.extend(u32s(kept.iter().map(|&a| strides[a])));
+        meta.extend(u32s(reduced.iter().map(|&a| shape[a])));
+        meta.extend(u32s(reduced.iter().map(|&a| strides[a])));
+        meta.extend(u32s([count]));
+        let meta_len = meta.len();
+        let mut input_args = SequenceArg::new();
+        for v in inputs {
+            input_args.push(unsafe { ArrayArg::from_raw_parts(v.handle.clone(), v.len.max(1)) });
+        }
+        let (cubes, dim) = grid(n);
+        unsafe {
+            fused_reduce_kernel::launch_unchecked::<f32, R>(
+                &self.client,
+                cubes,
+                dim,
+                input_args,
+                ArrayArg::from_raw_parts(out.clone(), n.max(1)),
+                ArrayArg::from_raw_parts(self.meta(meta), meta_len),
+                seed as u32,
+                (seed >> 32) as u32,
+                step as u32,
+                program.clone(),
+                kept.len(),
+                reduced.len(),
+                op,
+            )
+        };
+        out
     }
 
     pub fn fill(&self, value: f32, len: usize) -> Handle {

@@ -15,7 +15,7 @@ pub enum ReduceKind {
 /// Offset of linear index `pos` within the shape at `meta[shape_at..]` and the
 /// strides at `meta[strides_at..]`.
 #[cube]
-fn offset_in(
+pub(crate) fn offset_in(
     pos: u32,
     meta: &Array<u32>,
     shape_at: u32,
@@ -36,7 +36,7 @@ fn offset_in(
 }
 
 #[cube]
-fn combine<F: Float>(acc: F, v: F, #[comptime] op: ReduceKind) -> F {
+pub(crate) fn combine<F: Float>(acc: F, v: F, #[comptime] op: ReduceKind) -> F {
     match op {
         ReduceKind::Sum | ReduceKind::Mean => acc + v,
         // Unordered (one side NaN): `v + acc` is NaN, so NaN propagates as in the

@@ -156,6 +156,7 @@ impl<R: Runtime> DeviceBackend<R> {
 
     /// Evaluates a fusion group with one fused kernel: external operands are loaded
     /// through views broadcast to the group's shape, constants are inlined.
+    /// Evaluates a fusion group with one fused kernel.
     fn eval_group(
         &self,
         graph: &Graph,
@@ -164,6 +165,23 @@ impl<R: Runtime> DeviceBackend<R> {
         shape: Vec<usize>,
         ctx: EvalContext,
     ) -> Vec<Value> {
+        let (program, inputs) = self.group_program(graph, group, values, &shape);
+        self.kernels
+            .fused(&program, &inputs, &shape, ctx.seed, ctx.step)
+            .into_iter()
+            .map(|h| Value::contiguous(h, shape.clone()))
+            .collect()
+    }
+
+    /// The fused program of a group and the views of its external inputs, broadcast
+    /// to the group's shape; constants are inlined.
+    fn group_program(
+        &self,
+        graph: &Graph,
+        group: &FusionGroup,
+        values: &[Option<Value>],
+        shape: &[usize],
+    ) -> (FusedProgram, Vec<View>) {
         let mut program = FusedProgram {
             ops: Vec::new(),
             outputs: Vec::new(),
@@ -186,7 +204,7 @@ impl<R: Runtime> DeviceBackend<R> {
                                 let value = values[o.index()]
                                     .as_ref()
                                     .expect("external operands are evaluated first");
-                                inputs.push(self.view_as(value, &shape));
+                                inputs.push(self.view_as(value, shape));
                                 FusedOp::Load {
                                     input: inputs.len() - 1,
                                 }
@@ -235,11 +253,7 @@ impl<R: Runtime> DeviceBackend<R> {
         }
         program.outputs = group.outputs.iter().map(|o| register[o]).collect();
         program.inputs = inputs.len();
-        self.kernels
-            .fused(&program, &inputs, &shape, ctx.seed, ctx.step)
-            .into_iter()
-            .map(|h| Value::contiguous(h, shape.clone()))
-            .collect()
+        (program, inputs)
     }
 
     fn upload(&self, t: &Tensor) -> Value {
@@ -479,20 +493,13 @@ impl<R: Runtime> Backend for DeviceBackend<R> {
         // Release each value after the last step that reads it.
         let mut step_at = vec![0usize; graph.len()];
         for (pos, step) in plan.schedule.iter().enumerate() {
-            match step {
-                Step::Node(id) => step_at[id.index()] = pos,
-                Step::Group(g) => plan.groups[*g]
-                    .nodes
-                    .iter()
-                    .for_each(|m| step_at[m.index()] = pos),
+            for id in plan.step_nodes(step) {
+                step_at[id.index()] = pos;
             }
         }
         let mut last_use = vec![0usize; graph.len()];
         let mut reads: Vec<Vec<NodeId>> = vec![Vec::new(); plan.schedule.len()];
-        let scheduled = plan.schedule.iter().flat_map(|step| match step {
-            Step::Node(id) => vec![*id],
-            Step::Group(g) => plan.groups[*g].nodes.clone(),
-        });
+        let scheduled = plan.schedule.iter().flat_map(|step| plan.step_nodes(step));
         for id in scheduled {
             for o in graph.operands(id) {
                 let at = step_at[id.index()];
@@ -516,6 +523,28 @@ impl<R: Runtime> Backend for DeviceBackend<R> {
                     for (id, value) in group.outputs.iter().zip(outputs) {
                         values[id.index()] = Some(value);
                     }
+                }
+                Step::GroupReduce { group, reduce } => {
+                    let group = &plan.groups[group];
+                    let shape = concrete(&graph.node(group.nodes[0]).ty.shape, &symbols)
+                        .expect("inputs bind every symbol");
+                    let Op::Reduce { op, axes, .. } = &graph.node(reduce).op else {
+                        unreachable!("the planner folds prologues only into reductions")
+                    };
+                    let out_shape = concrete(&graph.node(reduce).ty.shape, &symbols)
+                        .expect("inputs bind every symbol");
+                    self.launches += 1;
+                    let (program, views) = self.group_program(graph, group, &values, &shape);
+                    let handle = self.kernels.fused_reduce(
+                        &program,
+                        &views,
+                        &shape,
+                        reduce_kind(*op),
+                        axes,
+                        ctx.seed,
+                        ctx.step,
+                    );
+                    values[reduce.index()] = Some(Value::contiguous(handle, out_shape));
                 }
                 Step::Node(id) => {
                     let node = graph.node(id);
