@@ -2,7 +2,7 @@
 //! once, every step's inputs come before it, groups hold same-shape elementwise ops
 //! within the binding budget, and fusing needs fewer launches than running op by op.
 
-use altc_compiler::fusion::{is_fusible, plan, FusionPlan, Step};
+use altc_compiler::fusion::{is_fusible, plan, FusionPlan};
 use altc_compiler::ir::Graph;
 use altc_compiler::lower::{lower, LowerOptions};
 use altc_compiler::{spec, train};
