@@ -45,6 +45,29 @@ pub enum BinaryKind {
     Ne,
 }
 
+/// Offset of linear index `pos` within the shape at `meta[shape_at..]` and the
+/// strides at `meta[strides_at..]`.
+#[cube]
+pub(crate) fn offset_in(
+    pos: u32,
+    meta: &Array<u32>,
+    shape_at: u32,
+    strides_at: u32,
+    #[comptime] rank: usize,
+) -> u32 {
+    let mut rem = pos;
+    let mut offset = 0u32;
+    #[unroll]
+    for i in 0..rank {
+        let axis = rank - 1 - i;
+        let dim = meta[shape_at as usize + axis];
+        let coord = rem % dim;
+        rem /= dim;
+        offset += coord * meta[strides_at as usize + axis];
+    }
+    offset
+}
+
 /// Offset of the element at linear output position `pos` in a view: `meta` holds the
 /// output shape at `0..rank` and this view's strides at `strides_at..strides_at+rank`.
 #[cube]
@@ -54,17 +77,7 @@ pub(crate) fn view_offset(
     strides_at: u32,
     #[comptime] rank: usize,
 ) -> u32 {
-    let mut rem = pos;
-    let mut offset = 0u32;
-    #[unroll]
-    for i in 0..rank {
-        let axis = rank - 1 - i;
-        let dim = meta[axis];
-        let coord = rem % dim;
-        rem /= dim;
-        offset += coord * meta[strides_at as usize + axis];
-    }
-    offset
+    offset_in(pos, meta, 0, strides_at, rank)
 }
 
 #[cube]

@@ -4,7 +4,7 @@
 //! (broadcast) views, and only the group's outputs are written.
 
 use crate::elementwise::{apply_binary, apply_unary, view_offset};
-use crate::reduce::{combine, offset_in};
+use crate::reduce::{combine, offset_in, reduce_identity};
 use crate::{BinaryKind, ReduceKind, UnaryKind};
 use cubecl::prelude::*;
 
@@ -167,13 +167,7 @@ pub(crate) fn fused_reduce_kernel<F: Float>(
         let red_at = at + 2 * kept as u32;
         let count = meta[(red_at + 2 * reduced as u32) as usize];
         let output = comptime!(program.outputs[0]);
-        let mut acc = F::new(0.0);
-        if comptime![op == ReduceKind::Max] {
-            acc = F::min_value();
-        }
-        if comptime![op == ReduceKind::Min] {
-            acc = F::max_value();
-        }
+        let mut acc = reduce_identity::<F>(op);
         for r in 0..count {
             let element = base + offset_in(r, meta, red_at, red_at + reduced as u32, reduced);
             let regs = run_program::<F>(

@@ -1,6 +1,7 @@
 //! Reductions over any set of axes of a strided view: one unit per output element
 //! walks the reduced elements in order, so results are deterministic.
 
+pub(crate) use crate::elementwise::offset_in;
 use crate::elementwise::unordered;
 use cubecl::prelude::*;
 
@@ -12,27 +13,14 @@ pub enum ReduceKind {
     Min,
 }
 
-/// Offset of linear index `pos` within the shape at `meta[shape_at..]` and the
-/// strides at `meta[strides_at..]`.
+/// The value a reduction starts from.
 #[cube]
-pub(crate) fn offset_in(
-    pos: u32,
-    meta: &Array<u32>,
-    shape_at: u32,
-    strides_at: u32,
-    #[comptime] rank: usize,
-) -> u32 {
-    let mut rem = pos;
-    let mut offset = 0u32;
-    #[unroll]
-    for i in 0..rank {
-        let axis = rank - 1 - i;
-        let dim = meta[shape_at as usize + axis];
-        let coord = rem % dim;
-        rem /= dim;
-        offset += coord * meta[strides_at as usize + axis];
+pub(crate) fn reduce_identity<F: Float>(#[comptime] op: ReduceKind) -> F {
+    match op {
+        ReduceKind::Sum | ReduceKind::Mean => F::new(0.0),
+        ReduceKind::Max => F::min_value(),
+        ReduceKind::Min => F::max_value(),
     }
-    offset
 }
 
 #[cube]
@@ -62,13 +50,7 @@ pub(crate) fn reduce_kernel<F: Float>(
         let tail = 2 * kept + 2 * reduced;
         let base = offset_in(pos as u32, meta, 0, kept as u32, kept) + meta[tail];
         let count = meta[tail + 1];
-        let mut acc = F::new(0.0);
-        if comptime![op == ReduceKind::Max] {
-            acc = F::min_value();
-        }
-        if comptime![op == ReduceKind::Min] {
-            acc = F::max_value();
-        }
+        let mut acc = reduce_identity::<F>(op);
         for r in 0..count {
             let v = x[(base
                 + offset_in(

@@ -14,29 +14,4 @@ pub mod retrieval;
 pub mod synth;
 pub mod training;
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
-
-/// Writes `bytes` to a temporary file beside `path`, syncs it, and renames it over
-/// `path`, so readers see the old file or the new one, never a torn one.
-pub fn atomic_write(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let result = (|| {
-        let mut file = std::fs::File::create(&tmp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
-}
+pub use altc_compiler::artifact::atomic_write;
