@@ -1,10 +1,13 @@
-//! altc's compiler: everything between a RON model file and a compiled artifact.
+//! altc's compiler: everything between a RON model file and what a device runs.
 //!
 //! It owns the spec language (`spec`: parsing, validation, located errors), the graph
 //! IR (`ir`: primitive ops, shapes, checking), lowering of specs to IR programs
-//! (`lower`), the reference interpreter that is every later stage's oracle
-//! (`reference`), and the versioned artifact `altc compile` writes (`artifact`).
-//! It never talks to a device: kernels and the runtime live in their own crates.
+//! (`lower`), reverse-mode autodiff (`autodiff`) and training graphs with the
+//! optimizer (`train`), the e-graph optimiser (`optimize`), fusion planning and its
+//! planned cost (`fusion`, `memory`), the reference interpreter that is every later
+//! stage's oracle (`reference`), and the versioned artifact `altc compile` writes
+//! (`artifact`). It never talks to a device: kernels and the runtime live in their
+//! own crates.
 
 pub mod artifact;
 pub mod autodiff;
