@@ -33,6 +33,9 @@ pub enum Step {
     /// group runs as the reduction's prologue in the same kernel and its values are
     /// never written.
     GroupReduce { group: usize, reduce: NodeId },
+    /// A matmul whose product only a group reads: the group runs as the matmul's
+    /// epilogue in the same kernel and the product is never written.
+    MatmulGroup { matmul: NodeId, group: usize },
 }
 
 #[derive(Clone, Debug, Default)]
@@ -63,6 +66,11 @@ impl FusionPlan {
                 nodes.push(*reduce);
                 nodes
             }
+            Step::MatmulGroup { matmul, group } => {
+                let mut nodes = vec![*matmul];
+                nodes.extend(&self.groups[*group].nodes);
+                nodes
+            }
         }
     }
 
@@ -72,7 +80,7 @@ impl FusionPlan {
         self.schedule
             .iter()
             .filter(|s| match s {
-                Step::Group(_) | Step::GroupReduce { .. } => true,
+                Step::Group(_) | Step::GroupReduce { .. } | Step::MatmulGroup { .. } => true,
                 Step::Node(id) => launches_kernel(&graph.node(*id).op),
             })
             .count()
@@ -264,6 +272,14 @@ pub fn plan(graph: &Graph, max_inputs: usize) -> FusionPlan {
         &outputs_of_graph,
         &mut schedule,
     );
+    fold_epilogues(
+        graph,
+        &groups,
+        &member_of,
+        &users,
+        &outputs_of_graph,
+        &mut schedule,
+    );
     FusionPlan {
         groups,
         schedule,
@@ -348,6 +364,41 @@ fn fold_prologues(
     schedule.retain(|s| !matches!(s, Step::Group(g) if absorbed[*g]));
 }
 
+/// Turns a group into the epilogue of a matmul whose product (of the group's shape)
+/// only that group reads: the matmul's own step disappears and the group's step
+/// computes the product first. The matmul's operands come before the group already.
+fn fold_epilogues(
+    graph: &Graph,
+    groups: &[FusionGroup],
+    member_of: &[Option<usize>],
+    users: &[Vec<NodeId>],
+    graph_outputs: &BTreeSet<usize>,
+    schedule: &mut Vec<Step>,
+) {
+    let mut folded = Vec::new();
+    for step in schedule.iter_mut() {
+        let Step::Group(g) = *step else { continue };
+        let shape = &graph.node(groups[g].nodes[0]).ty.shape;
+        let candidate = groups[g]
+            .nodes
+            .iter()
+            .flat_map(|&m| graph.operands(m))
+            .find(|&o| {
+                matches!(graph.node(o).op, Op::MatMul { .. })
+                    && &graph.node(o).ty.shape == shape
+                    && !graph_outputs.contains(&o.index())
+                    && users[o.index()]
+                        .iter()
+                        .all(|u| member_of[u.index()] == Some(g))
+            });
+        if let Some(matmul) = candidate {
+            folded.push(matmul);
+            *step = Step::MatmulGroup { matmul, group: g };
+        }
+    }
+    schedule.retain(|s| !matches!(s, Step::Node(id) if folded.contains(id)));
+}
+
 /// Topological order of groups and single nodes (Kahn's algorithm on the condensed
 /// graph, preferring the original order among ready steps).
 fn schedule(
@@ -360,7 +411,9 @@ fn schedule(
     let key = |s: Step| match s {
         Step::Node(id) => id.index(),
         Step::Group(g) => graph.len() + g,
-        Step::GroupReduce { .. } => unreachable!("prologues are folded after scheduling"),
+        Step::GroupReduce { .. } | Step::MatmulGroup { .. } => {
+            unreachable!("prologues and epilogues are folded after scheduling")
+        }
     };
     let total = graph.len() + groups.len();
     let mut indegree = vec![0usize; total];

@@ -63,10 +63,16 @@ pub fn plan_cost(graph: &Graph, plan: &FusionPlan, symbols: &BTreeMap<String, us
         let written: Vec<NodeId> = match step {
             Step::Group(g) => plan.groups[*g].outputs.clone(),
             Step::GroupReduce { reduce, .. } => vec![*reduce],
+            Step::MatmulGroup { group, .. } => plan.groups[*group].outputs.clone(),
             Step::Node(id) if launches_kernel(&graph.node(*id).op) => vec![*id],
             Step::Node(_) => Vec::new(),
         };
-        if !written.is_empty() || matches!(step, Step::Group(_) | Step::GroupReduce { .. }) {
+        if !written.is_empty()
+            || matches!(
+                step,
+                Step::Group(_) | Step::GroupReduce { .. } | Step::MatmulGroup { .. }
+            )
+        {
             cost.launches += 1;
             let mut read = std::collections::BTreeSet::new();
             for &id in nodes {

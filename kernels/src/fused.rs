@@ -15,6 +15,8 @@ pub enum FusedOp {
     Load {
         input: usize,
     },
+    /// The value a matmul computed for this element (the program is its epilogue).
+    Accumulator,
     /// An f32 constant, stored as its bits so the program stays `Eq + Hash`.
     Constant {
         bits: u32,
@@ -56,10 +58,11 @@ pub struct FusedProgram {
 /// group's shape; returns the registers. `meta` starts with the group's shape, each
 /// input's strides and each input's offset.
 #[cube]
-fn run_program<F: Float>(
+pub(crate) fn run_program<F: Float>(
     inputs: &Sequence<Array<F>>,
     meta: &Array<u32>,
     pos: u32,
+    accumulator: F,
     seed_lo: u32,
     seed_hi: u32,
     rng_step: u32,
@@ -78,6 +81,7 @@ fn run_program<F: Float>(
                 let source = inputs.index(input);
                 source[at as usize]
             }
+            FusedOp::Accumulator => accumulator,
             FusedOp::Constant { bits } => F::new(comptime!(f32::from_bits(bits))),
             FusedOp::Unary { op, a } => apply_unary::<F>(*regs.index(a), op),
             FusedOp::Binary { op, a, b } => apply_binary::<F>(*regs.index(a), *regs.index(b), op),
@@ -130,6 +134,7 @@ pub(crate) fn fused_kernel<F: Float>(
             inputs,
             meta,
             pos as u32,
+            F::new(0.0),
             seed_lo,
             seed_hi,
             rng_step,
@@ -174,6 +179,7 @@ pub(crate) fn fused_reduce_kernel<F: Float>(
                 inputs,
                 meta,
                 element,
+                F::new(0.0),
                 seed_lo,
                 seed_hi,
                 rng_step,

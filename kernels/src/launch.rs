@@ -49,6 +49,21 @@ pub fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
     s
 }
 
+/// The operands of a batched matmul `[..., M, K] x [..., K, N]`: batch dimensions
+/// broadcast to `out_batch`; a transposed operand swaps its last two dimensions. With
+/// `bf16_operands` the operands are rounded to bf16 as they are loaded and products
+/// accumulate in f32 (autocast semantics).
+pub struct MatmulOperands<'a> {
+    pub a: &'a View,
+    pub a_shape: &'a [usize],
+    pub transpose_a: bool,
+    pub b: &'a View,
+    pub b_shape: &'a [usize],
+    pub transpose_b: bool,
+    pub out_batch: &'a [usize],
+    pub bf16_operands: bool,
+}
+
 /// Every kernel launch altc needs, on one client. Buffers hold f32.
 pub struct Kernels<R: Runtime> {
     client: ComputeClient<R>,
@@ -393,41 +408,64 @@ impl<R: Runtime> Kernels<R> {
         out
     }
 
-    /// `[..., M, K] x [..., K, N]` with batch dimensions broadcast (`out_batch` is the
-    /// broadcast batch shape); a transposed operand swaps its last two dimensions.
-    /// With `bf16_operands` the operands are rounded to bf16 as they are loaded and
-    /// products accumulate in f32 (autocast semantics).
-    #[allow(clippy::too_many_arguments)]
-    pub fn matmul(
+    /// `[..., M, K] x [..., K, N]`; see `MatmulOperands`.
+    pub fn matmul(&self, mm: &MatmulOperands) -> Handle {
+        let empty = FusedProgram {
+            ops: Vec::new(),
+            outputs: vec![0],
+            rank: 0,
+            inputs: 0,
+        };
+        self.launch_matmul(mm, &empty, &[], 0, 0)
+            .into_iter()
+            .next()
+            .expect("one output")
+    }
+
+    /// A matmul whose product feeds `program` (an elementwise epilogue over the
+    /// product's shape, reading it as `Accumulator`) inside the same kernel; returns
+    /// the program's outputs. `inputs` are the program's other inputs, broadcast to
+    /// the product's shape.
+    pub fn matmul_with_epilogue(
         &self,
-        a: &View,
-        a_shape: &[usize],
-        transpose_a: bool,
-        b: &View,
-        b_shape: &[usize],
-        transpose_b: bool,
-        out_batch: &[usize],
-        bf16_operands: bool,
-    ) -> Handle {
+        mm: &MatmulOperands,
+        program: &FusedProgram,
+        inputs: &[View],
+        seed: u64,
+        step: u64,
+    ) -> Vec<Handle> {
+        self.launch_matmul(mm, program, inputs, seed, step)
+    }
+
+    fn launch_matmul(
+        &self,
+        mm: &MatmulOperands,
+        epilogue: &FusedProgram,
+        inputs: &[View],
+        seed: u64,
+        step: u64,
+    ) -> Vec<Handle> {
+        let (a, b) = (mm.a, mm.b);
+        let (a_shape, b_shape, out_batch) = (mm.a_shape, mm.b_shape, mm.out_batch);
         let (ra, rb) = (a_shape.len(), b_shape.len());
-        let (m, k) = if transpose_a {
+        let (m, k) = if mm.transpose_a {
             (a_shape[ra - 1], a_shape[ra - 2])
         } else {
             (a_shape[ra - 2], a_shape[ra - 1])
         };
-        let n = if transpose_b {
+        let n = if mm.transpose_b {
             b_shape[rb - 2]
         } else {
             b_shape[rb - 1]
         };
         let (a_row, a_col) = (a.strides[ra - 2], a.strides[ra - 1]);
         let (b_row, b_col) = (b.strides[rb - 2], b.strides[rb - 1]);
-        let (a_rs, a_cs) = if transpose_a {
+        let (a_rs, a_cs) = if mm.transpose_a {
             (a_col, a_row)
         } else {
             (a_row, a_col)
         };
-        let (b_rs, b_cs) = if transpose_b {
+        let (b_rs, b_cs) = if mm.transpose_b {
             (b_col, b_row)
         } else {
             (b_row, b_col)
@@ -446,12 +484,28 @@ impl<R: Runtime> Kernels<R> {
                 .collect()
         };
         let batches: usize = out_batch.iter().product();
-        let out = self.alloc(batches * m * n);
+        let len = (batches * m * n).max(1);
+        let outputs: Vec<Handle> = epilogue.outputs.iter().map(|_| self.alloc(len)).collect();
         let mut meta = u32s(out_batch.iter().copied());
         meta.extend(u32s(batch_strides(a_shape, &a.strides)));
         meta.extend(u32s(batch_strides(b_shape, &b.strides)));
         meta.extend(u32s([m, n, k, a_rs, a_cs, b_rs, b_cs, a.offset, b.offset]));
         let meta_len = meta.len();
+        let mut epilogue_meta = u32s(out_batch.iter().copied());
+        epilogue_meta.extend(u32s([m, n]));
+        for v in inputs {
+            epilogue_meta.extend(u32s(v.strides.iter().copied()));
+        }
+        epilogue_meta.extend(u32s(inputs.iter().map(|v| v.offset)));
+        let epilogue_len = epilogue_meta.len();
+        let mut input_args = SequenceArg::new();
+        for v in inputs {
+            input_args.push(unsafe { ArrayArg::from_raw_parts(v.handle.clone(), v.len.max(1)) });
+        }
+        let mut output_args = SequenceArg::new();
+        for o in &outputs {
+            output_args.push(unsafe { ArrayArg::from_raw_parts(o.clone(), len) });
+        }
         let tiles = |d: usize| (d as u32).div_ceil(TILE).max(1);
         let count = CubeCount::Static(tiles(n), tiles(m), u32s([batches])[0].max(1));
         unsafe {
@@ -461,13 +515,19 @@ impl<R: Runtime> Kernels<R> {
                 CubeDim::new_2d(TILE, TILE),
                 ArrayArg::from_raw_parts(a.handle.clone(), a.len.max(1)),
                 ArrayArg::from_raw_parts(b.handle.clone(), b.len.max(1)),
-                ArrayArg::from_raw_parts(out.clone(), (batches * m * n).max(1)),
+                input_args,
+                output_args,
                 ArrayArg::from_raw_parts(self.meta(meta), meta_len),
+                ArrayArg::from_raw_parts(self.meta(epilogue_meta), epilogue_len),
+                seed as u32,
+                (seed >> 32) as u32,
+                step as u32,
                 out_batch.len(),
-                bf16_operands,
+                mm.bf16_operands,
+                epilogue.clone(),
             )
         };
-        out
+        outputs
     }
 
     /// PyTorch `gather` along `axis`; the result has the index's `shape`.

@@ -19,5 +19,5 @@ mod reduce;
 
 pub use elementwise::{BinaryKind, UnaryKind};
 pub use fused::{FusedOp, FusedProgram};
-pub use launch::{contiguous_strides, Kernels, View};
+pub use launch::{contiguous_strides, Kernels, MatmulOperands, View};
 pub use reduce::ReduceKind;

@@ -3,6 +3,7 @@
 //! broadcast batch dimensions (stride 0) need no copies.
 
 use crate::elementwise::unordered;
+use crate::fused::{run_program, FusedProgram};
 use cubecl::prelude::*;
 
 /// Tile edge; a cube is `TILE x TILE` units, whatever the plane size.
@@ -22,15 +23,27 @@ pub(crate) fn round_to_bf16<F: Float>(x: F) -> F {
 
 /// `meta`: batch shape (`batch_rank` dims), a's batch strides, b's batch strides,
 /// then `M, N, K`, a's row and column strides, b's row and column strides, a offset,
-/// b offset. The output is contiguous `[batch..., M, N]`.
+/// b offset. The result is contiguous `[batch..., M, N]`.
+///
+/// With an empty `epilogue` the product is written to `outputs[0]`. Otherwise the
+/// epilogue (a fused elementwise program over the product's shape, whose
+/// `Accumulator` is the product) runs on each element in registers and writes its
+/// outputs; `inputs` and `epilogue_meta` are the program's, as for a fused kernel.
 #[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn matmul_kernel<F: Float>(
     a: &Array<F>,
     b: &Array<F>,
-    out: &mut Array<F>,
+    inputs: &Sequence<Array<F>>,
+    outputs: &mut Sequence<Array<F>>,
     meta: &Array<u32>,
+    epilogue_meta: &Array<u32>,
+    seed_lo: u32,
+    seed_hi: u32,
+    rng_step: u32,
     #[comptime] batch_rank: usize,
     #[comptime] bf16_operands: bool,
+    #[comptime] epilogue: FusedProgram,
 ) {
     let tile = comptime!(TILE as usize);
     let mut a_tile = SharedMemory::<F>::new(tile * tile);
@@ -92,6 +105,26 @@ pub(crate) fn matmul_kernel<F: Float>(
         sync_cube();
     }
     if row < m && col < n {
-        out[(CUBE_POS_Z * m * n + row * n + col) as usize] = acc;
+        let pos = CUBE_POS_Z * m * n + row * n + col;
+        if comptime![epilogue.ops.is_empty()] {
+            let out = outputs.index_mut(0usize);
+            out[pos as usize] = acc;
+        } else {
+            let regs = run_program::<F>(
+                inputs,
+                epilogue_meta,
+                pos,
+                acc,
+                seed_lo,
+                seed_hi,
+                rng_step,
+                epilogue.clone(),
+            );
+            #[unroll]
+            for o in 0usize..comptime!(epilogue.outputs.len()) {
+                let out = outputs.index_mut(o);
+                out[pos as usize] = *regs.index(comptime!(epilogue.outputs[o]));
+            }
+        }
     }
 }

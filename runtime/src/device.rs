@@ -10,7 +10,9 @@ use altc_compiler::ir::{
 };
 use altc_compiler::reference::{EvalContext, Tensor, TensorMap};
 use altc_compiler::spec::Precision;
-use altc_kernels::{BinaryKind, FusedOp, FusedProgram, Kernels, ReduceKind, UnaryKind, View};
+use altc_kernels::{
+    BinaryKind, FusedOp, FusedProgram, Kernels, MatmulOperands, ReduceKind, UnaryKind, View,
+};
 use cubecl::prelude::*;
 use std::collections::{BTreeMap, HashMap};
 
@@ -165,7 +167,7 @@ impl<R: Runtime> DeviceBackend<R> {
         shape: Vec<usize>,
         ctx: EvalContext,
     ) -> Vec<Value> {
-        let (program, inputs) = self.group_program(graph, group, values, &shape);
+        let (program, inputs) = self.group_program(graph, group, values, &shape, None);
         self.kernels
             .fused(&program, &inputs, &shape, ctx.seed, ctx.step)
             .into_iter()
@@ -181,6 +183,7 @@ impl<R: Runtime> DeviceBackend<R> {
         group: &FusionGroup,
         values: &[Option<Value>],
         shape: &[usize],
+        accumulator: Option<NodeId>,
     ) -> (FusedProgram, Vec<View>) {
         let mut program = FusedProgram {
             ops: Vec::new(),
@@ -197,6 +200,7 @@ impl<R: Runtime> DeviceBackend<R> {
                     Some(&r) => r,
                     None => {
                         let op = match &graph.node(o).op {
+                            _ if Some(o) == accumulator => FusedOp::Accumulator,
                             Op::Constant { value, .. } => FusedOp::Constant {
                                 bits: (value.0 as f32).to_bits(),
                             },
@@ -353,16 +357,16 @@ impl<R: Runtime> DeviceBackend<R> {
                 transpose_b,
             } => {
                 let batch = &shape[..shape.len() - 2];
-                contiguous(k.matmul(
-                    &x[0].view,
-                    &x[0].shape,
-                    *transpose_a,
-                    &x[1].view,
-                    &x[1].shape,
-                    *transpose_b,
-                    batch,
-                    self.bf16_matmuls,
-                ))
+                contiguous(k.matmul(&MatmulOperands {
+                    a: &x[0].view,
+                    a_shape: &x[0].shape,
+                    transpose_a: *transpose_a,
+                    b: &x[1].view,
+                    b_shape: &x[1].shape,
+                    transpose_b: *transpose_b,
+                    out_batch: batch,
+                    bf16_operands: self.bf16_matmuls,
+                }))
             }
             Op::Transpose { perm } => Value {
                 view: View {
@@ -524,6 +528,46 @@ impl<R: Runtime> Backend for DeviceBackend<R> {
                         values[id.index()] = Some(value);
                     }
                 }
+                Step::MatmulGroup { matmul, group } => {
+                    let group = &plan.groups[group];
+                    let shape = concrete(&graph.node(group.nodes[0]).ty.shape, &symbols)
+                        .expect("inputs bind every symbol");
+                    let Op::MatMul {
+                        transpose_a,
+                        transpose_b,
+                    } = graph.node(matmul).op
+                    else {
+                        unreachable!("the planner folds epilogues only into matmuls")
+                    };
+                    let operands = graph.operands(matmul);
+                    let (a, b) = (
+                        values[operands[0].index()]
+                            .clone()
+                            .expect("operands come first"),
+                        values[operands[1].index()]
+                            .clone()
+                            .expect("operands come first"),
+                    );
+                    self.launches += 1;
+                    let (program, views) =
+                        self.group_program(graph, group, &values, &shape, Some(matmul));
+                    let mm = MatmulOperands {
+                        a: &a.view,
+                        a_shape: &a.shape,
+                        transpose_a,
+                        b: &b.view,
+                        b_shape: &b.shape,
+                        transpose_b,
+                        out_batch: &shape[..shape.len() - 2],
+                        bf16_operands: self.bf16_matmuls,
+                    };
+                    let outputs = self
+                        .kernels
+                        .matmul_with_epilogue(&mm, &program, &views, ctx.seed, ctx.step);
+                    for (id, handle) in group.outputs.iter().zip(outputs) {
+                        values[id.index()] = Some(Value::contiguous(handle, shape.clone()));
+                    }
+                }
                 Step::GroupReduce { group, reduce } => {
                     let group = &plan.groups[group];
                     let shape = concrete(&graph.node(group.nodes[0]).ty.shape, &symbols)
@@ -534,7 +578,7 @@ impl<R: Runtime> Backend for DeviceBackend<R> {
                     let out_shape = concrete(&graph.node(reduce).ty.shape, &symbols)
                         .expect("inputs bind every symbol");
                     self.launches += 1;
-                    let (program, views) = self.group_program(graph, group, &values, &shape);
+                    let (program, views) = self.group_program(graph, group, &values, &shape, None);
                     let handle = self.kernels.fused_reduce(
                         &program,
                         &views,
