@@ -8,26 +8,13 @@
 //! compares. Regenerate the goldens with `python3 scripts/golden_forward.py` (see
 //! `scripts/README.md`).
 
+mod common;
+
 use altc_compiler::ir::{DType, Graph, Op};
-use altc_compiler::lower::{lower, LowerOptions, Mode, Program};
-use altc_compiler::reference::{run, EvalContext, Tensor, TensorMap};
-use altc_compiler::spec;
-use safetensors::{Dtype, SafeTensors};
+use altc_compiler::lower::Program;
+use altc_compiler::reference::{run, EvalContext, TensorMap};
+use common::{read_golden, tiny_program, Array};
 use std::collections::BTreeMap;
-use std::path::PathBuf;
-
-/// An f64 tensor read from the golden file.
-#[derive(Clone, Debug)]
-struct Array {
-    shape: Vec<usize>,
-    values: Vec<f64>,
-}
-
-impl Array {
-    fn to_tensor(&self, dtype: DType) -> Tensor {
-        Tensor::from_f64(dtype, &self.shape, self.values.clone())
-    }
-}
 
 /// The golden file, split by prefix.
 struct Golden {
@@ -37,40 +24,13 @@ struct Golden {
     outputs: BTreeMap<(String, String), Array>,
 }
 
-fn golden_path() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden/tiny_forward.safetensors")
-}
-
 fn load_golden() -> Golden {
-    let path = golden_path();
-    let bytes = std::fs::read(&path).unwrap_or_else(|e| {
-        panic!(
-            "cannot read {}: {e} (regenerate it with `python3 scripts/golden_forward.py`)",
-            path.display()
-        )
-    });
-    let file = SafeTensors::deserialize(&bytes)
-        .unwrap_or_else(|e| panic!("{} is not a safetensors file: {e}", path.display()));
     let mut golden = Golden {
         inputs: BTreeMap::new(),
         params: BTreeMap::new(),
         outputs: BTreeMap::new(),
     };
-    for (name, view) in file.tensors() {
-        assert_eq!(
-            view.dtype(),
-            Dtype::F64,
-            "golden tensor `{name}` should be F64"
-        );
-        let values: Vec<f64> = view
-            .data()
-            .chunks_exact(8)
-            .map(|b| f64::from_le_bytes(b.try_into().unwrap()))
-            .collect();
-        let array = Array {
-            shape: view.shape().to_vec(),
-            values,
-        };
+    for (name, array) in read_golden("tiny_forward.safetensors", "scripts/golden_forward.py") {
         if let Some(input) = name.strip_prefix("input/") {
             golden.inputs.insert(input.to_string(), array);
         } else if let Some(param) = name.strip_prefix("param/") {
@@ -87,19 +47,6 @@ fn load_golden() -> Golden {
         }
     }
     golden
-}
-
-fn tiny_program(dtype: DType) -> Program {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/alt_moe_tiny.ron");
-    let loaded = spec::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    lower(
-        &loaded.spec,
-        LowerOptions {
-            dtype,
-            mode: Mode::Eval,
-        },
-    )
-    .unwrap_or_else(|e| panic!("lowering alt_moe_tiny in {dtype:?}: {e}"))
 }
 
 /// The graph's inputs from the golden file, each in the dtype the graph declares

@@ -16,13 +16,13 @@
 //! state, and compares everything. Regenerate the goldens with
 //! `python3 scripts/golden_training.py` (see `scripts/README.md`).
 
+mod common;
+
 use altc_compiler::ir::{DType, Graph, Op};
-use altc_compiler::lower::{lower, LowerOptions, Mode, Program};
 use altc_compiler::reference::{run, EvalContext, Tensor, TensorMap};
-use altc_compiler::{spec, train};
-use safetensors::{Dtype, SafeTensors};
+use altc_compiler::train;
+use common::{read_golden, tiny_program, Array};
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
 
 const STEPS: usize = 4;
 /// The alternating schedule: task index (into `training_tasks`) of each step.
@@ -41,56 +41,9 @@ const LOSS_TERMS: [&str; 4] = ["loss", "loss.regression", "loss.contrastive", "g
 /// `lr` per step, and its final f32 value can only be bounded, not matched.
 const ZERO_GRADIENT_PARAMS: [&str; 1] = ["encoders.image.layers.1.key.bias"];
 
-/// An f64 tensor read from the golden file.
-#[derive(Clone, Debug)]
-struct Array {
-    shape: Vec<usize>,
-    values: Vec<f64>,
-}
-
-impl Array {
-    fn to_tensor(&self, dtype: DType) -> Tensor {
-        Tensor::from_f64(dtype, &self.shape, self.values.clone())
-    }
-
-    fn scalar(&self) -> f64 {
-        assert!(self.shape.is_empty(), "expected a 0-d golden scalar");
-        self.values[0]
-    }
-}
-
-fn golden_path() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden/tiny_training.safetensors")
-}
-
 /// Every tensor of the golden file by its full name (`init/…`, `step0/…`, `final/…`).
 fn load_golden() -> BTreeMap<String, Array> {
-    let path = golden_path();
-    let bytes = std::fs::read(&path).unwrap_or_else(|e| {
-        panic!(
-            "cannot read {}: {e} (regenerate it with `python3 scripts/golden_training.py`)",
-            path.display()
-        )
-    });
-    let file = SafeTensors::deserialize(&bytes)
-        .unwrap_or_else(|e| panic!("{} is not a safetensors file: {e}", path.display()));
-    file.tensors()
-        .into_iter()
-        .map(|(name, view)| {
-            assert_eq!(
-                view.dtype(),
-                Dtype::F64,
-                "golden tensor `{name}` should be F64"
-            );
-            let values = view
-                .data()
-                .chunks_exact(8)
-                .map(|b| f64::from_le_bytes(b.try_into().unwrap()))
-                .collect();
-            let shape = view.shape().to_vec();
-            (name, Array { shape, values })
-        })
-        .collect()
+    read_golden("tiny_training.safetensors", "scripts/golden_training.py")
 }
 
 /// The golden tensors under `prefix` (e.g. `init/`, `step2/grad/`), keyed by the rest.
@@ -106,19 +59,6 @@ fn get<'a>(golden: &'a BTreeMap<String, Array>, name: &str) -> &'a Array {
     golden
         .get(name)
         .unwrap_or_else(|| panic!("the golden file lacks `{name}`"))
-}
-
-fn tiny_program(dtype: DType) -> Program {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/alt_moe_tiny.ron");
-    let loaded = spec::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    lower(
-        &loaded.spec,
-        LowerOptions {
-            dtype,
-            mode: Mode::Eval,
-        },
-    )
-    .unwrap_or_else(|e| panic!("lowering alt_moe_tiny in {dtype:?}: {e}"))
 }
 
 /// A graph's inputs for step `s`: the batch tensors and the optimizer scalars, each in
