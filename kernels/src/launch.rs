@@ -67,9 +67,9 @@ pub struct MatmulOperands<'a> {
 /// Every kernel launch altc needs, on one client. Buffers hold f32.
 pub struct Kernels<R: Runtime> {
     client: ComputeClient<R>,
-    /// Metadata buffers by content: a training step launches the same kernels on the
-    /// same shapes every step, so each distinct layout is uploaded once.
-    metas: std::sync::Mutex<std::collections::HashMap<Vec<u32>, Handle>>,
+    /// Immutable buffers by content: a training step launches the same kernels on the
+    /// same shapes with the same constants every step, so each is uploaded once.
+    uploads: std::sync::Mutex<std::collections::HashMap<Vec<u32>, Handle>>,
 }
 
 fn u32s(values: impl IntoIterator<Item = usize>) -> Vec<u32> {
@@ -77,6 +77,28 @@ fn u32s(values: impl IntoIterator<Item = usize>) -> Vec<u32> {
         .into_iter()
         .map(|v| u32::try_from(v).expect("tensor extents and strides fit in 32 bits"))
         .collect()
+}
+
+/// The program part of a fused kernel's metadata: the program's shape, then each
+/// input's strides, then each input's offset.
+fn program_meta(shape: &[usize], inputs: &[View]) -> Vec<u32> {
+    let mut meta = u32s(shape.iter().copied());
+    for v in inputs {
+        meta.extend(u32s(v.strides.iter().copied()));
+    }
+    meta.extend(u32s(inputs.iter().map(|v| v.offset)));
+    meta
+}
+
+/// Buffers as a kernel's sequence of arrays: (handle, elements).
+fn array_sequence<R: Runtime, F: Float>(
+    buffers: impl IntoIterator<Item = (Handle, usize)>,
+) -> SequenceArg<R, Array<F>> {
+    let mut sequence = SequenceArg::new();
+    for (handle, len) in buffers {
+        sequence.push(unsafe { ArrayArg::from_raw_parts(handle, len.max(1)) });
+    }
+    sequence
 }
 
 fn grid(units: usize) -> (CubeCount, CubeDim) {
@@ -92,7 +114,7 @@ impl<R: Runtime> Kernels<R> {
     pub fn new(client: ComputeClient<R>) -> Self {
         Kernels {
             client,
-            metas: Default::default(),
+            uploads: Default::default(),
         }
     }
 
@@ -122,9 +144,16 @@ impl<R: Runtime> Kernels<R> {
         self.client.empty(len.max(1) * 4)
     }
 
-    fn meta(&self, values: Vec<u32>) -> Handle {
+    /// A one-element buffer holding `value`, uploaded once per value.
+    pub fn constant(&self, value: f32) -> Handle {
+        self.upload_once(vec![value.to_bits()])
+    }
+
+    /// An immutable buffer of these words, uploaded once per content (metadata, and
+    /// the bits of constants: equal contents may share one buffer).
+    fn upload_once(&self, values: Vec<u32>) -> Handle {
         let values = if values.is_empty() { vec![0] } else { values };
-        let mut cache = self.metas.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cache = self.uploads.lock().unwrap_or_else(|e| e.into_inner());
         cache
             .entry(values)
             .or_insert_with_key(|v| self.client.create_from_slice(u32::as_bytes(v)))
@@ -146,7 +175,7 @@ impl<R: Runtime> Kernels<R> {
                 dim,
                 ArrayArg::from_raw_parts(x.handle.clone(), x.len.max(1)),
                 ArrayArg::from_raw_parts(out.clone(), n),
-                ArrayArg::from_raw_parts(self.meta(meta), 2 * shape.len() + 1),
+                ArrayArg::from_raw_parts(self.upload_once(meta), 2 * shape.len() + 1),
                 shape.len(),
                 op,
             )
@@ -170,7 +199,7 @@ impl<R: Runtime> Kernels<R> {
                 ArrayArg::from_raw_parts(a.handle.clone(), a.len.max(1)),
                 ArrayArg::from_raw_parts(b.handle.clone(), b.len.max(1)),
                 ArrayArg::from_raw_parts(out.clone(), n),
-                ArrayArg::from_raw_parts(self.meta(meta), 3 * shape.len() + 2),
+                ArrayArg::from_raw_parts(self.upload_once(meta), 3 * shape.len() + 2),
                 shape.len(),
                 op,
             )
@@ -196,7 +225,7 @@ impl<R: Runtime> Kernels<R> {
                 ArrayArg::from_raw_parts(a.handle.clone(), a.len.max(1)),
                 ArrayArg::from_raw_parts(b.handle.clone(), b.len.max(1)),
                 ArrayArg::from_raw_parts(out.clone(), n),
-                ArrayArg::from_raw_parts(self.meta(meta), 4 * shape.len() + 3),
+                ArrayArg::from_raw_parts(self.upload_once(meta), 4 * shape.len() + 3),
                 shape.len(),
             )
         };
@@ -235,7 +264,7 @@ impl<R: Runtime> Kernels<R> {
                 dim,
                 ArrayArg::from_raw_parts(x.handle.clone(), x.len.max(1)),
                 ArrayArg::from_raw_parts(out.clone(), out_len.max(1)),
-                ArrayArg::from_raw_parts(self.meta(meta), meta_len),
+                ArrayArg::from_raw_parts(self.upload_once(meta), meta_len),
                 u32s([n])[0],
                 shape.len(),
             )
@@ -255,20 +284,10 @@ impl<R: Runtime> Kernels<R> {
     ) -> Vec<Handle> {
         let n: usize = shape.iter().product();
         let outputs: Vec<Handle> = program.outputs.iter().map(|_| self.alloc(n)).collect();
-        let mut meta = u32s(shape.iter().copied());
-        for v in inputs {
-            meta.extend(u32s(v.strides.iter().copied()));
-        }
-        meta.extend(u32s(inputs.iter().map(|v| v.offset)));
+        let meta = program_meta(shape, inputs);
         let meta_len = meta.len();
-        let mut input_args = SequenceArg::new();
-        for v in inputs {
-            input_args.push(unsafe { ArrayArg::from_raw_parts(v.handle.clone(), v.len.max(1)) });
-        }
-        let mut output_args = SequenceArg::new();
-        for o in &outputs {
-            output_args.push(unsafe { ArrayArg::from_raw_parts(o.clone(), n) });
-        }
+        let input_args = array_sequence(inputs.iter().map(|v| (v.handle.clone(), v.len)));
+        let output_args = array_sequence(outputs.iter().map(|o| (o.clone(), n)));
         let (count, dim) = grid(n);
         unsafe {
             fused_kernel::launch_unchecked::<f32, R>(
@@ -277,7 +296,7 @@ impl<R: Runtime> Kernels<R> {
                 dim,
                 input_args,
                 output_args,
-                ArrayArg::from_raw_parts(self.meta(meta), meta_len),
+                ArrayArg::from_raw_parts(self.upload_once(meta), meta_len),
                 seed as u32,
                 (seed >> 32) as u32,
                 step as u32,
@@ -306,21 +325,14 @@ impl<R: Runtime> Kernels<R> {
         let n: usize = kept.iter().map(|&a| shape[a]).product();
         let count: usize = reduced.iter().map(|&a| shape[a]).product();
         let out = self.alloc(n);
-        let mut meta = u32s(shape.iter().copied());
-        for v in inputs {
-            meta.extend(u32s(v.strides.iter().copied()));
-        }
-        meta.extend(u32s(inputs.iter().map(|v| v.offset)));
+        let mut meta = program_meta(shape, inputs);
         meta.extend(u32s(kept.iter().map(|&a| shape[a])));
         meta.extend(u32s(kept.iter().map(|&a| strides[a])));
         meta.extend(u32s(reduced.iter().map(|&a| shape[a])));
         meta.extend(u32s(reduced.iter().map(|&a| strides[a])));
         meta.extend(u32s([count]));
         let meta_len = meta.len();
-        let mut input_args = SequenceArg::new();
-        for v in inputs {
-            input_args.push(unsafe { ArrayArg::from_raw_parts(v.handle.clone(), v.len.max(1)) });
-        }
+        let input_args = array_sequence(inputs.iter().map(|v| (v.handle.clone(), v.len)));
         let (cubes, dim) = grid(n);
         unsafe {
             fused_reduce_kernel::launch_unchecked::<f32, R>(
@@ -329,7 +341,7 @@ impl<R: Runtime> Kernels<R> {
                 dim,
                 input_args,
                 ArrayArg::from_raw_parts(out.clone(), n.max(1)),
-                ArrayArg::from_raw_parts(self.meta(meta), meta_len),
+                ArrayArg::from_raw_parts(self.upload_once(meta), meta_len),
                 seed as u32,
                 (seed >> 32) as u32,
                 step as u32,
@@ -399,7 +411,7 @@ impl<R: Runtime> Kernels<R> {
                 dim,
                 ArrayArg::from_raw_parts(x.handle.clone(), x.len.max(1)),
                 ArrayArg::from_raw_parts(out.clone(), n),
-                ArrayArg::from_raw_parts(self.meta(meta), meta_len),
+                ArrayArg::from_raw_parts(self.upload_once(meta), meta_len),
                 kept.len(),
                 reduced.len(),
                 op,
@@ -491,21 +503,11 @@ impl<R: Runtime> Kernels<R> {
         meta.extend(u32s(batch_strides(b_shape, &b.strides)));
         meta.extend(u32s([m, n, k, a_rs, a_cs, b_rs, b_cs, a.offset, b.offset]));
         let meta_len = meta.len();
-        let mut epilogue_meta = u32s(out_batch.iter().copied());
-        epilogue_meta.extend(u32s([m, n]));
-        for v in inputs {
-            epilogue_meta.extend(u32s(v.strides.iter().copied()));
-        }
-        epilogue_meta.extend(u32s(inputs.iter().map(|v| v.offset)));
+        let product_shape: Vec<usize> = out_batch.iter().copied().chain([m, n]).collect();
+        let epilogue_meta = program_meta(&product_shape, inputs);
         let epilogue_len = epilogue_meta.len();
-        let mut input_args = SequenceArg::new();
-        for v in inputs {
-            input_args.push(unsafe { ArrayArg::from_raw_parts(v.handle.clone(), v.len.max(1)) });
-        }
-        let mut output_args = SequenceArg::new();
-        for o in &outputs {
-            output_args.push(unsafe { ArrayArg::from_raw_parts(o.clone(), len) });
-        }
+        let input_args = array_sequence(inputs.iter().map(|v| (v.handle.clone(), v.len)));
+        let output_args = array_sequence(outputs.iter().map(|o| (o.clone(), len)));
         let tiles = |d: usize| (d as u32).div_ceil(TILE).max(1);
         let count = CubeCount::Static(tiles(n), tiles(m), u32s([batches])[0].max(1));
         unsafe {
@@ -517,8 +519,8 @@ impl<R: Runtime> Kernels<R> {
                 ArrayArg::from_raw_parts(b.handle.clone(), b.len.max(1)),
                 input_args,
                 output_args,
-                ArrayArg::from_raw_parts(self.meta(meta), meta_len),
-                ArrayArg::from_raw_parts(self.meta(epilogue_meta), epilogue_len),
+                ArrayArg::from_raw_parts(self.upload_once(meta), meta_len),
+                ArrayArg::from_raw_parts(self.upload_once(epilogue_meta), epilogue_len),
                 seed as u32,
                 (seed >> 32) as u32,
                 step as u32,
@@ -548,7 +550,7 @@ impl<R: Runtime> Kernels<R> {
                 ArrayArg::from_raw_parts(x.handle.clone(), x.len.max(1)),
                 ArrayArg::from_raw_parts(index.handle.clone(), index.len.max(1)),
                 ArrayArg::from_raw_parts(out.clone(), n),
-                ArrayArg::from_raw_parts(self.meta(meta), meta_len),
+                ArrayArg::from_raw_parts(self.upload_once(meta), meta_len),
                 shape.len(),
             )
         };
@@ -581,7 +583,7 @@ impl<R: Runtime> Kernels<R> {
                 ArrayArg::from_raw_parts(index.handle.clone(), index.len.max(1)),
                 ArrayArg::from_raw_parts(src.handle.clone(), src.len.max(1)),
                 ArrayArg::from_raw_parts(out.clone(), n),
-                ArrayArg::from_raw_parts(self.meta(meta), meta_len),
+                ArrayArg::from_raw_parts(self.upload_once(meta), meta_len),
                 shape.len(),
             )
         };

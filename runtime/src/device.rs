@@ -114,13 +114,9 @@ impl Value {
 
     fn is_contiguous(&self) -> bool {
         self.view.offset == 0
-            && self.view.strides == altc_kernels_strides(&self.shape)
+            && self.view.strides == altc_kernels::contiguous_strides(&self.shape)
             && self.view.len == self.shape.iter().product::<usize>()
     }
-}
-
-fn altc_kernels_strides(shape: &[usize]) -> Vec<usize> {
-    altc_kernels::contiguous_strides(shape)
 }
 
 pub struct DeviceBackend<R: Runtime> {
@@ -317,7 +313,7 @@ impl<R: Runtime> DeviceBackend<R> {
             }
             Op::Constant { value, .. } => {
                 // One element, read everywhere through stride 0.
-                let handle = k.upload(&[value.0 as f32]);
+                let handle = k.constant(value.0 as f32);
                 Value {
                     view: View {
                         handle,
@@ -394,7 +390,7 @@ impl<R: Runtime> DeviceBackend<R> {
             Op::Concat { axis } => {
                 let n: usize = shape.iter().product();
                 let out = k.buffer(n);
-                let strides = altc_kernels_strides(&shape);
+                let strides = altc_kernels::contiguous_strides(&shape);
                 let mut at = 0;
                 for part in x {
                     k.copy_into(
