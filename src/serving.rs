@@ -99,6 +99,7 @@ pub fn embed_command(args: EmbedArgs) -> Result<()> {
     let pairs: Vec<usize> = (0..data.pairs).collect();
     let start = Instant::now();
     let (vectors, width) = embed(&program, backend.as_mut(), &data, &pairs, &graph)?;
+    let vectors: Vec<f32> = vectors.into_iter().map(|v| v as f32).collect();
     let seconds = start.elapsed().as_secs_f64();
     let metadata = HashMap::from([
         ("altc.store".to_string(), "1".to_string()),
@@ -193,6 +194,7 @@ pub fn retrieve_command(args: RetrieveArgs) -> Result<()> {
     let queries: Vec<usize> = (0..args.queries.unwrap_or(n).min(n)).collect();
     let start = Instant::now();
     let (q, _) = embed(&program, backend.as_mut(), &data, &queries, &query_graph)?;
+    let q: Vec<f32> = q.into_iter().map(|v| v as f32).collect();
     let mut ranked = Vec::with_capacity(queries.len());
     for chunk in q.chunks(256 * width) {
         ranked.extend(rank(

@@ -44,6 +44,14 @@ pub fn uniform(seed: u64, step: u64, stream: u64, index: u64) -> f64 {
     bits as f64 / (1u32 << 24) as f64
 }
 
+/// A standard normal draw for one element, by Box-Muller from the element's two
+/// uniforms `2 * index` and `2 * index + 1` (`1 - u` keeps the logarithm finite).
+pub fn normal(seed: u64, step: u64, stream: u64, index: u64) -> f64 {
+    let u1 = 1.0 - uniform(seed, step, stream, 2 * index);
+    let u2 = uniform(seed, step, stream, 2 * index + 1);
+    (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+}
+
 /// Whether dropout with probability `rate` keeps this element.
 pub fn dropout_keeps(rate: f64, seed: u64, step: u64, stream: u64, index: u64) -> bool {
     uniform(seed, step, stream, index) >= rate

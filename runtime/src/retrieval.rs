@@ -22,19 +22,13 @@ pub fn recalls(
     data: &Dataset,
     pairs: &[usize],
 ) -> Result<Vec<Recall>, BackendError> {
-    let batch = data.batch(pairs, program.dtype);
     let mut out = Vec::new();
     for d in &program.directions {
         let (Some(query), Some(key)) = (&d.query_graph, &d.key_graph) else {
             continue;
         };
-        let mut embed = |graph: &str| -> Result<(Vec<f64>, usize), BackendError> {
-            let g = program.graph(graph).expect("direction graphs exist");
-            let e = &backend.run(g, &batch, EvalContext::default())?["embedding"];
-            Ok((e.to_f64(), e.shape[1]))
-        };
-        let (q, width) = embed(query)?;
-        let (k, _) = embed(key)?;
+        let (q, width) = embed(program, backend, data, pairs, query)?;
+        let (k, _) = embed(program, backend, data, pairs, key)?;
         let n = pairs.len();
         let mut hits = [0usize; 3];
         let ks = [1, 5, 10];
@@ -74,7 +68,7 @@ pub fn embed(
     data: &Dataset,
     pairs: &[usize],
     graph: &str,
-) -> Result<(Vec<f32>, usize), BackendError> {
+) -> Result<(Vec<f64>, usize), BackendError> {
     let g = program
         .graph(graph)
         .ok_or_else(|| BackendError::Unavailable(format!("the model has no graph `{graph}`")))?;
@@ -84,7 +78,7 @@ pub fn embed(
         let batch = data.batch(chunk, program.dtype);
         let e = &backend.run(g, &batch, EvalContext::default())?["embedding"];
         width = e.shape[1];
-        out.extend(e.to_f64().into_iter().map(|v| v as f32));
+        out.extend(e.to_f64());
     }
     Ok((out, width))
 }

@@ -54,9 +54,7 @@ impl Draws {
     }
 
     fn normal(&self, stream: u64, index: u64) -> f64 {
-        let u1 = 1.0 - self.uniform(stream, 2 * index);
-        let u2 = self.uniform(stream, 2 * index + 1);
-        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+        rng::normal(self.seed, stream >> 32, stream & 0xffff_ffff, index)
     }
 
     fn normals(&self, stream: u64, n: usize, scale: f64) -> Vec<f64> {

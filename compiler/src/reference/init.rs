@@ -25,11 +25,7 @@ pub fn initial_parameters(params: &ParamTable, dtype: DType, seed: u64) -> HashM
                     Init::Ones => 1.0,
                     Init::Constant(v) => v,
                     Init::Uniform { bound } => (2.0 * draw(k) - 1.0) * bound,
-                    Init::Normal { std } => {
-                        // Box-Muller from two draws; 1 - u keeps the logarithm finite.
-                        let (u1, u2) = (1.0 - draw(2 * k), draw(2 * k + 1));
-                        std * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
-                    }
+                    Init::Normal { std } => std * rng::normal(seed, 0, stream, k),
                 })
                 .collect();
             (p.name.clone(), Tensor::from_f64(dtype, &p.shape, values))
