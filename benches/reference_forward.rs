@@ -18,6 +18,7 @@ fn tiny_forward(c: &mut Criterion) {
         LowerOptions {
             dtype: DType::F32,
             mode: Mode::Eval,
+            ..LowerOptions::default()
         },
     )
     .expect("the tiny model lowers");

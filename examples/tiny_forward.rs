@@ -15,6 +15,7 @@ fn main() -> anyhow::Result<()> {
     let options = LowerOptions {
         dtype: DType::F32,
         mode: Mode::Eval,
+        ..LowerOptions::default()
     };
     let program = lower_loaded(&loaded, options)?;
     let params = initial_parameters(&program.params, DType::F32, 0);

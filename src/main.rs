@@ -2,7 +2,7 @@
 
 use altc_compiler::artifact::Artifact;
 use altc_compiler::ir::to_dot;
-use altc_compiler::lower::{lower_loaded, LowerOptions};
+use altc_compiler::lower::{lower_loaded, LowerOptions, MoeDispatch};
 use altc_compiler::{spec, summary};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -109,13 +109,32 @@ fn main() -> ExitCode {
     }
 }
 
-/// Loads a model from a spec (`.ron`) or a compiled artifact (`.altc`).
+/// Loads a model from a spec (`.ron`) or a compiled artifact (`.altc`). An artifact
+/// compiled with another MoE form is lowered again from the spec text it carries.
 fn load_program(path: &Path, options: LowerOptions) -> Result<altc_compiler::lower::Program> {
     if path.extension().is_some_and(|e| e == "altc") {
-        return Ok(Artifact::read(path)?.program);
+        let artifact = Artifact::read(path)?;
+        if artifact.program.moe == options.moe {
+            return Ok(artifact.program);
+        }
+        let loaded = spec::parse(&artifact.source_text, &artifact.source_path)?;
+        return Ok(lower_loaded(&loaded, options)?);
     }
     let loaded = spec::load(path)?;
     Ok(lower_loaded(&loaded, options)?)
+}
+
+/// Lowering for a run: sparse MoE dispatch when optimising, the authors' dense form
+/// for the `--no-opt` baseline.
+pub(crate) fn lower_options(no_opt: bool) -> LowerOptions {
+    LowerOptions {
+        moe: if no_opt {
+            MoeDispatch::Dense
+        } else {
+            MoeDispatch::Sparse
+        },
+        ..LowerOptions::default()
+    }
 }
 
 fn check(path: &Path) -> Result<()> {
@@ -138,7 +157,8 @@ fn compile(path: &Path, output: Option<PathBuf>, explain: bool) -> Result<()> {
     artifact.write(&output)?;
     let nodes: usize = artifact.program.graphs.iter().map(|g| g.len()).sum();
     if explain {
-        emit(&explain_fusion(&artifact.program)?)?;
+        let baseline = lower_loaded(&loaded, lower_options(true))?;
+        emit(&explain_fusion(&artifact.program, &baseline)?)?;
     }
     emit(&format!(
         "compiled {} -> {} ({} graphs, {} nodes, {} trainable parameters)\n",
@@ -183,21 +203,26 @@ fn inspect(path: &Path, dot: bool, only: &[String]) -> Result<()> {
     ))
 }
 
-/// The fusion plan of every training graph at the spec's batch size, against running
-/// the same graph op by op.
-fn explain_fusion(program: &altc_compiler::lower::Program) -> Result<String> {
+/// The fusion plan of every training graph at the spec's batch size, against the
+/// `--no-opt` baseline (`baseline`: dense experts, run op by op).
+fn explain_fusion(
+    program: &altc_compiler::lower::Program,
+    baseline: &altc_compiler::lower::Program,
+) -> Result<String> {
     use altc_compiler::fusion::{plan, FusionPlan};
     use altc_compiler::memory::plan_cost;
     use std::fmt::Write as _;
     let tasks =
         altc_compiler::train::training_tasks(program).context("building the training graphs")?;
+    let baseline_tasks = altc_compiler::train::training_tasks(baseline)
+        .context("building the baseline training graphs")?;
     let symbols = std::collections::BTreeMap::from([(
         altc_compiler::lower::BATCH.to_string(),
         program.training.batch_size,
     )]);
     let mut out = String::new();
     let mb = |b: u64| b as f64 / (1024.0 * 1024.0);
-    for task in &tasks {
+    for (task, base) in tasks.iter().zip(&baseline_tasks) {
         let original = &task.graph;
         let started = std::time::Instant::now();
         let (optimised, report) =
@@ -236,7 +261,7 @@ fn explain_fusion(program: &altc_compiler::lower::Program) -> Result<String> {
         let fused = plan(g, 16);
         let (a, b) = (
             plan_cost(g, &fused, &symbols),
-            plan_cost(original, &FusionPlan::unfused(original), &symbols),
+            plan_cost(&base.graph, &FusionPlan::unfused(&base.graph), &symbols),
         );
         let _ = writeln!(
             out,

@@ -1,7 +1,7 @@
 //! `altc data synth`, `altc run` and `altc eval`: training and evaluation as a user
 //! runs them, with a progress bar, checkpoints in a run directory, and recalls.
 
-use crate::{emit, load_program};
+use crate::{emit, load_program, lower_options};
 use altc_compiler::artifact::Artifact;
 use altc_compiler::lower::{LowerOptions, Program};
 use altc_compiler::optimize::{optimize, Limits};
@@ -161,7 +161,7 @@ pub(crate) fn open_backend(
 }
 
 pub fn run(args: RunArgs) -> Result<()> {
-    let program = load_program(&args.model, LowerOptions::default())?;
+    let program = load_program(&args.model, lower_options(args.no_opt))?;
     let backend = open_backend(args.device, program.training.precision, !args.no_opt)?;
     eprintln!("device: {}", backend.describe());
     let run_dir = args

@@ -79,12 +79,27 @@ fn compile_then_inspect_the_tiny_model() {
     let o = altc(&["inspect", a]);
     assert!(o.status.success(), "{}", stderr(&o));
     let out = stdout(&o);
-    assert!(out.contains("altc-artifact v1"), "{out}");
+    assert!(out.contains("altc-artifact v2"), "{out}");
     assert!(out.contains("image_to_text.loss ("), "{out}");
     assert!(
         out.contains("outputs: loss.regression f32[], loss.contrastive f32[], loss f32[]"),
         "{out}"
     );
+
+    // Sparse dispatch is the compiled form of the MoE.
+    assert!(out.contains("grouped expert matmul"), "{out}");
+
+    let o = altc(&["compile", "models/alt_moe_tiny.ron", "-o", a, "--explain"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    for line in [
+        "kernel launches",
+        "bytes moved",
+        "peak intermediates",
+        "--no-opt",
+    ] {
+        assert!(out.contains(line), "--explain lacks `{line}`:\n{out}");
+    }
 
     let o = altc(&["inspect", a, "--dot", "--graph", "image.key"]);
     assert!(o.status.success(), "{}", stderr(&o));

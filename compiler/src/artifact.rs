@@ -13,7 +13,7 @@ use thiserror::Error;
 /// Names the file type in the header.
 pub const FORMAT: &str = "altc-artifact";
 /// Bumped whenever the layout of `Artifact` or the IR changes incompatibly.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Artifact {

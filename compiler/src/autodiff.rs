@@ -342,7 +342,83 @@ impl Backward<'_> {
             Op::Dropout { rate, stream } => {
                 vec![Some(self.push(Op::Dropout { rate, stream }, &[g])?)]
             }
+            Op::ExpertOrder { .. } | Op::ExpertOffsets { .. } => vec![None],
+            Op::ExpertMatMul { transpose_w, bias } => {
+                let (x, w) = (operands[0], operands[1]);
+                let groups = &operands[operands.len() - 2..];
+                let gx = self.expert_matmul(g, w, !transpose_w, groups)?;
+                let gx = self.sum_slots(gx, x)?;
+                let gw = if transpose_w {
+                    self.expert_weight_grad(g, x, groups)?
+                } else {
+                    self.expert_weight_grad(x, g, groups)?
+                };
+                let mut grads = vec![Some(gx), Some(gw)];
+                if bias {
+                    // The bias is a weight applied to a constant 1 feature.
+                    let one = self.constant(1.0, self.dtype(g), Shape(vec![Dim::Fixed(1)]))?;
+                    let gb = self.expert_weight_grad(one, g, groups)?;
+                    let shape = self.shape(operands[2]);
+                    grads.push(Some(self.push(Op::Reshape { shape }, &[gb])?));
+                }
+                grads.extend([None, None]);
+                grads
+            }
+            Op::ExpertWeightGrad => {
+                let (a, b) = (operands[0], operands[1]);
+                let groups = &operands[2..];
+                let ga = self.expert_matmul(b, g, true, groups)?;
+                let gb = self.expert_matmul(a, g, false, groups)?;
+                vec![
+                    Some(self.sum_slots(ga, a)?),
+                    Some(self.sum_slots(gb, b)?),
+                    None,
+                    None,
+                ]
+            }
         })
+    }
+
+    fn expert_matmul(
+        &mut self,
+        x: NodeId,
+        w: NodeId,
+        transpose_w: bool,
+        groups: &[NodeId],
+    ) -> Result<NodeId, GraphError> {
+        self.push(
+            Op::ExpertMatMul {
+                transpose_w,
+                bias: false,
+            },
+            &[x, w, groups[0], groups[1]],
+        )
+    }
+
+    fn expert_weight_grad(
+        &mut self,
+        a: NodeId,
+        b: NodeId,
+        groups: &[NodeId],
+    ) -> Result<NodeId, GraphError> {
+        self.push(Op::ExpertWeightGrad, &[a, b, groups[0], groups[1]])
+    }
+
+    /// Sums a per-assignment gradient `[A..., W]` over the slots its rows `[X..., W]`
+    /// fanned out to (the adjoint of a row feeding several assignments).
+    fn sum_slots(&mut self, g: NodeId, rows: NodeId) -> Result<NodeId, GraphError> {
+        let (full, lead) = (self.shape(g).rank() - 1, self.shape(rows).rank() - 1);
+        if full == lead {
+            return Ok(g);
+        }
+        self.push(
+            Op::Reduce {
+                op: ReduceOp::Sum,
+                axes: (lead..full).collect(),
+                keep_dims: false,
+            },
+            &[g],
+        )
     }
 
     fn unary_vjp(

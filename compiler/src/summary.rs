@@ -173,5 +173,7 @@ fn op_family(op: &Op) -> &'static str {
         Op::Gather { .. } | Op::ScatterAdd { .. } => "gather/scatter",
         Op::TopK { .. } => "top_k",
         Op::Dropout { .. } => "dropout",
+        Op::ExpertOrder { .. } | Op::ExpertOffsets { .. } => "expert grouping",
+        Op::ExpertMatMul { .. } | Op::ExpertWeightGrad => "grouped expert matmul",
     }
 }

@@ -11,7 +11,7 @@
 mod common;
 
 use altc_compiler::ir::{DType, Graph, Op};
-use altc_compiler::lower::Program;
+use altc_compiler::lower::{MoeDispatch, Program};
 use altc_compiler::reference::{run, EvalContext, TensorMap};
 use common::{read_golden, tiny_program, Array};
 use std::collections::BTreeMap;
@@ -79,9 +79,9 @@ fn bind_params(program: &Program, golden: &Golden) -> TensorMap {
 
 /// Runs every graph the golden file has outputs for and checks each output within
 /// `|a - b| <= rel * max(1, |b|)`, reporting every mismatch at once.
-fn assert_matches_oracle(dtype: DType, rel: f64) {
+fn assert_matches_oracle(dtype: DType, moe: MoeDispatch, rel: f64) {
     let golden = load_golden();
-    let program = tiny_program(dtype);
+    let program = tiny_program(dtype, moe);
     let params = bind_params(&program, &golden);
 
     let mut by_graph: BTreeMap<&str, Vec<(&str, &Array)>> = BTreeMap::new();
@@ -148,7 +148,7 @@ fn assert_matches_oracle(dtype: DType, rel: f64) {
 #[test]
 fn golden_parameters_are_exactly_the_program_parameters() {
     let golden = load_golden();
-    let program = tiny_program(DType::F64);
+    let program = tiny_program(DType::F64, MoeDispatch::Sparse);
     let ours: BTreeMap<String, Vec<usize>> = program
         .params
         .iter()
@@ -182,12 +182,16 @@ fn golden_parameters_are_exactly_the_program_parameters() {
     assert_eq!(program.params.trainable_count(), golden_count);
 }
 
+// The oracle computes the authors' dense experts; sparse dispatch must give the same
+// function (only the order of the k-term sums differs).
 #[test]
 fn tiny_forward_matches_numpy_oracle_in_f64() {
-    assert_matches_oracle(DType::F64, 1e-9);
+    assert_matches_oracle(DType::F64, MoeDispatch::Dense, 1e-9);
+    assert_matches_oracle(DType::F64, MoeDispatch::Sparse, 1e-9);
 }
 
 #[test]
 fn tiny_forward_matches_numpy_oracle_in_f32() {
-    assert_matches_oracle(DType::F32, 1e-4);
+    assert_matches_oracle(DType::F32, MoeDispatch::Dense, 1e-4);
+    assert_matches_oracle(DType::F32, MoeDispatch::Sparse, 1e-4);
 }

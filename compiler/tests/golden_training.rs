@@ -19,6 +19,7 @@
 mod common;
 
 use altc_compiler::ir::{DType, Graph, Op};
+use altc_compiler::lower::MoeDispatch;
 use altc_compiler::reference::{run, EvalContext, Tensor, TensorMap};
 use altc_compiler::train;
 use common::{read_golden, tiny_program, Array};
@@ -164,9 +165,9 @@ impl Comparison {
 /// Runs the four steps from `init/*` with zero moments and step counts, comparing the
 /// loss terms, the gradient norm and every gradient at every step and every final
 /// parameter within `|a - b| <= rel * max(|b|, floor)`.
-fn four_steps_match_jax(dtype: DType, rel: f64, floor: f64) {
+fn four_steps_match_jax(dtype: DType, moe: MoeDispatch, rel: f64, floor: f64) {
     let golden = load_golden();
-    let program = tiny_program(dtype);
+    let program = tiny_program(dtype, moe);
     let tasks = train::training_tasks(&program).expect("building the training graphs");
     let names: Vec<&str> = tasks.iter().map(|t| t.name.as_str()).collect();
     assert_eq!(names, ["image_to_text", "text_to_image"], "training tasks");
@@ -327,7 +328,8 @@ fn four_steps_match_jax(dtype: DType, rel: f64, floor: f64) {
 // margin covers summation order amplified by four AdamW steps.
 #[test]
 fn four_alternating_adamw_steps_match_jax_in_f64() {
-    four_steps_match_jax(DType::F64, 1e-5, 1e-3);
+    four_steps_match_jax(DType::F64, MoeDispatch::Dense, 1e-5, 1e-3);
+    four_steps_match_jax(DType::F64, MoeDispatch::Sparse, 1e-5, 1e-3);
 }
 
 // f32 (against the f64 goldens): |altc - JAX| <= 1e-4 * max(|JAX|, 1), i.e. 1e-4
@@ -338,5 +340,6 @@ fn four_alternating_adamw_steps_match_jax_in_f64() {
 // floor of 1 (checked by the generator).
 #[test]
 fn four_alternating_adamw_steps_match_jax_in_f32() {
-    four_steps_match_jax(DType::F32, 1e-4, 1.0);
+    four_steps_match_jax(DType::F32, MoeDispatch::Dense, 1e-4, 1.0);
+    four_steps_match_jax(DType::F32, MoeDispatch::Sparse, 1e-4, 1.0);
 }

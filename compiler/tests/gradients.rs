@@ -23,7 +23,7 @@ use altc_compiler::autodiff::append_gradients;
 use altc_compiler::ir::{
     BinaryOp, CompareOp, DType, Dim, Graph, NodeId, Op, ReduceOp, Scalar, Shape, UnaryOp,
 };
-use altc_compiler::lower::{lower, LowerOptions, Mode, Program};
+use altc_compiler::lower::{lower, LowerOptions, Mode, MoeDispatch, Program};
 use altc_compiler::reference::{
     evaluate, initial_parameters, run, Data, EvalContext, Tensor, TensorMap,
 };
@@ -978,6 +978,59 @@ fn top_k_then_gather_differentiates_the_kept_values_only() {
     assert_eq!((zeros_x, zeros_w), (6, 6));
 }
 
+/// Expert ids `[2, 3, 2]` (tokens x slots) over 4 experts: expert 2 gets none, expert
+/// 1 the most; the grouping ops sort them.
+fn expert_routing(c: &mut OpCheck) -> (NodeId, NodeId) {
+    let top = c.fixed(
+        "top",
+        i32s(&[2, 3, 2], &[1, 0, 3, 1, 1, 0, 0, 1, 1, 3, 3, 1]),
+    );
+    let order = c.op(Op::ExpertOrder { experts: 4 }, &[top]);
+    let offsets = c.op(Op::ExpertOffsets { experts: 4 }, &[top]);
+    (order, offsets)
+}
+
+#[test]
+fn grouped_expert_matmul_differentiates_rows_weights_and_bias() {
+    // Token rows [2, 3, K=3] fan out to both slots; weights [4, 3, 5], bias [4, 5].
+    let mut c = OpCheck::new("ExpertMatMul +bias, token rows fanned out to 2 slots");
+    let (order, offsets) = expert_routing(&mut c);
+    let x = c.uniform("x", &[2, 3, 3], -1.0, 1.0);
+    let w = c.uniform("w", &[4, 3, 5], -1.0, 1.0);
+    let b = c.uniform("b", &[4, 5], -1.0, 1.0);
+    let op = Op::ExpertMatMul {
+        transpose_w: false,
+        bias: true,
+    };
+    let y = c.op(op, &[x, w, b, order, offsets]);
+    let grads = c.check(y);
+    // Expert 2 receives no token, so its weights and bias get no gradient.
+    assert!(grads["w"][30..45].iter().all(|&g| g == 0.0));
+    assert!(grads["b"][10..15].iter().all(|&g| g == 0.0));
+
+    // One row per assignment, weights used transposed ([4, 5, 3]).
+    let mut c = OpCheck::new("ExpertMatMul wT, one row per assignment");
+    let (order, offsets) = expert_routing(&mut c);
+    let x = c.uniform("x", &[2, 3, 2, 3], -1.0, 1.0);
+    let w = c.uniform("w", &[4, 5, 3], -1.0, 1.0);
+    let op = Op::ExpertMatMul {
+        transpose_w: true,
+        bias: false,
+    };
+    let y = c.op(op, &[x, w, order, offsets]);
+    c.check(y);
+}
+
+#[test]
+fn expert_weight_grad_differentiates_both_row_operands() {
+    let mut c = OpCheck::new("ExpertWeightGrad of token rows and assignment rows");
+    let (order, offsets) = expert_routing(&mut c);
+    let a = c.uniform("a", &[2, 3, 3], -1.0, 1.0);
+    let b = c.uniform("b", &[2, 3, 2, 4], -1.0, 1.0);
+    let y = c.op(Op::ExpertWeightGrad, &[a, b, order, offsets]);
+    c.check(y);
+}
+
 #[test]
 fn dropout_reuses_the_forward_mask() {
     let ctx = EvalContext { seed: 11, step: 2 };
@@ -1235,7 +1288,7 @@ fn non_differentiable_operands_get_no_gradient() {
 // The whole tiny model
 // ---------------------------------------------------------------------------------
 
-fn tiny_program() -> Program {
+fn tiny_program(moe: MoeDispatch) -> Program {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/alt_moe_tiny.ron");
     let loaded = spec::load(&path).unwrap_or_else(|e| panic!("{e}"));
     lower(
@@ -1243,6 +1296,7 @@ fn tiny_program() -> Program {
         LowerOptions {
             dtype: DType::F64,
             mode: Mode::Train,
+            moe,
         },
     )
     .unwrap_or_else(|e| panic!("lowering the tiny model: {e}"))
@@ -1291,8 +1345,8 @@ fn checked_elements(n: usize, draw: u64) -> Vec<usize> {
     set.into_iter().collect()
 }
 
-fn check_direction(direction: &str) {
-    let program = tiny_program();
+fn check_direction(direction: &str, moe: MoeDispatch) {
+    let program = tiny_program(moe);
     let info = program
         .directions
         .iter()
@@ -1415,17 +1469,19 @@ fn check_direction(direction: &str) {
 
 #[test]
 fn tiny_model_image_to_text_gradients() {
-    check_direction("image_to_text");
+    check_direction("image_to_text", MoeDispatch::Sparse);
+    check_direction("image_to_text", MoeDispatch::Dense);
 }
 
 #[test]
 fn tiny_model_text_to_image_gradients() {
-    check_direction("text_to_image");
+    check_direction("text_to_image", MoeDispatch::Sparse);
+    check_direction("text_to_image", MoeDispatch::Dense);
 }
 
 #[test]
 fn tiny_model_directions_are_the_expected_ones() {
-    let program = tiny_program();
+    let program = tiny_program(MoeDispatch::Sparse);
     let names: Vec<&str> = program.directions.iter().map(|d| d.name.as_str()).collect();
     assert_eq!(names, ["image_to_text", "text_to_image"]);
 }

@@ -940,6 +940,85 @@ fn top_k_breaks_ties_towards_the_lower_index() {
 }
 
 // ---------------------------------------------------------------------------------
+// Sparse MoE dispatch: ExpertOrder, ExpertOffsets, ExpertMatMul, ExpertWeightGrad
+// ---------------------------------------------------------------------------------
+
+/// Two tokens with two slots each over 3 experts: token 0 -> experts (2, 0), token 1
+/// -> (0, 2). Expert 1 receives nothing.
+fn two_token_routing() -> Tensor {
+    Tensor::i32(&[2, 2], vec![2, 0, 0, 2])
+}
+
+#[test]
+fn assignments_group_stably_by_expert() {
+    // Expert 0 owns assignments 1, 2 (in order), expert 1 none, expert 2 owns 0, 3.
+    let order = run_op(Op::ExpertOrder { experts: 3 }, vec![two_token_routing()]);
+    assert_i32(&order, &[2, 2], &[1, 2, 0, 3]);
+    let offsets = run_op(Op::ExpertOffsets { experts: 3 }, vec![two_token_routing()]);
+    assert_i32(&offsets, &[4], &[0, 2, 2, 4]);
+    // An expert id beyond the pool is named, not wrapped.
+    let e = try_run_op(
+        Op::ExpertOffsets { experts: 2 },
+        vec![two_token_routing()],
+        EvalContext::default(),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            EvalError::IndexOutOfRange {
+                value: 2,
+                size: 2,
+                ..
+            }
+        ),
+        "{e}"
+    );
+}
+
+#[test]
+fn grouped_expert_matmul_uses_each_assignments_expert() {
+    // x rows (K = 2): token 0 = [1, 2], token 1 = [3, 4]. Expert e's weights [2, 1] are
+    // [e + 1, 10 (e + 1)] and its bias is 100 e. So for an assignment of token t to
+    // expert e: out = (e + 1) (x0 + 10 x1) + 100 e.
+    //   token 0 (x0 + 10 x1 = 21): expert 2 -> 3 * 21 + 200 = 263, expert 0 -> 21.
+    //   token 1 (= 43): expert 0 -> 43, expert 2 -> 3 * 43 + 200 = 329.
+    let w = [1.0, 10.0, 2.0, 20.0, 3.0, 30.0];
+    for dtype in FLOATS {
+        let order = run_op(Op::ExpertOrder { experts: 3 }, vec![two_token_routing()]);
+        let offsets = run_op(Op::ExpertOffsets { experts: 3 }, vec![two_token_routing()]);
+        let got = run_op(
+            Op::ExpertMatMul {
+                transpose_w: false,
+                bias: true,
+            },
+            vec![
+                ft(dtype, &[2, 2], &[1.0, 2.0, 3.0, 4.0]),
+                ft(dtype, &[3, 2, 1], &w),
+                ft(dtype, &[3, 1], &[0.0, 100.0, 200.0]),
+                order.clone(),
+                offsets.clone(),
+            ],
+        );
+        assert_exact(&got, dtype, &[2, 2, 1], &[263.0, 21.0, 43.0, 329.0]);
+
+        // The weight gradient with the output rows as `b` = ones: each expert sums
+        // the rows routed to it. Expert 0: [1, 2] + [3, 4]; expert 1: zeros; expert
+        // 2: the same two tokens.
+        let got = run_op(
+            Op::ExpertWeightGrad,
+            vec![
+                ft(dtype, &[2, 2], &[1.0, 2.0, 3.0, 4.0]),
+                ft(dtype, &[1], &[1.0]),
+                order,
+                offsets,
+            ],
+        );
+        assert_exact(&got, dtype, &[3, 2, 1], &[4.0, 6.0, 0.0, 0.0, 4.0, 6.0]);
+    }
+}
+
+// ---------------------------------------------------------------------------------
 // Leaves with no operands: Iota, Constant (symbolic shapes bound by inputs)
 // ---------------------------------------------------------------------------------
 

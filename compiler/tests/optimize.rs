@@ -30,6 +30,7 @@ fn optimised_training_graphs_compute_the_same_step() {
         LowerOptions {
             dtype: DType::F64,
             mode: Mode::Train,
+            ..LowerOptions::default()
         },
     )
     .unwrap();

@@ -82,6 +82,7 @@ fn joint_schedule_trains_every_direction_in_one_graph() {
         LowerOptions {
             dtype: DType::F64,
             mode: Mode::Eval,
+            ..LowerOptions::default()
         },
     )
     .unwrap();

@@ -72,7 +72,7 @@ pub struct Kernels<R: Runtime> {
     uploads: std::sync::Mutex<std::collections::HashMap<Vec<u32>, Handle>>,
 }
 
-fn u32s(values: impl IntoIterator<Item = usize>) -> Vec<u32> {
+pub(crate) fn u32s(values: impl IntoIterator<Item = usize>) -> Vec<u32> {
     values
         .into_iter()
         .map(|v| u32::try_from(v).expect("tensor extents and strides fit in 32 bits"))
@@ -140,7 +140,7 @@ impl<R: Runtime> Kernels<R> {
         f32::from_bytes(&bytes)[..len].to_vec()
     }
 
-    fn alloc(&self, len: usize) -> Handle {
+    pub(crate) fn alloc(&self, len: usize) -> Handle {
         self.client.empty(len.max(1) * 4)
     }
 
@@ -151,7 +151,7 @@ impl<R: Runtime> Kernels<R> {
 
     /// An immutable buffer of these words, uploaded once per content (metadata, and
     /// the bits of constants: equal contents may share one buffer).
-    fn upload_once(&self, values: Vec<u32>) -> Handle {
+    pub(crate) fn upload_once(&self, values: Vec<u32>) -> Handle {
         let values = if values.is_empty() { vec![0] } else { values };
         let mut cache = self.uploads.lock().unwrap_or_else(|e| e.into_inner());
         cache

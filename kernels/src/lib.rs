@@ -10,6 +10,7 @@
 //! cubes of a fixed size and tiles are sized independently of `PLANE_DIM`.
 
 mod elementwise;
+mod experts;
 mod fused;
 mod index;
 mod launch;
@@ -18,6 +19,7 @@ mod random;
 mod reduce;
 
 pub use elementwise::{BinaryKind, UnaryKind};
+pub use experts::ExpertMatmul;
 pub use fused::{FusedOp, FusedProgram};
 pub use launch::{contiguous_strides, Kernels, MatmulOperands, View};
 pub use reduce::ReduceKind;

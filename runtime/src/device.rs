@@ -11,7 +11,8 @@ use altc_compiler::ir::{
 use altc_compiler::reference::{EvalContext, Tensor, TensorMap};
 use altc_compiler::spec::Precision;
 use altc_kernels::{
-    BinaryKind, FusedOp, FusedProgram, Kernels, MatmulOperands, ReduceKind, UnaryKind, View,
+    BinaryKind, ExpertMatmul, FusedOp, FusedProgram, Kernels, MatmulOperands, ReduceKind,
+    UnaryKind, View,
 };
 use cubecl::prelude::*;
 use std::collections::{BTreeMap, HashMap};
@@ -419,6 +420,54 @@ impl<R: Runtime> DeviceBackend<R> {
                 let input = self.materialise(x[0]);
                 let n = shape.iter().product();
                 contiguous(k.dropout(&input.view.handle, n, rate.0, ctx.seed, ctx.step, *stream))
+            }
+            Op::ExpertOrder { experts } | Op::ExpertOffsets { experts } => {
+                let index = self.materialise(x[0]);
+                let n = index.shape.iter().product();
+                contiguous(match node.op {
+                    Op::ExpertOrder { .. } => k.expert_order(&index.view.handle, n, *experts),
+                    _ => k.expert_offsets(&index.view.handle, n, *experts),
+                })
+            }
+            Op::ExpertMatMul { transpose_w, bias } => {
+                let rows = self.materialise(x[0]);
+                let (order, offsets) = (x[x.len() - 2], x[x.len() - 1]);
+                let (order, offsets) = (self.materialise(order), self.materialise(offsets));
+                let width = |v: &Value| *v.shape.last().expect("rank checked by inference");
+                let count = |v: &Value| v.shape.iter().product::<usize>();
+                contiguous(k.expert_matmul(&ExpertMatmul {
+                    x: &rows.view.handle,
+                    rows: count(&rows) / width(&rows).max(1),
+                    k: width(&rows),
+                    w: &x[1].view,
+                    transpose_w: *transpose_w,
+                    m: *shape.last().expect("rank checked by inference"),
+                    bias: bias.then(|| &x[2].view),
+                    order: &order.view.handle,
+                    offsets: &offsets.view.handle,
+                    assignments: count(&order),
+                    experts: count(&offsets) - 1,
+                    bf16_operands: self.bf16_matmuls,
+                }))
+            }
+            Op::ExpertWeightGrad => {
+                let (a, b) = (self.materialise(x[0]), self.materialise(x[1]));
+                let (order, offsets) = (self.materialise(x[2]), self.materialise(x[3]));
+                let rows = |v: &Value| {
+                    let width = *v.shape.last().expect("rank checked by inference");
+                    let n = v.shape.iter().product::<usize>();
+                    (n / width.max(1), width)
+                };
+                let ((a_rows, ka), (b_rows, mb)) = (rows(&a), rows(&b));
+                contiguous(k.expert_weight_grad(
+                    (&a.view.handle, a_rows, ka),
+                    (&b.view.handle, b_rows, mb),
+                    &order.view.handle,
+                    &offsets.view.handle,
+                    order.shape.iter().product(),
+                    shape[0],
+                    self.bf16_matmuls,
+                ))
             }
         }
     }

@@ -375,6 +375,82 @@ fn routing_top_k_gather_scatter_with_empty_and_full_experts() {
     );
 }
 
+/// Expert ids for `tokens` x `slots` assignments over 5 experts, drawn by `pick` from
+/// a uniform number in [0, 1).
+fn routing(tokens: usize, slots: usize, pick: impl Fn(f64) -> i32) -> Tensor {
+    let ids = (0..tokens * slots)
+        .map(|i| pick(rng::uniform(11, 0, 40, i as u64)))
+        .collect();
+    Tensor::i32(&[tokens, slots], ids)
+}
+
+#[test]
+fn grouped_expert_matmuls_with_balanced_skewed_empty_and_full_experts() {
+    // 37 tokens (not a multiple of the 16-row tile), K = 19, M = 21, 5 experts.
+    let routings = [
+        ("balanced", routing(37, 2, |u| (u * 5.0) as i32)),
+        // Experts 1 and 4 get nothing, expert 3 most assignments.
+        (
+            "skewed",
+            routing(37, 2, |u| {
+                if u < 0.8 {
+                    3
+                } else if u < 0.9 {
+                    0
+                } else {
+                    2
+                }
+            }),
+        ),
+        ("one expert takes all", routing(37, 1, |_| 2)),
+    ];
+    for (name, index) in routings {
+        let slots = index.shape[1];
+        let inputs = || {
+            vec![
+                index.clone(),
+                random(&[37, 19], 41, -1.0, 1.0),
+                random(&[5, 19, 21], 42, -1.0, 1.0),
+                random(&[5, 21], 43, -1.0, 1.0),
+                random(&[37, slots, 21], 44, -1.0, 1.0),
+            ]
+        };
+        let groups = |g: &mut Graph, x: &[NodeId]| {
+            let order = push(g, Op::ExpertOrder { experts: 5 }, &[x[0]]);
+            let offsets = push(g, Op::ExpertOffsets { experts: 5 }, &[x[0]]);
+            (order, offsets)
+        };
+        check(&format!("expert order, {name}"), inputs(), |g, x| {
+            let (order, _) = groups(g, x);
+            push(g, Op::Cast { dtype: DType::F32 }, &[order])
+        });
+        check(&format!("expert offsets, {name}"), inputs(), |g, x| {
+            let (_, offsets) = groups(g, x);
+            push(g, Op::Cast { dtype: DType::F32 }, &[offsets])
+        });
+        check(&format!("expert matmul +bias, {name}"), inputs(), |g, x| {
+            let (order, offsets) = groups(g, x);
+            let op = Op::ExpertMatMul {
+                transpose_w: false,
+                bias: true,
+            };
+            push(g, op, &[x[1], x[2], x[3], order, offsets])
+        });
+        check(&format!("expert matmul wT, {name}"), inputs(), |g, x| {
+            let (order, offsets) = groups(g, x);
+            let op = Op::ExpertMatMul {
+                transpose_w: true,
+                bias: false,
+            };
+            push(g, op, &[x[4], x[2], order, offsets])
+        });
+        check(&format!("expert weight grad, {name}"), inputs(), |g, x| {
+            let (order, offsets) = groups(g, x);
+            push(g, Op::ExpertWeightGrad, &[x[1], x[4], order, offsets])
+        });
+    }
+}
+
 #[test]
 fn dropout_draws_the_reference_mask() {
     check("dropout", vec![random(&[3, 333], 22, 0.5, 1.5)], |g, x| {

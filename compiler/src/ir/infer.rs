@@ -334,7 +334,98 @@ pub fn infer(op: &Op, operands: &[&TensorType]) -> Result<TensorType, TypeError>
             *dims.last_mut().expect("checked above") = Dim::Fixed(*k);
             ty(DType::I32, Shape(dims))
         }
+        Op::ExpertOrder { experts } | Op::ExpertOffsets { experts } => {
+            let index = operands[0];
+            if index.dtype != DType::I32 {
+                return Err(dtype_err(op, "an i32 expert index", operands));
+            }
+            match op {
+                _ if *experts == 0 => Err(shape_err(op, "needs at least one expert")),
+                Op::ExpertOffsets { .. } => ty(DType::I32, Shape(vec![Dim::Fixed(experts + 1)])),
+                _ => ty(DType::I32, index.shape.clone()),
+            }
+        }
+        Op::ExpertMatMul { transpose_w, bias } => {
+            let (x, w) = (operands[0], operands[1]);
+            let (order, offsets) = expert_groups(op, &operands[operands.len() - 2..])?;
+            let d = float_dtype(op, &operands[..operands.len() - 2])?;
+            let experts = Dim::Fixed(offsets - 1);
+            let (k, m) = match (w.shape.0.as_slice(), transpose_w) {
+                ([e, k, m], false) if *e == experts => (k, m),
+                ([e, m, k], true) if *e == experts => (k, m),
+                _ => {
+                    return Err(shape_err(
+                        op,
+                        format!("weights {} must be [{experts}, K, M]", w.shape),
+                    ))
+                }
+            };
+            assignment_rows(op, &x.shape, order)?;
+            if x.shape.0.last() != Some(k) {
+                return Err(shape_err(
+                    op,
+                    format!("rows {} do not fit weights {} (K = {k})", x.shape, w.shape),
+                ));
+            }
+            if *bias && operands[2].shape.0 != [experts.clone(), m.clone()] {
+                return Err(shape_err(
+                    op,
+                    format!("bias {} must be [{experts}, {m}]", operands[2].shape),
+                ));
+            }
+            let mut dims = order.0.clone();
+            dims.push(m.clone());
+            ty(d, Shape(dims))
+        }
+        Op::ExpertWeightGrad => {
+            let (a, b) = (operands[0], operands[1]);
+            let (order, offsets) = expert_groups(op, &operands[2..])?;
+            let d = float_dtype(op, &operands[..2])?;
+            assignment_rows(op, &a.shape, order)?;
+            assignment_rows(op, &b.shape, order)?;
+            let last = |s: &Shape| s.0.last().cloned().expect("rank checked");
+            ty(
+                d,
+                Shape(vec![
+                    Dim::Fixed(offsets - 1),
+                    last(&a.shape),
+                    last(&b.shape),
+                ]),
+            )
+        }
     }
+}
+
+/// The `(order, offsets)` operands of a grouped expert op: `order`'s shape and the
+/// offsets' length (experts + 1).
+fn expert_groups<'a>(op: &Op, groups: &[&'a TensorType]) -> Result<(&'a Shape, usize), TypeError> {
+    let (order, offsets) = (groups[0], groups[1]);
+    if order.dtype != DType::I32 || offsets.dtype != DType::I32 {
+        return Err(dtype_err(op, "i32 expert order and offsets", groups));
+    }
+    match offsets.shape.0.as_slice() {
+        [Dim::Fixed(n)] if *n >= 2 => Ok((&order.shape, *n)),
+        _ => Err(shape_err(
+            op,
+            format!("expert offsets {} must be [experts + 1]", offsets.shape),
+        )),
+    }
+}
+
+/// Checks that rows `[X..., K]` feed the assignments `order` (`X` a prefix of its
+/// shape).
+fn assignment_rows(op: &Op, rows: &Shape, order: &Shape) -> Result<(), TypeError> {
+    let lead = rows
+        .rank()
+        .checked_sub(1)
+        .ok_or_else(|| shape_err(op, "row operands need at least one axis"))?;
+    if lead > order.rank() || rows.0[..lead] != order.0[..lead] {
+        return Err(shape_err(
+            op,
+            format!("rows {rows} must lead with a prefix of the assignments {order}"),
+        ));
+    }
+    Ok(())
 }
 
 /// Gather/scatter index tensors match the data tensor on every axis but the indexed one.

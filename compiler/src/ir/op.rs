@@ -162,6 +162,24 @@ pub enum Op {
     /// counter-based generator keyed by (seed, step, `stream`, element), so any backend
     /// reproduces it exactly.
     Dropout { rate: Scalar, stream: u64 },
+    /// `(index)`: the flat positions of `index` (an `I32` tensor of ids of `experts`
+    /// experts, one per token-and-slot assignment) sorted stably by expert, in `index`'s
+    /// shape. With `ExpertOffsets` it groups the assignments by expert for the grouped
+    /// matmuls.
+    ExpertOrder { experts: usize },
+    /// `(index)`: `[experts + 1]` `I32`, where each expert's run of assignments starts in
+    /// `ExpertOrder(index)`; the last entry is the number of assignments.
+    ExpertOffsets { experts: usize },
+    /// `(x, w, [bias,] order, offsets)`: the grouped expert matmul of sparse dispatch.
+    /// Assignments have `order`'s shape `[A..., ]`; `x` is `[X..., K]` with `X` a prefix
+    /// of `A`, so assignment `a` reads row `x[a / (|A| / |X|)]` (a token's row feeds all
+    /// of its slots). `out[a] = x[row(a)] @ w[e(a)] (+ bias[e(a)])` with `w` `[E, K, M]`
+    /// (`[E, M, K]` used transposed) and `bias` `[E, M]`; the result is `[A..., M]`.
+    ExpertMatMul { transpose_w: bool, bias: bool },
+    /// `(a, b, order, offsets)`: per expert `e`, the sum over its assignments of
+    /// `a[row(a)]^T b[row(b)]`, `[E, K, M]` for `a` `[Xa..., K]` and `b` `[Xb..., M]`
+    /// (rows as in `ExpertMatMul`): the weight gradient of the grouped matmul.
+    ExpertWeightGrad,
 }
 
 impl Op {
@@ -202,6 +220,14 @@ impl Op {
             Op::ScatterAdd { axis, .. } => format!("scatter_add axis={axis}"),
             Op::TopK { k } => format!("top_k k={k}"),
             Op::Dropout { rate, .. } => format!("dropout p={}", rate.0),
+            Op::ExpertOrder { experts } => format!("expert_order E={experts}"),
+            Op::ExpertOffsets { experts } => format!("expert_offsets E={experts}"),
+            Op::ExpertMatMul { transpose_w, bias } => format!(
+                "expert_matmul{}{}",
+                if *transpose_w { " wT" } else { "" },
+                if *bias { " +bias" } else { "" }
+            ),
+            Op::ExpertWeightGrad => "expert_weight_grad".into(),
         }
     }
 
@@ -217,13 +243,17 @@ impl Op {
             | Op::BroadcastTo { .. }
             | Op::Slice { .. }
             | Op::TopK { .. }
-            | Op::Dropout { .. } => 1,
+            | Op::Dropout { .. }
+            | Op::ExpertOrder { .. }
+            | Op::ExpertOffsets { .. } => 1,
             Op::Binary(_)
             | Op::Compare(_)
             | Op::MatMul { .. }
             | Op::Gather { .. }
             | Op::ScatterAdd { .. } => 2,
             Op::Where => 3,
+            Op::ExpertWeightGrad => 4,
+            Op::ExpertMatMul { bias, .. } => 4 + usize::from(*bias),
             Op::Concat { .. } => return None,
         })
     }

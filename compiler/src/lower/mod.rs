@@ -11,9 +11,11 @@
 //! and per target modality `y` of a contrastive loss, `y.key`: target tokens in, the
 //! pooled, normalised target-side embedding out (what retrieval stores).
 //!
-//! The MoE lowers to the authors' dense form: every expert runs on every token and a
-//! dense gate (zero outside the top-k, built by scatter-add) weights their sum. It is
-//! exactly the function in `altmoe.md`; sparse dispatch is an optimisation of it.
+//! The MoE lowers to sparse dispatch by default: each token's top-k assignments are
+//! grouped by expert and run through grouped expert matmuls. `MoeDispatch::Dense` gives
+//! the authors' form instead, every expert on every token weighted by a dense gate
+//! (zero outside the top-k); it is the `--no-opt` baseline. Both are the function in
+//! `altmoe.md`.
 
 mod builder;
 mod params;
@@ -23,8 +25,8 @@ pub use params::{Init, ParamInfo, ParamKind, ParamTable};
 
 use crate::ir::{DType, Dim, Graph, GraphError, NodeId, Op, ReduceOp, Shape, UnaryOp};
 use crate::spec::{
-    Direction, Encoder, ExpertPool, Gate, GateInput, Layer, LossKind, ModelSpec, NoDecay,
-    Optimizer, Schedule, Temperature, Tokens, Training,
+    Direction, Encoder, ExpertPool as ExpertPoolKind, Gate, GateInput, Layer, LossKind, ModelSpec,
+    NoDecay, Optimizer, Schedule, Temperature, Tokens, Training,
 };
 use builder::Builder;
 use serde::{Deserialize, Serialize};
@@ -36,10 +38,23 @@ pub enum Mode {
     Eval,
 }
 
+/// How the MoE runs its experts. Both compute the function in `altmoe.md`; they
+/// differ in work and in how dropout masks are laid out over the expert activations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MoeDispatch {
+    /// The authors' form: every expert on every token, weighted by a dense gate that
+    /// is zero outside the top-k (E/k times the expert work of `Sparse`).
+    Dense,
+    /// Each token's k kept experts only: assignments grouped by expert
+    /// (`ExpertOrder`, `ExpertOffsets`) feed grouped expert matmuls.
+    Sparse,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LowerOptions {
     pub dtype: DType,
     pub mode: Mode,
+    pub moe: MoeDispatch,
 }
 
 impl Default for LowerOptions {
@@ -47,6 +62,7 @@ impl Default for LowerOptions {
         LowerOptions {
             dtype: DType::F32,
             mode: Mode::Train,
+            moe: MoeDispatch::Sparse,
         }
     }
 }
@@ -79,6 +95,8 @@ pub struct DirectionInfo {
 pub struct Program {
     pub model: String,
     pub dtype: DType,
+    /// The form the MoE was lowered to.
+    pub moe: MoeDispatch,
     pub modalities: Vec<ModalityInfo>,
     pub directions: Vec<DirectionInfo>,
     /// Loss term names with their weights, in spec order.
@@ -153,6 +171,7 @@ pub fn lower(spec: &ModelSpec, options: LowerOptions) -> Result<Program, LowerEr
     Ok(Program {
         model: spec.name.clone(),
         dtype: options.dtype,
+        moe: options.moe,
         modalities: spec
             .modalities
             .iter()
@@ -204,13 +223,9 @@ impl Lowering<'_> {
         )
     }
 
-    fn train(&self) -> bool {
-        self.options.mode == Mode::Train
-    }
-
     fn loss_graph(&mut self, index: usize, dir: &Direction) -> Result<Graph, LowerError> {
         let spec = self.spec;
-        let train = self.train();
+        let options = self.options;
         let name = format!("{}.loss", dir.name);
         let mut b = self.builder(&name);
         let src = encode(&mut b, spec, lower_index(spec, &dir.source))?;
@@ -219,7 +234,7 @@ impl Lowering<'_> {
         let mut total: Option<NodeId> = None;
         for (li, loss) in spec.losses.iter().enumerate() {
             let path = format!("losses[{li}]");
-            let head = branch_head(&mut b, spec, index, dir, &loss.output, z, train)?;
+            let head = branch_head(&mut b, spec, index, dir, &loss.output, z, options)?;
             let term = b.at(&path, |b| match &loss.kind {
                 LossKind::SmoothL1 { .. } | LossKind::SquaredL2 => {
                     let pred = b.pool(head, src.mask, spec.connector.pooling)?;
@@ -251,11 +266,15 @@ impl Lowering<'_> {
         branch: &str,
     ) -> Result<Graph, LowerError> {
         let spec = self.spec;
+        let eval = LowerOptions {
+            mode: Mode::Eval,
+            ..self.options
+        };
         let name = format!("{}.query", dir.name);
         let mut b = self.builder(&name);
         let src = encode(&mut b, spec, lower_index(spec, &dir.source))?;
         let z = connector_input(&mut b, spec, index, dir, &src)?;
-        let head = branch_head(&mut b, spec, index, dir, branch, z, false)?;
+        let head = branch_head(&mut b, spec, index, dir, branch, z, eval)?;
         let q = b.at("connector.pooling", |b| {
             let q = b.pool(head, src.mask, spec.connector.pooling)?;
             b.l2_normalize(q)
@@ -464,8 +483,9 @@ fn branch_head(
     dir: &Direction,
     branch: &str,
     z: NodeId,
-    train: bool,
+    options: LowerOptions,
 ) -> Result<NodeId, GraphError> {
+    let (train, moe) = (options.mode == Mode::Train, options.moe);
     let c = &spec.connector;
     let bi = c
         .branches
@@ -485,9 +505,13 @@ fn branch_head(
         )?;
         b.add(z, t)
     })?;
-    let gate = b.at("connector.router", |b| route(b, spec, dir, branch, zb))?;
+    let routing = b.at("connector.router", |b| route(b, spec, dir, branch, zb))?;
     let mixed = b.at("connector.experts", |b| {
-        experts(b, spec, dir, zb, gate, train)
+        let pool = ExpertPool::declare(b, spec, dir)?;
+        match moe {
+            MoeDispatch::Dense => pool.dense(b, spec, zb, &routing, train),
+            MoeDispatch::Sparse => pool.sparse(b, spec, zb, &routing, train),
+        }
     })?;
     let out = b.at("connector.branch_output", |b| {
         let mut o = mixed;
@@ -512,18 +536,25 @@ fn branch_head(
     })
 }
 
-/// The dense gate `[B, L, E]`: softmax probabilities at the top-k experts, zero elsewhere.
+/// Each token's top-k experts and their (unrenormalised unless asked) probabilities.
+struct Routing {
+    /// `[B, L, k]` expert ids, most probable first.
+    top: NodeId,
+    /// `[B, L, k]` gate weights.
+    kept: NodeId,
+}
+
+/// Routes each token: softmax over the experts, then its top-k.
 fn route(
     b: &mut Builder,
     spec: &ModelSpec,
     dir: &Direction,
     branch: &str,
     zb: NodeId,
-) -> Result<NodeId, GraphError> {
+) -> Result<Routing, GraphError> {
     let r = &spec.connector.router;
     let h = spec.connector.hidden;
     let experts = spec.connector.experts.count;
-    let dims = b.ty(zb).dims().to_vec();
     let (input, in_width) = match r.gate_input {
         GateInput::Hidden => (zb, h),
         GateInput::HiddenWithModality { width } => {
@@ -533,6 +564,7 @@ fn route(
                 ParamKind::Embedding,
                 Init::Normal { std: 0.02 },
             )?;
+            let dims = b.ty(zb).dims().to_vec();
             let shape = Shape(vec![dims[0].clone(), dims[1].clone(), Dim::Fixed(width)]);
             let e = b.push(Op::BroadcastTo { shape }, &[e])?;
             (b.push(Op::Concat { axis: 2 }, &[zb, e])?, h + width)
@@ -550,71 +582,115 @@ fn route(
         let sum = b.reduce(ReduceOp::Sum, kept, &[2], true)?;
         kept = b.div(kept, sum)?;
     }
-    let shape = Shape(vec![dims[0].clone(), dims[1].clone(), Dim::Fixed(experts)]);
-    b.push(Op::ScatterAdd { axis: 2, shape }, &[top, kept])
+    Ok(Routing { top, kept })
 }
 
-/// `sum_e gate[.., e] * Expert_e(z)` with every expert computed densely.
-fn experts(
-    b: &mut Builder,
-    spec: &ModelSpec,
-    dir: &Direction,
-    zb: NodeId,
-    gate: NodeId,
-    train: bool,
-) -> Result<NodeId, GraphError> {
-    let ex = &spec.connector.experts;
-    let (h, e, eh) = (spec.connector.hidden, ex.count, ex.hidden);
-    let prefix = match ex.pool {
-        ExpertPool::Shared => "experts".to_string(),
-        ExpertPool::PerModality => format!("experts.{}", dir.source),
-    };
-    let dims = b.ty(zb).dims().to_vec();
-    let (bsym, tokens) = (dims[0].clone(), dims[1].clone());
-    let fixed = |v: &[usize]| Shape(v.iter().map(|&d| Dim::Fixed(d)).collect());
-    let b1_bound = 1.0 / (h as f64).sqrt();
-    let b2_bound = 1.0 / (eh as f64).sqrt();
-    let w1 = b.param(
-        &format!("{prefix}.w1"),
-        &[e, h, eh],
-        ParamKind::Weight,
-        Init::Uniform { bound: b1_bound },
-    )?;
-    let b1 = b.param(
-        &format!("{prefix}.b1"),
-        &[e, eh],
-        ParamKind::Bias,
-        Init::Uniform { bound: b1_bound },
-    )?;
-    let w2 = b.param(
-        &format!("{prefix}.w2"),
-        &[e, eh, h],
-        ParamKind::Weight,
-        Init::Uniform { bound: b2_bound },
-    )?;
-    let b2 = b.param(
-        &format!("{prefix}.b2"),
-        &[e, h],
-        ParamKind::Bias,
-        Init::Uniform { bound: b2_bound },
-    )?;
-    // [B, L, h] x [E, 1, h, eh] -> [E, B, L, eh]: batch dims [B] and [E, 1] broadcast.
-    let w1 = b.reshape(w1, fixed(&[e, 1, h, eh]))?;
-    let b1 = b.reshape(b1, fixed(&[e, 1, 1, eh]))?;
-    let hidden = b.matmul(zb, w1, false)?;
-    let hidden = b.add(hidden, b1)?;
-    let hidden = b.activation(ex.activation, hidden)?;
-    let hidden = b.dropout(hidden, ex.dropout, train)?;
-    let w2 = b.reshape(w2, fixed(&[e, 1, eh, h]))?;
-    let b2 = b.reshape(b2, fixed(&[e, 1, 1, h]))?;
-    let out = b.matmul(hidden, w2, false)?;
-    let out = b.add(out, b2)?;
-    let out = b.dropout(out, ex.dropout, train)?;
-    // gate [B, L, E] -> [E, B, L, 1], weight each expert's output, sum over experts.
-    let g = b.transpose(gate, &[2, 0, 1])?;
-    let g = b.reshape(g, Shape(vec![Dim::Fixed(e), bsym, tokens, Dim::Fixed(1)]))?;
-    let weighted = b.mul(out, g)?;
-    b.reduce(ReduceOp::Sum, weighted, &[0], false)
+/// The expert pool's parameters, as `[E, ...]` stacks shared by both dispatch forms
+/// (so checkpoints move freely between them).
+struct ExpertPool {
+    w1: NodeId,
+    b1: NodeId,
+    w2: NodeId,
+    b2: NodeId,
+}
+
+impl ExpertPool {
+    fn declare(b: &mut Builder, spec: &ModelSpec, dir: &Direction) -> Result<Self, GraphError> {
+        let ex = &spec.connector.experts;
+        let (h, e, eh) = (spec.connector.hidden, ex.count, ex.hidden);
+        let prefix = match ex.pool {
+            ExpertPoolKind::Shared => "experts".to_string(),
+            ExpertPoolKind::PerModality => format!("experts.{}", dir.source),
+        };
+        let b1_bound = 1.0 / (h as f64).sqrt();
+        let b2_bound = 1.0 / (eh as f64).sqrt();
+        let mut param = |name: &str, shape: &[usize], kind, bound| {
+            b.param(
+                &format!("{prefix}.{name}"),
+                shape,
+                kind,
+                Init::Uniform { bound },
+            )
+        };
+        Ok(ExpertPool {
+            w1: param("w1", &[e, h, eh], ParamKind::Weight, b1_bound)?,
+            b1: param("b1", &[e, eh], ParamKind::Bias, b1_bound)?,
+            w2: param("w2", &[e, eh, h], ParamKind::Weight, b2_bound)?,
+            b2: param("b2", &[e, h], ParamKind::Bias, b2_bound)?,
+        })
+    }
+
+    /// `sum_e gate[.., e] * Expert_e(z)` with every expert computed on every token and
+    /// the gate scattered densely to `[B, L, E]` (zero outside the top-k).
+    fn dense(
+        &self,
+        b: &mut Builder,
+        spec: &ModelSpec,
+        zb: NodeId,
+        routing: &Routing,
+        train: bool,
+    ) -> Result<NodeId, GraphError> {
+        let ex = &spec.connector.experts;
+        let (h, e, eh) = (spec.connector.hidden, ex.count, ex.hidden);
+        let dims = b.ty(zb).dims().to_vec();
+        let (bsym, tokens) = (dims[0].clone(), dims[1].clone());
+        let fixed = |v: &[usize]| Shape(v.iter().map(|&d| Dim::Fixed(d)).collect());
+        let gate_shape = Shape(vec![bsym.clone(), tokens.clone(), Dim::Fixed(e)]);
+        let gate = b.push(
+            Op::ScatterAdd {
+                axis: 2,
+                shape: gate_shape,
+            },
+            &[routing.top, routing.kept],
+        )?;
+        // [B, L, h] x [E, 1, h, eh] -> [E, B, L, eh]: batch dims [B] and [E, 1] broadcast.
+        let w1 = b.reshape(self.w1, fixed(&[e, 1, h, eh]))?;
+        let b1 = b.reshape(self.b1, fixed(&[e, 1, 1, eh]))?;
+        let hidden = b.matmul(zb, w1, false)?;
+        let hidden = b.add(hidden, b1)?;
+        let hidden = b.activation(ex.activation, hidden)?;
+        let hidden = b.dropout(hidden, ex.dropout, train)?;
+        let w2 = b.reshape(self.w2, fixed(&[e, 1, eh, h]))?;
+        let b2 = b.reshape(self.b2, fixed(&[e, 1, 1, h]))?;
+        let out = b.matmul(hidden, w2, false)?;
+        let out = b.add(out, b2)?;
+        let out = b.dropout(out, ex.dropout, train)?;
+        // gate [B, L, E] -> [E, B, L, 1], weight each expert's output, sum over experts.
+        let g = b.transpose(gate, &[2, 0, 1])?;
+        let g = b.reshape(g, Shape(vec![Dim::Fixed(e), bsym, tokens, Dim::Fixed(1)]))?;
+        let weighted = b.mul(out, g)?;
+        b.reduce(ReduceOp::Sum, weighted, &[0], false)
+    }
+
+    /// `sum_j kept[.., j] * Expert_top[j](z)` over each token's k kept experts only:
+    /// the `[B, L, k]` assignments are grouped by expert once and both expert layers
+    /// run as grouped matmuls over `[B, L, k, ..]` activations.
+    fn sparse(
+        &self,
+        b: &mut Builder,
+        spec: &ModelSpec,
+        zb: NodeId,
+        routing: &Routing,
+        train: bool,
+    ) -> Result<NodeId, GraphError> {
+        let ex = &spec.connector.experts;
+        let grouped = Op::ExpertMatMul {
+            transpose_w: false,
+            bias: true,
+        };
+        let order = b.push(Op::ExpertOrder { experts: ex.count }, &[routing.top])?;
+        let offsets = b.push(Op::ExpertOffsets { experts: ex.count }, &[routing.top])?;
+        let hidden = b.push(grouped.clone(), &[zb, self.w1, self.b1, order, offsets])?;
+        let hidden = b.activation(ex.activation, hidden)?;
+        let hidden = b.dropout(hidden, ex.dropout, train)?;
+        let out = b.push(grouped, &[hidden, self.w2, self.b2, order, offsets])?;
+        let out = b.dropout(out, ex.dropout, train)?;
+        let mut gate_shape = b.ty(routing.kept).clone();
+        gate_shape.0.push(Dim::Fixed(1));
+        let g = b.reshape(routing.kept, gate_shape)?;
+        let weighted = b.mul(out, g)?;
+        b.reduce(ReduceOp::Sum, weighted, &[2], false)
+    }
 }
 
 /// `Linear_y(e_y)` pooled: the target side of the contrastive loss.

@@ -1,5 +1,6 @@
 //! Evaluation of IR graphs on host tensors, one op at a time, in topological order.
 
+use super::experts::{self, AssignmentRows, ExpertGroups};
 use super::tensor::{broadcast_strides, for_each_index, offset, strides, Data, Tensor};
 use crate::ir::{
     broadcast_shapes, BinaryOp, CompareOp, DType, Dim, Graph, GraphError, NodeId, Op, ReduceOp,
@@ -212,6 +213,10 @@ impl Site<'_> {
                 }
             })
             .collect()
+    }
+
+    fn group_error(&self, bad: experts::BadGroup) -> EvalError {
+        self.index_error(bad.value, bad.size)
     }
 
     fn index_error(&self, value: i64, size: usize) -> EvalError {
@@ -515,7 +520,95 @@ fn eval_op(op: &Op, x: &[&Tensor], at: &Site, ctx: EvalContext) -> Result<Tensor
             x[0].shape.clone(),
             float_map!(x[0], |v| dropout(v, rate.0, *stream, ctx)),
         ),
+        Op::ExpertOrder { experts } => {
+            let order =
+                experts::expert_order(indices(x[0]), *experts).map_err(|b| at.group_error(b))?;
+            Tensor::i32(&x[0].shape, order)
+        }
+        Op::ExpertOffsets { experts } => {
+            let offsets =
+                experts::expert_offsets(indices(x[0]), *experts).map_err(|b| at.group_error(b))?;
+            Tensor::i32(&[experts + 1], offsets)
+        }
+        Op::ExpertMatMul { transpose_w, bias } => {
+            let groups = expert_groups(x);
+            let w = x[1];
+            let m = w.shape[if *transpose_w { 1 } else { 2 }];
+            let mut shape = x[x.len() - 2].shape.clone();
+            shape.push(m);
+            let b = bias.then(|| x[2]);
+            let data = match (&x[0].data, &w.data, b.map(|b| &b.data)) {
+                (Data::F32(xv), Data::F32(wv), Some(Data::F32(bv))) => {
+                    expert_matmul(x[0], xv, wv, m, *transpose_w, Some(bv), &groups).map(Data::F32)
+                }
+                (Data::F32(xv), Data::F32(wv), None) => {
+                    expert_matmul(x[0], xv, wv, m, *transpose_w, None, &groups).map(Data::F32)
+                }
+                (Data::F64(xv), Data::F64(wv), Some(Data::F64(bv))) => {
+                    expert_matmul(x[0], xv, wv, m, *transpose_w, Some(bv), &groups).map(Data::F64)
+                }
+                (Data::F64(xv), Data::F64(wv), None) => {
+                    expert_matmul(x[0], xv, wv, m, *transpose_w, None, &groups).map(Data::F64)
+                }
+                _ => unreachable!("type inference admits only matching floats"),
+            };
+            Tensor::new(shape, data.map_err(|b| at.group_error(b))?)
+        }
+        Op::ExpertWeightGrad => {
+            let groups = expert_groups(x);
+            let (a, b) = (x[0], x[1]);
+            let shape = vec![
+                groups.offsets.len() - 1,
+                *a.shape.last().expect("rank >= 1"),
+                *b.shape.last().expect("rank >= 1"),
+            ];
+            let data = match (&a.data, &b.data) {
+                (Data::F32(av), Data::F32(bv)) => {
+                    experts::expert_weight_grad(&rows_of(a, av), &rows_of(b, bv), &groups)
+                        .map(Data::F32)
+                }
+                (Data::F64(av), Data::F64(bv)) => {
+                    experts::expert_weight_grad(&rows_of(a, av), &rows_of(b, bv), &groups)
+                        .map(Data::F64)
+                }
+                _ => unreachable!("type inference admits only matching floats"),
+            };
+            Tensor::new(shape, data.map_err(|b| at.group_error(b))?)
+        }
     })
+}
+
+fn indices(t: &Tensor) -> &[i32] {
+    t.as_i32().expect("type inference admits only i32 indices")
+}
+
+/// The `(order, offsets)` operands that close every grouped expert op.
+fn expert_groups<'a>(x: &[&'a Tensor]) -> ExpertGroups<'a> {
+    ExpertGroups {
+        order: indices(x[x.len() - 2]),
+        offsets: indices(x[x.len() - 1]),
+    }
+}
+
+fn rows_of<'a, T>(t: &Tensor, values: &'a [T]) -> AssignmentRows<'a, T> {
+    let width = *t.shape.last().expect("rank >= 1");
+    AssignmentRows {
+        values,
+        rows: values.len() / width.max(1),
+        width,
+    }
+}
+
+fn expert_matmul<T: Real>(
+    x: &Tensor,
+    xv: &[T],
+    wv: &[T],
+    m: usize,
+    transpose_w: bool,
+    bias: Option<&[T]>,
+    groups: &ExpertGroups,
+) -> Result<Vec<T>, experts::BadGroup> {
+    experts::expert_matmul(&rows_of(x, xv), wv, m, transpose_w, bias, groups)
 }
 
 fn dropout<T: Real>(v: &[T], rate: f64, stream: u64, ctx: EvalContext) -> Vec<T> {

@@ -4,6 +4,7 @@
 //! being fast.
 
 mod eval;
+mod experts;
 mod init;
 mod tensor;
 

@@ -2,7 +2,7 @@
 //! lowering the tiny model the scripts implement.
 
 use altc_compiler::ir::DType;
-use altc_compiler::lower::{lower, LowerOptions, Mode, Program};
+use altc_compiler::lower::{lower, LowerOptions, Mode, MoeDispatch, Program};
 use altc_compiler::reference::Tensor;
 use altc_compiler::spec;
 use safetensors::{Dtype, SafeTensors};
@@ -62,8 +62,8 @@ pub fn read_golden(file: &str, script: &str) -> BTreeMap<String, Array> {
 }
 
 /// `models/alt_moe_tiny.ron` lowered in `dtype`, eval mode (no dropout), as the
-/// scripts compute it.
-pub fn tiny_program(dtype: DType) -> Program {
+/// scripts compute it, with the MoE in the `moe` form.
+pub fn tiny_program(dtype: DType, moe: MoeDispatch) -> Program {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/alt_moe_tiny.ron");
     let loaded = spec::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     lower(
@@ -71,6 +71,7 @@ pub fn tiny_program(dtype: DType) -> Program {
         LowerOptions {
             dtype,
             mode: Mode::Eval,
+            moe,
         },
     )
     .unwrap_or_else(|e| panic!("lowering alt_moe_tiny in {dtype:?}: {e}"))

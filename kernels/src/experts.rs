@@ -1,0 +1,367 @@
+//! Sparse MoE dispatch: grouping token-and-slot assignments by expert, and the grouped
+//! expert matmuls over those groups.
+//!
+//! Assignments are sorted by expert once (a stable counting sort in one cube), so a
+//! tile of 16 sorted assignments spans few experts: the grouped matmul loads each
+//! expert's weight tile once per tile of rows and every row accumulates only with its
+//! own expert's weights. Rows are gathered from the token activations while loading
+//! (a token feeds all of its slots), and results are written straight back to the
+//! assignment's place, so nothing is permuted in memory. Experts that receive no
+//! assignment cost nothing; one that receives all of them is just a long run.
+
+use crate::launch::{u32s, Kernels, View};
+use crate::matmul::{round_to_bf16, TILE};
+use cubecl::prelude::*;
+use cubecl::server::Handle;
+
+/// The expert owning sorted position `p`: the last `e` whose run starts at or before
+/// `p` (empty experts share their start with the next one, which wins).
+#[cube]
+fn expert_at<F: Float>(offsets: &Array<F>, p: u32, #[comptime] experts: u32) -> u32 {
+    let mut e = 0u32;
+    for i in 1..experts {
+        if u32::cast_from(offsets[i as usize]) <= p {
+            e = i;
+        }
+    }
+    e
+}
+
+/// One cube of `lanes` units groups `n` assignments (expert ids in `index`): each lane
+/// counts its contiguous chunk per expert, lane 0 turns the counts into start
+/// positions (expert-major, lane-minor, so the sort is stable), and with `write_order`
+/// each lane then places its chunk's assignment ids. `offsets` gets each expert's start
+/// and finally `n`. Ids outside the pool are skipped (the reference reports them).
+#[cube(launch_unchecked)]
+pub(crate) fn expert_groups_kernel<F: Float>(
+    index: &Array<F>,
+    order: &mut Array<F>,
+    offsets: &mut Array<F>,
+    n: u32,
+    #[comptime] experts: u32,
+    #[comptime] lanes: u32,
+    #[comptime] write_order: bool,
+) {
+    let mut counts = SharedMemory::<u32>::new(comptime!((lanes * experts) as usize));
+    let lane = UNIT_POS_X;
+    #[allow(clippy::manual_div_ceil)]
+    let chunk = (n + lanes - 1) / lanes;
+    let start = lane * chunk;
+    let end = select(start + chunk < n, start + chunk, n);
+    for e in 0..experts {
+        counts[(lane * experts + e) as usize] = 0u32;
+    }
+    for a in start..end {
+        let e = u32::cast_from(index[a as usize]);
+        if e < experts {
+            counts[(lane * experts + e) as usize] += 1u32;
+        }
+    }
+    sync_cube();
+    if lane == 0 {
+        let mut base = 0u32;
+        for e in 0..experts {
+            offsets[e as usize] = F::cast_from(base);
+            for l in 0..lanes {
+                let c = counts[(l * experts + e) as usize];
+                counts[(l * experts + e) as usize] = base;
+                base += c;
+            }
+        }
+        offsets[experts as usize] = F::cast_from(base);
+    }
+    sync_cube();
+    if comptime![write_order] {
+        for a in start..end {
+            let e = u32::cast_from(index[a as usize]);
+            if e < experts {
+                let slot = (lane * experts + e) as usize;
+                let p = counts[slot];
+                order[p as usize] = F::cast_from(a);
+                counts[slot] = p + 1;
+            }
+        }
+    }
+}
+
+/// `out[a] = x[a / fan] @ w[e(a)] (+ bias[e(a)])` for the assignments at sorted
+/// positions `CUBE_POS_Y * TILE ..` and output columns `CUBE_POS_X * TILE ..`. `x` is
+/// contiguous `[rows, K]`, `out` contiguous `[assignments, M]`. `meta`: assignments,
+/// K, M, fan, then w's expert, K and M strides and offset, then bias's expert and M
+/// strides and offset.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn expert_matmul_kernel<F: Float>(
+    x: &Array<F>,
+    w: &Array<F>,
+    bias: &Array<F>,
+    order: &Array<F>,
+    offsets: &Array<F>,
+    out: &mut Array<F>,
+    meta: &Array<u32>,
+    #[comptime] experts: u32,
+    #[comptime] has_bias: bool,
+    #[comptime] bf16_operands: bool,
+) {
+    let tile = comptime!(TILE as usize);
+    let mut x_tile = SharedMemory::<F>::new(tile * tile);
+    let mut w_tile = SharedMemory::<F>::new(tile * tile);
+    let n = meta[0];
+    let k = meta[1];
+    let m = meta[2];
+    let fan = meta[3];
+    let (w_se, w_sk, w_sm, w_off) = (meta[4], meta[5], meta[6], meta[7]);
+    let tx = UNIT_POS_X;
+    let ty = UNIT_POS_Y;
+    let first = CUBE_POS_Y * TILE;
+    let p = first + ty;
+    let col = CUBE_POS_X * TILE + tx;
+    let valid = p < n;
+    let assignment = u32::cast_from(order[select(valid, p, 0) as usize]);
+    let own_expert = expert_at::<F>(offsets, select(valid, p, 0), experts);
+    let last = select(first + TILE <= n, first + TILE, n) - 1;
+    let first_expert = expert_at::<F>(offsets, first, experts);
+    let last_expert = expert_at::<F>(offsets, last, experts);
+    let x_row = assignment / fan;
+    let mut acc = F::new(0.0);
+    #[allow(clippy::manual_div_ceil)]
+    let k_tiles = (k + TILE - 1) / TILE;
+    for t in 0..k_tiles {
+        let xk = t * TILE + tx;
+        let x_ok = valid && xk < k;
+        let mut x_value = select(
+            x_ok,
+            x[select(x_ok, x_row * k + xk, 0) as usize],
+            F::new(0.0),
+        );
+        if comptime![bf16_operands] {
+            x_value = round_to_bf16::<F>(x_value);
+        }
+        x_tile[(ty * TILE + tx) as usize] = x_value;
+        let wk = t * TILE + ty;
+        let w_ok = wk < k && col < m;
+        for e in first_expert..last_expert + 1 {
+            let at = w_off + e * w_se + wk * w_sk + col * w_sm;
+            let mut w_value = select(w_ok, w[select(w_ok, at, 0) as usize], F::new(0.0));
+            if comptime![bf16_operands] {
+                w_value = round_to_bf16::<F>(w_value);
+            }
+            w_tile[(ty * TILE + tx) as usize] = w_value;
+            sync_cube();
+            if own_expert == e {
+                #[unroll]
+                for i in 0..tile {
+                    acc += x_tile[ty as usize * tile + i] * w_tile[i * tile + tx as usize];
+                }
+            }
+            sync_cube();
+        }
+    }
+    if valid && col < m {
+        if comptime![has_bias] {
+            acc += bias[(meta[10] + own_expert * meta[8] + col * meta[9]) as usize];
+        }
+        out[(assignment * m + col) as usize] = acc;
+    }
+}
+
+/// `out[e] = sum over e's assignments a of A[a / fan_a]^T B[a / fan_b]` for expert
+/// `CUBE_POS_Z`, rows `CUBE_POS_Y * TILE ..` of K and columns `CUBE_POS_X * TILE ..`
+/// of M. `a` (`[rows_a, K]`) and `b` (`[rows_b, M]`) are contiguous, `out` is
+/// contiguous `[E, K, M]`; an expert with no assignment gets zeros. `meta`: K, M,
+/// fan_a, fan_b.
+#[cube(launch_unchecked)]
+pub(crate) fn expert_weight_grad_kernel<F: Float>(
+    a: &Array<F>,
+    b: &Array<F>,
+    order: &Array<F>,
+    offsets: &Array<F>,
+    out: &mut Array<F>,
+    meta: &Array<u32>,
+    #[comptime] bf16_operands: bool,
+) {
+    let tile = comptime!(TILE as usize);
+    let mut a_tile = SharedMemory::<F>::new(tile * tile);
+    let mut b_tile = SharedMemory::<F>::new(tile * tile);
+    let k = meta[0];
+    let m = meta[1];
+    let fan_a = meta[2];
+    let fan_b = meta[3];
+    let e = CUBE_POS_Z;
+    let tx = UNIT_POS_X;
+    let ty = UNIT_POS_Y;
+    let row = CUBE_POS_Y * TILE + ty;
+    let col = CUBE_POS_X * TILE + tx;
+    // Loading: unit (ty, tx) brings assignment `start + ty` of the chunk, element tx of
+    // this cube's K (for a) and M (for b) ranges.
+    let a_col = CUBE_POS_Y * TILE + tx;
+    let start = u32::cast_from(offsets[e as usize]);
+    let end = u32::cast_from(offsets[e as usize + 1]);
+    let mut acc = F::new(0.0);
+    #[allow(clippy::manual_div_ceil)]
+    let chunks = (end - start + TILE - 1) / TILE;
+    for c in 0..chunks {
+        let p = start + c * TILE + ty;
+        let has = p < end;
+        let assignment = u32::cast_from(order[select(has, p, 0) as usize]);
+        let a_ok = has && a_col < k;
+        let b_ok = has && col < m;
+        let a_at = select(a_ok, (assignment / fan_a) * k + a_col, 0);
+        let b_at = select(b_ok, (assignment / fan_b) * m + col, 0);
+        let mut a_value = select(a_ok, a[a_at as usize], F::new(0.0));
+        let mut b_value = select(b_ok, b[b_at as usize], F::new(0.0));
+        if comptime![bf16_operands] {
+            a_value = round_to_bf16::<F>(a_value);
+            b_value = round_to_bf16::<F>(b_value);
+        }
+        a_tile[(ty * TILE + tx) as usize] = a_value;
+        b_tile[(ty * TILE + tx) as usize] = b_value;
+        sync_cube();
+        #[unroll]
+        for r in 0..tile {
+            acc += a_tile[r * tile + ty as usize] * b_tile[r * tile + tx as usize];
+        }
+        sync_cube();
+    }
+    if row < k && col < m {
+        out[((e * k + row) * m + col) as usize] = acc;
+    }
+}
+
+/// Units of the grouping cube: as many lanes as keep the per-lane counts within 16 KiB
+/// of shared memory (what every backend offers).
+fn grouping_lanes(experts: usize) -> u32 {
+    assert!(
+        (1..=4096).contains(&experts),
+        "expert grouping supports 1 to 4096 experts, got {experts}"
+    );
+    (4096 / experts).clamp(1, 256) as u32
+}
+
+/// A grouped expert matmul's operands; see `Op::ExpertMatMul` in the compiler.
+pub struct ExpertMatmul<'a> {
+    /// Contiguous `[rows, k]`; assignment `a` reads row `a / (assignments / rows)`.
+    pub x: &'a Handle,
+    pub rows: usize,
+    pub k: usize,
+    /// `[E, k, m]`, or `[E, m, k]` when `transpose_w`.
+    pub w: &'a View,
+    pub transpose_w: bool,
+    pub m: usize,
+    /// `[E, m]`.
+    pub bias: Option<&'a View>,
+    pub order: &'a Handle,
+    pub offsets: &'a Handle,
+    pub assignments: usize,
+    pub experts: usize,
+    pub bf16_operands: bool,
+}
+
+impl<R: Runtime> Kernels<R> {
+    fn expert_groups(&self, index: &Handle, n: usize, experts: usize, order: bool) -> Handle {
+        let out_order = self.alloc(if order { n } else { 1 });
+        let offsets = self.alloc(experts + 1);
+        unsafe {
+            expert_groups_kernel::launch_unchecked::<f32, R>(
+                self.client(),
+                CubeCount::Static(1, 1, 1),
+                CubeDim::new_1d(grouping_lanes(experts)),
+                ArrayArg::from_raw_parts(index.clone(), n.max(1)),
+                ArrayArg::from_raw_parts(out_order.clone(), n.max(1)),
+                ArrayArg::from_raw_parts(offsets.clone(), experts + 1),
+                u32s([n])[0],
+                u32s([experts])[0],
+                grouping_lanes(experts),
+                order,
+            )
+        };
+        if order {
+            out_order
+        } else {
+            offsets
+        }
+    }
+
+    /// The `n` contiguous expert ids' positions sorted stably by expert.
+    pub fn expert_order(&self, index: &Handle, n: usize, experts: usize) -> Handle {
+        self.expert_groups(index, n, experts, true)
+    }
+
+    /// Where each expert's run starts in the expert order, then `n`.
+    pub fn expert_offsets(&self, index: &Handle, n: usize, experts: usize) -> Handle {
+        self.expert_groups(index, n, experts, false)
+    }
+
+    /// `[assignments, m]`: each assignment's row times its expert's weights.
+    pub fn expert_matmul(&self, op: &ExpertMatmul) -> Handle {
+        let out = self.alloc(op.assignments * op.m);
+        if op.assignments == 0 {
+            return out;
+        }
+        let s = &op.w.strides;
+        let (sk, sm) = if op.transpose_w {
+            (s[2], s[1])
+        } else {
+            (s[1], s[2])
+        };
+        let fan = op.assignments / op.rows.max(1);
+        let mut meta = u32s([op.assignments, op.k, op.m, fan, s[0], sk, sm, op.w.offset]);
+        let bias = op.bias.unwrap_or(op.w);
+        meta.extend(u32s([bias.strides[0], bias.strides[1], bias.offset]));
+        let meta_len = meta.len();
+        let tiles = |d: usize| u32s([d])[0].div_ceil(TILE).max(1);
+        unsafe {
+            expert_matmul_kernel::launch_unchecked::<f32, R>(
+                self.client(),
+                CubeCount::Static(tiles(op.m), tiles(op.assignments), 1),
+                CubeDim::new_2d(TILE, TILE),
+                ArrayArg::from_raw_parts(op.x.clone(), (op.rows * op.k).max(1)),
+                ArrayArg::from_raw_parts(op.w.handle.clone(), op.w.len.max(1)),
+                ArrayArg::from_raw_parts(bias.handle.clone(), bias.len.max(1)),
+                ArrayArg::from_raw_parts(op.order.clone(), op.assignments),
+                ArrayArg::from_raw_parts(op.offsets.clone(), op.experts + 1),
+                ArrayArg::from_raw_parts(out.clone(), op.assignments * op.m),
+                ArrayArg::from_raw_parts(self.upload_once(meta), meta_len),
+                u32s([op.experts])[0],
+                op.bias.is_some(),
+                op.bf16_operands,
+            )
+        };
+        out
+    }
+
+    /// `[experts, k, m]`: per expert, the sum over its assignments of
+    /// `a[row]^T b[row]`, with `a` contiguous `[a_rows, k]` and `b` `[b_rows, m]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn expert_weight_grad(
+        &self,
+        (a, a_rows, k): (&Handle, usize, usize),
+        (b, b_rows, m): (&Handle, usize, usize),
+        order: &Handle,
+        offsets: &Handle,
+        assignments: usize,
+        experts: usize,
+        bf16_operands: bool,
+    ) -> Handle {
+        let out = self.alloc(experts * k * m);
+        let fan = |rows: usize| assignments / rows.max(1);
+        let meta = u32s([k, m, fan(a_rows).max(1), fan(b_rows).max(1)]);
+        let meta_len = meta.len();
+        let tiles = |d: usize| u32s([d])[0].div_ceil(TILE).max(1);
+        unsafe {
+            expert_weight_grad_kernel::launch_unchecked::<f32, R>(
+                self.client(),
+                CubeCount::Static(tiles(m), tiles(k), u32s([experts])[0]),
+                CubeDim::new_2d(TILE, TILE),
+                ArrayArg::from_raw_parts(a.clone(), (a_rows * k).max(1)),
+                ArrayArg::from_raw_parts(b.clone(), (b_rows * m).max(1)),
+                ArrayArg::from_raw_parts(order.clone(), assignments.max(1)),
+                ArrayArg::from_raw_parts(offsets.clone(), experts + 1),
+                ArrayArg::from_raw_parts(out.clone(), (experts * k * m).max(1)),
+                ArrayArg::from_raw_parts(self.upload_once(meta), meta_len),
+                bf16_operands,
+            )
+        };
+        out
+    }
+}
