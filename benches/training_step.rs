@@ -1,8 +1,8 @@
 //! One training step of the tiny model (batch 32, alternating directions) on each
-//! backend present: the op-by-op baseline that fusion (`--no-opt` vs optimised) will
-//! be measured against.
+//! backend present, optimised (sparse MoE dispatch, e-graph rewrites, fusion) and
+//! `--no-opt` (the authors' dense experts, op by op), as `altc run` executes them.
 
-use altc_compiler::lower::{lower, LowerOptions};
+use altc_compiler::lower::{lower, LowerOptions, MoeDispatch, Program};
 use altc_compiler::optimize::{optimize, Limits};
 use altc_compiler::spec;
 use altc_compiler::spec::Precision;
@@ -21,7 +21,16 @@ fn tiny_training_step(c: &mut Criterion) {
     )
     .expect("valid");
     let program = lower(&loaded.spec, LowerOptions::default()).expect("lowers");
+    let dense = lower(
+        &loaded.spec,
+        LowerOptions {
+            moe: MoeDispatch::Dense,
+            ..LowerOptions::default()
+        },
+    )
+    .expect("lowers");
     let tasks = training_tasks(&program).expect("training graphs");
+    let baseline = training_tasks(&dense).expect("training graphs");
     // What `altc run` executes by default: e-graph rewrites, then fusion on the device.
     let optimised: Vec<TrainingTask> = tasks
         .iter()
@@ -43,10 +52,12 @@ fn tiny_training_step(c: &mut Criterion) {
     )
     .expect("planted data");
 
-    let mut backends: Vec<(String, Box<dyn Backend>, &[TrainingTask])> = vec![(
+    type Variant<'a> = (String, Box<dyn Backend>, &'a [TrainingTask], &'a Program);
+    let mut backends: Vec<Variant> = vec![(
         "reference".into(),
         Box::new(ReferenceBackend::default()),
         &tasks,
+        &program,
     )];
     for (name, choice) in [("wgpu", DeviceChoice::Wgpu), ("cuda", DeviceChoice::Cuda)] {
         for (variant, opt) in [("optimised", true), ("no-opt", false)] {
@@ -54,7 +65,8 @@ fn tiny_training_step(c: &mut Criterion) {
                 Ok(b) => backends.push((
                     format!("{name}-{variant}"),
                     b,
-                    if opt { &optimised } else { &tasks },
+                    if opt { &optimised } else { &baseline },
+                    if opt { &program } else { &dense },
                 )),
                 Err(e) => eprintln!("not benchmarking {name}: {e}"),
             }
@@ -63,7 +75,7 @@ fn tiny_training_step(c: &mut Criterion) {
     let mut group = c.benchmark_group("tiny_training_step");
     group.throughput(Throughput::Elements(1));
     group.sample_size(10);
-    for (name, backend, tasks) in backends {
+    for (name, backend, tasks, program) in backends {
         let options = TrainOptions {
             steps: Some(1_000_000),
             batch_size: 32,
@@ -74,9 +86,9 @@ fn tiny_training_step(c: &mut Criterion) {
             resume: false,
         };
         let mut trainer = Trainer::new(
-            &program,
+            program,
             tasks,
-            Dataset::load(&data, &program).expect("data"),
+            Dataset::load(&data, program).expect("data"),
             options,
             backend,
         )

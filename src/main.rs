@@ -209,7 +209,7 @@ fn explain_fusion(
     program: &altc_compiler::lower::Program,
     baseline: &altc_compiler::lower::Program,
 ) -> Result<String> {
-    use altc_compiler::fusion::{plan, FusionPlan};
+    use altc_compiler::fusion::{launches_kernel, plan, FusionPlan, Step};
     use altc_compiler::memory::plan_cost;
     use std::fmt::Write as _;
     let tasks =
@@ -299,6 +299,21 @@ fn explain_fusion(
             mb(b.peak_bytes),
             a.peak_bytes as f64 / b.peak_bytes as f64
         );
+        let mut kernels: std::collections::BTreeMap<&str, usize> = Default::default();
+        for step in &fused.schedule {
+            let name = match *step {
+                Step::Node(n) if launches_kernel(&g.node(n).op) => {
+                    summary::op_family(&g.node(n).op)
+                }
+                Step::Node(_) => continue,
+                Step::Group(_) => "fused elementwise",
+                Step::GroupReduce { .. } => "reduce with fused prologue",
+                Step::MatmulGroup { .. } => "matmul with fused epilogue",
+            };
+            *kernels.entry(name).or_default() += 1;
+        }
+        let kinds: Vec<String> = kernels.iter().map(|(k, n)| format!("{k} x{n}")).collect();
+        let _ = writeln!(out, "  kernels: {}", kinds.join(", "));
         let _ = writeln!(out, "  {} fusion groups:", fused.groups.len());
         for (i, group) in fused.groups.iter().enumerate() {
             let ops: Vec<String> = group

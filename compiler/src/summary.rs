@@ -155,7 +155,8 @@ pub fn graph_summary(p: &Program) -> String {
     out
 }
 
-fn op_family(op: &Op) -> &'static str {
+/// The family an op belongs to, for listings.
+pub fn op_family(op: &Op) -> &'static str {
     match op {
         Op::Input { .. } => "input",
         Op::Parameter { .. } => "param",
