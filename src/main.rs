@@ -10,6 +10,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+mod bench;
 mod serving;
 mod training;
 
@@ -69,6 +70,10 @@ enum Command {
     Retrieve(serving::RetrieveArgs),
     /// Print the devices altc sees: drivers, Vulkan device, plane sizes, element types.
     Doctor,
+    /// Time each direction's training step and the embedding graphs on a device,
+    /// optimised against --no-opt in the same run, with planned bytes, achieved
+    /// GB/s and TFLOP/s and the device's measured copy and matmul ceilings.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -91,6 +96,7 @@ fn main() -> ExitCode {
         Command::Embed(args) => serving::embed_command(args),
         Command::Retrieve(args) => serving::retrieve_command(args),
         Command::Doctor => serving::doctor(),
+        Command::Bench(args) => bench::bench(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

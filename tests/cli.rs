@@ -346,3 +346,54 @@ fn doctor_reports_every_backend() {
     assert!(out.contains("reference: available"), "{out}");
     assert!(out.contains("cuda: ") && out.contains("wgpu: "), "{out}");
 }
+
+#[test]
+fn bench_json_times_every_graph_optimised_and_baseline() {
+    let o = altc(&[
+        "bench",
+        "models/alt_moe_tiny.ron",
+        "--device",
+        "wgpu",
+        "--batch-size",
+        "4",
+        "--repeats",
+        "2",
+        "--warmup",
+        "1",
+        "--json",
+    ]);
+    if !o.status.success() && stderr(&o).contains("not available") {
+        eprintln!("skipping: {}", stderr(&o));
+        return;
+    }
+    assert!(o.status.success(), "{}", stderr(&o));
+    let report: serde_json::Value = serde_json::from_str(&stdout(&o)).expect("valid JSON");
+    assert_eq!(report["batch_size"], 4);
+    assert!(report["ceilings"]["copy_gb_per_s"].as_f64().unwrap() > 0.0);
+    let measurements = report["measurements"].as_array().unwrap();
+    let graphs = [
+        "image_to_text.train",
+        "text_to_image.train",
+        "image_to_text.query",
+        "text_to_image.query",
+        "text.key",
+        "image.key",
+    ];
+    for graph in graphs {
+        for variant in ["optimised", "no-opt"] {
+            let m = measurements
+                .iter()
+                .find(|m| m["graph"] == graph && m["variant"] == variant)
+                .unwrap_or_else(|| panic!("no {graph} {variant} in {report}"));
+            let (min, median, max) = (
+                m["min_ms"].as_f64().unwrap(),
+                m["median_ms"].as_f64().unwrap(),
+                m["max_ms"].as_f64().unwrap(),
+            );
+            assert!(0.0 < min && min <= median && median <= max, "{m}");
+            assert!(m["kernel_launches"].as_u64().unwrap() > 0, "{m}");
+            assert!(m["planned_bytes"].as_u64().unwrap() > 0, "{m}");
+        }
+    }
+    assert_eq!(measurements.len(), 2 * graphs.len());
+}

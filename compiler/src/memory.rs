@@ -6,7 +6,7 @@
 //! schedule.
 
 use crate::fusion::{launches_kernel, FusionPlan, Step};
-use crate::ir::{Dim, Graph, NodeId, Op};
+use crate::ir::{Dim, Graph, NodeId, Op, Shape};
 use std::collections::BTreeMap;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -18,19 +18,51 @@ pub struct PlanCost {
     pub peak_bytes: u64,
 }
 
-fn bytes(graph: &Graph, id: NodeId, symbols: &BTreeMap<String, usize>) -> u64 {
-    let ty = &graph.node(id).ty;
-    let elements: u64 = ty
-        .shape
+fn elements(shape: &Shape, symbols: &BTreeMap<String, usize>) -> u64 {
+    shape
         .dims()
         .iter()
         .map(|d| match d {
             Dim::Fixed(n) => *n as u64,
             Dim::Sym(s) => symbols.get(s).copied().unwrap_or(1) as u64,
         })
-        .product();
+        .product()
+}
+
+fn bytes(graph: &Graph, id: NodeId, symbols: &BTreeMap<String, usize>) -> u64 {
     // Devices hold every value as f32.
-    elements * 4
+    elements(&graph.node(id).ty.shape, symbols) * 4
+}
+
+/// Floating-point operations of the graph's matmuls (dense and grouped expert ones),
+/// counting a multiply-add as two: the work a matmul rate is judged against.
+pub fn matmul_flops(graph: &Graph, symbols: &BTreeMap<String, usize>) -> u64 {
+    let live = crate::fusion::live_nodes(graph);
+    let last = |id: NodeId| match graph.node(id).ty.shape.dims().last() {
+        Some(Dim::Fixed(n)) => *n as u64,
+        Some(Dim::Sym(s)) => symbols.get(s).copied().unwrap_or(1) as u64,
+        None => 1,
+    };
+    let mut flops = 0;
+    for id in graph.node_ids().filter(|id| live[id.index()]) {
+        let out = elements(&graph.node(id).ty.shape, symbols);
+        let operands = graph.operands(id);
+        flops += 2 * match &graph.node(id).op {
+            Op::MatMul { transpose_a, .. } => {
+                let a = &graph.node(operands[0]).ty.shape;
+                let contracted = &a.dims()[a.rank() - if *transpose_a { 2 } else { 1 }];
+                out * elements(&Shape(vec![contracted.clone()]), symbols)
+            }
+            Op::ExpertMatMul { .. } => out * last(operands[0]),
+            Op::ExpertWeightGrad => {
+                elements(&graph.node(operands[2]).ty.shape, symbols)
+                    * last(operands[0])
+                    * last(operands[1])
+            }
+            _ => 0,
+        };
+    }
+    flops
 }
 
 /// The planned cost of `graph` under `plan` with symbols bound to `symbols`.

@@ -21,5 +21,5 @@ mod reduce;
 pub use elementwise::{BinaryKind, UnaryKind};
 pub use experts::ExpertMatmul;
 pub use fused::{FusedOp, FusedProgram};
-pub use launch::{contiguous_strides, Kernels, MatmulOperands, View};
+pub use launch::{contiguous_strides, Ceilings, Kernels, MatmulOperands, View};
 pub use reduce::ReduceKind;

@@ -4,6 +4,7 @@
 
 use altc_compiler::ir::Graph;
 use altc_compiler::reference::{run, EvalContext, EvalError, Tensor, TensorMap};
+pub use altc_kernels::Ceilings;
 use std::collections::BTreeMap;
 use thiserror::Error;
 
@@ -47,6 +48,12 @@ pub trait Backend: Send {
 
     /// Kernel launches of the last `run`, on backends that launch kernels.
     fn kernel_launches(&self) -> Option<usize> {
+        None
+    }
+
+    /// Measures the device's copy bandwidth and matmul rate (`None`: not a device).
+    fn measure_ceilings(&self, copy_elements: usize, matmul_size: usize) -> Option<Ceilings> {
+        let _ = (copy_elements, matmul_size);
         None
     }
 }

@@ -3,7 +3,7 @@
 //! contiguous buffer) become strided views and launch nothing; every other op is one
 //! kernel launch. Intermediate buffers are released after their last use.
 
-use crate::backend::{Backend, BackendError};
+use crate::backend::{Backend, BackendError, Ceilings};
 use altc_compiler::fusion::{self, FusionGroup, FusionPlan, Step};
 use altc_compiler::ir::{
     BinaryOp, CompareOp, DType, Dim, Graph, NodeId, Op, ReduceOp, Shape, UnaryOp,
@@ -691,6 +691,10 @@ impl<R: Runtime> Backend for DeviceBackend<R> {
 
     fn commit(&mut self) {
         self.state.extend(std::mem::take(&mut self.staged));
+    }
+
+    fn measure_ceilings(&self, copy_elements: usize, matmul_size: usize) -> Option<Ceilings> {
+        Some(self.kernels.measure_ceilings(copy_elements, matmul_size))
     }
 
     fn kernel_launches(&self) -> Option<usize> {

@@ -1,0 +1,320 @@
+//! `altc bench`: times the compiled training step of every direction and the
+//! inference path on a device, optimised against the `--no-opt` baseline in the same
+//! run, next to the planned work and the device's measured ceilings.
+
+use crate::training::{open_backend, Device};
+use crate::{emit, load_program, lower_options};
+use altc_compiler::fusion::{plan, FusionPlan};
+use altc_compiler::ir::{Graph, Op};
+use altc_compiler::lower::BATCH;
+use altc_compiler::memory::{matmul_flops, plan_cost};
+use altc_compiler::optimize::{optimize, Limits};
+use altc_compiler::reference::{EvalContext, Tensor, TensorMap};
+use altc_compiler::rng;
+use altc_compiler::train::{training_tasks, LR_INPUT, WEIGHT_DECAY_INPUT};
+use altc_runtime::backend::{Backend, Ceilings};
+use altc_runtime::training::initial_state;
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// The model: a spec (`.ron`) or a compiled artifact (`.altc`).
+    model: PathBuf,
+    #[arg(long, value_enum, default_value = "auto")]
+    device: Device,
+    /// Batch size [default: the spec's].
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Timed runs per measurement, after the warm-up.
+    #[arg(long, default_value_t = 10)]
+    repeats: usize,
+    /// Untimed runs first (compilation of kernels, allocation).
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// Print the results as JSON (to compare across commits) instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// One timed graph under one configuration.
+#[derive(Serialize)]
+struct Measurement {
+    graph: String,
+    /// `optimised` or `no-opt`.
+    variant: String,
+    median_ms: f64,
+    min_ms: f64,
+    max_ms: f64,
+    kernel_launches: Option<usize>,
+    planned_bytes: u64,
+    matmul_flops: u64,
+    achieved_gb_per_s: f64,
+    achieved_tflop_per_s: f64,
+    /// Fractions of the measured ceilings.
+    copy_fraction: Option<f64>,
+    matmul_fraction: Option<f64>,
+}
+
+#[derive(Serialize)]
+struct CeilingReport {
+    copy_gb_per_s: f64,
+    copy_elements: usize,
+    matmul_tflop_per_s: f64,
+    matmul_size: usize,
+}
+
+#[derive(Serialize)]
+struct BenchReport {
+    model: String,
+    device: String,
+    batch_size: usize,
+    repeats: usize,
+    warmup: usize,
+    ceilings: Option<CeilingReport>,
+    measurements: Vec<Measurement>,
+}
+
+/// A graph ready to time: what to run, its inputs, and its planned work.
+struct Timed<'a> {
+    graph: &'a Graph,
+    inputs: &'a TensorMap,
+    planned_bytes: u64,
+    flops: u64,
+}
+
+pub fn bench(args: BenchArgs) -> Result<()> {
+    if args.repeats == 0 {
+        bail!("--repeats must be at least 1");
+    }
+    let optimised = load_program(&args.model, lower_options(false))?;
+    let baseline = load_program(&args.model, lower_options(true))?;
+    let batch = args
+        .batch_size
+        .unwrap_or(optimised.training.batch_size)
+        .max(1);
+    let symbols = BTreeMap::from([(BATCH.to_string(), batch)]);
+    let state = initial_state(&optimised, optimised.training.seed);
+
+    let mut measurements = Vec::new();
+    let mut device = String::new();
+    let mut ceilings = None;
+    for (variant, program, opt) in [
+        ("optimised", &optimised, true),
+        ("no-opt", &baseline, false),
+    ] {
+        let mut backend = open_backend(args.device, program.training.precision, opt)?;
+        if opt {
+            device = backend.describe();
+            // Sizes that saturate the device without taking long on a CPU rasteriser.
+            let (copy, matmul) = if device.starts_with("cuda") {
+                (1 << 27, 4096)
+            } else {
+                (1 << 24, 512)
+            };
+            eprintln!("measuring the device's copy bandwidth and matmul rate ...");
+            ceilings = backend.measure_ceilings(copy, matmul);
+        }
+        backend.load_state(&state);
+        let mut graphs: Vec<(Graph, TensorMap)> = Vec::new();
+        for task in training_tasks(program).context("building the training graphs")? {
+            let graph = if opt {
+                optimize(&task.graph, Limits::default())
+                    .with_context(|| format!("optimising {}", task.graph.name))?
+                    .0
+            } else {
+                task.graph
+            };
+            let inputs = synthetic_inputs(&graph, batch);
+            graphs.push((graph, inputs));
+        }
+        for info in &program.directions {
+            for name in [&info.query_graph, &info.key_graph].into_iter().flatten() {
+                let graph = program
+                    .graph(name)
+                    .expect("lowered with the program")
+                    .clone();
+                let inputs = synthetic_inputs(&graph, batch);
+                graphs.push((graph, inputs));
+            }
+        }
+        for (graph, inputs) in &graphs {
+            let fusion = if opt {
+                plan(graph, 16)
+            } else {
+                FusionPlan::unfused(graph)
+            };
+            let timed = Timed {
+                graph,
+                inputs,
+                planned_bytes: plan_cost(graph, &fusion, &symbols).bytes_moved,
+                flops: matmul_flops(graph, &symbols),
+            };
+            eprintln!("timing {} ({variant}) ...", graph.name);
+            measurements.push(time_graph(
+                backend.as_mut(),
+                &timed,
+                variant,
+                &args,
+                ceilings.as_ref(),
+            )?);
+        }
+    }
+    let report = BenchReport {
+        model: optimised.model.clone(),
+        device,
+        batch_size: batch,
+        repeats: args.repeats,
+        warmup: args.warmup,
+        ceilings: ceilings.map(|c| CeilingReport {
+            copy_gb_per_s: c.copy_gb_per_s,
+            copy_elements: c.copy_elements,
+            matmul_tflop_per_s: c.matmul_tflop_per_s,
+            matmul_size: c.matmul_size,
+        }),
+        measurements,
+    };
+    if args.json {
+        let text = serde_json::to_string_pretty(&report).context("serialising the report")?;
+        return emit(&format!("{text}\n"));
+    }
+    emit(&table(&report))
+}
+
+fn time_graph(
+    backend: &mut dyn Backend,
+    timed: &Timed,
+    variant: &str,
+    args: &BenchArgs,
+    ceilings: Option<&Ceilings>,
+) -> Result<Measurement> {
+    let ctx = EvalContext { seed: 1, step: 0 };
+    let name = &timed.graph.name;
+    let mut seconds = Vec::with_capacity(args.repeats);
+    for i in 0..args.warmup + args.repeats {
+        // Outputs come back to the host, so each run is synchronised with the device.
+        let started = Instant::now();
+        backend
+            .run(timed.graph, timed.inputs, ctx)
+            .with_context(|| format!("running {name}"))?;
+        if i >= args.warmup {
+            seconds.push(started.elapsed().as_secs_f64());
+        }
+    }
+    seconds.sort_by(f64::total_cmp);
+    let median = seconds[seconds.len() / 2];
+    let gb_per_s = timed.planned_bytes as f64 / median / 1e9;
+    let tflop_per_s = timed.flops as f64 / median / 1e12;
+    Ok(Measurement {
+        graph: name.clone(),
+        variant: variant.to_string(),
+        median_ms: median * 1e3,
+        min_ms: seconds[0] * 1e3,
+        max_ms: seconds[seconds.len() - 1] * 1e3,
+        kernel_launches: backend.kernel_launches(),
+        planned_bytes: timed.planned_bytes,
+        matmul_flops: timed.flops,
+        achieved_gb_per_s: gb_per_s,
+        achieved_tflop_per_s: tflop_per_s,
+        copy_fraction: ceilings.map(|c| gb_per_s / c.copy_gb_per_s),
+        matmul_fraction: ceilings.map(|c| tflop_per_s / c.matmul_tflop_per_s),
+    })
+}
+
+/// Inputs for one run at `batch`: uniform tokens in [-1, 1), full masks, and the
+/// optimizer's scalars at typical values. Timing does not depend on the values.
+fn synthetic_inputs(graph: &Graph, batch: usize) -> TensorMap {
+    let mut inputs = TensorMap::new();
+    for id in graph.node_ids() {
+        let Op::Input { name, dtype, shape } = &graph.node(id).op else {
+            continue;
+        };
+        let dims: Vec<usize> = shape
+            .dims()
+            .iter()
+            .map(|d| d.fixed().unwrap_or(batch))
+            .collect();
+        let n: usize = dims.iter().product();
+        let values: Vec<f64> = match name.as_str() {
+            LR_INPUT => vec![1e-4],
+            WEIGHT_DECAY_INPUT => vec![0.01],
+            _ if name.ends_with(".mask") => vec![1.0; n],
+            _ => (0..n as u64)
+                .map(|i| 2.0 * rng::uniform(7, 0, id.index() as u64, i) - 1.0)
+                .collect(),
+        };
+        inputs.insert(name.clone(), Tensor::from_f64(*dtype, &dims, values));
+    }
+    inputs
+}
+
+fn table(report: &BenchReport) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{} on {}, batch {}, median of {} runs after {} warm-up",
+        report.model, report.device, report.batch_size, report.repeats, report.warmup
+    );
+    if let Some(c) = &report.ceilings {
+        let _ = writeln!(
+            out,
+            "measured ceilings: copy {:.1} GB/s ({} f32), matmul {:.3} TFLOP/s ({}^3 f32)",
+            c.copy_gb_per_s, c.copy_elements, c.matmul_tflop_per_s, c.matmul_size
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\n{:<24}{:<11}{:>11}{:>19}{:>10}{:>12}{:>9}{:>7}{:>10}{:>7}",
+        "graph",
+        "variant",
+        "median",
+        "min..max",
+        "launches",
+        "planned",
+        "GB/s",
+        "%copy",
+        "TFLOP/s",
+        "%mm"
+    );
+    for m in &report.measurements {
+        let pct = |f: Option<f64>| f.map_or("-".to_string(), |f| format!("{:.1}", 100.0 * f));
+        let _ = writeln!(
+            out,
+            "{:<24}{:<11}{:>8.2} ms{:>10.2}..{:<7.2}{:>10}{:>8.1} MB{:>9.2}{:>7}{:>10.4}{:>7}",
+            m.graph,
+            m.variant,
+            m.median_ms,
+            m.min_ms,
+            m.max_ms,
+            m.kernel_launches.map_or("-".into(), |n| n.to_string()),
+            m.planned_bytes as f64 / 1e6,
+            m.achieved_gb_per_s,
+            pct(m.copy_fraction),
+            m.achieved_tflop_per_s,
+            pct(m.matmul_fraction),
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\nspeed-up of the optimised plan over --no-opt (median):"
+    );
+    for m in report
+        .measurements
+        .iter()
+        .filter(|m| m.variant == "optimised")
+    {
+        if let Some(b) = report
+            .measurements
+            .iter()
+            .find(|b| b.variant == "no-opt" && b.graph == m.graph)
+        {
+            let _ = writeln!(out, "  {:<24}{:>6.2}x", m.graph, b.median_ms / m.median_ms);
+        }
+    }
+    out
+}
