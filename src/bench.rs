@@ -281,14 +281,14 @@ fn table(report: &BenchReport) -> String {
         "planned",
         "GB/s",
         "%copy",
-        "TFLOP/s",
+        "GFLOP/s",
         "%mm"
     );
     for m in &report.measurements {
         let pct = |f: Option<f64>| f.map_or("-".to_string(), |f| format!("{:.1}", 100.0 * f));
         let _ = writeln!(
             out,
-            "{:<24}{:<11}{:>8.2} ms{:>10.2}..{:<7.2}{:>10}{:>8.1} MB{:>9.2}{:>7}{:>10.4}{:>7}",
+            "{:<24}{:<11}{:>8.2} ms{:>10.2}..{:<7.2}{:>10}{:>8.1} MB{:>9.2}{:>7}{:>10.2}{:>7}",
             m.graph,
             m.variant,
             m.median_ms,
@@ -298,7 +298,7 @@ fn table(report: &BenchReport) -> String {
             m.planned_bytes as f64 / 1e6,
             m.achieved_gb_per_s,
             pct(m.copy_fraction),
-            m.achieved_tflop_per_s,
+            m.achieved_tflop_per_s * 1e3,
             pct(m.matmul_fraction),
         );
     }
