@@ -1399,3 +1399,94 @@ fn dropout_rate_must_be_a_probability_below_one() {
         );
     }
 }
+
+#[test]
+fn sparse_dispatch_ops_follow_the_assignments() {
+    let top = i32t(shape!["B", 7, 2]);
+    let order = ok(Op::ExpertOrder { experts: 4 }, &[&top]);
+    assert_eq!(order, i32t(shape!["B", 7, 2]));
+    let offsets = ok(Op::ExpertOffsets { experts: 4 }, &[&top]);
+    assert_eq!(offsets, i32t(shape![5]));
+    // Token rows fan out to their 2 slots; assignment rows map one to one.
+    let tokens = f32t(shape!["B", 7, 16]);
+    let grouped = Op::ExpertMatMul {
+        transpose_w: false,
+        bias: true,
+    };
+    let (w1, b1) = (f32t(shape![4, 16, 32]), f32t(shape![4, 32]));
+    let hidden = ok(grouped.clone(), &[&tokens, &w1, &b1, &order, &offsets]);
+    assert_eq!(hidden, f32t(shape!["B", 7, 2, 32]));
+    let back = Op::ExpertMatMul {
+        transpose_w: true,
+        bias: false,
+    };
+    assert_eq!(
+        ok(back, &[&hidden, &w1, &order, &offsets]),
+        f32t(shape!["B", 7, 2, 16])
+    );
+    assert_eq!(
+        ok(Op::ExpertWeightGrad, &[&tokens, &hidden, &order, &offsets]),
+        f32t(shape![4, 16, 32])
+    );
+}
+
+#[test]
+fn sparse_dispatch_ops_reject_what_does_not_fit() {
+    let top = i32t(shape!["B", 7, 2]);
+    let order = i32t(shape!["B", 7, 2]);
+    let offsets = i32t(shape![5]);
+    let grouped = Op::ExpertMatMul {
+        transpose_w: false,
+        bias: true,
+    };
+    let tokens = f32t(shape!["B", 7, 16]);
+    shape_err(
+        grouped.clone(),
+        &[
+            &tokens,
+            &f32t(shape![3, 16, 32]),
+            &f32t(shape![4, 32]),
+            &order,
+            &offsets,
+        ],
+        &["weights [3, 16, 32] must be [4, K, M]"],
+    );
+    shape_err(
+        grouped.clone(),
+        &[
+            &f32t(shape!["B", 7, 15]),
+            &f32t(shape![4, 16, 32]),
+            &f32t(shape![4, 32]),
+            &order,
+            &offsets,
+        ],
+        &["do not fit weights", "K = 16"],
+    );
+    shape_err(
+        grouped.clone(),
+        &[
+            &tokens,
+            &f32t(shape![4, 16, 32]),
+            &f32t(shape![4, 31]),
+            &order,
+            &offsets,
+        ],
+        &["bias [4, 31] must be [4, 32]"],
+    );
+    shape_err(
+        grouped,
+        &[
+            &f32t(shape![7, "B", 16]),
+            &f32t(shape![4, 16, 32]),
+            &f32t(shape![4, 32]),
+            &order,
+            &offsets,
+        ],
+        &["must lead with a prefix of the assignments"],
+    );
+    shape_err(
+        Op::ExpertOffsets { experts: 0 },
+        &[&top],
+        &["needs at least one expert"],
+    );
+}
