@@ -72,7 +72,7 @@ enum Command {
     Doctor,
     /// Time each direction's training step and the embedding graphs on a device,
     /// optimised against --no-opt in the same run, with planned bytes, achieved
-    /// GB/s and TFLOP/s and the device's measured copy and matmul ceilings.
+    /// GB/s and GFLOP/s and the device's measured copy and matmul ceilings.
     Bench(bench::BenchArgs),
 }
 

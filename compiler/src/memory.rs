@@ -18,15 +18,15 @@ pub struct PlanCost {
     pub peak_bytes: u64,
 }
 
+fn extent(d: &Dim, symbols: &BTreeMap<String, usize>) -> u64 {
+    match d {
+        Dim::Fixed(n) => *n as u64,
+        Dim::Sym(s) => symbols.get(s).copied().unwrap_or(1) as u64,
+    }
+}
+
 fn elements(shape: &Shape, symbols: &BTreeMap<String, usize>) -> u64 {
-    shape
-        .dims()
-        .iter()
-        .map(|d| match d {
-            Dim::Fixed(n) => *n as u64,
-            Dim::Sym(s) => symbols.get(s).copied().unwrap_or(1) as u64,
-        })
-        .product()
+    shape.dims().iter().map(|d| extent(d, symbols)).product()
 }
 
 fn bytes(graph: &Graph, id: NodeId, symbols: &BTreeMap<String, usize>) -> u64 {
@@ -38,10 +38,9 @@ fn bytes(graph: &Graph, id: NodeId, symbols: &BTreeMap<String, usize>) -> u64 {
 /// counting a multiply-add as two: the work a matmul rate is judged against.
 pub fn matmul_flops(graph: &Graph, symbols: &BTreeMap<String, usize>) -> u64 {
     let live = crate::fusion::live_nodes(graph);
-    let last = |id: NodeId| match graph.node(id).ty.shape.dims().last() {
-        Some(Dim::Fixed(n)) => *n as u64,
-        Some(Dim::Sym(s)) => symbols.get(s).copied().unwrap_or(1) as u64,
-        None => 1,
+    let last = |id: NodeId| {
+        let dims = graph.node(id).ty.shape.dims();
+        dims.last().map_or(1, |d| extent(d, symbols))
     };
     let mut flops = 0;
     for id in graph.node_ids().filter(|id| live[id.index()]) {
@@ -51,7 +50,7 @@ pub fn matmul_flops(graph: &Graph, symbols: &BTreeMap<String, usize>) -> u64 {
             Op::MatMul { transpose_a, .. } => {
                 let a = &graph.node(operands[0]).ty.shape;
                 let contracted = &a.dims()[a.rank() - if *transpose_a { 2 } else { 1 }];
-                out * elements(&Shape(vec![contracted.clone()]), symbols)
+                out * extent(contracted, symbols)
             }
             Op::ExpertMatMul { .. } => out * last(operands[0]),
             Op::ExpertWeightGrad => {

@@ -9,7 +9,7 @@
 //! assignment's place, so nothing is permuted in memory. Experts that receive no
 //! assignment cost nothing; one that receives all of them is just a long run.
 
-use crate::launch::{u32s, Kernels, View};
+use crate::launch::{tiles, u32s, Kernels, View};
 use crate::matmul::{round_to_bf16, TILE};
 use cubecl::prelude::*;
 use cubecl::server::Handle;
@@ -261,17 +261,18 @@ impl<R: Runtime> Kernels<R> {
     fn expert_groups(&self, index: &Handle, n: usize, experts: usize, order: bool) -> Handle {
         let out_order = self.alloc(if order { n } else { 1 });
         let offsets = self.alloc(experts + 1);
+        let lanes = grouping_lanes(experts);
         unsafe {
             expert_groups_kernel::launch_unchecked::<f32, R>(
                 self.client(),
                 CubeCount::Static(1, 1, 1),
-                CubeDim::new_1d(grouping_lanes(experts)),
+                CubeDim::new_1d(lanes),
                 ArrayArg::from_raw_parts(index.clone(), n.max(1)),
                 ArrayArg::from_raw_parts(out_order.clone(), n.max(1)),
                 ArrayArg::from_raw_parts(offsets.clone(), experts + 1),
                 u32s([n])[0],
                 u32s([experts])[0],
-                grouping_lanes(experts),
+                lanes,
                 order,
             )
         };
@@ -309,7 +310,6 @@ impl<R: Runtime> Kernels<R> {
         let bias = op.bias.unwrap_or(op.w);
         meta.extend(u32s([bias.strides[0], bias.strides[1], bias.offset]));
         let meta_len = meta.len();
-        let tiles = |d: usize| u32s([d])[0].div_ceil(TILE).max(1);
         unsafe {
             expert_matmul_kernel::launch_unchecked::<f32, R>(
                 self.client(),
@@ -347,7 +347,6 @@ impl<R: Runtime> Kernels<R> {
         let fan = |rows: usize| assignments / rows.max(1);
         let meta = u32s([k, m, fan(a_rows).max(1), fan(b_rows).max(1)]);
         let meta_len = meta.len();
-        let tiles = |d: usize| u32s([d])[0].div_ceil(TILE).max(1);
         unsafe {
             expert_weight_grad_kernel::launch_unchecked::<f32, R>(
                 self.client(),

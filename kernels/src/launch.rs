@@ -101,6 +101,11 @@ fn array_sequence<R: Runtime, F: Float>(
     sequence
 }
 
+/// Tiles of `TILE` needed to cover `extent` (at least one, so a launch is never empty).
+pub(crate) fn tiles(extent: usize) -> u32 {
+    u32s([extent])[0].div_ceil(TILE).max(1)
+}
+
 fn grid(units: usize) -> (CubeCount, CubeDim) {
     let cubes = (units as u32).div_ceil(CUBE_SIZE).max(1);
     let x = cubes.min(MAX_GRID);
@@ -508,7 +513,6 @@ impl<R: Runtime> Kernels<R> {
         let epilogue_len = epilogue_meta.len();
         let input_args = array_sequence(inputs.iter().map(|v| (v.handle.clone(), v.len)));
         let output_args = array_sequence(outputs.iter().map(|o| (o.clone(), len)));
-        let tiles = |d: usize| (d as u32).div_ceil(TILE).max(1);
         let count = CubeCount::Static(tiles(n), tiles(m), u32s([batches])[0].max(1));
         unsafe {
             matmul_kernel::launch_unchecked::<f32, R>(

@@ -113,6 +113,13 @@ impl Value {
         }
     }
 
+    /// The value as rows of its last dimension: (row count, row width).
+    fn rows_and_width(&self) -> (usize, usize) {
+        let width = *self.shape.last().expect("rank checked by inference");
+        let n = self.shape.iter().product::<usize>();
+        (n / width.max(1), width)
+    }
+
     fn is_contiguous(&self) -> bool {
         self.view.offset == 0
             && self.view.strides == altc_kernels::contiguous_strides(&self.shape)
@@ -433,12 +440,12 @@ impl<R: Runtime> DeviceBackend<R> {
                 let rows = self.materialise(x[0]);
                 let (order, offsets) = (x[x.len() - 2], x[x.len() - 1]);
                 let (order, offsets) = (self.materialise(order), self.materialise(offsets));
-                let width = |v: &Value| *v.shape.last().expect("rank checked by inference");
                 let count = |v: &Value| v.shape.iter().product::<usize>();
+                let (row_count, width) = rows.rows_and_width();
                 contiguous(k.expert_matmul(&ExpertMatmul {
                     x: &rows.view.handle,
-                    rows: count(&rows) / width(&rows).max(1),
-                    k: width(&rows),
+                    rows: row_count,
+                    k: width,
                     w: &x[1].view,
                     transpose_w: *transpose_w,
                     m: *shape.last().expect("rank checked by inference"),
@@ -453,12 +460,7 @@ impl<R: Runtime> DeviceBackend<R> {
             Op::ExpertWeightGrad => {
                 let (a, b) = (self.materialise(x[0]), self.materialise(x[1]));
                 let (order, offsets) = (self.materialise(x[2]), self.materialise(x[3]));
-                let rows = |v: &Value| {
-                    let width = *v.shape.last().expect("rank checked by inference");
-                    let n = v.shape.iter().product::<usize>();
-                    (n / width.max(1), width)
-                };
-                let ((a_rows, ka), (b_rows, mb)) = (rows(&a), rows(&b));
+                let ((a_rows, ka), (b_rows, mb)) = (a.rows_and_width(), b.rows_and_width());
                 contiguous(k.expert_weight_grad(
                     (&a.view.handle, a_rows, ka),
                     (&b.view.handle, b_rows, mb),

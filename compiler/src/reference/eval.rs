@@ -442,9 +442,7 @@ fn eval_op(op: &Op, x: &[&Tensor], at: &Site, ctx: EvalContext) -> Result<Tensor
         }
         Op::Gather { axis } => {
             let (src, index) = (x[0], x[1]);
-            let idx = index
-                .as_i32()
-                .expect("type inference admits only i32 indices");
+            let idx = indices(index);
             let st = strides(&src.shape);
             let size = src.shape[*axis];
             let mut offsets = Vec::with_capacity(idx.len());
@@ -470,9 +468,7 @@ fn eval_op(op: &Op, x: &[&Tensor], at: &Site, ctx: EvalContext) -> Result<Tensor
         Op::ScatterAdd { axis, shape } => {
             let shape = at.resolve(shape)?;
             let (index, src) = (x[0], x[1]);
-            let idx = index
-                .as_i32()
-                .expect("type inference admits only i32 indices");
+            let idx = indices(index);
             let st = strides(&shape);
             let size = shape[*axis];
             let mut targets = Vec::with_capacity(idx.len());
@@ -538,17 +534,31 @@ fn eval_op(op: &Op, x: &[&Tensor], at: &Site, ctx: EvalContext) -> Result<Tensor
             shape.push(m);
             let b = bias.then(|| x[2]);
             let data = match (&x[0].data, &w.data, b.map(|b| &b.data)) {
-                (Data::F32(xv), Data::F32(wv), Some(Data::F32(bv))) => {
-                    expert_matmul(x[0], xv, wv, m, *transpose_w, Some(bv), &groups).map(Data::F32)
-                }
+                (Data::F32(xv), Data::F32(wv), Some(Data::F32(bv))) => experts::expert_matmul(
+                    &rows_of(x[0], xv),
+                    wv,
+                    m,
+                    *transpose_w,
+                    Some(bv),
+                    &groups,
+                )
+                .map(Data::F32),
                 (Data::F32(xv), Data::F32(wv), None) => {
-                    expert_matmul(x[0], xv, wv, m, *transpose_w, None, &groups).map(Data::F32)
+                    experts::expert_matmul(&rows_of(x[0], xv), wv, m, *transpose_w, None, &groups)
+                        .map(Data::F32)
                 }
-                (Data::F64(xv), Data::F64(wv), Some(Data::F64(bv))) => {
-                    expert_matmul(x[0], xv, wv, m, *transpose_w, Some(bv), &groups).map(Data::F64)
-                }
+                (Data::F64(xv), Data::F64(wv), Some(Data::F64(bv))) => experts::expert_matmul(
+                    &rows_of(x[0], xv),
+                    wv,
+                    m,
+                    *transpose_w,
+                    Some(bv),
+                    &groups,
+                )
+                .map(Data::F64),
                 (Data::F64(xv), Data::F64(wv), None) => {
-                    expert_matmul(x[0], xv, wv, m, *transpose_w, None, &groups).map(Data::F64)
+                    experts::expert_matmul(&rows_of(x[0], xv), wv, m, *transpose_w, None, &groups)
+                        .map(Data::F64)
                 }
                 _ => unreachable!("type inference admits only matching floats"),
             };
@@ -597,18 +607,6 @@ fn rows_of<'a, T>(t: &Tensor, values: &'a [T]) -> AssignmentRows<'a, T> {
         rows: values.len() / width.max(1),
         width,
     }
-}
-
-fn expert_matmul<T: Real>(
-    x: &Tensor,
-    xv: &[T],
-    wv: &[T],
-    m: usize,
-    transpose_w: bool,
-    bias: Option<&[T]>,
-    groups: &ExpertGroups,
-) -> Result<Vec<T>, experts::BadGroup> {
-    experts::expert_matmul(&rows_of(x, xv), wv, m, transpose_w, bias, groups)
 }
 
 fn dropout<T: Real>(v: &[T], rate: f64, stream: u64, ctx: EvalContext) -> Vec<T> {
