@@ -59,6 +59,18 @@ struct Measurement {
     /// Fractions of the measured ceilings.
     copy_fraction: Option<f64>,
     matmul_fraction: Option<f64>,
+    /// Every kernel of one further, profiled run, in launch order (empty on the
+    /// reference interpreter).
+    kernels: Vec<KernelReport>,
+}
+
+/// One kernel of a profiled run, timed from launch to completion with the device
+/// synchronised after each kernel (so the sum exceeds the pipelined step time).
+#[derive(Serialize)]
+struct KernelReport {
+    family: String,
+    label: String,
+    ms: f64,
 }
 
 #[derive(Serialize)]
@@ -207,6 +219,19 @@ fn time_graph(
         }
     }
     seconds.sort_by(f64::total_cmp);
+    backend.set_profiling(true);
+    let profiled = backend.run(timed.graph, timed.inputs, ctx);
+    let profile = backend.kernel_profile();
+    backend.set_profiling(false);
+    profiled.with_context(|| format!("profiling {name}"))?;
+    let kernels = profile
+        .into_iter()
+        .map(|k| KernelReport {
+            family: k.family.to_string(),
+            label: k.label,
+            ms: k.seconds * 1e3,
+        })
+        .collect();
     let median = seconds[seconds.len() / 2];
     let gb_per_s = timed.planned_bytes as f64 / median / 1e9;
     let tflop_per_s = timed.flops as f64 / median / 1e12;
@@ -223,6 +248,7 @@ fn time_graph(
         achieved_tflop_per_s: tflop_per_s,
         copy_fraction: ceilings.map(|c| gb_per_s / c.copy_gb_per_s),
         matmul_fraction: ceilings.map(|c| tflop_per_s / c.matmul_tflop_per_s),
+        kernels,
     })
 }
 
@@ -301,6 +327,25 @@ fn table(report: &BenchReport) -> String {
             m.achieved_tflop_per_s * 1e3,
             pct(m.matmul_fraction),
         );
+    }
+    let _ = writeln!(
+        out,
+        "\ntime by kernel family in one profiled run (each kernel synchronised; --json lists every kernel):"
+    );
+    for m in report.measurements.iter().filter(|m| !m.kernels.is_empty()) {
+        let mut families: BTreeMap<&str, (usize, f64)> = BTreeMap::new();
+        for k in &m.kernels {
+            let entry = families.entry(&k.family).or_default();
+            entry.0 += 1;
+            entry.1 += k.ms;
+        }
+        let mut families: Vec<_> = families.into_iter().collect();
+        families.sort_by(|a, b| b.1 .1.total_cmp(&a.1 .1));
+        let parts: Vec<String> = families
+            .iter()
+            .map(|(f, (n, ms))| format!("{f} x{n} {ms:.1} ms"))
+            .collect();
+        let _ = writeln!(out, "  {} ({}): {}", m.graph, m.variant, parts.join(", "));
     }
     let _ = writeln!(
         out,

@@ -215,7 +215,7 @@ fn explain_fusion(
     program: &altc_compiler::lower::Program,
     baseline: &altc_compiler::lower::Program,
 ) -> Result<String> {
-    use altc_compiler::fusion::{launches_kernel, plan, FusionPlan, Step};
+    use altc_compiler::fusion::{plan, FusionPlan};
     use altc_compiler::memory::plan_cost;
     use std::fmt::Write as _;
     let tasks =
@@ -306,17 +306,8 @@ fn explain_fusion(
             a.peak_bytes as f64 / b.peak_bytes as f64
         );
         let mut kernels: std::collections::BTreeMap<&str, usize> = Default::default();
-        for step in &fused.schedule {
-            let name = match *step {
-                Step::Node(n) if launches_kernel(&g.node(n).op) => {
-                    summary::op_family(&g.node(n).op)
-                }
-                Step::Node(_) => continue,
-                Step::Group(_) => "fused elementwise",
-                Step::GroupReduce { .. } => "reduce with fused prologue",
-                Step::MatmulGroup { .. } => "matmul with fused epilogue",
-            };
-            *kernels.entry(name).or_default() += 1;
+        for kernel in fused.schedule.iter().filter_map(|s| fused.kernel(g, s)) {
+            *kernels.entry(kernel.family).or_default() += 1;
         }
         let kinds: Vec<String> = kernels.iter().map(|(k, n)| format!("{k} x{n}")).collect();
         let _ = writeln!(out, "  kernels: {}", kinds.join(", "));

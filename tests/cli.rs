@@ -391,8 +391,16 @@ fn bench_json_times_every_graph_optimised_and_baseline() {
                 m["max_ms"].as_f64().unwrap(),
             );
             assert!(0.0 < min && min <= median && median <= max, "{m}");
-            assert!(m["kernel_launches"].as_u64().unwrap() > 0, "{m}");
+            let launches = m["kernel_launches"].as_u64().unwrap();
+            assert!(launches > 0, "{m}");
             assert!(m["planned_bytes"].as_u64().unwrap() > 0, "{m}");
+            // The profiled run lists every kernel the plan launched, each timed.
+            let kernels = m["kernels"].as_array().unwrap();
+            assert_eq!(kernels.len() as u64, launches, "{graph} {variant}");
+            for k in kernels {
+                assert!(k["ms"].as_f64().unwrap() > 0.0, "{k}");
+                assert!(!k["family"].as_str().unwrap().is_empty(), "{k}");
+            }
         }
     }
     assert_eq!(measurements.len(), 2 * graphs.len());

@@ -10,7 +10,7 @@
 //! groups that read them. Matmuls, reductions, layout and index ops stay kernels of
 //! their own. The plan's `schedule` orders groups and single ops topologically.
 
-use crate::ir::{Graph, NodeId, Op};
+use crate::ir::{Graph, NodeId, Op, ReduceOp};
 use petgraph::Direction;
 use std::collections::BTreeSet;
 
@@ -36,6 +36,17 @@ pub enum Step {
     /// A matmul whose product only a group reads: the group runs as the matmul's
     /// epilogue in the same kernel and the product is never written.
     MatmulGroup { matmul: NodeId, group: usize },
+    /// A batched matmul whose product only a sum over all its batch dimensions reads
+    /// (a weight gradient): one kernel accumulates over the batch and writes the sum.
+    MatmulSum { matmul: NodeId, reduce: NodeId },
+}
+
+/// What one planned kernel is: its family (`fused elementwise`, `matmul`, ...) and a
+/// label with its ops, result type and the spec construct it came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KernelDescription {
+    pub family: &'static str,
+    pub label: String,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -71,6 +82,7 @@ impl FusionPlan {
                 nodes.extend(&self.groups[*group].nodes);
                 nodes
             }
+            Step::MatmulSum { matmul, reduce } => vec![*matmul, *reduce],
         }
     }
 
@@ -80,10 +92,44 @@ impl FusionPlan {
         self.schedule
             .iter()
             .filter(|s| match s {
-                Step::Group(_) | Step::GroupReduce { .. } | Step::MatmulGroup { .. } => true,
+                Step::Group(_)
+                | Step::GroupReduce { .. }
+                | Step::MatmulGroup { .. }
+                | Step::MatmulSum { .. } => true,
                 Step::Node(id) => launches_kernel(&graph.node(*id).op),
             })
             .count()
+    }
+
+    /// The kernel one step launches, for listings and profiles; `None` for steps that
+    /// launch nothing (leaves, views).
+    pub fn kernel(&self, graph: &Graph, step: &Step) -> Option<KernelDescription> {
+        let family = match *step {
+            Step::Node(id) if launches_kernel(&graph.node(id).op) => {
+                crate::summary::op_family(&graph.node(id).op)
+            }
+            Step::Node(_) => return None,
+            Step::Group(_) => "fused elementwise",
+            Step::GroupReduce { .. } => "reduce with fused prologue",
+            Step::MatmulGroup { .. } => "matmul with fused epilogue",
+            Step::MatmulSum { .. } => "matmul summed over the batch",
+        };
+        let nodes = self.step_nodes(step);
+        // The last node is the one whose value the kernel exists to produce.
+        let anchor = graph.node(*nodes.last().expect("a step evaluates a node"));
+        const SHOWN: usize = 6;
+        let mut ops: Vec<String> = nodes
+            .iter()
+            .take(SHOWN)
+            .map(|&n| graph.node(n).op.mnemonic())
+            .collect();
+        if nodes.len() > SHOWN {
+            ops.push(format!("+{} more", nodes.len() - SHOWN));
+        }
+        Some(KernelDescription {
+            family,
+            label: format!("{} -> {} ({})", ops.join(", "), anchor.ty, anchor.origin),
+        })
     }
 
     /// The unfused plan: every node on its own, in topological order.
@@ -280,6 +326,7 @@ pub fn plan(graph: &Graph, max_inputs: usize) -> FusionPlan {
         &outputs_of_graph,
         &mut schedule,
     );
+    fold_batch_sums(graph, &users, &outputs_of_graph, &mut schedule);
     FusionPlan {
         groups,
         schedule,
@@ -399,6 +446,43 @@ fn fold_epilogues(
     schedule.retain(|s| !matches!(s, Step::Node(id) if folded.contains(id)));
 }
 
+/// Turns each batched matmul read only by a sum over all its batch dimensions into
+/// one `MatmulSum` step at the sum's place (its operands are ready by then, as they
+/// were for the matmul).
+fn fold_batch_sums(
+    graph: &Graph,
+    users: &[Vec<NodeId>],
+    graph_outputs: &BTreeSet<usize>,
+    schedule: &mut Vec<Step>,
+) {
+    let mut folded = Vec::new();
+    for step in schedule.iter_mut() {
+        let Step::Node(reduce) = *step else { continue };
+        let Op::Reduce {
+            op: ReduceOp::Sum,
+            axes,
+            keep_dims: false,
+        } = &graph.node(reduce).op
+        else {
+            continue;
+        };
+        let matmul = graph.operands(reduce)[0];
+        let batch_rank = graph.node(matmul).ty.shape.rank().saturating_sub(2);
+        let mut sorted = axes.clone();
+        sorted.sort_unstable();
+        if matches!(graph.node(matmul).op, Op::MatMul { .. })
+            && batch_rank > 0
+            && sorted == (0..batch_rank).collect::<Vec<_>>()
+            && !graph_outputs.contains(&matmul.index())
+            && users[matmul.index()] == [reduce]
+        {
+            folded.push(matmul);
+            *step = Step::MatmulSum { matmul, reduce };
+        }
+    }
+    schedule.retain(|s| !matches!(s, Step::Node(id) if folded.contains(id)));
+}
+
 /// Topological order of groups and single nodes (Kahn's algorithm on the condensed
 /// graph, preferring the original order among ready steps).
 fn schedule(
@@ -411,7 +495,7 @@ fn schedule(
     let key = |s: Step| match s {
         Step::Node(id) => id.index(),
         Step::Group(g) => graph.len() + g,
-        Step::GroupReduce { .. } | Step::MatmulGroup { .. } => {
+        Step::GroupReduce { .. } | Step::MatmulGroup { .. } | Step::MatmulSum { .. } => {
             unreachable!("prologues and epilogues are folded after scheduling")
         }
     };

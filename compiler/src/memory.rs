@@ -95,13 +95,17 @@ pub fn plan_cost(graph: &Graph, plan: &FusionPlan, symbols: &BTreeMap<String, us
             Step::Group(g) => plan.groups[*g].outputs.clone(),
             Step::GroupReduce { reduce, .. } => vec![*reduce],
             Step::MatmulGroup { group, .. } => plan.groups[*group].outputs.clone(),
+            Step::MatmulSum { reduce, .. } => vec![*reduce],
             Step::Node(id) if launches_kernel(&graph.node(*id).op) => vec![*id],
             Step::Node(_) => Vec::new(),
         };
         if !written.is_empty()
             || matches!(
                 step,
-                Step::Group(_) | Step::GroupReduce { .. } | Step::MatmulGroup { .. }
+                Step::Group(_)
+                    | Step::GroupReduce { .. }
+                    | Step::MatmulGroup { .. }
+                    | Step::MatmulSum { .. }
             )
         {
             cost.launches += 1;

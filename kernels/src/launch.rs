@@ -433,7 +433,22 @@ impl<R: Runtime> Kernels<R> {
             rank: 0,
             inputs: 0,
         };
-        self.launch_matmul(mm, &empty, &[], 0, 0)
+        self.launch_matmul(mm, &empty, &[], false, (0, 0))
+            .into_iter()
+            .next()
+            .expect("one output")
+    }
+
+    /// `[..., M, K] x [..., K, N]` summed over the batch dimensions: `[M, N]`, in one
+    /// kernel (weight gradients of a layer applied to every batch entry).
+    pub fn matmul_batch_sum(&self, mm: &MatmulOperands) -> Handle {
+        let empty = FusedProgram {
+            ops: Vec::new(),
+            outputs: vec![0],
+            rank: 0,
+            inputs: 0,
+        };
+        self.launch_matmul(mm, &empty, &[], true, (0, 0))
             .into_iter()
             .next()
             .expect("one output")
@@ -451,16 +466,17 @@ impl<R: Runtime> Kernels<R> {
         seed: u64,
         step: u64,
     ) -> Vec<Handle> {
-        self.launch_matmul(mm, program, inputs, seed, step)
+        self.launch_matmul(mm, program, inputs, false, (seed, step))
     }
 
+    /// `rng`: the epilogue's dropout seed and step.
     fn launch_matmul(
         &self,
         mm: &MatmulOperands,
         epilogue: &FusedProgram,
         inputs: &[View],
-        seed: u64,
-        step: u64,
+        sum_batch: bool,
+        (seed, step): (u64, u64),
     ) -> Vec<Handle> {
         let (a, b) = (mm.a, mm.b);
         let (a_shape, b_shape, out_batch) = (mm.a_shape, mm.b_shape, mm.out_batch);
@@ -500,7 +516,12 @@ impl<R: Runtime> Kernels<R> {
                 })
                 .collect()
         };
-        let batches: usize = out_batch.iter().product();
+        // Cubes per output tile: one per batch entry, or one for all when summing.
+        let batches: usize = if sum_batch {
+            1
+        } else {
+            out_batch.iter().product()
+        };
         let len = (batches * m * n).max(1);
         let outputs: Vec<Handle> = epilogue.outputs.iter().map(|_| self.alloc(len)).collect();
         let mut meta = u32s(out_batch.iter().copied());
@@ -529,6 +550,7 @@ impl<R: Runtime> Kernels<R> {
                 (seed >> 32) as u32,
                 step as u32,
                 out_batch.len(),
+                sum_batch,
                 mm.bf16_operands,
                 epilogue.clone(),
             )
@@ -656,7 +678,8 @@ pub struct Ceilings {
 }
 
 impl<R: Runtime> Kernels<R> {
-    fn sync(&self) {
+    /// Waits until every launched kernel has finished.
+    pub fn sync(&self) {
         cubecl::future::block_on(self.client.sync()).expect("device synchronisation");
     }
 

@@ -25,6 +25,10 @@ pub(crate) fn round_to_bf16<F: Float>(x: F) -> F {
 /// then `M, N, K`, a's row and column strides, b's row and column strides, a offset,
 /// b offset. The result is contiguous `[batch..., M, N]`.
 ///
+/// With `sum_batch` the grid has one batch entry and each cube sums its tile over
+/// every batch entry (a weight gradient summed over the batch): the batched product
+/// is never written and no reduction kernel follows.
+///
 /// With an empty `epilogue` the product is written to `outputs[0]`. Otherwise the
 /// epilogue (a fused elementwise program over the product's shape, whose
 /// `Accumulator` is the product) runs on each element in registers and writes its
@@ -42,6 +46,7 @@ pub(crate) fn matmul_kernel<F: Float>(
     seed_hi: u32,
     rng_step: u32,
     #[comptime] batch_rank: usize,
+    #[comptime] sum_batch: bool,
     #[comptime] bf16_operands: bool,
     #[comptime] epilogue: FusedProgram,
 ) {
@@ -57,19 +62,6 @@ pub(crate) fn matmul_kernel<F: Float>(
     let b_rs = meta[tail + 5];
     let b_cs = meta[tail + 6];
 
-    // Which batch entry this cube computes, and where its operands start.
-    let mut rem = CUBE_POS_Z;
-    let mut a_base = meta[tail + 7];
-    let mut b_base = meta[tail + 8];
-    #[unroll]
-    for i in 0..batch_rank {
-        let axis = batch_rank - 1 - i;
-        let dim = meta[axis];
-        let coord = rem % dim;
-        rem /= dim;
-        a_base += coord * meta[batch_rank + axis];
-        b_base += coord * meta[2 * batch_rank + axis];
-    }
     let tx = UNIT_POS_X;
     let ty = UNIT_POS_Y;
     let row = CUBE_POS_Y * TILE + ty;
@@ -78,31 +70,56 @@ pub(crate) fn matmul_kernel<F: Float>(
     // `div_ceil` is not part of the kernel language.
     #[allow(clippy::manual_div_ceil)]
     let tiles = (k + TILE - 1) / TILE;
-    for t in 0..tiles {
-        let ak = t * TILE + tx;
-        let bk = t * TILE + ty;
-        let mut a_value = select(
-            row < m && ak < k,
-            a[(a_base + select(row < m && ak < k, row * a_rs + ak * a_cs, 0)) as usize],
-            F::new(0.0),
-        );
-        let mut b_value = select(
-            bk < k && col < n,
-            b[(b_base + select(bk < k && col < n, bk * b_rs + col * b_cs, 0)) as usize],
-            F::new(0.0),
-        );
-        if comptime![bf16_operands] {
-            a_value = round_to_bf16::<F>(a_value);
-            b_value = round_to_bf16::<F>(b_value);
-        }
-        a_tile[(ty * TILE + tx) as usize] = a_value;
-        b_tile[(ty * TILE + tx) as usize] = b_value;
-        sync_cube();
+    let mut entries = 1u32;
+    if comptime![sum_batch] {
         #[unroll]
-        for i in 0..tile {
-            acc += a_tile[ty as usize * tile + i] * b_tile[i * tile + tx as usize];
+        for i in 0..batch_rank {
+            entries *= meta[i];
         }
-        sync_cube();
+    }
+    for entry in 0..entries {
+        // Which batch entry this pass computes, and where its operands start.
+        let mut rem = CUBE_POS_Z;
+        if comptime![sum_batch] {
+            rem = entry;
+        }
+        let mut a_base = meta[tail + 7];
+        let mut b_base = meta[tail + 8];
+        #[unroll]
+        for i in 0..batch_rank {
+            let axis = batch_rank - 1 - i;
+            let dim = meta[axis];
+            let coord = rem % dim;
+            rem /= dim;
+            a_base += coord * meta[batch_rank + axis];
+            b_base += coord * meta[2 * batch_rank + axis];
+        }
+        for t in 0..tiles {
+            let ak = t * TILE + tx;
+            let bk = t * TILE + ty;
+            let mut a_value = select(
+                row < m && ak < k,
+                a[(a_base + select(row < m && ak < k, row * a_rs + ak * a_cs, 0)) as usize],
+                F::new(0.0),
+            );
+            let mut b_value = select(
+                bk < k && col < n,
+                b[(b_base + select(bk < k && col < n, bk * b_rs + col * b_cs, 0)) as usize],
+                F::new(0.0),
+            );
+            if comptime![bf16_operands] {
+                a_value = round_to_bf16::<F>(a_value);
+                b_value = round_to_bf16::<F>(b_value);
+            }
+            a_tile[(ty * TILE + tx) as usize] = a_value;
+            b_tile[(ty * TILE + tx) as usize] = b_value;
+            sync_cube();
+            #[unroll]
+            for i in 0..tile {
+                acc += a_tile[ty as usize * tile + i] * b_tile[i * tile + tx as usize];
+            }
+            sync_cube();
+        }
     }
     if row < m && col < n {
         let pos = CUBE_POS_Z * m * n + row * n + col;

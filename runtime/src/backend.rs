@@ -20,6 +20,15 @@ pub enum BackendError {
     Unavailable(String),
 }
 
+/// One kernel of a profiled run: what it is and how long it took, launch to
+/// completion.
+#[derive(Clone, Debug)]
+pub struct KernelTiming {
+    pub family: &'static str,
+    pub label: String,
+    pub seconds: f64,
+}
+
 /// Where graphs run.
 pub trait Backend: Send {
     /// A line saying what this is (`reference`, `wgpu: llvmpipe ...`).
@@ -49,6 +58,18 @@ pub trait Backend: Send {
     /// Kernel launches of the last `run`, on backends that launch kernels.
     fn kernel_launches(&self) -> Option<usize> {
         None
+    }
+
+    /// Switches per-kernel profiling: each kernel of later runs is timed to completion
+    /// (the device is synchronised after it), which slows the runs down. Backends
+    /// without kernels ignore it.
+    fn set_profiling(&mut self, on: bool) {
+        let _ = on;
+    }
+
+    /// The kernels of the last profiled run, in launch order.
+    fn kernel_profile(&self) -> Vec<KernelTiming> {
+        Vec::new()
     }
 
     /// Measures the device's copy bandwidth and matmul rate (`None`: not a device).

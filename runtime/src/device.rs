@@ -3,7 +3,7 @@
 //! contiguous buffer) become strided views and launch nothing; every other op is one
 //! kernel launch. Intermediate buffers are released after their last use.
 
-use crate::backend::{Backend, BackendError, Ceilings};
+use crate::backend::{Backend, BackendError, Ceilings, KernelTiming};
 use altc_compiler::fusion::{self, FusionGroup, FusionPlan, Step};
 use altc_compiler::ir::{
     BinaryOp, CompareOp, DType, Dim, Graph, NodeId, Op, ReduceOp, Shape, UnaryOp,
@@ -138,6 +138,8 @@ pub struct DeviceBackend<R: Runtime> {
     fuse: bool,
     /// Kernel launches of the last run.
     launches: usize,
+    /// Per-kernel timings of the last run, when profiling.
+    profile: Option<Vec<KernelTiming>>,
 }
 
 impl<R: Runtime> DeviceBackend<R> {
@@ -150,6 +152,7 @@ impl<R: Runtime> DeviceBackend<R> {
             bf16_matmuls,
             fuse: true,
             launches: 0,
+            profile: None,
         }
     }
 
@@ -475,6 +478,27 @@ impl<R: Runtime> DeviceBackend<R> {
     }
 }
 
+/// A planned matmul's operand values and transpose flags.
+fn matmul_operands(
+    graph: &Graph,
+    matmul: NodeId,
+    values: &[Option<Value>],
+) -> (Value, Value, bool, bool) {
+    let Op::MatMul {
+        transpose_a,
+        transpose_b,
+    } = graph.node(matmul).op
+    else {
+        unreachable!("the planner folds only matmuls into matmul steps")
+    };
+    let operand = |i: usize| {
+        values[graph.operands(matmul)[i].index()]
+            .clone()
+            .expect("operands come first")
+    };
+    (operand(0), operand(1), transpose_a, transpose_b)
+}
+
 fn concrete(shape: &Shape, symbols: &BTreeMap<String, usize>) -> Option<Vec<usize>> {
     shape
         .dims()
@@ -562,8 +586,12 @@ impl<R: Runtime> Backend for DeviceBackend<R> {
             .map(|i| graph.outputs().iter().any(|(_, o)| o.index() == i))
             .collect();
         self.launches = 0;
+        if let Some(profile) = &mut self.profile {
+            profile.clear();
+        }
         let mut values: Vec<Option<Value>> = vec![None; graph.len()];
         for (pos, step) in plan.schedule.iter().enumerate() {
+            let started = std::time::Instant::now();
             match *step {
                 Step::Group(g) => {
                     let group = &plan.groups[g];
@@ -579,22 +607,7 @@ impl<R: Runtime> Backend for DeviceBackend<R> {
                     let group = &plan.groups[group];
                     let shape = concrete(&graph.node(group.nodes[0]).ty.shape, &symbols)
                         .expect("inputs bind every symbol");
-                    let Op::MatMul {
-                        transpose_a,
-                        transpose_b,
-                    } = graph.node(matmul).op
-                    else {
-                        unreachable!("the planner folds epilogues only into matmuls")
-                    };
-                    let operands = graph.operands(matmul);
-                    let (a, b) = (
-                        values[operands[0].index()]
-                            .clone()
-                            .expect("operands come first"),
-                        values[operands[1].index()]
-                            .clone()
-                            .expect("operands come first"),
-                    );
+                    let (a, b, transpose_a, transpose_b) = matmul_operands(graph, matmul, &values);
                     self.launches += 1;
                     let (program, views) =
                         self.group_program(graph, group, &values, &shape, Some(matmul));
@@ -614,6 +627,27 @@ impl<R: Runtime> Backend for DeviceBackend<R> {
                     for (id, handle) in group.outputs.iter().zip(outputs) {
                         values[id.index()] = Some(Value::contiguous(handle, shape.clone()));
                     }
+                }
+                Step::MatmulSum { matmul, reduce } => {
+                    let product = concrete(&graph.node(matmul).ty.shape, &symbols)
+                        .expect("inputs bind every symbol");
+                    let (a, b, transpose_a, transpose_b) = matmul_operands(graph, matmul, &values);
+                    self.launches += 1;
+                    let mm = MatmulOperands {
+                        a: &a.view,
+                        a_shape: &a.shape,
+                        transpose_a,
+                        b: &b.view,
+                        b_shape: &b.shape,
+                        transpose_b,
+                        out_batch: &product[..product.len() - 2],
+                        bf16_operands: self.bf16_matmuls,
+                    };
+                    let handle = self.kernels.matmul_batch_sum(&mm);
+                    values[reduce.index()] = Some(Value::contiguous(
+                        handle,
+                        product[product.len() - 2..].to_vec(),
+                    ));
                 }
                 Step::GroupReduce { group, reduce } => {
                     let group = &plan.groups[group];
@@ -666,6 +700,14 @@ impl<R: Runtime> Backend for DeviceBackend<R> {
                     values[id.index()] = Some(value);
                 }
             }
+            if let (Some(profile), Some(kernel)) = (&mut self.profile, plan.kernel(graph, step)) {
+                self.kernels.sync();
+                profile.push(KernelTiming {
+                    family: kernel.family,
+                    label: kernel.label,
+                    seconds: started.elapsed().as_secs_f64(),
+                });
+            }
             for &o in &reads[pos] {
                 if last_use[o.index()] == pos && !kept[o.index()] {
                     values[o.index()] = None;
@@ -701,6 +743,14 @@ impl<R: Runtime> Backend for DeviceBackend<R> {
 
     fn kernel_launches(&self) -> Option<usize> {
         Some(self.launches)
+    }
+
+    fn set_profiling(&mut self, on: bool) {
+        self.profile = on.then(Vec::new);
+    }
+
+    fn kernel_profile(&self) -> Vec<KernelTiming> {
+        self.profile.clone().unwrap_or_default()
     }
 }
 

@@ -172,3 +172,100 @@ fn fused_random_elementwise_graphs_match_unfused_and_reference() {
         "fusion saved launches in only {fewer} of 24 graphs"
     );
 }
+
+/// Weight gradients: a batched `aᵀ b` summed over every batch dimension runs as one
+/// kernel that accumulates across the batch, with a broadcast operand and with the
+/// second operand transposed, and matches the reference.
+#[test]
+fn batch_summed_matmuls_run_as_one_kernel_and_match_reference() {
+    let (Ok(mut fused), Ok(mut unfused)) = (
+        open(DeviceChoice::Wgpu, Precision::F32, true),
+        open(DeviceChoice::Wgpu, Precision::F32, false),
+    ) else {
+        eprintln!("skipping: wgpu is not available");
+        return;
+    };
+    let mut g = Graph::new("weight-gradients");
+    let input = |g: &mut Graph, name: &str, shape: &[usize]| {
+        g.push(
+            Op::Input {
+                name: name.into(),
+                dtype: DType::F32,
+                shape: shape.iter().copied().collect(),
+            },
+            &[],
+            "test",
+        )
+        .unwrap()
+    };
+    // Activations [3, 2, 19, 17] and output gradients [3, 2, 19, 21]: K = 19 and the
+    // 17 x 21 result are not tile multiples.
+    let x = input(&mut g, "x", &[3, 2, 19, 17]);
+    let dy = input(&mut g, "dy", &[3, 2, 19, 21]);
+    let shared = input(&mut g, "shared", &[21, 19]);
+    let sum_batch = |g: &mut Graph, a: NodeId, b: NodeId, transpose_b: bool| {
+        let product = g
+            .push(
+                Op::MatMul {
+                    transpose_a: true,
+                    transpose_b,
+                },
+                &[a, b],
+                "test",
+            )
+            .unwrap();
+        g.push(
+            Op::Reduce {
+                op: ReduceOp::Sum,
+                axes: vec![0, 1],
+                keep_dims: false,
+            },
+            &[product],
+            "test",
+        )
+        .unwrap()
+    };
+    let dw = sum_batch(&mut g, x, dy, false);
+    let dw_shared = sum_batch(&mut g, x, shared, true);
+    g.set_output("dw", dw).unwrap();
+    g.set_output("dw_shared", dw_shared).unwrap();
+    let plan = altc_compiler::fusion::plan(&g, 16);
+    let sums = plan
+        .schedule
+        .iter()
+        .filter(|s| matches!(s, altc_compiler::fusion::Step::MatmulSum { .. }))
+        .count();
+    assert_eq!(sums, 2, "both weight gradients fold into one kernel each");
+
+    let values = |shape: &[usize], stream: u64| {
+        let n = shape.iter().product();
+        Tensor::f32(
+            shape,
+            (0..n)
+                .map(|i| (2.0 * rng::uniform(5, 0, stream, i as u64) - 1.0) as f32)
+                .collect(),
+        )
+    };
+    let feeds = TensorMap::from([
+        ("x".to_string(), values(&[3, 2, 19, 17], 1)),
+        ("dy".to_string(), values(&[3, 2, 19, 21], 2)),
+        ("shared".to_string(), values(&[21, 19], 3)),
+    ]);
+    let ctx = EvalContext { seed: 1, step: 0 };
+    let want = run(&g, &feeds, &TensorMap::new(), ctx).unwrap();
+    let got_fused = fused.run(&g, &feeds, ctx).unwrap();
+    assert_eq!(fused.kernel_launches(), Some(2));
+    let got_unfused = unfused.run(&g, &feeds, ctx).unwrap();
+    assert_eq!(unfused.kernel_launches(), Some(4));
+    for (name, w) in &want {
+        assert_eq!(got_fused[name].shape, w.shape, "{name}");
+        for (label, got) in [("fused", &got_fused), ("unfused", &got_unfused)] {
+            for (i, (a, b)) in got[name].to_f64().iter().zip(w.to_f64()).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-4 + 1e-4 * b.abs(),
+                    "{name}[{i}] {label}: {a} vs reference {b}"
+                );
+            }
+        }
+    }
+}
