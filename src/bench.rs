@@ -6,7 +6,7 @@ use crate::training::{open_backend, Device};
 use crate::{emit, load_program, lower_options};
 use altc_compiler::fusion::{plan, FusionPlan};
 use altc_compiler::ir::{Graph, Op};
-use altc_compiler::lower::BATCH;
+use altc_compiler::lower::{Program, BATCH};
 use altc_compiler::memory::{matmul_flops, plan_cost};
 use altc_compiler::optimize::{optimize, Limits};
 use altc_compiler::reference::{EvalContext, Tensor, TensorMap};
@@ -40,13 +40,16 @@ pub struct BenchArgs {
     /// Print the results as JSON (to compare across commits) instead of a table.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    cache: crate::tune::TuneCacheArgs,
 }
 
 /// One timed graph under one configuration.
 #[derive(Serialize)]
 struct Measurement {
     graph: String,
-    /// `optimised` or `no-opt`.
+    /// `tuned` (optimised plan, kernels from the tuning cache), `optimised` (the
+    /// same plan, untuned fallback kernels) or `no-opt`.
     variant: String,
     median_ms: f64,
     min_ms: f64,
@@ -88,6 +91,8 @@ struct BenchReport {
     batch_size: usize,
     repeats: usize,
     warmup: usize,
+    /// Kernels the `tuned` variant ran with a tuned choice (0: no `tuned` variant).
+    tuned_kernels: usize,
     ceilings: Option<CeilingReport>,
     measurements: Vec<Measurement>,
 }
@@ -116,12 +121,25 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     let mut measurements = Vec::new();
     let mut device = String::new();
     let mut ceilings = None;
+    let mut tuned_kernels = 0;
+    let tune_dir = args.cache.configure_cubecl()?;
     for (variant, program, opt) in [
+        ("tuned", &optimised, true),
         ("optimised", &optimised, true),
         ("no-opt", &baseline, false),
     ] {
         let mut backend = open_backend(args.device, program.training.precision, opt)?;
-        if opt {
+        if variant == "tuned" {
+            tuned_kernels = crate::tune::use_tuned_kernels(backend.as_mut(), &tune_dir)?;
+            if tuned_kernels == 0 {
+                eprintln!(
+                    "note: no tuned kernels for this device in {}: run `altc tune` first for a tuned column",
+                    tune_dir.display()
+                );
+                continue;
+            }
+        }
+        if ceilings.is_none() && opt {
             device = backend.describe();
             // Sizes that saturate the device without taking long on a CPU rasteriser.
             let (copy, matmul) = if device.starts_with("cuda") {
@@ -133,28 +151,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
             ceilings = backend.measure_ceilings(copy, matmul);
         }
         backend.load_state(&state);
-        let mut graphs: Vec<(Graph, TensorMap)> = Vec::new();
-        for task in training_tasks(program).context("building the training graphs")? {
-            let graph = if opt {
-                optimize(&task.graph, Limits::default())
-                    .with_context(|| format!("optimising {}", task.graph.name))?
-                    .0
-            } else {
-                task.graph
-            };
-            let inputs = synthetic_inputs(&graph, batch);
-            graphs.push((graph, inputs));
-        }
-        for info in &program.directions {
-            for name in [&info.query_graph, &info.key_graph].into_iter().flatten() {
-                let graph = program
-                    .graph(name)
-                    .expect("lowered with the program")
-                    .clone();
-                let inputs = synthetic_inputs(&graph, batch);
-                graphs.push((graph, inputs));
-            }
-        }
+        let graphs = timed_graphs(program, opt, batch)?;
         for (graph, inputs) in &graphs {
             let fusion = if opt {
                 plan(graph, 16)
@@ -183,6 +180,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         batch_size: batch,
         repeats: args.repeats,
         warmup: args.warmup,
+        tuned_kernels,
         ceilings: ceilings.map(|c| CeilingReport {
             copy_gb_per_s: c.copy_gb_per_s,
             copy_elements: c.copy_elements,
@@ -250,6 +248,38 @@ fn time_graph(
         matmul_fraction: ceilings.map(|c| tflop_per_s / c.matmul_tflop_per_s),
         kernels,
     })
+}
+
+/// What `altc bench` and `altc tune` run: every training task's graph (optimised
+/// when `optimise`) and the embedding graphs, each with synthetic inputs at `batch`.
+pub(crate) fn timed_graphs(
+    program: &Program,
+    optimise: bool,
+    batch: usize,
+) -> Result<Vec<(Graph, TensorMap)>> {
+    let mut graphs: Vec<(Graph, TensorMap)> = Vec::new();
+    for task in training_tasks(program).context("building the training graphs")? {
+        let graph = if optimise {
+            optimize(&task.graph, Limits::default())
+                .with_context(|| format!("optimising {}", task.graph.name))?
+                .0
+        } else {
+            task.graph
+        };
+        let inputs = synthetic_inputs(&graph, batch);
+        graphs.push((graph, inputs));
+    }
+    for info in &program.directions {
+        for name in [&info.query_graph, &info.key_graph].into_iter().flatten() {
+            let graph = program
+                .graph(name)
+                .expect("lowered with the program")
+                .clone();
+            let inputs = synthetic_inputs(&graph, batch);
+            graphs.push((graph, inputs));
+        }
+    }
+    Ok(graphs)
 }
 
 /// Inputs for one run at `batch`: uniform tokens in [-1, 1), full masks, and the
@@ -349,20 +379,42 @@ fn table(report: &BenchReport) -> String {
     }
     let _ = writeln!(
         out,
-        "\nspeed-up of the optimised plan over --no-opt (median):"
+        "\nspeed-ups (median time of the slower over the faster's):"
     );
+    let _ = writeln!(
+        out,
+        "  {:<24}{:>20}{:>16}{:>20}",
+        "graph", "optimised/no-opt", "tuned/no-opt", "tuned/optimised"
+    );
+    let median = |graph: &str, variant: &str| {
+        report
+            .measurements
+            .iter()
+            .find(|m| m.graph == graph && m.variant == variant)
+            .map(|m| m.median_ms)
+    };
+    let ratio = |slow: Option<f64>, fast: Option<f64>| match (slow, fast) {
+        (Some(s), Some(f)) => format!("{:.2}x", s / f),
+        _ => "-".into(),
+    };
     for m in report
         .measurements
         .iter()
         .filter(|m| m.variant == "optimised")
     {
-        if let Some(b) = report
-            .measurements
-            .iter()
-            .find(|b| b.variant == "no-opt" && b.graph == m.graph)
-        {
-            let _ = writeln!(out, "  {:<24}{:>6.2}x", m.graph, b.median_ms / m.median_ms);
-        }
+        let (tuned, optimised, baseline) = (
+            median(&m.graph, "tuned"),
+            Some(m.median_ms),
+            median(&m.graph, "no-opt"),
+        );
+        let _ = writeln!(
+            out,
+            "  {:<24}{:>20}{:>16}{:>20}",
+            m.graph,
+            ratio(baseline, optimised),
+            ratio(baseline, tuned),
+            ratio(optimised, tuned)
+        );
     }
     out
 }

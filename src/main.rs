@@ -13,6 +13,7 @@ use std::process::ExitCode;
 mod bench;
 mod serving;
 mod training;
+mod tune;
 
 #[derive(Parser)]
 #[command(
@@ -71,9 +72,13 @@ enum Command {
     /// Print the devices altc sees: drivers, Vulkan device, plane sizes, element types.
     Doctor,
     /// Time each direction's training step and the embedding graphs on a device,
-    /// optimised against --no-opt in the same run, with planned bytes, achieved
-    /// GB/s and GFLOP/s and the device's measured copy and matmul ceilings.
+    /// tuned, untuned and --no-opt in the same run, with planned bytes, achieved
+    /// GB/s and GFLOP/s, the device's measured copy and matmul ceilings, and
+    /// per-kernel times.
     Bench(bench::BenchArgs),
+    /// Tune every tunable kernel of the model's plan on this device (cubecl
+    /// autotune) and keep the winners in the tuning cache for run and bench.
+    Tune(tune::TuneArgs),
 }
 
 fn main() -> ExitCode {
@@ -97,6 +102,7 @@ fn main() -> ExitCode {
         Command::Retrieve(args) => serving::retrieve_command(args),
         Command::Doctor => serving::doctor(),
         Command::Bench(args) => bench::bench(args),
+        Command::Tune(args) => tune::tune(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

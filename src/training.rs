@@ -87,6 +87,11 @@ pub struct RunArgs {
     /// One kernel per op, no fusion: the unoptimised baseline.
     #[arg(long)]
     no_opt: bool,
+    /// Ignore the tuning cache: every kernel runs its untuned fallback.
+    #[arg(long)]
+    untuned: bool,
+    #[command(flatten)]
+    cache: crate::tune::TuneCacheArgs,
 }
 
 #[derive(Args)]
@@ -162,8 +167,17 @@ pub(crate) fn open_backend(
 
 pub fn run(args: RunArgs) -> Result<()> {
     let program = load_program(&args.model, lower_options(args.no_opt))?;
-    let backend = open_backend(args.device, program.training.precision, !args.no_opt)?;
+    let tuned = !args.no_opt && !args.untuned;
+    let tune_dir = if tuned {
+        Some(args.cache.configure_cubecl()?)
+    } else {
+        None
+    };
+    let mut backend = open_backend(args.device, program.training.precision, !args.no_opt)?;
     eprintln!("device: {}", backend.describe());
+    if let Some(dir) = &tune_dir {
+        crate::tune::use_tuned_kernels(backend.as_mut(), dir)?;
+    }
     let run_dir = args
         .out
         .clone()

@@ -9,9 +9,11 @@ use crate::index::{gather_kernel, scatter_add_kernel, top_k_kernel};
 use crate::matmul::{matmul_kernel, TILE};
 use crate::random::dropout_kernel;
 use crate::reduce::reduce_kernel;
+use crate::tune::{bucket, KernelKey, Outputs, TunedKernel, Tuning, TuningMode, MATMUL_TUNER};
 use crate::{BinaryKind, ReduceKind, UnaryKind};
 use cubecl::prelude::*;
 use cubecl::server::Handle;
+use cubecl::tune::{Tunable, TunableSet};
 
 /// Units per cube for one-dimensional launches.
 const CUBE_SIZE: u32 = 256;
@@ -64,12 +66,122 @@ pub struct MatmulOperands<'a> {
     pub bf16_operands: bool,
 }
 
+/// A configuration of the matmul kernel: the tuning candidates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MatmulStrategy {
+    /// `TILE x TILE` cubes staging operand tiles in shared memory.
+    Tiled,
+    /// No shared memory or barriers: each unit reads its row and column directly;
+    /// cubes of `edge x edge` units.
+    Direct { edge: u32 },
+}
+
+impl MatmulStrategy {
+    /// The candidates, the untuned fallback first.
+    pub const CANDIDATES: [MatmulStrategy; 3] = [
+        MatmulStrategy::Tiled,
+        MatmulStrategy::Direct { edge: 16 },
+        MatmulStrategy::Direct { edge: 8 },
+    ];
+
+    pub fn name(&self) -> String {
+        match self {
+            MatmulStrategy::Tiled => format!("tiled-{TILE}x{TILE}"),
+            MatmulStrategy::Direct { edge } => format!("direct-{edge}x{edge}"),
+        }
+    }
+}
+
+/// Everything one matmul launch needs, owned, so the tuner can replay it with each
+/// candidate. Buffers are `(handle, elements)`.
+#[derive(Clone)]
+struct MatmulLaunch<R: Runtime> {
+    client: ComputeClient<R>,
+    a: (Handle, usize),
+    b: (Handle, usize),
+    inputs: Vec<(Handle, usize)>,
+    meta: (Handle, usize),
+    epilogue_meta: (Handle, usize),
+    /// `(M, N, output batch entries)`.
+    extent: (usize, usize, usize),
+    /// The epilogue's dropout seed (low, high) and step.
+    seed: (u32, u32, u32),
+    batch_rank: usize,
+    sum_batch: bool,
+    bf16_operands: bool,
+    epilogue: FusedProgram,
+    key: KernelKey,
+    /// The candidate that ran last: after tuning, the winner.
+    ran: std::sync::Arc<std::sync::Mutex<Option<MatmulStrategy>>>,
+}
+
+impl<R: Runtime> MatmulLaunch<R> {
+    fn run(&self, strategy: MatmulStrategy) -> Vec<Handle> {
+        *self.ran.lock().expect("candidate record") = Some(strategy);
+        let (m, n, batches) = self.extent;
+        let len = (batches * m * n).max(1);
+        let outputs: Vec<Handle> = self
+            .epilogue
+            .outputs
+            .iter()
+            .map(|_| self.client.empty(len * 4))
+            .collect();
+        let (edge, direct) = match strategy {
+            MatmulStrategy::Tiled => (TILE, false),
+            MatmulStrategy::Direct { edge } => (edge, true),
+        };
+        let grid = |extent: usize| u32s([extent])[0].div_ceil(edge).max(1);
+        let count = CubeCount::Static(grid(n), grid(m), u32s([batches])[0].max(1));
+        let raw = |(handle, len): &(Handle, usize)| unsafe {
+            ArrayArg::from_raw_parts(handle.clone(), *len)
+        };
+        unsafe {
+            matmul_kernel::launch_unchecked::<f32, R>(
+                &self.client,
+                count,
+                CubeDim::new_2d(edge, edge),
+                raw(&self.a),
+                raw(&self.b),
+                array_sequence(self.inputs.iter().cloned()),
+                array_sequence(outputs.iter().map(|o| (o.clone(), len))),
+                raw(&self.meta),
+                raw(&self.epilogue_meta),
+                self.seed.0,
+                self.seed.1,
+                self.seed.2,
+                self.batch_rank,
+                self.sum_batch,
+                direct,
+                self.bf16_operands,
+                self.epilogue.clone(),
+            )
+        };
+        outputs
+    }
+}
+
+/// The matmul candidates as a cubecl tunable set, keyed by the launch's key.
+fn matmul_tunables<R: Runtime>() -> TunableSet<KernelKey, MatmulLaunch<R>, Outputs> {
+    MatmulStrategy::CANDIDATES.into_iter().fold(
+        TunableSet::new_cloning_inputs(|launch: &MatmulLaunch<R>| launch.key.clone()),
+        |set, strategy| {
+            set.with(Tunable::new(
+                &strategy.name(),
+                move |launch: MatmulLaunch<R>| -> Result<Outputs, String> {
+                    Ok(Outputs(launch.run(strategy)))
+                },
+            ))
+        },
+    )
+}
+
 /// Every kernel launch altc needs, on one client. Buffers hold f32.
 pub struct Kernels<R: Runtime> {
     client: ComputeClient<R>,
     /// Immutable buffers by content: a training step launches the same kernels on the
     /// same shapes with the same constants every step, so each is uploaded once.
     uploads: std::sync::Mutex<std::collections::HashMap<Vec<u32>, Handle>>,
+    tuning: Tuning,
 }
 
 pub(crate) fn u32s(values: impl IntoIterator<Item = usize>) -> Vec<u32> {
@@ -120,7 +232,24 @@ impl<R: Runtime> Kernels<R> {
         Kernels {
             client,
             uploads: Default::default(),
+            tuning: Tuning::default(),
         }
+    }
+
+    /// Sets how tunable kernels choose their configuration; `scope` names the device,
+    /// driver and altc version the cached choices belong to.
+    pub fn set_tuning(&mut self, mode: TuningMode, scope: String) {
+        self.tuning = Tuning {
+            mode,
+            scope,
+            decisions: Default::default(),
+        };
+    }
+
+    /// The tuning decisions made so far (tuned now or read from the cache), one per
+    /// kernel key.
+    pub fn tuned_kernels(&self) -> Vec<TunedKernel> {
+        self.tuning.decisions.lock().expect("tuning record").clone()
     }
 
     pub fn client(&self) -> &ComputeClient<R> {
@@ -516,14 +645,12 @@ impl<R: Runtime> Kernels<R> {
                 })
                 .collect()
         };
-        // Cubes per output tile: one per batch entry, or one for all when summing.
+        // Output tiles: one per batch entry, or one for all when summing.
         let batches: usize = if sum_batch {
             1
         } else {
             out_batch.iter().product()
         };
-        let len = (batches * m * n).max(1);
-        let outputs: Vec<Handle> = epilogue.outputs.iter().map(|_| self.alloc(len)).collect();
         let mut meta = u32s(out_batch.iter().copied());
         meta.extend(u32s(batch_strides(a_shape, &a.strides)));
         meta.extend(u32s(batch_strides(b_shape, &b.strides)));
@@ -532,29 +659,62 @@ impl<R: Runtime> Kernels<R> {
         let product_shape: Vec<usize> = out_batch.iter().copied().chain([m, n]).collect();
         let epilogue_meta = program_meta(&product_shape, inputs);
         let epilogue_len = epilogue_meta.len();
-        let input_args = array_sequence(inputs.iter().map(|v| (v.handle.clone(), v.len)));
-        let output_args = array_sequence(outputs.iter().map(|o| (o.clone(), len)));
-        let count = CubeCount::Static(tiles(n), tiles(m), u32s([batches])[0].max(1));
-        unsafe {
-            matmul_kernel::launch_unchecked::<f32, R>(
-                &self.client,
-                count,
-                CubeDim::new_2d(TILE, TILE),
-                ArrayArg::from_raw_parts(a.handle.clone(), a.len.max(1)),
-                ArrayArg::from_raw_parts(b.handle.clone(), b.len.max(1)),
-                input_args,
-                output_args,
-                ArrayArg::from_raw_parts(self.upload_once(meta), meta_len),
-                ArrayArg::from_raw_parts(self.upload_once(epilogue_meta), epilogue_len),
-                seed as u32,
-                (seed >> 32) as u32,
-                step as u32,
-                out_batch.len(),
-                sum_batch,
-                mm.bf16_operands,
-                epilogue.clone(),
-            )
+        let launch = MatmulLaunch {
+            client: self.client.clone(),
+            a: (a.handle.clone(), a.len.max(1)),
+            b: (b.handle.clone(), b.len.max(1)),
+            inputs: inputs.iter().map(|v| (v.handle.clone(), v.len)).collect(),
+            meta: (self.upload_once(meta), meta_len),
+            epilogue_meta: (self.upload_once(epilogue_meta), epilogue_len),
+            extent: (m, n, batches),
+            seed: (seed as u32, (seed >> 32) as u32, step as u32),
+            batch_rank: out_batch.len(),
+            sum_batch,
+            bf16_operands: mm.bf16_operands,
+            epilogue: epilogue.clone(),
+            key: KernelKey {
+                family: "matmul".into(),
+                signature: format!(
+                    "m{} n{} k{} batch{}{}{} epilogue{}x{}",
+                    bucket(m),
+                    bucket(n),
+                    bucket(k),
+                    bucket(out_batch.iter().product()),
+                    if sum_batch { " summed" } else { "" },
+                    if mm.bf16_operands { " bf16" } else { "" },
+                    epilogue.ops.len(),
+                    epilogue.outputs.len()
+                ),
+            },
+            ran: Default::default(),
         };
+        if let TuningMode::Force(name) = &self.tuning.mode {
+            let strategy = MatmulStrategy::CANDIDATES
+                .into_iter()
+                .find(|c| &c.name() == name)
+                .unwrap_or_else(|| panic!("no matmul candidate `{name}`"));
+            return launch.run(strategy);
+        }
+        if !self.tuning.consults_tuner(&launch.key) {
+            return launch.run(MatmulStrategy::CANDIDATES[0]);
+        }
+        let set = MATMUL_TUNER.init(matmul_tunables::<R>);
+        let outputs = MATMUL_TUNER
+            .execute(&self.tuning.scope, &self.client, set, launch.clone())
+            .0;
+        let winner = launch
+            .ran
+            .lock()
+            .expect("candidate record")
+            .expect("the tuner ran a candidate");
+        self.tuning.record(TunedKernel {
+            key: launch.key.clone(),
+            candidates: MatmulStrategy::CANDIDATES
+                .iter()
+                .map(|c| c.name())
+                .collect(),
+            winner: winner.name(),
+        });
         outputs
     }
 

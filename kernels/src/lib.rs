@@ -17,9 +17,11 @@ mod launch;
 mod matmul;
 mod random;
 mod reduce;
+mod tune;
 
 pub use elementwise::{BinaryKind, UnaryKind};
 pub use experts::ExpertMatmul;
 pub use fused::{FusedOp, FusedProgram};
-pub use launch::{contiguous_strides, Ceilings, Kernels, MatmulOperands, View};
+pub use launch::{contiguous_strides, Ceilings, Kernels, MatmulOperands, MatmulStrategy, View};
 pub use reduce::ReduceKind;
+pub use tune::{candidates, KernelKey, TunedKernel, TuningMode};

@@ -25,6 +25,11 @@ pub(crate) fn round_to_bf16<F: Float>(x: F) -> F {
 /// then `M, N, K`, a's row and column strides, b's row and column strides, a offset,
 /// b offset. The result is contiguous `[batch..., M, N]`.
 ///
+/// With `direct` each unit reads its row of `a` and column of `b` straight from
+/// global memory: no shared memory and no barriers, and any cube shape (cheap where
+/// barriers are dear, as on CPU rasterisers, or where K is small). Otherwise cubes are
+/// `TILE x TILE` and stage operand tiles in shared memory.
+///
 /// With `sum_batch` the grid has one batch entry and each cube sums its tile over
 /// every batch entry (a weight gradient summed over the batch): the batched product
 /// is never written and no reduction kernel follows.
@@ -47,6 +52,7 @@ pub(crate) fn matmul_kernel<F: Float>(
     rng_step: u32,
     #[comptime] batch_rank: usize,
     #[comptime] sum_batch: bool,
+    #[comptime] direct: bool,
     #[comptime] bf16_operands: bool,
     #[comptime] epilogue: FusedProgram,
 ) {
@@ -64,8 +70,8 @@ pub(crate) fn matmul_kernel<F: Float>(
 
     let tx = UNIT_POS_X;
     let ty = UNIT_POS_Y;
-    let row = CUBE_POS_Y * TILE + ty;
-    let col = CUBE_POS_X * TILE + tx;
+    let row = CUBE_POS_Y * CUBE_DIM_Y + ty;
+    let col = CUBE_POS_X * CUBE_DIM_X + tx;
     let mut acc = F::new(0.0);
     // `div_ceil` is not part of the kernel language.
     #[allow(clippy::manual_div_ceil)]
@@ -94,31 +100,45 @@ pub(crate) fn matmul_kernel<F: Float>(
             a_base += coord * meta[batch_rank + axis];
             b_base += coord * meta[2 * batch_rank + axis];
         }
-        for t in 0..tiles {
-            let ak = t * TILE + tx;
-            let bk = t * TILE + ty;
-            let mut a_value = select(
-                row < m && ak < k,
-                a[(a_base + select(row < m && ak < k, row * a_rs + ak * a_cs, 0)) as usize],
-                F::new(0.0),
-            );
-            let mut b_value = select(
-                bk < k && col < n,
-                b[(b_base + select(bk < k && col < n, bk * b_rs + col * b_cs, 0)) as usize],
-                F::new(0.0),
-            );
-            if comptime![bf16_operands] {
-                a_value = round_to_bf16::<F>(a_value);
-                b_value = round_to_bf16::<F>(b_value);
+        if comptime![direct] {
+            if row < m && col < n {
+                for kk in 0..k {
+                    let mut a_value = a[(a_base + row * a_rs + kk * a_cs) as usize];
+                    let mut b_value = b[(b_base + kk * b_rs + col * b_cs) as usize];
+                    if comptime![bf16_operands] {
+                        a_value = round_to_bf16::<F>(a_value);
+                        b_value = round_to_bf16::<F>(b_value);
+                    }
+                    acc += a_value * b_value;
+                }
             }
-            a_tile[(ty * TILE + tx) as usize] = a_value;
-            b_tile[(ty * TILE + tx) as usize] = b_value;
-            sync_cube();
-            #[unroll]
-            for i in 0..tile {
-                acc += a_tile[ty as usize * tile + i] * b_tile[i * tile + tx as usize];
+        } else {
+            for t in 0..tiles {
+                let ak = t * TILE + tx;
+                let bk = t * TILE + ty;
+                let mut a_value = select(
+                    row < m && ak < k,
+                    a[(a_base + select(row < m && ak < k, row * a_rs + ak * a_cs, 0)) as usize],
+                    F::new(0.0),
+                );
+                let mut b_value = select(
+                    bk < k && col < n,
+                    b[(b_base + select(bk < k && col < n, bk * b_rs + col * b_cs, 0)) as usize],
+                    F::new(0.0),
+                );
+                if comptime![bf16_operands] {
+                    a_value = round_to_bf16::<F>(a_value);
+                    b_value = round_to_bf16::<F>(b_value);
+                }
+                a_tile[(ty * TILE + tx) as usize] = a_value;
+                b_tile[(ty * TILE + tx) as usize] = b_value;
+                sync_cube();
+                #[unroll]
+                for i in 0..tile {
+                    acc += a_tile[ty as usize * tile + i] * b_tile[i * tile + tx as usize];
+                }
+                sync_cube();
             }
-            sync_cube();
         }
     }
     if row < m && col < n {

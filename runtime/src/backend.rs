@@ -4,7 +4,7 @@
 
 use altc_compiler::ir::Graph;
 use altc_compiler::reference::{run, EvalContext, EvalError, Tensor, TensorMap};
-pub use altc_kernels::Ceilings;
+pub use altc_kernels::{candidates, Ceilings, KernelKey, TunedKernel, TuningMode};
 use std::collections::BTreeMap;
 use thiserror::Error;
 
@@ -69,6 +69,23 @@ pub trait Backend: Send {
 
     /// The kernels of the last profiled run, in launch order.
     fn kernel_profile(&self) -> Vec<KernelTiming> {
+        Vec::new()
+    }
+
+    /// Sets how tunable kernels choose their configuration. Backends without
+    /// tunable kernels ignore it.
+    fn set_tuning(&mut self, mode: TuningMode) {
+        let _ = mode;
+    }
+
+    /// What tuned choices are valid for: device, driver and altc version, as one
+    /// file-name-safe string (`None`: nothing to tune).
+    fn tuning_scope(&self) -> Option<String> {
+        None
+    }
+
+    /// The tuning decisions made so far, one per kernel key.
+    fn tuned_kernels(&self) -> Vec<TunedKernel> {
         Vec::new()
     }
 

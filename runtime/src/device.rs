@@ -3,7 +3,7 @@
 //! contiguous buffer) become strided views and launch nothing; every other op is one
 //! kernel launch. Intermediate buffers are released after their last use.
 
-use crate::backend::{Backend, BackendError, Ceilings, KernelTiming};
+use crate::backend::{Backend, BackendError, Ceilings, KernelTiming, TunedKernel, TuningMode};
 use altc_compiler::fusion::{self, FusionGroup, FusionPlan, Step};
 use altc_compiler::ir::{
     BinaryOp, CompareOp, DType, Dim, Graph, NodeId, Op, ReduceOp, Shape, UnaryOp,
@@ -83,8 +83,12 @@ fn open_cuda(bf16_matmuls: bool, fuse: bool) -> Result<Box<dyn Backend>, Backend
         ));
     }
     let client = probe("CUDA", || CudaRuntime::client(&CudaDevice::default()))?;
+    let driver = std::fs::read_to_string("/proc/driver/nvidia/version").unwrap_or_default();
+    let identity = format!("cuda {}", driver.lines().next().unwrap_or("unknown driver"));
     Ok(Box::new(
-        DeviceBackend::<CudaRuntime>::new(client, "cuda", bf16_matmuls).fused(fuse),
+        DeviceBackend::<CudaRuntime>::new(client, "cuda", bf16_matmuls)
+            .fused(fuse)
+            .identified_as(identity),
     ))
 }
 
@@ -94,8 +98,29 @@ fn open_wgpu(fuse: bool) -> Result<Box<dyn Backend>, BackendError> {
         WgpuRuntime::client(&WgpuDevice::default())
     })?;
     Ok(Box::new(
-        DeviceBackend::<WgpuRuntime>::new(client, "wgpu", false).fused(fuse),
+        DeviceBackend::<WgpuRuntime>::new(client, "wgpu", false)
+            .fused(fuse)
+            .identified_as(format!("wgpu {}", vulkan_adapters())),
     ))
+}
+
+/// The Vulkan adapters present, with their drivers: what cubecl's default wgpu
+/// device is chosen from.
+fn vulkan_adapters() -> String {
+    let instance = wgpu::Instance::default();
+    let adapters = cubecl::future::block_on(instance.enumerate_adapters(wgpu::Backends::VULKAN));
+    let names: Vec<String> = adapters
+        .iter()
+        .map(|a| {
+            let info = a.get_info();
+            format!("{} {} {}", info.name, info.driver, info.driver_info)
+        })
+        .collect();
+    if names.is_empty() {
+        "unknown adapter".into()
+    } else {
+        names.join("; ")
+    }
 }
 
 /// A value on the device: a (possibly strided) view and its logical shape.
@@ -140,6 +165,8 @@ pub struct DeviceBackend<R: Runtime> {
     launches: usize,
     /// Per-kernel timings of the last run, when profiling.
     profile: Option<Vec<KernelTiming>>,
+    /// The device and driver, for the tuning scope.
+    identity: String,
 }
 
 impl<R: Runtime> DeviceBackend<R> {
@@ -153,7 +180,14 @@ impl<R: Runtime> DeviceBackend<R> {
             fuse: true,
             launches: 0,
             profile: None,
+            identity: name.to_string(),
         }
+    }
+
+    /// Names the device and driver the tuning scope is for.
+    pub fn identified_as(mut self, identity: String) -> Self {
+        self.identity = identity;
+        self
     }
 
     /// Whether to run fusion groups as single kernels; off runs one kernel per op
@@ -743,6 +777,40 @@ impl<R: Runtime> Backend for DeviceBackend<R> {
 
     fn kernel_launches(&self) -> Option<usize> {
         Some(self.launches)
+    }
+
+    fn set_tuning(&mut self, mode: TuningMode) {
+        let scope = self.tuning_scope().expect("devices have a tuning scope");
+        self.kernels.set_tuning(mode, scope);
+    }
+
+    fn tuning_scope(&self) -> Option<String> {
+        let hw = &self.kernels.client().properties().hardware;
+        let text = format!(
+            "altc-{} {} {} units{} plane{}-{}",
+            env!("CARGO_PKG_VERSION"),
+            self.identity,
+            hw.max_units_per_cube,
+            if self.bf16_matmuls { " bf16" } else { "" },
+            hw.plane_size_min,
+            hw.plane_size_max
+        );
+        // cubecl names a cache file after the scope.
+        let safe: String = text
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        Some(safe)
+    }
+
+    fn tuned_kernels(&self) -> Vec<TunedKernel> {
+        self.kernels.tuned_kernels()
     }
 
     fn set_profiling(&mut self, on: bool) {

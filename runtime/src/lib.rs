@@ -1,7 +1,8 @@
 //! altc's runtime: executing compiled programs. It owns backends (the reference
 //! interpreter, and cubecl devices running `altc_kernels`: wgpu, CUDA), paired datasets
 //! (loading, batching, the planted generator), the training loop over the schedule's
-//! tasks, checkpoints, and retrieval.
+//! tasks, checkpoints, retrieval, and the tuning manifest beside cubecl's autotune
+//! cache.
 //!
 //! It reads lowered programs and training graphs from `altc_compiler` and never parses
 //! RON specs.
@@ -13,5 +14,6 @@ pub mod device;
 pub mod retrieval;
 pub mod synth;
 pub mod training;
+pub mod tuning;
 
 pub use altc_compiler::artifact::atomic_write;
