@@ -167,7 +167,7 @@ pub(crate) fn open_backend(
 
 pub fn run(args: RunArgs) -> Result<()> {
     let program = load_program(&args.model, lower_options(args.no_opt))?;
-    let tuned = !args.no_opt && !args.untuned;
+    let tuned = !args.no_opt && !args.untuned && !matches!(args.device, Device::Reference);
     let tune_dir = if tuned {
         Some(args.cache.configure_cubecl()?)
     } else {

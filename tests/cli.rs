@@ -361,6 +361,8 @@ fn bench_json_times_every_graph_optimised_and_baseline() {
         "--warmup",
         "1",
         "--json",
+        "--tune-cache",
+        scratch("empty-tune-cache").to_str().unwrap(),
     ]);
     if !o.status.success() && stderr(&o).contains("not available") {
         eprintln!("skipping: {}", stderr(&o));
@@ -404,4 +406,133 @@ fn bench_json_times_every_graph_optimised_and_baseline() {
         }
     }
     assert_eq!(measurements.len(), 2 * graphs.len());
+}
+
+/// `altc tune` records winners that a later process uses without tuning again; a
+/// cache made for another device, driver or altc version is ignored with a note; and
+/// `altc bench` times the tuned plan beside the untuned one.
+#[test]
+fn tuning_cache_survives_a_restart_and_foreign_entries_are_ignored() {
+    let cache = scratch("tune-cache");
+    let c = cache.to_str().unwrap();
+    let o = altc(&[
+        "tune",
+        "models/alt_moe_tiny.ron",
+        "--device",
+        "wgpu",
+        "--batch-size",
+        "4",
+        "--tune-cache",
+        c,
+        "--json",
+    ]);
+    if !o.status.success() && stderr(&o).contains("not available") {
+        eprintln!("skipping: {}", stderr(&o));
+        return;
+    }
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("candidates tried, best"),
+        "{}",
+        stderr(&o)
+    );
+    let tuned: serde_json::Value = serde_json::from_str(&stdout(&o)).expect("valid JSON");
+    let kernels = tuned["kernels"].as_array().unwrap();
+    assert!(!kernels.is_empty(), "{tuned}");
+    for k in kernels {
+        let candidates: Vec<&str> = k["candidates"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c.as_str().unwrap())
+            .collect();
+        assert!(candidates.contains(&k["winner"].as_str().unwrap()), "{k}");
+    }
+    let manifest = cache.join("altc-tuning.json");
+    assert!(manifest.exists());
+
+    let data = scratch("tune-pairs.safetensors");
+    let o = altc(&[
+        "data",
+        "synth",
+        "models/alt_moe_tiny.ron",
+        "-o",
+        data.to_str().unwrap(),
+        "--pairs",
+        "64",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let train = |out: &str| {
+        altc(&[
+            "run",
+            "models/alt_moe_tiny.ron",
+            "--data",
+            data.to_str().unwrap(),
+            "--device",
+            "wgpu",
+            "--batch-size",
+            "4",
+            "--steps",
+            "2",
+            "--held-out",
+            "16",
+            "--out",
+            scratch(out).to_str().unwrap(),
+            "--tune-cache",
+            c,
+        ])
+    };
+    let o = train("tuned-run");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let log = stderr(&o);
+    assert!(
+        log.contains(&format!("using {} tuned kernels", kernels.len())),
+        "{log}"
+    );
+    assert!(
+        !log.contains("candidates tried"),
+        "a cached run does not tune: {log}"
+    );
+
+    let o = altc(&[
+        "bench",
+        "models/alt_moe_tiny.ron",
+        "--device",
+        "wgpu",
+        "--batch-size",
+        "4",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--json",
+        "--tune-cache",
+        c,
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let report: serde_json::Value = serde_json::from_str(&stdout(&o)).expect("valid JSON");
+    let measurements = report["measurements"].as_array().unwrap();
+    for variant in ["tuned", "optimised", "no-opt"] {
+        assert_eq!(
+            measurements
+                .iter()
+                .filter(|m| m["variant"] == variant)
+                .count(),
+            6,
+            "{variant}"
+        );
+    }
+
+    // The same cache as if written by another altc version: never trusted.
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    let foreign = text.replace("\"altc-", "\"altc-0.0.0-elsewhere-");
+    std::fs::write(&manifest, foreign).unwrap();
+    let o = train("foreign-run");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let log = stderr(&o);
+    assert!(
+        log.contains("ignoring tuned kernels for other devices"),
+        "{log}"
+    );
+    assert!(!log.contains("tuned kernels from"), "{log}");
 }
