@@ -4,7 +4,7 @@
 //! (broadcast) views, and only the group's outputs are written.
 
 use crate::elementwise::{apply_binary, apply_unary, view_offset};
-use crate::reduce::{combine, offset_in, reduce_identity};
+use crate::reduce::{combine, combine_lanes, offset_in, reduce_identity, reduce_position};
 use crate::{BinaryKind, ReduceKind, UnaryKind};
 use cubecl::prelude::*;
 
@@ -117,7 +117,8 @@ pub(crate) fn run_program<F: Float>(
 }
 
 /// `meta`: the group's shape, each input's strides, each input's offset. The dropout
-/// key (seed, step) comes as scalars, so the metadata is the same every step.
+/// key (seed, step) comes as scalars, so the metadata is the same every step. Each
+/// unit computes `per_unit` elements, one per pass over the grid.
 #[cube(launch_unchecked)]
 pub(crate) fn fused_kernel<F: Float>(
     inputs: &Sequence<Array<F>>,
@@ -127,23 +128,29 @@ pub(crate) fn fused_kernel<F: Float>(
     seed_hi: u32,
     rng_step: u32,
     #[comptime] program: FusedProgram,
+    #[comptime] per_unit: u32,
 ) {
-    let pos = ABSOLUTE_POS;
-    if pos < outputs.index(0usize).len() {
-        let regs = run_program::<F>(
-            inputs,
-            meta,
-            pos as u32,
-            F::new(0.0),
-            seed_lo,
-            seed_hi,
-            rng_step,
-            program.clone(),
-        );
-        #[unroll]
-        for o in 0usize..comptime!(program.outputs.len()) {
-            let out = outputs.index_mut(o);
-            out[pos] = *regs.index(comptime!(program.outputs[o]));
+    let len = outputs.index(0usize).len() as u32;
+    #[unroll]
+    for i in 0..per_unit {
+        // Consecutive units touch consecutive elements in each pass.
+        let pos = i * CUBE_COUNT as u32 * CUBE_DIM + ABSOLUTE_POS as u32;
+        if pos < len {
+            let regs = run_program::<F>(
+                inputs,
+                meta,
+                pos,
+                F::new(0.0),
+                seed_lo,
+                seed_hi,
+                rng_step,
+                program.clone(),
+            );
+            #[unroll]
+            for o in 0usize..comptime!(program.outputs.len()) {
+                let out = outputs.index_mut(o);
+                out[pos as usize] = *regs.index(comptime!(program.outputs[o]));
+            }
         }
     }
 }
@@ -164,16 +171,18 @@ pub(crate) fn fused_reduce_kernel<F: Float>(
     #[comptime] kept: usize,
     #[comptime] reduced: usize,
     #[comptime] op: ReduceKind,
+    #[comptime] lanes: u32,
 ) {
-    let pos = ABSOLUTE_POS;
-    if pos < out.len() {
+    let (pos, lane) = reduce_position(lanes);
+    if pos < out.len() as u32 {
         let at = comptime!(program.rank * (1 + program.inputs) + program.inputs) as u32;
-        let base = offset_in(pos as u32, meta, at, at + kept as u32, kept);
+        let base = offset_in(pos, meta, at, at + kept as u32, kept);
         let red_at = at + 2 * kept as u32;
         let count = meta[(red_at + 2 * reduced as u32) as usize];
         let output = comptime!(program.outputs[0]);
         let mut acc = reduce_identity::<F>(op);
-        for r in 0..count {
+        let mut r = lane;
+        while r < count {
             let element = base + offset_in(r, meta, red_at, red_at + reduced as u32, reduced);
             let regs = run_program::<F>(
                 inputs,
@@ -186,10 +195,14 @@ pub(crate) fn fused_reduce_kernel<F: Float>(
                 program.clone(),
             );
             acc = combine::<F>(acc, *regs.index(output), op);
+            r += lanes;
         }
-        out[pos] = match op {
-            ReduceKind::Mean => acc / F::cast_from(count),
-            _ => acc,
-        };
+        acc = combine_lanes::<F>(acc, lanes, op);
+        if lane == 0 {
+            out[pos as usize] = match op {
+                ReduceKind::Mean => acc / F::cast_from(count),
+                _ => acc,
+            };
+        }
     }
 }

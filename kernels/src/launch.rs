@@ -9,11 +9,14 @@ use crate::index::{gather_kernel, scatter_add_kernel, top_k_kernel};
 use crate::matmul::{matmul_kernel, TILE};
 use crate::random::dropout_kernel;
 use crate::reduce::reduce_kernel;
-use crate::tune::{bucket, KernelKey, Outputs, TunedKernel, Tuning, TuningMode, MATMUL_TUNER};
+use crate::tune::{
+    bucket, Candidate, KernelKey, TunableLaunch, TunedKernel, Tuning, TuningMode, ELEMENTWISE,
+    ELEMENTWISE_TUNER, MATMUL, MATMUL_TUNER, REDUCE, REDUCE_TUNER,
+};
 use crate::{BinaryKind, ReduceKind, UnaryKind};
 use cubecl::prelude::*;
 use cubecl::server::Handle;
-use cubecl::tune::{Tunable, TunableSet};
+use std::sync::{Arc, Mutex};
 
 /// Units per cube for one-dimensional launches.
 const CUBE_SIZE: u32 = 256;
@@ -76,15 +79,14 @@ pub enum MatmulStrategy {
     Direct { edge: u32 },
 }
 
-impl MatmulStrategy {
-    /// The candidates, the untuned fallback first.
-    pub const CANDIDATES: [MatmulStrategy; 3] = [
+impl Candidate for MatmulStrategy {
+    const ALL: &'static [MatmulStrategy] = &[
         MatmulStrategy::Tiled,
         MatmulStrategy::Direct { edge: 16 },
         MatmulStrategy::Direct { edge: 8 },
     ];
 
-    pub fn name(&self) -> String {
+    fn name(&self) -> String {
         match self {
             MatmulStrategy::Tiled => format!("tiled-{TILE}x{TILE}"),
             MatmulStrategy::Direct { edge } => format!("direct-{edge}x{edge}"),
@@ -111,13 +113,21 @@ struct MatmulLaunch<R: Runtime> {
     bf16_operands: bool,
     epilogue: FusedProgram,
     key: KernelKey,
-    /// The candidate that ran last: after tuning, the winner.
-    ran: std::sync::Arc<std::sync::Mutex<Option<MatmulStrategy>>>,
+    ran: Arc<Mutex<Option<MatmulStrategy>>>,
 }
 
-impl<R: Runtime> MatmulLaunch<R> {
-    fn run(&self, strategy: MatmulStrategy) -> Vec<Handle> {
-        *self.ran.lock().expect("candidate record") = Some(strategy);
+impl<R: Runtime> TunableLaunch for MatmulLaunch<R> {
+    type With = MatmulStrategy;
+
+    fn key(&self) -> &KernelKey {
+        &self.key
+    }
+
+    fn ran(&self) -> &Arc<Mutex<Option<MatmulStrategy>>> {
+        &self.ran
+    }
+
+    fn launch(&self, strategy: MatmulStrategy) -> Vec<Handle> {
         let (m, n, batches) = self.extent;
         let len = (batches * m * n).max(1);
         let outputs: Vec<Handle> = self
@@ -160,19 +170,207 @@ impl<R: Runtime> MatmulLaunch<R> {
     }
 }
 
-/// The matmul candidates as a cubecl tunable set, keyed by the launch's key.
-fn matmul_tunables<R: Runtime>() -> TunableSet<KernelKey, MatmulLaunch<R>, Outputs> {
-    MatmulStrategy::CANDIDATES.into_iter().fold(
-        TunableSet::new_cloning_inputs(|launch: &MatmulLaunch<R>| launch.key.clone()),
-        |set, strategy| {
-            set.with(Tunable::new(
-                &strategy.name(),
-                move |launch: MatmulLaunch<R>| -> Result<Outputs, String> {
-                    Ok(Outputs(launch.run(strategy)))
-                },
-            ))
+/// How a fused elementwise kernel spreads its elements: units per cube and elements
+/// per unit (the tuning candidates).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ElementwiseStrategy {
+    pub cube: u32,
+    pub per_unit: u32,
+}
+
+impl Candidate for ElementwiseStrategy {
+    const ALL: &'static [ElementwiseStrategy] = &[
+        ElementwiseStrategy {
+            cube: CUBE_SIZE,
+            per_unit: 1,
         },
-    )
+        ElementwiseStrategy {
+            cube: 64,
+            per_unit: 1,
+        },
+        ElementwiseStrategy {
+            cube: CUBE_SIZE,
+            per_unit: 4,
+        },
+    ];
+
+    fn name(&self) -> String {
+        format!("cube-{}x{}-per-unit", self.cube, self.per_unit)
+    }
+}
+
+#[derive(Clone)]
+struct FusedLaunch<R: Runtime> {
+    client: ComputeClient<R>,
+    inputs: Vec<(Handle, usize)>,
+    meta: (Handle, usize),
+    /// Elements (of the program's shape).
+    n: usize,
+    seed: (u32, u32, u32),
+    program: FusedProgram,
+    key: KernelKey,
+    ran: Arc<Mutex<Option<ElementwiseStrategy>>>,
+}
+
+impl<R: Runtime> TunableLaunch for FusedLaunch<R> {
+    type With = ElementwiseStrategy;
+
+    fn key(&self) -> &KernelKey {
+        &self.key
+    }
+
+    fn ran(&self) -> &Arc<Mutex<Option<ElementwiseStrategy>>> {
+        &self.ran
+    }
+
+    fn launch(&self, with: ElementwiseStrategy) -> Vec<Handle> {
+        let n = self.n;
+        let outputs: Vec<Handle> = self
+            .program
+            .outputs
+            .iter()
+            .map(|_| self.client.empty(n.max(1) * 4))
+            .collect();
+        let units = n.div_ceil(with.per_unit as usize);
+        let (count, dim) = grid_of(units, with.cube);
+        unsafe {
+            fused_kernel::launch_unchecked::<f32, R>(
+                &self.client,
+                count,
+                dim,
+                array_sequence(self.inputs.iter().cloned()),
+                array_sequence(outputs.iter().map(|o| (o.clone(), n))),
+                ArrayArg::from_raw_parts(self.meta.0.clone(), self.meta.1),
+                self.seed.0,
+                self.seed.1,
+                self.seed.2,
+                self.program.clone(),
+                with.per_unit,
+            )
+        };
+        outputs
+    }
+}
+
+/// How a reduction spreads its work: a unit per output element walking its elements,
+/// or a cube of `lanes` units per output element (the tuning candidates).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReduceStrategy {
+    UnitPerOutput,
+    CubePerOutput { lanes: u32 },
+}
+
+impl Candidate for ReduceStrategy {
+    const ALL: &'static [ReduceStrategy] = &[
+        ReduceStrategy::UnitPerOutput,
+        ReduceStrategy::CubePerOutput { lanes: 64 },
+        ReduceStrategy::CubePerOutput { lanes: 256 },
+    ];
+
+    fn name(&self) -> String {
+        match self {
+            ReduceStrategy::UnitPerOutput => "unit-per-output".into(),
+            ReduceStrategy::CubePerOutput { lanes } => format!("cube-{lanes}-per-output"),
+        }
+    }
+}
+
+/// What a reduction reads: a strided buffer, or a fused elementwise prologue.
+#[derive(Clone)]
+enum ReduceSource {
+    View((Handle, usize)),
+    Prologue {
+        inputs: Vec<(Handle, usize)>,
+        program: FusedProgram,
+        seed: (u32, u32, u32),
+    },
+}
+
+#[derive(Clone)]
+struct ReduceLaunch<R: Runtime> {
+    client: ComputeClient<R>,
+    source: ReduceSource,
+    meta: (Handle, usize),
+    /// Output elements.
+    n: usize,
+    kept: usize,
+    reduced: usize,
+    op: ReduceKind,
+    key: KernelKey,
+    ran: Arc<Mutex<Option<ReduceStrategy>>>,
+}
+
+impl<R: Runtime> TunableLaunch for ReduceLaunch<R> {
+    type With = ReduceStrategy;
+
+    fn key(&self) -> &KernelKey {
+        &self.key
+    }
+
+    fn ran(&self) -> &Arc<Mutex<Option<ReduceStrategy>>> {
+        &self.ran
+    }
+
+    fn launch(&self, with: ReduceStrategy) -> Vec<Handle> {
+        let n = self.n.max(1);
+        let out = self.client.empty(n * 4);
+        let (count, dim, lanes) = match with {
+            ReduceStrategy::UnitPerOutput => {
+                let (count, dim) = grid_of(n, CUBE_SIZE);
+                (count, dim, 1)
+            }
+            ReduceStrategy::CubePerOutput { lanes } => {
+                let cubes = u32s([n])[0];
+                let x = cubes.min(MAX_GRID);
+                (
+                    CubeCount::Static(x, cubes.div_ceil(x), 1),
+                    CubeDim::new_1d(lanes),
+                    lanes,
+                )
+            }
+        };
+        let meta = unsafe { ArrayArg::from_raw_parts(self.meta.0.clone(), self.meta.1) };
+        let output = unsafe { ArrayArg::from_raw_parts(out.clone(), n) };
+        match &self.source {
+            ReduceSource::View((x, len)) => unsafe {
+                reduce_kernel::launch_unchecked::<f32, R>(
+                    &self.client,
+                    count,
+                    dim,
+                    ArrayArg::from_raw_parts(x.clone(), *len),
+                    output,
+                    meta,
+                    self.kept,
+                    self.reduced,
+                    self.op,
+                    lanes,
+                )
+            },
+            ReduceSource::Prologue {
+                inputs,
+                program,
+                seed,
+            } => unsafe {
+                fused_reduce_kernel::launch_unchecked::<f32, R>(
+                    &self.client,
+                    count,
+                    dim,
+                    array_sequence(inputs.iter().cloned()),
+                    output,
+                    meta,
+                    seed.0,
+                    seed.1,
+                    seed.2,
+                    program.clone(),
+                    self.kept,
+                    self.reduced,
+                    self.op,
+                    lanes,
+                )
+            },
+        };
+        vec![out]
+    }
 }
 
 /// Every kernel launch altc needs, on one client. Buffers hold f32.
@@ -219,11 +417,16 @@ pub(crate) fn tiles(extent: usize) -> u32 {
 }
 
 fn grid(units: usize) -> (CubeCount, CubeDim) {
-    let cubes = (units as u32).div_ceil(CUBE_SIZE).max(1);
+    grid_of(units, CUBE_SIZE)
+}
+
+/// A one-dimensional launch of `units` units in cubes of `cube`.
+fn grid_of(units: usize, cube: u32) -> (CubeCount, CubeDim) {
+    let cubes = u32s([units])[0].div_ceil(cube).max(1);
     let x = cubes.min(MAX_GRID);
     (
         CubeCount::Static(x, cubes.div_ceil(x), 1),
-        CubeDim::new_1d(CUBE_SIZE),
+        CubeDim::new_1d(cube),
     )
 }
 
@@ -417,27 +620,28 @@ impl<R: Runtime> Kernels<R> {
         step: u64,
     ) -> Vec<Handle> {
         let n: usize = shape.iter().product();
-        let outputs: Vec<Handle> = program.outputs.iter().map(|_| self.alloc(n)).collect();
         let meta = program_meta(shape, inputs);
         let meta_len = meta.len();
-        let input_args = array_sequence(inputs.iter().map(|v| (v.handle.clone(), v.len)));
-        let output_args = array_sequence(outputs.iter().map(|o| (o.clone(), n)));
-        let (count, dim) = grid(n);
-        unsafe {
-            fused_kernel::launch_unchecked::<f32, R>(
-                &self.client,
-                count,
-                dim,
-                input_args,
-                output_args,
-                ArrayArg::from_raw_parts(self.upload_once(meta), meta_len),
-                seed as u32,
-                (seed >> 32) as u32,
-                step as u32,
-                program.clone(),
-            )
+        let launch = FusedLaunch {
+            client: self.client.clone(),
+            inputs: inputs.iter().map(|v| (v.handle.clone(), v.len)).collect(),
+            meta: (self.upload_once(meta), meta_len),
+            n,
+            seed: (seed as u32, (seed >> 32) as u32, step as u32),
+            key: KernelKey {
+                family: ELEMENTWISE.into(),
+                signature: format!(
+                    "n{} ops{} in{} out{}",
+                    bucket(n),
+                    program.ops.len(),
+                    program.inputs,
+                    program.outputs.len()
+                ),
+            },
+            program: program.clone(),
+            ran: Default::default(),
         };
-        outputs
+        self.tuning.launch(&ELEMENTWISE_TUNER, &self.client, launch)
     }
 
     /// Reduces the single output of a fused `program` over `axes` of `shape` without
@@ -458,34 +662,57 @@ impl<R: Runtime> Kernels<R> {
         let strides = contiguous_strides(shape);
         let n: usize = kept.iter().map(|&a| shape[a]).product();
         let count: usize = reduced.iter().map(|&a| shape[a]).product();
-        let out = self.alloc(n);
         let mut meta = program_meta(shape, inputs);
         meta.extend(u32s(kept.iter().map(|&a| shape[a])));
         meta.extend(u32s(kept.iter().map(|&a| strides[a])));
         meta.extend(u32s(reduced.iter().map(|&a| shape[a])));
         meta.extend(u32s(reduced.iter().map(|&a| strides[a])));
         meta.extend(u32s([count]));
-        let meta_len = meta.len();
-        let input_args = array_sequence(inputs.iter().map(|v| (v.handle.clone(), v.len)));
-        let (cubes, dim) = grid(n);
-        unsafe {
-            fused_reduce_kernel::launch_unchecked::<f32, R>(
-                &self.client,
-                cubes,
-                dim,
-                input_args,
-                ArrayArg::from_raw_parts(out.clone(), n.max(1)),
-                ArrayArg::from_raw_parts(self.upload_once(meta), meta_len),
-                seed as u32,
-                (seed >> 32) as u32,
-                step as u32,
-                program.clone(),
-                kept.len(),
-                reduced.len(),
-                op,
-            )
+        let source = ReduceSource::Prologue {
+            inputs: inputs.iter().map(|v| (v.handle.clone(), v.len)).collect(),
+            program: program.clone(),
+            seed: (seed as u32, (seed >> 32) as u32, step as u32),
         };
-        out
+        self.launch_reduce(source, meta, (n, count), (kept.len(), reduced.len()), op)
+    }
+
+    /// A reduction of `n` outputs over `count` elements each, through the tuner.
+    fn launch_reduce(
+        &self,
+        source: ReduceSource,
+        meta: Vec<u32>,
+        (n, count): (usize, usize),
+        (kept, reduced): (usize, usize),
+        op: ReduceKind,
+    ) -> Handle {
+        let prologue = match &source {
+            ReduceSource::View(_) => 0,
+            ReduceSource::Prologue { program, .. } => program.ops.len(),
+        };
+        let meta_len = meta.len();
+        let launch = ReduceLaunch {
+            client: self.client.clone(),
+            source,
+            meta: (self.upload_once(meta), meta_len),
+            n,
+            kept,
+            reduced,
+            op,
+            key: KernelKey {
+                family: REDUCE.into(),
+                signature: format!(
+                    "out{} count{} {op:?} prologue{prologue}",
+                    bucket(n),
+                    bucket(count)
+                ),
+            },
+            ran: Default::default(),
+        };
+        self.tuning
+            .launch(&REDUCE_TUNER, &self.client, launch)
+            .into_iter()
+            .next()
+            .expect("one output")
     }
 
     pub fn fill(&self, value: f32, len: usize) -> Handle {
@@ -530,28 +757,18 @@ impl<R: Runtime> Kernels<R> {
         let reduced: Vec<usize> = (0..shape.len()).filter(|a| axes.contains(a)).collect();
         let n: usize = kept.iter().map(|&a| shape[a]).product();
         let count_reduced: usize = reduced.iter().map(|&a| shape[a]).product();
-        let out = self.alloc(n);
         let mut meta = u32s(kept.iter().map(|&a| shape[a]));
         meta.extend(u32s(kept.iter().map(|&a| x.strides[a])));
         meta.extend(u32s(reduced.iter().map(|&a| shape[a])));
         meta.extend(u32s(reduced.iter().map(|&a| x.strides[a])));
         meta.extend(u32s([x.offset, count_reduced]));
-        let meta_len = meta.len();
-        let (count, dim) = grid(n);
-        unsafe {
-            reduce_kernel::launch_unchecked::<f32, R>(
-                &self.client,
-                count,
-                dim,
-                ArrayArg::from_raw_parts(x.handle.clone(), x.len.max(1)),
-                ArrayArg::from_raw_parts(out.clone(), n),
-                ArrayArg::from_raw_parts(self.upload_once(meta), meta_len),
-                kept.len(),
-                reduced.len(),
-                op,
-            )
-        };
-        out
+        self.launch_reduce(
+            ReduceSource::View((x.handle.clone(), x.len.max(1))),
+            meta,
+            (n, count_reduced),
+            (kept.len(), reduced.len()),
+            op,
+        )
     }
 
     /// `[..., M, K] x [..., K, N]`; see `MatmulOperands`.
@@ -673,7 +890,7 @@ impl<R: Runtime> Kernels<R> {
             bf16_operands: mm.bf16_operands,
             epilogue: epilogue.clone(),
             key: KernelKey {
-                family: "matmul".into(),
+                family: MATMUL.into(),
                 signature: format!(
                     "m{} n{} k{} batch{}{}{} epilogue{}x{}",
                     bucket(m),
@@ -688,34 +905,7 @@ impl<R: Runtime> Kernels<R> {
             },
             ran: Default::default(),
         };
-        if let TuningMode::Force(name) = &self.tuning.mode {
-            let strategy = MatmulStrategy::CANDIDATES
-                .into_iter()
-                .find(|c| &c.name() == name)
-                .unwrap_or_else(|| panic!("no matmul candidate `{name}`"));
-            return launch.run(strategy);
-        }
-        if !self.tuning.consults_tuner(&launch.key) {
-            return launch.run(MatmulStrategy::CANDIDATES[0]);
-        }
-        let set = MATMUL_TUNER.init(matmul_tunables::<R>);
-        let outputs = MATMUL_TUNER
-            .execute(&self.tuning.scope, &self.client, set, launch.clone())
-            .0;
-        let winner = launch
-            .ran
-            .lock()
-            .expect("candidate record")
-            .expect("the tuner ran a candidate");
-        self.tuning.record(TunedKernel {
-            key: launch.key.clone(),
-            candidates: MatmulStrategy::CANDIDATES
-                .iter()
-                .map(|c| c.name())
-                .collect(),
-            winner: winner.name(),
-        });
-        outputs
+        self.tuning.launch(&MATMUL_TUNER, &self.client, launch)
     }
 
     /// PyTorch `gather` along `axis`; the result has the index's `shape`.

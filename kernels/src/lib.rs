@@ -22,6 +22,9 @@ mod tune;
 pub use elementwise::{BinaryKind, UnaryKind};
 pub use experts::ExpertMatmul;
 pub use fused::{FusedOp, FusedProgram};
-pub use launch::{contiguous_strides, Ceilings, Kernels, MatmulOperands, MatmulStrategy, View};
+pub use launch::{
+    contiguous_strides, Ceilings, ElementwiseStrategy, Kernels, MatmulOperands, MatmulStrategy,
+    ReduceStrategy, View,
+};
 pub use reduce::ReduceKind;
-pub use tune::{candidates, KernelKey, TunedKernel, TuningMode};
+pub use tune::{candidates, Candidate, KernelKey, TunedKernel, TuningMode};

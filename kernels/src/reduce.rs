@@ -1,5 +1,7 @@
-//! Reductions over any set of axes of a strided view: one unit per output element
-//! walks the reduced elements in order, so results are deterministic.
+//! Reductions over any set of axes of a strided view. With one lane, one unit per
+//! output element walks the reduced elements in order; with `lanes` > 1 a cube per
+//! output element splits them across its units and combines the partial results in a
+//! fixed tree. Either way results are deterministic.
 
 pub(crate) use crate::elementwise::offset_in;
 use crate::elementwise::unordered;
@@ -34,6 +36,47 @@ pub(crate) fn combine<F: Float>(acc: F, v: F, #[comptime] op: ReduceKind) -> F {
     }
 }
 
+/// The output element this unit works on and its lane: with one lane each unit owns
+/// an element; otherwise each cube does (the whole cube agrees on it).
+#[cube]
+pub(crate) fn reduce_position(#[comptime] lanes: u32) -> (u32, u32) {
+    if comptime![lanes == 1] {
+        (ABSOLUTE_POS as u32, 0u32)
+    } else {
+        (CUBE_POS as u32, UNIT_POS)
+    }
+}
+
+/// Combines each lane's partial result across the cube (`lanes` a power of two, the
+/// cube's size) in a fixed tree; every unit gets the total.
+#[cube]
+pub(crate) fn combine_lanes<F: Float>(
+    acc: F,
+    #[comptime] lanes: u32,
+    #[comptime] op: ReduceKind,
+) -> F {
+    let mut total = acc;
+    if comptime![lanes > 1] {
+        let mut partial = SharedMemory::<F>::new(lanes as usize);
+        partial[UNIT_POS as usize] = acc;
+        sync_cube();
+        let mut stride = lanes / 2;
+        while stride > 0 {
+            if UNIT_POS < stride {
+                partial[UNIT_POS as usize] = combine::<F>(
+                    partial[UNIT_POS as usize],
+                    partial[(UNIT_POS + stride) as usize],
+                    op,
+                );
+            }
+            sync_cube();
+            stride /= 2;
+        }
+        total = partial[0];
+    }
+    total
+}
+
 /// `meta`: kept shape (`kept` dims), kept strides, reduced shape (`reduced` dims),
 /// reduced strides, x offset, number of reduced elements.
 #[cube(launch_unchecked)]
@@ -44,14 +87,16 @@ pub(crate) fn reduce_kernel<F: Float>(
     #[comptime] kept: usize,
     #[comptime] reduced: usize,
     #[comptime] op: ReduceKind,
+    #[comptime] lanes: u32,
 ) {
-    let pos = ABSOLUTE_POS;
-    if pos < out.len() {
+    let (pos, lane) = reduce_position(lanes);
+    if pos < out.len() as u32 {
         let tail = 2 * kept + 2 * reduced;
-        let base = offset_in(pos as u32, meta, 0, kept as u32, kept) + meta[tail];
+        let base = offset_in(pos, meta, 0, kept as u32, kept) + meta[tail];
         let count = meta[tail + 1];
         let mut acc = reduce_identity::<F>(op);
-        for r in 0..count {
+        let mut r = lane;
+        while r < count {
             let v = x[(base
                 + offset_in(
                     r,
@@ -61,11 +106,15 @@ pub(crate) fn reduce_kernel<F: Float>(
                     reduced,
                 )) as usize];
             acc = combine::<F>(acc, v, op);
+            r += lanes;
         }
+        acc = combine_lanes::<F>(acc, lanes, op);
         let result = match op {
             ReduceKind::Mean => acc / F::cast_from(count),
             _ => acc,
         };
-        out[pos] = result;
+        if lane == 0 {
+            out[pos as usize] = result;
+        }
     }
 }

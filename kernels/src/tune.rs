@@ -5,10 +5,12 @@
 //! policy: tune on a miss (`altc tune`), use only what was tuned before (`altc run`),
 //! or stay untuned, and a record of every decision for the caller's manifest.
 
-use cubecl::tune::{AutotuneKey, AutotuneOutput, LocalTuner};
+use cubecl::server::Handle;
+use cubecl::tune::{AutotuneKey, AutotuneOutput, LocalTuner, Tunable, TunableSet};
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 use std::fmt;
+use std::sync::{Arc, Mutex};
 
 /// What identifies a tuning problem: the kernel family and its shape bucket and
 /// comptime signature. Launches with equal keys share one tuned choice.
@@ -80,12 +82,8 @@ impl Tuning {
     }
 }
 
-/// The tuner of the matmul family (plain, with an epilogue, summed over the batch).
-pub(crate) static MATMUL_TUNER: LocalTuner<KernelKey, String> =
-    LocalTuner::new(concat!(module_path!(), "-matmul"));
-
 /// Kernel outputs as an autotune result.
-pub(crate) struct Outputs(pub Vec<cubecl::server::Handle>);
+pub(crate) struct Outputs(pub Vec<Handle>);
 
 impl AutotuneOutput for Outputs {}
 
@@ -94,14 +92,96 @@ pub(crate) fn bucket(extent: usize) -> usize {
     extent.max(1).next_power_of_two()
 }
 
+/// A configuration a tunable kernel family can launch with.
+pub trait Candidate: Copy + Send + Sync + 'static {
+    /// The family's candidates, the untuned fallback first.
+    const ALL: &'static [Self];
+    fn name(&self) -> String;
+}
+
+/// One launch of a tunable kernel with everything it needs owned, so the tuner can
+/// replay it with each candidate.
+pub(crate) trait TunableLaunch: Clone + Send + Sync + 'static {
+    type With: Candidate;
+    fn key(&self) -> &KernelKey;
+    /// The candidate that ran last (after tuning: the winner).
+    fn ran(&self) -> &Arc<Mutex<Option<Self::With>>>;
+    fn launch(&self, with: Self::With) -> Vec<Handle>;
+
+    fn run(&self, with: Self::With) -> Vec<Handle> {
+        *self.ran().lock().expect("candidate record") = Some(with);
+        self.launch(with)
+    }
+}
+
+/// A family's candidates as a cubecl tunable set keyed by the launch's key.
+fn tunables<L: TunableLaunch>() -> TunableSet<KernelKey, L, Outputs> {
+    L::With::ALL.iter().fold(
+        TunableSet::new_cloning_inputs(|launch: &L| launch.key().clone()),
+        |set, &with| {
+            set.with(Tunable::new(
+                &with.name(),
+                move |launch: L| -> Result<Outputs, String> { Ok(Outputs(launch.run(with))) },
+            ))
+        },
+    )
+}
+
+impl Tuning {
+    /// Runs `launch` with the candidate the mode calls for: the fallback, a forced
+    /// one, or cubecl's tuned choice (tuning first on a miss in `Tune` mode).
+    pub(crate) fn launch<R: cubecl::Runtime, L: TunableLaunch>(
+        &self,
+        tuner: &'static LocalTuner<KernelKey, String>,
+        client: &cubecl::prelude::ComputeClient<R>,
+        launch: L,
+    ) -> Vec<Handle> {
+        let all = L::With::ALL;
+        if let TuningMode::Force(name) = &self.mode {
+            let forced = all.iter().find(|c| &c.name() == name).unwrap_or(&all[0]);
+            return launch.run(*forced);
+        }
+        if !self.consults_tuner(launch.key()) {
+            return launch.run(all[0]);
+        }
+        let set = tuner.init(tunables::<L>);
+        let outputs = tuner.execute(&self.scope, client, set, launch.clone()).0;
+        let winner = launch
+            .ran()
+            .lock()
+            .expect("candidate record")
+            .expect("the tuner ran a candidate");
+        self.record(TunedKernel {
+            key: launch.key().clone(),
+            candidates: all.iter().map(Candidate::name).collect(),
+            winner: winner.name(),
+        });
+        outputs
+    }
+}
+
 /// The candidate names of a tunable kernel family, fallback first (empty for a family
 /// that is not tunable).
 pub fn candidates(family: &str) -> Vec<String> {
+    fn names<C: Candidate>() -> Vec<String> {
+        C::ALL.iter().map(Candidate::name).collect()
+    }
     match family {
-        "matmul" => crate::launch::MatmulStrategy::CANDIDATES
-            .iter()
-            .map(|c| c.name())
-            .collect(),
+        MATMUL => names::<crate::launch::MatmulStrategy>(),
+        REDUCE => names::<crate::launch::ReduceStrategy>(),
+        ELEMENTWISE => names::<crate::launch::ElementwiseStrategy>(),
         _ => Vec::new(),
     }
 }
+
+/// Tunable families, as named in kernel keys.
+pub(crate) const MATMUL: &str = "matmul";
+pub(crate) const REDUCE: &str = "reduce";
+pub(crate) const ELEMENTWISE: &str = "fused elementwise";
+
+pub(crate) static MATMUL_TUNER: LocalTuner<KernelKey, String> =
+    LocalTuner::new(concat!(module_path!(), "-matmul"));
+pub(crate) static REDUCE_TUNER: LocalTuner<KernelKey, String> =
+    LocalTuner::new(concat!(module_path!(), "-reduce"));
+pub(crate) static ELEMENTWISE_TUNER: LocalTuner<KernelKey, String> =
+    LocalTuner::new(concat!(module_path!(), "-elementwise"));

@@ -1,12 +1,13 @@
-//! Tunable kernels: every matmul candidate computes what the reference does (plain,
-//! transposed, broadcast batches, with an epilogue, summed over the batch), and tuning
-//! picks one of the candidates and gives the fallback's results.
+//! Tunable kernels: every candidate of every tunable family computes what the
+//! reference does (matmuls plain, transposed, with an epilogue and summed over the
+//! batch; reductions plain and with a fused prologue; fused elementwise chains), and
+//! tuning picks one of the candidates and gives the fallback's results.
 
 use altc_compiler::ir::{BinaryOp, DType, Graph, NodeId, Op, ReduceOp, UnaryOp};
 use altc_compiler::reference::{run, EvalContext, Tensor, TensorMap};
 use altc_compiler::rng;
 use altc_compiler::spec::Precision;
-use altc_kernels::MatmulStrategy;
+use altc_kernels::{Candidate, ElementwiseStrategy, MatmulStrategy, ReduceStrategy};
 use altc_runtime::backend::{Backend, TuningMode};
 use altc_runtime::device::{open, DeviceChoice};
 use std::collections::BTreeMap;
@@ -34,9 +35,9 @@ fn input(g: &mut Graph, feeds: &mut TensorMap, name: &str, shape: &[usize], stre
     .unwrap()
 }
 
-/// Matmuls of every planned form, with extents that are no tile multiple.
-fn matmul_graph() -> (Graph, TensorMap) {
-    let mut g = Graph::new("matmuls");
+/// A kernel of every tunable form, with extents that are no tile or cube multiple.
+fn tunable_graph() -> (Graph, TensorMap) {
+    let mut g = Graph::new("tunables");
     let mut feeds = TensorMap::new();
     let x = input(&mut g, &mut feeds, "x", &[3, 19, 17], 1);
     let w = input(&mut g, &mut feeds, "w", &[17, 21], 2);
@@ -63,11 +64,46 @@ fn matmul_graph() -> (Graph, TensorMap) {
         },
         &[batched],
     );
+    // A fused chain written out, and one that only feeds a reduction (its prologue).
+    let exp = push(&mut g, Op::Unary(UnaryOp::Exp), &[x]);
+    let chain = push(&mut g, Op::Binary(BinaryOp::Mul), &[exp, x]);
+    let square = push(&mut g, Op::Binary(BinaryOp::Mul), &[dy, dy]);
+    let row_max = push(
+        &mut g,
+        Op::Reduce {
+            op: ReduceOp::Max,
+            axes: vec![2],
+            keep_dims: false,
+        },
+        &[square],
+    );
+    let column_sums = push(
+        &mut g,
+        Op::Reduce {
+            op: ReduceOp::Sum,
+            axes: vec![0, 1],
+            keep_dims: false,
+        },
+        &[x],
+    );
+    let mean = push(
+        &mut g,
+        Op::Reduce {
+            op: ReduceOp::Mean,
+            axes: vec![0, 1, 2],
+            keep_dims: false,
+        },
+        &[dy],
+    );
     for (name, id) in [
         ("plain", plain),
         ("transposed", transposed),
         ("epilogue", activated),
         ("summed", summed),
+        ("chain", chain),
+        ("row_max", row_max),
+        ("column_sums", column_sums),
+        ("mean", mean),
     ] {
         g.set_output(name, id).unwrap();
     }
@@ -106,15 +142,20 @@ fn device() -> Option<Box<dyn Backend>> {
 }
 
 #[test]
-fn every_matmul_candidate_matches_the_reference_and_tuning_picks_one() {
+fn every_candidate_matches_the_reference_and_tuning_picks_one() {
     let Some(mut device) = device() else { return };
-    let (g, feeds) = matmul_graph();
+    let (g, feeds) = tunable_graph();
     let ctx = EvalContext { seed: 1, step: 0 };
     let want = run(&g, &feeds, &TensorMap::new(), ctx).unwrap();
-    for candidate in MatmulStrategy::CANDIDATES {
-        device.set_tuning(TuningMode::Force(candidate.name()));
+    let names = MatmulStrategy::ALL
+        .iter()
+        .map(Candidate::name)
+        .chain(ReduceStrategy::ALL.iter().map(Candidate::name))
+        .chain(ElementwiseStrategy::ALL.iter().map(Candidate::name));
+    for name in names {
+        device.set_tuning(TuningMode::Force(name.clone()));
         let got = device.run(&g, &feeds, ctx).unwrap();
-        assert_close(&candidate.name(), &got, &want);
+        assert_close(&name, &got, &want);
     }
 
     device.set_tuning(TuningMode::Untuned);
@@ -127,14 +168,16 @@ fn every_matmul_candidate_matches_the_reference_and_tuning_picks_one() {
     let tuned = device.run(&g, &feeds, ctx).unwrap();
     assert_close("tuned vs fallback", &tuned, &fallback);
     let decisions = device.tuned_kernels();
+    let of = |family: &str| decisions.iter().filter(|d| d.key.family == family).count();
     // Plain and transposed share a shape bucket; the epilogue and the batch sum differ.
-    assert_eq!(decisions.len(), 3, "{decisions:?}");
+    assert_eq!(of("matmul"), 3, "{decisions:?}");
+    assert_eq!(of("reduce"), 3, "{decisions:?}");
+    assert_eq!(of("fused elementwise"), 1, "{decisions:?}");
     for d in &decisions {
-        assert_eq!(d.key.family, "matmul");
         assert_eq!(
-            d.candidates[0],
-            MatmulStrategy::Tiled.name(),
-            "fallback first"
+            d.candidates,
+            altc_kernels::candidates(&d.key.family),
+            "{d:?}"
         );
         assert!(d.candidates.contains(&d.winner), "{d:?}");
     }
