@@ -9,10 +9,12 @@
 //! assignment's place, so nothing is permuted in memory. Experts that receive no
 //! assignment cost nothing; one that receives all of them is just a long run.
 
-use crate::launch::{tiles, u32s, Kernels, View};
+use crate::launch::{tiles, u32s, Kernels, MatmulStrategy, View};
 use crate::matmul::{round_to_bf16, TILE};
+use crate::tune::{bucket, KernelKey, TunableLaunch, GROUPED_MATMUL, GROUPED_MATMUL_TUNER};
 use cubecl::prelude::*;
 use cubecl::server::Handle;
+use std::sync::{Arc, Mutex};
 
 /// The expert owning sorted position `p`: the last `e` whose run starts at or before
 /// `p` (empty experts share their start with the next one, which wins).
@@ -102,6 +104,7 @@ pub(crate) fn expert_matmul_kernel<F: Float>(
     #[comptime] experts: u32,
     #[comptime] has_bias: bool,
     #[comptime] bf16_operands: bool,
+    #[comptime] direct: bool,
 ) {
     let tile = comptime!(TILE as usize);
     let mut x_tile = SharedMemory::<F>::new(tile * tile);
@@ -113,48 +116,64 @@ pub(crate) fn expert_matmul_kernel<F: Float>(
     let (w_se, w_sk, w_sm, w_off) = (meta[4], meta[5], meta[6], meta[7]);
     let tx = UNIT_POS_X;
     let ty = UNIT_POS_Y;
-    let first = CUBE_POS_Y * TILE;
+    let first = CUBE_POS_Y * CUBE_DIM_Y;
     let p = first + ty;
-    let col = CUBE_POS_X * TILE + tx;
+    let col = CUBE_POS_X * CUBE_DIM_X + tx;
     let valid = p < n;
     let assignment = u32::cast_from(order[select(valid, p, 0) as usize]);
     let own_expert = expert_at::<F>(offsets, select(valid, p, 0), experts);
-    let last = select(first + TILE <= n, first + TILE, n) - 1;
-    let first_expert = expert_at::<F>(offsets, first, experts);
-    let last_expert = expert_at::<F>(offsets, last, experts);
     let x_row = assignment / fan;
     let mut acc = F::new(0.0);
-    #[allow(clippy::manual_div_ceil)]
-    let k_tiles = (k + TILE - 1) / TILE;
-    for t in 0..k_tiles {
-        let xk = t * TILE + tx;
-        let x_ok = valid && xk < k;
-        let mut x_value = select(
-            x_ok,
-            x[select(x_ok, x_row * k + xk, 0) as usize],
-            F::new(0.0),
-        );
-        if comptime![bf16_operands] {
-            x_value = round_to_bf16::<F>(x_value);
-        }
-        x_tile[(ty * TILE + tx) as usize] = x_value;
-        let wk = t * TILE + ty;
-        let w_ok = wk < k && col < m;
-        for e in first_expert..last_expert + 1 {
-            let at = w_off + e * w_se + wk * w_sk + col * w_sm;
-            let mut w_value = select(w_ok, w[select(w_ok, at, 0) as usize], F::new(0.0));
-            if comptime![bf16_operands] {
-                w_value = round_to_bf16::<F>(w_value);
-            }
-            w_tile[(ty * TILE + tx) as usize] = w_value;
-            sync_cube();
-            if own_expert == e {
-                #[unroll]
-                for i in 0..tile {
-                    acc += x_tile[ty as usize * tile + i] * w_tile[i * tile + tx as usize];
+    if comptime![direct] {
+        // Each unit reads its row and its expert's column directly: no shared
+        // memory, no barriers.
+        if valid && col < m {
+            for kk in 0..k {
+                let mut x_value = x[(x_row * k + kk) as usize];
+                let mut w_value = w[(w_off + own_expert * w_se + kk * w_sk + col * w_sm) as usize];
+                if comptime![bf16_operands] {
+                    x_value = round_to_bf16::<F>(x_value);
+                    w_value = round_to_bf16::<F>(w_value);
                 }
+                acc += x_value * w_value;
             }
-            sync_cube();
+        }
+    } else {
+        let last = select(first + TILE <= n, first + TILE, n) - 1;
+        let first_expert = expert_at::<F>(offsets, first, experts);
+        let last_expert = expert_at::<F>(offsets, last, experts);
+        #[allow(clippy::manual_div_ceil)]
+        let k_tiles = (k + TILE - 1) / TILE;
+        for t in 0..k_tiles {
+            let xk = t * TILE + tx;
+            let x_ok = valid && xk < k;
+            let mut x_value = select(
+                x_ok,
+                x[select(x_ok, x_row * k + xk, 0) as usize],
+                F::new(0.0),
+            );
+            if comptime![bf16_operands] {
+                x_value = round_to_bf16::<F>(x_value);
+            }
+            x_tile[(ty * TILE + tx) as usize] = x_value;
+            let wk = t * TILE + ty;
+            let w_ok = wk < k && col < m;
+            for e in first_expert..last_expert + 1 {
+                let at = w_off + e * w_se + wk * w_sk + col * w_sm;
+                let mut w_value = select(w_ok, w[select(w_ok, at, 0) as usize], F::new(0.0));
+                if comptime![bf16_operands] {
+                    w_value = round_to_bf16::<F>(w_value);
+                }
+                w_tile[(ty * TILE + tx) as usize] = w_value;
+                sync_cube();
+                if own_expert == e {
+                    #[unroll]
+                    for i in 0..tile {
+                        acc += x_tile[ty as usize * tile + i] * w_tile[i * tile + tx as usize];
+                    }
+                }
+                sync_cube();
+            }
         }
     }
     if valid && col < m {
@@ -238,6 +257,70 @@ fn grouping_lanes(experts: usize) -> u32 {
     (4096 / experts).clamp(1, 256) as u32
 }
 
+/// One grouped expert matmul launch, owned so the tuner can replay it with each
+/// candidate (the dense matmul's: shared-memory tiles, or direct reads).
+#[derive(Clone)]
+struct ExpertLaunch<R: Runtime> {
+    client: ComputeClient<R>,
+    x: (Handle, usize),
+    w: (Handle, usize),
+    bias: (Handle, usize),
+    order: (Handle, usize),
+    offsets: (Handle, usize),
+    meta: (Handle, usize),
+    /// `(assignments, m)`.
+    extent: (usize, usize),
+    experts: u32,
+    has_bias: bool,
+    bf16_operands: bool,
+    key: KernelKey,
+    ran: Arc<Mutex<Option<MatmulStrategy>>>,
+}
+
+impl<R: Runtime> TunableLaunch for ExpertLaunch<R> {
+    type With = MatmulStrategy;
+
+    fn key(&self) -> &KernelKey {
+        &self.key
+    }
+
+    fn ran(&self) -> &Arc<Mutex<Option<MatmulStrategy>>> {
+        &self.ran
+    }
+
+    fn launch(&self, strategy: MatmulStrategy) -> Vec<Handle> {
+        let (assignments, m) = self.extent;
+        let out = self.client.empty(assignments * m * 4);
+        let (edge, direct) = match strategy {
+            MatmulStrategy::Tiled => (TILE, false),
+            MatmulStrategy::Direct { edge } => (edge, true),
+        };
+        let cover = |extent: usize| u32s([extent])[0].div_ceil(edge).max(1);
+        let raw = |(handle, len): &(Handle, usize)| unsafe {
+            ArrayArg::from_raw_parts(handle.clone(), *len)
+        };
+        unsafe {
+            expert_matmul_kernel::launch_unchecked::<f32, R>(
+                &self.client,
+                CubeCount::Static(cover(m), cover(assignments), 1),
+                CubeDim::new_2d(edge, edge),
+                raw(&self.x),
+                raw(&self.w),
+                raw(&self.bias),
+                raw(&self.order),
+                raw(&self.offsets),
+                ArrayArg::from_raw_parts(out.clone(), assignments * m),
+                raw(&self.meta),
+                self.experts,
+                self.has_bias,
+                self.bf16_operands,
+                direct,
+            )
+        };
+        vec![out]
+    }
+}
+
 /// A grouped expert matmul's operands; see `Op::ExpertMatMul` in the compiler.
 pub struct ExpertMatmul<'a> {
     /// Contiguous `[rows, k]`; assignment `a` reads row `a / (assignments / rows)`.
@@ -295,9 +378,8 @@ impl<R: Runtime> Kernels<R> {
 
     /// `[assignments, m]`: each assignment's row times its expert's weights.
     pub fn expert_matmul(&self, op: &ExpertMatmul) -> Handle {
-        let out = self.alloc(op.assignments * op.m);
         if op.assignments == 0 {
-            return out;
+            return self.alloc(0);
         }
         let s = &op.w.strides;
         let (sk, sm) = if op.transpose_w {
@@ -310,24 +392,37 @@ impl<R: Runtime> Kernels<R> {
         let bias = op.bias.unwrap_or(op.w);
         meta.extend(u32s([bias.strides[0], bias.strides[1], bias.offset]));
         let meta_len = meta.len();
-        unsafe {
-            expert_matmul_kernel::launch_unchecked::<f32, R>(
-                self.client(),
-                CubeCount::Static(tiles(op.m), tiles(op.assignments), 1),
-                CubeDim::new_2d(TILE, TILE),
-                ArrayArg::from_raw_parts(op.x.clone(), (op.rows * op.k).max(1)),
-                ArrayArg::from_raw_parts(op.w.handle.clone(), op.w.len.max(1)),
-                ArrayArg::from_raw_parts(bias.handle.clone(), bias.len.max(1)),
-                ArrayArg::from_raw_parts(op.order.clone(), op.assignments),
-                ArrayArg::from_raw_parts(op.offsets.clone(), op.experts + 1),
-                ArrayArg::from_raw_parts(out.clone(), op.assignments * op.m),
-                ArrayArg::from_raw_parts(self.upload_once(meta), meta_len),
-                u32s([op.experts])[0],
-                op.bias.is_some(),
-                op.bf16_operands,
-            )
+        let launch = ExpertLaunch {
+            client: self.client().clone(),
+            x: (op.x.clone(), (op.rows * op.k).max(1)),
+            w: (op.w.handle.clone(), op.w.len.max(1)),
+            bias: (bias.handle.clone(), bias.len.max(1)),
+            order: (op.order.clone(), op.assignments),
+            offsets: (op.offsets.clone(), op.experts + 1),
+            meta: (self.upload_once(meta), meta_len),
+            extent: (op.assignments, op.m),
+            experts: u32s([op.experts])[0],
+            has_bias: op.bias.is_some(),
+            bf16_operands: op.bf16_operands,
+            key: KernelKey {
+                family: GROUPED_MATMUL.into(),
+                signature: format!(
+                    "rows{} k{} m{} experts{}{}{}",
+                    bucket(op.assignments),
+                    bucket(op.k),
+                    bucket(op.m),
+                    op.experts,
+                    if op.bias.is_some() { " bias" } else { "" },
+                    if op.bf16_operands { " bf16" } else { "" }
+                ),
+            },
+            ran: Default::default(),
         };
-        out
+        self.tuning()
+            .launch(&GROUPED_MATMUL_TUNER, self.client(), launch)
+            .into_iter()
+            .next()
+            .expect("one output")
     }
 
     /// `[experts, k, m]`: per expert, the sum over its assignments of

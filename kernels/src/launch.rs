@@ -449,6 +449,10 @@ impl<R: Runtime> Kernels<R> {
         };
     }
 
+    pub(crate) fn tuning(&self) -> &Tuning {
+        &self.tuning
+    }
+
     /// The tuning decisions made so far (tuned now or read from the cache), one per
     /// kernel key.
     pub fn tuned_kernels(&self) -> Vec<TunedKernel> {

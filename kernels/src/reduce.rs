@@ -60,7 +60,8 @@ pub(crate) fn combine_lanes<F: Float>(
         let mut partial = SharedMemory::<F>::new(lanes as usize);
         partial[UNIT_POS as usize] = acc;
         sync_cube();
-        let mut stride = lanes / 2;
+        // The cube's size is `lanes`; read at run time so the loop variable can change.
+        let mut stride = CUBE_DIM / 2;
         while stride > 0 {
             if UNIT_POS < stride {
                 partial[UNIT_POS as usize] = combine::<F>(

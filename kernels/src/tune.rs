@@ -167,7 +167,7 @@ pub fn candidates(family: &str) -> Vec<String> {
         C::ALL.iter().map(Candidate::name).collect()
     }
     match family {
-        MATMUL => names::<crate::launch::MatmulStrategy>(),
+        MATMUL | GROUPED_MATMUL => names::<crate::launch::MatmulStrategy>(),
         REDUCE => names::<crate::launch::ReduceStrategy>(),
         ELEMENTWISE => names::<crate::launch::ElementwiseStrategy>(),
         _ => Vec::new(),
@@ -178,10 +178,13 @@ pub fn candidates(family: &str) -> Vec<String> {
 pub(crate) const MATMUL: &str = "matmul";
 pub(crate) const REDUCE: &str = "reduce";
 pub(crate) const ELEMENTWISE: &str = "fused elementwise";
+pub(crate) const GROUPED_MATMUL: &str = "grouped expert matmul";
 
 pub(crate) static MATMUL_TUNER: LocalTuner<KernelKey, String> =
     LocalTuner::new(concat!(module_path!(), "-matmul"));
 pub(crate) static REDUCE_TUNER: LocalTuner<KernelKey, String> =
     LocalTuner::new(concat!(module_path!(), "-reduce"));
+pub(crate) static GROUPED_MATMUL_TUNER: LocalTuner<KernelKey, String> =
+    LocalTuner::new(concat!(module_path!(), "-grouped-matmul"));
 pub(crate) static ELEMENTWISE_TUNER: LocalTuner<KernelKey, String> =
     LocalTuner::new(concat!(module_path!(), "-elementwise"));

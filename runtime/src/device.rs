@@ -896,11 +896,12 @@ fn client_report<R: Runtime>(client: &ComputeClient<R>) -> String {
     .map(|(name, _)| name)
     .collect();
     format!(
-        "  plane size {}..{}, shared memory {} KiB per cube, up to {} units per cube\n  element types: {}\n",
+        "  plane size {}..{}, shared memory {} KiB per cube, up to {} units per cube, {} buffers per kernel\n  element types: {}\n",
         hw.plane_size_min,
         hw.plane_size_max,
         hw.max_shared_memory_size / 1024,
         hw.max_units_per_cube,
+        hw.max_bindings,
         dtypes.join(", ")
     )
 }

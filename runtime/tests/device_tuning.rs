@@ -1,6 +1,7 @@
 //! Tunable kernels: every candidate of every tunable family computes what the
 //! reference does (matmuls plain, transposed, with an epilogue and summed over the
-//! batch; reductions plain and with a fused prologue; fused elementwise chains), and
+//! batch; grouped expert matmuls with empty experts; reductions plain and with a fused
+//! prologue; fused elementwise chains), and
 //! tuning picks one of the candidates and gives the fallback's results.
 
 use altc_compiler::ir::{BinaryOp, DType, Graph, NodeId, Op, ReduceOp, UnaryOp};
@@ -36,14 +37,15 @@ fn input(g: &mut Graph, feeds: &mut TensorMap, name: &str, shape: &[usize], stre
 }
 
 /// A kernel of every tunable form, with extents that are no tile or cube multiple.
-fn tunable_graph() -> (Graph, TensorMap) {
+/// `draw` picks the random inputs, so each run's results differ from the last.
+fn tunable_graph(draw: u64) -> (Graph, TensorMap) {
     let mut g = Graph::new("tunables");
     let mut feeds = TensorMap::new();
-    let x = input(&mut g, &mut feeds, "x", &[3, 19, 17], 1);
-    let w = input(&mut g, &mut feeds, "w", &[17, 21], 2);
-    let bias = input(&mut g, &mut feeds, "bias", &[21], 3);
-    let wt = input(&mut g, &mut feeds, "wt", &[21, 17], 4);
-    let dy = input(&mut g, &mut feeds, "dy", &[3, 19, 21], 5);
+    let x = input(&mut g, &mut feeds, "x", &[3, 19, 17], 1 + 16 * draw);
+    let w = input(&mut g, &mut feeds, "w", &[17, 21], 2 + 16 * draw);
+    let bias = input(&mut g, &mut feeds, "bias", &[21], 3 + 16 * draw);
+    let wt = input(&mut g, &mut feeds, "wt", &[21, 17], 4 + 16 * draw);
+    let dy = input(&mut g, &mut feeds, "dy", &[3, 19, 21], 5 + 16 * draw);
     let push = |g: &mut Graph, op: Op, operands: &[NodeId]| g.push(op, operands, "test").unwrap();
     let mm = |ta, tb| Op::MatMul {
         transpose_a: ta,
@@ -95,7 +97,51 @@ fn tunable_graph() -> (Graph, TensorMap) {
         },
         &[dy],
     );
+    // Grouped expert matmuls, 37 tokens x 2 slots over 5 experts of which 1 and 4
+    // receive nothing.
+    let routing: Vec<f64> = (0..74u64)
+        .map(|i| [3.0, 0.0, 2.0, 3.0][(i % 4) as usize])
+        .collect();
+    feeds.insert(
+        "index".into(),
+        Tensor::from_f64(DType::I32, &[37, 2], routing),
+    );
+    let index = g
+        .push(
+            Op::Input {
+                name: "index".into(),
+                dtype: DType::I32,
+                shape: [37, 2].into_iter().collect(),
+            },
+            &[],
+            "test",
+        )
+        .unwrap();
+    let tokens = input(&mut g, &mut feeds, "tokens", &[37, 19], 6 + 16 * draw);
+    let experts_w = input(&mut g, &mut feeds, "experts_w", &[5, 19, 21], 7 + 16 * draw);
+    let experts_b = input(&mut g, &mut feeds, "experts_b", &[5, 21], 8 + 16 * draw);
+    let slots = input(&mut g, &mut feeds, "slots", &[37, 2, 21], 9 + 16 * draw);
+    let order = push(&mut g, Op::ExpertOrder { experts: 5 }, &[index]);
+    let offsets = push(&mut g, Op::ExpertOffsets { experts: 5 }, &[index]);
+    let expert_out = push(
+        &mut g,
+        Op::ExpertMatMul {
+            transpose_w: false,
+            bias: true,
+        },
+        &[tokens, experts_w, experts_b, order, offsets],
+    );
+    let expert_back = push(
+        &mut g,
+        Op::ExpertMatMul {
+            transpose_w: true,
+            bias: false,
+        },
+        &[slots, experts_w, order, offsets],
+    );
     for (name, id) in [
+        ("expert", expert_out),
+        ("expert_transposed", expert_back),
         ("plain", plain),
         ("transposed", transposed),
         ("epilogue", activated),
@@ -144,19 +190,22 @@ fn device() -> Option<Box<dyn Backend>> {
 #[test]
 fn every_candidate_matches_the_reference_and_tuning_picks_one() {
     let Some(mut device) = device() else { return };
-    let (g, feeds) = tunable_graph();
     let ctx = EvalContext { seed: 1, step: 0 };
-    let want = run(&g, &feeds, &TensorMap::new(), ctx).unwrap();
     let names = MatmulStrategy::ALL
         .iter()
         .map(Candidate::name)
         .chain(ReduceStrategy::ALL.iter().map(Candidate::name))
         .chain(ElementwiseStrategy::ALL.iter().map(Candidate::name));
-    for name in names {
+    // Fresh inputs per candidate: a kernel that failed to run cannot pass on a
+    // buffer the previous candidate left with the same results.
+    for (draw, name) in names.enumerate() {
+        let (g, feeds) = tunable_graph(draw as u64 + 1);
+        let want = run(&g, &feeds, &TensorMap::new(), ctx).unwrap();
         device.set_tuning(TuningMode::Force(name.clone()));
         let got = device.run(&g, &feeds, ctx).unwrap();
         assert_close(&name, &got, &want);
     }
+    let (g, feeds) = tunable_graph(0);
 
     device.set_tuning(TuningMode::Untuned);
     let fallback = device.run(&g, &feeds, ctx).unwrap();
@@ -173,6 +222,7 @@ fn every_candidate_matches_the_reference_and_tuning_picks_one() {
     assert_eq!(of("matmul"), 3, "{decisions:?}");
     assert_eq!(of("reduce"), 3, "{decisions:?}");
     assert_eq!(of("fused elementwise"), 1, "{decisions:?}");
+    assert_eq!(of("grouped expert matmul"), 2, "{decisions:?}");
     for d in &decisions {
         assert_eq!(
             d.candidates,
