@@ -4,7 +4,7 @@
 use crate::elementwise::{
     binary_kernel, copy_kernel, fill_kernel, iota_kernel, select_kernel, unary_kernel,
 };
-use crate::fused::{fused_kernel, fused_reduce_kernel, FusedProgram};
+use crate::fused::{fused_kernel, fused_reduce_kernel, FusedOp, FusedProgram};
 use crate::index::{gather_kernel, scatter_add_kernel, top_k_kernel};
 use crate::matmul::{matmul_kernel, TILE};
 use crate::random::dropout_kernel;
@@ -94,6 +94,47 @@ impl Candidate for MatmulStrategy {
     }
 }
 
+/// A dense matmul candidate: the kernel's form, and whether an epilogue runs inside
+/// it (`fused`) or as a fused elementwise kernel of its own over the written product.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EpilogueMatmul {
+    pub form: MatmulStrategy,
+    pub fused: bool,
+}
+
+impl Candidate for EpilogueMatmul {
+    const ALL: &'static [EpilogueMatmul] = &[
+        EpilogueMatmul {
+            form: MatmulStrategy::Tiled,
+            fused: true,
+        },
+        EpilogueMatmul {
+            form: MatmulStrategy::Direct { edge: 16 },
+            fused: true,
+        },
+        EpilogueMatmul {
+            form: MatmulStrategy::Direct { edge: 8 },
+            fused: true,
+        },
+        EpilogueMatmul {
+            form: MatmulStrategy::Tiled,
+            fused: false,
+        },
+        EpilogueMatmul {
+            form: MatmulStrategy::Direct { edge: 8 },
+            fused: false,
+        },
+    ];
+
+    fn name(&self) -> String {
+        if self.fused {
+            self.form.name()
+        } else {
+            format!("{}+epilogue-kernel", self.form.name())
+        }
+    }
+}
+
 /// Everything one matmul launch needs, owned, so the tuner can replay it with each
 /// candidate. Buffers are `(handle, elements)`.
 #[derive(Clone)]
@@ -104,6 +145,9 @@ struct MatmulLaunch<R: Runtime> {
     inputs: Vec<(Handle, usize)>,
     meta: (Handle, usize),
     epilogue_meta: (Handle, usize),
+    /// The epilogue's metadata as a kernel of its own, reading the product as its
+    /// last input.
+    apart_meta: (Handle, usize),
     /// `(M, N, output batch entries)`.
     extent: (usize, usize, usize),
     /// The epilogue's dropout seed (low, high) and step.
@@ -113,30 +157,95 @@ struct MatmulLaunch<R: Runtime> {
     bf16_operands: bool,
     epilogue: FusedProgram,
     key: KernelKey,
-    ran: Arc<Mutex<Option<MatmulStrategy>>>,
+    ran: Arc<Mutex<Option<EpilogueMatmul>>>,
 }
 
 impl<R: Runtime> TunableLaunch for MatmulLaunch<R> {
-    type With = MatmulStrategy;
+    type With = EpilogueMatmul;
 
     fn key(&self) -> &KernelKey {
         &self.key
     }
 
-    fn ran(&self) -> &Arc<Mutex<Option<MatmulStrategy>>> {
+    fn ran(&self) -> &Arc<Mutex<Option<EpilogueMatmul>>> {
         &self.ran
     }
 
-    fn launch(&self, strategy: MatmulStrategy) -> Vec<Handle> {
+    fn launch(&self, with: EpilogueMatmul) -> Vec<Handle> {
+        if with.fused || self.epilogue.ops.is_empty() {
+            return self.launch_kernel(with.form, &self.epilogue, &self.inputs);
+        }
+        // The product first, then the epilogue reading it as one more input.
+        let product_only = FusedProgram {
+            ops: Vec::new(),
+            outputs: vec![0],
+            rank: 0,
+            inputs: 0,
+        };
+        let product = self.launch_kernel(with.form, &product_only, &[]);
+        let mut program = self.epilogue.clone();
+        for op in &mut program.ops {
+            if *op == FusedOp::Accumulator {
+                *op = FusedOp::Load {
+                    input: program.inputs,
+                };
+            }
+        }
+        program.inputs += 1;
+        let inputs: Vec<(Handle, usize)> = self
+            .inputs
+            .iter()
+            .cloned()
+            .chain([(product[0].clone(), self.len())])
+            .collect();
+        let n = self.len();
+        let outputs: Vec<Handle> = program
+            .outputs
+            .iter()
+            .map(|_| self.client.empty(n * 4))
+            .collect();
+        let (count, dim) = grid(n);
+        unsafe {
+            fused_kernel::launch_unchecked::<f32, R>(
+                &self.client,
+                count,
+                dim,
+                array_sequence(inputs),
+                array_sequence(outputs.iter().map(|o| (o.clone(), n))),
+                ArrayArg::from_raw_parts(self.apart_meta.0.clone(), self.apart_meta.1),
+                self.seed.0,
+                self.seed.1,
+                self.seed.2,
+                program,
+                1,
+            )
+        };
+        outputs
+    }
+}
+
+impl<R: Runtime> MatmulLaunch<R> {
+    /// Elements of the result.
+    fn len(&self) -> usize {
         let (m, n, batches) = self.extent;
-        let len = (batches * m * n).max(1);
-        let outputs: Vec<Handle> = self
-            .epilogue
+        (batches * m * n).max(1)
+    }
+
+    /// The matmul kernel in `form`, running `epilogue` (with `inputs`) in registers.
+    fn launch_kernel(
+        &self,
+        form: MatmulStrategy,
+        epilogue: &FusedProgram,
+        inputs: &[(Handle, usize)],
+    ) -> Vec<Handle> {
+        let (m, n, batches) = self.extent;
+        let len = self.len();
+        let outputs: Vec<Handle> = epilogue
             .outputs
             .iter()
             .map(|_| self.client.empty(len * 4))
             .collect();
-        let (edge, direct) = match strategy {
+        let (edge, direct) = match form {
             MatmulStrategy::Tiled => (TILE, false),
             MatmulStrategy::Direct { edge } => (edge, true),
         };
@@ -152,7 +261,7 @@ impl<R: Runtime> TunableLaunch for MatmulLaunch<R> {
                 CubeDim::new_2d(edge, edge),
                 raw(&self.a),
                 raw(&self.b),
-                array_sequence(self.inputs.iter().cloned()),
+                array_sequence(inputs.iter().cloned()),
                 array_sequence(outputs.iter().map(|o| (o.clone(), len))),
                 raw(&self.meta),
                 raw(&self.epilogue_meta),
@@ -163,7 +272,7 @@ impl<R: Runtime> TunableLaunch for MatmulLaunch<R> {
                 self.sum_batch,
                 direct,
                 self.bf16_operands,
-                self.epilogue.clone(),
+                epilogue.clone(),
             )
         };
         outputs
@@ -392,11 +501,22 @@ pub(crate) fn u32s(values: impl IntoIterator<Item = usize>) -> Vec<u32> {
 /// The program part of a fused kernel's metadata: the program's shape, then each
 /// input's strides, then each input's offset.
 fn program_meta(shape: &[usize], inputs: &[View]) -> Vec<u32> {
+    program_meta_of(
+        shape,
+        inputs.iter().map(|v| (v.strides.as_slice(), v.offset)),
+    )
+}
+
+/// `program_meta` from each input's (strides, offset).
+fn program_meta_of<'a>(
+    shape: &[usize],
+    layouts: impl Iterator<Item = (&'a [usize], usize)> + Clone,
+) -> Vec<u32> {
     let mut meta = u32s(shape.iter().copied());
-    for v in inputs {
-        meta.extend(u32s(v.strides.iter().copied()));
+    for (strides, _) in layouts.clone() {
+        meta.extend(u32s(strides.iter().copied()));
     }
-    meta.extend(u32s(inputs.iter().map(|v| v.offset)));
+    meta.extend(u32s(layouts.map(|(_, offset)| offset)));
     meta
 }
 
@@ -880,6 +1000,15 @@ impl<R: Runtime> Kernels<R> {
         let product_shape: Vec<usize> = out_batch.iter().copied().chain([m, n]).collect();
         let epilogue_meta = program_meta(&product_shape, inputs);
         let epilogue_len = epilogue_meta.len();
+        let product_strides = contiguous_strides(&product_shape);
+        let apart_meta = program_meta_of(
+            &product_shape,
+            inputs
+                .iter()
+                .map(|v| (v.strides.as_slice(), v.offset))
+                .chain([(product_strides.as_slice(), 0)]),
+        );
+        let apart_len = apart_meta.len();
         let launch = MatmulLaunch {
             client: self.client.clone(),
             a: (a.handle.clone(), a.len.max(1)),
@@ -887,6 +1016,7 @@ impl<R: Runtime> Kernels<R> {
             inputs: inputs.iter().map(|v| (v.handle.clone(), v.len)).collect(),
             meta: (self.upload_once(meta), meta_len),
             epilogue_meta: (self.upload_once(epilogue_meta), epilogue_len),
+            apart_meta: (self.upload_once(apart_meta), apart_len),
             extent: (m, n, batches),
             seed: (seed as u32, (seed >> 32) as u32, step as u32),
             batch_rank: out_batch.len(),

@@ -23,8 +23,8 @@ pub use elementwise::{BinaryKind, UnaryKind};
 pub use experts::ExpertMatmul;
 pub use fused::{FusedOp, FusedProgram};
 pub use launch::{
-    contiguous_strides, Ceilings, ElementwiseStrategy, Kernels, MatmulOperands, MatmulStrategy,
-    ReduceStrategy, View,
+    contiguous_strides, Ceilings, ElementwiseStrategy, EpilogueMatmul, Kernels, MatmulOperands,
+    MatmulStrategy, ReduceStrategy, View,
 };
 pub use reduce::ReduceKind;
 pub use tune::{candidates, Candidate, KernelKey, TunedKernel, TuningMode};

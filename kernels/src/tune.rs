@@ -167,7 +167,8 @@ pub fn candidates(family: &str) -> Vec<String> {
         C::ALL.iter().map(Candidate::name).collect()
     }
     match family {
-        MATMUL | GROUPED_MATMUL => names::<crate::launch::MatmulStrategy>(),
+        MATMUL => names::<crate::launch::EpilogueMatmul>(),
+        GROUPED_MATMUL => names::<crate::launch::MatmulStrategy>(),
         REDUCE => names::<crate::launch::ReduceStrategy>(),
         ELEMENTWISE => names::<crate::launch::ElementwiseStrategy>(),
         _ => Vec::new(),

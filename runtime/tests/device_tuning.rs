@@ -8,7 +8,7 @@ use altc_compiler::ir::{BinaryOp, DType, Graph, NodeId, Op, ReduceOp, UnaryOp};
 use altc_compiler::reference::{run, EvalContext, Tensor, TensorMap};
 use altc_compiler::rng;
 use altc_compiler::spec::Precision;
-use altc_kernels::{Candidate, ElementwiseStrategy, MatmulStrategy, ReduceStrategy};
+use altc_kernels::{Candidate, ElementwiseStrategy, EpilogueMatmul, ReduceStrategy};
 use altc_runtime::backend::{Backend, TuningMode};
 use altc_runtime::device::{open, DeviceChoice};
 use std::collections::BTreeMap;
@@ -191,7 +191,7 @@ fn device() -> Option<Box<dyn Backend>> {
 fn every_candidate_matches_the_reference_and_tuning_picks_one() {
     let Some(mut device) = device() else { return };
     let ctx = EvalContext { seed: 1, step: 0 };
-    let names = MatmulStrategy::ALL
+    let names = EpilogueMatmul::ALL
         .iter()
         .map(Candidate::name)
         .chain(ReduceStrategy::ALL.iter().map(Candidate::name))
