@@ -114,16 +114,82 @@ impl Manifest {
         let Some(entry) = self.scopes.iter().find(|s| s.scope == scope) else {
             return found;
         };
+        let mut stale = Vec::new();
         for k in &entry.kernels {
             if k.candidates == candidates(&k.key.family) {
                 found.keys.insert(k.key.clone());
             } else {
-                found.notes.push(format!(
-                    "ignoring the stale tuning of `{}`: its candidates changed since it was tuned",
-                    k.key
-                ));
+                stale.push(format!("`{}`", k.key));
             }
         }
+        if !stale.is_empty() {
+            let shown = stale.len().min(3);
+            let more = if stale.len() > shown {
+                format!(" and {} more", stale.len() - shown)
+            } else {
+                String::new()
+            };
+            found.notes.push(format!(
+                "ignoring {} stale tunings whose candidates changed since they were tuned ({}{more}); run `altc tune` again",
+                stale.len(),
+                stale[..shown].join(", ")
+            ));
+        }
         found
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tuned(family: &str, signature: &str, candidates: &[&str]) -> TunedKernel {
+        TunedKernel {
+            key: KernelKey {
+                family: family.into(),
+                signature: signature.into(),
+            },
+            candidates: candidates.iter().map(|c| c.to_string()).collect(),
+            winner: candidates[0].to_string(),
+        }
+    }
+
+    #[test]
+    fn a_run_uses_only_its_own_scope_and_todays_candidates() {
+        let dir = std::env::temp_dir().join(format!("altc-manifest-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let _ = std::fs::remove_file(dir.join(MANIFEST));
+        let today = |family: &str| match family {
+            "matmul" => vec!["a".to_string(), "b".to_string()],
+            _ => Vec::new(),
+        };
+        Manifest::record(&dir, "here", &[tuned("matmul", "m8", &["a", "b"])]).unwrap();
+        Manifest::record(&dir, "here", &[tuned("matmul", "m16", &["a"])]).unwrap();
+        Manifest::record(&dir, "elsewhere", &[tuned("matmul", "m8", &["a", "b"])]).unwrap();
+        // Re-tuning a key replaces its entry rather than adding a second one.
+        let manifest =
+            Manifest::record(&dir, "here", &[tuned("matmul", "m8", &["a", "b"])]).unwrap();
+        assert_eq!(manifest.scopes[0].kernels.len(), 2);
+
+        let found = Manifest::load(&dir).unwrap().lookup("here", today);
+        assert_eq!(found.keys.len(), 1, "only the m8 entry is current");
+        assert!(found.keys.iter().all(|k| k.signature == "m8"));
+        assert!(
+            found.notes.iter().any(|n| n.contains("elsewhere")),
+            "{:?}",
+            found.notes
+        );
+        assert!(
+            found.notes.iter().any(|n| n.contains("1 stale")),
+            "{:?}",
+            found.notes
+        );
+
+        let foreign = Manifest::load(&dir).unwrap().lookup("new device", today);
+        assert!(foreign.keys.is_empty());
+
+        std::fs::write(dir.join(MANIFEST), "{ not json").unwrap();
+        let err = Manifest::load(&dir).unwrap_err().to_string();
+        assert!(err.contains(MANIFEST) && err.contains("not valid"), "{err}");
     }
 }
