@@ -136,12 +136,30 @@ pub fn tune(args: TuneArgs) -> Result<()> {
         .context("serialising the tuned kernels")?;
         return emit(&format!("{text}\n"));
     }
+    let key_width = decisions
+        .iter()
+        .map(|d| d.key.to_string().len())
+        .max()
+        .unwrap_or(0)
+        .max("kernel".len())
+        + 2;
+    let winner_width = decisions
+        .iter()
+        .map(|d| d.winner.len())
+        .max()
+        .unwrap_or(0)
+        .max(6)
+        + 2;
     let mut out = String::new();
-    let _ = writeln!(out, "{:<60}{:<16}candidates", "kernel", "winner");
+    let _ = writeln!(
+        out,
+        "{:<key_width$}{:<winner_width$}candidates",
+        "kernel", "winner"
+    );
     for d in &decisions {
         let _ = writeln!(
             out,
-            "{:<60}{:<16}{}",
+            "{:<key_width$}{:<winner_width$}{}",
             d.key.to_string(),
             d.winner,
             d.candidates.join(", ")
