@@ -327,7 +327,7 @@ fn explain_fusion(
             let _ = writeln!(
                 out,
                 "    #{i} {} [{} out]: {}",
-                g.node(group.nodes[0]).ty,
+                group.shape(g),
                 group.outputs.len(),
                 ops.join(", ")
             );

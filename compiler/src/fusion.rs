@@ -10,16 +10,39 @@
 //! groups that read them. Matmuls, reductions, layout and index ops stay kernels of
 //! their own. The plan's `schedule` orders groups and single ops topologically.
 
-use crate::ir::{Graph, NodeId, Op, ReduceOp};
+use crate::ir::{Graph, NodeId, Op, ReduceOp, Shape};
 use petgraph::Direction;
 use std::collections::BTreeSet;
 
 /// A group of elementwise nodes evaluated by one kernel; `nodes` are in topological
-/// order, `outputs` are the members whose values leave the group.
+/// order, `outputs` are the members whose values leave the group. Members share one
+/// shape, except scalars computed from scalars (an optimizer's step count and bias
+/// corrections), which every element recomputes in registers.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FusionGroup {
     pub nodes: Vec<NodeId>,
     pub outputs: Vec<NodeId>,
+}
+
+impl FusionGroup {
+    /// The shape the group's kernel runs over: its members' shape, or a scalar's when
+    /// every member is one.
+    pub fn shape<'g>(&self, graph: &'g Graph) -> &'g Shape {
+        self.nodes
+            .iter()
+            .map(|&n| &graph.node(n).ty.shape)
+            .max_by_key(|s| s.rank())
+            .expect("a group has members")
+    }
+
+    /// Whether some member is a scalar riding along a larger shape.
+    pub fn carries_scalars(&self, graph: &Graph) -> bool {
+        self.shape(graph).rank() > 0
+            && self
+                .nodes
+                .iter()
+                .any(|&n| graph.node(n).ty.shape.rank() == 0)
+    }
 }
 
 /// One step of a fused schedule.
@@ -236,7 +259,14 @@ pub fn plan(graph: &Graph, max_inputs: usize) -> FusionPlan {
         for o in graph.operands(id) {
             let Some(p) = group[o.index()] else { continue };
             let g = group[me].expect("just grouped");
-            if p == g || graph.node(o).ty.shape != node.ty.shape {
+            // A group of scalars computed from scalars joins any consumer: its values
+            // are the same for every element, so recomputing them costs registers, not
+            // a launch. Not dropout, whose mask is drawn per element position.
+            let scalars_only = members[p].iter().all(|&m| {
+                let member = graph.node(NodeId::new(m));
+                member.ty.shape.rank() == 0 && !matches!(member.op, Op::Dropout { .. })
+            });
+            if p == g || (graph.node(o).ty.shape != node.ty.shape && !scalars_only) {
                 continue;
             }
             let merged_members: BTreeSet<usize> =
@@ -425,7 +455,11 @@ fn fold_epilogues(
     let mut folded = Vec::new();
     for step in schedule.iter_mut() {
         let Step::Group(g) = *step else { continue };
-        let shape = &graph.node(groups[g].nodes[0]).ty.shape;
+        // The matmul kernel writes every output at the product's shape.
+        if groups[g].carries_scalars(graph) {
+            continue;
+        }
+        let shape = groups[g].shape(graph);
         let candidate = groups[g]
             .nodes
             .iter()

@@ -46,11 +46,15 @@ fn check_plan(graph: &Graph, plan: &FusionPlan, max_inputs: usize) {
         assert_eq!(d, l, "{}: node {i} runs iff an output needs it", graph.name);
     }
     for g in &plan.groups {
-        let shape = &graph.node(g.nodes[0]).ty.shape;
+        let shape = g.shape(graph);
         let mut external = std::collections::BTreeSet::new();
         for &m in &g.nodes {
             assert!(is_fusible(&graph.node(m).op));
-            assert_eq!(&graph.node(m).ty.shape, shape, "a group has one shape");
+            let own = &graph.node(m).ty.shape;
+            assert!(
+                own == shape || own.rank() == 0,
+                "a group has one shape, besides scalars riding along"
+            );
             for o in graph.operands(m) {
                 let constant = matches!(graph.node(o).op, altc_compiler::ir::Op::Constant { .. });
                 if !g.nodes.contains(&o) && !constant {

@@ -46,12 +46,16 @@ pub enum FusedOp {
 }
 
 /// A fused program: its steps, and which registers are written to the outputs.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FusedProgram {
     pub ops: Vec<FusedOp>,
     pub outputs: Vec<usize>,
     pub rank: usize,
     pub inputs: usize,
+    /// Outputs (indices into `outputs`) that are scalars computed alongside the
+    /// program's shape, such as an optimizer's step count: written once, by element
+    /// 0, into a one-element buffer.
+    pub scalar_outputs: Vec<usize>,
 }
 
 /// Evaluates every step of `program` for the element at linear position `pos` of the
@@ -130,7 +134,11 @@ pub(crate) fn fused_kernel<F: Float>(
     #[comptime] program: FusedProgram,
     #[comptime] per_unit: u32,
 ) {
-    let len = outputs.index(0usize).len() as u32;
+    let mut len = 1u32;
+    #[unroll]
+    for d in 0..program.rank {
+        len *= meta[d];
+    }
     #[unroll]
     for i in 0..per_unit {
         // Consecutive units touch consecutive elements in each pass.
@@ -149,7 +157,14 @@ pub(crate) fn fused_kernel<F: Float>(
             #[unroll]
             for o in 0usize..comptime!(program.outputs.len()) {
                 let out = outputs.index_mut(o);
-                out[pos as usize] = *regs.index(comptime!(program.outputs[o]));
+                let value = *regs.index(comptime!(program.outputs[o]));
+                if comptime![program.scalar_outputs.contains(&o)] {
+                    if pos == 0 {
+                        out[0] = value;
+                    }
+                } else {
+                    out[pos as usize] = value;
+                }
             }
         }
     }

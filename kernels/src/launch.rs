@@ -177,10 +177,8 @@ impl<R: Runtime> TunableLaunch for MatmulLaunch<R> {
         }
         // The product first, then the epilogue reading it as one more input.
         let product_only = FusedProgram {
-            ops: Vec::new(),
             outputs: vec![0],
-            rank: 0,
-            inputs: 0,
+            ..FusedProgram::default()
         };
         let product = self.launch_kernel(with.form, &product_only, &[]);
         let mut program = self.epilogue.clone();
@@ -334,12 +332,16 @@ impl<R: Runtime> TunableLaunch for FusedLaunch<R> {
 
     fn launch(&self, with: ElementwiseStrategy) -> Vec<Handle> {
         let n = self.n;
-        let outputs: Vec<Handle> = self
-            .program
-            .outputs
-            .iter()
-            .map(|_| self.client.empty(n.max(1) * 4))
+        let sizes: Vec<usize> = (0..self.program.outputs.len())
+            .map(|o| {
+                if self.program.scalar_outputs.contains(&o) {
+                    1
+                } else {
+                    n.max(1)
+                }
+            })
             .collect();
+        let outputs: Vec<Handle> = sizes.iter().map(|&s| self.client.empty(s * 4)).collect();
         let units = n.div_ceil(with.per_unit as usize);
         let (count, dim) = grid_of(units, with.cube);
         unsafe {
@@ -348,7 +350,7 @@ impl<R: Runtime> TunableLaunch for FusedLaunch<R> {
                 count,
                 dim,
                 array_sequence(self.inputs.iter().cloned()),
-                array_sequence(outputs.iter().map(|o| (o.clone(), n))),
+                array_sequence(outputs.iter().cloned().zip(sizes)),
                 ArrayArg::from_raw_parts(self.meta.0.clone(), self.meta.1),
                 self.seed.0,
                 self.seed.1,
@@ -898,10 +900,8 @@ impl<R: Runtime> Kernels<R> {
     /// `[..., M, K] x [..., K, N]`; see `MatmulOperands`.
     pub fn matmul(&self, mm: &MatmulOperands) -> Handle {
         let empty = FusedProgram {
-            ops: Vec::new(),
             outputs: vec![0],
-            rank: 0,
-            inputs: 0,
+            ..FusedProgram::default()
         };
         self.launch_matmul(mm, &empty, &[], false, (0, 0))
             .into_iter()
@@ -913,10 +913,8 @@ impl<R: Runtime> Kernels<R> {
     /// kernel (weight gradients of a layer applied to every batch entry).
     pub fn matmul_batch_sum(&self, mm: &MatmulOperands) -> Handle {
         let empty = FusedProgram {
-            ops: Vec::new(),
             outputs: vec![0],
-            rank: 0,
-            inputs: 0,
+            ..FusedProgram::default()
         };
         self.launch_matmul(mm, &empty, &[], true, (0, 0))
             .into_iter()

@@ -212,7 +212,14 @@ impl<R: Runtime> DeviceBackend<R> {
         self.kernels
             .fused(&program, &inputs, &shape, ctx.seed, ctx.step)
             .into_iter()
-            .map(|h| Value::contiguous(h, shape.clone()))
+            .enumerate()
+            .map(|(o, h)| {
+                if program.scalar_outputs.contains(&o) {
+                    Value::contiguous(h, Vec::new())
+                } else {
+                    Value::contiguous(h, shape.clone())
+                }
+            })
             .collect()
     }
 
@@ -227,10 +234,8 @@ impl<R: Runtime> DeviceBackend<R> {
         accumulator: Option<NodeId>,
     ) -> (FusedProgram, Vec<View>) {
         let mut program = FusedProgram {
-            ops: Vec::new(),
-            outputs: Vec::new(),
             rank: shape.len(),
-            inputs: 0,
+            ..FusedProgram::default()
         };
         let mut register: HashMap<NodeId, usize> = HashMap::new();
         let mut inputs: Vec<View> = Vec::new();
@@ -297,6 +302,11 @@ impl<R: Runtime> DeviceBackend<R> {
             register.insert(member, program.ops.len() - 1);
         }
         program.outputs = group.outputs.iter().map(|o| register[o]).collect();
+        if !shape.is_empty() {
+            program.scalar_outputs = (0..group.outputs.len())
+                .filter(|&o| graph.node(group.outputs[o]).ty.shape.rank() == 0)
+                .collect();
+        }
         program.inputs = inputs.len();
         (program, inputs)
     }
@@ -629,8 +639,8 @@ impl<R: Runtime> Backend for DeviceBackend<R> {
             match *step {
                 Step::Group(g) => {
                     let group = &plan.groups[g];
-                    let shape = concrete(&graph.node(group.nodes[0]).ty.shape, &symbols)
-                        .expect("inputs bind every symbol");
+                    let shape =
+                        concrete(group.shape(graph), &symbols).expect("inputs bind every symbol");
                     self.launches += 1;
                     let outputs = self.eval_group(graph, group, &values, shape, ctx);
                     for (id, value) in group.outputs.iter().zip(outputs) {
@@ -639,8 +649,8 @@ impl<R: Runtime> Backend for DeviceBackend<R> {
                 }
                 Step::MatmulGroup { matmul, group } => {
                     let group = &plan.groups[group];
-                    let shape = concrete(&graph.node(group.nodes[0]).ty.shape, &symbols)
-                        .expect("inputs bind every symbol");
+                    let shape =
+                        concrete(group.shape(graph), &symbols).expect("inputs bind every symbol");
                     let (a, b, transpose_a, transpose_b) = matmul_operands(graph, matmul, &values);
                     self.launches += 1;
                     let (program, views) =
@@ -685,8 +695,8 @@ impl<R: Runtime> Backend for DeviceBackend<R> {
                 }
                 Step::GroupReduce { group, reduce } => {
                     let group = &plan.groups[group];
-                    let shape = concrete(&graph.node(group.nodes[0]).ty.shape, &symbols)
-                        .expect("inputs bind every symbol");
+                    let shape =
+                        concrete(group.shape(graph), &symbols).expect("inputs bind every symbol");
                     let Op::Reduce { op, axes, .. } = &graph.node(reduce).op else {
                         unreachable!("the planner folds prologues only into reductions")
                     };

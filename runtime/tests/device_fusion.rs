@@ -269,3 +269,91 @@ fn batch_summed_matmuls_run_as_one_kernel_and_match_reference() {
         }
     }
 }
+
+/// An optimizer's step count and bias correction (scalars from a scalar) ride along
+/// the update of a whole tensor: one kernel computes both, writes the new count once,
+/// and matches the reference.
+#[test]
+fn scalar_chains_run_inside_the_tensor_kernel_that_reads_them() {
+    let (Ok(mut fused), Ok(mut unfused)) = (
+        open(DeviceChoice::Wgpu, Precision::F32, true),
+        open(DeviceChoice::Wgpu, Precision::F32, false),
+    ) else {
+        eprintln!("skipping: wgpu is not available");
+        return;
+    };
+    let mut g = Graph::new("bias-correction");
+    let leaf = |g: &mut Graph, name: &str, shape: Shape| {
+        g.push(
+            Op::Input {
+                name: name.into(),
+                dtype: DType::F32,
+                shape,
+            },
+            &[],
+            "test",
+        )
+        .unwrap()
+    };
+    let constant = |g: &mut Graph, v: f64| {
+        g.push(
+            Op::Constant {
+                value: Scalar(v),
+                dtype: DType::F32,
+                shape: Shape::scalar(),
+            },
+            &[],
+            "test",
+        )
+        .unwrap()
+    };
+    let step = leaf(&mut g, "step", Shape::scalar());
+    let m = leaf(&mut g, "m", [37, 5].into_iter().collect());
+    let one = constant(&mut g, 1.0);
+    let beta = constant(&mut g, 0.9);
+    let bin = |g: &mut Graph, op: BinaryOp, a: NodeId, b: NodeId| {
+        g.push(Op::Binary(op), &[a, b], "test").unwrap()
+    };
+    let next = bin(&mut g, BinaryOp::Add, step, one);
+    let power = bin(&mut g, BinaryOp::Pow, beta, next);
+    let correction = bin(&mut g, BinaryOp::Sub, one, power);
+    let corrected = bin(&mut g, BinaryOp::Div, m, correction);
+    g.set_output("new.step", next).unwrap();
+    g.set_output("m_hat", corrected).unwrap();
+    let plan = altc_compiler::fusion::plan(&g, 16);
+    assert_eq!(
+        plan.launches(&g),
+        1,
+        "one kernel for the scalars and the tensor"
+    );
+
+    let feeds = TensorMap::from([
+        ("step".to_string(), Tensor::f32(&[], vec![6.0])),
+        (
+            "m".to_string(),
+            Tensor::f32(
+                &[37, 5],
+                (0..185)
+                    .map(|i| (2.0 * rng::uniform(9, 0, 1, i) - 1.0) as f32)
+                    .collect(),
+            ),
+        ),
+    ]);
+    let ctx = EvalContext { seed: 1, step: 0 };
+    let want = run(&g, &feeds, &TensorMap::new(), ctx).unwrap();
+    for (label, device) in [("fused", &mut fused), ("unfused", &mut unfused)] {
+        let got = device.run(&g, &feeds, ctx).unwrap();
+        for (a, b) in got["m_hat"].to_f64().iter().zip(want["m_hat"].to_f64()) {
+            assert!(
+                (a - b).abs() <= 1e-5 + 1e-4 * b.abs(),
+                "{label}: {a} vs {b}"
+            );
+        }
+        // `new.` outputs stay on the device as state; commit and read them back.
+        device.commit();
+        let state = device.read_state();
+        assert_eq!(state["step"].shape, Vec::<usize>::new(), "{label}");
+        assert_eq!(state["step"].to_f64(), vec![7.0], "{label}");
+    }
+    assert_eq!(fused.kernel_launches(), Some(1));
+}
