@@ -10,7 +10,7 @@
 //! groups that read them. Matmuls, reductions, layout and index ops stay kernels of
 //! their own. The plan's `schedule` orders groups and single ops topologically.
 
-use crate::ir::{Graph, NodeId, Op, ReduceOp, Shape};
+use crate::ir::{Graph, NodeId, Op, ReduceOp, Shape, UnaryOp};
 use petgraph::Direction;
 use std::collections::BTreeSet;
 
@@ -62,6 +62,27 @@ pub enum Step {
     /// A batched matmul whose product only a sum over all its batch dimensions reads
     /// (a weight gradient): one kernel accumulates over the batch and writes the sum.
     MatmulSum { matmul: NodeId, reduce: NodeId },
+    /// Whole-tensor reductions of several tensors in one kernel, by index into
+    /// `FusionPlan::multi_reduces` (the squared gradient norms for clipping).
+    MultiReduce(usize),
+}
+
+/// Reductions of whole tensors sharing one op and one unary prologue, run as one
+/// kernel with a cube per tensor.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MultiReduce {
+    pub op: ReduceOp,
+    pub prologue: Vec<UnaryOp>,
+    pub segments: Vec<ReduceSegment>,
+}
+
+/// One tensor of a `MultiReduce`: the reduction, the group it absorbed as its
+/// prologue (if any), and the value it reads.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReduceSegment {
+    pub reduce: NodeId,
+    pub prologue_group: Option<usize>,
+    pub source: NodeId,
 }
 
 /// What one planned kernel is: its family (`fused elementwise`, `matmul`, ...) and a
@@ -78,6 +99,7 @@ pub struct FusionPlan {
     /// Every node exactly once, as a member of a group or on its own, in an order
     /// where all inputs of a step come before it.
     pub schedule: Vec<Step>,
+    pub multi_reduces: Vec<MultiReduce>,
     member_of: Vec<Option<usize>>,
 }
 
@@ -106,6 +128,14 @@ impl FusionPlan {
                 nodes
             }
             Step::MatmulSum { matmul, reduce } => vec![*matmul, *reduce],
+            Step::MultiReduce(i) => self.multi_reduces[*i]
+                .segments
+                .iter()
+                .flat_map(|s| {
+                    let prologue = s.prologue_group.map(|g| self.groups[g].nodes.clone());
+                    prologue.unwrap_or_default().into_iter().chain([s.reduce])
+                })
+                .collect(),
         }
     }
 
@@ -118,7 +148,8 @@ impl FusionPlan {
                 Step::Group(_)
                 | Step::GroupReduce { .. }
                 | Step::MatmulGroup { .. }
-                | Step::MatmulSum { .. } => true,
+                | Step::MatmulSum { .. }
+                | Step::MultiReduce(_) => true,
                 Step::Node(id) => launches_kernel(&graph.node(*id).op),
             })
             .count()
@@ -136,6 +167,7 @@ impl FusionPlan {
             Step::GroupReduce { .. } => "reduce with fused prologue",
             Step::MatmulGroup { .. } => "matmul with fused epilogue",
             Step::MatmulSum { .. } => "matmul summed over the batch",
+            Step::MultiReduce(_) => "multi-tensor reduce",
         };
         let nodes = self.step_nodes(step);
         // The last node is the one whose value the kernel exists to produce.
@@ -167,6 +199,7 @@ impl FusionPlan {
                 .filter(|id| live[id.index()])
                 .map(Step::Node)
                 .collect(),
+            multi_reduces: Vec::new(),
             member_of: vec![None; graph.len()],
         }
     }
@@ -357,11 +390,14 @@ pub fn plan(graph: &Graph, max_inputs: usize) -> FusionPlan {
         &mut schedule,
     );
     fold_batch_sums(graph, &users, &outputs_of_graph, &mut schedule);
-    FusionPlan {
+    let mut plan = FusionPlan {
         groups,
         schedule,
+        multi_reduces: Vec::new(),
         member_of,
-    }
+    };
+    plan.fold_multi_reduces(graph, &users, max_inputs);
+    plan
 }
 
 /// Whether joining the producer group (`producer`) to a consumer group makes a cycle:
@@ -517,6 +553,131 @@ fn fold_batch_sums(
     schedule.retain(|s| !matches!(s, Step::Node(id) if folded.contains(id)));
 }
 
+/// A reduction over every axis as a multi-tensor segment: its op, its unary
+/// prologue and the segment; `None` if it is not one.
+fn whole_reduction(
+    graph: &Graph,
+    groups: &[FusionGroup],
+    step: &Step,
+) -> Option<(ReduceOp, Vec<UnaryOp>, ReduceSegment)> {
+    let (reduce, prologue_group) = match *step {
+        Step::Node(r) => (r, None),
+        Step::GroupReduce { group, reduce } => (reduce, Some(group)),
+        _ => return None,
+    };
+    let Op::Reduce {
+        op,
+        axes,
+        keep_dims: false,
+    } = &graph.node(reduce).op
+    else {
+        return None;
+    };
+    let operand = graph.operands(reduce)[0];
+    if axes.len() != graph.node(operand).ty.shape.rank() {
+        return None;
+    }
+    let Some(g) = prologue_group else {
+        let segment = ReduceSegment {
+            reduce,
+            prologue_group: None,
+            source: operand,
+        };
+        return Some((*op, Vec::new(), segment));
+    };
+    // The prologue must be a chain of unary ops from one value.
+    let mut prologue = Vec::new();
+    let mut source = None;
+    for (i, &m) in groups[g].nodes.iter().enumerate() {
+        let Op::Unary(u) = graph.node(m).op else {
+            return None;
+        };
+        let from = graph.operands(m)[0];
+        match i {
+            0 => source = Some(from),
+            _ if from != groups[g].nodes[i - 1] => return None,
+            _ => {}
+        }
+        prologue.push(u);
+    }
+    let segment = ReduceSegment {
+        reduce,
+        prologue_group,
+        source: source?,
+    };
+    Some((*op, prologue, segment))
+}
+
+impl FusionPlan {
+    /// Gathers whole-tensor reductions with the same op and prologue into
+    /// `MultiReduce` steps of at most `max_inputs` tensors. A batch runs where its
+    /// last member ran: every member's input exists by then, and each member joins only
+    /// while that position is before the first reader of any member's result.
+    fn fold_multi_reduces(&mut self, graph: &Graph, users: &[Vec<NodeId>], max_inputs: usize) {
+        let mut position = vec![usize::MAX; graph.len()];
+        for (pos, step) in self.schedule.iter().enumerate() {
+            for id in self.step_nodes(step) {
+                position[id.index()] = pos;
+            }
+        }
+        struct Batch {
+            op: ReduceOp,
+            prologue: Vec<UnaryOp>,
+            members: Vec<(usize, ReduceSegment)>,
+            first_use: usize,
+        }
+        let mut open: Vec<Batch> = Vec::new();
+        let mut batches: Vec<Batch> = Vec::new();
+        for (pos, step) in self.schedule.iter().enumerate() {
+            let Some((op, prologue, segment)) = whole_reduction(graph, &self.groups, step) else {
+                continue;
+            };
+            let first_use = users[segment.reduce.index()]
+                .iter()
+                .map(|u| position[u.index()])
+                .min()
+                .unwrap_or(usize::MAX);
+            let same = open
+                .iter()
+                .position(|b| b.op == op && b.prologue == prologue);
+            if let Some(i) = same {
+                let batch = &mut open[i];
+                if batch.members.len() < max_inputs && pos < batch.first_use {
+                    batch.members.push((pos, segment));
+                    batch.first_use = batch.first_use.min(first_use);
+                    continue;
+                }
+                batches.push(open.swap_remove(i));
+            }
+            open.push(Batch {
+                op,
+                prologue,
+                members: vec![(pos, segment)],
+                first_use,
+            });
+        }
+        batches.extend(open);
+        let mut removed = vec![false; self.schedule.len()];
+        for batch in batches.into_iter().filter(|b| b.members.len() > 1) {
+            let last = batch.members.last().expect("a batch has members").0;
+            for &(pos, _) in &batch.members {
+                removed[pos] = pos != last;
+            }
+            self.schedule[last] = Step::MultiReduce(self.multi_reduces.len());
+            self.multi_reduces.push(MultiReduce {
+                op: batch.op,
+                prologue: batch.prologue,
+                segments: batch.members.into_iter().map(|(_, s)| s).collect(),
+            });
+        }
+        let mut pos = 0;
+        self.schedule.retain(|_| {
+            pos += 1;
+            !removed[pos - 1]
+        });
+    }
+}
+
 /// Topological order of groups and single nodes (Kahn's algorithm on the condensed
 /// graph, preferring the original order among ready steps).
 fn schedule(
@@ -529,7 +690,10 @@ fn schedule(
     let key = |s: Step| match s {
         Step::Node(id) => id.index(),
         Step::Group(g) => graph.len() + g,
-        Step::GroupReduce { .. } | Step::MatmulGroup { .. } | Step::MatmulSum { .. } => {
+        Step::GroupReduce { .. }
+        | Step::MatmulGroup { .. }
+        | Step::MatmulSum { .. }
+        | Step::MultiReduce(_) => {
             unreachable!("prologues and epilogues are folded after scheduling")
         }
     };

@@ -96,6 +96,11 @@ pub fn plan_cost(graph: &Graph, plan: &FusionPlan, symbols: &BTreeMap<String, us
             Step::GroupReduce { reduce, .. } => vec![*reduce],
             Step::MatmulGroup { group, .. } => plan.groups[*group].outputs.clone(),
             Step::MatmulSum { reduce, .. } => vec![*reduce],
+            Step::MultiReduce(i) => plan.multi_reduces[*i]
+                .segments
+                .iter()
+                .map(|s| s.reduce)
+                .collect(),
             Step::Node(id) if launches_kernel(&graph.node(*id).op) => vec![*id],
             Step::Node(_) => Vec::new(),
         };
@@ -106,6 +111,7 @@ pub fn plan_cost(graph: &Graph, plan: &FusionPlan, symbols: &BTreeMap<String, us
                     | Step::GroupReduce { .. }
                     | Step::MatmulGroup { .. }
                     | Step::MatmulSum { .. }
+                    | Step::MultiReduce(_)
             )
         {
             cost.launches += 1;

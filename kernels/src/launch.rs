@@ -8,7 +8,7 @@ use crate::fused::{fused_kernel, fused_reduce_kernel, FusedOp, FusedProgram};
 use crate::index::{gather_kernel, scatter_add_kernel, top_k_kernel};
 use crate::matmul::{matmul_kernel, TILE};
 use crate::random::dropout_kernel;
-use crate::reduce::reduce_kernel;
+use crate::reduce::{multi_reduce_kernel, reduce_kernel};
 use crate::tune::{
     bucket, Candidate, KernelKey, TunableLaunch, TunedKernel, Tuning, TuningMode, ELEMENTWISE,
     ELEMENTWISE_TUNER, MATMUL, MATMUL_TUNER, REDUCE, REDUCE_TUNER,
@@ -895,6 +895,37 @@ impl<R: Runtime> Kernels<R> {
             (kept.len(), reduced.len()),
             op,
         )
+    }
+
+    /// Reduces each contiguous buffer `(handle, elements)` whole after the unary
+    /// `prologue`, all in one kernel; returns `[buffers]`.
+    pub fn multi_reduce(
+        &self,
+        prologue: &[UnaryKind],
+        inputs: &[(Handle, usize)],
+        op: ReduceKind,
+    ) -> Handle {
+        let out = self.alloc(inputs.len());
+        let lengths = u32s(inputs.iter().map(|(_, n)| *n));
+        let segments = lengths.len();
+        // Lanes for the longest buffer: small norms do not need wide cubes.
+        let longest = inputs.iter().map(|(_, n)| *n).max().unwrap_or(1);
+        let lanes = if longest >= 4096 { 256 } else { 64 };
+        unsafe {
+            multi_reduce_kernel::launch_unchecked::<f32, R>(
+                &self.client,
+                CubeCount::Static(u32s([segments])[0].max(1), 1, 1),
+                CubeDim::new_1d(lanes),
+                array_sequence(inputs.iter().map(|(h, n)| (h.clone(), *n))),
+                ArrayArg::from_raw_parts(out.clone(), segments.max(1)),
+                ArrayArg::from_raw_parts(self.upload_once(lengths), segments.max(1)),
+                prologue.to_vec(),
+                segments,
+                op,
+                lanes,
+            )
+        };
+        out
     }
 
     /// `[..., M, K] x [..., K, N]`; see `MatmulOperands`.

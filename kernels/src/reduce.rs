@@ -4,7 +4,8 @@
 //! fixed tree. Either way results are deterministic.
 
 pub(crate) use crate::elementwise::offset_in;
-use crate::elementwise::unordered;
+use crate::elementwise::{apply_unary, unordered};
+use crate::UnaryKind;
 use cubecl::prelude::*;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -117,5 +118,49 @@ pub(crate) fn reduce_kernel<F: Float>(
         if lane == 0 {
             out[pos as usize] = result;
         }
+    }
+}
+
+/// Reduces each of `segments` contiguous buffers whole into `out[segment]`, after
+/// applying the unary `prologue` to every element (squares, for gradient norms): one
+/// cube of `lanes` units per buffer, combining in a fixed tree. `lengths` holds each
+/// buffer's element count.
+#[cube(launch_unchecked)]
+// The kernel language has no iterators: comptime lists are walked by index.
+#[allow(clippy::needless_range_loop)]
+pub(crate) fn multi_reduce_kernel<F: Float>(
+    inputs: &Sequence<Array<F>>,
+    out: &mut Array<F>,
+    lengths: &Array<u32>,
+    #[comptime] prologue: Vec<UnaryKind>,
+    #[comptime] segments: usize,
+    #[comptime] op: ReduceKind,
+    #[comptime] lanes: u32,
+) {
+    let segment = CUBE_POS as u32;
+    let n = lengths[segment as usize];
+    let mut acc = reduce_identity::<F>(op);
+    #[unroll]
+    for s in 0..segments {
+        if segment == s as u32 {
+            let x = inputs.index(s);
+            let mut i = UNIT_POS;
+            while i < n {
+                let mut v = x[i as usize];
+                #[unroll]
+                for p in 0..comptime!(prologue.len()) {
+                    v = apply_unary::<F>(v, comptime!(prologue[p]));
+                }
+                acc = combine::<F>(acc, v, op);
+                i += lanes;
+            }
+        }
+    }
+    acc = combine_lanes::<F>(acc, lanes, op);
+    if UNIT_POS == 0 {
+        out[segment as usize] = match op {
+            ReduceKind::Mean => acc / F::cast_from(n),
+            _ => acc,
+        };
     }
 }

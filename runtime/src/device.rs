@@ -693,6 +693,42 @@ impl<R: Runtime> Backend for DeviceBackend<R> {
                         product[product.len() - 2..].to_vec(),
                     ));
                 }
+                Step::MultiReduce(i) => {
+                    let batch = &plan.multi_reduces[i];
+                    let mut sources: Vec<Value> = Vec::new();
+                    for segment in &batch.segments {
+                        let value = values[segment.source.index()]
+                            .as_ref()
+                            .expect("operands come first");
+                        if !value.is_contiguous() {
+                            // A strided source is copied out first.
+                            self.launches += 1;
+                        }
+                        sources.push(self.materialise(value));
+                    }
+                    let buffers: Vec<(cubecl::server::Handle, usize)> = sources
+                        .iter()
+                        .map(|v| (v.view.handle.clone(), v.shape.iter().product()))
+                        .collect();
+                    let prologue: Vec<UnaryKind> =
+                        batch.prologue.iter().map(|&u| unary_kind(u)).collect();
+                    self.launches += 1;
+                    let handle =
+                        self.kernels
+                            .multi_reduce(&prologue, &buffers, reduce_kind(batch.op));
+                    // Each result is one element of the batch's output, as a view.
+                    for (at, segment) in batch.segments.iter().enumerate() {
+                        values[segment.reduce.index()] = Some(Value {
+                            view: View {
+                                handle: handle.clone(),
+                                len: batch.segments.len(),
+                                offset: at,
+                                strides: Vec::new(),
+                            },
+                            shape: Vec::new(),
+                        });
+                    }
+                }
                 Step::GroupReduce { group, reduce } => {
                     let group = &plan.groups[group];
                     let shape =

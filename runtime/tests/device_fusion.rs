@@ -357,3 +357,85 @@ fn scalar_chains_run_inside_the_tensor_kernel_that_reads_them() {
     }
     assert_eq!(fused.kernel_launches(), Some(1));
 }
+
+/// Squared norms of several tensors (gradient clipping) and whole-tensor maxima run
+/// as one multi-tensor kernel per op, with a strided source, and match the reference.
+#[test]
+fn whole_tensor_reductions_share_one_kernel() {
+    let (Ok(mut fused), Ok(mut unfused)) = (
+        open(DeviceChoice::Wgpu, Precision::F32, true),
+        open(DeviceChoice::Wgpu, Precision::F32, false),
+    ) else {
+        eprintln!("skipping: wgpu is not available");
+        return;
+    };
+    let mut g = Graph::new("norms");
+    let shapes: [&[usize]; 4] = [&[37, 5], &[5], &[3, 7, 300], &[1]];
+    let mut feeds = TensorMap::new();
+    let mut terms = Vec::new();
+    let mut maxima = Vec::new();
+    for (i, shape) in shapes.iter().enumerate() {
+        let name = format!("g{i}");
+        let n: usize = shape.iter().product();
+        feeds.insert(
+            name.clone(),
+            Tensor::f32(
+                shape,
+                (0..n)
+                    .map(|j| (2.0 * rng::uniform(21, 0, i as u64, j as u64) - 1.0) as f32)
+                    .collect(),
+            ),
+        );
+        let mut x = g
+            .push(
+                Op::Input {
+                    name,
+                    dtype: DType::F32,
+                    shape: shape.iter().copied().collect(),
+                },
+                &[],
+                "test",
+            )
+            .unwrap();
+        if shape.len() == 2 {
+            // A transposed view: the kernel reads it copied out.
+            x = g
+                .push(Op::Transpose { perm: vec![1, 0] }, &[x], "test")
+                .unwrap();
+        }
+        let all: Vec<usize> = (0..shape.len()).collect();
+        let square = g.push(Op::Unary(UnaryOp::Square), &[x], "test").unwrap();
+        let reduce = |op| Op::Reduce {
+            op,
+            axes: all.clone(),
+            keep_dims: false,
+        };
+        terms.push(g.push(reduce(ReduceOp::Sum), &[square], "test").unwrap());
+        maxima.push(g.push(reduce(ReduceOp::Max), &[x], "test").unwrap());
+    }
+    let add = |g: &mut Graph, a, b| g.push(Op::Binary(BinaryOp::Add), &[a, b], "test").unwrap();
+    let norm = terms[1..]
+        .iter()
+        .fold(terms[0], |acc, &t| add(&mut g, acc, t));
+    let largest = maxima[1..]
+        .iter()
+        .fold(maxima[0], |acc, &t| add(&mut g, acc, t));
+    g.set_output("squared_norm", norm).unwrap();
+    g.set_output("sum_of_maxima", largest).unwrap();
+    let plan = altc_compiler::fusion::plan(&g, 16);
+    assert_eq!(plan.multi_reduces.len(), 2, "one batch per op and prologue");
+    assert!(plan.multi_reduces.iter().all(|m| m.segments.len() == 4));
+
+    let ctx = EvalContext { seed: 1, step: 0 };
+    let want = run(&g, &feeds, &TensorMap::new(), ctx).unwrap();
+    for (label, device) in [("fused", &mut fused), ("unfused", &mut unfused)] {
+        let got = device.run(&g, &feeds, ctx).unwrap();
+        for name in ["squared_norm", "sum_of_maxima"] {
+            let (a, b) = (got[name].to_f64()[0], want[name].to_f64()[0]);
+            assert!(
+                (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                "{label} {name}: {a} vs {b}"
+            );
+        }
+    }
+}
