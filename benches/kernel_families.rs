@@ -1,0 +1,603 @@
+//! Each kernel family of `altc_kernels` on its own, on the wgpu runtime (Mesa lavapipe
+//! on a CPU-only machine): fused elementwise chains, reductions (plain and with a
+//! fused prologue), matmuls (plain and with a bias + GELU epilogue), the grouped
+//! expert GEMM of sparse MoE dispatch, an AdamW update as one fused program, and
+//! top-k for routing and for retrieval. Each family runs at the tiny model's sizes
+//! and at the paper's (`models/alt_moe.ron`: h = 2048, E = 12, k = 4, batch 128,
+//! encoder widths 4096 and 1024, 257 image tokens).
+//!
+//! Every measured iteration launches the kernel(s) and waits for the device
+//! (`client.sync()`), so a time is the kernels' own plus one synchronisation; the
+//! inputs are uploaded once, outside the timed loop.
+
+use altc_kernels::{
+    BinaryKind, ExpertMatmul, FusedOp, FusedProgram, Kernels, MatmulOperands, ReduceKind,
+    UnaryKind, View,
+};
+use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
+use cubecl::server::Handle;
+use cubecl::wgpu::{WgpuDevice, WgpuRuntime};
+use cubecl::Runtime;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+/// The tiny model: batch 32, up to 6 tokens, hidden 16, 4 experts, top-2.
+const TINY_TOKENS: usize = 32 * 6;
+const TINY_HIDDEN: usize = 16;
+const TINY_EXPERTS: usize = 4;
+const TINY_TOP_K: usize = 2;
+/// The paper: batch 128, 257 image tokens, hidden 2048, 12 experts, top-4.
+const PAPER_BATCH: usize = 128;
+const PAPER_TOKENS: usize = PAPER_BATCH * 257;
+/// Token activations of a whole paper batch, `[128 * 257, 2048]` f32 (269 MB), exceed
+/// the largest buffer lavapipe binds (128 MiB): activation-sized cases use a quarter
+/// batch, 32 pairs of 257 tokens (67 MB).
+const PAPER_SLICE_TOKENS: usize = 32 * 257;
+const PAPER_HIDDEN: usize = 2048;
+const PAPER_EXPERTS: usize = 12;
+const PAPER_TOP_K: usize = 4;
+const TEXT_WIDTH: usize = 4096;
+const IMAGE_WIDTH: usize = 1024;
+
+type Device = Kernels<WgpuRuntime>;
+
+/// The wgpu device, opened once; `None` (said once) when there is none.
+fn device() -> Option<&'static Device> {
+    static DEVICE: OnceLock<Option<Device>> = OnceLock::new();
+    DEVICE
+        .get_or_init(|| {
+            // Creating a client panics inside the bindings when no adapter exists.
+            let hook = std::panic::take_hook();
+            std::panic::set_hook(Box::new(|_| {}));
+            let client = std::panic::catch_unwind(|| WgpuRuntime::client(&WgpuDevice::default()));
+            std::panic::set_hook(hook);
+            match client {
+                Ok(client) => {
+                    eprintln!(
+                        "kernel families on wgpu (untuned kernels); largest buffer: {} MiB",
+                        client.properties().memory.max_page_size >> 20
+                    );
+                    Some(Kernels::new(client))
+                }
+                Err(e) => {
+                    let why = e
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_default();
+                    eprintln!(
+                        "not benchmarking kernel families: wgpu is not available ({})",
+                        why.lines().next().unwrap_or("")
+                    );
+                    None
+                }
+            }
+        })
+        .as_ref()
+}
+
+fn sync(k: &Device) {
+    cubecl::future::block_on(k.client().sync()).expect("device synchronisation");
+}
+
+/// Whether a buffer of `elements` f32 fits the device's largest buffer; says so when not.
+fn fits(k: &Device, elements: usize, case: &str) -> bool {
+    let largest = k.client().properties().memory.max_page_size;
+    let bytes = 4 * elements as u64;
+    if bytes > largest {
+        eprintln!(
+            "skipping {case}: a {} MB buffer exceeds the device's largest ({} MB)",
+            bytes / 1_000_000,
+            largest / 1_000_000
+        );
+    }
+    bytes <= largest
+}
+
+/// Deterministic values in [-1, 1) (xorshift), so every run sees the same data.
+fn values(len: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn upload(k: &Device, shape: &[usize], seed: u64) -> View {
+    let n = shape.iter().product();
+    View::contiguous(k.upload(&values(n, seed)), shape)
+}
+
+/// A fused program under construction: each push returns the new register.
+struct Program(FusedProgram);
+
+impl Program {
+    fn new(rank: usize, inputs: usize) -> Program {
+        Program(FusedProgram {
+            rank,
+            inputs,
+            ..FusedProgram::default()
+        })
+    }
+
+    fn push(&mut self, op: FusedOp) -> usize {
+        self.0.ops.push(op);
+        self.0.ops.len() - 1
+    }
+
+    fn load(&mut self, input: usize) -> usize {
+        self.push(FusedOp::Load { input })
+    }
+
+    fn constant(&mut self, value: f32) -> usize {
+        self.push(FusedOp::Constant {
+            bits: value.to_bits(),
+        })
+    }
+
+    fn unary(&mut self, op: UnaryKind, a: usize) -> usize {
+        self.push(FusedOp::Unary { op, a })
+    }
+
+    fn binary(&mut self, op: BinaryKind, a: usize, b: usize) -> usize {
+        self.push(FusedOp::Binary { op, a, b })
+    }
+
+    fn finish(mut self, outputs: &[usize]) -> FusedProgram {
+        self.0.outputs = outputs.to_vec();
+        self.0
+    }
+}
+
+/// `0.5 t (1 + tanh(sqrt(2/pi) (t + 0.044715 t^3)))`: GELU (tanh form) of register `t`.
+fn gelu_tanh(p: &mut Program, t: usize) -> usize {
+    let t2 = p.unary(UnaryKind::Square, t);
+    let t3 = p.binary(BinaryKind::Mul, t2, t);
+    let c = p.constant(0.044_715);
+    let ct3 = p.binary(BinaryKind::Mul, c, t3);
+    let inner = p.binary(BinaryKind::Add, t, ct3);
+    let s = p.constant(0.797_884_6);
+    let scaled = p.binary(BinaryKind::Mul, s, inner);
+    let th = p.unary(UnaryKind::Tanh, scaled);
+    let one = p.constant(1.0);
+    let onep = p.binary(BinaryKind::Add, one, th);
+    let half = p.constant(0.5);
+    let ht = p.binary(BinaryKind::Mul, half, t);
+    p.binary(BinaryKind::Mul, ht, onep)
+}
+
+/// Register a: input 0 (`[rows, width]`) plus input 1 (a `[width]` bias broadcast over
+/// rows), then GELU: 10 arithmetic ops in one kernel.
+fn bias_gelu_program() -> FusedProgram {
+    let mut p = Program::new(2, 2);
+    let x = p.load(0);
+    let b = p.load(1);
+    let t = p.binary(BinaryKind::Add, x, b);
+    let y = gelu_tanh(&mut p, t);
+    p.finish(&[y])
+}
+
+/// A `[width]` vector read as `[rows, width]` (stride 0 over rows).
+fn broadcast_rows(v: &View) -> View {
+    View {
+        strides: vec![0, 1],
+        ..v.clone()
+    }
+}
+
+/// A `[rows]` vector read as `[rows, width]` (stride 0 over the width).
+fn broadcast_cols(v: &View) -> View {
+    View {
+        strides: vec![1, 0],
+        ..v.clone()
+    }
+}
+
+/// Criterion's defaults would take hours at paper scale on lavapipe: ten samples,
+/// short warm-up and measurement (slow cases fall back to flat sampling, one
+/// iteration per sample).
+fn configure<M: criterion::measurement::Measurement>(group: &mut BenchmarkGroup<'_, M>) {
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
+}
+
+fn fused_elementwise(c: &mut Criterion) {
+    let Some(k) = device() else { return };
+    let program = bias_gelu_program();
+    let mut group = c.benchmark_group("fused_elementwise");
+    configure(&mut group);
+    for (name, rows, width) in [
+        ("tiny", TINY_TOKENS, TINY_HIDDEN),
+        ("paper", PAPER_SLICE_TOKENS, PAPER_HIDDEN),
+    ] {
+        if !fits(k, rows * width, &format!("fused_elementwise/{name}")) {
+            continue;
+        }
+        let x = upload(k, &[rows, width], 1);
+        let bias = upload(k, &[width], 2);
+        let inputs = [x, broadcast_rows(&bias)];
+        let shape = [rows, width];
+        // x read and y written once; the bias is one row.
+        group.throughput(Throughput::Bytes((4 * (2 * rows * width + width)) as u64));
+        group.bench_function(format!("bias_gelu/{name}/{rows}x{width}"), |b| {
+            b.iter(|| {
+                let out = k.fused(&program, &inputs, &shape, 0, 0);
+                sync(k);
+                out
+            })
+        });
+    }
+    group.finish();
+}
+
+fn reductions(c: &mut Criterion) {
+    let Some(k) = device() else { return };
+    // exp(x - max), reduced by sum: a softmax denominator with its prologue fused.
+    let mut p = Program::new(2, 2);
+    let x = p.load(0);
+    let m = p.load(1);
+    let d = p.binary(BinaryKind::Sub, x, m);
+    let e = p.unary(UnaryKind::Exp, d);
+    let softmax_prologue = p.finish(&[e]);
+    let mut group = c.benchmark_group("reductions");
+    configure(&mut group);
+    for (name, rows, width) in [
+        ("tiny", TINY_TOKENS, TINY_HIDDEN),
+        ("paper", PAPER_SLICE_TOKENS, PAPER_HIDDEN),
+    ] {
+        if !fits(k, rows * width, &format!("reductions/{name}")) {
+            continue;
+        }
+        let shape = [rows, width];
+        let x = upload(k, &shape, 3);
+        let row_max = View::contiguous(k.reduce(ReduceKind::Max, &x, &shape, &[1]), &[rows]);
+        group.throughput(Throughput::Bytes((4 * (rows * width + rows)) as u64));
+        for (op_name, op) in [("sum", ReduceKind::Sum), ("max", ReduceKind::Max)] {
+            group.bench_function(format!("row_{op_name}/{name}/{rows}x{width}"), |b| {
+                b.iter(|| {
+                    let out = k.reduce(op, &x, &shape, &[1]);
+                    sync(k);
+                    out
+                })
+            });
+        }
+        let inputs = [x.clone(), broadcast_cols(&row_max)];
+        group.throughput(Throughput::Bytes((4 * (rows * width + 2 * rows)) as u64));
+        group.bench_function(format!("sum_exp_x_minus_max/{name}/{rows}x{width}"), |b| {
+            b.iter(|| {
+                let out = k.fused_reduce(
+                    &softmax_prologue,
+                    &inputs,
+                    &shape,
+                    ReduceKind::Sum,
+                    &[1],
+                    0,
+                    0,
+                );
+                sync(k);
+                out
+            })
+        });
+    }
+    group.finish();
+}
+
+fn matmul(c: &mut Criterion) {
+    let Some(k) = device() else { return };
+    // The product plus a `[n]` bias, then GELU: a linear layer's epilogue.
+    let mut p = Program::new(2, 1);
+    let acc = p.push(FusedOp::Accumulator);
+    let bias = p.load(0);
+    let t = p.binary(BinaryKind::Add, acc, bias);
+    let y = p.unary(UnaryKind::Gelu, t);
+    let epilogue = p.finish(&[y]);
+    let mut group = c.benchmark_group("matmul");
+    configure(&mut group);
+    // The last field: whether to also run the bias + GELU epilogue variant. The text
+    // projection (5 s a launch here) runs plain only, to keep the suite short.
+    for (name, m, kk, n, with_epilogue) in [
+        // Tiny: the text input projection (24 -> 16) over every token, and an expert.
+        ("tiny/input_projection", TINY_TOKENS, 24, TINY_HIDDEN, true),
+        ("tiny/expert", TINY_TOKENS, TINY_HIDDEN, TINY_HIDDEN, true),
+        // Paper, one row per pair of the batch: both input projections and an expert.
+        (
+            "paper/text_projection",
+            PAPER_BATCH,
+            TEXT_WIDTH,
+            PAPER_HIDDEN,
+            false,
+        ),
+        (
+            "paper/image_projection",
+            PAPER_BATCH,
+            IMAGE_WIDTH,
+            PAPER_HIDDEN,
+            true,
+        ),
+        (
+            "paper/expert",
+            PAPER_BATCH,
+            PAPER_HIDDEN,
+            PAPER_HIDDEN,
+            true,
+        ),
+    ] {
+        if !fits(
+            k,
+            (m * kk).max(kk * n).max(m * n),
+            &format!("matmul/{name}"),
+        ) {
+            continue;
+        }
+        let a = upload(k, &[m, kk], 4);
+        let w = upload(k, &[kk, n], 5);
+        let bias = upload(k, &[n], 6);
+        let inputs = [broadcast_rows(&bias)];
+        let mm = MatmulOperands {
+            a: &a,
+            a_shape: &[m, kk],
+            transpose_a: false,
+            b: &w,
+            b_shape: &[kk, n],
+            transpose_b: false,
+            out_batch: &[],
+            bf16_operands: false,
+        };
+        // Elements are floating-point operations: the rate reads as FLOP/s.
+        group.throughput(Throughput::Elements((2 * m * kk * n) as u64));
+        group.bench_function(format!("{name}/{m}x{kk}x{n}"), |b| {
+            b.iter(|| {
+                let out = k.matmul(&mm);
+                sync(k);
+                out
+            })
+        });
+        if !with_epilogue {
+            continue;
+        }
+        group.bench_function(format!("{name}/{m}x{kk}x{n}/bias_gelu"), |b| {
+            b.iter(|| {
+                let out = k.matmul_with_epilogue(&mm, &epilogue, &inputs, 0, 0);
+                sync(k);
+                out
+            })
+        });
+    }
+    group.finish();
+}
+
+/// Each token's `top_k` expert ids, flattened: how the router spreads assignments.
+fn routing(kind: &str, tokens: usize, experts: usize, top_k: usize) -> Vec<f32> {
+    (0..tokens)
+        .flat_map(|t| {
+            (0..top_k).map(move |s| match kind {
+                // Every expert gets the same share, a token's experts are distinct.
+                "balanced" => (t * top_k + s) % experts,
+                // Only the first half of the pool is used, unevenly (a window sliding
+                // over a few start positions); the other experts receive nothing.
+                "skewed" => s + t % (experts / 2).saturating_sub(top_k).saturating_add(1),
+                // Every assignment goes to expert 0.
+                _ => 0,
+            } as f32)
+        })
+        .collect()
+}
+
+fn grouped_expert_gemm(c: &mut Criterion) {
+    let Some(k) = device() else { return };
+    let mut group = c.benchmark_group("grouped_expert_gemm");
+    configure(&mut group);
+    for (name, tokens, h, m, experts, top_k) in [
+        (
+            "tiny",
+            TINY_TOKENS,
+            TINY_HIDDEN,
+            TINY_HIDDEN,
+            TINY_EXPERTS,
+            TINY_TOP_K,
+        ),
+        // One token per pair of a 32-pair slice: 128 assignments over 12 experts of
+        // width 2048. The whole `[12, 2048, 2048]` weight (201 MB) exceeds lavapipe's
+        // largest buffer, so this is one of the two column halves of an expert layer.
+        (
+            "paper",
+            32,
+            PAPER_HIDDEN,
+            PAPER_HIDDEN / 2,
+            PAPER_EXPERTS,
+            PAPER_TOP_K,
+        ),
+    ] {
+        if !fits(k, experts * h * m, &format!("grouped_expert_gemm/{name}")) {
+            continue;
+        }
+        let x = k.upload(&values(tokens * h, 7));
+        let w = upload(k, &[experts, h, m], 8);
+        let bias = upload(k, &[experts, m], 9);
+        let assignments = tokens * top_k;
+        // Elements are floating-point operations: the rate reads as FLOP/s.
+        group.throughput(Throughput::Elements((2 * assignments * h * m) as u64));
+        for kind in ["balanced", "skewed", "all_to_one"] {
+            let index: Handle = k.upload(&routing(kind, tokens, experts, top_k));
+            group.bench_function(
+                format!("{name}/{kind}/{tokens}x{top_k}_of_{experts}/{h}x{m}"),
+                |b| {
+                    b.iter(|| {
+                        let order = k.expert_order(&index, assignments, experts);
+                        let offsets = k.expert_offsets(&index, assignments, experts);
+                        let out = k.expert_matmul(&ExpertMatmul {
+                            x: &x,
+                            rows: tokens,
+                            k: h,
+                            w: &w,
+                            transpose_w: false,
+                            m,
+                            bias: Some(&bias),
+                            order: &order,
+                            offsets: &offsets,
+                            assignments,
+                            experts,
+                            bf16_operands: false,
+                        });
+                        sync(k);
+                        out
+                    })
+                },
+            );
+        }
+    }
+    group.finish();
+}
+
+/// AdamW for one parameter tensor as one fused program. Inputs: m, v, param, grad;
+/// outputs: new m, new v, new param. Step 10 of a run with the spec's betas and eps
+/// and the paper's peak learning rate and final weight decay.
+fn adamw_program() -> FusedProgram {
+    let (beta1, beta2, eps, lr, wd, step) = (0.9f32, 0.999f32, 1e-8f32, 1.5e-3f32, 0.2f32, 10);
+    let mut p = Program::new(1, 4);
+    let m = p.load(0);
+    let v = p.load(1);
+    let param = p.load(2);
+    let g = p.load(3);
+    let b1 = p.constant(beta1);
+    let one_minus_b1 = p.constant(1.0 - beta1);
+    let b2 = p.constant(beta2);
+    let one_minus_b2 = p.constant(1.0 - beta2);
+    // m' = b1 m + (1 - b1) g
+    let m_decayed = p.binary(BinaryKind::Mul, b1, m);
+    let g_scaled = p.binary(BinaryKind::Mul, one_minus_b1, g);
+    let m_new = p.binary(BinaryKind::Add, m_decayed, g_scaled);
+    // v' = b2 v + (1 - b2) g^2
+    let v_decayed = p.binary(BinaryKind::Mul, b2, v);
+    let g2 = p.unary(UnaryKind::Square, g);
+    let g2_scaled = p.binary(BinaryKind::Mul, one_minus_b2, g2);
+    let v_new = p.binary(BinaryKind::Add, v_decayed, g2_scaled);
+    // Bias-corrected moments, then p' = p - lr (m^ / (sqrt(v^) + eps) + wd p).
+    let c1 = p.constant(1.0 / (1.0 - beta1.powi(step)));
+    let c2 = p.constant(1.0 / (1.0 - beta2.powi(step)));
+    let m_hat = p.binary(BinaryKind::Mul, m_new, c1);
+    let v_hat = p.binary(BinaryKind::Mul, v_new, c2);
+    let root = p.unary(UnaryKind::Sqrt, v_hat);
+    let eps = p.constant(eps);
+    let denom = p.binary(BinaryKind::Add, root, eps);
+    let ratio = p.binary(BinaryKind::Div, m_hat, denom);
+    let wd = p.constant(wd);
+    let decay = p.binary(BinaryKind::Mul, wd, param);
+    let update = p.binary(BinaryKind::Add, ratio, decay);
+    let lr = p.constant(lr);
+    let scaled = p.binary(BinaryKind::Mul, lr, update);
+    let param_new = p.binary(BinaryKind::Sub, param, scaled);
+    p.finish(&[m_new, v_new, param_new])
+}
+
+fn adamw_update(c: &mut Criterion) {
+    let Some(k) = device() else { return };
+    let program = adamw_program();
+    let mut group = c.benchmark_group("adamw_update");
+    configure(&mut group);
+    for (name, len, launches) in [
+        // Tiny: the expert pool's w1, [4, 16, 16].
+        (
+            "tiny/experts.w1",
+            TINY_EXPERTS * TINY_HIDDEN * TINY_HIDDEN,
+            1,
+        ),
+        // Paper: the text input projection's weight, [4096, 2048], and the expert
+        // pool's w1, [12, 2048, 2048], whose 201 MB exceed lavapipe's largest buffer:
+        // it is updated in two launches of six experts.
+        ("paper/text_projection.weight", TEXT_WIDTH * PAPER_HIDDEN, 1),
+        (
+            "paper/experts.w1",
+            PAPER_EXPERTS * PAPER_HIDDEN * PAPER_HIDDEN,
+            2,
+        ),
+    ] {
+        let part = len / launches;
+        if !fits(k, part, &format!("adamw_update/{name}")) {
+            continue;
+        }
+        let parts: Vec<Vec<View>> = (0..launches as u64)
+            .map(|l| {
+                (0..4u64)
+                    .map(|s| upload(k, &[part], 10 + 4 * l + s))
+                    .collect()
+            })
+            .collect();
+        // Four tensors read, three written.
+        group.throughput(Throughput::Bytes((4 * 7 * len) as u64));
+        group.bench_function(format!("{name}/{len}"), |b| {
+            b.iter(|| {
+                let out: Vec<Vec<Handle>> = parts
+                    .iter()
+                    .map(|inputs| k.fused(&program, inputs, &[part], 0, 0))
+                    .collect();
+                sync(k);
+                out
+            })
+        });
+    }
+    group.finish();
+}
+
+fn top_k(c: &mut Criterion, group_name: &str, cases: &[(&str, usize, usize, usize)]) {
+    let Some(k) = device() else { return };
+    let mut group = c.benchmark_group(group_name);
+    configure(&mut group);
+    for &(name, rows, n, kk) in cases {
+        if !fits(k, rows * n, &format!("{group_name}/{name}")) {
+            continue;
+        }
+        let scores = k.upload(&values(rows * n, 11));
+        // Elements are rows ranked: tokens routed, or queries answered.
+        group.throughput(Throughput::Elements(rows as u64));
+        group.bench_function(format!("{name}/{rows}x{n}/k{kk}"), |b| {
+            b.iter(|| {
+                let out = k.top_k(&scores, rows, n, kk);
+                sync(k);
+                out
+            })
+        });
+    }
+    group.finish();
+}
+
+fn top_k_routing(c: &mut Criterion) {
+    top_k(
+        c,
+        "top_k_routing",
+        &[
+            ("tiny", TINY_TOKENS, TINY_EXPERTS, TINY_TOP_K),
+            ("paper", PAPER_TOKENS, PAPER_EXPERTS, PAPER_TOP_K),
+        ],
+    );
+}
+
+fn retrieval_top_k(c: &mut Criterion) {
+    top_k(
+        c,
+        "retrieval_top_k",
+        &[
+            ("1k", 1000, 1000, 10),
+            // COCO-5K's size: every query against every stored item.
+            ("5k", 5000, 5000, 10),
+        ],
+    );
+}
+
+criterion_group!(
+    benches,
+    fused_elementwise,
+    reductions,
+    matmul,
+    grouped_expert_gemm,
+    adamw_update,
+    top_k_routing,
+    retrieval_top_k
+);
+criterion_main!(benches);
