@@ -8,6 +8,10 @@
 //! read through strided views, so broadcasting (stride 0), transposition and slicing
 //! cost no copies before an op. No kernel assumes a plane size: work is spread over
 //! cubes of a fixed size and tiles are sized independently of `PLANE_DIM`.
+//!
+//! Tunable families (matmul, grouped expert matmul, reductions, fused elementwise)
+//! offer candidate configurations to cubecl's autotuner (`tune`); which one runs is
+//! the caller's `TuningMode`.
 
 mod elementwise;
 mod experts;
