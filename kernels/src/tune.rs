@@ -40,7 +40,8 @@ pub enum TuningMode {
     /// Kernels whose key is listed run the choice cached by an earlier tuning; all
     /// others run their fallback. Nothing is tuned.
     Cached(HashSet<KernelKey>),
-    /// Every tunable kernel runs the named candidate (tests, comparisons).
+    /// Kernels of the family with a candidate of this name run it; the others run
+    /// their fallback (tests, comparisons).
     Force(String),
 }
 
