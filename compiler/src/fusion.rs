@@ -62,18 +62,30 @@ pub enum Step {
     /// A batched matmul whose product only a sum over all its batch dimensions reads
     /// (a weight gradient): one kernel accumulates over the batch and writes the sum.
     MatmulSum { matmul: NodeId, reduce: NodeId },
-    /// Whole-tensor reductions of several tensors in one kernel, by index into
-    /// `FusionPlan::multi_reduces` (the squared gradient norms for clipping).
+    /// The same reduction of several tensors in one kernel, by index into
+    /// `FusionPlan::multi_reduces` (bias gradients, squared gradient norms).
     MultiReduce(usize),
 }
 
-/// Reductions of whole tensors sharing one op and one unary prologue, run as one
-/// kernel with a cube per tensor.
+/// Reductions sharing an op, a unary prologue, an operand shape and axes, run as one
+/// kernel over several tensors.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MultiReduce {
     pub op: ReduceOp,
     pub prologue: Vec<UnaryOp>,
+    /// Each tensor reduced over all its axes (then shapes may differ); otherwise all
+    /// share the first reduction's operand shape and axes.
+    pub whole: bool,
     pub segments: Vec<ReduceSegment>,
+}
+
+/// What reductions must share to run as one `MultiReduce`: the op and prologue, and
+/// the operand's shape and the axes unless each tensor is reduced whole.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct ReductionKind {
+    op: ReduceOp,
+    prologue: Vec<UnaryOp>,
+    layout: Option<(Shape, Vec<usize>, bool)>,
 }
 
 /// One tensor of a `MultiReduce`: the reduction, the group it absorbed as its
@@ -553,13 +565,14 @@ fn fold_batch_sums(
     schedule.retain(|s| !matches!(s, Step::Node(id) if folded.contains(id)));
 }
 
-/// A reduction over every axis as a multi-tensor segment: its op, its unary
-/// prologue and the segment; `None` if it is not one.
-fn whole_reduction(
+/// A reduction as a multi-tensor segment, with what it must share with the others
+/// of its batch; `None` if it cannot be one (its prologue is not a chain of unary ops
+/// from one value).
+fn batchable_reduction(
     graph: &Graph,
     groups: &[FusionGroup],
     step: &Step,
-) -> Option<(ReduceOp, Vec<UnaryOp>, ReduceSegment)> {
+) -> Option<(ReductionKind, ReduceSegment)> {
     let (reduce, prologue_group) = match *step {
         Step::Node(r) => (r, None),
         Step::GroupReduce { group, reduce } => (reduce, Some(group)),
@@ -568,49 +581,48 @@ fn whole_reduction(
     let Op::Reduce {
         op,
         axes,
-        keep_dims: false,
+        keep_dims,
     } = &graph.node(reduce).op
     else {
         return None;
     };
     let operand = graph.operands(reduce)[0];
-    if axes.len() != graph.node(operand).ty.shape.rank() {
-        return None;
-    }
-    let Some(g) = prologue_group else {
-        let segment = ReduceSegment {
-            reduce,
-            prologue_group: None,
-            source: operand,
-        };
-        return Some((*op, Vec::new(), segment));
-    };
-    // The prologue must be a chain of unary ops from one value.
+    let mut axes = axes.clone();
+    axes.sort_unstable();
     let mut prologue = Vec::new();
-    let mut source = None;
-    for (i, &m) in groups[g].nodes.iter().enumerate() {
-        let Op::Unary(u) = graph.node(m).op else {
-            return None;
-        };
-        let from = graph.operands(m)[0];
-        match i {
-            0 => source = Some(from),
-            _ if from != groups[g].nodes[i - 1] => return None,
-            _ => {}
+    let mut source = operand;
+    if let Some(g) = prologue_group {
+        for (i, &m) in groups[g].nodes.iter().enumerate() {
+            let Op::Unary(u) = graph.node(m).op else {
+                return None;
+            };
+            let from = graph.operands(m)[0];
+            match i {
+                0 => source = from,
+                _ if from != groups[g].nodes[i - 1] => return None,
+                _ => {}
+            }
+            prologue.push(u);
         }
-        prologue.push(u);
     }
+    let shape = &graph.node(operand).ty.shape;
+    let whole = axes.len() == shape.rank();
+    let kind = ReductionKind {
+        op: *op,
+        prologue,
+        layout: (!whole).then(|| (shape.clone(), axes, *keep_dims)),
+    };
     let segment = ReduceSegment {
         reduce,
         prologue_group,
-        source: source?,
+        source,
     };
-    Some((*op, prologue, segment))
+    Some((kind, segment))
 }
 
 impl FusionPlan {
-    /// Gathers whole-tensor reductions with the same op and prologue into
-    /// `MultiReduce` steps of at most `max_inputs` tensors. A batch runs where its
+    /// Gathers reductions of the same kind into `MultiReduce` steps of at most
+    /// `max_inputs` tensors. A batch runs where its
     /// last member ran: every member's input exists by then, and each member joins only
     /// while that position is before the first reader of any member's result.
     fn fold_multi_reduces(&mut self, graph: &Graph, users: &[Vec<NodeId>], max_inputs: usize) {
@@ -621,15 +633,14 @@ impl FusionPlan {
             }
         }
         struct Batch {
-            op: ReduceOp,
-            prologue: Vec<UnaryOp>,
+            kind: ReductionKind,
             members: Vec<(usize, ReduceSegment)>,
             first_use: usize,
         }
         let mut open: Vec<Batch> = Vec::new();
         let mut batches: Vec<Batch> = Vec::new();
         for (pos, step) in self.schedule.iter().enumerate() {
-            let Some((op, prologue, segment)) = whole_reduction(graph, &self.groups, step) else {
+            let Some((kind, segment)) = batchable_reduction(graph, &self.groups, step) else {
                 continue;
             };
             let first_use = users[segment.reduce.index()]
@@ -637,9 +648,7 @@ impl FusionPlan {
                 .map(|u| position[u.index()])
                 .min()
                 .unwrap_or(usize::MAX);
-            let same = open
-                .iter()
-                .position(|b| b.op == op && b.prologue == prologue);
+            let same = open.iter().position(|b| b.kind == kind);
             if let Some(i) = same {
                 let batch = &mut open[i];
                 if batch.members.len() < max_inputs && pos < batch.first_use {
@@ -650,8 +659,7 @@ impl FusionPlan {
                 batches.push(open.swap_remove(i));
             }
             open.push(Batch {
-                op,
-                prologue,
+                kind,
                 members: vec![(pos, segment)],
                 first_use,
             });
@@ -665,8 +673,9 @@ impl FusionPlan {
             }
             self.schedule[last] = Step::MultiReduce(self.multi_reduces.len());
             self.multi_reduces.push(MultiReduce {
-                op: batch.op,
-                prologue: batch.prologue,
+                op: batch.kind.op,
+                prologue: batch.kind.prologue,
+                whole: batch.kind.layout.is_none(),
                 segments: batch.members.into_iter().map(|(_, s)| s).collect(),
             });
         }

@@ -897,30 +897,66 @@ impl<R: Runtime> Kernels<R> {
         )
     }
 
-    /// Reduces each contiguous buffer `(handle, elements)` whole after the unary
-    /// `prologue`, all in one kernel; returns `[buffers]`.
+    /// Reduces each contiguous buffer `(handle, shape)` after the unary `prologue`,
+    /// all in one kernel: over `axes` (`Some`: the buffers share one shape) or whole
+    /// (`None`: shapes may differ). Returns the results one buffer after another, each
+    /// contiguous in the order of the kept axes.
     pub fn multi_reduce(
         &self,
         prologue: &[UnaryKind],
-        inputs: &[(Handle, usize)],
+        inputs: &[(Handle, Vec<usize>)],
+        axes: Option<&[usize]>,
         op: ReduceKind,
     ) -> Handle {
-        let out = self.alloc(inputs.len());
-        let lengths = u32s(inputs.iter().map(|(_, n)| *n));
-        let segments = lengths.len();
-        // Lanes for the longest buffer: small norms do not need wide cubes.
-        let longest = inputs.iter().map(|(_, n)| *n).max().unwrap_or(1);
-        let lanes = if longest >= 4096 { 256 } else { 64 };
+        let elements = |shape: &[usize]| shape.iter().product::<usize>();
+        let whole = axes.is_none();
+        // A whole reduction reads each buffer as one flat axis of its own length.
+        let largest = inputs.iter().map(|(_, s)| elements(s)).max().unwrap_or(1);
+        let shape: Vec<usize> = if whole {
+            vec![largest]
+        } else {
+            inputs[0].1.clone()
+        };
+        let axes: Vec<usize> = axes.map_or(vec![0], <[usize]>::to_vec);
+        let kept: Vec<usize> = (0..shape.len()).filter(|a| !axes.contains(a)).collect();
+        let reduced: Vec<usize> = (0..shape.len()).filter(|a| axes.contains(a)).collect();
+        let strides = contiguous_strides(&shape);
+        let outputs: usize = kept.iter().map(|&a| shape[a]).product();
+        let total = outputs * inputs.len();
+        let out = self.alloc(total);
+        let mut meta = u32s(kept.iter().map(|&a| shape[a]));
+        meta.extend(u32s(kept.iter().map(|&a| strides[a])));
+        meta.extend(u32s(reduced.iter().map(|&a| shape[a])));
+        meta.extend(u32s(reduced.iter().map(|&a| strides[a])));
+        meta.extend(u32s([outputs]));
+        meta.extend(u32s(
+            inputs.iter().map(|(_, s)| elements(s) / outputs.max(1)),
+        ));
+        let meta_len = meta.len();
+        let count = elements(&shape) / outputs.max(1);
+        // Wide cubes only where each output has many elements to combine.
+        let lanes = match count {
+            4096.. => 256,
+            256.. => 64,
+            _ => 1,
+        };
+        let (cubes, dim) = if lanes == 1 {
+            grid(total)
+        } else {
+            grid_of(total * lanes as usize, lanes)
+        };
         unsafe {
             multi_reduce_kernel::launch_unchecked::<f32, R>(
                 &self.client,
-                CubeCount::Static(u32s([segments])[0].max(1), 1, 1),
-                CubeDim::new_1d(lanes),
-                array_sequence(inputs.iter().map(|(h, n)| (h.clone(), *n))),
-                ArrayArg::from_raw_parts(out.clone(), segments.max(1)),
-                ArrayArg::from_raw_parts(self.upload_once(lengths), segments.max(1)),
+                cubes,
+                dim,
+                array_sequence(inputs.iter().map(|(h, s)| (h.clone(), elements(s)))),
+                ArrayArg::from_raw_parts(out.clone(), total.max(1)),
+                ArrayArg::from_raw_parts(self.upload_once(meta), meta_len),
                 prologue.to_vec(),
-                segments,
+                inputs.len(),
+                kept.len(),
+                reduced.len(),
                 op,
                 lanes,
             )

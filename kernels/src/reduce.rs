@@ -121,46 +121,65 @@ pub(crate) fn reduce_kernel<F: Float>(
     }
 }
 
-/// Reduces each of `segments` contiguous buffers whole into `out[segment]`, after
-/// applying the unary `prologue` to every element (squares, for gradient norms): one
-/// cube of `lanes` units per buffer, combining in a fixed tree. `lengths` holds each
-/// buffer's element count.
+/// The same reduction over `segments` contiguous buffers (after the unary
+/// `prologue`, such as squares for gradient norms), in one kernel: output element `o`
+/// of segment `s` lands at `out[s * outputs + o]`. `meta`: kept shape and strides,
+/// reduced shape and strides (shared: the buffers have one shape, or are each reduced
+/// whole as one flat axis), the outputs per segment, then each segment's count of
+/// reduced elements. With one lane a unit computes an output; otherwise a cube of
+/// `lanes`.
 #[cube(launch_unchecked)]
 // The kernel language has no iterators: comptime lists are walked by index.
-#[allow(clippy::needless_range_loop)]
+#[allow(clippy::needless_range_loop, clippy::too_many_arguments)]
 pub(crate) fn multi_reduce_kernel<F: Float>(
     inputs: &Sequence<Array<F>>,
     out: &mut Array<F>,
-    lengths: &Array<u32>,
+    meta: &Array<u32>,
     #[comptime] prologue: Vec<UnaryKind>,
     #[comptime] segments: usize,
+    #[comptime] kept: usize,
+    #[comptime] reduced: usize,
     #[comptime] op: ReduceKind,
     #[comptime] lanes: u32,
 ) {
-    let segment = CUBE_POS as u32;
-    let n = lengths[segment as usize];
-    let mut acc = reduce_identity::<F>(op);
-    #[unroll]
-    for s in 0..segments {
-        if segment == s as u32 {
-            let x = inputs.index(s);
-            let mut i = UNIT_POS;
-            while i < n {
-                let mut v = x[i as usize];
-                #[unroll]
-                for p in 0..comptime!(prologue.len()) {
-                    v = apply_unary::<F>(v, comptime!(prologue[p]));
+    let (pos, lane) = reduce_position(lanes);
+    let tail = 2 * kept + 2 * reduced;
+    let outputs = meta[tail];
+    if pos < outputs * segments as u32 {
+        let segment = pos / outputs;
+        let count = meta[tail + 1 + segment as usize];
+        let base = offset_in(pos % outputs, meta, 0, kept as u32, kept);
+        let mut acc = reduce_identity::<F>(op);
+        #[unroll]
+        for s in 0..segments {
+            if segment == s as u32 {
+                let x = inputs.index(s);
+                let mut r = lane;
+                while r < count {
+                    let at = base
+                        + offset_in(
+                            r,
+                            meta,
+                            2 * kept as u32,
+                            (2 * kept + reduced) as u32,
+                            reduced,
+                        );
+                    let mut v = x[at as usize];
+                    #[unroll]
+                    for p in 0..comptime!(prologue.len()) {
+                        v = apply_unary::<F>(v, comptime!(prologue[p]));
+                    }
+                    acc = combine::<F>(acc, v, op);
+                    r += lanes;
                 }
-                acc = combine::<F>(acc, v, op);
-                i += lanes;
             }
         }
-    }
-    acc = combine_lanes::<F>(acc, lanes, op);
-    if UNIT_POS == 0 {
-        out[segment as usize] = match op {
-            ReduceKind::Mean => acc / F::cast_from(n),
-            _ => acc,
-        };
+        acc = combine_lanes::<F>(acc, lanes, op);
+        if lane == 0 {
+            out[pos as usize] = match op {
+                ReduceKind::Mean => acc / F::cast_from(count),
+                _ => acc,
+            };
+        }
     }
 }

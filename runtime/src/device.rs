@@ -695,7 +695,7 @@ impl<R: Runtime> Backend for DeviceBackend<R> {
                 }
                 Step::MultiReduce(i) => {
                     let batch = &plan.multi_reduces[i];
-                    let mut sources: Vec<Value> = Vec::new();
+                    let mut sources = Vec::new();
                     for segment in &batch.segments {
                         let value = values[segment.source.index()]
                             .as_ref()
@@ -704,28 +704,34 @@ impl<R: Runtime> Backend for DeviceBackend<R> {
                             // A strided source is copied out first.
                             self.launches += 1;
                         }
-                        sources.push(self.materialise(value));
+                        let value = self.materialise(value);
+                        sources.push((value.view.handle, value.shape));
                     }
-                    let buffers: Vec<(cubecl::server::Handle, usize)> = sources
-                        .iter()
-                        .map(|v| (v.view.handle.clone(), v.shape.iter().product()))
-                        .collect();
+                    let first = batch.segments[0].reduce;
+                    let Op::Reduce { axes, .. } = &graph.node(first).op else {
+                        unreachable!("multi-tensor steps hold reductions")
+                    };
                     let prologue: Vec<UnaryKind> =
                         batch.prologue.iter().map(|&u| unary_kind(u)).collect();
                     self.launches += 1;
+                    let axes = (!batch.whole).then_some(axes.as_slice());
                     let handle =
                         self.kernels
-                            .multi_reduce(&prologue, &buffers, reduce_kind(batch.op));
-                    // Each result is one element of the batch's output, as a view.
+                            .multi_reduce(&prologue, &sources, axes, reduce_kind(batch.op));
+                    // Each result is a contiguous slice of the batch's output.
+                    let total = batch.segments.len();
                     for (at, segment) in batch.segments.iter().enumerate() {
+                        let shape = concrete(&graph.node(segment.reduce).ty.shape, &symbols)
+                            .expect("inputs bind every symbol");
+                        let per_segment: usize = shape.iter().product();
                         values[segment.reduce.index()] = Some(Value {
                             view: View {
                                 handle: handle.clone(),
-                                len: batch.segments.len(),
-                                offset: at,
-                                strides: Vec::new(),
+                                len: per_segment * total,
+                                offset: at * per_segment,
+                                strides: altc_kernels::contiguous_strides(&shape),
                             },
-                            shape: Vec::new(),
+                            shape,
                         });
                     }
                 }

@@ -359,9 +359,10 @@ fn scalar_chains_run_inside_the_tensor_kernel_that_reads_them() {
 }
 
 /// Squared norms of several tensors (gradient clipping) and whole-tensor maxima run
-/// as one multi-tensor kernel per op, with a strided source, and match the reference.
+/// as one multi-tensor kernel per op, with a strided source; column sums of
+/// same-shaped tensors (bias gradients) share one too; all match the reference.
 #[test]
-fn whole_tensor_reductions_share_one_kernel() {
+fn reductions_of_the_same_kind_share_one_kernel() {
     let (Ok(mut fused), Ok(mut unfused)) = (
         open(DeviceChoice::Wgpu, Precision::F32, true),
         open(DeviceChoice::Wgpu, Precision::F32, false),
@@ -413,29 +414,67 @@ fn whole_tensor_reductions_share_one_kernel() {
         terms.push(g.push(reduce(ReduceOp::Sum), &[square], "test").unwrap());
         maxima.push(g.push(reduce(ReduceOp::Max), &[x], "test").unwrap());
     }
+    let mut columns = Vec::new();
+    for i in 0..3u64 {
+        let name = format!("dy{i}");
+        feeds.insert(
+            name.clone(),
+            Tensor::f32(
+                &[6, 50, 7],
+                (0..2100)
+                    .map(|j| (2.0 * rng::uniform(22, 0, i, j) - 1.0) as f32)
+                    .collect(),
+            ),
+        );
+        let dy = g
+            .push(
+                Op::Input {
+                    name,
+                    dtype: DType::F32,
+                    shape: [6, 50, 7].into_iter().collect(),
+                },
+                &[],
+                "test",
+            )
+            .unwrap();
+        let sum = Op::Reduce {
+            op: ReduceOp::Sum,
+            axes: vec![2, 0],
+            keep_dims: false,
+        };
+        columns.push(g.push(sum, &[dy], "test").unwrap());
+    }
     let add = |g: &mut Graph, a, b| g.push(Op::Binary(BinaryOp::Add), &[a, b], "test").unwrap();
-    let norm = terms[1..]
-        .iter()
-        .fold(terms[0], |acc, &t| add(&mut g, acc, t));
-    let largest = maxima[1..]
-        .iter()
-        .fold(maxima[0], |acc, &t| add(&mut g, acc, t));
+    let mut total = |g: &mut Graph, parts: &[NodeId]| {
+        parts[1..].iter().fold(parts[0], |acc, &t| add(g, acc, t))
+    };
+    let norm = total(&mut g, &terms);
+    let largest = total(&mut g, &maxima);
+    let column_total = total(&mut g, &columns);
     g.set_output("squared_norm", norm).unwrap();
     g.set_output("sum_of_maxima", largest).unwrap();
+    g.set_output("column_total", column_total).unwrap();
     let plan = altc_compiler::fusion::plan(&g, 16);
-    assert_eq!(plan.multi_reduces.len(), 2, "one batch per op and prologue");
-    assert!(plan.multi_reduces.iter().all(|m| m.segments.len() == 4));
+    let mut sizes: Vec<usize> = plan
+        .multi_reduces
+        .iter()
+        .map(|m| m.segments.len())
+        .collect();
+    sizes.sort_unstable();
+    assert_eq!(sizes, [3, 4, 4], "one batch per kind of reduction");
 
     let ctx = EvalContext { seed: 1, step: 0 };
     let want = run(&g, &feeds, &TensorMap::new(), ctx).unwrap();
     for (label, device) in [("fused", &mut fused), ("unfused", &mut unfused)] {
         let got = device.run(&g, &feeds, ctx).unwrap();
-        for name in ["squared_norm", "sum_of_maxima"] {
-            let (a, b) = (got[name].to_f64()[0], want[name].to_f64()[0]);
-            assert!(
-                (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
-                "{label} {name}: {a} vs {b}"
-            );
+        for name in ["squared_norm", "sum_of_maxima", "column_total"] {
+            assert_eq!(got[name].shape, want[name].shape, "{label} {name}");
+            for (a, b) in got[name].to_f64().iter().zip(want[name].to_f64()) {
+                assert!(
+                    (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                    "{label} {name}: {a} vs {b}"
+                );
+            }
         }
     }
 }
