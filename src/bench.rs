@@ -13,6 +13,7 @@ use altc_compiler::reference::{EvalContext, Tensor, TensorMap};
 use altc_compiler::rng;
 use altc_compiler::train::{training_tasks, LR_INPUT, WEIGHT_DECAY_INPUT};
 use altc_runtime::backend::{Backend, Ceilings};
+use altc_runtime::retrieval::ranking_graph;
 use altc_runtime::training::initial_state;
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -250,8 +251,13 @@ fn time_graph(
     })
 }
 
+/// Stored embeddings and neighbours per query of the timed ranking graph.
+const RETRIEVAL_STORE: usize = 4096;
+const RETRIEVAL_K: usize = 10;
+
 /// What `altc bench` and `altc tune` run: every training task's graph (optimised
-/// when `optimise`) and the embedding graphs, each with synthetic inputs at `batch`.
+/// when `optimise`), the embedding graphs and a ranking of `batch` queries against
+/// a store, each with synthetic inputs at `batch`.
 pub(crate) fn timed_graphs(
     program: &Program,
     optimise: bool,
@@ -269,15 +275,26 @@ pub(crate) fn timed_graphs(
         let inputs = synthetic_inputs(&graph, batch);
         graphs.push((graph, inputs));
     }
+    let mut width = None;
     for info in &program.directions {
         for name in [&info.query_graph, &info.key_graph].into_iter().flatten() {
             let graph = program
                 .graph(name)
                 .expect("lowered with the program")
                 .clone();
+            if let Some(e) = graph.output("embedding") {
+                width = graph.node(e).ty.shape.dims().last().and_then(|d| d.fixed());
+            }
             let inputs = synthetic_inputs(&graph, batch);
             graphs.push((graph, inputs));
         }
+    }
+    // Ranking a batch of queries against a store, as `altc retrieve` does.
+    if let Some(width) = width {
+        let graph = ranking_graph(width, RETRIEVAL_STORE, RETRIEVAL_K)
+            .context("building the ranking graph")?;
+        let inputs = synthetic_inputs(&graph, batch);
+        graphs.push((graph, inputs));
     }
     Ok(graphs)
 }

@@ -380,6 +380,7 @@ fn bench_json_times_every_graph_optimised_and_baseline() {
         "text_to_image.query",
         "text.key",
         "image.key",
+        "retrieve",
     ];
     for graph in graphs {
         for variant in ["optimised", "no-opt"] {
@@ -518,7 +519,7 @@ fn tuning_cache_survives_a_restart_and_foreign_entries_are_ignored() {
                 .iter()
                 .filter(|m| m["variant"] == variant)
                 .count(),
-            6,
+            7,
             "{variant}"
         );
     }

@@ -605,6 +605,18 @@ fn batchable_reduction(
             prologue.push(u);
         }
     }
+    // The kernel reads its tensors contiguously: a layout view or a constant (one
+    // value broadcast) would need a copy first.
+    if matches!(
+        graph.node(source).op,
+        Op::Transpose { .. }
+            | Op::BroadcastTo { .. }
+            | Op::Slice { .. }
+            | Op::Reshape { .. }
+            | Op::Constant { .. }
+    ) {
+        return None;
+    }
     let shape = &graph.node(operand).ty.shape;
     let whole = axes.len() == shape.rank();
     let kind = ReductionKind {

@@ -897,14 +897,14 @@ impl<R: Runtime> Kernels<R> {
         )
     }
 
-    /// Reduces each contiguous buffer `(handle, shape)` after the unary `prologue`,
-    /// all in one kernel: over `axes` (`Some`: the buffers share one shape) or whole
-    /// (`None`: shapes may differ). Returns the results one buffer after another, each
-    /// contiguous in the order of the kept axes.
+    /// Reduces each `(view, shape)` after the unary `prologue`, all in one kernel:
+    /// over `axes` (`Some`: the tensors share one shape) or whole (`None`: shapes may
+    /// differ). Each view must be contiguous from its offset. Returns the results one
+    /// tensor after another, each contiguous in the order of the kept axes.
     pub fn multi_reduce(
         &self,
         prologue: &[UnaryKind],
-        inputs: &[(Handle, Vec<usize>)],
+        inputs: &[(View, Vec<usize>)],
         axes: Option<&[usize]>,
         op: ReduceKind,
     ) -> Handle {
@@ -932,6 +932,7 @@ impl<R: Runtime> Kernels<R> {
         meta.extend(u32s(
             inputs.iter().map(|(_, s)| elements(s) / outputs.max(1)),
         ));
+        meta.extend(u32s(inputs.iter().map(|(v, _)| v.offset)));
         let meta_len = meta.len();
         let count = elements(&shape) / outputs.max(1);
         // Wide cubes only where each output has many elements to combine.
@@ -950,7 +951,7 @@ impl<R: Runtime> Kernels<R> {
                 &self.client,
                 cubes,
                 dim,
-                array_sequence(inputs.iter().map(|(h, s)| (h.clone(), elements(s)))),
+                array_sequence(inputs.iter().map(|(v, _)| (v.handle.clone(), v.len))),
                 ArrayArg::from_raw_parts(out.clone(), total.max(1)),
                 ArrayArg::from_raw_parts(self.upload_once(meta), meta_len),
                 prologue.to_vec(),

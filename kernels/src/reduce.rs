@@ -125,8 +125,8 @@ pub(crate) fn reduce_kernel<F: Float>(
 /// `prologue`, such as squares for gradient norms), in one kernel: output element `o`
 /// of segment `s` lands at `out[s * outputs + o]`. `meta`: kept shape and strides,
 /// reduced shape and strides (shared: the buffers have one shape, or are each reduced
-/// whole as one flat axis), the outputs per segment, then each segment's count of
-/// reduced elements. With one lane a unit computes an output; otherwise a cube of
+/// whole as one flat axis), the outputs per segment, each segment's count of reduced
+/// elements, then each segment's offset in its buffer. With one lane a unit computes an output; otherwise a cube of
 /// `lanes`.
 #[cube(launch_unchecked)]
 // The kernel language has no iterators: comptime lists are walked by index.
@@ -148,7 +148,8 @@ pub(crate) fn multi_reduce_kernel<F: Float>(
     if pos < outputs * segments as u32 {
         let segment = pos / outputs;
         let count = meta[tail + 1 + segment as usize];
-        let base = offset_in(pos % outputs, meta, 0, kept as u32, kept);
+        let base = meta[tail + 1 + segments + segment as usize]
+            + offset_in(pos % outputs, meta, 0, kept as u32, kept);
         let mut acc = reduce_identity::<F>(op);
         #[unroll]
         for s in 0..segments {

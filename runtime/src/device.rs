@@ -700,12 +700,18 @@ impl<R: Runtime> Backend for DeviceBackend<R> {
                         let value = values[segment.source.index()]
                             .as_ref()
                             .expect("operands come first");
-                        if !value.is_contiguous() {
-                            // A strided source is copied out first.
+                        // The kernel reads each source contiguously from its offset
+                        // (another batch's slice is read in place); anything else is
+                        // copied out first.
+                        let value = if value.view.strides
+                            == altc_kernels::contiguous_strides(&value.shape)
+                        {
+                            value.clone()
+                        } else {
                             self.launches += 1;
-                        }
-                        let value = self.materialise(value);
-                        sources.push((value.view.handle, value.shape));
+                            self.materialise(value)
+                        };
+                        sources.push((value.view, value.shape));
                     }
                     let first = batch.segments[0].reduce;
                     let Op::Reduce { axes, .. } = &graph.node(first).op else {

@@ -93,59 +93,11 @@ pub fn rank(
     width: usize,
     k: usize,
 ) -> Result<Vec<Vec<usize>>, BackendError> {
-    use altc_compiler::ir::{DType, Graph, Op, Shape};
     use altc_compiler::reference::{Tensor, TensorMap};
     let (q, n) = (queries.len() / width, store.len() / width);
     let k = k.min(n);
-    let mut g = Graph::new("retrieve");
-    let sym = |dims: &[&str]| {
-        Shape(
-            dims.iter()
-                .map(|d| altc_compiler::ir::Dim::sym(d))
-                .collect(),
-        )
-    };
-    let mut shape_q = sym(&["Q"]);
-    shape_q.0.push(altc_compiler::ir::Dim::Fixed(width));
-    // The store's size is fixed for the graph: top-k needs a known extent.
-    let shape_k: Shape = [n, width].into_iter().collect();
-    let graph_error = |e| BackendError::Unavailable(format!("building the ranking graph: {e}"));
-    let qn = g
-        .push(
-            Op::Input {
-                name: "queries".into(),
-                dtype: DType::F32,
-                shape: shape_q,
-            },
-            &[],
-            "retrieve",
-        )
-        .map_err(graph_error)?;
-    let kn = g
-        .push(
-            Op::Input {
-                name: "store".into(),
-                dtype: DType::F32,
-                shape: shape_k,
-            },
-            &[],
-            "retrieve",
-        )
-        .map_err(graph_error)?;
-    let scores = g
-        .push(
-            Op::MatMul {
-                transpose_a: false,
-                transpose_b: true,
-            },
-            &[qn, kn],
-            "retrieve",
-        )
-        .map_err(graph_error)?;
-    let top = g
-        .push(Op::TopK { k }, &[scores], "retrieve")
-        .map_err(graph_error)?;
-    g.set_output("top", top).map_err(graph_error)?;
+    let g = ranking_graph(width, n, k)
+        .map_err(|e| BackendError::Unavailable(format!("building the ranking graph: {e}")))?;
     let mut inputs = TensorMap::new();
     inputs.insert("queries".into(), Tensor::f32(&[q, width], queries.to_vec()));
     inputs.insert("store".into(), Tensor::f32(&[n, width], store.to_vec()));
@@ -155,4 +107,45 @@ pub fn rank(
         .chunks(k.max(1))
         .map(|row| row.iter().map(|&i| i as usize).collect())
         .collect())
+}
+
+/// The ranking graph: `queries` (`[Q, width]`, any Q) against a `store` of `rows`
+/// embeddings, output `top` (`[Q, k]` row indices, best first).
+pub fn ranking_graph(
+    width: usize,
+    rows: usize,
+    k: usize,
+) -> Result<altc_compiler::ir::Graph, altc_compiler::ir::GraphError> {
+    use altc_compiler::ir::{DType, Dim, Graph, Op, Shape};
+    let mut g = Graph::new("retrieve");
+    let queries = g.push(
+        Op::Input {
+            name: "queries".into(),
+            dtype: DType::F32,
+            shape: Shape(vec![Dim::sym("Q"), Dim::Fixed(width)]),
+        },
+        &[],
+        "retrieve",
+    )?;
+    // The store's size is fixed for the graph: top-k needs a known extent.
+    let store = g.push(
+        Op::Input {
+            name: "store".into(),
+            dtype: DType::F32,
+            shape: [rows, width].into_iter().collect(),
+        },
+        &[],
+        "retrieve",
+    )?;
+    let scores = g.push(
+        Op::MatMul {
+            transpose_a: false,
+            transpose_b: true,
+        },
+        &[queries, store],
+        "retrieve",
+    )?;
+    let top = g.push(Op::TopK { k }, &[scores], "retrieve")?;
+    g.set_output("top", top)?;
+    Ok(g)
 }
