@@ -446,7 +446,7 @@ fn reductions_of_the_same_kind_share_one_kernel() {
         columns.push(g.push(sum, &[dy], "test").unwrap());
     }
     let add = |g: &mut Graph, a, b| g.push(Op::Binary(BinaryOp::Add), &[a, b], "test").unwrap();
-    let mut total = |g: &mut Graph, parts: &[NodeId]| {
+    let total = |g: &mut Graph, parts: &[NodeId]| {
         parts[1..].iter().fold(parts[0], |acc, &t| add(g, acc, t))
     };
     let norm = total(&mut g, &terms);
