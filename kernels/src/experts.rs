@@ -293,6 +293,7 @@ impl<R: Runtime> TunableLaunch for ExpertLaunch<R> {
         let out = self.client.empty(assignments * m * 4);
         let (edge, direct) = match strategy {
             MatmulStrategy::Tiled => (TILE, false),
+            MatmulStrategy::Pipelined => unreachable!("not a grouped expert matmul candidate"),
             MatmulStrategy::Direct { edge } => (edge, true),
         };
         let cover = |extent: usize| u32s([extent])[0].div_ceil(edge).max(1);

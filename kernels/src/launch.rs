@@ -74,6 +74,9 @@ pub struct MatmulOperands<'a> {
 pub enum MatmulStrategy {
     /// `TILE x TILE` cubes staging operand tiles in shared memory.
     Tiled,
+    /// Tiled, with each tile's global reads issued while the previous tile is
+    /// multiplied (two stages). Dense matmuls only.
+    Pipelined,
     /// No shared memory or barriers: each unit reads its row and column directly;
     /// cubes of `edge x edge` units.
     Direct { edge: u32 },
@@ -89,6 +92,7 @@ impl Candidate for MatmulStrategy {
     fn name(&self) -> String {
         match self {
             MatmulStrategy::Tiled => format!("tiled-{TILE}x{TILE}"),
+            MatmulStrategy::Pipelined => format!("tiled-{TILE}x{TILE}-2stage"),
             MatmulStrategy::Direct { edge } => format!("direct-{edge}x{edge}"),
         }
     }
@@ -106,6 +110,10 @@ impl Candidate for EpilogueMatmul {
     const ALL: &'static [EpilogueMatmul] = &[
         EpilogueMatmul {
             form: MatmulStrategy::Tiled,
+            fused: true,
+        },
+        EpilogueMatmul {
+            form: MatmulStrategy::Pipelined,
             fused: true,
         },
         EpilogueMatmul {
@@ -243,9 +251,10 @@ impl<R: Runtime> MatmulLaunch<R> {
             .iter()
             .map(|_| self.client.empty(len * 4))
             .collect();
-        let (edge, direct) = match form {
-            MatmulStrategy::Tiled => (TILE, false),
-            MatmulStrategy::Direct { edge } => (edge, true),
+        let (edge, direct, pipelined) = match form {
+            MatmulStrategy::Tiled => (TILE, false, false),
+            MatmulStrategy::Pipelined => (TILE, false, true),
+            MatmulStrategy::Direct { edge } => (edge, true, false),
         };
         let grid = |extent: usize| u32s([extent])[0].div_ceil(edge).max(1);
         let count = CubeCount::Static(grid(n), grid(m), u32s([batches])[0].max(1));
@@ -269,6 +278,7 @@ impl<R: Runtime> MatmulLaunch<R> {
                 self.batch_rank,
                 self.sum_batch,
                 direct,
+                pipelined,
                 self.bf16_operands,
                 epilogue.clone(),
             )

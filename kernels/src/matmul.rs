@@ -21,6 +21,17 @@ pub(crate) fn round_to_bf16<F: Float>(x: F) -> F {
     select(unordered::<F>(x, x), x, F::reinterpret(rounded))
 }
 
+/// One operand element for a shared-memory tile: zero outside the matrix, rounded to
+/// bf16 when `bf16` (autocast).
+#[cube]
+fn load_operand<F: Float>(x: &Array<F>, inside: bool, at: u32, #[comptime] bf16: bool) -> F {
+    let mut value = select(inside, x[select(inside, at, 0) as usize], F::new(0.0));
+    if comptime![bf16] {
+        value = round_to_bf16::<F>(value);
+    }
+    value
+}
+
 /// `meta`: batch shape (`batch_rank` dims), a's batch strides, b's batch strides,
 /// then `M, N, K`, a's row and column strides, b's row and column strides, a offset,
 /// b offset. The result is contiguous `[batch..., M, N]`.
@@ -29,6 +40,9 @@ pub(crate) fn round_to_bf16<F: Float>(x: F) -> F {
 /// global memory: no shared memory and no barriers, and any cube shape (cheap where
 /// barriers are dear, as on CPU rasterisers, or where K is small). Otherwise cubes are
 /// `TILE x TILE` and stage operand tiles in shared memory.
+///
+/// With `pipelined` (tiled only), each tile's global reads are issued before the
+/// previous tile is multiplied, so memory latency overlaps the arithmetic.
 ///
 /// With `sum_batch` the grid has one batch entry and each cube sums its tile over
 /// every batch entry (a weight gradient summed over the batch): the batched product
@@ -53,6 +67,7 @@ pub(crate) fn matmul_kernel<F: Float>(
     #[comptime] batch_rank: usize,
     #[comptime] sum_batch: bool,
     #[comptime] direct: bool,
+    #[comptime] pipelined: bool,
     #[comptime] bf16_operands: bool,
     #[comptime] epilogue: FusedProgram,
 ) {
@@ -113,26 +128,60 @@ pub(crate) fn matmul_kernel<F: Float>(
                 }
             }
         } else {
+            // With `pipelined`, the next tile's operands are read from global memory
+            // into registers while this tile is multiplied (two stages).
+            let mut a_next = F::new(0.0);
+            let mut b_next = F::new(0.0);
+            if comptime![pipelined] {
+                a_next = load_operand::<F>(
+                    a,
+                    row < m && tx < k,
+                    a_base + row * a_rs + tx * a_cs,
+                    bf16_operands,
+                );
+                b_next = load_operand::<F>(
+                    b,
+                    ty < k && col < n,
+                    b_base + ty * b_rs + col * b_cs,
+                    bf16_operands,
+                );
+            }
             for t in 0..tiles {
-                let ak = t * TILE + tx;
-                let bk = t * TILE + ty;
-                let mut a_value = select(
-                    row < m && ak < k,
-                    a[(a_base + select(row < m && ak < k, row * a_rs + ak * a_cs, 0)) as usize],
-                    F::new(0.0),
-                );
-                let mut b_value = select(
-                    bk < k && col < n,
-                    b[(b_base + select(bk < k && col < n, bk * b_rs + col * b_cs, 0)) as usize],
-                    F::new(0.0),
-                );
-                if comptime![bf16_operands] {
-                    a_value = round_to_bf16::<F>(a_value);
-                    b_value = round_to_bf16::<F>(b_value);
+                if comptime![!pipelined] {
+                    let ak = t * TILE + tx;
+                    let bk = t * TILE + ty;
+                    a_next = load_operand::<F>(
+                        a,
+                        row < m && ak < k,
+                        a_base + row * a_rs + ak * a_cs,
+                        bf16_operands,
+                    );
+                    b_next = load_operand::<F>(
+                        b,
+                        bk < k && col < n,
+                        b_base + bk * b_rs + col * b_cs,
+                        bf16_operands,
+                    );
                 }
-                a_tile[(ty * TILE + tx) as usize] = a_value;
-                b_tile[(ty * TILE + tx) as usize] = b_value;
+                a_tile[(ty * TILE + tx) as usize] = a_next;
+                b_tile[(ty * TILE + tx) as usize] = b_next;
                 sync_cube();
+                if comptime![pipelined] {
+                    let ak = (t + 1) * TILE + tx;
+                    let bk = (t + 1) * TILE + ty;
+                    a_next = load_operand::<F>(
+                        a,
+                        row < m && ak < k,
+                        a_base + row * a_rs + ak * a_cs,
+                        bf16_operands,
+                    );
+                    b_next = load_operand::<F>(
+                        b,
+                        bk < k && col < n,
+                        b_base + bk * b_rs + col * b_cs,
+                        bf16_operands,
+                    );
+                }
                 #[unroll]
                 for i in 0..tile {
                     acc += a_tile[ty as usize * tile + i] * b_tile[i * tile + tx as usize];
