@@ -9,7 +9,7 @@
 //! assignment's place, so nothing is permuted in memory. Experts that receive no
 //! assignment cost nothing; one that receives all of them is just a long run.
 
-use crate::launch::{tiles, u32s, Kernels, MatmulStrategy, View};
+use crate::launch::{buffer_arg, tiles, tiles_of, u32s, Kernels, MatmulStrategy, View};
 use crate::matmul::{round_to_bf16, TILE};
 use crate::tune::{bucket, KernelKey, TunableLaunch, GROUPED_MATMUL, GROUPED_MATMUL_TUNER};
 use cubecl::prelude::*;
@@ -291,31 +291,23 @@ impl<R: Runtime> TunableLaunch for ExpertLaunch<R> {
     fn launch(&self, strategy: MatmulStrategy) -> Vec<Handle> {
         let (assignments, m) = self.extent;
         let out = self.client.empty(assignments * m * 4);
-        let (edge, direct) = match strategy {
-            MatmulStrategy::Tiled => (TILE, false),
-            MatmulStrategy::Pipelined => unreachable!("not a grouped expert matmul candidate"),
-            MatmulStrategy::Direct { edge } => (edge, true),
-        };
-        let cover = |extent: usize| u32s([extent])[0].div_ceil(edge).max(1);
-        let raw = |(handle, len): &(Handle, usize)| unsafe {
-            ArrayArg::from_raw_parts(handle.clone(), *len)
-        };
+        let edge = strategy.edge();
         unsafe {
             expert_matmul_kernel::launch_unchecked::<f32, R>(
                 &self.client,
-                CubeCount::Static(cover(m), cover(assignments), 1),
+                CubeCount::Static(tiles_of(m, edge), tiles_of(assignments, edge), 1),
                 CubeDim::new_2d(edge, edge),
-                raw(&self.x),
-                raw(&self.w),
-                raw(&self.bias),
-                raw(&self.order),
-                raw(&self.offsets),
+                buffer_arg(&self.x),
+                buffer_arg(&self.w),
+                buffer_arg(&self.bias),
+                buffer_arg(&self.order),
+                buffer_arg(&self.offsets),
                 ArrayArg::from_raw_parts(out.clone(), assignments * m),
-                raw(&self.meta),
+                buffer_arg(&self.meta),
                 self.experts,
                 self.has_bias,
                 self.bf16_operands,
-                direct,
+                matches!(strategy, MatmulStrategy::Direct { .. }),
             )
         };
         vec![out]

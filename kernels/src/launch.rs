@@ -98,6 +98,16 @@ impl Candidate for MatmulStrategy {
     }
 }
 
+impl MatmulStrategy {
+    /// Units along each side of a cube.
+    pub(crate) fn edge(&self) -> u32 {
+        match self {
+            MatmulStrategy::Tiled | MatmulStrategy::Pipelined => TILE,
+            MatmulStrategy::Direct { edge } => *edge,
+        }
+    }
+}
+
 /// A dense matmul candidate: the kernel's form, and whether an epilogue runs inside
 /// it (`fused`) or as a fused elementwise kernel of its own over the written product.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -251,34 +261,30 @@ impl<R: Runtime> MatmulLaunch<R> {
             .iter()
             .map(|_| self.client.empty(len * 4))
             .collect();
-        let (edge, direct, pipelined) = match form {
-            MatmulStrategy::Tiled => (TILE, false, false),
-            MatmulStrategy::Pipelined => (TILE, false, true),
-            MatmulStrategy::Direct { edge } => (edge, true, false),
-        };
-        let grid = |extent: usize| u32s([extent])[0].div_ceil(edge).max(1);
-        let count = CubeCount::Static(grid(n), grid(m), u32s([batches])[0].max(1));
-        let raw = |(handle, len): &(Handle, usize)| unsafe {
-            ArrayArg::from_raw_parts(handle.clone(), *len)
-        };
+        let edge = form.edge();
+        let count = CubeCount::Static(
+            tiles_of(n, edge),
+            tiles_of(m, edge),
+            u32s([batches])[0].max(1),
+        );
         unsafe {
             matmul_kernel::launch_unchecked::<f32, R>(
                 &self.client,
                 count,
                 CubeDim::new_2d(edge, edge),
-                raw(&self.a),
-                raw(&self.b),
+                buffer_arg(&self.a),
+                buffer_arg(&self.b),
                 array_sequence(inputs.iter().cloned()),
                 array_sequence(outputs.iter().map(|o| (o.clone(), len))),
-                raw(&self.meta),
-                raw(&self.epilogue_meta),
+                buffer_arg(&self.meta),
+                buffer_arg(&self.epilogue_meta),
                 self.seed.0,
                 self.seed.1,
                 self.seed.2,
                 self.batch_rank,
                 self.sum_batch,
-                direct,
-                pipelined,
+                matches!(form, MatmulStrategy::Direct { .. }),
+                form == MatmulStrategy::Pipelined,
                 self.bf16_operands,
                 epilogue.clone(),
             )
@@ -361,7 +367,7 @@ impl<R: Runtime> TunableLaunch for FusedLaunch<R> {
                 dim,
                 array_sequence(self.inputs.iter().cloned()),
                 array_sequence(outputs.iter().cloned().zip(sizes)),
-                ArrayArg::from_raw_parts(self.meta.0.clone(), self.meta.1),
+                buffer_arg(&self.meta),
                 self.seed.0,
                 self.seed.1,
                 self.seed.2,
@@ -450,7 +456,7 @@ impl<R: Runtime> TunableLaunch for ReduceLaunch<R> {
                 )
             }
         };
-        let meta = unsafe { ArrayArg::from_raw_parts(self.meta.0.clone(), self.meta.1) };
+        let meta = buffer_arg(&self.meta);
         let output = unsafe { ArrayArg::from_raw_parts(out.clone(), n) };
         match &self.source {
             ReduceSource::View((x, len)) => unsafe {
@@ -458,7 +464,7 @@ impl<R: Runtime> TunableLaunch for ReduceLaunch<R> {
                     &self.client,
                     count,
                     dim,
-                    ArrayArg::from_raw_parts(x.clone(), *len),
+                    buffer_arg(&(x.clone(), *len)),
                     output,
                     meta,
                     self.kept,
@@ -543,9 +549,50 @@ fn array_sequence<R: Runtime, F: Float>(
     sequence
 }
 
+/// How a reduction of `shape` (read through `strides`) over `axes` walks its operand.
+struct ReductionLayout {
+    /// The kept axes' extents and strides, then the reduced axes' (the layout every
+    /// reduce kernel reads first).
+    meta: Vec<u32>,
+    /// Output elements, and reduced elements per output.
+    outputs: usize,
+    count: usize,
+    /// Numbers of kept and of reduced axes.
+    kept: usize,
+    reduced: usize,
+}
+
+impl ReductionLayout {
+    fn of(shape: &[usize], strides: &[usize], axes: &[usize]) -> ReductionLayout {
+        let (reduced, kept): (Vec<usize>, Vec<usize>) =
+            (0..shape.len()).partition(|a| axes.contains(a));
+        let mut meta = u32s(kept.iter().map(|&a| shape[a]));
+        meta.extend(u32s(kept.iter().map(|&a| strides[a])));
+        meta.extend(u32s(reduced.iter().map(|&a| shape[a])));
+        meta.extend(u32s(reduced.iter().map(|&a| strides[a])));
+        ReductionLayout {
+            meta,
+            outputs: kept.iter().map(|&a| shape[a]).product(),
+            count: reduced.iter().map(|&a| shape[a]).product(),
+            kept: kept.len(),
+            reduced: reduced.len(),
+        }
+    }
+}
+
+/// A buffer `(handle, elements)` as a kernel's array argument.
+pub(crate) fn buffer_arg<R: Runtime>((handle, len): &(Handle, usize)) -> ArrayArg<R> {
+    unsafe { ArrayArg::from_raw_parts(handle.clone(), (*len).max(1)) }
+}
+
 /// Tiles of `TILE` needed to cover `extent` (at least one, so a launch is never empty).
 pub(crate) fn tiles(extent: usize) -> u32 {
-    u32s([extent])[0].div_ceil(TILE).max(1)
+    tiles_of(extent, TILE)
+}
+
+/// Tiles of `edge` needed to cover `extent`, at least one.
+pub(crate) fn tiles_of(extent: usize, edge: u32) -> u32 {
+    u32s([extent])[0].div_ceil(edge).max(1)
 }
 
 fn grid(units: usize) -> (CubeCount, CubeDim) {
@@ -793,34 +840,27 @@ impl<R: Runtime> Kernels<R> {
         seed: u64,
         step: u64,
     ) -> Handle {
-        let kept: Vec<usize> = (0..shape.len()).filter(|a| !axes.contains(a)).collect();
-        let reduced: Vec<usize> = (0..shape.len()).filter(|a| axes.contains(a)).collect();
-        let strides = contiguous_strides(shape);
-        let n: usize = kept.iter().map(|&a| shape[a]).product();
-        let count: usize = reduced.iter().map(|&a| shape[a]).product();
+        let layout = ReductionLayout::of(shape, &contiguous_strides(shape), axes);
         let mut meta = program_meta(shape, inputs);
-        meta.extend(u32s(kept.iter().map(|&a| shape[a])));
-        meta.extend(u32s(kept.iter().map(|&a| strides[a])));
-        meta.extend(u32s(reduced.iter().map(|&a| shape[a])));
-        meta.extend(u32s(reduced.iter().map(|&a| strides[a])));
-        meta.extend(u32s([count]));
+        meta.extend(&layout.meta);
+        meta.extend(u32s([layout.count]));
         let source = ReduceSource::Prologue {
             inputs: inputs.iter().map(|v| (v.handle.clone(), v.len)).collect(),
             program: program.clone(),
             seed: (seed as u32, (seed >> 32) as u32, step as u32),
         };
-        self.launch_reduce(source, meta, (n, count), (kept.len(), reduced.len()), op)
+        self.launch_reduce(source, meta, &layout, op)
     }
 
-    /// A reduction of `n` outputs over `count` elements each, through the tuner.
+    /// A reduction laid out as `layout`, through the tuner.
     fn launch_reduce(
         &self,
         source: ReduceSource,
         meta: Vec<u32>,
-        (n, count): (usize, usize),
-        (kept, reduced): (usize, usize),
+        layout: &ReductionLayout,
         op: ReduceKind,
     ) -> Handle {
+        let (n, count) = (layout.outputs, layout.count);
         let prologue = match &source {
             ReduceSource::View(_) => 0,
             ReduceSource::Prologue { program, .. } => program.ops.len(),
@@ -831,8 +871,8 @@ impl<R: Runtime> Kernels<R> {
             source,
             meta: (self.upload_once(meta), meta_len),
             n,
-            kept,
-            reduced,
+            kept: layout.kept,
+            reduced: layout.reduced,
             op,
             key: KernelKey {
                 family: REDUCE.into(),
@@ -889,20 +929,13 @@ impl<R: Runtime> Kernels<R> {
     /// Reduces `x` (logical `shape`) over `axes`; the result is contiguous in the order
     /// of the kept axes.
     pub fn reduce(&self, op: ReduceKind, x: &View, shape: &[usize], axes: &[usize]) -> Handle {
-        let kept: Vec<usize> = (0..shape.len()).filter(|a| !axes.contains(a)).collect();
-        let reduced: Vec<usize> = (0..shape.len()).filter(|a| axes.contains(a)).collect();
-        let n: usize = kept.iter().map(|&a| shape[a]).product();
-        let count_reduced: usize = reduced.iter().map(|&a| shape[a]).product();
-        let mut meta = u32s(kept.iter().map(|&a| shape[a]));
-        meta.extend(u32s(kept.iter().map(|&a| x.strides[a])));
-        meta.extend(u32s(reduced.iter().map(|&a| shape[a])));
-        meta.extend(u32s(reduced.iter().map(|&a| x.strides[a])));
-        meta.extend(u32s([x.offset, count_reduced]));
+        let layout = ReductionLayout::of(shape, &x.strides, axes);
+        let mut meta = layout.meta.clone();
+        meta.extend(u32s([x.offset, layout.count]));
         self.launch_reduce(
             ReduceSource::View((x.handle.clone(), x.len.max(1))),
             meta,
-            (n, count_reduced),
-            (kept.len(), reduced.len()),
+            &layout,
             op,
         )
     }
@@ -927,24 +960,18 @@ impl<R: Runtime> Kernels<R> {
         } else {
             inputs[0].1.clone()
         };
-        let axes: Vec<usize> = axes.map_or(vec![0], <[usize]>::to_vec);
-        let kept: Vec<usize> = (0..shape.len()).filter(|a| !axes.contains(a)).collect();
-        let reduced: Vec<usize> = (0..shape.len()).filter(|a| axes.contains(a)).collect();
-        let strides = contiguous_strides(&shape);
-        let outputs: usize = kept.iter().map(|&a| shape[a]).product();
+        let layout = ReductionLayout::of(&shape, &contiguous_strides(&shape), axes.unwrap_or(&[0]));
+        let outputs = layout.outputs;
         let total = outputs * inputs.len();
         let out = self.alloc(total);
-        let mut meta = u32s(kept.iter().map(|&a| shape[a]));
-        meta.extend(u32s(kept.iter().map(|&a| strides[a])));
-        meta.extend(u32s(reduced.iter().map(|&a| shape[a])));
-        meta.extend(u32s(reduced.iter().map(|&a| strides[a])));
+        let mut meta = layout.meta.clone();
         meta.extend(u32s([outputs]));
         meta.extend(u32s(
             inputs.iter().map(|(_, s)| elements(s) / outputs.max(1)),
         ));
         meta.extend(u32s(inputs.iter().map(|(v, _)| v.offset)));
         let meta_len = meta.len();
-        let count = elements(&shape) / outputs.max(1);
+        let count = layout.count;
         // Wide cubes only where each output has many elements to combine.
         let lanes = match count {
             4096.. => 256,
@@ -966,8 +993,8 @@ impl<R: Runtime> Kernels<R> {
                 ArrayArg::from_raw_parts(self.upload_once(meta), meta_len),
                 prologue.to_vec(),
                 inputs.len(),
-                kept.len(),
-                reduced.len(),
+                layout.kept,
+                layout.reduced,
                 op,
                 lanes,
             )

@@ -21,10 +21,37 @@ pub(crate) fn round_to_bf16<F: Float>(x: F) -> F {
     select(unordered::<F>(x, x), x, F::reinterpret(rounded))
 }
 
-/// One operand element for a shared-memory tile: zero outside the matrix, rounded to
-/// bf16 when `bf16` (autocast).
+/// This unit's element of K-tile `t` of operand `a` (its row, column `t * TILE + x`)
+/// or, with `of_b`, of `b` (row `t * TILE + y`, its column), from the operand's batch
+/// entry at `base`: zero outside the matrix, rounded to bf16 when `bf16` (autocast).
+/// `meta` is `matmul_kernel`'s.
 #[cube]
-fn load_operand<F: Float>(x: &Array<F>, inside: bool, at: u32, #[comptime] bf16: bool) -> F {
+fn tile_operand<F: Float>(
+    x: &Array<F>,
+    meta: &Array<u32>,
+    t: u32,
+    base: u32,
+    #[comptime] of_b: bool,
+    #[comptime] batch_rank: usize,
+    #[comptime] bf16: bool,
+) -> F {
+    let tail = 3 * batch_rank;
+    let (m, n, k) = (meta[tail], meta[tail + 1], meta[tail + 2]);
+    let row = CUBE_POS_Y * CUBE_DIM_Y + UNIT_POS_Y;
+    let col = CUBE_POS_X * CUBE_DIM_X + UNIT_POS_X;
+    let (inside, at) = if comptime![of_b] {
+        let bk = t * TILE + UNIT_POS_Y;
+        (
+            bk < k && col < n,
+            base + bk * meta[tail + 5] + col * meta[tail + 6],
+        )
+    } else {
+        let ak = t * TILE + UNIT_POS_X;
+        (
+            row < m && ak < k,
+            base + row * meta[tail + 3] + ak * meta[tail + 4],
+        )
+    };
     let mut value = select(inside, x[select(inside, at, 0) as usize], F::new(0.0));
     if comptime![bf16] {
         value = round_to_bf16::<F>(value);
@@ -133,54 +160,24 @@ pub(crate) fn matmul_kernel<F: Float>(
             let mut a_next = F::new(0.0);
             let mut b_next = F::new(0.0);
             if comptime![pipelined] {
-                a_next = load_operand::<F>(
-                    a,
-                    row < m && tx < k,
-                    a_base + row * a_rs + tx * a_cs,
-                    bf16_operands,
-                );
-                b_next = load_operand::<F>(
-                    b,
-                    ty < k && col < n,
-                    b_base + ty * b_rs + col * b_cs,
-                    bf16_operands,
-                );
+                a_next = tile_operand::<F>(a, meta, 0, a_base, false, batch_rank, bf16_operands);
+                b_next = tile_operand::<F>(b, meta, 0, b_base, true, batch_rank, bf16_operands);
             }
             for t in 0..tiles {
                 if comptime![!pipelined] {
-                    let ak = t * TILE + tx;
-                    let bk = t * TILE + ty;
-                    a_next = load_operand::<F>(
-                        a,
-                        row < m && ak < k,
-                        a_base + row * a_rs + ak * a_cs,
-                        bf16_operands,
-                    );
-                    b_next = load_operand::<F>(
-                        b,
-                        bk < k && col < n,
-                        b_base + bk * b_rs + col * b_cs,
-                        bf16_operands,
-                    );
+                    a_next =
+                        tile_operand::<F>(a, meta, t, a_base, false, batch_rank, bf16_operands);
+                    b_next = tile_operand::<F>(b, meta, t, b_base, true, batch_rank, bf16_operands);
                 }
                 a_tile[(ty * TILE + tx) as usize] = a_next;
                 b_tile[(ty * TILE + tx) as usize] = b_next;
                 sync_cube();
                 if comptime![pipelined] {
-                    let ak = (t + 1) * TILE + tx;
-                    let bk = (t + 1) * TILE + ty;
-                    a_next = load_operand::<F>(
-                        a,
-                        row < m && ak < k,
-                        a_base + row * a_rs + ak * a_cs,
-                        bf16_operands,
-                    );
-                    b_next = load_operand::<F>(
-                        b,
-                        bk < k && col < n,
-                        b_base + bk * b_rs + col * b_cs,
-                        bf16_operands,
-                    );
+                    let next = t + 1;
+                    a_next =
+                        tile_operand::<F>(a, meta, next, a_base, false, batch_rank, bf16_operands);
+                    b_next =
+                        tile_operand::<F>(b, meta, next, b_base, true, batch_rank, bf16_operands);
                 }
                 #[unroll]
                 for i in 0..tile {

@@ -311,6 +311,26 @@ impl<R: Runtime> DeviceBackend<R> {
         (program, inputs)
     }
 
+    /// The kernel's view of a matmul of `a` and `b` (each transposed or not) with
+    /// output batch dimensions `out_batch`, in this backend's precision.
+    fn matmul_of<'v>(
+        &self,
+        (a, b): (&'v Value, &'v Value),
+        (transpose_a, transpose_b): (bool, bool),
+        out_batch: &'v [usize],
+    ) -> MatmulOperands<'v> {
+        MatmulOperands {
+            a: &a.view,
+            a_shape: &a.shape,
+            transpose_a,
+            b: &b.view,
+            b_shape: &b.shape,
+            transpose_b,
+            out_batch,
+            bf16_operands: self.bf16_matmuls,
+        }
+    }
+
     fn upload(&self, t: &Tensor) -> Value {
         let values: Vec<f32> = t.to_f64().iter().map(|&v| v as f32).collect();
         Value::contiguous(self.kernels.upload(&values), t.shape.clone())
@@ -408,16 +428,11 @@ impl<R: Runtime> DeviceBackend<R> {
                 transpose_b,
             } => {
                 let batch = &shape[..shape.len() - 2];
-                contiguous(k.matmul(&MatmulOperands {
-                    a: &x[0].view,
-                    a_shape: &x[0].shape,
-                    transpose_a: *transpose_a,
-                    b: &x[1].view,
-                    b_shape: &x[1].shape,
-                    transpose_b: *transpose_b,
-                    out_batch: batch,
-                    bf16_operands: self.bf16_matmuls,
-                }))
+                contiguous(k.matmul(&self.matmul_of(
+                    (x[0], x[1]),
+                    (*transpose_a, *transpose_b),
+                    batch,
+                )))
             }
             Op::Transpose { perm } => Value {
                 view: View {
@@ -527,7 +542,7 @@ fn matmul_operands(
     graph: &Graph,
     matmul: NodeId,
     values: &[Option<Value>],
-) -> (Value, Value, bool, bool) {
+) -> (Value, Value, (bool, bool)) {
     let Op::MatMul {
         transpose_a,
         transpose_b,
@@ -540,7 +555,7 @@ fn matmul_operands(
             .clone()
             .expect("operands come first")
     };
-    (operand(0), operand(1), transpose_a, transpose_b)
+    (operand(0), operand(1), (transpose_a, transpose_b))
 }
 
 fn concrete(shape: &Shape, symbols: &BTreeMap<String, usize>) -> Option<Vec<usize>> {
@@ -651,20 +666,11 @@ impl<R: Runtime> Backend for DeviceBackend<R> {
                     let group = &plan.groups[group];
                     let shape =
                         concrete(group.shape(graph), &symbols).expect("inputs bind every symbol");
-                    let (a, b, transpose_a, transpose_b) = matmul_operands(graph, matmul, &values);
+                    let (a, b, transposes) = matmul_operands(graph, matmul, &values);
                     self.launches += 1;
                     let (program, views) =
                         self.group_program(graph, group, &values, &shape, Some(matmul));
-                    let mm = MatmulOperands {
-                        a: &a.view,
-                        a_shape: &a.shape,
-                        transpose_a,
-                        b: &b.view,
-                        b_shape: &b.shape,
-                        transpose_b,
-                        out_batch: &shape[..shape.len() - 2],
-                        bf16_operands: self.bf16_matmuls,
-                    };
+                    let mm = self.matmul_of((&a, &b), transposes, &shape[..shape.len() - 2]);
                     let outputs = self
                         .kernels
                         .matmul_with_epilogue(&mm, &program, &views, ctx.seed, ctx.step);
@@ -675,18 +681,9 @@ impl<R: Runtime> Backend for DeviceBackend<R> {
                 Step::MatmulSum { matmul, reduce } => {
                     let product = concrete(&graph.node(matmul).ty.shape, &symbols)
                         .expect("inputs bind every symbol");
-                    let (a, b, transpose_a, transpose_b) = matmul_operands(graph, matmul, &values);
+                    let (a, b, transposes) = matmul_operands(graph, matmul, &values);
                     self.launches += 1;
-                    let mm = MatmulOperands {
-                        a: &a.view,
-                        a_shape: &a.shape,
-                        transpose_a,
-                        b: &b.view,
-                        b_shape: &b.shape,
-                        transpose_b,
-                        out_batch: &product[..product.len() - 2],
-                        bf16_operands: self.bf16_matmuls,
-                    };
+                    let mm = self.matmul_of((&a, &b), transposes, &product[..product.len() - 2]);
                     let handle = self.kernels.matmul_batch_sum(&mm);
                     values[reduce.index()] = Some(Value::contiguous(
                         handle,
