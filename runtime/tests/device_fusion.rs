@@ -8,7 +8,25 @@ use altc_compiler::ir::{
 use altc_compiler::reference::{run, EvalContext, Tensor, TensorMap};
 use altc_compiler::rng;
 use altc_compiler::spec::Precision;
+use altc_runtime::backend::Backend;
 use altc_runtime::device::{open, DeviceChoice};
+
+mod common;
+use common::{input, random_input, uniform};
+
+/// The fused wgpu backend and the unfused one (`--no-opt`); `None`, said, without wgpu.
+fn fused_and_unfused() -> Option<(Box<dyn Backend>, Box<dyn Backend>)> {
+    match (
+        open(DeviceChoice::Wgpu, Precision::F32, true),
+        open(DeviceChoice::Wgpu, Precision::F32, false),
+    ) {
+        (Ok(fused), Ok(unfused)) => Some((fused, unfused)),
+        _ => {
+            eprintln!("skipping: wgpu is not available");
+            None
+        }
+    }
+}
 
 struct Draw {
     stream: u64,
@@ -30,20 +48,8 @@ fn random_graph(seed: u64) -> Graph {
     };
     let mut g = Graph::new(format!("random-{seed}"));
     let mut nodes: Vec<NodeId> = Vec::new();
-    for (name, shape) in [("a", vec![4, 5]), ("b", vec![5]), ("c", vec![4, 1])] {
-        let shape: Shape = shape.into_iter().collect();
-        nodes.push(
-            g.push(
-                Op::Input {
-                    name: name.into(),
-                    dtype: DType::F32,
-                    shape,
-                },
-                &[],
-                "test",
-            )
-            .unwrap(),
-        );
+    for (name, shape) in [("a", &[4, 5][..]), ("b", &[5]), ("c", &[4, 1])] {
+        nodes.push(input(&mut g, name, shape));
     }
     nodes.push(
         g.push(
@@ -122,26 +128,13 @@ fn random_graph(seed: u64) -> Graph {
 
 #[test]
 fn fused_random_elementwise_graphs_match_unfused_and_reference() {
-    let (Ok(mut fused), Ok(mut unfused)) = (
-        open(DeviceChoice::Wgpu, Precision::F32, true),
-        open(DeviceChoice::Wgpu, Precision::F32, false),
-    ) else {
-        eprintln!("skipping: wgpu is not available");
+    let Some((mut fused, mut unfused)) = fused_and_unfused() else {
         return;
     };
-    let input = |shape: &[usize], stream: u64| {
-        let n = shape.iter().product();
-        Tensor::f32(
-            shape,
-            (0..n)
-                .map(|i| (2.0 * rng::uniform(3, 0, stream, i as u64) - 1.0) as f32)
-                .collect(),
-        )
-    };
     let feeds = TensorMap::from([
-        ("a".to_string(), input(&[4, 5], 1)),
-        ("b".to_string(), input(&[5], 2)),
-        ("c".to_string(), input(&[4, 1], 3)),
+        ("a".to_string(), uniform(&[4, 5], 3, 1)),
+        ("b".to_string(), uniform(&[5], 3, 2)),
+        ("c".to_string(), uniform(&[4, 1], 3, 3)),
     ]);
     let ctx = EvalContext { seed: 9, step: 4 };
     let mut fewer = 0;
@@ -178,26 +171,10 @@ fn fused_random_elementwise_graphs_match_unfused_and_reference() {
 /// second operand transposed, and matches the reference.
 #[test]
 fn batch_summed_matmuls_run_as_one_kernel_and_match_reference() {
-    let (Ok(mut fused), Ok(mut unfused)) = (
-        open(DeviceChoice::Wgpu, Precision::F32, true),
-        open(DeviceChoice::Wgpu, Precision::F32, false),
-    ) else {
-        eprintln!("skipping: wgpu is not available");
+    let Some((mut fused, mut unfused)) = fused_and_unfused() else {
         return;
     };
     let mut g = Graph::new("weight-gradients");
-    let input = |g: &mut Graph, name: &str, shape: &[usize]| {
-        g.push(
-            Op::Input {
-                name: name.into(),
-                dtype: DType::F32,
-                shape: shape.iter().copied().collect(),
-            },
-            &[],
-            "test",
-        )
-        .unwrap()
-    };
     // Activations [3, 2, 19, 17] and output gradients [3, 2, 19, 21]: K = 19 and the
     // 17 x 21 result are not tile multiples.
     let x = input(&mut g, "x", &[3, 2, 19, 17]);
@@ -237,19 +214,10 @@ fn batch_summed_matmuls_run_as_one_kernel_and_match_reference() {
         .count();
     assert_eq!(sums, 2, "both weight gradients fold into one kernel each");
 
-    let values = |shape: &[usize], stream: u64| {
-        let n = shape.iter().product();
-        Tensor::f32(
-            shape,
-            (0..n)
-                .map(|i| (2.0 * rng::uniform(5, 0, stream, i as u64) - 1.0) as f32)
-                .collect(),
-        )
-    };
     let feeds = TensorMap::from([
-        ("x".to_string(), values(&[3, 2, 19, 17], 1)),
-        ("dy".to_string(), values(&[3, 2, 19, 21], 2)),
-        ("shared".to_string(), values(&[21, 19], 3)),
+        ("x".to_string(), uniform(&[3, 2, 19, 17], 5, 1)),
+        ("dy".to_string(), uniform(&[3, 2, 19, 21], 5, 2)),
+        ("shared".to_string(), uniform(&[21, 19], 5, 3)),
     ]);
     let ctx = EvalContext { seed: 1, step: 0 };
     let want = run(&g, &feeds, &TensorMap::new(), ctx).unwrap();
@@ -275,26 +243,10 @@ fn batch_summed_matmuls_run_as_one_kernel_and_match_reference() {
 /// and matches the reference.
 #[test]
 fn scalar_chains_run_inside_the_tensor_kernel_that_reads_them() {
-    let (Ok(mut fused), Ok(mut unfused)) = (
-        open(DeviceChoice::Wgpu, Precision::F32, true),
-        open(DeviceChoice::Wgpu, Precision::F32, false),
-    ) else {
-        eprintln!("skipping: wgpu is not available");
+    let Some((mut fused, mut unfused)) = fused_and_unfused() else {
         return;
     };
     let mut g = Graph::new("bias-correction");
-    let leaf = |g: &mut Graph, name: &str, shape: Shape| {
-        g.push(
-            Op::Input {
-                name: name.into(),
-                dtype: DType::F32,
-                shape,
-            },
-            &[],
-            "test",
-        )
-        .unwrap()
-    };
     let constant = |g: &mut Graph, v: f64| {
         g.push(
             Op::Constant {
@@ -307,8 +259,8 @@ fn scalar_chains_run_inside_the_tensor_kernel_that_reads_them() {
         )
         .unwrap()
     };
-    let step = leaf(&mut g, "step", Shape::scalar());
-    let m = leaf(&mut g, "m", [37, 5].into_iter().collect());
+    let step = input(&mut g, "step", &[]);
+    let m = input(&mut g, "m", &[37, 5]);
     let one = constant(&mut g, 1.0);
     let beta = constant(&mut g, 0.9);
     let bin = |g: &mut Graph, op: BinaryOp, a: NodeId, b: NodeId| {
@@ -329,15 +281,7 @@ fn scalar_chains_run_inside_the_tensor_kernel_that_reads_them() {
 
     let feeds = TensorMap::from([
         ("step".to_string(), Tensor::f32(&[], vec![6.0])),
-        (
-            "m".to_string(),
-            Tensor::f32(
-                &[37, 5],
-                (0..185)
-                    .map(|i| (2.0 * rng::uniform(9, 0, 1, i) - 1.0) as f32)
-                    .collect(),
-            ),
-        ),
+        ("m".to_string(), uniform(&[37, 5], 9, 1)),
     ]);
     let ctx = EvalContext { seed: 1, step: 0 };
     let want = run(&g, &feeds, &TensorMap::new(), ctx).unwrap();
@@ -363,11 +307,7 @@ fn scalar_chains_run_inside_the_tensor_kernel_that_reads_them() {
 /// same-shaped tensors (bias gradients) share one too; all match the reference.
 #[test]
 fn reductions_of_the_same_kind_share_one_kernel() {
-    let (Ok(mut fused), Ok(mut unfused)) = (
-        open(DeviceChoice::Wgpu, Precision::F32, true),
-        open(DeviceChoice::Wgpu, Precision::F32, false),
-    ) else {
-        eprintln!("skipping: wgpu is not available");
+    let Some((mut fused, mut unfused)) = fused_and_unfused() else {
         return;
     };
     let mut g = Graph::new("norms");
@@ -376,28 +316,7 @@ fn reductions_of_the_same_kind_share_one_kernel() {
     let mut terms = Vec::new();
     let mut maxima = Vec::new();
     for (i, shape) in shapes.iter().enumerate() {
-        let name = format!("g{i}");
-        let n: usize = shape.iter().product();
-        feeds.insert(
-            name.clone(),
-            Tensor::f32(
-                shape,
-                (0..n)
-                    .map(|j| (2.0 * rng::uniform(21, 0, i as u64, j as u64) - 1.0) as f32)
-                    .collect(),
-            ),
-        );
-        let mut x = g
-            .push(
-                Op::Input {
-                    name,
-                    dtype: DType::F32,
-                    shape: shape.iter().copied().collect(),
-                },
-                &[],
-                "test",
-            )
-            .unwrap();
+        let mut x = random_input(&mut g, &mut feeds, &format!("g{i}"), shape, (21, i as u64));
         if shape.len() == 2 {
             // A transposed view stays out of the batches: their kernel reads
             // contiguously.
@@ -417,27 +336,7 @@ fn reductions_of_the_same_kind_share_one_kernel() {
     }
     let mut columns = Vec::new();
     for i in 0..3u64 {
-        let name = format!("dy{i}");
-        feeds.insert(
-            name.clone(),
-            Tensor::f32(
-                &[6, 50, 7],
-                (0..2100)
-                    .map(|j| (2.0 * rng::uniform(22, 0, i, j) - 1.0) as f32)
-                    .collect(),
-            ),
-        );
-        let dy = g
-            .push(
-                Op::Input {
-                    name,
-                    dtype: DType::F32,
-                    shape: [6, 50, 7].into_iter().collect(),
-                },
-                &[],
-                "test",
-            )
-            .unwrap();
+        let dy = random_input(&mut g, &mut feeds, &format!("dy{i}"), &[6, 50, 7], (22, i));
         let sum = Op::Reduce {
             op: ReduceOp::Sum,
             axes: vec![2, 0],

@@ -6,34 +6,17 @@
 
 use altc_compiler::ir::{BinaryOp, DType, Graph, NodeId, Op, ReduceOp, UnaryOp};
 use altc_compiler::reference::{run, EvalContext, Tensor, TensorMap};
-use altc_compiler::rng;
 use altc_compiler::spec::Precision;
 use altc_kernels::{Candidate, ElementwiseStrategy, EpilogueMatmul, ReduceStrategy};
 use altc_runtime::backend::{Backend, TuningMode};
 use altc_runtime::device::{open, DeviceChoice};
 use std::collections::BTreeMap;
 
+mod common;
+
+/// A graph input fed random values of this file's stream family.
 fn input(g: &mut Graph, feeds: &mut TensorMap, name: &str, shape: &[usize], stream: u64) -> NodeId {
-    let n = shape.iter().product();
-    feeds.insert(
-        name.to_string(),
-        Tensor::f32(
-            shape,
-            (0..n)
-                .map(|i| (2.0 * rng::uniform(13, 0, stream, i as u64) - 1.0) as f32)
-                .collect(),
-        ),
-    );
-    g.push(
-        Op::Input {
-            name: name.into(),
-            dtype: DType::F32,
-            shape: shape.iter().copied().collect(),
-        },
-        &[],
-        "test",
-    )
-    .unwrap()
+    common::random_input(g, feeds, name, shape, (13, stream))
 }
 
 /// A kernel of every tunable form, with extents that are no tile or cube multiple.
