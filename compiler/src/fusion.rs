@@ -151,6 +151,17 @@ impl FusionPlan {
         }
     }
 
+    /// Each node's step in the schedule (`usize::MAX` for nodes that never run).
+    pub fn positions(&self, graph: &Graph) -> Vec<usize> {
+        let mut position = vec![usize::MAX; graph.len()];
+        for (pos, step) in self.schedule.iter().enumerate() {
+            for id in self.step_nodes(step) {
+                position[id.index()] = pos;
+            }
+        }
+        position
+    }
+
     /// Kernel launches of one run of the planned graph on a device, where leaves and
     /// layout ops (views) launch nothing.
     pub fn launches(&self, graph: &Graph) -> usize {
@@ -638,12 +649,7 @@ impl FusionPlan {
     /// last member ran: every member's input exists by then, and each member joins only
     /// while that position is before the first reader of any member's result.
     fn fold_multi_reduces(&mut self, graph: &Graph, users: &[Vec<NodeId>], max_inputs: usize) {
-        let mut position = vec![usize::MAX; graph.len()];
-        for (pos, step) in self.schedule.iter().enumerate() {
-            for id in self.step_nodes(step) {
-                position[id.index()] = pos;
-            }
-        }
+        let position = self.positions(graph);
         struct Batch {
             kind: ReductionKind,
             members: Vec<(usize, ReduceSegment)>,

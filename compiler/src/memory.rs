@@ -67,12 +67,7 @@ pub fn matmul_flops(graph: &Graph, symbols: &BTreeMap<String, usize>) -> u64 {
 /// The planned cost of `graph` under `plan` with symbols bound to `symbols`.
 pub fn plan_cost(graph: &Graph, plan: &FusionPlan, symbols: &BTreeMap<String, usize>) -> PlanCost {
     let steps: Vec<Vec<NodeId>> = plan.schedule.iter().map(|s| plan.step_nodes(s)).collect();
-    let mut step_of = vec![usize::MAX; graph.len()];
-    for (pos, nodes) in steps.iter().enumerate() {
-        for id in nodes {
-            step_of[id.index()] = pos;
-        }
-    }
+    let step_of = plan.positions(graph);
     let mut last_read = vec![None; graph.len()];
     for (pos, nodes) in steps.iter().enumerate() {
         for &id in nodes {

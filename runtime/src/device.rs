@@ -625,12 +625,7 @@ impl<R: Runtime> Backend for DeviceBackend<R> {
             FusionPlan::unfused(graph)
         };
         // Release each value after the last step that reads it.
-        let mut step_at = vec![0usize; graph.len()];
-        for (pos, step) in plan.schedule.iter().enumerate() {
-            for id in plan.step_nodes(step) {
-                step_at[id.index()] = pos;
-            }
-        }
+        let step_at = plan.positions(graph);
         let mut last_use = vec![0usize; graph.len()];
         let mut reads: Vec<Vec<NodeId>> = vec![Vec::new(); plan.schedule.len()];
         let scheduled = plan.schedule.iter().flat_map(|step| plan.step_nodes(step));
