@@ -4,7 +4,7 @@
 
 use crate::training::{open_backend, Device};
 use crate::{emit, load_program, lower_options};
-use altc_compiler::fusion::{plan, FusionPlan};
+use altc_compiler::fusion::{plan, FusionPlan, KernelLimits};
 use altc_compiler::ir::{Graph, Op};
 use altc_compiler::lower::{Program, BATCH};
 use altc_compiler::memory::{matmul_flops, plan_cost};
@@ -155,7 +155,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         let graphs = timed_graphs(program, opt, batch)?;
         for (graph, inputs) in &graphs {
             let fusion = if opt {
-                plan(graph, 16)
+                plan(graph, KernelLimits::default())
             } else {
                 FusionPlan::unfused(graph)
             };

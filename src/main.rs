@@ -44,6 +44,10 @@ enum Command {
         /// (launches, bytes moved, peak memory) against running op by op.
         #[arg(long)]
         explain: bool,
+        /// Plan `--explain` for a device that binds this many buffers per kernel
+        /// (`altc doctor` shows it; 31 is Mesa lavapipe's, CUDA binds 1024).
+        #[arg(long, default_value_t = 31, value_parser = clap::value_parser!(u32).range(4..))]
+        bindings: u32,
     },
     /// Summarise a compiled artifact, or render its graphs as Graphviz.
     Inspect {
@@ -89,7 +93,8 @@ fn main() -> ExitCode {
             spec,
             output,
             explain,
-        } => compile(&spec, output, explain),
+            bindings,
+        } => compile(&spec, output, explain.then_some(bindings as usize)),
         Command::Inspect {
             artifact,
             dot,
@@ -159,7 +164,8 @@ fn check(path: &Path) -> Result<()> {
     ))
 }
 
-fn compile(path: &Path, output: Option<PathBuf>, explain: bool) -> Result<()> {
+/// `explain`: print the fusion plan for a device binding that many buffers per kernel.
+fn compile(path: &Path, output: Option<PathBuf>, explain: Option<usize>) -> Result<()> {
     let loaded = spec::load(path)?;
     let program = lower_loaded(&loaded, LowerOptions::default())?;
     let output = output.unwrap_or_else(|| path.with_extension("altc"));
@@ -168,9 +174,9 @@ fn compile(path: &Path, output: Option<PathBuf>, explain: bool) -> Result<()> {
     let artifact = Artifact::new(&path.display().to_string(), &text, program);
     artifact.write(&output)?;
     let nodes: usize = artifact.program.graphs.iter().map(|g| g.len()).sum();
-    if explain {
+    if let Some(bindings) = explain {
         let baseline = lower_loaded(&loaded, lower_options(true))?;
-        emit(&explain_fusion(&artifact.program, &baseline)?)?;
+        emit(&explain_fusion(&artifact.program, &baseline, bindings)?)?;
     }
     emit(&format!(
         "compiled {} -> {} ({} graphs, {} nodes, {} trainable parameters)\n",
@@ -215,13 +221,15 @@ fn inspect(path: &Path, dot: bool, only: &[String]) -> Result<()> {
     ))
 }
 
-/// The fusion plan of every training graph at the spec's batch size, against the
-/// `--no-opt` baseline (`baseline`: dense experts, run op by op).
+/// The fusion plan of every training graph at the spec's batch size, for a device
+/// binding `bindings` buffers per kernel, against the `--no-opt` baseline
+/// (`baseline`: dense experts, run op by op).
 fn explain_fusion(
     program: &altc_compiler::lower::Program,
     baseline: &altc_compiler::lower::Program,
+    bindings: usize,
 ) -> Result<String> {
-    use altc_compiler::fusion::{plan, FusionPlan};
+    use altc_compiler::fusion::{plan, FusionPlan, KernelLimits};
     use altc_compiler::memory::plan_cost;
     use std::fmt::Write as _;
     let tasks =
@@ -270,14 +278,14 @@ fn explain_fusion(
             report.kernels_before, report.kernels_after
         );
         let g = &optimised;
-        let fused = plan(g, 16);
+        let fused = plan(g, KernelLimits::for_bindings(bindings));
         let (a, b) = (
             plan_cost(g, &fused, &symbols),
             plan_cost(&base.graph, &FusionPlan::unfused(&base.graph), &symbols),
         );
         let _ = writeln!(
             out,
-            "{} ({} nodes, batch {}):",
+            "{} ({} nodes, batch {}, {bindings} bindings per kernel):",
             g.name,
             g.len(),
             program.training.batch_size
@@ -330,6 +338,23 @@ fn explain_fusion(
                 group.shape(g),
                 group.outputs.len(),
                 ops.join(", ")
+            );
+        }
+        if !fused.multi_groups.is_empty() {
+            let _ = writeln!(
+                out,
+                "  {} multi-tensor kernels (one program over several tensors):",
+                fused.multi_groups.len()
+            );
+        }
+        for batch in &fused.multi_groups {
+            let groups: Vec<String> = batch.groups.iter().map(|g| format!("#{g}")).collect();
+            let _ = writeln!(
+                out,
+                "    groups {} ({} tensors, {} shared inputs bound once)",
+                groups.join(" "),
+                batch.groups.len(),
+                batch.shared.len()
             );
         }
     }

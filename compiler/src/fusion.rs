@@ -9,6 +9,11 @@
 //! outputs; every other intermediate lives in registers. Constants are folded into the
 //! groups that read them. Matmuls, reductions, layout and index ops stay kernels of
 //! their own. The plan's `schedule` orders groups and single ops topologically.
+//!
+//! Later passes fold steps together: a group into the reduction or matmul it feeds,
+//! a weight gradient's batch sum into its matmul, reductions of the same kind into one
+//! multi-tensor kernel, and groups computing the same program on different tensors
+//! (each parameter's AdamW update) into one multi-tensor elementwise kernel.
 
 use crate::ir::{Graph, NodeId, Op, ReduceOp, Shape, UnaryOp};
 use petgraph::Direction;
@@ -65,6 +70,60 @@ pub enum Step {
     /// The same reduction of several tensors in one kernel, by index into
     /// `FusionPlan::multi_reduces` (bias gradients, squared gradient norms).
     MultiReduce(usize),
+    /// Groups with one program over tensors of different sizes in one kernel, by
+    /// index into `FusionPlan::multi_groups` (the AdamW updates of the parameters).
+    MultiGroup(usize),
+}
+
+impl Step {
+    /// Whether the step is a kernel whatever its nodes (only `Node` steps of leaves
+    /// and views launch nothing).
+    pub fn is_fused_kernel(&self) -> bool {
+        !matches!(self, Step::Node(_))
+    }
+}
+
+/// What one kernel may bind on the target device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelLimits {
+    /// Values from outside one fusion group may read.
+    pub max_inputs: usize,
+    /// Buffers one kernel may bind in all: inputs, outputs and its metadata.
+    pub max_bindings: usize,
+}
+
+impl KernelLimits {
+    /// Fused inputs are capped below the device's limit so kernels stay small.
+    const MAX_FUSED_INPUTS: usize = 16;
+    /// Multi-tensor kernels unroll their program once per tensor: bound the code size.
+    const MAX_BINDINGS: usize = 256;
+
+    /// The limits for a device that binds `bindings` buffers per kernel, leaving room
+    /// for a group's outputs and metadata.
+    pub fn for_bindings(bindings: usize) -> KernelLimits {
+        KernelLimits {
+            max_inputs: bindings.saturating_sub(4).clamp(2, Self::MAX_FUSED_INPUTS),
+            max_bindings: bindings.clamp(4, Self::MAX_BINDINGS),
+        }
+    }
+}
+
+impl Default for KernelLimits {
+    /// A Vulkan device with 31 bindings per kernel, as Mesa's lavapipe: the plan
+    /// `altc compile --explain` reports.
+    fn default() -> Self {
+        KernelLimits::for_bindings(31)
+    }
+}
+
+/// Fusion groups evaluating the same program, each over its own tensors, as one
+/// kernel. `inputs[i]` are group `groups[i]`'s external values in program order;
+/// positions in `shared` read the same value in every group (bound once).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MultiGroup {
+    pub groups: Vec<usize>,
+    pub inputs: Vec<Vec<NodeId>>,
+    pub shared: Vec<usize>,
 }
 
 /// Reductions sharing an op, a unary prologue, an operand shape and axes, run as one
@@ -112,6 +171,7 @@ pub struct FusionPlan {
     /// where all inputs of a step come before it.
     pub schedule: Vec<Step>,
     pub multi_reduces: Vec<MultiReduce>,
+    pub multi_groups: Vec<MultiGroup>,
     member_of: Vec<Option<usize>>,
 }
 
@@ -148,6 +208,31 @@ impl FusionPlan {
                     prologue.unwrap_or_default().into_iter().chain([s.reduce])
                 })
                 .collect(),
+            Step::MultiGroup(i) => self.multi_groups[*i]
+                .groups
+                .iter()
+                .flat_map(|&g| self.groups[g].nodes.clone())
+                .collect(),
+        }
+    }
+
+    /// The values one step writes (what stays in registers is not written).
+    pub fn step_outputs(&self, graph: &Graph, step: &Step) -> Vec<NodeId> {
+        match step {
+            Step::Group(g) | Step::MatmulGroup { group: g, .. } => self.groups[*g].outputs.clone(),
+            Step::GroupReduce { reduce, .. } | Step::MatmulSum { reduce, .. } => vec![*reduce],
+            Step::MultiReduce(i) => self.multi_reduces[*i]
+                .segments
+                .iter()
+                .map(|s| s.reduce)
+                .collect(),
+            Step::MultiGroup(i) => self.multi_groups[*i]
+                .groups
+                .iter()
+                .flat_map(|&g| self.groups[g].outputs.clone())
+                .collect(),
+            Step::Node(id) if launches_kernel(&graph.node(*id).op) => vec![*id],
+            Step::Node(_) => Vec::new(),
         }
     }
 
@@ -168,12 +253,8 @@ impl FusionPlan {
         self.schedule
             .iter()
             .filter(|s| match s {
-                Step::Group(_)
-                | Step::GroupReduce { .. }
-                | Step::MatmulGroup { .. }
-                | Step::MatmulSum { .. }
-                | Step::MultiReduce(_) => true,
                 Step::Node(id) => launches_kernel(&graph.node(*id).op),
+                _ => true,
             })
             .count()
     }
@@ -191,6 +272,7 @@ impl FusionPlan {
             Step::MatmulGroup { .. } => "matmul with fused epilogue",
             Step::MatmulSum { .. } => "matmul summed over the batch",
             Step::MultiReduce(_) => "multi-tensor reduce",
+            Step::MultiGroup(_) => "multi-tensor elementwise",
         };
         let nodes = self.step_nodes(step);
         // The last node is the one whose value the kernel exists to produce.
@@ -223,6 +305,7 @@ impl FusionPlan {
                 .map(Step::Node)
                 .collect(),
             multi_reduces: Vec::new(),
+            multi_groups: Vec::new(),
             member_of: vec![None; graph.len()],
         }
     }
@@ -268,9 +351,11 @@ pub fn is_fusible(op: &Op) -> bool {
     )
 }
 
-/// Plans the fusion groups of `graph`; no group reads more than `max_inputs` distinct
-/// values from outside (devices bound the buffers one kernel may bind).
-pub fn plan(graph: &Graph, max_inputs: usize) -> FusionPlan {
+/// Plans the fusion groups of `graph` for a device with `limits`: no group reads more
+/// than `limits.max_inputs` distinct values from outside, and no multi-tensor kernel
+/// binds more than `limits.max_bindings` buffers.
+pub fn plan(graph: &Graph, limits: KernelLimits) -> FusionPlan {
+    let max_inputs = limits.max_inputs;
     let n = graph.len();
     let live = live_nodes(graph);
     let order: Vec<NodeId> = graph
@@ -417,9 +502,11 @@ pub fn plan(graph: &Graph, max_inputs: usize) -> FusionPlan {
         groups,
         schedule,
         multi_reduces: Vec::new(),
+        multi_groups: Vec::new(),
         member_of,
     };
     plan.fold_multi_reduces(graph, &users, max_inputs);
+    plan.fold_multi_groups(graph, &users, limits.max_bindings);
     plan
 }
 
@@ -705,6 +792,154 @@ impl FusionPlan {
     }
 }
 
+/// The values from outside a group that its program loads, in load order: each
+/// member's operands in turn, first occurrence only; constants are inlined, not loaded.
+pub fn group_inputs(graph: &Graph, group: &FusionGroup) -> Vec<NodeId> {
+    let mut inputs = Vec::new();
+    for &m in &group.nodes {
+        for o in graph.operands(m) {
+            let loaded = !group.nodes.contains(&o)
+                && !matches!(graph.node(o).op, Op::Constant { .. })
+                && !inputs.contains(&o);
+            if loaded {
+                inputs.push(o);
+            }
+        }
+    }
+    inputs
+}
+
+/// A group's program as text, so that equal signatures mean equal fused programs: the
+/// same ops on the same registers, constants and loads in the same order, the same
+/// outputs. `None` for a group a multi-tensor kernel cannot run, which reads every
+/// tensor flat: one with dropout (its masks are keyed by the position in the group's
+/// own shape), or with an input that is neither of the group's shape nor one value,
+/// or that is a transposed or broadcast view.
+fn group_signature(graph: &Graph, group: &FusionGroup) -> Option<String> {
+    use std::fmt::Write;
+    let shape = group.shape(graph);
+    let mut registers: Vec<NodeId> = Vec::new();
+    let mut signature = String::new();
+    for &m in &group.nodes {
+        let node = graph.node(m);
+        if matches!(node.op, Op::Dropout { .. }) {
+            return None;
+        }
+        let mut operands = Vec::new();
+        for o in graph.operands(m) {
+            if let Some(r) = registers.iter().position(|&x| x == o) {
+                operands.push(r);
+                continue;
+            }
+            let source = graph.node(o);
+            match &source.op {
+                Op::Constant { value, .. } => write!(signature, "const {};", value.0).ok()?,
+                Op::Transpose { .. } | Op::BroadcastTo { .. } => return None,
+                _ if &source.ty.shape == shape || source.ty.shape.rank() == 0 => {
+                    signature.push_str("load;")
+                }
+                _ => return None,
+            }
+            registers.push(o);
+            operands.push(registers.len() - 1);
+        }
+        let scalar = node.ty.shape.rank() == 0;
+        write!(signature, "{:?} {operands:?} {scalar};", node.op).ok()?;
+        registers.push(m);
+    }
+    for o in &group.outputs {
+        let r = registers.iter().position(|x| x == o)?;
+        write!(signature, "out {r};").ok()?;
+    }
+    Some(signature)
+}
+
+/// The input positions at which every group of a batch reads the same value.
+fn shared_positions(inputs: &[Vec<NodeId>]) -> Vec<usize> {
+    (0..inputs[0].len())
+        .filter(|&p| inputs.iter().all(|i| i[p] == inputs[0][p]))
+        .collect()
+}
+
+/// Buffers a multi-tensor kernel over groups reading `inputs` binds: shared inputs
+/// once, the others and each group's `outputs` per group, and the metadata.
+fn multi_group_bindings(inputs: &[Vec<NodeId>], outputs: usize) -> usize {
+    let shared = shared_positions(inputs).len();
+    1 + shared + inputs.len() * (inputs[0].len() - shared + outputs)
+}
+
+impl FusionPlan {
+    /// Gathers groups with equal programs into `MultiGroup` steps, as
+    /// `fold_multi_reduces` does reductions: a batch runs where its last member ran,
+    /// and a group joins only before the first reader of any member's outputs and
+    /// while the kernel's buffers fit `max_bindings`.
+    fn fold_multi_groups(&mut self, graph: &Graph, users: &[Vec<NodeId>], max_bindings: usize) {
+        let position = self.positions(graph);
+        struct Batch {
+            signature: String,
+            members: Vec<(usize, usize)>,
+            inputs: Vec<Vec<NodeId>>,
+            first_use: usize,
+        }
+        let mut open: Vec<Batch> = Vec::new();
+        let mut batches: Vec<Batch> = Vec::new();
+        for (pos, step) in self.schedule.iter().enumerate() {
+            let Step::Group(g) = *step else { continue };
+            let group = &self.groups[g];
+            let Some(signature) = group_signature(graph, group) else {
+                continue;
+            };
+            let inputs = group_inputs(graph, group);
+            let first_use = group
+                .outputs
+                .iter()
+                .flat_map(|o| &users[o.index()])
+                .filter(|u| self.member_of[u.index()] != Some(g))
+                .map(|u| position[u.index()])
+                .min()
+                .unwrap_or(usize::MAX);
+            if let Some(i) = open.iter().position(|b| b.signature == signature) {
+                let batch = &mut open[i];
+                let mut joined = batch.inputs.clone();
+                joined.push(inputs.clone());
+                let fits = multi_group_bindings(&joined, group.outputs.len()) <= max_bindings;
+                if fits && pos < batch.first_use {
+                    batch.members.push((pos, g));
+                    batch.inputs = joined;
+                    batch.first_use = batch.first_use.min(first_use);
+                    continue;
+                }
+                batches.push(open.swap_remove(i));
+            }
+            open.push(Batch {
+                signature,
+                members: vec![(pos, g)],
+                inputs: vec![inputs],
+                first_use,
+            });
+        }
+        batches.extend(open);
+        let mut removed = vec![false; self.schedule.len()];
+        for batch in batches.into_iter().filter(|b| b.members.len() > 1) {
+            let last = batch.members.last().expect("a batch has members").0;
+            for &(pos, _) in &batch.members {
+                removed[pos] = pos != last;
+            }
+            self.schedule[last] = Step::MultiGroup(self.multi_groups.len());
+            self.multi_groups.push(MultiGroup {
+                groups: batch.members.iter().map(|&(_, g)| g).collect(),
+                shared: shared_positions(&batch.inputs),
+                inputs: batch.inputs,
+            });
+        }
+        let mut pos = 0;
+        self.schedule.retain(|_| {
+            pos += 1;
+            !removed[pos - 1]
+        });
+    }
+}
+
 /// Topological order of groups and single nodes (Kahn's algorithm on the condensed
 /// graph, preferring the original order among ready steps).
 fn schedule(
@@ -720,7 +955,8 @@ fn schedule(
         Step::GroupReduce { .. }
         | Step::MatmulGroup { .. }
         | Step::MatmulSum { .. }
-        | Step::MultiReduce(_) => {
+        | Step::MultiReduce(_)
+        | Step::MultiGroup(_) => {
             unreachable!("prologues and epilogues are folded after scheduling")
         }
     };

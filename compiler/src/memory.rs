@@ -5,7 +5,7 @@
 //! `altc compile --explain` reports; the device runtime frees buffers on the same
 //! schedule.
 
-use crate::fusion::{launches_kernel, FusionPlan, Step};
+use crate::fusion::FusionPlan;
 use crate::ir::{Dim, Graph, NodeId, Op, Shape};
 use std::collections::BTreeMap;
 
@@ -86,29 +86,8 @@ pub fn plan_cost(graph: &Graph, plan: &FusionPlan, symbols: &BTreeMap<String, us
     let mut frees: Vec<u64> = vec![0; steps.len()];
     for (pos, (step, nodes)) in plan.schedule.iter().zip(&steps).enumerate() {
         // What this step writes: a group's outputs, or the node itself if it is a kernel.
-        let written: Vec<NodeId> = match step {
-            Step::Group(g) => plan.groups[*g].outputs.clone(),
-            Step::GroupReduce { reduce, .. } => vec![*reduce],
-            Step::MatmulGroup { group, .. } => plan.groups[*group].outputs.clone(),
-            Step::MatmulSum { reduce, .. } => vec![*reduce],
-            Step::MultiReduce(i) => plan.multi_reduces[*i]
-                .segments
-                .iter()
-                .map(|s| s.reduce)
-                .collect(),
-            Step::Node(id) if launches_kernel(&graph.node(*id).op) => vec![*id],
-            Step::Node(_) => Vec::new(),
-        };
-        if !written.is_empty()
-            || matches!(
-                step,
-                Step::Group(_)
-                    | Step::GroupReduce { .. }
-                    | Step::MatmulGroup { .. }
-                    | Step::MatmulSum { .. }
-                    | Step::MultiReduce(_)
-            )
-        {
+        let written = plan.step_outputs(graph, step);
+        if !written.is_empty() || step.is_fused_kernel() {
             cost.launches += 1;
             let mut read = std::collections::BTreeSet::new();
             for &id in nodes {

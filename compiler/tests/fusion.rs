@@ -2,7 +2,7 @@
 //! once, every step's inputs come before it, groups hold same-shape elementwise ops
 //! within the binding budget, and fusing needs fewer launches than running op by op.
 
-use altc_compiler::fusion::{is_fusible, plan, FusionPlan};
+use altc_compiler::fusion::{group_inputs, is_fusible, plan, FusionPlan, KernelLimits, Step};
 use altc_compiler::ir::Graph;
 use altc_compiler::lower::{lower, LowerOptions};
 use altc_compiler::{spec, train};
@@ -21,7 +21,8 @@ fn training_graphs() -> Vec<Graph> {
         .collect()
 }
 
-fn check_plan(graph: &Graph, plan: &FusionPlan, max_inputs: usize) {
+fn check_plan(graph: &Graph, plan: &FusionPlan, limits: KernelLimits) {
+    let max_inputs = limits.max_inputs;
     let mut done = vec![false; graph.len()];
     for step in &plan.schedule {
         let nodes = plan.step_nodes(step);
@@ -69,14 +70,40 @@ fn check_plan(graph: &Graph, plan: &FusionPlan, max_inputs: usize) {
         );
         assert!(!g.outputs.is_empty(), "a group produces something");
     }
+    for (i, batch) in plan.multi_groups.iter().enumerate() {
+        assert!(batch.groups.len() > 1, "a multi-tensor kernel has tensors");
+        assert!(plan.schedule.contains(&Step::MultiGroup(i)));
+        let first = &plan.groups[batch.groups[0]];
+        let ops = |g: &altc_compiler::fusion::FusionGroup| -> Vec<String> {
+            g.nodes
+                .iter()
+                .map(|&n| format!("{:?}", graph.node(n).op))
+                .collect()
+        };
+        let mut buffers = 1 + batch.shared.len();
+        for (&g, inputs) in batch.groups.iter().zip(&batch.inputs) {
+            let group = &plan.groups[g];
+            assert_eq!(ops(group), ops(first), "one program for every tensor");
+            assert_eq!(&group_inputs(graph, group), inputs);
+            buffers += inputs.len() - batch.shared.len() + group.outputs.len();
+            for &p in &batch.shared {
+                assert_eq!(inputs[p], batch.inputs[0][p], "a shared input is one value");
+            }
+        }
+        assert!(
+            buffers <= limits.max_bindings,
+            "a multi-tensor kernel binds {buffers} buffers"
+        );
+    }
 }
 
 #[test]
 fn fusion_plans_of_the_training_graphs_are_complete_ordered_and_bounded() {
     for graph in training_graphs() {
-        for max_inputs in [2, 4, 16] {
-            let plan = plan(&graph, max_inputs);
-            check_plan(&graph, &plan, max_inputs);
+        for bindings in [6, 8, 31, 1024] {
+            let limits = KernelLimits::for_bindings(bindings);
+            let plan = plan(&graph, limits);
+            check_plan(&graph, &plan, limits);
         }
     }
 }
@@ -84,9 +111,38 @@ fn fusion_plans_of_the_training_graphs_are_complete_ordered_and_bounded() {
 #[test]
 fn fusion_needs_fewer_launches_than_op_by_op() {
     for graph in training_graphs() {
-        let fused = plan(&graph, 16).launches(&graph);
+        let fused = plan(&graph, KernelLimits::default()).launches(&graph);
         let unfused = FusionPlan::unfused(&graph).launches(&graph);
         println!("{}: {fused} launches fused, {unfused} op by op", graph.name);
         assert!(fused < unfused);
+    }
+}
+
+/// The AdamW updates of the parameters (one group each, two programs: with and
+/// without weight decay) run as multi-tensor kernels: all of them in a few launches
+/// where a kernel may bind many buffers, and more, smaller batches where it may not.
+#[test]
+fn parameter_updates_share_multi_tensor_kernels() {
+    for graph in training_graphs() {
+        let updates = |limits| {
+            let plan = plan(&graph, limits);
+            let tensors: Vec<usize> = plan.multi_groups.iter().map(|m| m.groups.len()).collect();
+            println!(
+                "{}: {:?} -> multi-tensor batches {tensors:?}",
+                graph.name, limits
+            );
+            tensors
+        };
+        let wide = updates(KernelLimits::for_bindings(1024));
+        let narrow = updates(KernelLimits::for_bindings(31));
+        assert!(
+            wide.iter().sum::<usize>() >= 30,
+            "every parameter's update is batched"
+        );
+        assert!(
+            wide.len() <= 4,
+            "a few launches update every parameter: {wide:?}"
+        );
+        assert!(narrow.len() > wide.len(), "31 bindings split the batches");
     }
 }

@@ -3,7 +3,7 @@
 //! straight-line code over registers; operands are loaded through their own strided
 //! (broadcast) views, and only the group's outputs are written.
 
-use crate::elementwise::{apply_binary, apply_unary, view_offset};
+use crate::elementwise::{apply_binary, apply_unary};
 use crate::reduce::{combine, combine_lanes, offset_in, reduce_identity, reduce_position};
 use crate::{BinaryKind, ReduceKind, UnaryKind};
 use cubecl::prelude::*;
@@ -56,15 +56,34 @@ pub struct FusedProgram {
     /// program's shape, such as an optimizer's step count: written once, by element
     /// 0, into a one-element buffer.
     pub scalar_outputs: Vec<usize>,
+    /// In a multi-tensor launch, inputs `0..shared_inputs` are the same buffers for
+    /// every tensor and bound once; the others are bound per tensor. Zero otherwise.
+    pub shared_inputs: usize,
+}
+
+impl FusedProgram {
+    /// The binding (index into the kernel's input sequence) of `input` when the
+    /// program runs for tensor `segment` of a multi-tensor launch.
+    pub(crate) fn binding(&self, input: usize, segment: usize) -> usize {
+        if input < self.shared_inputs {
+            input
+        } else {
+            input + segment * (self.inputs - self.shared_inputs)
+        }
+    }
 }
 
 /// Evaluates every step of `program` for the element at linear position `pos` of the
-/// group's shape; returns the registers. `meta` starts with the group's shape, each
-/// input's strides and each input's offset.
+/// group's shape; returns the registers. `meta` holds, from `meta_at`, the group's
+/// shape, each input's strides and each input's offset. `segment` is the tensor of a
+/// multi-tensor launch (0 otherwise), which picks the input buffers.
 #[cube]
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn run_program<F: Float>(
     inputs: &Sequence<Array<F>>,
     meta: &Array<u32>,
+    meta_at: u32,
+    #[comptime] segment: usize,
     pos: u32,
     accumulator: F,
     seed_lo: u32,
@@ -80,9 +99,10 @@ pub(crate) fn run_program<F: Float>(
         let op = comptime!(program.ops[step].clone());
         let value = match op {
             FusedOp::Load { input } => {
-                let at = view_offset(pos, meta, comptime!(rank * (1 + input)) as u32, rank)
-                    + meta[comptime!(rank * (1 + n_inputs) + input)];
-                let source = inputs.index(input);
+                let strides_at = meta_at + comptime!(rank * (1 + input)) as u32;
+                let offset_at = meta_at + comptime!(rank * (1 + n_inputs) + input) as u32;
+                let at = offset_in(pos, meta, meta_at, strides_at, rank) + meta[offset_at as usize];
+                let source = inputs.index(comptime!(program.binding(input, segment)));
                 source[at as usize]
             }
             FusedOp::Accumulator => accumulator,
@@ -147,6 +167,8 @@ pub(crate) fn fused_kernel<F: Float>(
             let regs = run_program::<F>(
                 inputs,
                 meta,
+                0u32,
+                0usize,
                 pos,
                 F::new(0.0),
                 seed_lo,
@@ -164,6 +186,64 @@ pub(crate) fn fused_kernel<F: Float>(
                     }
                 } else {
                     out[pos as usize] = value;
+                }
+            }
+        }
+    }
+}
+
+/// One fused program over several tensors ("segments") of different sizes in one
+/// launch, each read and written flat: segment `s`'s inputs (past the shared ones)
+/// and outputs are bound after those of the segments before it. `meta` holds, per
+/// segment, the program metadata of a rank-1 program (its length, each input's stride,
+/// 1 or 0, and offset), then each segment's first position in the launch's combined
+/// range and the range's end.
+#[cube(launch_unchecked)]
+pub(crate) fn multi_fused_kernel<F: Float>(
+    inputs: &Sequence<Array<F>>,
+    outputs: &mut Sequence<Array<F>>,
+    meta: &Array<u32>,
+    #[comptime] program: FusedProgram,
+    #[comptime] segments: usize,
+    #[comptime] per_unit: u32,
+) {
+    let segment_meta = comptime!(1 + 2 * program.inputs);
+    let starts = comptime!(segments * (1 + 2 * program.inputs));
+    let total = meta[starts + segments];
+    let n_outputs = comptime!(program.outputs.len());
+    #[unroll]
+    for i in 0..per_unit {
+        let pos = i * CUBE_COUNT as u32 * CUBE_DIM + ABSOLUTE_POS as u32;
+        if pos < total {
+            #[unroll]
+            for s in 0usize..segments {
+                let start = meta[starts + s];
+                if pos >= start && pos < meta[starts + s + 1] {
+                    let local = pos - start;
+                    let regs = run_program::<F>(
+                        inputs,
+                        meta,
+                        comptime!(s * segment_meta) as u32,
+                        s,
+                        local,
+                        F::new(0.0),
+                        0u32,
+                        0u32,
+                        0u32,
+                        program.clone(),
+                    );
+                    #[unroll]
+                    for o in 0usize..n_outputs {
+                        let out = outputs.index_mut(comptime!(s * n_outputs + o));
+                        let value = *regs.index(comptime!(program.outputs[o]));
+                        if comptime![program.scalar_outputs.contains(&o)] {
+                            if local == 0 {
+                                out[0] = value;
+                            }
+                        } else {
+                            out[local as usize] = value;
+                        }
+                    }
                 }
             }
         }
@@ -202,6 +282,8 @@ pub(crate) fn fused_reduce_kernel<F: Float>(
             let regs = run_program::<F>(
                 inputs,
                 meta,
+                0u32,
+                0usize,
                 element,
                 F::new(0.0),
                 seed_lo,

@@ -4,14 +4,15 @@
 use crate::elementwise::{
     binary_kernel, copy_kernel, fill_kernel, iota_kernel, select_kernel, unary_kernel,
 };
-use crate::fused::{fused_kernel, fused_reduce_kernel, FusedOp, FusedProgram};
+use crate::fused::{fused_kernel, fused_reduce_kernel, multi_fused_kernel, FusedOp, FusedProgram};
 use crate::index::{gather_kernel, scatter_add_kernel, top_k_kernel};
 use crate::matmul::{matmul_kernel, TILE};
 use crate::random::dropout_kernel;
 use crate::reduce::{multi_reduce_kernel, reduce_kernel};
 use crate::tune::{
     bucket, Candidate, KernelKey, TunableLaunch, TunedKernel, Tuning, TuningMode, ELEMENTWISE,
-    ELEMENTWISE_TUNER, MATMUL, MATMUL_TUNER, REDUCE, REDUCE_TUNER,
+    ELEMENTWISE_TUNER, MATMUL, MATMUL_TUNER, MULTI_ELEMENTWISE, MULTI_ELEMENTWISE_TUNER, REDUCE,
+    REDUCE_TUNER,
 };
 use crate::{BinaryKind, ReduceKind, UnaryKind};
 use cubecl::prelude::*;
@@ -376,6 +377,70 @@ impl<R: Runtime> TunableLaunch for FusedLaunch<R> {
             )
         };
         outputs
+    }
+}
+
+/// One tensor of a multi-tensor elementwise launch: its element count and the views
+/// of its own (unshared) inputs, each flat: stride 1 (contiguous from its offset) or
+/// 0 (one value).
+#[derive(Clone, Debug)]
+pub struct Segment {
+    pub len: usize,
+    pub inputs: Vec<View>,
+}
+
+#[derive(Clone)]
+struct MultiFusedLaunch<R: Runtime> {
+    client: ComputeClient<R>,
+    inputs: Vec<(Handle, usize)>,
+    meta: (Handle, usize),
+    /// Each segment's element count.
+    lens: Vec<usize>,
+    program: FusedProgram,
+    key: KernelKey,
+    ran: Arc<Mutex<Option<ElementwiseStrategy>>>,
+}
+
+impl<R: Runtime> TunableLaunch for MultiFusedLaunch<R> {
+    type With = ElementwiseStrategy;
+
+    fn key(&self) -> &KernelKey {
+        &self.key
+    }
+
+    fn ran(&self) -> &Arc<Mutex<Option<ElementwiseStrategy>>> {
+        &self.ran
+    }
+
+    fn launch(&self, with: ElementwiseStrategy) -> Vec<Handle> {
+        let program = &self.program;
+        let mut outputs = Vec::new();
+        for &len in &self.lens {
+            for o in 0..program.outputs.len() {
+                let size = if program.scalar_outputs.contains(&o) {
+                    1
+                } else {
+                    len.max(1)
+                };
+                outputs.push((self.client.empty(size * 4), size));
+            }
+        }
+        let total: usize = self.lens.iter().sum();
+        let (count, dim) = grid_of(total.div_ceil(with.per_unit as usize), with.cube);
+        unsafe {
+            multi_fused_kernel::launch_unchecked::<f32, R>(
+                &self.client,
+                count,
+                dim,
+                array_sequence(self.inputs.iter().cloned()),
+                array_sequence(outputs.iter().cloned()),
+                buffer_arg(&self.meta),
+                program.clone(),
+                self.lens.len(),
+                with.per_unit,
+            )
+        };
+        outputs.into_iter().map(|(h, _)| h).collect()
     }
 }
 
@@ -825,6 +890,61 @@ impl<R: Runtime> Kernels<R> {
             ran: Default::default(),
         };
         self.tuning.launch(&ELEMENTWISE_TUNER, &self.client, launch)
+    }
+
+    /// Runs one fused `program` of rank 1 over every segment in one launch (multi-tensor
+    /// apply: the AdamW update of many parameters at once). `shared` are the views of
+    /// inputs `0..program.shared_inputs`, the same for every segment. Returns each
+    /// segment's outputs, one contiguous buffer per program output.
+    pub fn multi_fused(
+        &self,
+        program: &FusedProgram,
+        shared: &[View],
+        segments: &[Segment],
+    ) -> Vec<Vec<Handle>> {
+        assert_eq!(program.rank, 1, "multi-tensor programs run flat");
+        assert_eq!(program.shared_inputs, shared.len());
+        let mut meta = Vec::new();
+        let mut inputs: Vec<(Handle, usize)> =
+            shared.iter().map(|v| (v.handle.clone(), v.len)).collect();
+        for segment in segments {
+            let views: Vec<View> = shared.iter().chain(&segment.inputs).cloned().collect();
+            meta.extend(program_meta(&[segment.len], &views));
+            inputs.extend(segment.inputs.iter().map(|v| (v.handle.clone(), v.len)));
+        }
+        let mut start = 0;
+        for segment in segments {
+            meta.extend(u32s([start]));
+            start += segment.len;
+        }
+        meta.extend(u32s([start]));
+        let meta_len = meta.len();
+        let launch = MultiFusedLaunch {
+            client: self.client.clone(),
+            inputs,
+            meta: (self.upload_once(meta), meta_len),
+            lens: segments.iter().map(|s| s.len).collect(),
+            key: KernelKey {
+                family: MULTI_ELEMENTWISE.into(),
+                signature: format!(
+                    "n{} tensors{} ops{} in{} out{}",
+                    bucket(start),
+                    segments.len(),
+                    program.ops.len(),
+                    program.inputs,
+                    program.outputs.len()
+                ),
+            },
+            program: program.clone(),
+            ran: Default::default(),
+        };
+        let outputs = self
+            .tuning
+            .launch(&MULTI_ELEMENTWISE_TUNER, &self.client, launch);
+        outputs
+            .chunks(program.outputs.len().max(1))
+            .map(<[Handle]>::to_vec)
+            .collect()
     }
 
     /// Reduces the single output of a fused `program` over `axes` of `shape` without

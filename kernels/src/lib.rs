@@ -9,7 +9,8 @@
 //! cost no copies before an op. No kernel assumes a plane size: work is spread over
 //! cubes of a fixed size and tiles are sized independently of `PLANE_DIM`.
 //!
-//! Tunable families (matmul, grouped expert matmul, reductions, fused elementwise)
+//! Tunable families (matmul, grouped expert matmul, reductions, fused elementwise, and
+//! multi-tensor elementwise: one fused program over many tensors in one launch)
 //! offer candidate configurations to cubecl's autotuner (`tune`); which one runs is
 //! the caller's `TuningMode`.
 
@@ -28,7 +29,7 @@ pub use experts::ExpertMatmul;
 pub use fused::{FusedOp, FusedProgram};
 pub use launch::{
     contiguous_strides, Ceilings, ElementwiseStrategy, EpilogueMatmul, Kernels, MatmulOperands,
-    MatmulStrategy, ReduceStrategy, View,
+    MatmulStrategy, ReduceStrategy, Segment, View,
 };
 pub use reduce::ReduceKind;
 pub use tune::{candidates, Candidate, KernelKey, TunedKernel, TuningMode};

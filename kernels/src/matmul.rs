@@ -196,6 +196,8 @@ pub(crate) fn matmul_kernel<F: Float>(
             let regs = run_program::<F>(
                 inputs,
                 epilogue_meta,
+                0u32,
+                0usize,
                 pos,
                 acc,
                 seed_lo,

@@ -171,7 +171,7 @@ pub fn candidates(family: &str) -> Vec<String> {
         MATMUL => names::<crate::launch::EpilogueMatmul>(),
         GROUPED_MATMUL => names::<crate::launch::MatmulStrategy>(),
         REDUCE => names::<crate::launch::ReduceStrategy>(),
-        ELEMENTWISE => names::<crate::launch::ElementwiseStrategy>(),
+        ELEMENTWISE | MULTI_ELEMENTWISE => names::<crate::launch::ElementwiseStrategy>(),
         _ => Vec::new(),
     }
 }
@@ -181,6 +181,7 @@ pub(crate) const MATMUL: &str = "matmul";
 pub(crate) const REDUCE: &str = "reduce";
 pub(crate) const ELEMENTWISE: &str = "fused elementwise";
 pub(crate) const GROUPED_MATMUL: &str = "grouped expert matmul";
+pub(crate) const MULTI_ELEMENTWISE: &str = "multi-tensor elementwise";
 
 pub(crate) static MATMUL_TUNER: LocalTuner<KernelKey, String> =
     LocalTuner::new(concat!(module_path!(), "-matmul"));
@@ -190,3 +191,5 @@ pub(crate) static GROUPED_MATMUL_TUNER: LocalTuner<KernelKey, String> =
     LocalTuner::new(concat!(module_path!(), "-grouped-matmul"));
 pub(crate) static ELEMENTWISE_TUNER: LocalTuner<KernelKey, String> =
     LocalTuner::new(concat!(module_path!(), "-elementwise"));
+pub(crate) static MULTI_ELEMENTWISE_TUNER: LocalTuner<KernelKey, String> =
+    LocalTuner::new(concat!(module_path!(), "-multi-elementwise"));

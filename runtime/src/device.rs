@@ -4,21 +4,18 @@
 //! kernel launch. Intermediate buffers are released after their last use.
 
 use crate::backend::{Backend, BackendError, Ceilings, KernelTiming, TunedKernel, TuningMode};
-use altc_compiler::fusion::{self, FusionGroup, FusionPlan, Step};
+use altc_compiler::fusion::{self, FusionGroup, FusionPlan, KernelLimits, MultiGroup, Step};
 use altc_compiler::ir::{
     BinaryOp, CompareOp, DType, Dim, Graph, NodeId, Op, ReduceOp, Shape, UnaryOp,
 };
 use altc_compiler::reference::{EvalContext, Tensor, TensorMap};
 use altc_compiler::spec::Precision;
 use altc_kernels::{
-    BinaryKind, ExpertMatmul, FusedOp, FusedProgram, Kernels, MatmulOperands, ReduceKind,
+    BinaryKind, ExpertMatmul, FusedOp, FusedProgram, Kernels, MatmulOperands, ReduceKind, Segment,
     UnaryKind, View,
 };
 use cubecl::prelude::*;
 use std::collections::{BTreeMap, HashMap};
-
-/// The most external values one fused kernel reads.
-const MAX_FUSED_INPUTS: usize = 16;
 
 /// Which device to use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -221,6 +218,115 @@ impl<R: Runtime> DeviceBackend<R> {
                 }
             })
             .collect()
+    }
+
+    /// Runs the groups of a multi-tensor step in one kernel, each over its own tensors
+    /// read flat; returns every group's outputs. Should the groups' programs differ
+    /// after all, each runs as its own kernel instead.
+    fn eval_multi_group(
+        &mut self,
+        graph: &Graph,
+        plan: &FusionPlan,
+        batch: &MultiGroup,
+        values: &[Option<Value>],
+        symbols: &BTreeMap<String, usize>,
+        ctx: EvalContext,
+    ) -> Vec<(NodeId, Value)> {
+        let shapes: Vec<Vec<usize>> = batch
+            .groups
+            .iter()
+            .map(|&g| {
+                concrete(plan.groups[g].shape(graph), symbols).expect("inputs bind every symbol")
+            })
+            .collect();
+        let programs: Vec<FusedProgram> = batch
+            .groups
+            .iter()
+            .zip(&shapes)
+            .map(|(&g, shape)| {
+                self.group_program(graph, &plan.groups[g], values, shape, None)
+                    .0
+            })
+            .collect();
+        let flat = |p: &FusedProgram| FusedProgram {
+            rank: 1,
+            ..p.clone()
+        };
+        let uniform = programs.iter().all(|p| flat(p) == flat(&programs[0]))
+            && programs[0].inputs == batch.inputs[0].len();
+        let mut produced = Vec::new();
+        if !uniform {
+            for (&g, shape) in batch.groups.iter().zip(&shapes) {
+                let group = &plan.groups[g];
+                self.launches += 1;
+                let outputs = self.eval_group(graph, group, values, shape.clone(), ctx);
+                produced.extend(group.outputs.iter().copied().zip(outputs));
+            }
+            return produced;
+        }
+        // Shared inputs first, then each group's own: the kernel binds the shared once.
+        let order: Vec<usize> = batch
+            .shared
+            .iter()
+            .copied()
+            .chain((0..batch.inputs[0].len()).filter(|p| !batch.shared.contains(p)))
+            .collect();
+        let mut program = flat(&programs[0]);
+        for op in &mut program.ops {
+            if let FusedOp::Load { input } = op {
+                *input = order
+                    .iter()
+                    .position(|p| p == input)
+                    .expect("every input is placed");
+            }
+        }
+        program.shared_inputs = batch.shared.len();
+        let mut flat_view = |node: NodeId| -> View {
+            let value = values[node.index()].as_ref().expect("operands come first");
+            let one_value = value.shape.iter().product::<usize>() == 1;
+            let value = if one_value
+                || value.view.strides == altc_kernels::contiguous_strides(&value.shape)
+            {
+                value.clone()
+            } else {
+                self.launches += 1;
+                self.materialise(value)
+            };
+            View {
+                strides: vec![usize::from(!one_value)],
+                ..value.view
+            }
+        };
+        let shared: Vec<View> = batch
+            .shared
+            .iter()
+            .map(|&p| flat_view(batch.inputs[0][p]))
+            .collect();
+        let segments: Vec<Segment> = batch
+            .inputs
+            .iter()
+            .zip(&shapes)
+            .map(|(inputs, shape)| Segment {
+                len: shape.iter().product(),
+                inputs: order[batch.shared.len()..]
+                    .iter()
+                    .map(|&p| flat_view(inputs[p]))
+                    .collect(),
+            })
+            .collect();
+        self.launches += 1;
+        let outputs = self.kernels.multi_fused(&program, &shared, &segments);
+        for ((&g, shape), handles) in batch.groups.iter().zip(&shapes).zip(outputs) {
+            for (o, (&id, handle)) in plan.groups[g].outputs.iter().zip(handles).enumerate() {
+                let shape = if program.scalar_outputs.contains(&o) {
+                    Vec::new()
+                } else {
+                    shape.clone()
+                };
+                produced.push((id, Value::contiguous(handle, shape)));
+            }
+        }
+        produced
     }
 
     /// The fused program of a group and the views of its external inputs, broadcast
@@ -618,9 +724,8 @@ impl<R: Runtime> Backend for DeviceBackend<R> {
             }
         }
         let plan = if self.fuse {
-            // Leave room for the outputs and the metadata among the bindings.
             let bindings = self.kernels.client().properties().hardware.max_bindings as usize;
-            fusion::plan(graph, bindings.saturating_sub(4).clamp(2, MAX_FUSED_INPUTS))
+            fusion::plan(graph, KernelLimits::for_bindings(bindings))
         } else {
             FusionPlan::unfused(graph)
         };
@@ -731,6 +836,14 @@ impl<R: Runtime> Backend for DeviceBackend<R> {
                             },
                             shape,
                         });
+                    }
+                }
+                Step::MultiGroup(i) => {
+                    let batch = &plan.multi_groups[i];
+                    for (id, value) in
+                        self.eval_multi_group(graph, &plan, batch, &values, &symbols, ctx)
+                    {
+                        values[id.index()] = Some(value);
                     }
                 }
                 Step::GroupReduce { group, reduce } => {

@@ -2,6 +2,7 @@
 //! random elementwise graphs: broadcasting leaves, values used many times, dropout,
 //! and reductions in between that split groups. Tolerance 1e-5 + 1e-4 relative.
 
+use altc_compiler::fusion::KernelLimits;
 use altc_compiler::ir::{
     BinaryOp, CompareOp, DType, Graph, NodeId, Op, ReduceOp, Scalar, Shape, UnaryOp,
 };
@@ -206,7 +207,7 @@ fn batch_summed_matmuls_run_as_one_kernel_and_match_reference() {
     let dw_shared = sum_batch(&mut g, x, shared, true);
     g.set_output("dw", dw).unwrap();
     g.set_output("dw_shared", dw_shared).unwrap();
-    let plan = altc_compiler::fusion::plan(&g, 16);
+    let plan = altc_compiler::fusion::plan(&g, KernelLimits::default());
     let sums = plan
         .schedule
         .iter()
@@ -272,7 +273,7 @@ fn scalar_chains_run_inside_the_tensor_kernel_that_reads_them() {
     let corrected = bin(&mut g, BinaryOp::Div, m, correction);
     g.set_output("new.step", next).unwrap();
     g.set_output("m_hat", corrected).unwrap();
-    let plan = altc_compiler::fusion::plan(&g, 16);
+    let plan = altc_compiler::fusion::plan(&g, KernelLimits::default());
     assert_eq!(
         plan.launches(&g),
         1,
@@ -354,7 +355,7 @@ fn reductions_of_the_same_kind_share_one_kernel() {
     g.set_output("squared_norm", norm).unwrap();
     g.set_output("sum_of_maxima", largest).unwrap();
     g.set_output("column_total", column_total).unwrap();
-    let plan = altc_compiler::fusion::plan(&g, 16);
+    let plan = altc_compiler::fusion::plan(&g, KernelLimits::default());
     let mut sizes: Vec<usize> = plan
         .multi_reduces
         .iter()
@@ -381,4 +382,84 @@ fn reductions_of_the_same_kind_share_one_kernel() {
             }
         }
     }
+}
+
+/// Optimizer-style updates of tensors of many sizes (a one-element tensor, ragged
+/// lengths, one past a cube) with a shared learning rate and per-tensor step counts
+/// run as one multi-tensor kernel; a tensor whose gradient is a transposed view stays
+/// out; all match the reference and the unfused path.
+#[test]
+fn updates_of_many_tensors_share_one_kernel() {
+    let Some((mut fused, mut unfused)) = fused_and_unfused() else {
+        return;
+    };
+    let mut g = Graph::new("multi-tensor-updates");
+    let mut feeds = TensorMap::new();
+    let lr = random_input(&mut g, &mut feeds, "lr", &[], (31, 0));
+    let one = g
+        .push(
+            Op::Constant {
+                value: Scalar(1.0),
+                dtype: DType::F32,
+                shape: Shape::scalar(),
+            },
+            &[],
+            "test",
+        )
+        .unwrap();
+    let shapes: [&[usize]; 6] = [&[1], &[5], &[7, 3], &[2, 3, 43], &[257], &[7, 3]];
+    for (i, shape) in shapes.iter().enumerate() {
+        let salt = (32, i as u64);
+        let p = random_input(&mut g, &mut feeds, &format!("p{i}"), shape, salt);
+        let mut grad = if i == 5 {
+            // The last gradient is a transposed view: not readable flat.
+            let t = random_input(&mut g, &mut feeds, &format!("g{i}"), &[3, 7], salt);
+            g.push(Op::Transpose { perm: vec![1, 0] }, &[t], "test")
+                .unwrap()
+        } else {
+            random_input(&mut g, &mut feeds, &format!("g{i}"), shape, salt)
+        };
+        let step = input(&mut g, &format!("s{i}"), &[]);
+        feeds.insert(format!("s{i}"), Tensor::f32(&[], vec![i as f32]));
+        let bin = |g: &mut Graph, op, a, b| g.push(Op::Binary(op), &[a, b], "test").unwrap();
+        let next = bin(&mut g, BinaryOp::Add, step, one);
+        let scale = bin(&mut g, BinaryOp::Div, lr, next);
+        grad = g.push(Op::Unary(UnaryOp::Tanh), &[grad], "test").unwrap();
+        let delta = bin(&mut g, BinaryOp::Mul, grad, scale);
+        let updated = bin(&mut g, BinaryOp::Sub, p, delta);
+        g.set_output(format!("p{i}"), updated).unwrap();
+        g.set_output(format!("s{i}"), next).unwrap();
+    }
+    let plan = altc_compiler::fusion::plan(&g, KernelLimits::default());
+    let batched: Vec<usize> = plan.multi_groups.iter().map(|m| m.groups.len()).collect();
+    assert_eq!(
+        batched,
+        [5],
+        "five tensors in one kernel, the transposed one apart"
+    );
+    assert_eq!(
+        plan.multi_groups[0].shared.len(),
+        1,
+        "the learning rate is bound once"
+    );
+
+    let ctx = EvalContext { seed: 1, step: 0 };
+    let want = run(&g, &feeds, &TensorMap::new(), ctx).unwrap();
+    for (label, device) in [("fused", &mut fused), ("unfused", &mut unfused)] {
+        let got = device.run(&g, &feeds, ctx).unwrap();
+        for (name, w) in &want {
+            assert_eq!(got[name].shape, w.shape, "{label} {name}");
+            for (a, b) in got[name].to_f64().iter().zip(w.to_f64()) {
+                assert!(
+                    (a - b).abs() <= 1e-5 + 1e-4 * b.abs(),
+                    "{label} {name}: {a} vs {b}"
+                );
+            }
+        }
+    }
+    assert_eq!(
+        fused.kernel_launches(),
+        Some(2),
+        "one batch and the transposed tensor"
+    );
 }

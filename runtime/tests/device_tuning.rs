@@ -1,7 +1,7 @@
 //! Tunable kernels: every candidate of every tunable family computes what the
 //! reference does (matmuls plain, transposed, with an epilogue and summed over the
 //! batch; grouped expert matmuls with empty experts; reductions plain and with a fused
-//! prologue; fused elementwise chains), and
+//! prologue; fused elementwise chains, alone and over several tensors), and
 //! tuning picks one of the candidates and gives the fallback's results.
 
 use altc_compiler::ir::{BinaryOp, DType, Graph, NodeId, Op, ReduceOp, UnaryOp};
@@ -52,6 +52,14 @@ fn tunable_graph(draw: u64) -> (Graph, TensorMap) {
     // A fused chain written out, and one that only feeds a reduction (its prologue).
     let exp = push(&mut g, Op::Unary(UnaryOp::Exp), &[x]);
     let chain = push(&mut g, Op::Binary(BinaryOp::Mul), &[exp, x]);
+    // One program over two tensors of different sizes: a multi-tensor kernel.
+    let damped: Vec<NodeId> = [w, bias]
+        .into_iter()
+        .map(|t| {
+            let tanh = push(&mut g, Op::Unary(UnaryOp::Tanh), &[t]);
+            push(&mut g, Op::Binary(BinaryOp::Sub), &[tanh, t])
+        })
+        .collect();
     let square = push(&mut g, Op::Binary(BinaryOp::Mul), &[dy, dy]);
     let row_max = push(
         &mut g,
@@ -130,6 +138,8 @@ fn tunable_graph(draw: u64) -> (Graph, TensorMap) {
         ("epilogue", activated),
         ("summed", summed),
         ("chain", chain),
+        ("damped_w", damped[0]),
+        ("damped_bias", damped[1]),
         ("row_max", row_max),
         ("column_sums", column_sums),
         ("mean", mean),
@@ -205,6 +215,7 @@ fn every_candidate_matches_the_reference_and_tuning_picks_one() {
     assert_eq!(of("matmul"), 3, "{decisions:?}");
     assert_eq!(of("reduce"), 3, "{decisions:?}");
     assert_eq!(of("fused elementwise"), 1, "{decisions:?}");
+    assert_eq!(of("multi-tensor elementwise"), 1, "{decisions:?}");
     assert_eq!(of("grouped expert matmul"), 2, "{decisions:?}");
     for d in &decisions {
         assert_eq!(
