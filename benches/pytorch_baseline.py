@@ -3,7 +3,7 @@
 
 It implements the model of `models/alt_moe.ron` (config `paper`) and
 `models/alt_moe_tiny.ron` (config `tiny`) from the model's math (see
-/work/shared/altmoe.md and the golden scripts under scripts/), with the MoE in two
+the README and the independent golden scripts under scripts/), with the MoE in two
 forms that compute the same function:
 
   dense   the authors' form: every expert runs on every token (one [N,h]x[h,E*eh]

@@ -64,6 +64,9 @@ pub enum Step {
     /// A matmul whose product only a group reads: the group runs as the matmul's
     /// epilogue in the same kernel and the product is never written.
     MatmulGroup { matmul: NodeId, group: usize },
+    /// A reduction with a group as its epilogue in one kernel, by index into
+    /// `FusionPlan::reduce_epilogues`.
+    ReduceGroup(usize),
     /// A batched matmul whose product only a sum over all its batch dimensions reads
     /// (a weight gradient): one kernel accumulates over the batch and writes the sum.
     MatmulSum { matmul: NodeId, reduce: NodeId },
@@ -126,6 +129,27 @@ pub struct MultiGroup {
     pub shared: Vec<usize>,
 }
 
+/// A reduction over the last axis of its operand whose result only a group of
+/// the operand's shape reads, directly or through the layout views in `via` (a
+/// reshape restoring the reduced axes, a broadcast): one kernel reduces each row and
+/// runs the group on that row's elements, the reduced value in a register (a
+/// softmax's division by its row sum, a gradient's broadcast row sum). The
+/// reduction is never written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReduceEpilogue {
+    pub reduce: NodeId,
+    pub via: Vec<NodeId>,
+    pub group: usize,
+}
+
+impl ReduceEpilogue {
+    /// The value the group reads in place of the reduction: the last view, or the
+    /// reduction itself.
+    pub fn read_as(&self) -> NodeId {
+        self.via.last().copied().unwrap_or(self.reduce)
+    }
+}
+
 /// Reductions sharing an op, a unary prologue, an operand shape and axes, run as one
 /// kernel over several tensors.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -172,6 +196,7 @@ pub struct FusionPlan {
     pub schedule: Vec<Step>,
     pub multi_reduces: Vec<MultiReduce>,
     pub multi_groups: Vec<MultiGroup>,
+    pub reduce_epilogues: Vec<ReduceEpilogue>,
     member_of: Vec<Option<usize>>,
 }
 
@@ -213,6 +238,13 @@ impl FusionPlan {
                 .iter()
                 .flat_map(|&g| self.groups[g].nodes.clone())
                 .collect(),
+            Step::ReduceGroup(i) => {
+                let fused = &self.reduce_epilogues[*i];
+                let mut nodes = vec![fused.reduce];
+                nodes.extend(&fused.via);
+                nodes.extend(&self.groups[fused.group].nodes);
+                nodes
+            }
         }
     }
 
@@ -220,6 +252,7 @@ impl FusionPlan {
     pub fn step_outputs(&self, graph: &Graph, step: &Step) -> Vec<NodeId> {
         match step {
             Step::Group(g) | Step::MatmulGroup { group: g, .. } => self.groups[*g].outputs.clone(),
+            Step::ReduceGroup(i) => self.groups[self.reduce_epilogues[*i].group].outputs.clone(),
             Step::GroupReduce { reduce, .. } | Step::MatmulSum { reduce, .. } => vec![*reduce],
             Step::MultiReduce(i) => self.multi_reduces[*i]
                 .segments
@@ -273,6 +306,7 @@ impl FusionPlan {
             Step::MatmulSum { .. } => "matmul summed over the batch",
             Step::MultiReduce(_) => "multi-tensor reduce",
             Step::MultiGroup(_) => "multi-tensor elementwise",
+            Step::ReduceGroup(_) => "reduce with fused epilogue",
         };
         let nodes = self.step_nodes(step);
         // The last node is the one whose value the kernel exists to produce.
@@ -306,6 +340,7 @@ impl FusionPlan {
                 .collect(),
             multi_reduces: Vec::new(),
             multi_groups: Vec::new(),
+            reduce_epilogues: Vec::new(),
             member_of: vec![None; graph.len()],
         }
     }
@@ -503,8 +538,10 @@ pub fn plan(graph: &Graph, limits: KernelLimits) -> FusionPlan {
         schedule,
         multi_reduces: Vec::new(),
         multi_groups: Vec::new(),
+        reduce_epilogues: Vec::new(),
         member_of,
     };
+    plan.fold_reduce_epilogues(graph, &users, &outputs_of_graph);
     plan.fold_multi_reduces(graph, &users, max_inputs);
     plan.fold_multi_groups(graph, &users, limits.max_bindings);
     plan
@@ -661,6 +698,108 @@ fn fold_batch_sums(
         }
     }
     schedule.retain(|s| !matches!(s, Step::Node(id) if folded.contains(id)));
+}
+
+impl FusionPlan {
+    /// Turns each plain reduction over the last axis whose result only one group of
+    /// the operand's shape reads (through at most the views that restore and
+    /// broadcast the reduced axes) into a `ReduceGroup` step at the group's place:
+    /// the operand exists by then, and nothing else waits on the reduction.
+    fn fold_reduce_epilogues(
+        &mut self,
+        graph: &Graph,
+        users: &[Vec<NodeId>],
+        graph_outputs: &BTreeSet<usize>,
+    ) {
+        let mut folded = Vec::new();
+        for step in &self.schedule {
+            let Step::Node(reduce) = *step else { continue };
+            let Op::Reduce { axes, .. } = &graph.node(reduce).op else {
+                continue;
+            };
+            let operand = &graph.node(graph.operands(reduce)[0]).ty.shape;
+            let rank = operand.rank();
+            // Rows along the last axis: a whole-tensor reduction would be one row,
+            // one cube's work.
+            if rank < 2 || axes != &[rank - 1] {
+                continue;
+            }
+            // The reduction's shape with its reduced axes kept as 1s.
+            let row_shape = Shape(
+                operand
+                    .dims()
+                    .iter()
+                    .enumerate()
+                    .map(|(i, d)| {
+                        if axes.contains(&i) {
+                            crate::ir::Dim::Fixed(1)
+                        } else {
+                            d.clone()
+                        }
+                    })
+                    .collect(),
+            );
+            let sole_user = |id: NodeId| -> Option<NodeId> {
+                match users[id.index()].as_slice() {
+                    [u] if !graph_outputs.contains(&id.index()) => Some(*u),
+                    _ => None,
+                }
+            };
+            let mut via = Vec::new();
+            let mut read_as = reduce;
+            let mut reader = sole_user(reduce);
+            while let Some(u) = reader {
+                let view = match &graph.node(u).op {
+                    Op::Reshape { .. } => graph.node(u).ty.shape == row_shape,
+                    Op::BroadcastTo { .. } => &graph.node(u).ty.shape == operand,
+                    _ => false,
+                };
+                if !view || via.len() == 2 {
+                    break;
+                }
+                via.push(u);
+                read_as = u;
+                reader = sole_user(u);
+            }
+            let readable = [&row_shape, operand].contains(&&graph.node(read_as).ty.shape);
+            let Some(g) = users[read_as.index()]
+                .first()
+                .and_then(|u| self.member_of[u.index()])
+            else {
+                continue;
+            };
+            let only_group = users[read_as.index()]
+                .iter()
+                .all(|u| self.member_of[u.index()] == Some(g));
+            let runs_alone = self.schedule.contains(&Step::Group(g))
+                && !folded.iter().any(|f: &ReduceEpilogue| f.group == g);
+            if readable
+                && only_group
+                && runs_alone
+                && !graph_outputs.contains(&read_as.index())
+                && self.groups[g].shape(graph) == operand
+                && !self.groups[g].carries_scalars(graph)
+            {
+                folded.push(ReduceEpilogue {
+                    reduce,
+                    via,
+                    group: g,
+                });
+            }
+        }
+        for fused in folded {
+            let at = self
+                .schedule
+                .iter()
+                .position(|s| *s == Step::Group(fused.group))
+                .expect("the group runs alone");
+            self.schedule[at] = Step::ReduceGroup(self.reduce_epilogues.len());
+            self.schedule.retain(
+                |s| !matches!(s, Step::Node(id) if *id == fused.reduce || fused.via.contains(id)),
+            );
+            self.reduce_epilogues.push(fused);
+        }
+    }
 }
 
 /// A reduction as a multi-tensor segment, with what it must share with the others
@@ -956,7 +1095,8 @@ fn schedule(
         | Step::MatmulGroup { .. }
         | Step::MatmulSum { .. }
         | Step::MultiReduce(_)
-        | Step::MultiGroup(_) => {
+        | Step::MultiGroup(_)
+        | Step::ReduceGroup(_) => {
             unreachable!("prologues and epilogues are folded after scheduling")
         }
     };

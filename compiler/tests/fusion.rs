@@ -70,6 +70,20 @@ fn check_plan(graph: &Graph, plan: &FusionPlan, limits: KernelLimits) {
         );
         assert!(!g.outputs.is_empty(), "a group produces something");
     }
+    for (i, fused) in plan.reduce_epilogues.iter().enumerate() {
+        assert!(plan.schedule.contains(&Step::ReduceGroup(i)));
+        let operand = &graph.node(graph.operands(fused.reduce)[0]).ty.shape;
+        assert_eq!(plan.groups[fused.group].shape(graph), operand);
+        let readers = graph
+            .node_ids()
+            .filter(|&n| graph.operands(n).contains(&fused.read_as()));
+        for reader in readers {
+            assert!(
+                plan.groups[fused.group].nodes.contains(&reader),
+                "only the epilogue reads the reduction"
+            );
+        }
+    }
     for (i, batch) in plan.multi_groups.iter().enumerate() {
         assert!(batch.groups.len() > 1, "a multi-tensor kernel has tensors");
         assert!(plan.schedule.contains(&Step::MultiGroup(i)));

@@ -250,6 +250,74 @@ pub(crate) fn multi_fused_kernel<F: Float>(
     }
 }
 
+/// A reduction along the last axis followed by a fused program (its epilogue) over
+/// the reduction's operand shape that reads each row's reduced value as its
+/// accumulator: a unit, or a cube of `lanes`, per row reduces the row from `x`, then
+/// evaluates the program on every element of that row. The reduced value is never
+/// written. `meta` continues after the program's part with the reduction's kept shape
+/// and strides, reduced shape and strides (in `x`), `x`'s offset, the row length and
+/// the number of rows.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn reduce_epilogue_kernel<F: Float>(
+    x: &Array<F>,
+    inputs: &Sequence<Array<F>>,
+    outputs: &mut Sequence<Array<F>>,
+    meta: &Array<u32>,
+    seed_lo: u32,
+    seed_hi: u32,
+    rng_step: u32,
+    #[comptime] program: FusedProgram,
+    #[comptime] kept: usize,
+    #[comptime] op: ReduceKind,
+    #[comptime] lanes: u32,
+) {
+    let (row, lane) = reduce_position(lanes);
+    let at = comptime!(program.rank * (1 + program.inputs) + program.inputs) as u32;
+    let red_at = at + 2 * kept as u32;
+    let tail = (red_at + 2) as usize;
+    let count = meta[tail + 1];
+    if row < meta[tail + 2] {
+        let base = meta[tail] + offset_in(row, meta, at, at + kept as u32, kept);
+        let mut acc = reduce_identity::<F>(op);
+        let mut r = lane;
+        while r < count {
+            acc = combine::<F>(
+                acc,
+                x[(base + r * meta[(red_at + 1) as usize]) as usize],
+                op,
+            );
+            r += lanes;
+        }
+        acc = combine_lanes::<F>(acc, lanes, op);
+        if comptime![op == ReduceKind::Mean] {
+            acc /= F::cast_from(count);
+        }
+        let mut r = lane;
+        while r < count {
+            let pos = row * count + r;
+            let regs = run_program::<F>(
+                inputs,
+                meta,
+                0u32,
+                0usize,
+                pos,
+                acc,
+                seed_lo,
+                seed_hi,
+                rng_step,
+                program.clone(),
+            );
+            #[unroll]
+            for o in 0usize..comptime!(program.outputs.len()) {
+                let out = outputs.index_mut(o);
+                out[pos as usize] = *regs.index(comptime!(program.outputs[o]));
+            }
+            r += lanes;
+        }
+    }
+}
+
 /// A reduction whose operand is a fused elementwise program (its prologue): each
 /// reduced element is computed in registers and never written. The program has one
 /// output; `meta` continues after the program's part with the kept shape and its

@@ -4,7 +4,10 @@
 use crate::elementwise::{
     binary_kernel, copy_kernel, fill_kernel, iota_kernel, select_kernel, unary_kernel,
 };
-use crate::fused::{fused_kernel, fused_reduce_kernel, multi_fused_kernel, FusedOp, FusedProgram};
+use crate::fused::{
+    fused_kernel, fused_reduce_kernel, multi_fused_kernel, reduce_epilogue_kernel, FusedOp,
+    FusedProgram,
+};
 use crate::index::{gather_kernel, scatter_add_kernel, top_k_kernel};
 use crate::matmul::{matmul_kernel, TILE};
 use crate::random::dropout_kernel;
@@ -467,7 +470,9 @@ impl Candidate for ReduceStrategy {
     }
 }
 
-/// What a reduction reads: a strided buffer, or a fused elementwise prologue.
+/// What a reduction reads: a strided buffer, or a fused elementwise prologue; or a
+/// strided buffer reduced along its rows, each row then fed to a fused epilogue over
+/// the buffer's `elements`, whose outputs the launch returns instead.
 #[derive(Clone)]
 enum ReduceSource {
     View((Handle, usize)),
@@ -475,6 +480,13 @@ enum ReduceSource {
         inputs: Vec<(Handle, usize)>,
         program: FusedProgram,
         seed: (u32, u32, u32),
+    },
+    Epilogue {
+        x: (Handle, usize),
+        inputs: Vec<(Handle, usize)>,
+        program: FusedProgram,
+        seed: (u32, u32, u32),
+        elements: usize,
     },
 }
 
@@ -505,7 +517,6 @@ impl<R: Runtime> TunableLaunch for ReduceLaunch<R> {
 
     fn launch(&self, with: ReduceStrategy) -> Vec<Handle> {
         let n = self.n.max(1);
-        let out = self.client.empty(n * 4);
         let (count, dim, lanes) = match with {
             ReduceStrategy::UnitPerOutput => {
                 let (count, dim) = grid_of(n, CUBE_SIZE);
@@ -522,46 +533,89 @@ impl<R: Runtime> TunableLaunch for ReduceLaunch<R> {
             }
         };
         let meta = buffer_arg(&self.meta);
-        let output = unsafe { ArrayArg::from_raw_parts(out.clone(), n) };
+        let single = |client: &ComputeClient<R>| {
+            let out = client.empty(n * 4);
+            (out.clone(), unsafe { ArrayArg::from_raw_parts(out, n) })
+        };
         match &self.source {
-            ReduceSource::View((x, len)) => unsafe {
-                reduce_kernel::launch_unchecked::<f32, R>(
-                    &self.client,
-                    count,
-                    dim,
-                    buffer_arg(&(x.clone(), *len)),
-                    output,
-                    meta,
-                    self.kept,
-                    self.reduced,
-                    self.op,
-                    lanes,
-                )
-            },
+            ReduceSource::View((x, len)) => {
+                let (out, output) = single(&self.client);
+                unsafe {
+                    reduce_kernel::launch_unchecked::<f32, R>(
+                        &self.client,
+                        count,
+                        dim,
+                        buffer_arg(&(x.clone(), *len)),
+                        output,
+                        meta,
+                        self.kept,
+                        self.reduced,
+                        self.op,
+                        lanes,
+                    )
+                };
+                vec![out]
+            }
             ReduceSource::Prologue {
                 inputs,
                 program,
                 seed,
-            } => unsafe {
-                fused_reduce_kernel::launch_unchecked::<f32, R>(
-                    &self.client,
-                    count,
-                    dim,
-                    array_sequence(inputs.iter().cloned()),
-                    output,
-                    meta,
-                    seed.0,
-                    seed.1,
-                    seed.2,
-                    program.clone(),
-                    self.kept,
-                    self.reduced,
-                    self.op,
-                    lanes,
-                )
-            },
-        };
-        vec![out]
+            } => {
+                let (out, output) = single(&self.client);
+                unsafe {
+                    fused_reduce_kernel::launch_unchecked::<f32, R>(
+                        &self.client,
+                        count,
+                        dim,
+                        array_sequence(inputs.iter().cloned()),
+                        output,
+                        meta,
+                        seed.0,
+                        seed.1,
+                        seed.2,
+                        program.clone(),
+                        self.kept,
+                        self.reduced,
+                        self.op,
+                        lanes,
+                    )
+                };
+                vec![out]
+            }
+            ReduceSource::Epilogue {
+                x,
+                inputs,
+                program,
+                seed,
+                elements,
+            } => {
+                let len = (*elements).max(1);
+                let outputs: Vec<(Handle, usize)> = program
+                    .outputs
+                    .iter()
+                    .map(|_| (self.client.empty(len * 4), len))
+                    .collect();
+                unsafe {
+                    reduce_epilogue_kernel::launch_unchecked::<f32, R>(
+                        &self.client,
+                        count,
+                        dim,
+                        buffer_arg(x),
+                        array_sequence(inputs.iter().cloned()),
+                        array_sequence(outputs.iter().cloned()),
+                        meta,
+                        seed.0,
+                        seed.1,
+                        seed.2,
+                        program.clone(),
+                        self.kept,
+                        self.op,
+                        lanes,
+                    )
+                };
+                outputs.into_iter().map(|(h, _)| h).collect()
+            }
+        }
     }
 }
 
@@ -969,21 +1023,55 @@ impl<R: Runtime> Kernels<R> {
             program: program.clone(),
             seed: (seed as u32, (seed >> 32) as u32, step as u32),
         };
+        self.launch_reduce(source, meta, &layout, op).remove(0)
+    }
+
+    /// Reduces `x` (of `shape`) along its last axis and runs the fused `program` (its
+    /// epilogue) over `shape`, each element reading its row's reduced value as the
+    /// accumulator; `inputs` are views broadcast to `shape`. The reduced values are
+    /// never written. Returns one contiguous buffer per program output.
+    #[allow(clippy::too_many_arguments)]
+    pub fn reduce_epilogue(
+        &self,
+        op: ReduceKind,
+        x: &View,
+        program: &FusedProgram,
+        inputs: &[View],
+        shape: &[usize],
+        seed: u64,
+        step: u64,
+    ) -> Vec<Handle> {
+        let last = shape.len().checked_sub(1).expect("rows need an axis");
+        let layout = ReductionLayout::of(shape, &x.strides, &[last]);
+        let mut meta = program_meta(shape, inputs);
+        meta.extend(&layout.meta);
+        meta.extend(u32s([x.offset, layout.count, layout.outputs]));
+        let source = ReduceSource::Epilogue {
+            x: (x.handle.clone(), x.len),
+            inputs: inputs.iter().map(|v| (v.handle.clone(), v.len)).collect(),
+            program: program.clone(),
+            seed: (seed as u32, (seed >> 32) as u32, step as u32),
+            elements: shape.iter().product(),
+        };
         self.launch_reduce(source, meta, &layout, op)
     }
 
-    /// A reduction laid out as `layout`, through the tuner.
+    /// A reduction laid out as `layout`, through the tuner; returns the reduced values,
+    /// or the outputs of an epilogue.
     fn launch_reduce(
         &self,
         source: ReduceSource,
         meta: Vec<u32>,
         layout: &ReductionLayout,
         op: ReduceKind,
-    ) -> Handle {
+    ) -> Vec<Handle> {
         let (n, count) = (layout.outputs, layout.count);
-        let prologue = match &source {
-            ReduceSource::View(_) => 0,
-            ReduceSource::Prologue { program, .. } => program.ops.len(),
+        let fused = match &source {
+            ReduceSource::View(_) => "prologue0".to_string(),
+            ReduceSource::Prologue { program, .. } => format!("prologue{}", program.ops.len()),
+            ReduceSource::Epilogue { program, .. } => {
+                format!("epilogue{}x{}", program.ops.len(), program.outputs.len())
+            }
         };
         let meta_len = meta.len();
         let launch = ReduceLaunch {
@@ -996,19 +1084,11 @@ impl<R: Runtime> Kernels<R> {
             op,
             key: KernelKey {
                 family: REDUCE.into(),
-                signature: format!(
-                    "out{} count{} {op:?} prologue{prologue}",
-                    bucket(n),
-                    bucket(count)
-                ),
+                signature: format!("out{} count{} {op:?} {fused}", bucket(n), bucket(count)),
             },
             ran: Default::default(),
         };
-        self.tuning
-            .launch(&REDUCE_TUNER, &self.client, launch)
-            .into_iter()
-            .next()
-            .expect("one output")
+        self.tuning.launch(&REDUCE_TUNER, &self.client, launch)
     }
 
     pub fn fill(&self, value: f32, len: usize) -> Handle {
@@ -1058,6 +1138,7 @@ impl<R: Runtime> Kernels<R> {
             &layout,
             op,
         )
+        .remove(0)
     }
 
     /// Reduces each `(view, shape)` after the unary `prologue`, all in one kernel:

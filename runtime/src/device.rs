@@ -838,6 +838,33 @@ impl<R: Runtime> Backend for DeviceBackend<R> {
                         });
                     }
                 }
+                Step::ReduceGroup(i) => {
+                    let fused = &plan.reduce_epilogues[i];
+                    let group = &plan.groups[fused.group];
+                    let shape =
+                        concrete(group.shape(graph), &symbols).expect("inputs bind every symbol");
+                    let Op::Reduce { op, .. } = &graph.node(fused.reduce).op else {
+                        unreachable!("the planner gives epilogues only to reductions")
+                    };
+                    let x = values[graph.operands(fused.reduce)[0].index()]
+                        .as_ref()
+                        .expect("operands come first");
+                    self.launches += 1;
+                    let (program, views) =
+                        self.group_program(graph, group, &values, &shape, Some(fused.read_as()));
+                    let outputs = self.kernels.reduce_epilogue(
+                        reduce_kind(*op),
+                        &x.view,
+                        &program,
+                        &views,
+                        &shape,
+                        ctx.seed,
+                        ctx.step,
+                    );
+                    for (id, handle) in group.outputs.iter().zip(outputs) {
+                        values[id.index()] = Some(Value::contiguous(handle, shape.clone()));
+                    }
+                }
                 Step::MultiGroup(i) => {
                     let batch = &plan.multi_groups[i];
                     for (id, value) in

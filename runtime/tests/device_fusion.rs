@@ -463,3 +463,77 @@ fn updates_of_many_tensors_share_one_kernel() {
         "one batch and the transposed tensor"
     );
 }
+
+/// A softmax over rows of 37 (not a cube multiple) is two kernels: the row maximum
+/// with `exp(x - max)` as its epilogue, the row sum with the division. A gradient-like
+/// row sum, reshaped and broadcast back over its rows before an elementwise use, is
+/// one kernel too; a strided (transposed) operand is read in place. All match the
+/// reference and the unfused path.
+#[test]
+fn row_reductions_run_with_their_elementwise_epilogue() {
+    let Some((mut fused, mut unfused)) = fused_and_unfused() else {
+        return;
+    };
+    let mut g = Graph::new("row-epilogues");
+    let mut feeds = TensorMap::new();
+    let x = random_input(&mut g, &mut feeds, "x", &[3, 5, 37], (41, 0));
+    let push = |g: &mut Graph, op: Op, operands: &[NodeId]| g.push(op, operands, "test").unwrap();
+    let row = |op, keep_dims| Op::Reduce {
+        op,
+        axes: vec![2],
+        keep_dims,
+    };
+    let max = push(&mut g, row(ReduceOp::Max, true), &[x]);
+    let shifted = push(&mut g, Op::Binary(BinaryOp::Sub), &[x, max]);
+    let e = push(&mut g, Op::Unary(UnaryOp::Exp), &[shifted]);
+    let sum = push(&mut g, row(ReduceOp::Sum, true), &[e]);
+    let softmax = push(&mut g, Op::Binary(BinaryOp::Div), &[e, sum]);
+    g.set_output("softmax", softmax).unwrap();
+
+    let t = random_input(&mut g, &mut feeds, "t", &[3, 37, 5], (41, 1));
+    let dy = push(
+        &mut g,
+        Op::Transpose {
+            perm: vec![0, 2, 1],
+        },
+        &[t],
+    );
+    let rows = push(&mut g, row(ReduceOp::Mean, false), &[dy]);
+    let kept = push(
+        &mut g,
+        Op::Reshape {
+            shape: [3, 5, 1].into_iter().collect(),
+        },
+        &[rows],
+    );
+    let spread = push(
+        &mut g,
+        Op::BroadcastTo {
+            shape: [3, 5, 37].into_iter().collect(),
+        },
+        &[kept],
+    );
+    let centred = push(&mut g, Op::Binary(BinaryOp::Sub), &[dy, spread]);
+    let scaled = push(&mut g, Op::Binary(BinaryOp::Mul), &[centred, x]);
+    g.set_output("centred", scaled).unwrap();
+
+    let plan = altc_compiler::fusion::plan(&g, KernelLimits::default());
+    assert_eq!(plan.reduce_epilogues.len(), 3, "{:?}", plan.schedule);
+    assert_eq!(plan.launches(&g), 3);
+
+    let ctx = EvalContext { seed: 1, step: 0 };
+    let want = run(&g, &feeds, &TensorMap::new(), ctx).unwrap();
+    for (label, device) in [("fused", &mut fused), ("unfused", &mut unfused)] {
+        let got = device.run(&g, &feeds, ctx).unwrap();
+        for (name, w) in &want {
+            assert_eq!(got[name].shape, w.shape, "{label} {name}");
+            for (a, b) in got[name].to_f64().iter().zip(w.to_f64()) {
+                assert!(
+                    (a - b).abs() <= 1e-5 + 1e-4 * b.abs(),
+                    "{label} {name}: {a} vs {b}"
+                );
+            }
+        }
+    }
+    assert_eq!(fused.kernel_launches(), Some(3));
+}

@@ -1,7 +1,7 @@
 //! Tunable kernels: every candidate of every tunable family computes what the
 //! reference does (matmuls plain, transposed, with an epilogue and summed over the
-//! batch; grouped expert matmuls with empty experts; reductions plain and with a fused
-//! prologue; fused elementwise chains, alone and over several tensors), and
+//! batch; grouped expert matmuls with empty experts; reductions plain, with a fused
+//! prologue and with a fused epilogue; fused elementwise chains, alone and over several tensors), and
 //! tuning picks one of the candidates and gives the fallback's results.
 
 use altc_compiler::ir::{BinaryOp, DType, Graph, NodeId, Op, ReduceOp, UnaryOp};
@@ -60,6 +60,17 @@ fn tunable_graph(draw: u64) -> (Graph, TensorMap) {
             push(&mut g, Op::Binary(BinaryOp::Sub), &[tanh, t])
         })
         .collect();
+    // A row sum with its elementwise epilogue: x / sum(x) over rows of 17.
+    let row_sum = push(
+        &mut g,
+        Op::Reduce {
+            op: ReduceOp::Sum,
+            axes: vec![2],
+            keep_dims: true,
+        },
+        &[x],
+    );
+    let normalised = push(&mut g, Op::Binary(BinaryOp::Div), &[x, row_sum]);
     let square = push(&mut g, Op::Binary(BinaryOp::Mul), &[dy, dy]);
     let row_max = push(
         &mut g,
@@ -138,6 +149,7 @@ fn tunable_graph(draw: u64) -> (Graph, TensorMap) {
         ("epilogue", activated),
         ("summed", summed),
         ("chain", chain),
+        ("normalised", normalised),
         ("damped_w", damped[0]),
         ("damped_bias", damped[1]),
         ("row_max", row_max),
@@ -213,7 +225,7 @@ fn every_candidate_matches_the_reference_and_tuning_picks_one() {
     let of = |family: &str| decisions.iter().filter(|d| d.key.family == family).count();
     // Plain and transposed share a shape bucket; the epilogue and the batch sum differ.
     assert_eq!(of("matmul"), 3, "{decisions:?}");
-    assert_eq!(of("reduce"), 3, "{decisions:?}");
+    assert_eq!(of("reduce"), 4, "{decisions:?}");
     assert_eq!(of("fused elementwise"), 1, "{decisions:?}");
     assert_eq!(of("multi-tensor elementwise"), 1, "{decisions:?}");
     assert_eq!(of("grouped expert matmul"), 2, "{decisions:?}");
