@@ -15,7 +15,7 @@
 //! multi-tensor kernel, and groups computing the same program on different tensors
 //! (each parameter's AdamW update) into one multi-tensor elementwise kernel.
 
-use crate::ir::{Graph, NodeId, Op, ReduceOp, Shape, UnaryOp};
+use crate::ir::{Dim, Graph, NodeId, Op, ReduceOp, Shape, UnaryOp};
 use petgraph::Direction;
 use std::collections::BTreeSet;
 
@@ -31,13 +31,23 @@ pub struct FusionGroup {
 
 impl FusionGroup {
     /// The shape the group's kernel runs over: its members' shape, or a scalar's when
-    /// every member is one.
+    /// every member is one. (Members with one value per row have the same rank and 1
+    /// as their last extent.)
     pub fn shape<'g>(&self, graph: &'g Graph) -> &'g Shape {
         self.nodes
             .iter()
             .map(|&n| &graph.node(n).ty.shape)
-            .max_by_key(|s| s.rank())
+            .max_by_key(|s| (s.rank(), s.dims().last() != Some(&Dim::Fixed(1))))
             .expect("a group has members")
+    }
+
+    /// Whether some member holds one value per row of the group's shape (a norm's
+    /// row statistic riding along the elementwise work that reads it).
+    pub fn carries_rows(&self, graph: &Graph) -> bool {
+        let shape = self.shape(graph);
+        self.nodes
+            .iter()
+            .any(|&n| is_row_of(&graph.node(n).ty.shape, shape))
     }
 
     /// Whether some member is a scalar riding along a larger shape.
@@ -48,6 +58,17 @@ impl FusionGroup {
                 .iter()
                 .any(|&n| graph.node(n).ty.shape.rank() == 0)
     }
+}
+
+/// Whether `small` holds one value per row of `shape`: the same extents, but 1 along
+/// the last axis where `shape` has more.
+pub fn is_row_of(small: &Shape, shape: &Shape) -> bool {
+    let rank = shape.rank();
+    rank > 0
+        && small.rank() == rank
+        && small.dims()[..rank - 1] == shape.dims()[..rank - 1]
+        && small.dims()[rank - 1] == Dim::Fixed(1)
+        && shape.dims()[rank - 1] != Dim::Fixed(1)
 }
 
 /// One step of a fused schedule.
@@ -435,14 +456,17 @@ pub fn plan(graph: &Graph, limits: KernelLimits) -> FusionPlan {
         for o in graph.operands(id) {
             let Some(p) = group[o.index()] else { continue };
             let g = group[me].expect("just grouped");
-            // A group of scalars computed from scalars joins any consumer: its values
-            // are the same for every element, so recomputing them costs registers, not
-            // a launch. Not dropout, whose mask is drawn per element position.
-            let scalars_only = members[p].iter().all(|&m| {
+            // A group of scalars, or of values one per row of the consumer's shape
+            // (a norm's statistics), joins the consumer: each element recomputes
+            // them, which costs registers, not a launch. Not dropout, whose mask is
+            // drawn per element position.
+            let rides_along = members[p].iter().all(|&m| {
                 let member = graph.node(NodeId::new(m));
-                member.ty.shape.rank() == 0 && !matches!(member.op, Op::Dropout { .. })
+                let shape = &member.ty.shape;
+                (shape.rank() == 0 || is_row_of(shape, &node.ty.shape))
+                    && !matches!(member.op, Op::Dropout { .. })
             });
-            if p == g || (graph.node(o).ty.shape != node.ty.shape && !scalars_only) {
+            if p == g || (graph.node(o).ty.shape != node.ty.shape && !rides_along) {
                 continue;
             }
             let merged_members: BTreeSet<usize> =
@@ -610,7 +634,9 @@ fn fold_prologues(
         let Some(g) = member_of[operand.index()] else {
             continue;
         };
-        let only_output = groups[g].outputs == [operand];
+        // The kernel reduces over the group's shape.
+        let only_output = groups[g].outputs == [operand]
+            && &graph.node(operand).ty.shape == groups[g].shape(graph);
         let only_reader =
             users[operand.index()] == [r] && !graph_outputs.contains(&operand.index());
         if only_output && only_reader && !absorbed[g] {
@@ -639,7 +665,7 @@ fn fold_epilogues(
     for step in schedule.iter_mut() {
         let Step::Group(g) = *step else { continue };
         // The matmul kernel writes every output at the product's shape.
-        if groups[g].carries_scalars(graph) {
+        if groups[g].carries_scalars(graph) || groups[g].carries_rows(graph) {
             continue;
         }
         let shape = groups[g].shape(graph);
@@ -952,8 +978,8 @@ pub fn group_inputs(graph: &Graph, group: &FusionGroup) -> Vec<NodeId> {
 /// same ops on the same registers, constants and loads in the same order, the same
 /// outputs. `None` for a group a multi-tensor kernel cannot run, which reads every
 /// tensor flat: one with dropout (its masks are keyed by the position in the group's
-/// own shape), or with an input that is neither of the group's shape nor one value,
-/// or that is a transposed or broadcast view.
+/// own shape), with a member or an input that is neither of the group's shape nor
+/// one value, or with an input that is a transposed or broadcast view.
 fn group_signature(graph: &Graph, group: &FusionGroup) -> Option<String> {
     use std::fmt::Write;
     let shape = group.shape(graph);
@@ -961,7 +987,8 @@ fn group_signature(graph: &Graph, group: &FusionGroup) -> Option<String> {
     let mut signature = String::new();
     for &m in &group.nodes {
         let node = graph.node(m);
-        if matches!(node.op, Op::Dropout { .. }) {
+        let flat = &node.ty.shape == shape || node.ty.shape.rank() == 0;
+        if matches!(node.op, Op::Dropout { .. }) || !flat {
             return None;
         }
         let mut operands = Vec::new();

@@ -2,7 +2,9 @@
 //! once, every step's inputs come before it, groups hold same-shape elementwise ops
 //! within the binding budget, and fusing needs fewer launches than running op by op.
 
-use altc_compiler::fusion::{group_inputs, is_fusible, plan, FusionPlan, KernelLimits, Step};
+use altc_compiler::fusion::{
+    group_inputs, is_fusible, is_row_of, plan, FusionPlan, KernelLimits, Step,
+};
 use altc_compiler::ir::Graph;
 use altc_compiler::lower::{lower, LowerOptions};
 use altc_compiler::{spec, train};
@@ -53,8 +55,8 @@ fn check_plan(graph: &Graph, plan: &FusionPlan, limits: KernelLimits) {
             assert!(is_fusible(&graph.node(m).op));
             let own = &graph.node(m).ty.shape;
             assert!(
-                own == shape || own.rank() == 0,
-                "a group has one shape, besides scalars riding along"
+                own == shape || own.rank() == 0 || is_row_of(own, shape),
+                "a group has one shape, besides scalars and row values riding along"
             );
             for o in graph.operands(m) {
                 let constant = matches!(graph.node(o).op, altc_compiler::ir::Op::Constant { .. });

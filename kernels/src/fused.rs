@@ -56,6 +56,10 @@ pub struct FusedProgram {
     /// program's shape, such as an optimizer's step count: written once, by element
     /// 0, into a one-element buffer.
     pub scalar_outputs: Vec<usize>,
+    /// Outputs (indices into `outputs`) holding one value per row of the program's
+    /// shape (its last axis), such as a norm's statistics computed alongside the
+    /// elements that read them: written by each row's first element.
+    pub row_outputs: Vec<usize>,
     /// In a multi-tensor launch, inputs `0..shared_inputs` are the same buffers for
     /// every tensor and bound once; the others are bound per tensor. Zero otherwise.
     pub shared_inputs: usize,
@@ -184,6 +188,11 @@ pub(crate) fn fused_kernel<F: Float>(
                     if pos == 0 {
                         out[0] = value;
                     }
+                } else if comptime![program.row_outputs.contains(&o)] {
+                    let row_len = meta[comptime!(program.rank - 1)];
+                    if pos % row_len == 0 {
+                        out[(pos / row_len) as usize] = value;
+                    }
                 } else {
                     out[pos as usize] = value;
                 }
@@ -253,8 +262,8 @@ pub(crate) fn multi_fused_kernel<F: Float>(
 /// A reduction along the last axis followed by a fused program (its epilogue) over
 /// the reduction's operand shape that reads each row's reduced value as its
 /// accumulator: a unit, or a cube of `lanes`, per row reduces the row from `x`, then
-/// evaluates the program on every element of that row. The reduced value is never
-/// written. `meta` continues after the program's part with the reduction's kept shape
+/// evaluates the program on every element of that row (row outputs are written by
+/// the row's first element). The reduced value is never written. `meta` continues after the program's part with the reduction's kept shape
 /// and strides, reduced shape and strides (in `x`), `x`'s offset, the row length and
 /// the number of rows.
 #[cube(launch_unchecked)]
@@ -311,7 +320,14 @@ pub(crate) fn reduce_epilogue_kernel<F: Float>(
             #[unroll]
             for o in 0usize..comptime!(program.outputs.len()) {
                 let out = outputs.index_mut(o);
-                out[pos as usize] = *regs.index(comptime!(program.outputs[o]));
+                let value = *regs.index(comptime!(program.outputs[o]));
+                if comptime![program.row_outputs.contains(&o)] {
+                    if r == 0 {
+                        out[row as usize] = value;
+                    }
+                } else {
+                    out[pos as usize] = value;
+                }
             }
             r += lanes;
         }

@@ -331,8 +331,9 @@ struct FusedLaunch<R: Runtime> {
     client: ComputeClient<R>,
     inputs: Vec<(Handle, usize)>,
     meta: (Handle, usize),
-    /// Elements (of the program's shape).
+    /// Elements (of the program's shape), and the extent of its last axis.
     n: usize,
+    row_len: usize,
     seed: (u32, u32, u32),
     program: FusedProgram,
     key: KernelKey,
@@ -356,6 +357,8 @@ impl<R: Runtime> TunableLaunch for FusedLaunch<R> {
             .map(|o| {
                 if self.program.scalar_outputs.contains(&o) {
                     1
+                } else if self.program.row_outputs.contains(&o) {
+                    (n / self.row_len.max(1)).max(1)
                 } else {
                     n.max(1)
                 }
@@ -589,11 +592,15 @@ impl<R: Runtime> TunableLaunch for ReduceLaunch<R> {
                 seed,
                 elements,
             } => {
-                let len = (*elements).max(1);
-                let outputs: Vec<(Handle, usize)> = program
-                    .outputs
-                    .iter()
-                    .map(|_| (self.client.empty(len * 4), len))
+                let outputs: Vec<(Handle, usize)> = (0..program.outputs.len())
+                    .map(|o| {
+                        let len = if program.row_outputs.contains(&o) {
+                            n
+                        } else {
+                            (*elements).max(1)
+                        };
+                        (self.client.empty(len * 4), len)
+                    })
                     .collect();
                 unsafe {
                     reduce_epilogue_kernel::launch_unchecked::<f32, R>(
@@ -929,6 +936,7 @@ impl<R: Runtime> Kernels<R> {
             inputs: inputs.iter().map(|v| (v.handle.clone(), v.len)).collect(),
             meta: (self.upload_once(meta), meta_len),
             n,
+            row_len: shape.last().copied().unwrap_or(1),
             seed: (seed as u32, (seed >> 32) as u32, step as u32),
             key: KernelKey {
                 family: ELEMENTWISE.into(),

@@ -210,13 +210,7 @@ impl<R: Runtime> DeviceBackend<R> {
             .fused(&program, &inputs, &shape, ctx.seed, ctx.step)
             .into_iter()
             .enumerate()
-            .map(|(o, h)| {
-                if program.scalar_outputs.contains(&o) {
-                    Value::contiguous(h, Vec::new())
-                } else {
-                    Value::contiguous(h, shape.clone())
-                }
-            })
+            .map(|(o, h)| Value::contiguous(h, Self::output_shape(&program, o, &shape)))
             .collect()
     }
 
@@ -318,11 +312,7 @@ impl<R: Runtime> DeviceBackend<R> {
         let outputs = self.kernels.multi_fused(&program, &shared, &segments);
         for ((&g, shape), handles) in batch.groups.iter().zip(&shapes).zip(outputs) {
             for (o, (&id, handle)) in plan.groups[g].outputs.iter().zip(handles).enumerate() {
-                let shape = if program.scalar_outputs.contains(&o) {
-                    Vec::new()
-                } else {
-                    shape.clone()
-                };
+                let shape = Self::output_shape(&program, o, shape);
                 produced.push((id, Value::contiguous(handle, shape)));
             }
         }
@@ -412,9 +402,29 @@ impl<R: Runtime> DeviceBackend<R> {
             program.scalar_outputs = (0..group.outputs.len())
                 .filter(|&o| graph.node(group.outputs[o]).ty.shape.rank() == 0)
                 .collect();
+            let group_shape = group.shape(graph);
+            program.row_outputs = (0..group.outputs.len())
+                .filter(|&o| fusion::is_row_of(&graph.node(group.outputs[o]).ty.shape, group_shape))
+                .collect();
         }
         program.inputs = inputs.len();
         (program, inputs)
+    }
+
+    /// The shape of output `o` of a group's `program` run over `shape`: a scalar, one
+    /// value per row, or `shape`.
+    fn output_shape(program: &FusedProgram, o: usize, shape: &[usize]) -> Vec<usize> {
+        if program.scalar_outputs.contains(&o) {
+            Vec::new()
+        } else if program.row_outputs.contains(&o) {
+            let mut rows = shape.to_vec();
+            if let Some(last) = rows.last_mut() {
+                *last = 1;
+            }
+            rows
+        } else {
+            shape.to_vec()
+        }
     }
 
     /// The kernel's view of a matmul of `a` and `b` (each transposed or not) with
@@ -861,8 +871,9 @@ impl<R: Runtime> Backend for DeviceBackend<R> {
                         ctx.seed,
                         ctx.step,
                     );
-                    for (id, handle) in group.outputs.iter().zip(outputs) {
-                        values[id.index()] = Some(Value::contiguous(handle, shape.clone()));
+                    for (o, (id, handle)) in group.outputs.iter().zip(outputs).enumerate() {
+                        let shape = Self::output_shape(&program, o, &shape);
+                        values[id.index()] = Some(Value::contiguous(handle, shape));
                     }
                 }
                 Step::MultiGroup(i) => {

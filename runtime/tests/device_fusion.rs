@@ -537,3 +537,81 @@ fn row_reductions_run_with_their_elementwise_epilogue() {
     }
     assert_eq!(fused.kernel_launches(), Some(3));
 }
+
+/// LayerNorm over rows of 19: its per-row statistics (variance + eps, its inverse
+/// square root) ride along the elementwise work that reads them, so the whole norm
+/// is two kernels, each a row reduction with its epilogue. The inverse, also an
+/// output (as autodiff saves it), is written once per row. A group that only reads
+/// a row input writes its row values the same way. All match the reference.
+#[test]
+fn row_statistics_ride_along_the_elements_that_read_them() {
+    let Some((mut fused, mut unfused)) = fused_and_unfused() else {
+        return;
+    };
+    let mut g = Graph::new("layer-norm");
+    let mut feeds = TensorMap::new();
+    let x = random_input(&mut g, &mut feeds, "x", &[3, 5, 19], (43, 0));
+    let gamma = random_input(&mut g, &mut feeds, "gamma", &[19], (43, 1));
+    let push = |g: &mut Graph, op: Op, operands: &[NodeId]| g.push(op, operands, "test").unwrap();
+    let mean_of = |g: &mut Graph, v: NodeId| {
+        g.push(
+            Op::Reduce {
+                op: ReduceOp::Mean,
+                axes: vec![2],
+                keep_dims: true,
+            },
+            &[v],
+            "test",
+        )
+        .unwrap()
+    };
+    let eps = push(
+        &mut g,
+        Op::Constant {
+            value: Scalar(1e-5),
+            dtype: DType::F32,
+            shape: Shape::scalar(),
+        },
+        &[],
+    );
+    let mean = mean_of(&mut g, x);
+    let centred = push(&mut g, Op::Binary(BinaryOp::Sub), &[x, mean]);
+    let squared = push(&mut g, Op::Unary(UnaryOp::Square), &[centred]);
+    let var = mean_of(&mut g, squared);
+    let shifted = push(&mut g, Op::Binary(BinaryOp::Add), &[var, eps]);
+    let inv = push(&mut g, Op::Unary(UnaryOp::Rsqrt), &[shifted]);
+    let normed = push(&mut g, Op::Binary(BinaryOp::Mul), &[centred, inv]);
+    let scaled = push(&mut g, Op::Binary(BinaryOp::Mul), &[normed, gamma]);
+    g.set_output("y", scaled).unwrap();
+    g.set_output("inv", inv).unwrap();
+
+    let r = random_input(&mut g, &mut feeds, "r", &[3, 5, 1], (43, 2));
+    let doubled = push(&mut g, Op::Binary(BinaryOp::Add), &[r, r]);
+    let spread = push(&mut g, Op::Binary(BinaryOp::Mul), &[x, doubled]);
+    g.set_output("doubled", doubled).unwrap();
+    g.set_output("spread", spread).unwrap();
+
+    let plan = altc_compiler::fusion::plan(&g, KernelLimits::default());
+    assert_eq!(plan.reduce_epilogues.len(), 2, "{:?}", plan.schedule);
+    assert_eq!(
+        plan.launches(&g),
+        3,
+        "two for the norm, one for the row input"
+    );
+
+    let ctx = EvalContext { seed: 1, step: 0 };
+    let want = run(&g, &feeds, &TensorMap::new(), ctx).unwrap();
+    for (label, device) in [("fused", &mut fused), ("unfused", &mut unfused)] {
+        let got = device.run(&g, &feeds, ctx).unwrap();
+        for (name, w) in &want {
+            assert_eq!(got[name].shape, w.shape, "{label} {name}");
+            for (a, b) in got[name].to_f64().iter().zip(w.to_f64()) {
+                assert!(
+                    (a - b).abs() <= 1e-5 + 1e-4 * b.abs(),
+                    "{label} {name}: {a} vs {b}"
+                );
+            }
+        }
+    }
+    assert_eq!(fused.kernel_launches(), Some(3));
+}
