@@ -190,8 +190,9 @@ pub(crate) fn fused_kernel<F: Float>(
                     }
                 } else if comptime![program.row_outputs.contains(&o)] {
                     let row_len = meta[comptime!(program.rank - 1)];
-                    if pos % row_len == 0 {
-                        out[(pos / row_len) as usize] = value;
+                    let row = pos / row_len;
+                    if row * row_len == pos {
+                        out[row as usize] = value;
                     }
                 } else {
                     out[pos as usize] = value;
