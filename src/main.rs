@@ -230,7 +230,7 @@ fn explain_fusion(
     bindings: usize,
 ) -> Result<String> {
     use altc_compiler::fusion::{plan, FusionPlan, KernelLimits};
-    use altc_compiler::memory::plan_cost;
+    use altc_compiler::memory::{plan_cost, plan_cost_and_peak};
     use std::fmt::Write as _;
     let tasks =
         altc_compiler::train::training_tasks(program).context("building the training graphs")?;
@@ -279,8 +279,8 @@ fn explain_fusion(
         );
         let g = &optimised;
         let fused = plan(g, KernelLimits::for_bindings(bindings));
-        let (a, b) = (
-            plan_cost(g, &fused, &symbols),
+        let ((a, peak), b) = (
+            plan_cost_and_peak(g, &fused, &symbols),
             plan_cost(&base.graph, &FusionPlan::unfused(&base.graph), &symbols),
         );
         let _ = writeln!(
@@ -318,6 +318,23 @@ fn explain_fusion(
             mb(a.peak_bytes),
             mb(b.peak_bytes),
             a.peak_bytes as f64 / b.peak_bytes as f64
+        );
+        let shown: Vec<String> = peak
+            .live
+            .iter()
+            .take(4)
+            .map(|&(id, bytes)| {
+                let node = g.node(id);
+                format!("{} {} KiB ({})", node.ty, bytes / 1024, node.origin)
+            })
+            .collect();
+        let _ = writeln!(
+            out,
+            "  peak at step {} of {}, {} values alive; the largest: {}",
+            peak.step + 1,
+            fused.schedule.len(),
+            peak.live.len(),
+            shown.join("; ")
         );
         let mut kernels: std::collections::BTreeMap<&str, usize> = Default::default();
         for kernel in fused.schedule.iter().filter_map(|s| fused.kernel(g, s)) {

@@ -353,7 +353,7 @@ impl FusionPlan {
         FusionPlan {
             groups: Vec::new(),
             schedule: graph
-                .topo_order()
+                .creation_order()
                 .unwrap_or_default()
                 .into_iter()
                 .filter(|id| live[id.index()])
@@ -415,7 +415,7 @@ pub fn plan(graph: &Graph, limits: KernelLimits) -> FusionPlan {
     let n = graph.len();
     let live = live_nodes(graph);
     let order: Vec<NodeId> = graph
-        .topo_order()
+        .creation_order()
         .unwrap_or_default()
         .into_iter()
         .filter(|id| live[id.index()])
@@ -1106,8 +1106,11 @@ impl FusionPlan {
     }
 }
 
-/// Topological order of groups and single nodes (Kahn's algorithm on the condensed
-/// graph, preferring the original order among ready steps).
+/// Topological order of groups and single nodes, chosen to keep memory low: among
+/// the steps whose inputs exist, the one that adds the least to what is alive runs
+/// first (what it writes, less what it is the last to read), the earliest in `order`
+/// on a tie. A training step's backward pass then consumes saved activations as soon
+/// as it can instead of starting on other work.
 fn schedule(
     graph: &Graph,
     order: &[NodeId],
@@ -1132,6 +1135,10 @@ fn schedule(
     let mut successors: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); total];
     let mut first_position = vec![usize::MAX; total];
     let mut step_by_key: Vec<Option<Step>> = vec![None; total];
+    // Values each step reads from other steps, and how many steps read each value.
+    let mut reads: Vec<BTreeSet<NodeId>> = vec![BTreeSet::new(); total];
+    let mut readers = vec![0usize; graph.len()];
+    let mut written: Vec<BTreeSet<NodeId>> = vec![BTreeSet::new(); total];
     for (pos, &id) in order.iter().enumerate() {
         let s = step_of(id);
         let k = key(s);
@@ -1139,23 +1146,66 @@ fn schedule(
         first_position[k] = first_position[k].min(pos);
         for o in graph.operands(id) {
             let from = key(step_of(o));
-            if from != k && successors[from].insert(k) {
-                indegree[k] += 1;
+            if from != k {
+                if successors[from].insert(k) {
+                    indegree[k] += 1;
+                }
+                if reads[k].insert(o) {
+                    readers[o.index()] += 1;
+                }
+                written[from].insert(o);
             }
         }
     }
-    let mut ready: BTreeSet<(usize, usize)> = (0..total)
+    let graph_outputs: BTreeSet<NodeId> = graph.outputs().iter().map(|(_, o)| *o).collect();
+    for &o in &graph_outputs {
+        written[key(step_of(o))].insert(o);
+    }
+    // Bytes a value holds; leaves are resident and views alias their source.
+    let size = |id: NodeId| -> i64 {
+        let node = graph.node(id);
+        if !launches_kernel(&node.op) {
+            return 0;
+        }
+        let elements: i64 = node
+            .ty
+            .shape
+            .dims()
+            .iter()
+            .map(|d| match d {
+                Dim::Fixed(n) => *n as i64,
+                // Batch-sized values dominate whatever the batch is.
+                Dim::Sym(_) => 64,
+            })
+            .product();
+        4 * elements
+    };
+    let added = |k: usize, readers: &[usize]| -> i64 {
+        let writes: i64 = written[k].iter().map(|&v| size(v)).sum();
+        let frees: i64 = reads[k]
+            .iter()
+            .filter(|o| readers[o.index()] == 1 && !graph_outputs.contains(o))
+            .map(|&o| size(o))
+            .sum();
+        writes - frees
+    };
+    let mut ready: Vec<usize> = (0..total)
         .filter(|&k| step_by_key[k].is_some() && indegree[k] == 0)
-        .map(|k| (first_position[k], k))
         .collect();
     let mut out = Vec::with_capacity(total);
-    while let Some(&(pos, k)) = ready.iter().next() {
-        ready.remove(&(pos, k));
+    while !ready.is_empty() {
+        let at = (0..ready.len())
+            .min_by_key(|&i| (added(ready[i], &readers), first_position[ready[i]]))
+            .expect("a step is ready");
+        let k = ready.swap_remove(at);
         out.push(step_by_key[k].expect("scheduled keys exist"));
+        for o in &reads[k] {
+            readers[o.index()] -= 1;
+        }
         for &s in &successors[k] {
             indegree[s] -= 1;
             if indegree[s] == 0 {
-                ready.insert((first_position[s], s));
+                ready.push(s);
             }
         }
     }

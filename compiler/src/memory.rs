@@ -66,6 +66,22 @@ pub fn matmul_flops(graph: &Graph, symbols: &BTreeMap<String, usize>) -> u64 {
 
 /// The planned cost of `graph` under `plan` with symbols bound to `symbols`.
 pub fn plan_cost(graph: &Graph, plan: &FusionPlan, symbols: &BTreeMap<String, usize>) -> PlanCost {
+    plan_cost_and_peak(graph, plan, symbols).0
+}
+
+/// Where planned memory peaks: the step, and the values alive there (largest first).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Peak {
+    pub step: usize,
+    pub live: Vec<(NodeId, u64)>,
+}
+
+/// `plan_cost`, and what is alive at its peak.
+pub fn plan_cost_and_peak(
+    graph: &Graph,
+    plan: &FusionPlan,
+    symbols: &BTreeMap<String, usize>,
+) -> (PlanCost, Peak) {
     let steps: Vec<Vec<NodeId>> = plan.schedule.iter().map(|s| plan.step_nodes(s)).collect();
     let step_of = plan.positions(graph);
     let mut last_read = vec![None; graph.len()];
@@ -82,8 +98,10 @@ pub fn plan_cost(graph: &Graph, plan: &FusionPlan, symbols: &BTreeMap<String, us
         .map(|i| graph.outputs().iter().any(|(_, o)| o.index() == i))
         .collect();
     let mut cost = PlanCost::default();
-    let mut live: u64 = 0;
-    let mut frees: Vec<u64> = vec![0; steps.len()];
+    let mut peak = Peak::default();
+    let mut live: BTreeMap<NodeId, u64> = BTreeMap::new();
+    let mut live_bytes: u64 = 0;
+    let mut frees: Vec<Vec<NodeId>> = vec![Vec::new(); steps.len()];
     for (pos, (step, nodes)) in plan.schedule.iter().zip(&steps).enumerate() {
         // What this step writes: a group's outputs, or the node itself if it is a kernel.
         let written = plan.step_outputs(graph, step);
@@ -103,14 +121,22 @@ pub fn plan_cost(graph: &Graph, plan: &FusionPlan, symbols: &BTreeMap<String, us
         for &id in &written {
             let b = bytes(graph, id, symbols);
             cost.bytes_moved += b;
-            live += b;
+            live_bytes += b;
+            live.insert(id, b);
             match last_read[id.index()] {
-                Some(at) if !is_output[id.index()] => frees[at] += b,
+                Some(at) if !is_output[id.index()] => frees[at].push(id),
                 _ => {}
             }
         }
-        cost.peak_bytes = cost.peak_bytes.max(live);
-        live -= frees[pos];
+        if live_bytes > cost.peak_bytes {
+            cost.peak_bytes = live_bytes;
+            peak.step = pos;
+            peak.live = live.iter().map(|(&id, &b)| (id, b)).collect();
+        }
+        for id in &frees[pos] {
+            live_bytes -= live.remove(id).unwrap_or(0);
+        }
     }
-    cost
+    peak.live.sort_by_key(|&(id, b)| (std::cmp::Reverse(b), id));
+    (cost, peak)
 }

@@ -49,8 +49,20 @@ pub struct TrainingTask {
     pub graph: Graph,
 }
 
-/// The training graphs of `program`, one per schedule task, in the schedule's order.
+/// The training graphs of `program`, one per schedule task, in the schedule's order:
+/// what a backend runs. The raw gradients are intermediates, freed once clipping and
+/// the update have read them.
 pub fn training_tasks(program: &Program) -> Result<Vec<TrainingTask>, GraphError> {
+    build_tasks(program, false)
+}
+
+/// `training_tasks` whose graphs also output each raw (unclipped) gradient as
+/// `grad.<param>`, to check them against an oracle.
+pub fn training_tasks_with_gradients(program: &Program) -> Result<Vec<TrainingTask>, GraphError> {
+    build_tasks(program, true)
+}
+
+fn build_tasks(program: &Program, gradients: bool) -> Result<Vec<TrainingTask>, GraphError> {
     let groups: Vec<(String, Vec<String>)> = match program.schedule {
         Schedule::Joint => vec![(
             "joint".into(),
@@ -64,7 +76,7 @@ pub fn training_tasks(program: &Program) -> Result<Vec<TrainingTask>, GraphError
     };
     groups
         .into_iter()
-        .map(|(name, directions)| build_task(program, &name, &directions))
+        .map(|(name, directions)| build_task(program, &name, &directions, gradients))
         .collect()
 }
 
@@ -72,6 +84,7 @@ fn build_task(
     program: &Program,
     name: &str,
     directions: &[String],
+    gradient_outputs: bool,
 ) -> Result<TrainingTask, GraphError> {
     let mut graph = Graph::new(format!("{name}.train"));
     let mut total: Option<NodeId> = None;
@@ -124,8 +137,10 @@ fn build_task(
         .zip(grads)
         .filter_map(|((p, id), g)| g.map(|g| (*p, *id, g)))
         .collect();
-    for (p, _, g) in &with_grads {
-        graph.set_output(gradient(&p.name), *g)?;
+    if gradient_outputs {
+        for (p, _, g) in &with_grads {
+            graph.set_output(gradient(&p.name), *g)?;
+        }
     }
     let mut opt = OptimizerBuilder {
         graph: &mut graph,

@@ -162,3 +162,62 @@ fn parameter_updates_share_multi_tensor_kernels() {
         assert!(narrow.len() > wide.len(), "31 bindings split the batches");
     }
 }
+
+/// Two large products written before either is reduced (as a graph built layer by
+/// layer may be): the schedule reduces each product as soon as it exists, so only
+/// one is ever alive, where running in creation order holds both.
+#[test]
+fn the_schedule_frees_large_values_before_making_more() {
+    use altc_compiler::ir::{BinaryOp, DType, Op, ReduceOp};
+    use altc_compiler::memory::plan_cost;
+    let mut g = Graph::new("two-products");
+    let input = |g: &mut Graph, name: &str, shape: &[usize]| {
+        g.push(
+            Op::Input {
+                name: name.into(),
+                dtype: DType::F32,
+                shape: shape.iter().copied().collect(),
+            },
+            &[],
+            "test",
+        )
+        .unwrap()
+    };
+    let matmul = Op::MatMul {
+        transpose_a: false,
+        transpose_b: false,
+    };
+    let (a, b, w) = (
+        input(&mut g, "a", &[256, 8]),
+        input(&mut g, "b", &[256, 8]),
+        input(&mut g, "w", &[8, 256]),
+    );
+    let first = g.push(matmul.clone(), &[a, w], "test").unwrap();
+    let second = g.push(matmul, &[b, w], "test").unwrap();
+    let total = |g: &mut Graph, x| {
+        let sum = Op::Reduce {
+            op: ReduceOp::Sum,
+            axes: vec![0, 1],
+            keep_dims: false,
+        };
+        g.push(sum, &[x], "test").unwrap()
+    };
+    let (s1, s2) = (total(&mut g, first), total(&mut g, second));
+    let both = g
+        .push(Op::Binary(BinaryOp::Add), &[s1, s2], "test")
+        .unwrap();
+    g.set_output("total", both).unwrap();
+    let symbols = Default::default();
+    let product = 256 * 256 * 4;
+    let fused = plan_cost(&g, &plan(&g, KernelLimits::default()), &symbols);
+    let in_order = plan_cost(&g, &FusionPlan::unfused(&g), &symbols);
+    assert!(
+        in_order.peak_bytes >= 2 * product,
+        "creation order holds both"
+    );
+    assert!(
+        fused.peak_bytes < 2 * product,
+        "the planned peak {} holds one product at a time",
+        fused.peak_bytes
+    );
+}

@@ -168,7 +168,8 @@ impl Comparison {
 fn four_steps_match_jax(dtype: DType, moe: MoeDispatch, rel: f64, floor: f64) {
     let golden = load_golden();
     let program = tiny_program(dtype, moe);
-    let tasks = train::training_tasks(&program).expect("building the training graphs");
+    let tasks =
+        train::training_tasks_with_gradients(&program).expect("building the training graphs");
     let names: Vec<&str> = tasks.iter().map(|t| t.name.as_str()).collect();
     assert_eq!(names, ["image_to_text", "text_to_image"], "training tasks");
 

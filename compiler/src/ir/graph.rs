@@ -139,6 +139,44 @@ impl Graph {
         self.dag.node_indices()
     }
 
+    /// Nodes in an order where every operand comes before its users, and otherwise in
+    /// the order they were created (Kahn's algorithm, the lowest ready index first).
+    /// Graphs are built as programs are written: each loss's backward pass, then the
+    /// clipping norms, then each parameter's update. Following that order keeps
+    /// what one part computes together, so schedules built from it free activations
+    /// early and can batch the same work on different tensors.
+    pub fn creation_order(&self) -> Result<Vec<NodeId>, GraphError> {
+        use std::cmp::Reverse;
+        use std::collections::BinaryHeap;
+        let mut waiting: Vec<usize> = self
+            .dag
+            .node_indices()
+            .map(|id| self.dag.neighbors_directed(id, Direction::Incoming).count())
+            .collect();
+        let mut ready: BinaryHeap<Reverse<usize>> = waiting
+            .iter()
+            .enumerate()
+            .filter(|(_, &n)| n == 0)
+            .map(|(i, _)| Reverse(i))
+            .collect();
+        let mut order = Vec::with_capacity(waiting.len());
+        while let Some(Reverse(i)) = ready.pop() {
+            let id = NodeId::new(i);
+            order.push(id);
+            for user in self.dag.neighbors_directed(id, Direction::Outgoing) {
+                waiting[user.index()] -= 1;
+                if waiting[user.index()] == 0 {
+                    ready.push(Reverse(user.index()));
+                }
+            }
+        }
+        if order.len() < waiting.len() {
+            // Whatever is still waiting lies on a cycle; name it as `toposort` does.
+            return self.topo_order();
+        }
+        Ok(order)
+    }
+
     /// Nodes in an order where every operand comes before its users.
     pub fn topo_order(&self) -> Result<Vec<NodeId>, GraphError> {
         petgraph::algo::toposort(&self.dag, None).map_err(|cycle| GraphError::Cycle {
