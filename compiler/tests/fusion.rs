@@ -194,15 +194,17 @@ fn the_schedule_frees_large_values_before_making_more() {
     );
     let first = g.push(matmul.clone(), &[a, w], "test").unwrap();
     let second = g.push(matmul, &[b, w], "test").unwrap();
-    let total = |g: &mut Graph, x| {
-        let sum = Op::Reduce {
-            op: ReduceOp::Sum,
+    // Different reductions, so that they do not share one multi-tensor kernel.
+    let whole = |g: &mut Graph, op, x| {
+        let reduce = Op::Reduce {
+            op,
             axes: vec![0, 1],
             keep_dims: false,
         };
-        g.push(sum, &[x], "test").unwrap()
+        g.push(reduce, &[x], "test").unwrap()
     };
-    let (s1, s2) = (total(&mut g, first), total(&mut g, second));
+    let s1 = whole(&mut g, ReduceOp::Sum, first);
+    let s2 = whole(&mut g, ReduceOp::Max, second);
     let both = g
         .push(Op::Binary(BinaryOp::Add), &[s1, s2], "test")
         .unwrap();
