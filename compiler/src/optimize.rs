@@ -1,9 +1,10 @@
 //! E-graph optimisation with `egg`: a graph becomes an e-graph over the IR's own ops,
 //! an analysis carries each class's type (and its value when it is a uniform
 //! constant), a rule library rewrites it until saturation or a limit, and extraction
-//! rebuilds one graph choosing the cheapest node per class. Shared subexpressions stay
-//! shared (each class is built once), and hash-consing merges duplicates, which is
-//! common-subexpression elimination for free.
+//! rebuilds one graph choosing the cheapest node per class under a cost of launches,
+//! bytes written and FLOPs, counting each shared class once (DAG-aware). Shared
+//! subexpressions stay shared (each class is built once), and hash-consing merges
+//! duplicates, which is common-subexpression elimination for free.
 //!
 //! Every rule checks types through the analysis before it applies, so an ill-typed
 //! rewrite is never added; extraction re-infers every node's type as it rebuilds.
@@ -11,8 +12,8 @@
 use crate::ir::{BinaryOp, Graph, GraphError, NodeId, Op, Scalar, TensorType, UnaryOp};
 use crate::reference;
 use egg::{
-    Analysis, Applier, CostFunction, DidMerge, EGraph, Extractor, Id, Language, PatternAst,
-    Rewrite, Runner, SearchMatches, Searcher, Subst, Symbol,
+    Analysis, Applier, DidMerge, EGraph, Id, Language, PatternAst, Rewrite, Runner, SearchMatches,
+    Searcher, Subst, Symbol,
 };
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -272,6 +273,23 @@ pub fn rules() -> Vec<Rewrite<IrNode, TypeAnalysis>> {
                 _ => None,
             }
         }),
+        // broadcast(broadcast(x, s), t) = broadcast(x, t).
+        rule("broadcast-broadcast", |eg, _, n| {
+            match (&n.op, n.children.as_slice()) {
+                (Op::BroadcastTo { shape }, [x]) => {
+                    find_in(eg, *x, |m| match (&m.op, m.children.as_slice()) {
+                        (Op::BroadcastTo { .. }, [y]) => Some(Replacement::New(IrNode {
+                            op: Op::BroadcastTo {
+                                shape: shape.clone(),
+                            },
+                            children: vec![*y],
+                        })),
+                        _ => None,
+                    })
+                }
+                _ => None,
+            }
+        }),
         // An elementwise op on uniform constants is a constant.
         rule("fold-constants", |eg, class, n| {
             let known = n.children.iter().all(|c| constant_of(eg, *c).is_some());
@@ -292,35 +310,126 @@ pub fn rules() -> Vec<Rewrite<IrNode, TypeAnalysis>> {
     ]
 }
 
-/// Cost of one node for extraction: kernels cost their output's size in elements
-/// (a proxy for bytes moved), plus a launch; leaves, constants and layout views cost
-/// a little, never nothing, so a cycle of free views can never look cheapest.
-struct RunCost<'a> {
-    egraph: &'a IrGraph,
+/// What running one node costs, in element-equivalents of memory traffic: a kernel
+/// launch is worth `LAUNCH` elements moved (on a GPU a launch costs about what moving
+/// tens of kilobytes does), plus the elements it writes, plus its multiply-adds at
+/// `FLOPS_PER_ELEMENT` (a matmul is bound by arithmetic long before memory). Leaves
+/// and layout views cost a little, never nothing, so a cycle of free views can never
+/// look cheapest.
+fn node_cost(egraph: &IrGraph, enode: &IrNode) -> f64 {
+    const LAUNCH: f64 = 4096.0;
+    const FLOPS_PER_ELEMENT: f64 = 64.0;
+    if !crate::fusion::launches_kernel(&enode.op) {
+        return 1e-3;
+    }
+    let elements = |ty: Option<&TensorType>| {
+        ty.map_or(1.0, |t| {
+            t.shape
+                .dims()
+                .iter()
+                .map(|d| d.fixed().unwrap_or(64) as f64)
+                .product::<f64>()
+        })
+    };
+    let class_type = |c: Id| egraph[c].data.ty.as_ref();
+    let out = crate::ir::infer(
+        &enode.op,
+        &enode
+            .children
+            .iter()
+            .filter_map(|&c| class_type(c))
+            .collect::<Vec<_>>(),
+    )
+    .ok();
+    let written = elements(out.as_ref());
+    let flops = match (&enode.op, enode.children.as_slice()) {
+        (Op::MatMul { transpose_a, .. }, [a, _]) => {
+            let contracted = class_type(*a).and_then(|t| {
+                let dims = t.shape.dims();
+                let k = if *transpose_a {
+                    dims.len().checked_sub(2)?
+                } else {
+                    dims.len() - 1
+                };
+                Some(dims[k].fixed().unwrap_or(64) as f64)
+            });
+            2.0 * written * contracted.unwrap_or(1.0)
+        }
+        _ => 0.0,
+    };
+    LAUNCH + written + flops / FLOPS_PER_ELEMENT
 }
 
-impl CostFunction<IrNode> for RunCost<'_> {
-    type Cost = f64;
-
-    fn cost<C: FnMut(Id) -> f64>(&mut self, enode: &IrNode, mut costs: C) -> f64 {
-        let own = if crate::fusion::launches_kernel(&enode.op) {
-            let elements = self
-                .egraph
-                .lookup(enode.clone())
-                .and_then(|c| self.egraph[c].data.ty.as_ref())
-                .map_or(1.0, |t| {
-                    t.shape
-                        .dims()
-                        .iter()
-                        .map(|d| d.fixed().unwrap_or(64) as f64)
-                        .product::<f64>()
-                });
-            1.0 + elements
-        } else {
-            1e-3
-        };
-        enode.children.iter().fold(own, |acc, c| acc + costs(*c))
+/// DAG-aware extraction: the cost of choosing a node is its own cost plus that of
+/// every distinct class it depends on, each counted once however many paths lead to
+/// it, so a subgraph shared by several users is paid for once (egg's own extractor
+/// sums over the tree and would count it per use). Greedy to a fixpoint: each class
+/// keeps its cheapest node and that node's set of dependencies, as a bitset.
+fn extract_dag(egraph: &IrGraph) -> HashMap<Id, IrNode> {
+    let classes: Vec<Id> = egraph.classes().map(|c| c.id).collect();
+    let index: HashMap<Id, usize> = classes.iter().enumerate().map(|(i, &c)| (c, i)).collect();
+    let words = classes.len().div_ceil(64);
+    struct Choice {
+        node: IrNode,
+        own: f64,
+        deps: Vec<u64>,
     }
+    let mut best: Vec<Option<Choice>> = (0..classes.len()).map(|_| None).collect();
+    let total = |deps: &[u64], best: &[Option<Choice>]| -> f64 {
+        let mut sum = 0.0;
+        for (w, &bits) in deps.iter().enumerate() {
+            let mut b = bits;
+            while b != 0 {
+                let i = w * 64 + b.trailing_zeros() as usize;
+                sum += best[i].as_ref().map_or(0.0, |c| c.own);
+                b &= b - 1;
+            }
+        }
+        sum
+    };
+    loop {
+        let mut changed = false;
+        for (i, &class) in classes.iter().enumerate() {
+            for node in &egraph[class].nodes {
+                let mut deps = vec![0u64; words];
+                let mut ready = true;
+                for c in &node.children {
+                    let j = index[&egraph.find(*c)];
+                    let Some(child) = &best[j] else {
+                        ready = false;
+                        break;
+                    };
+                    for (d, s) in deps.iter_mut().zip(&child.deps) {
+                        *d |= s;
+                    }
+                    deps[j / 64] |= 1 << (j % 64);
+                }
+                // A node that needs its own class (a cycle) is never chosen.
+                if !ready || deps[i / 64] & (1 << (i % 64)) != 0 {
+                    continue;
+                }
+                let own = node_cost(egraph, node);
+                let cost = own + total(&deps, &best);
+                let current = best[i].as_ref().map(|c| c.own + total(&c.deps, &best));
+                if current.is_none_or(|c| cost < c - 1e-9) {
+                    best[i] = Some(Choice {
+                        node: node.clone(),
+                        own,
+                        deps,
+                    });
+                    changed = true;
+                }
+            }
+        }
+        if !changed {
+            break;
+        }
+    }
+    classes
+        .into_iter()
+        .zip(best)
+        .filter_map(|(c, choice)| choice.map(|choice| (c, choice.node)))
+        .collect()
 }
 
 /// Bounds that make saturation always end.
@@ -409,13 +518,13 @@ pub fn optimize(graph: &Graph, limits: Limits) -> Result<(Graph, OptimizeReport)
         .into_iter()
         .map(|(c, o)| (egraph.find(c), o))
         .collect();
-    let extractor = Extractor::new(egraph, RunCost { egraph });
+    let chosen = extract_dag(egraph);
     let mut out = Graph::new(graph.name.clone());
     let mut built: HashMap<Id, NodeId> = HashMap::new();
     for (name, root) in &roots {
         let id = build(
             egraph,
-            &extractor,
+            &chosen,
             &origins,
             egraph.find(*root),
             &mut out,
@@ -433,7 +542,7 @@ pub fn optimize(graph: &Graph, limits: Limits) -> Result<(Graph, OptimizeReport)
 /// Builds class `class` into `out` (once; later uses share it).
 fn build(
     egraph: &IrGraph,
-    extractor: &Extractor<RunCost, IrNode, TypeAnalysis>,
+    chosen: &HashMap<Id, IrNode>,
     origins: &HashMap<Id, String>,
     class: Id,
     out: &mut Graph,
@@ -442,17 +551,10 @@ fn build(
     if let Some(&id) = built.get(&class) {
         return Ok(id);
     }
-    let node = extractor.find_best_node(class).clone();
+    let node = chosen[&class].clone();
     let mut operands = Vec::with_capacity(node.children.len());
     for c in &node.children {
-        operands.push(build(
-            egraph,
-            extractor,
-            origins,
-            egraph.find(*c),
-            out,
-            built,
-        )?);
+        operands.push(build(egraph, chosen, origins, egraph.find(*c), out, built)?);
     }
     let origin = origins
         .get(&class)
@@ -461,4 +563,70 @@ fn build(
     let id = out.push(node.op, &operands, origin)?;
     built.insert(class, id);
     Ok(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ir::DType;
+    use crate::shape;
+
+    fn input(egraph: &mut IrGraph, name: &str, shape: crate::ir::Shape) -> Id {
+        egraph.add(IrNode {
+            op: Op::Input {
+                name: name.into(),
+                dtype: DType::F32,
+                shape,
+            },
+            children: vec![],
+        })
+    }
+
+    fn unary(egraph: &mut IrGraph, op: UnaryOp, x: Id) -> Id {
+        egraph.add(IrNode {
+            op: Op::Unary(op),
+            children: vec![x],
+        })
+    }
+
+    fn matmul(egraph: &mut IrGraph, a: Id, b: Id) -> Id {
+        egraph.add(IrNode {
+            op: Op::MatMul {
+                transpose_a: false,
+                transpose_b: false,
+            },
+            children: vec![a, b],
+        })
+    }
+
+    fn binary(egraph: &mut IrGraph, op: BinaryOp, a: Id, b: Id) -> Id {
+        egraph.add(IrNode {
+            op: Op::Binary(op),
+            children: vec![a, b],
+        })
+    }
+
+    /// A class with two equal nodes: one reads a product through two paths, the other
+    /// reads a costlier product (three times the contraction) through one. Summed over
+    /// the tree the first pays for its product twice and loses; counted once, as it
+    /// runs once, it wins.
+    #[test]
+    fn extraction_counts_a_shared_subgraph_once() {
+        let mut egraph = IrGraph::default();
+        let x = input(&mut egraph, "x", shape![256, 64]);
+        let w = input(&mut egraph, "w", shape![64, 256]);
+        let shared = matmul(&mut egraph, x, w);
+        let tanh = unary(&mut egraph, UnaryOp::Tanh, shared);
+        let exp = unary(&mut egraph, UnaryOp::Exp, shared);
+        let twice = binary(&mut egraph, BinaryOp::Add, tanh, exp);
+        let u = input(&mut egraph, "u", shape![256, 192]);
+        let v = input(&mut egraph, "v", shape![192, 256]);
+        let larger = matmul(&mut egraph, u, v);
+        let once = unary(&mut egraph, UnaryOp::Tanh, larger);
+        egraph.union(twice, once);
+        egraph.rebuild();
+        let chosen = extract_dag(&egraph);
+        let pick = &chosen[&egraph.find(twice)];
+        assert_eq!(pick.op, Op::Binary(BinaryOp::Add), "{pick:?}");
+    }
 }

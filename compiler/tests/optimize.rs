@@ -2,7 +2,7 @@
 //! tiny model's training graphs, and random graphs built to give every rule something
 //! to do), saturation ends within its limits, and the rules fire.
 
-use altc_compiler::ir::{BinaryOp, DType, Graph, NodeId, Op, Scalar, Shape, UnaryOp};
+use altc_compiler::ir::{BinaryOp, DType, Graph, NodeId, Op, ReduceOp, Scalar, Shape, UnaryOp};
 use altc_compiler::lower::{lower, LowerOptions, Mode};
 use altc_compiler::optimize::{optimize, Limits};
 use altc_compiler::reference::{initial_parameters, run, EvalContext, Tensor, TensorMap};
@@ -141,7 +141,7 @@ fn random_graph(seed: u64) -> Graph {
     let mut pool: Vec<NodeId> = vec![x];
     for _ in 0..14 {
         let a = pool[pick(pool.len())];
-        let next = match pick(8) {
+        let next = match pick(9) {
             0 => {
                 let z = constant(&mut g, 0.0);
                 g.push(Op::Binary(BinaryOp::Add), &[a, z], "t")
@@ -187,6 +187,36 @@ fn random_graph(seed: u64) -> Graph {
                 g.push(Op::Binary(BinaryOp::Sub), &[a, c], "t")
             }
             6 => g.push(Op::Binary(BinaryOp::Mul), &[a, y], "t"),
+            7 => {
+                // Broadcast twice, then average the copies away.
+                let once = g
+                    .push(
+                        Op::BroadcastTo {
+                            shape: shape![2, 3, 4],
+                        },
+                        &[a],
+                        "t",
+                    )
+                    .unwrap();
+                let twice = g
+                    .push(
+                        Op::BroadcastTo {
+                            shape: shape![5, 2, 3, 4],
+                        },
+                        &[once],
+                        "t",
+                    )
+                    .unwrap();
+                g.push(
+                    Op::Reduce {
+                        op: ReduceOp::Mean,
+                        axes: vec![0, 1],
+                        keep_dims: false,
+                    },
+                    &[twice],
+                    "t",
+                )
+            }
             _ => g.push(Op::Unary(UnaryOp::Tanh), &[a], "t"),
         };
         pool.push(next.unwrap());
