@@ -1107,10 +1107,10 @@ impl FusionPlan {
 }
 
 /// Topological order of groups and single nodes, chosen to keep memory low: among
-/// the steps whose inputs exist, the one that adds the least to what is alive runs
-/// first (what it writes, less what it is the last to read), the earliest in `order`
-/// on a tie. A training step's backward pass then consumes saved activations as soon
-/// as it can instead of starting on other work.
+/// the steps whose inputs exist, one that frees memory (is the last to read a value)
+/// runs first, else the one that writes least, the earliest in `order` on a tie. A
+/// training step's backward pass then consumes saved activations as soon as it can
+/// instead of starting on other work.
 fn schedule(
     graph: &Graph,
     order: &[NodeId],
@@ -1180,14 +1180,16 @@ fn schedule(
             .product();
         4 * elements
     };
-    let added = |k: usize, readers: &[usize]| -> i64 {
+    // The order of preference among ready steps: steps that free memory, those that
+    // free more first; then those that write least.
+    let preference = |k: usize, readers: &[usize]| -> (bool, i64, i64) {
         let writes: i64 = written[k].iter().map(|&v| size(v)).sum();
         let frees: i64 = reads[k]
             .iter()
             .filter(|o| readers[o.index()] == 1 && !graph_outputs.contains(o))
             .map(|&o| size(o))
             .sum();
-        writes - frees
+        (frees == 0, -frees, writes)
     };
     let mut ready: Vec<usize> = (0..total)
         .filter(|&k| step_by_key[k].is_some() && indegree[k] == 0)
@@ -1195,7 +1197,7 @@ fn schedule(
     let mut out = Vec::with_capacity(total);
     while !ready.is_empty() {
         let at = (0..ready.len())
-            .min_by_key(|&i| (added(ready[i], &readers), first_position[ready[i]]))
+            .min_by_key(|&i| (preference(ready[i], &readers), first_position[ready[i]]))
             .expect("a step is ready");
         let k = ready.swap_remove(at);
         out.push(step_by_key[k].expect("scheduled keys exist"));
