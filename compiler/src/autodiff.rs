@@ -203,7 +203,7 @@ impl Backward<'_> {
             Op::Input { .. } | Op::Parameter { .. } | Op::Constant { .. } | Op::Iota { .. } => {
                 vec![]
             }
-            Op::Compare(_) | Op::TopK { .. } => vec![None; operands.len()],
+            Op::Compare(_) | Op::TopK { .. } | Op::StopGradient => vec![None; operands.len()],
             Op::Unary(u) => vec![Some(self.unary_vjp(u, operands[0], y, g)?)],
             Op::Binary(b) => {
                 let (ga, gb) = self.binary_vjp(b, operands[0], operands[1], y, g)?;

@@ -161,6 +161,18 @@ pub struct ReduceEpilogue {
     pub reduce: NodeId,
     pub via: Vec<NodeId>,
     pub group: usize,
+    /// A top-k of the group's rows taken in the same kernel (a router's choice of
+    /// experts from its softmax).
+    pub top_k: Option<EpilogueTopK>,
+}
+
+/// `top = TopK(values)` over the last axis of a group output, and the chosen values
+/// `gather = Gather(values, top)` if the graph takes them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EpilogueTopK {
+    pub values: NodeId,
+    pub top: NodeId,
+    pub gather: Option<NodeId>,
 }
 
 impl ReduceEpilogue {
@@ -264,6 +276,10 @@ impl FusionPlan {
                 let mut nodes = vec![fused.reduce];
                 nodes.extend(&fused.via);
                 nodes.extend(&self.groups[fused.group].nodes);
+                if let Some(t) = &fused.top_k {
+                    nodes.push(t.top);
+                    nodes.extend(t.gather);
+                }
                 nodes
             }
         }
@@ -380,7 +396,8 @@ pub fn live_nodes(graph: &Graph) -> Vec<bool> {
     live
 }
 
-/// Whether an op runs as a kernel on a device (leaves are bound, layout ops are views).
+/// Whether an op runs as a kernel on a device (leaves are bound, layout ops and
+/// stop-gradients are views).
 pub fn launches_kernel(op: &Op) -> bool {
     !matches!(
         op,
@@ -391,6 +408,7 @@ pub fn launches_kernel(op: &Op) -> bool {
             | Op::BroadcastTo { .. }
             | Op::Slice { .. }
             | Op::Reshape { .. }
+            | Op::StopGradient
     )
 }
 
@@ -776,7 +794,7 @@ impl FusionPlan {
             let mut reader = sole_user(reduce);
             while let Some(u) = reader {
                 let view = match &graph.node(u).op {
-                    Op::Reshape { .. } => graph.node(u).ty.shape == row_shape,
+                    Op::Reshape { .. } | Op::StopGradient => graph.node(u).ty.shape == row_shape,
                     Op::BroadcastTo { .. } => &graph.node(u).ty.shape == operand,
                     _ => false,
                 };
@@ -806,10 +824,12 @@ impl FusionPlan {
                 && self.groups[g].shape(graph) == operand
                 && !self.groups[g].carries_scalars(graph)
             {
+                let top_k = self.row_top_k(graph, users, g);
                 folded.push(ReduceEpilogue {
                     reduce,
                     via,
                     group: g,
+                    top_k,
                 });
             }
         }
@@ -820,11 +840,48 @@ impl FusionPlan {
                 .position(|s| *s == Step::Group(fused.group))
                 .expect("the group runs alone");
             self.schedule[at] = Step::ReduceGroup(self.reduce_epilogues.len());
-            self.schedule.retain(
-                |s| !matches!(s, Step::Node(id) if *id == fused.reduce || fused.via.contains(id)),
-            );
+            let absorbed: Vec<NodeId> = fused
+                .top_k
+                .iter()
+                .flat_map(|t| [Some(t.top), t.gather])
+                .flatten()
+                .chain([fused.reduce])
+                .chain(fused.via.iter().copied())
+                .collect();
+            self.schedule
+                .retain(|s| !matches!(s, Step::Node(id) if absorbed.contains(id)));
             self.reduce_epilogues.push(fused);
         }
+    }
+
+    /// A top-k over the rows of an output of group `g` (of the group's shape) that the
+    /// group's kernel can take as it writes them, and the gather of the chosen values
+    /// if the graph takes one. Both read only what the kernel computes, so they move
+    /// to its step.
+    fn row_top_k(&self, graph: &Graph, users: &[Vec<NodeId>], g: usize) -> Option<EpilogueTopK> {
+        // Each unit keeps its row's best k in registers.
+        const MOST: usize = 16;
+        let group = &self.groups[g];
+        let shape = group.shape(graph);
+        let last = shape.rank().checked_sub(1)?;
+        group.outputs.iter().find_map(|&values| {
+            if &graph.node(values).ty.shape != shape {
+                return None;
+            }
+            let top = users[values.index()]
+                .iter()
+                .copied()
+                .find(|&u| matches!(graph.node(u).op, Op::TopK { k } if k <= MOST))?;
+            let gather = users[values.index()].iter().copied().find(|&u| {
+                matches!(graph.node(u).op, Op::Gather { axis } if axis == last)
+                    && graph.operands(u) == [values, top]
+            });
+            Some(EpilogueTopK {
+                values,
+                top,
+                gather,
+            })
+        })
     }
 }
 

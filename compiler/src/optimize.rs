@@ -70,7 +70,13 @@ impl Analysis<IrNode> for TypeAnalysis {
                 .constant
                 .zip(c.constant)
                 .map(|(x, y)| reference::binary_scalar(*b, x, y)),
-            (Op::BroadcastTo { .. } | Op::Reshape { .. } | Op::Transpose { .. }, [a]) => a.constant,
+            (
+                Op::BroadcastTo { .. }
+                | Op::Reshape { .. }
+                | Op::Transpose { .. }
+                | Op::StopGradient,
+                [a],
+            ) => a.constant,
             _ => None,
         };
         ClassInfo {
@@ -270,6 +276,9 @@ pub fn rules() -> Vec<Rewrite<IrNode, TypeAnalysis>> {
                 (Op::Transpose { perm }, [x]) if perm.iter().enumerate().all(|(i, &p)| i == p) => {
                     Some(Replacement::Existing(*x))
                 }
+                // Training graphs are optimised after autodiff, where a stop-gradient
+                // has done its work and is the identity.
+                (Op::StopGradient, [x]) => Some(Replacement::Existing(*x)),
                 _ => None,
             }
         }),

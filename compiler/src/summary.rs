@@ -168,6 +168,7 @@ pub fn op_family(op: &Op) -> &'static str {
         Op::MatMul { .. } => "matmul",
         Op::Transpose { .. }
         | Op::Reshape { .. }
+        | Op::StopGradient
         | Op::BroadcastTo { .. }
         | Op::Slice { .. }
         | Op::Concat { .. } => "layout",

@@ -264,9 +264,11 @@ pub(crate) fn multi_fused_kernel<F: Float>(
 /// the reduction's operand shape that reads each row's reduced value as its
 /// accumulator: a unit, or a cube of `lanes`, per row reduces the row from `x`, then
 /// evaluates the program on every element of that row (row outputs are written by
-/// the row's first element). The reduced value is never written. `meta` continues after the program's part with the reduction's kept shape
-/// and strides, reduced shape and strides (in `x`), `x`'s offset, the row length and
-/// the number of rows.
+/// the row's first element). The reduced value is never written. With `top_k`, the
+/// kernel also writes, after the program's outputs, each row's top-k indices and
+/// values of one output (then one unit per row). `meta` continues after the
+/// program's part with the reduction's kept shape and strides, reduced shape and
+/// strides (in `x`), `x`'s offset, the row length and the number of rows.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn reduce_epilogue_kernel<F: Float>(
@@ -281,10 +283,16 @@ pub(crate) fn reduce_epilogue_kernel<F: Float>(
     #[comptime] kept: usize,
     #[comptime] op: ReduceKind,
     #[comptime] lanes: u32,
+    #[comptime] top_k: RowTopK,
 ) {
     let (row, lane) = reduce_position(lanes);
     let at = comptime!(program.rank * (1 + program.inputs) + program.inputs) as u32;
     let red_at = at + 2 * kept as u32;
+    // The row's best `top_k.k` values of one output and their indices, best first;
+    // an index of `count` marks an empty slot.
+    let k = comptime!(top_k.k.max(1));
+    let mut best_v = Array::<F>::new(k);
+    let mut best_i = Array::<u32>::new(k);
     let tail = (red_at + 2) as usize;
     let count = meta[tail + 1];
     if row < meta[tail + 2] {
@@ -330,9 +338,48 @@ pub(crate) fn reduce_epilogue_kernel<F: Float>(
                     out[pos as usize] = value;
                 }
             }
+            if comptime![top_k.k > 0] {
+                // Insert into the sorted list; a later equal value never passes an
+                // earlier one, so ties go to the lower index.
+                if r == 0 {
+                    for j in 0..k {
+                        best_i[j] = count;
+                    }
+                }
+                let mut v = *regs.index(comptime!(program.outputs[top_k.output]));
+                let mut i = r;
+                for j in 0..k {
+                    if i != count && (best_i[j] == count || v > best_v[j]) {
+                        let (held_v, held_i) = (best_v[j], best_i[j]);
+                        best_v[j] = v;
+                        best_i[j] = i;
+                        v = held_v;
+                        i = held_i;
+                    }
+                }
+            }
             r += lanes;
         }
+        if comptime![top_k.k > 0] {
+            let n_outputs = comptime!(program.outputs.len());
+            for j in 0..k {
+                let at = (row * k as u32 + j as u32) as usize;
+                let indices = outputs.index_mut(n_outputs);
+                indices[at] = F::cast_from(best_i[j]);
+                let values = outputs.index_mut(comptime!(n_outputs + 1));
+                values[at] = best_v[j];
+            }
+        }
     }
+}
+
+/// A top-k over the rows of one output of a reduction's epilogue, taken as the
+/// epilogue computes them (the router: softmax, then its top-k, in one kernel). `k`
+/// 0 for none. Needs one unit per row.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RowTopK {
+    pub output: usize,
+    pub k: usize,
 }
 
 /// A reduction whose operand is a fused elementwise program (its prologue): each

@@ -6,7 +6,7 @@ use crate::elementwise::{
 };
 use crate::fused::{
     fused_kernel, fused_reduce_kernel, multi_fused_kernel, reduce_epilogue_kernel, FusedOp,
-    FusedProgram,
+    FusedProgram, RowTopK,
 };
 use crate::index::{gather_kernel, scatter_add_kernel, top_k_kernel};
 use crate::matmul::{matmul_kernel, TILE};
@@ -490,6 +490,7 @@ enum ReduceSource {
         program: FusedProgram,
         seed: (u32, u32, u32),
         elements: usize,
+        top_k: RowTopK,
     },
 }
 
@@ -520,6 +521,11 @@ impl<R: Runtime> TunableLaunch for ReduceLaunch<R> {
 
     fn launch(&self, with: ReduceStrategy) -> Vec<Handle> {
         let n = self.n.max(1);
+        // A top-k taken in an epilogue walks each row in one unit.
+        let with = match &self.source {
+            ReduceSource::Epilogue { top_k, .. } if top_k.k > 0 => ReduceStrategy::UnitPerOutput,
+            _ => with,
+        };
         let (count, dim, lanes) = match with {
             ReduceStrategy::UnitPerOutput => {
                 let (count, dim) = grid_of(n, CUBE_SIZE);
@@ -591,16 +597,23 @@ impl<R: Runtime> TunableLaunch for ReduceLaunch<R> {
                 program,
                 seed,
                 elements,
+                top_k,
             } => {
-                let outputs: Vec<(Handle, usize)> = (0..program.outputs.len())
+                let mut sizes: Vec<usize> = (0..program.outputs.len())
                     .map(|o| {
-                        let len = if program.row_outputs.contains(&o) {
+                        if program.row_outputs.contains(&o) {
                             n
                         } else {
                             (*elements).max(1)
-                        };
-                        (self.client.empty(len * 4), len)
+                        }
                     })
+                    .collect();
+                if top_k.k > 0 {
+                    sizes.extend([n * top_k.k, n * top_k.k]);
+                }
+                let outputs: Vec<(Handle, usize)> = sizes
+                    .into_iter()
+                    .map(|len| (self.client.empty(len * 4), len))
                     .collect();
                 unsafe {
                     reduce_epilogue_kernel::launch_unchecked::<f32, R>(
@@ -618,6 +631,7 @@ impl<R: Runtime> TunableLaunch for ReduceLaunch<R> {
                         self.kept,
                         self.op,
                         lanes,
+                        *top_k,
                     )
                 };
                 outputs.into_iter().map(|(h, _)| h).collect()
@@ -1037,7 +1051,9 @@ impl<R: Runtime> Kernels<R> {
     /// Reduces `x` (of `shape`) along its last axis and runs the fused `program` (its
     /// epilogue) over `shape`, each element reading its row's reduced value as the
     /// accumulator; `inputs` are views broadcast to `shape`. The reduced values are
-    /// never written. Returns one contiguous buffer per program output.
+    /// never written. Returns one contiguous buffer per program output, then, with
+    /// `top_k`, each row's top-k indices (largest first, ties to the lower index) and
+    /// values of output `top_k.output`.
     #[allow(clippy::too_many_arguments)]
     pub fn reduce_epilogue(
         &self,
@@ -1046,6 +1062,7 @@ impl<R: Runtime> Kernels<R> {
         program: &FusedProgram,
         inputs: &[View],
         shape: &[usize],
+        top_k: RowTopK,
         seed: u64,
         step: u64,
     ) -> Vec<Handle> {
@@ -1060,6 +1077,7 @@ impl<R: Runtime> Kernels<R> {
             program: program.clone(),
             seed: (seed as u32, (seed >> 32) as u32, step as u32),
             elements: shape.iter().product(),
+            top_k,
         };
         self.launch_reduce(source, meta, &layout, op)
     }

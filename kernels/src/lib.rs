@@ -26,7 +26,7 @@ mod tune;
 
 pub use elementwise::{BinaryKind, UnaryKind};
 pub use experts::ExpertMatmul;
-pub use fused::{FusedOp, FusedProgram};
+pub use fused::{FusedOp, FusedProgram, RowTopK};
 pub use launch::{
     contiguous_strides, Ceilings, ElementwiseStrategy, EpilogueMatmul, Kernels, MatmulOperands,
     MatmulStrategy, ReduceStrategy, Segment, View,

@@ -11,8 +11,8 @@ use altc_compiler::ir::{
 use altc_compiler::reference::{EvalContext, Tensor, TensorMap};
 use altc_compiler::spec::Precision;
 use altc_kernels::{
-    BinaryKind, ExpertMatmul, FusedOp, FusedProgram, Kernels, MatmulOperands, ReduceKind, Segment,
-    UnaryKind, View,
+    BinaryKind, ExpertMatmul, FusedOp, FusedProgram, Kernels, MatmulOperands, ReduceKind, RowTopK,
+    Segment, UnaryKind, View,
 };
 use cubecl::prelude::*;
 use std::collections::{BTreeMap, HashMap};
@@ -557,6 +557,7 @@ impl<R: Runtime> DeviceBackend<R> {
                 },
                 shape,
             },
+            Op::StopGradient => x[0].clone(),
             Op::Reshape { .. } => {
                 let base = self.materialise(x[0]);
                 Value {
@@ -672,6 +673,11 @@ fn matmul_operands(
             .expect("operands come first")
     };
     (operand(0), operand(1), (transpose_a, transpose_b))
+}
+
+/// The concrete shape of node `id` once the inputs bound every symbol.
+fn shape_of(graph: &Graph, id: NodeId, symbols: &BTreeMap<String, usize>) -> Vec<usize> {
+    concrete(&graph.node(id).ty.shape, symbols).expect("inputs bind every symbol")
 }
 
 fn concrete(shape: &Shape, symbols: &BTreeMap<String, usize>) -> Option<Vec<usize>> {
@@ -862,18 +868,46 @@ impl<R: Runtime> Backend for DeviceBackend<R> {
                     self.launches += 1;
                     let (program, views) =
                         self.group_program(graph, group, &values, &shape, Some(fused.read_as()));
-                    let outputs = self.kernels.reduce_epilogue(
-                        reduce_kind(*op),
-                        &x.view,
-                        &program,
-                        &views,
-                        &shape,
-                        ctx.seed,
-                        ctx.step,
-                    );
-                    for (o, (id, handle)) in group.outputs.iter().zip(outputs).enumerate() {
+                    let top_k = fused
+                        .top_k
+                        .as_ref()
+                        .map_or(RowTopK::default(), |t| RowTopK {
+                            output: group
+                                .outputs
+                                .iter()
+                                .position(|&o| o == t.values)
+                                .expect("the top-k reads a group output"),
+                            k: *shape_of(graph, t.top, &symbols)
+                                .last()
+                                .expect("top-k keeps the rank"),
+                        });
+                    let mut outputs = self
+                        .kernels
+                        .reduce_epilogue(
+                            reduce_kind(*op),
+                            &x.view,
+                            &program,
+                            &views,
+                            &shape,
+                            top_k,
+                            ctx.seed,
+                            ctx.step,
+                        )
+                        .into_iter();
+                    for (o, id) in group.outputs.iter().enumerate() {
+                        let handle = outputs.next().expect("one buffer per output");
                         let shape = Self::output_shape(&program, o, &shape);
                         values[id.index()] = Some(Value::contiguous(handle, shape));
+                    }
+                    if let Some(t) = &fused.top_k {
+                        let chosen = shape_of(graph, t.top, &symbols);
+                        let (indices, kept) = (outputs.next(), outputs.next());
+                        let indices = indices.expect("the top-k indices follow the outputs");
+                        values[t.top.index()] = Some(Value::contiguous(indices, chosen.clone()));
+                        if let Some(gather) = t.gather {
+                            let kept = kept.expect("the chosen values follow the indices");
+                            values[gather.index()] = Some(Value::contiguous(kept, chosen));
+                        }
                     }
                 }
                 Step::MultiGroup(i) => {

@@ -213,6 +213,7 @@ pub fn infer(op: &Op, operands: &[&TensorType]) -> Result<TensorType, TypeError>
                 Shape(perm.iter().map(|&p| x.shape.0[p].clone()).collect()),
             )
         }
+        Op::StopGradient => Ok(operands[0].clone()),
         Op::Reshape { shape } => {
             let x = operands[0];
             let (from_n, mut from_syms) = x.shape.split_symbols();

@@ -138,6 +138,9 @@ pub enum Op {
     Transpose { perm: Vec<usize> },
     /// `(x)` reinterpreted row-major with the same elements.
     Reshape { shape: Shape },
+    /// `(x)` unchanged, but autodiff passes no gradient through it: the shift of a
+    /// stable softmax or log-sum-exp, whose gradient is exactly zero.
+    StopGradient,
     /// `(x)` expanded to `shape` by NumPy broadcasting rules.
     BroadcastTo { shape: Shape },
     /// `(x)` restricted to `start..end` along `axis`.
@@ -213,6 +216,7 @@ impl Op {
             ),
             Op::Transpose { perm } => format!("transpose {perm:?}"),
             Op::Reshape { shape } => format!("reshape {shape}"),
+            Op::StopGradient => "stop_gradient".into(),
             Op::BroadcastTo { shape } => format!("broadcast {shape}"),
             Op::Slice { axis, start, end } => format!("slice axis={axis} {start}..{end}"),
             Op::Concat { axis } => format!("concat axis={axis}"),
@@ -240,6 +244,7 @@ impl Op {
             | Op::Reduce { .. }
             | Op::Transpose { .. }
             | Op::Reshape { .. }
+            | Op::StopGradient
             | Op::BroadcastTo { .. }
             | Op::Slice { .. }
             | Op::TopK { .. }

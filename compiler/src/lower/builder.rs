@@ -252,9 +252,17 @@ impl<'p> Builder<'p> {
         self.add(scaled, beta)
     }
 
+    /// The row maximum a stable softmax or log-sum-exp shifts by. Both are exactly
+    /// shift-invariant, so no gradient flows through it: backward skips the maximum's
+    /// tie-splitting, and the maximum is read only by the shift.
+    fn stable_shift(&mut self, x: NodeId, axis: usize) -> Result<NodeId> {
+        let m = self.reduce(ReduceOp::Max, x, &[axis], true)?;
+        self.push(Op::StopGradient, &[m])
+    }
+
     /// `log(sum(exp(x)))` along `axis` (kept), shifted by the maximum for stability.
     pub fn log_sum_exp(&mut self, x: NodeId, axis: usize) -> Result<NodeId> {
-        let m = self.reduce(ReduceOp::Max, x, &[axis], true)?;
+        let m = self.stable_shift(x, axis)?;
         let shifted = self.sub(x, m)?;
         let e = self.unary(UnaryOp::Exp, shifted)?;
         let s = self.reduce(ReduceOp::Sum, e, &[axis], true)?;
@@ -263,7 +271,7 @@ impl<'p> Builder<'p> {
     }
 
     pub fn softmax(&mut self, x: NodeId, axis: usize) -> Result<NodeId> {
-        let m = self.reduce(ReduceOp::Max, x, &[axis], true)?;
+        let m = self.stable_shift(x, axis)?;
         let shifted = self.sub(x, m)?;
         let e = self.unary(UnaryOp::Exp, shifted)?;
         let s = self.reduce(ReduceOp::Sum, e, &[axis], true)?;

@@ -413,6 +413,7 @@ fn eval_op(op: &Op, x: &[&Tensor], at: &Site, ctx: EvalContext) -> Result<Tensor
             )
         }
         Op::Reshape { shape } => Tensor::new(at.resolve(shape)?, x[0].data.clone()),
+        Op::StopGradient => x[0].clone(),
         Op::BroadcastTo { shape } => {
             let shape = at.resolve(shape)?;
             let st = broadcast_strides(&x[0].shape, &shape);
