@@ -161,6 +161,9 @@ pub struct ReduceEpilogue {
     pub reduce: NodeId,
     pub via: Vec<NodeId>,
     pub group: usize,
+    /// Whether the reduction's values are written too, as other steps read them (a
+    /// softmax's row sums, which its backward reads).
+    pub write_reduced: bool,
     /// A top-k of the group's rows taken in the same kernel (a router's choice of
     /// experts from its softmax).
     pub top_k: Option<EpilogueTopK>,
@@ -289,7 +292,18 @@ impl FusionPlan {
     pub fn step_outputs(&self, graph: &Graph, step: &Step) -> Vec<NodeId> {
         match step {
             Step::Group(g) | Step::MatmulGroup { group: g, .. } => self.groups[*g].outputs.clone(),
-            Step::ReduceGroup(i) => self.groups[self.reduce_epilogues[*i].group].outputs.clone(),
+            Step::ReduceGroup(i) => {
+                let fused = &self.reduce_epilogues[*i];
+                let mut written = self.groups[fused.group].outputs.clone();
+                if fused.write_reduced {
+                    written.push(fused.reduce);
+                }
+                if let Some(t) = &fused.top_k {
+                    written.push(t.top);
+                    written.extend(t.gather);
+                }
+                written
+            }
             Step::GroupReduce { reduce, .. } | Step::MatmulSum { reduce, .. } => vec![*reduce],
             Step::MultiReduce(i) => self.multi_reduces[*i]
                 .segments
@@ -755,6 +769,7 @@ impl FusionPlan {
         users: &[Vec<NodeId>],
         graph_outputs: &BTreeSet<usize>,
     ) {
+        let position = self.positions(graph);
         let mut folded = Vec::new();
         for step in &self.schedule {
             let Step::Node(reduce) = *step else { continue };
@@ -806,29 +821,46 @@ impl FusionPlan {
                 reader = sole_user(u);
             }
             let readable = [&row_shape, operand].contains(&&graph.node(read_as).ty.shape);
+            // The epilogue: the first group of the operand's shape that reads the
+            // reduction and is not yet another reduction's epilogue.
             let Some(g) = users[read_as.index()]
-                .first()
-                .and_then(|u| self.member_of[u.index()])
+                .iter()
+                .filter_map(|u| {
+                    let g = self.member_of[u.index()]?;
+                    let fits = self.schedule.contains(&Step::Group(g))
+                        && !folded.iter().any(|f: &ReduceEpilogue| f.group == g)
+                        && self.groups[g].shape(graph) == operand
+                        && !self.groups[g].carries_scalars(graph);
+                    fits.then_some(g)
+                })
+                .min_by_key(|&g| position[self.groups[g].nodes[0].index()])
             else {
                 continue;
             };
-            let only_group = users[read_as.index()]
+            // Other readers of the reduction itself are served by writing it too;
+            // readers of a view of it would need the view built, so none may exist.
+            let outside = |id: NodeId| {
+                graph_outputs.contains(&id.index())
+                    || users[id.index()]
+                        .iter()
+                        .any(|u| self.member_of[u.index()] != Some(g))
+            };
+            let write_reduced = via.is_empty() && outside(reduce);
+            let served = via.is_empty() || !outside(read_as);
+            // The reduction now runs at the group's place: whoever else reads it must
+            // come later.
+            let at = position[self.groups[g].nodes[0].index()];
+            let in_time = users[reduce.index()]
                 .iter()
-                .all(|u| self.member_of[u.index()] == Some(g));
-            let runs_alone = self.schedule.contains(&Step::Group(g))
-                && !folded.iter().any(|f: &ReduceEpilogue| f.group == g);
-            if readable
-                && only_group
-                && runs_alone
-                && !graph_outputs.contains(&read_as.index())
-                && self.groups[g].shape(graph) == operand
-                && !self.groups[g].carries_scalars(graph)
-            {
+                .filter(|u| !via.contains(u) && self.member_of[u.index()] != Some(g))
+                .all(|u| position[u.index()] > at);
+            if readable && served && in_time {
                 let top_k = self.row_top_k(graph, users, g);
                 folded.push(ReduceEpilogue {
                     reduce,
                     via,
                     group: g,
+                    write_reduced,
                     top_k,
                 });
             }

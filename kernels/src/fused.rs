@@ -264,9 +264,9 @@ pub(crate) fn multi_fused_kernel<F: Float>(
 /// the reduction's operand shape that reads each row's reduced value as its
 /// accumulator: a unit, or a cube of `lanes`, per row reduces the row from `x`, then
 /// evaluates the program on every element of that row (row outputs are written by
-/// the row's first element). The reduced value is never written. With `top_k`, the
-/// kernel also writes, after the program's outputs, each row's top-k indices and
-/// values of one output (then one unit per row). `meta` continues after the
+/// the row's first element). After the program's outputs come, with
+/// `write_reduced`, the reduced values (when other kernels read them too), then with
+/// `top_k` each row's top-k indices and values of one output (one unit per row). `meta` continues after the
 /// program's part with the reduction's kept shape and strides, reduced shape and
 /// strides (in `x`), `x`'s offset, the row length and the number of rows.
 #[cube(launch_unchecked)]
@@ -283,6 +283,7 @@ pub(crate) fn reduce_epilogue_kernel<F: Float>(
     #[comptime] kept: usize,
     #[comptime] op: ReduceKind,
     #[comptime] lanes: u32,
+    #[comptime] write_reduced: bool,
     #[comptime] top_k: RowTopK,
 ) {
     let (row, lane) = reduce_position(lanes);
@@ -310,6 +311,13 @@ pub(crate) fn reduce_epilogue_kernel<F: Float>(
         acc = combine_lanes::<F>(acc, lanes, op);
         if comptime![op == ReduceKind::Mean] {
             acc /= F::cast_from(count);
+        }
+        let n_outputs = comptime!(program.outputs.len());
+        if comptime![write_reduced] {
+            if lane == 0 {
+                let reduced = outputs.index_mut(n_outputs);
+                reduced[row as usize] = acc;
+            }
         }
         let mut r = lane;
         while r < count {
@@ -361,12 +369,12 @@ pub(crate) fn reduce_epilogue_kernel<F: Float>(
             r += lanes;
         }
         if comptime![top_k.k > 0] {
-            let n_outputs = comptime!(program.outputs.len());
+            let first = comptime!(n_outputs + usize::from(write_reduced));
             for j in 0..k {
                 let at = (row * k as u32 + j as u32) as usize;
-                let indices = outputs.index_mut(n_outputs);
+                let indices = outputs.index_mut(first);
                 indices[at] = F::cast_from(best_i[j]);
-                let values = outputs.index_mut(comptime!(n_outputs + 1));
+                let values = outputs.index_mut(comptime!(first + 1));
                 values[at] = best_v[j];
             }
         }

@@ -490,6 +490,7 @@ enum ReduceSource {
         program: FusedProgram,
         seed: (u32, u32, u32),
         elements: usize,
+        write_reduced: bool,
         top_k: RowTopK,
     },
 }
@@ -597,6 +598,7 @@ impl<R: Runtime> TunableLaunch for ReduceLaunch<R> {
                 program,
                 seed,
                 elements,
+                write_reduced,
                 top_k,
             } => {
                 let mut sizes: Vec<usize> = (0..program.outputs.len())
@@ -608,6 +610,9 @@ impl<R: Runtime> TunableLaunch for ReduceLaunch<R> {
                         }
                     })
                     .collect();
+                if *write_reduced {
+                    sizes.push(n);
+                }
                 if top_k.k > 0 {
                     sizes.extend([n * top_k.k, n * top_k.k]);
                 }
@@ -631,6 +636,7 @@ impl<R: Runtime> TunableLaunch for ReduceLaunch<R> {
                         self.kept,
                         self.op,
                         lanes,
+                        *write_reduced,
                         *top_k,
                     )
                 };
@@ -1051,9 +1057,10 @@ impl<R: Runtime> Kernels<R> {
     /// Reduces `x` (of `shape`) along its last axis and runs the fused `program` (its
     /// epilogue) over `shape`, each element reading its row's reduced value as the
     /// accumulator; `inputs` are views broadcast to `shape`. The reduced values are
-    /// never written. Returns one contiguous buffer per program output, then, with
-    /// `top_k`, each row's top-k indices (largest first, ties to the lower index) and
-    /// values of output `top_k.output`.
+    /// written only with `write_reduced`. Returns one contiguous buffer per program
+    /// output, then the reduced values if written, then, with `top_k`, each row's
+    /// top-k indices (largest first, ties to the lower index) and values of output
+    /// `top_k.output`.
     #[allow(clippy::too_many_arguments)]
     pub fn reduce_epilogue(
         &self,
@@ -1062,6 +1069,7 @@ impl<R: Runtime> Kernels<R> {
         program: &FusedProgram,
         inputs: &[View],
         shape: &[usize],
+        write_reduced: bool,
         top_k: RowTopK,
         seed: u64,
         step: u64,
@@ -1077,6 +1085,7 @@ impl<R: Runtime> Kernels<R> {
             program: program.clone(),
             seed: (seed as u32, (seed >> 32) as u32, step as u32),
             elements: shape.iter().product(),
+            write_reduced,
             top_k,
         };
         self.launch_reduce(source, meta, &layout, op)

@@ -889,6 +889,7 @@ impl<R: Runtime> Backend for DeviceBackend<R> {
                             &program,
                             &views,
                             &shape,
+                            fused.write_reduced,
                             top_k,
                             ctx.seed,
                             ctx.step,
@@ -898,6 +899,11 @@ impl<R: Runtime> Backend for DeviceBackend<R> {
                         let handle = outputs.next().expect("one buffer per output");
                         let shape = Self::output_shape(&program, o, &shape);
                         values[id.index()] = Some(Value::contiguous(handle, shape));
+                    }
+                    if fused.write_reduced {
+                        let reduced = outputs.next().expect("the reduced values follow");
+                        let shape = shape_of(graph, fused.reduce, &symbols);
+                        values[fused.reduce.index()] = Some(Value::contiguous(reduced, shape));
                     }
                     if let Some(t) = &fused.top_k {
                         let chosen = shape_of(graph, t.top, &symbols);

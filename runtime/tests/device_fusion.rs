@@ -615,3 +615,71 @@ fn row_statistics_ride_along_the_elements_that_read_them() {
     }
     assert_eq!(fused.kernel_launches(), Some(3));
 }
+
+/// A router: softmax over 6 experts, its top-3 and their probabilities. The shift is
+/// a stop-gradient maximum, as lowered. The row sum is also read by a later step (as
+/// the softmax's backward reads it), so the kernel writes it too. Rows with tied
+/// logits check that ties go to the lower expert. Three kernels become two: the
+/// maximum with `exp(x - max)`, then the sum with the division, the top-k and the
+/// gather. All match the reference and the unfused path.
+#[test]
+fn a_router_is_its_softmax_kernels_with_the_top_k_inside() {
+    let Some((mut fused, mut unfused)) = fused_and_unfused() else {
+        return;
+    };
+    let mut g = Graph::new("router");
+    let mut feeds = TensorMap::new();
+    let mut logits = uniform(&[4, 7, 6], 47, 0);
+    if let altc_compiler::reference::Data::F32(v) = &mut logits.data {
+        // Row 0: experts 1, 3 and 4 tie for the largest; row 1: all equal.
+        v[..6].copy_from_slice(&[0.1, 0.9, -0.3, 0.9, 0.9, 0.2]);
+        v[6..12].fill(0.25);
+    }
+    feeds.insert("logits".into(), logits);
+    let x = input(&mut g, "logits", &[4, 7, 6]);
+    let push = |g: &mut Graph, op: Op, operands: &[NodeId]| g.push(op, operands, "test").unwrap();
+    let row = |op| Op::Reduce {
+        op,
+        axes: vec![2],
+        keep_dims: true,
+    };
+    let max = push(&mut g, row(ReduceOp::Max), &[x]);
+    let shift = push(&mut g, Op::StopGradient, &[max]);
+    let shifted = push(&mut g, Op::Binary(BinaryOp::Sub), &[x, shift]);
+    let e = push(&mut g, Op::Unary(UnaryOp::Exp), &[shifted]);
+    let sum = push(&mut g, row(ReduceOp::Sum), &[e]);
+    let probs = push(&mut g, Op::Binary(BinaryOp::Div), &[e, sum]);
+    let top = push(&mut g, Op::TopK { k: 3 }, &[probs]);
+    let kept = push(&mut g, Op::Gather { axis: 2 }, &[probs, top]);
+    let later = push(&mut g, Op::Unary(UnaryOp::Log), &[sum]);
+    for (name, id) in [
+        ("probs", probs),
+        ("top", top),
+        ("kept", kept),
+        ("log_sum", later),
+    ] {
+        g.set_output(name, id).unwrap();
+    }
+
+    let plan = altc_compiler::fusion::plan(&g, KernelLimits::default());
+    let fused_top_k = plan.reduce_epilogues.iter().filter(|f| f.top_k.is_some());
+    assert_eq!(fused_top_k.count(), 1, "{:?}", plan.schedule);
+    assert!(plan.reduce_epilogues.iter().any(|f| f.write_reduced));
+
+    let ctx = EvalContext { seed: 1, step: 0 };
+    let want = run(&g, &feeds, &TensorMap::new(), ctx).unwrap();
+    assert_eq!(want["top"].to_f64()[..6], [1.0, 3.0, 4.0, 0.0, 1.0, 2.0]);
+    for (label, device) in [("fused", &mut fused), ("unfused", &mut unfused)] {
+        let got = device.run(&g, &feeds, ctx).unwrap();
+        for (name, w) in &want {
+            assert_eq!(got[name].shape, w.shape, "{label} {name}");
+            for (a, b) in got[name].to_f64().iter().zip(w.to_f64()) {
+                assert!(
+                    (a - b).abs() <= 1e-5 + 1e-4 * b.abs(),
+                    "{label} {name}: {a} vs {b}"
+                );
+            }
+        }
+    }
+    assert_eq!(fused.kernel_launches(), Some(3), "two kernels and the log");
+}
