@@ -313,6 +313,8 @@ pub(crate) fn reduce_epilogue_kernel<F: Float>(
             acc /= F::cast_from(count);
         }
         let n_outputs = comptime!(program.outputs.len());
+        // Two conditions: the comptime one decides whether the code exists at all.
+        #[allow(clippy::collapsible_if)]
         if comptime![write_reduced] {
             if lane == 0 {
                 let reduced = outputs.index_mut(n_outputs);
