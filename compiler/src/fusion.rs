@@ -1024,19 +1024,35 @@ impl FusionPlan {
             });
         }
         batches.extend(open);
-        let mut removed = vec![false; self.schedule.len()];
-        for batch in batches.into_iter().filter(|b| b.members.len() > 1) {
-            let last = batch.members.last().expect("a batch has members").0;
-            for &(pos, _) in &batch.members {
-                removed[pos] = pos != last;
-            }
-            self.schedule[last] = Step::MultiReduce(self.multi_reduces.len());
-            self.multi_reduces.push(MultiReduce {
+        let batches: Vec<Batch> = batches
+            .into_iter()
+            .filter(|b| b.members.len() > 1)
+            .collect();
+        let positions = batches
+            .iter()
+            .map(|b| b.members.iter().map(|&(pos, _)| pos).collect())
+            .collect();
+        let first = self.multi_reduces.len();
+        self.merge_steps(positions, |i| Step::MultiReduce(first + i));
+        self.multi_reduces
+            .extend(batches.into_iter().map(|batch| MultiReduce {
                 op: batch.kind.op,
                 prologue: batch.kind.prologue,
                 whole: batch.kind.layout.is_none(),
                 segments: batch.members.into_iter().map(|(_, s)| s).collect(),
-            });
+            }));
+    }
+
+    /// Replaces each batch of steps (their positions, in order) by one step at its
+    /// last member's position, `step(i)` for batch `i`, and drops the others.
+    fn merge_steps(&mut self, batches: Vec<Vec<usize>>, step: impl Fn(usize) -> Step) {
+        let mut removed = vec![false; self.schedule.len()];
+        for (i, members) in batches.iter().enumerate() {
+            let last = *members.last().expect("a batch has members");
+            for &pos in members {
+                removed[pos] = pos != last;
+            }
+            self.schedule[last] = step(i);
         }
         let mut pos = 0;
         self.schedule.retain(|_| {
@@ -1174,24 +1190,22 @@ impl FusionPlan {
             });
         }
         batches.extend(open);
-        let mut removed = vec![false; self.schedule.len()];
-        for batch in batches.into_iter().filter(|b| b.members.len() > 1) {
-            let last = batch.members.last().expect("a batch has members").0;
-            for &(pos, _) in &batch.members {
-                removed[pos] = pos != last;
-            }
-            self.schedule[last] = Step::MultiGroup(self.multi_groups.len());
-            self.multi_groups.push(MultiGroup {
+        let batches: Vec<Batch> = batches
+            .into_iter()
+            .filter(|b| b.members.len() > 1)
+            .collect();
+        let positions = batches
+            .iter()
+            .map(|b| b.members.iter().map(|&(pos, _)| pos).collect())
+            .collect();
+        let first = self.multi_groups.len();
+        self.merge_steps(positions, |i| Step::MultiGroup(first + i));
+        self.multi_groups
+            .extend(batches.into_iter().map(|batch| MultiGroup {
                 groups: batch.members.iter().map(|&(_, g)| g).collect(),
                 shared: shared_positions(&batch.inputs),
                 inputs: batch.inputs,
-            });
-        }
-        let mut pos = 0;
-        self.schedule.retain(|_| {
-            pos += 1;
-            !removed[pos - 1]
-        });
+            }));
     }
 }
 

@@ -29,6 +29,29 @@ fn fused_and_unfused() -> Option<(Box<dyn Backend>, Box<dyn Backend>)> {
     }
 }
 
+/// Runs `g` on the fused and the unfused device and checks every output against the
+/// reference interpreter (1e-5 + 1e-4 relative).
+fn every_output_matches_the_reference(
+    g: &Graph,
+    feeds: &TensorMap,
+    devices: [&mut Box<dyn Backend>; 2],
+) {
+    let ctx = EvalContext { seed: 1, step: 0 };
+    let want = run(g, feeds, &TensorMap::new(), ctx).unwrap();
+    for (label, device) in ["fused", "unfused"].into_iter().zip(devices) {
+        let got = device.run(g, feeds, ctx).unwrap();
+        for (name, w) in &want {
+            assert_eq!(got[name].shape, w.shape, "{label} {name}");
+            for (a, b) in got[name].to_f64().iter().zip(w.to_f64()) {
+                assert!(
+                    (a - b).abs() <= 1e-5 + 1e-4 * b.abs(),
+                    "{label} {name}: {a} vs {b}"
+                );
+            }
+        }
+    }
+}
+
 struct Draw {
     stream: u64,
     next: u64,
@@ -443,20 +466,7 @@ fn updates_of_many_tensors_share_one_kernel() {
         "the learning rate is bound once"
     );
 
-    let ctx = EvalContext { seed: 1, step: 0 };
-    let want = run(&g, &feeds, &TensorMap::new(), ctx).unwrap();
-    for (label, device) in [("fused", &mut fused), ("unfused", &mut unfused)] {
-        let got = device.run(&g, &feeds, ctx).unwrap();
-        for (name, w) in &want {
-            assert_eq!(got[name].shape, w.shape, "{label} {name}");
-            for (a, b) in got[name].to_f64().iter().zip(w.to_f64()) {
-                assert!(
-                    (a - b).abs() <= 1e-5 + 1e-4 * b.abs(),
-                    "{label} {name}: {a} vs {b}"
-                );
-            }
-        }
-    }
+    every_output_matches_the_reference(&g, &feeds, [&mut fused, &mut unfused]);
     assert_eq!(
         fused.kernel_launches(),
         Some(2),
@@ -521,20 +531,7 @@ fn row_reductions_run_with_their_elementwise_epilogue() {
     assert_eq!(plan.reduce_epilogues.len(), 3, "{:?}", plan.schedule);
     assert_eq!(plan.launches(&g), 3);
 
-    let ctx = EvalContext { seed: 1, step: 0 };
-    let want = run(&g, &feeds, &TensorMap::new(), ctx).unwrap();
-    for (label, device) in [("fused", &mut fused), ("unfused", &mut unfused)] {
-        let got = device.run(&g, &feeds, ctx).unwrap();
-        for (name, w) in &want {
-            assert_eq!(got[name].shape, w.shape, "{label} {name}");
-            for (a, b) in got[name].to_f64().iter().zip(w.to_f64()) {
-                assert!(
-                    (a - b).abs() <= 1e-5 + 1e-4 * b.abs(),
-                    "{label} {name}: {a} vs {b}"
-                );
-            }
-        }
-    }
+    every_output_matches_the_reference(&g, &feeds, [&mut fused, &mut unfused]);
     assert_eq!(fused.kernel_launches(), Some(3));
 }
 
@@ -599,20 +596,7 @@ fn row_statistics_ride_along_the_elements_that_read_them() {
         "two for the norm, one for the row input"
     );
 
-    let ctx = EvalContext { seed: 1, step: 0 };
-    let want = run(&g, &feeds, &TensorMap::new(), ctx).unwrap();
-    for (label, device) in [("fused", &mut fused), ("unfused", &mut unfused)] {
-        let got = device.run(&g, &feeds, ctx).unwrap();
-        for (name, w) in &want {
-            assert_eq!(got[name].shape, w.shape, "{label} {name}");
-            for (a, b) in got[name].to_f64().iter().zip(w.to_f64()) {
-                assert!(
-                    (a - b).abs() <= 1e-5 + 1e-4 * b.abs(),
-                    "{label} {name}: {a} vs {b}"
-                );
-            }
-        }
-    }
+    every_output_matches_the_reference(&g, &feeds, [&mut fused, &mut unfused]);
     assert_eq!(fused.kernel_launches(), Some(3));
 }
 
@@ -666,20 +650,8 @@ fn a_router_is_its_softmax_kernels_with_the_top_k_inside() {
     assert_eq!(fused_top_k.count(), 1, "{:?}", plan.schedule);
     assert!(plan.reduce_epilogues.iter().any(|f| f.write_reduced));
 
-    let ctx = EvalContext { seed: 1, step: 0 };
-    let want = run(&g, &feeds, &TensorMap::new(), ctx).unwrap();
+    let want = run(&g, &feeds, &TensorMap::new(), EvalContext::default()).unwrap();
     assert_eq!(want["top"].to_f64()[..6], [1.0, 3.0, 4.0, 0.0, 1.0, 2.0]);
-    for (label, device) in [("fused", &mut fused), ("unfused", &mut unfused)] {
-        let got = device.run(&g, &feeds, ctx).unwrap();
-        for (name, w) in &want {
-            assert_eq!(got[name].shape, w.shape, "{label} {name}");
-            for (a, b) in got[name].to_f64().iter().zip(w.to_f64()) {
-                assert!(
-                    (a - b).abs() <= 1e-5 + 1e-4 * b.abs(),
-                    "{label} {name}: {a} vs {b}"
-                );
-            }
-        }
-    }
+    every_output_matches_the_reference(&g, &feeds, [&mut fused, &mut unfused]);
     assert_eq!(fused.kernel_launches(), Some(3), "two kernels and the log");
 }
