@@ -1024,16 +1024,12 @@ impl FusionPlan {
             });
         }
         batches.extend(open);
-        let batches: Vec<Batch> = batches
-            .into_iter()
-            .filter(|b| b.members.len() > 1)
-            .collect();
-        let positions = batches
-            .iter()
-            .map(|b| b.members.iter().map(|&(pos, _)| pos).collect())
-            .collect();
         let first = self.multi_reduces.len();
-        self.merge_steps(positions, |i| Step::MultiReduce(first + i));
+        let batches = self.merge_steps(
+            batches,
+            |b| b.members.iter().map(|&(pos, _)| pos).collect(),
+            |i| Step::MultiReduce(first + i),
+        );
         self.multi_reduces
             .extend(batches.into_iter().map(|batch| MultiReduce {
                 op: batch.kind.op,
@@ -1043,13 +1039,24 @@ impl FusionPlan {
             }));
     }
 
-    /// Replaces each batch of steps (their positions, in order) by one step at its
-    /// last member's position, `step(i)` for batch `i`, and drops the others.
-    fn merge_steps(&mut self, batches: Vec<Vec<usize>>, step: impl Fn(usize) -> Step) {
+    /// Replaces each batch of more than one step (`positions` of its members, in
+    /// order) by one step at its last member's position, `step(i)` for the `i`th
+    /// batch kept, and drops the others; returns the batches kept.
+    fn merge_steps<B>(
+        &mut self,
+        batches: Vec<B>,
+        positions: impl Fn(&B) -> Vec<usize>,
+        step: impl Fn(usize) -> Step,
+    ) -> Vec<B> {
+        let kept: Vec<B> = batches
+            .into_iter()
+            .filter(|b| positions(b).len() > 1)
+            .collect();
         let mut removed = vec![false; self.schedule.len()];
-        for (i, members) in batches.iter().enumerate() {
+        for (i, batch) in kept.iter().enumerate() {
+            let members = positions(batch);
             let last = *members.last().expect("a batch has members");
-            for &pos in members {
+            for &pos in &members {
                 removed[pos] = pos != last;
             }
             self.schedule[last] = step(i);
@@ -1059,6 +1066,7 @@ impl FusionPlan {
             pos += 1;
             !removed[pos - 1]
         });
+        kept
     }
 }
 
@@ -1190,16 +1198,12 @@ impl FusionPlan {
             });
         }
         batches.extend(open);
-        let batches: Vec<Batch> = batches
-            .into_iter()
-            .filter(|b| b.members.len() > 1)
-            .collect();
-        let positions = batches
-            .iter()
-            .map(|b| b.members.iter().map(|&(pos, _)| pos).collect())
-            .collect();
         let first = self.multi_groups.len();
-        self.merge_steps(positions, |i| Step::MultiGroup(first + i));
+        let batches = self.merge_steps(
+            batches,
+            |b| b.members.iter().map(|&(pos, _)| pos).collect(),
+            |i| Step::MultiGroup(first + i),
+        );
         self.multi_groups
             .extend(batches.into_iter().map(|batch| MultiGroup {
                 groups: batch.members.iter().map(|&(_, g)| g).collect(),
