@@ -144,6 +144,36 @@ pub(crate) fn run_program<F: Float>(
     regs
 }
 
+/// Writes the registers a program outputs for the element at `pos`, which lies in
+/// row `row` (its first element when `row_start`): scalar outputs by element 0, row
+/// outputs by each row's first element, the others at `pos`.
+#[cube]
+fn write_outputs<F: Float>(
+    outputs: &mut Sequence<Array<F>>,
+    regs: &Sequence<F>,
+    pos: u32,
+    row: u32,
+    row_start: bool,
+    #[comptime] program: FusedProgram,
+) {
+    #[unroll]
+    for o in 0usize..comptime!(program.outputs.len()) {
+        let out = outputs.index_mut(o);
+        let value = *regs.index(comptime!(program.outputs[o]));
+        if comptime![program.scalar_outputs.contains(&o)] {
+            if pos == 0 {
+                out[0] = value;
+            }
+        } else if comptime![program.row_outputs.contains(&o)] {
+            if row_start {
+                out[row as usize] = value;
+            }
+        } else {
+            out[pos as usize] = value;
+        }
+    }
+}
+
 /// `meta`: the group's shape, each input's strides, each input's offset. The dropout
 /// key (seed, step) comes as scalars, so the metadata is the same every step. Each
 /// unit computes `per_unit` elements, one per pass over the grid.
@@ -180,24 +210,20 @@ pub(crate) fn fused_kernel<F: Float>(
                 rng_step,
                 program.clone(),
             );
-            #[unroll]
-            for o in 0usize..comptime!(program.outputs.len()) {
-                let out = outputs.index_mut(o);
-                let value = *regs.index(comptime!(program.outputs[o]));
-                if comptime![program.scalar_outputs.contains(&o)] {
-                    if pos == 0 {
-                        out[0] = value;
-                    }
-                } else if comptime![program.row_outputs.contains(&o)] {
-                    let row_len = meta[comptime!(program.rank - 1)];
-                    let row = pos / row_len;
-                    if row * row_len == pos {
-                        out[row as usize] = value;
-                    }
-                } else {
-                    out[pos as usize] = value;
-                }
+            // Rows are the last axis; a program without row outputs needs none.
+            let mut row_len = 1u32;
+            if comptime![!program.row_outputs.is_empty()] {
+                row_len = meta[comptime!(program.rank - 1)];
             }
+            let row = pos / row_len;
+            write_outputs::<F>(
+                outputs,
+                &regs,
+                pos,
+                row,
+                row * row_len == pos,
+                program.clone(),
+            );
         }
     }
 }
@@ -336,18 +362,7 @@ pub(crate) fn reduce_epilogue_kernel<F: Float>(
                 rng_step,
                 program.clone(),
             );
-            #[unroll]
-            for o in 0usize..comptime!(program.outputs.len()) {
-                let out = outputs.index_mut(o);
-                let value = *regs.index(comptime!(program.outputs[o]));
-                if comptime![program.row_outputs.contains(&o)] {
-                    if r == 0 {
-                        out[row as usize] = value;
-                    }
-                } else {
-                    out[pos as usize] = value;
-                }
-            }
+            write_outputs::<F>(outputs, &regs, pos, row, r == 0, program.clone());
             if comptime![top_k.k > 0] {
                 // Insert into the sorted list; a later equal value never passes an
                 // earlier one, so ties go to the lower index.
