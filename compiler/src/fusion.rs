@@ -426,11 +426,13 @@ pub fn launches_kernel(op: &Op) -> bool {
     )
 }
 
-/// Elementwise ops that can share a kernel.
+/// Elementwise ops that can share a kernel (an iota is computed from each element's
+/// position, so it joins the group that reads it instead of filling a buffer).
 pub fn is_fusible(op: &Op) -> bool {
     matches!(
         op,
-        Op::Unary(_)
+        Op::Iota { .. }
+            | Op::Unary(_)
             | Op::Binary(_)
             | Op::Compare(_)
             | Op::Where
@@ -1090,8 +1092,8 @@ pub fn group_inputs(graph: &Graph, group: &FusionGroup) -> Vec<NodeId> {
 /// A group's program as text, so that equal signatures mean equal fused programs: the
 /// same ops on the same registers, constants and loads in the same order, the same
 /// outputs. `None` for a group a multi-tensor kernel cannot run, which reads every
-/// tensor flat: one with dropout (its masks are keyed by the position in the group's
-/// own shape), with a member or an input that is neither of the group's shape nor
+/// tensor flat: one with dropout or an iota (both depend on the position in the
+/// group's own shape), with a member or an input that is neither of the group's shape nor
 /// one value, or with an input that is a transposed or broadcast view.
 fn group_signature(graph: &Graph, group: &FusionGroup) -> Option<String> {
     use std::fmt::Write;
@@ -1101,7 +1103,7 @@ fn group_signature(graph: &Graph, group: &FusionGroup) -> Option<String> {
     for &m in &group.nodes {
         let node = graph.node(m);
         let flat = &node.ty.shape == shape || node.ty.shape.rank() == 0;
-        if matches!(node.op, Op::Dropout { .. }) || !flat {
+        if matches!(node.op, Op::Dropout { .. } | Op::Iota { .. }) || !flat {
             return None;
         }
         let mut operands = Vec::new();

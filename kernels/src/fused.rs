@@ -17,6 +17,10 @@ pub enum FusedOp {
     },
     /// The value a matmul computed for this element (the program is its epilogue).
     Accumulator,
+    /// The element's coordinate along `axis` of the program's shape.
+    Iota {
+        axis: usize,
+    },
     /// An f32 constant, stored as its bits so the program stays `Eq + Hash`.
     Constant {
         bits: u32,
@@ -110,6 +114,15 @@ pub(crate) fn run_program<F: Float>(
                 source[at as usize]
             }
             FusedOp::Accumulator => accumulator,
+            FusedOp::Iota { axis } => {
+                // Peel coordinates off the last axis until `axis`.
+                let mut rem = pos;
+                #[unroll]
+                for d in 0..comptime!(rank - 1 - axis) {
+                    rem /= meta[meta_at as usize + comptime!(rank - 1 - d)];
+                }
+                F::cast_from(rem % meta[meta_at as usize + axis])
+            }
             FusedOp::Constant { bits } => F::new(comptime!(f32::from_bits(bits))),
             FusedOp::Unary { op, a } => apply_unary::<F>(*regs.index(a), op),
             FusedOp::Binary { op, a, b } => apply_binary::<F>(*regs.index(a), *regs.index(b), op),

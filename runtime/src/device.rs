@@ -387,6 +387,7 @@ impl<R: Runtime> DeviceBackend<R> {
                     op: cast_kind(*dtype),
                     a: regs[0],
                 },
+                Op::Iota { axis, .. } => FusedOp::Iota { axis: *axis },
                 Op::Dropout { rate, stream } => FusedOp::Dropout {
                     a: regs[0],
                     rate_bits: (rate.0 as f32).to_bits(),

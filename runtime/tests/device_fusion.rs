@@ -655,3 +655,41 @@ fn a_router_is_its_softmax_kernels_with_the_top_k_inside() {
     every_output_matches_the_reference(&g, &feeds, [&mut fused, &mut unfused]);
     assert_eq!(fused.kernel_launches(), Some(3), "two kernels and the log");
 }
+
+/// Iotas are computed from each element's position inside the group that reads them:
+/// a diagonal mask over `[5, 7]` (as InfoNCE builds its targets) and a coordinate
+/// along the middle axis of `[2, 3, 4]` each take one kernel and no index buffer.
+#[test]
+fn iotas_join_the_group_that_reads_them() {
+    let Some((mut fused, mut unfused)) = fused_and_unfused() else {
+        return;
+    };
+    let mut g = Graph::new("iotas");
+    let mut feeds = TensorMap::new();
+    let x = random_input(&mut g, &mut feeds, "x", &[5, 7], (53, 0));
+    let y = random_input(&mut g, &mut feeds, "y", &[2, 3, 4], (53, 1));
+    let push = |g: &mut Graph, op: Op, operands: &[NodeId]| g.push(op, operands, "test").unwrap();
+    let iota = |g: &mut Graph, shape: &[usize], axis| {
+        let op = Op::Iota {
+            axis,
+            dtype: DType::I32,
+            shape: shape.iter().copied().collect(),
+        };
+        g.push(op, &[], "test").unwrap()
+    };
+    let rows = iota(&mut g, &[5, 7], 0);
+    let columns = iota(&mut g, &[5, 7], 1);
+    let diagonal = push(&mut g, Op::Compare(CompareOp::Eq), &[rows, columns]);
+    let mask = push(&mut g, Op::Cast { dtype: DType::F32 }, &[diagonal]);
+    let masked = push(&mut g, Op::Binary(BinaryOp::Mul), &[mask, x]);
+    let middle = iota(&mut g, &[2, 3, 4], 1);
+    let index = push(&mut g, Op::Cast { dtype: DType::F32 }, &[middle]);
+    let scaled = push(&mut g, Op::Binary(BinaryOp::Mul), &[index, y]);
+    g.set_output("masked", masked).unwrap();
+    g.set_output("scaled", scaled).unwrap();
+
+    let plan = altc_compiler::fusion::plan(&g, KernelLimits::default());
+    assert_eq!(plan.launches(&g), 2, "{:?}", plan.schedule);
+    every_output_matches_the_reference(&g, &feeds, [&mut fused, &mut unfused]);
+    assert_eq!(fused.kernel_launches(), Some(2));
+}
