@@ -535,6 +535,18 @@ pub fn plan(graph: &Graph, limits: KernelLimits) -> FusionPlan {
 
     let outputs_of_graph: BTreeSet<usize> =
         graph.outputs().iter().map(|(_, o)| o.index()).collect();
+    sink_into_readers(
+        graph,
+        &order,
+        &users,
+        &outputs_of_graph,
+        max_inputs,
+        Grouping {
+            group: &mut group,
+            members: &mut members,
+            inputs: &mut inputs,
+        },
+    );
     let mut groups = Vec::new();
     let mut member_of = vec![None; n];
     let mut index_of_rep = vec![None; n];
@@ -603,6 +615,114 @@ pub fn plan(graph: &Graph, limits: KernelLimits) -> FusionPlan {
     plan.fold_multi_reduces(graph, &users, max_inputs);
     plan.fold_multi_groups(graph, &users, limits.max_bindings);
     plan
+}
+
+/// The planner's groups while they form, indexed by a representative node: each
+/// node's group, each group's members and the values it reads from outside.
+struct Grouping<'a> {
+    group: &'a mut [Option<usize>],
+    members: &'a mut [Vec<usize>],
+    inputs: &'a mut [BTreeSet<usize>],
+}
+
+/// Moves work that a group computes only for a later group into that later group.
+///
+/// Merging producers into consumers can pull a backward-pass value into the forward
+/// group whose values it reads (autodiff's `2 * centred` for a norm's variance): it
+/// is then written in the forward pass and held until backward reads it. When such
+/// a member, with the members that only it needs, reads nothing of its group that is
+/// not written anyway, the group that reads it computes it instead: nothing more is
+/// written, and the value is never held.
+fn sink_into_readers(
+    graph: &Graph,
+    order: &[NodeId],
+    users: &[Vec<NodeId>],
+    graph_outputs: &BTreeSet<usize>,
+    max_inputs: usize,
+    grouping: Grouping,
+) {
+    let Grouping {
+        group,
+        members,
+        inputs,
+    } = grouping;
+    let is_constant = |o: NodeId| matches!(graph.node(o).op, Op::Constant { .. });
+    for &m in order.iter().rev() {
+        let (Some(a), false) = (group[m.index()], graph_outputs.contains(&m.index())) else {
+            continue;
+        };
+        // The one other group that reads `m`, at `m`'s own shape.
+        let readers: BTreeSet<Option<usize>> =
+            users[m.index()].iter().map(|u| group[u.index()]).collect();
+        let [Some(b)] = readers.into_iter().collect::<Vec<_>>()[..] else {
+            continue;
+        };
+        let same_shape = users[m.index()]
+            .iter()
+            .all(|u| graph.node(*u).ty.shape == graph.node(m).ty.shape);
+        if b == a || !same_shape || matches!(graph.node(m).op, Op::Dropout { .. }) {
+            continue;
+        }
+        // `m` and the members of `a` that only it (transitively) needs.
+        let mut moving = vec![m];
+        let mut at = 0;
+        let mut feasible = true;
+        while at < moving.len() && feasible {
+            for o in graph.operands(moving[at]) {
+                if group[o.index()] != Some(a) || moving.contains(&o) {
+                    continue;
+                }
+                let written_anyway = graph_outputs.contains(&o.index())
+                    || users[o.index()].iter().any(|u| group[u.index()] != Some(a));
+                if written_anyway {
+                    continue;
+                }
+                // Read only inside `a`: it moves too if only moving members read it;
+                // otherwise it would have to be written for `b`, which costs more.
+                let only_for_moving = users[o.index()].iter().all(|u| moving.contains(u));
+                if !only_for_moving || matches!(graph.node(o).op, Op::Dropout { .. }) {
+                    feasible = false;
+                    break;
+                }
+                moving.push(o);
+            }
+            at += 1;
+        }
+        if !feasible {
+            continue;
+        }
+        let moved: BTreeSet<usize> = moving.iter().map(|x| x.index()).collect();
+        let b_members: BTreeSet<usize> = members[b].iter().copied().chain(moved.clone()).collect();
+        let b_inputs: BTreeSet<usize> = inputs[b]
+            .iter()
+            .copied()
+            .chain(
+                moving
+                    .iter()
+                    .flat_map(|&x| graph.operands(x))
+                    .filter(|&o| !is_constant(o))
+                    .map(|o| o.index()),
+            )
+            .filter(|i| !b_members.contains(i))
+            .collect();
+        if b_inputs.len() > max_inputs {
+            continue;
+        }
+        for &x in &moved {
+            group[x] = Some(b);
+        }
+        members[a].retain(|x| !moved.contains(x));
+        members[b].extend(&moved);
+        inputs[b] = b_inputs;
+        // What `a` still computes reads the same values as before, less `m`'s.
+        let a_members: BTreeSet<usize> = members[a].iter().copied().collect();
+        inputs[a] = members[a]
+            .iter()
+            .flat_map(|&x| graph.operands(NodeId::new(x)))
+            .filter(|&o| !is_constant(o) && !a_members.contains(&o.index()))
+            .map(|o| o.index())
+            .collect();
+    }
 }
 
 /// Whether joining the producer group (`producer`) to a consumer group makes a cycle:

@@ -9,7 +9,7 @@
 //! Every rule checks types through the analysis before it applies, so an ill-typed
 //! rewrite is never added; extraction re-infers every node's type as it rebuilds.
 
-use crate::ir::{BinaryOp, Graph, GraphError, NodeId, Op, Scalar, TensorType, UnaryOp};
+use crate::ir::{BinaryOp, Graph, GraphError, NodeId, Op, ReduceOp, Scalar, TensorType, UnaryOp};
 use crate::reference;
 use egg::{
     Analysis, Applier, DidMerge, EGraph, Id, Language, PatternAst, Rewrite, Runner, SearchMatches,
@@ -77,6 +77,17 @@ impl Analysis<IrNode> for TypeAnalysis {
                 | Op::StopGradient,
                 [a],
             ) => a.constant,
+            // A reduction of one repeated value: the value, or for a sum the value
+            // times the count when the reduced extents are known (autodiff counts the
+            // elements of a mean as a sum of ones).
+            (Op::Reduce { op, axes, .. }, [a]) => a.constant.and_then(|c| match op {
+                ReduceOp::Sum => {
+                    let dims = a.ty.as_ref()?.shape.dims().to_vec();
+                    let count: Option<usize> = axes.iter().map(|&i| dims[i].fixed()).product();
+                    count.map(|n| c * n as f64)
+                }
+                ReduceOp::Mean | ReduceOp::Max | ReduceOp::Min => Some(c),
+            }),
             _ => None,
         };
         ClassInfo {
@@ -299,10 +310,10 @@ pub fn rules() -> Vec<Rewrite<IrNode, TypeAnalysis>> {
                 _ => None,
             }
         }),
-        // An elementwise op on uniform constants is a constant.
+        // An elementwise op or a reduction on uniform constants is a constant.
         rule("fold-constants", |eg, class, n| {
             let known = n.children.iter().all(|c| constant_of(eg, *c).is_some());
-            let elementwise = matches!(n.op, Op::Unary(_) | Op::Binary(_));
+            let elementwise = matches!(n.op, Op::Unary(_) | Op::Binary(_) | Op::Reduce { .. });
             let value = eg[class].data.constant?;
             let ty = eg[class].data.ty.clone()?;
             (known && elementwise && !n.children.is_empty()).then(|| {

@@ -237,3 +237,61 @@ fn the_schedule_frees_large_values_before_making_more() {
         fused.peak_bytes
     );
 }
+
+/// A value a later group needs (a backward term such as `2 * centred`), computed from
+/// a value its producing group writes anyway, is computed by the group that reads it
+/// instead: it is never written or held between the two.
+#[test]
+fn work_for_a_later_group_moves_into_it() {
+    use altc_compiler::ir::{BinaryOp, DType, Op, ReduceOp, Scalar, Shape};
+    let mut g = Graph::new("late-term");
+    let mut push =
+        |op: Op, operands: &[altc_compiler::ir::NodeId]| g.push(op, operands, "test").unwrap();
+    let input = |name: &str| Op::Input {
+        name: name.into(),
+        dtype: DType::F32,
+        shape: [64, 64].into_iter().collect(),
+    };
+    let constant = |v: f64| Op::Constant {
+        value: Scalar(v),
+        dtype: DType::F32,
+        shape: Shape::scalar(),
+    };
+    let (x, w) = (push(input("x"), &[]), push(input("w"), &[]));
+    let (one, two) = (push(constant(1.0), &[]), push(constant(2.0), &[]));
+    let centred = push(Op::Binary(BinaryOp::Sub), &[x, one]);
+    let late_term = push(Op::Binary(BinaryOp::Mul), &[centred, two]);
+    let sum = Op::Reduce {
+        op: ReduceOp::Sum,
+        axes: vec![0, 1],
+        keep_dims: false,
+    };
+    let total = push(sum, &[centred]);
+    let product = push(
+        Op::MatMul {
+            transpose_a: false,
+            transpose_b: false,
+        },
+        &[x, w],
+    );
+    let late = push(Op::Binary(BinaryOp::Mul), &[late_term, product]);
+    g.set_output("total", total).unwrap();
+    g.set_output("late", late).unwrap();
+
+    let plan = plan(&g, KernelLimits::default());
+    let group_of = |id| plan.group_of(id).map(|group| group.nodes.clone());
+    assert_eq!(group_of(late_term), group_of(late), "{:?}", plan.groups);
+    let written: Vec<_> = plan
+        .schedule
+        .iter()
+        .flat_map(|s| plan.step_outputs(&g, s))
+        .collect();
+    assert!(
+        written.contains(&centred),
+        "the centred value is written for the sum"
+    );
+    assert!(
+        !written.contains(&late_term),
+        "the late term is never written"
+    );
+}
