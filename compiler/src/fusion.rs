@@ -60,6 +60,27 @@ impl FusionGroup {
     }
 }
 
+/// Whether nodes can share one kernel's shape: all of the largest shape among them,
+/// besides scalars, and values one per row of it (neither dropout nor an iota).
+fn one_shape(graph: &Graph, nodes: &BTreeSet<usize>) -> bool {
+    let shape_of = |n: usize| &graph.node(NodeId::new(n)).ty.shape;
+    let Some(full) = nodes
+        .iter()
+        .map(|&n| shape_of(n))
+        .max_by_key(|s| (s.rank(), s.dims().last() != Some(&Dim::Fixed(1))))
+    else {
+        return true;
+    };
+    nodes.iter().all(|&n| {
+        let shape = shape_of(n);
+        let positional = matches!(
+            graph.node(NodeId::new(n)).op,
+            Op::Dropout { .. } | Op::Iota { .. }
+        );
+        shape == full || !positional && (shape.rank() == 0 || is_row_of(shape, full))
+    })
+}
+
 /// Whether `small` holds one value per row of `shape`: the same extents, but 1 along
 /// the last axis where `shape` has more.
 pub fn is_row_of(small: &Shape, shape: &Shape) -> bool {
@@ -123,11 +144,12 @@ impl KernelLimits {
     const MAX_BINDINGS: usize = 256;
 
     /// The limits for a device that binds `bindings` buffers per kernel, leaving room
-    /// for a group's outputs and metadata.
+    /// for a group's outputs and metadata, and for the one buffer cubecl may add (its
+    /// scalars and sizes).
     pub fn for_bindings(bindings: usize) -> KernelLimits {
         KernelLimits {
             max_inputs: bindings.saturating_sub(4).clamp(2, Self::MAX_FUSED_INPUTS),
-            max_bindings: bindings.clamp(4, Self::MAX_BINDINGS),
+            max_bindings: bindings.saturating_sub(1).clamp(4, Self::MAX_BINDINGS),
         }
     }
 }
@@ -492,19 +514,22 @@ pub fn plan(graph: &Graph, limits: KernelLimits) -> FusionPlan {
             let g = group[me].expect("just grouped");
             // A group of scalars, or of values one per row of the consumer's shape
             // (a norm's statistics), joins the consumer: each element recomputes
-            // them, which costs registers, not a launch. Not dropout, whose mask is
-            // drawn per element position.
+            // them, which costs registers, not a launch. Not dropout or an iota, whose
+            // values depend on the element's position in their own shape.
             let rides_along = members[p].iter().all(|&m| {
                 let member = graph.node(NodeId::new(m));
                 let shape = &member.ty.shape;
                 (shape.rank() == 0 || is_row_of(shape, &node.ty.shape))
-                    && !matches!(member.op, Op::Dropout { .. })
+                    && !matches!(member.op, Op::Dropout { .. } | Op::Iota { .. })
             });
             if p == g || (graph.node(o).ty.shape != node.ty.shape && !rides_along) {
                 continue;
             }
             let merged_members: BTreeSet<usize> =
                 members[p].iter().chain(&members[g]).copied().collect();
+            if !one_shape(graph, &merged_members) {
+                continue;
+            }
             let merged_inputs: BTreeSet<usize> = inputs[p]
                 .union(&inputs[g])
                 .filter(|i| !merged_members.contains(i))
@@ -611,7 +636,7 @@ pub fn plan(graph: &Graph, limits: KernelLimits) -> FusionPlan {
         reduce_epilogues: Vec::new(),
         member_of,
     };
-    plan.fold_reduce_epilogues(graph, &users, &outputs_of_graph);
+    plan.fold_reduce_epilogues(graph, &users, &outputs_of_graph, limits.max_bindings);
     plan.fold_multi_reduces(graph, &users, max_inputs);
     plan.fold_multi_groups(graph, &users, limits.max_bindings);
     plan
@@ -705,7 +730,7 @@ fn sink_into_readers(
             )
             .filter(|i| !b_members.contains(i))
             .collect();
-        if b_inputs.len() > max_inputs {
+        if b_inputs.len() > max_inputs || !one_shape(graph, &b_members) {
             continue;
         }
         for &x in &moved {
@@ -890,6 +915,7 @@ impl FusionPlan {
         graph: &Graph,
         users: &[Vec<NodeId>],
         graph_outputs: &BTreeSet<usize>,
+        max_bindings: usize,
     ) {
         let position = self.positions(graph);
         let mut folded = Vec::new();
@@ -930,9 +956,14 @@ impl FusionPlan {
             let mut read_as = reduce;
             let mut reader = sole_user(reduce);
             while let Some(u) = reader {
+                // Views that keep each row's value: a reshape or stop-gradient to the
+                // kept shape, and a broadcast of that shape over the rows.
+                let from = &graph.node(read_as).ty.shape;
                 let view = match &graph.node(u).op {
                     Op::Reshape { .. } | Op::StopGradient => graph.node(u).ty.shape == row_shape,
-                    Op::BroadcastTo { .. } => &graph.node(u).ty.shape == operand,
+                    Op::BroadcastTo { .. } => {
+                        from == &row_shape && &graph.node(u).ty.shape == operand
+                    }
                     _ => false,
                 };
                 if !view || via.len() == 2 {
@@ -976,8 +1007,17 @@ impl FusionPlan {
                 .iter()
                 .filter(|u| !via.contains(u) && self.member_of[u.index()] != Some(g))
                 .all(|u| position[u.index()] > at);
-            if readable && served && in_time {
-                let top_k = self.row_top_k(graph, users, g);
+            // The kernel binds the reduced operand, the group's inputs and outputs,
+            // the reduced values if written, a top-k's two results and its metadata.
+            let group = &self.groups[g];
+            let bindings = 2
+                + group_inputs(graph, group).len()
+                + group.outputs.len()
+                + usize::from(write_reduced);
+            if readable && served && in_time && bindings <= max_bindings {
+                let top_k = self
+                    .row_top_k(graph, users, g)
+                    .filter(|_| bindings + 2 <= max_bindings);
                 folded.push(ReduceEpilogue {
                     reduce,
                     via,

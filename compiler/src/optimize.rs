@@ -12,8 +12,8 @@
 use crate::ir::{BinaryOp, Graph, GraphError, NodeId, Op, ReduceOp, Scalar, TensorType, UnaryOp};
 use crate::reference;
 use egg::{
-    Analysis, Applier, DidMerge, EGraph, Id, Language, PatternAst, Rewrite, Runner, SearchMatches,
-    Searcher, Subst, Symbol,
+    Analysis, Applier, CostFunction, DidMerge, EGraph, Extractor, Id, Language, PatternAst,
+    Rewrite, Runner, SearchMatches, Searcher, Subst, Symbol,
 };
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -380,6 +380,55 @@ fn node_cost(egraph: &IrGraph, enode: &IrNode) -> f64 {
     LAUNCH + written + flops / FLOPS_PER_ELEMENT
 }
 
+/// `node_cost` summed over the tree, for egg's own extractor (the fallback).
+struct TreeCost<'a> {
+    egraph: &'a IrGraph,
+}
+
+impl CostFunction<IrNode> for TreeCost<'_> {
+    type Cost = f64;
+
+    fn cost<C: FnMut(Id) -> f64>(&mut self, enode: &IrNode, mut costs: C) -> f64 {
+        let own = node_cost(self.egraph, enode);
+        enode.children.iter().fold(own, |acc, c| acc + costs(*c))
+    }
+}
+
+/// Whether the chosen nodes reachable from `roots` form no cycle (and every class
+/// met has a choice).
+fn acyclic(egraph: &IrGraph, chosen: &HashMap<Id, IrNode>, roots: &[Id]) -> bool {
+    // 1: on the current path, 2: done.
+    let mut state: HashMap<Id, u8> = HashMap::new();
+    let mut stack: Vec<(Id, usize)> = Vec::new();
+    for &root in roots {
+        if state.contains_key(&root) {
+            continue;
+        }
+        stack.push((root, 0));
+        state.insert(root, 1);
+        while let Some((class, next)) = stack.pop() {
+            let Some(node) = chosen.get(&class) else {
+                return false;
+            };
+            if let Some(&child) = node.children.get(next) {
+                stack.push((class, next + 1));
+                let child = egraph.find(child);
+                match state.get(&child) {
+                    Some(1) => return false,
+                    Some(_) => {}
+                    None => {
+                        state.insert(child, 1);
+                        stack.push((child, 0));
+                    }
+                }
+            } else {
+                state.insert(class, 2);
+            }
+        }
+    }
+    true
+}
+
 /// DAG-aware extraction: the cost of choosing a node is its own cost plus that of
 /// every distinct class it depends on, each counted once however many paths lead to
 /// it, so a subgraph shared by several users is paid for once (egg's own extractor
@@ -407,7 +456,10 @@ fn extract_dag(egraph: &IrGraph) -> HashMap<Id, IrNode> {
         }
         sum
     };
-    loop {
+    // Each pass can only lower costs; a few settle any graph altc builds, and the
+    // bound keeps a pathological e-graph from taking long.
+    const PASSES: usize = 32;
+    for _ in 0..PASSES {
         let mut changed = false;
         for (i, &class) in classes.iter().enumerate() {
             for node in &egraph[class].nodes {
@@ -538,7 +590,19 @@ pub fn optimize(graph: &Graph, limits: Limits) -> Result<(Graph, OptimizeReport)
         .into_iter()
         .map(|(c, o)| (egraph.find(c), o))
         .collect();
-    let chosen = extract_dag(egraph);
+    let root_classes: Vec<Id> = roots.iter().map(|(_, r)| egraph.find(*r)).collect();
+    let chosen = Some(extract_dag(egraph))
+        .filter(|chosen| acyclic(egraph, chosen, &root_classes))
+        .unwrap_or_else(|| {
+            // The greedy choices can in rare cases close a cycle through a class
+            // that changed its choice after others counted on it; egg's tree-cost
+            // extraction never does.
+            let extractor = Extractor::new(egraph, TreeCost { egraph });
+            egraph
+                .classes()
+                .map(|c| (c.id, extractor.find_best_node(c.id).clone()))
+                .collect()
+        });
     let mut out = Graph::new(graph.name.clone());
     let mut built: HashMap<Id, NodeId> = HashMap::new();
     for (name, root) in &roots {

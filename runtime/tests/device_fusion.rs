@@ -693,3 +693,38 @@ fn iotas_join_the_group_that_reads_them() {
     every_output_matches_the_reference(&g, &feeds, [&mut fused, &mut unfused]);
     assert_eq!(fused.kernel_launches(), Some(2));
 }
+
+/// A row sum broadcast the NumPy way, right-aligned, varies along the rows instead of
+/// across them (`[6]` over `[6, 6]`): not a row's value, so it is no epilogue, and
+/// the result still matches the reference.
+#[test]
+fn a_row_sum_broadcast_across_the_rows_is_not_an_epilogue() {
+    let Some((mut fused, mut unfused)) = fused_and_unfused() else {
+        return;
+    };
+    let mut g = Graph::new("crosswise");
+    let mut feeds = TensorMap::new();
+    let x = random_input(&mut g, &mut feeds, "x", &[6, 6], (59, 0));
+    let push = |g: &mut Graph, op: Op, operands: &[NodeId]| g.push(op, operands, "test").unwrap();
+    let sums = push(
+        &mut g,
+        Op::Reduce {
+            op: ReduceOp::Sum,
+            axes: vec![1],
+            keep_dims: false,
+        },
+        &[x],
+    );
+    let spread = push(
+        &mut g,
+        Op::BroadcastTo {
+            shape: [6, 6].into_iter().collect(),
+        },
+        &[sums],
+    );
+    let scaled = push(&mut g, Op::Binary(BinaryOp::Mul), &[spread, x]);
+    g.set_output("scaled", scaled).unwrap();
+    let plan = altc_compiler::fusion::plan(&g, KernelLimits::default());
+    assert!(plan.reduce_epilogues.is_empty(), "{:?}", plan.schedule);
+    every_output_matches_the_reference(&g, &feeds, [&mut fused, &mut unfused]);
+}
