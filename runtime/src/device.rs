@@ -164,6 +164,10 @@ pub struct DeviceBackend<R: Runtime> {
     profile: Option<Vec<KernelTiming>>,
     /// The device and driver, for the tuning scope.
     identity: String,
+    /// Plans made so far, by graph fingerprint and fusion on or off: a training
+    /// run executes the same few graphs every step, and planning one takes a few
+    /// milliseconds.
+    plans: HashMap<(u64, bool), std::sync::Arc<FusionPlan>>,
 }
 
 impl<R: Runtime> DeviceBackend<R> {
@@ -178,6 +182,7 @@ impl<R: Runtime> DeviceBackend<R> {
             launches: 0,
             profile: None,
             identity: name.to_string(),
+            plans: HashMap::new(),
         }
     }
 
@@ -740,12 +745,19 @@ impl<R: Runtime> Backend for DeviceBackend<R> {
                 }
             }
         }
-        let plan = if self.fuse {
-            let bindings = self.kernels.client().properties().hardware.max_bindings as usize;
-            fusion::plan(graph, KernelLimits::for_bindings(bindings))
-        } else {
-            FusionPlan::unfused(graph)
-        };
+        let bindings = self.kernels.client().properties().hardware.max_bindings as usize;
+        let fuse = self.fuse;
+        let plan = self
+            .plans
+            .entry((graph.fingerprint(), fuse))
+            .or_insert_with(|| {
+                std::sync::Arc::new(if fuse {
+                    fusion::plan(graph, KernelLimits::for_bindings(bindings))
+                } else {
+                    FusionPlan::unfused(graph)
+                })
+            })
+            .clone();
         // Release each value after the last step that reads it.
         let step_at = plan.positions(graph);
         let mut last_use = vec![0usize; graph.len()];

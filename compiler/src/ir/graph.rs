@@ -124,6 +124,27 @@ impl Graph {
         edges.into_iter().map(|(_, n)| n).collect()
     }
 
+    /// A structural hash: graphs with the same name, nodes (op, type, operands in
+    /// order) and outputs hash alike, so what was planned for one serves the other.
+    pub fn fingerprint(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        self.name.hash(&mut h);
+        for id in self.dag.node_indices() {
+            let node = &self.dag[id];
+            node.op.hash(&mut h);
+            node.ty.hash(&mut h);
+            for o in self.operands(id) {
+                o.index().hash(&mut h);
+            }
+        }
+        for (name, id) in &self.outputs {
+            name.hash(&mut h);
+            id.index().hash(&mut h);
+        }
+        h.finish()
+    }
+
     pub fn outputs(&self) -> &[(String, NodeId)] {
         &self.outputs
     }
