@@ -1,8 +1,10 @@
 //! Each kernel family of `altc_kernels` on its own, on the wgpu runtime (Mesa lavapipe
 //! on a CPU-only machine): fused elementwise chains, reductions (plain and with a
 //! fused prologue), matmuls (plain and with a bias + GELU epilogue), the grouped
-//! expert GEMM of sparse MoE dispatch, an AdamW update as one fused program, and
-//! top-k for routing and for retrieval. Each family runs at the tiny model's sizes
+//! expert GEMM of sparse MoE dispatch, an AdamW update as one fused program (per
+//! tensor, and over many tensors in multi-tensor launches), the router's softmax and
+//! top-k (as separate kernels, and as two reduction-epilogue kernels), and top-k for
+//! routing and for retrieval. Each family runs at the tiny model's sizes
 //! and at the paper's (`models/alt_moe.ron`: h = 2048, E = 12, k = 4, batch 128,
 //! encoder widths 4096 and 1024, 257 image tokens).
 //!
@@ -11,8 +13,8 @@
 //! inputs are uploaded once, outside the timed loop.
 
 use altc_kernels::{
-    BinaryKind, ExpertMatmul, FusedOp, FusedProgram, Kernels, MatmulOperands, ReduceKind,
-    UnaryKind, View,
+    BinaryKind, ExpertMatmul, FusedOp, FusedProgram, Kernels, MatmulOperands, ReduceKind, RowTopK,
+    Segment, UnaryKind, View,
 };
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
 use cubecl::server::Handle;
@@ -545,6 +547,163 @@ fn adamw_update(c: &mut Criterion) {
     group.finish();
 }
 
+/// Sizes of the tiny model's trainable tensors that one training step updates (a
+/// representative mix: weights, biases, norms, embeddings, the expert pool).
+const TINY_PARAMETER_SIZES: [usize; 12] = [384, 16, 256, 16, 1024, 64, 1024, 64, 16, 16, 256, 24];
+
+/// AdamW over every tiny parameter: one fused launch per tensor, against
+/// multi-tensor launches of as many tensors as the device's bindings allow.
+fn adamw_all_parameters(c: &mut Criterion) {
+    let Some(k) = device() else { return };
+    let program = adamw_program();
+    let mut group = c.benchmark_group("adamw_update");
+    configure(&mut group);
+    let tensors: Vec<(usize, Vec<View>)> = TINY_PARAMETER_SIZES
+        .iter()
+        .enumerate()
+        .map(|(i, &len)| {
+            let inputs = (0..4u64)
+                .map(|s| upload(k, &[len], 40 + 4 * i as u64 + s))
+                .collect();
+            (len, inputs)
+        })
+        .collect();
+    let total: usize = TINY_PARAMETER_SIZES.iter().sum();
+    group.throughput(Throughput::Bytes((4 * 7 * total) as u64));
+    let label = format!("tiny/all_parameters/{}_tensors", tensors.len());
+    group.bench_function(format!("{label}/per_tensor"), |b| {
+        b.iter(|| {
+            let out: Vec<Vec<Handle>> = tensors
+                .iter()
+                .map(|(len, inputs)| k.fused(&program, inputs, &[*len], 0, 0))
+                .collect();
+            sync(k);
+            out
+        })
+    });
+    // Each tensor binds 4 inputs and 3 outputs; one binding is the metadata and one is
+    // left for cubecl's own.
+    let bindings = k.client().properties().hardware.max_bindings as usize;
+    let per_launch = (bindings.saturating_sub(2) / 7).max(1);
+    let segments: Vec<Segment> = tensors
+        .iter()
+        .map(|(len, inputs)| Segment {
+            len: *len,
+            inputs: inputs.clone(),
+        })
+        .collect();
+    group.bench_function(format!("{label}/multi_tensor"), |b| {
+        b.iter(|| {
+            let out: Vec<Vec<Vec<Handle>>> = segments
+                .chunks(per_launch)
+                .map(|chunk| k.multi_fused(&program, &[], chunk))
+                .collect();
+            sync(k);
+            out
+        })
+    });
+    group.finish();
+}
+
+/// The router over `[tokens, experts]` logits: softmax, top-k and the chosen
+/// probabilities, as the unfused plan runs them (max, exp(x - max), sum, divide,
+/// top-k, gather: six kernels) and as two reduction-epilogue kernels (max with
+/// exp(x - max); sum with the division, the top-k and the gather).
+fn router(c: &mut Criterion) {
+    let Some(k) = device() else { return };
+    let mut group = c.benchmark_group("router");
+    configure(&mut group);
+    for (name, rows, experts, top_k) in [
+        ("tiny", TINY_TOKENS, TINY_EXPERTS, TINY_TOP_K),
+        ("paper", PAPER_TOKENS, PAPER_EXPERTS, PAPER_TOP_K),
+    ] {
+        if !fits(k, rows * experts, &format!("router/{name}")) {
+            continue;
+        }
+        let shape = [rows, experts];
+        let logits = upload(k, &shape, 51);
+        let rows_view = |h: Handle| broadcast_cols(&View::contiguous(h, &[rows]));
+        // exp(x - acc) and x / acc, reading x as input 0 and the row value as the
+        // accumulator (fused) or as input 1 (separate).
+        let shifted_exp = |separate: bool| {
+            let mut p = Program::new(2, 1 + usize::from(separate));
+            let x = p.load(0);
+            let acc = if separate {
+                p.load(1)
+            } else {
+                p.push(FusedOp::Accumulator)
+            };
+            let d = p.binary(BinaryKind::Sub, x, acc);
+            let e = p.unary(UnaryKind::Exp, d);
+            p.finish(&[e])
+        };
+        let divided = |separate: bool| {
+            let mut p = Program::new(2, 1 + usize::from(separate));
+            let x = p.load(0);
+            let acc = if separate {
+                p.load(1)
+            } else {
+                p.push(FusedOp::Accumulator)
+            };
+            let q = p.binary(BinaryKind::Div, x, acc);
+            p.finish(&[q])
+        };
+        group.throughput(Throughput::Elements(rows as u64));
+        let (exp_apart, div_apart) = (shifted_exp(true), divided(true));
+        group.bench_function(format!("{name}/{rows}x{experts}/k{top_k}/separate"), |b| {
+            b.iter(|| {
+                let max = k.reduce(ReduceKind::Max, &logits, &shape, &[1]);
+                let e = k.fused(&exp_apart, &[logits.clone(), rows_view(max)], &shape, 0, 0);
+                let e = View::contiguous(e[0].clone(), &shape);
+                let sum = k.reduce(ReduceKind::Sum, &e, &shape, &[1]);
+                let p = k.fused(&div_apart, &[e, rows_view(sum)], &shape, 0, 0);
+                let top = k.top_k(&p[0], rows, experts, top_k);
+                let probs = View::contiguous(p[0].clone(), &shape);
+                let chosen = View::contiguous(top, &[rows, top_k]);
+                let kept = k.gather(&probs, &chosen, 1, &[rows, top_k]);
+                sync(k);
+                kept
+            })
+        });
+        let (exp_fused, div_fused) = (shifted_exp(false), divided(false));
+        let with_top_k = RowTopK {
+            output: 0,
+            k: top_k,
+        };
+        group.bench_function(format!("{name}/{rows}x{experts}/k{top_k}/fused"), |b| {
+            b.iter(|| {
+                let none = RowTopK::default();
+                let e = k.reduce_epilogue(
+                    ReduceKind::Max,
+                    &logits,
+                    &exp_fused,
+                    std::slice::from_ref(&logits),
+                    &shape,
+                    false,
+                    none,
+                    0,
+                    0,
+                );
+                let e = View::contiguous(e[0].clone(), &shape);
+                let out = k.reduce_epilogue(
+                    ReduceKind::Sum,
+                    &e,
+                    &div_fused,
+                    std::slice::from_ref(&e),
+                    &shape,
+                    false,
+                    with_top_k,
+                    0,
+                    0,
+                );
+                sync(k);
+                out
+            })
+        });
+    }
+    group.finish();
+}
+
 fn top_k(c: &mut Criterion, group_name: &str, cases: &[(&str, usize, usize, usize)]) {
     let Some(k) = device() else { return };
     let mut group = c.benchmark_group(group_name);
@@ -597,6 +756,8 @@ criterion_group!(
     matmul,
     grouped_expert_gemm,
     adamw_update,
+    adamw_all_parameters,
+    router,
     top_k_routing,
     retrieval_top_k
 );
