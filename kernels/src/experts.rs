@@ -86,6 +86,31 @@ pub(crate) fn expert_groups_kernel<F: Float>(
     }
 }
 
+/// This unit's element of `x`'s tile `t`: its assignment's row at column
+/// `t * TILE + UNIT_POS_X`, or 0 past the row's end or for a unit without an
+/// assignment.
+#[cube]
+fn x_tile_value<F: Float>(
+    x: &Array<F>,
+    valid: bool,
+    x_row: u32,
+    k: u32,
+    t: u32,
+    #[comptime] bf16_operands: bool,
+) -> F {
+    let xk = t * TILE + UNIT_POS_X;
+    let x_ok = valid && xk < k;
+    let mut value = select(
+        x_ok,
+        x[select(x_ok, x_row * k + xk, 0) as usize],
+        F::new(0.0),
+    );
+    if comptime![bf16_operands] {
+        value = round_to_bf16::<F>(value);
+    }
+    value
+}
+
 /// `out[a] = x[a / fan] @ w[e(a)] (+ bias[e(a)])` for the assignments at sorted
 /// positions `CUBE_POS_Y * TILE ..` and output columns `CUBE_POS_X * TILE ..`. `x` is
 /// contiguous `[rows, K]`, `out` contiguous `[assignments, M]`. `meta`: assignments,
@@ -105,6 +130,7 @@ pub(crate) fn expert_matmul_kernel<F: Float>(
     #[comptime] has_bias: bool,
     #[comptime] bf16_operands: bool,
     #[comptime] direct: bool,
+    #[comptime] pipelined: bool,
 ) {
     let tile = comptime!(TILE as usize);
     let mut x_tile = SharedMemory::<F>::new(tile * tile);
@@ -144,18 +170,20 @@ pub(crate) fn expert_matmul_kernel<F: Float>(
         let last_expert = expert_at::<F>(offsets, last, experts);
         #[allow(clippy::manual_div_ceil)]
         let k_tiles = (k + TILE - 1) / TILE;
+        // With `pipelined`, the next tile's row values are read from global memory
+        // while this tile is multiplied with each expert's weights (two stages).
+        let mut x_next = F::new(0.0);
+        if comptime![pipelined] {
+            x_next = x_tile_value::<F>(x, valid, x_row, k, 0, bf16_operands);
+        }
         for t in 0..k_tiles {
-            let xk = t * TILE + tx;
-            let x_ok = valid && xk < k;
-            let mut x_value = select(
-                x_ok,
-                x[select(x_ok, x_row * k + xk, 0) as usize],
-                F::new(0.0),
-            );
-            if comptime![bf16_operands] {
-                x_value = round_to_bf16::<F>(x_value);
+            if comptime![!pipelined] {
+                x_next = x_tile_value::<F>(x, valid, x_row, k, t, bf16_operands);
             }
-            x_tile[(ty * TILE + tx) as usize] = x_value;
+            x_tile[(ty * TILE + tx) as usize] = x_next;
+            if comptime![pipelined] {
+                x_next = x_tile_value::<F>(x, valid, x_row, k, t + 1, bf16_operands);
+            }
             let wk = t * TILE + ty;
             let w_ok = wk < k && col < m;
             for e in first_expert..last_expert + 1 {
@@ -308,6 +336,7 @@ impl<R: Runtime> TunableLaunch for ExpertLaunch<R> {
                 self.has_bias,
                 self.bf16_operands,
                 matches!(strategy, MatmulStrategy::Direct { .. }),
+                strategy == MatmulStrategy::Pipelined,
             )
         };
         vec![out]

@@ -79,7 +79,7 @@ pub enum MatmulStrategy {
     /// `TILE x TILE` cubes staging operand tiles in shared memory.
     Tiled,
     /// Tiled, with each tile's global reads issued while the previous tile is
-    /// multiplied (two stages). Dense matmuls only.
+    /// multiplied (two stages; for grouped expert matmuls, the rows' reads).
     Pipelined,
     /// No shared memory or barriers: each unit reads its row and column directly;
     /// cubes of `edge x edge` units.
@@ -89,6 +89,7 @@ pub enum MatmulStrategy {
 impl Candidate for MatmulStrategy {
     const ALL: &'static [MatmulStrategy] = &[
         MatmulStrategy::Tiled,
+        MatmulStrategy::Pipelined,
         MatmulStrategy::Direct { edge: 16 },
         MatmulStrategy::Direct { edge: 8 },
     ];
