@@ -625,7 +625,7 @@ fn router(c: &mut Criterion) {
         let rows_view = |h: Handle| broadcast_cols(&View::contiguous(h, &[rows]));
         // exp(x - acc) and x / acc, reading x as input 0 and the row value as the
         // accumulator (fused) or as input 1 (separate).
-        let shifted_exp = |separate: bool| {
+        let row_program = |separate: bool, body: fn(&mut Program, usize, usize) -> usize| {
             let mut p = Program::new(2, 1 + usize::from(separate));
             let x = p.load(0);
             let acc = if separate {
@@ -633,21 +633,17 @@ fn router(c: &mut Criterion) {
             } else {
                 p.push(FusedOp::Accumulator)
             };
-            let d = p.binary(BinaryKind::Sub, x, acc);
-            let e = p.unary(UnaryKind::Exp, d);
-            p.finish(&[e])
+            let out = body(&mut p, x, acc);
+            p.finish(&[out])
         };
-        let divided = |separate: bool| {
-            let mut p = Program::new(2, 1 + usize::from(separate));
-            let x = p.load(0);
-            let acc = if separate {
-                p.load(1)
-            } else {
-                p.push(FusedOp::Accumulator)
-            };
-            let q = p.binary(BinaryKind::Div, x, acc);
-            p.finish(&[q])
+        let shifted_exp = |separate| {
+            row_program(separate, |p, x, acc| {
+                let d = p.binary(BinaryKind::Sub, x, acc);
+                p.unary(UnaryKind::Exp, d)
+            })
         };
+        let divided =
+            |separate| row_program(separate, |p, x, acc| p.binary(BinaryKind::Div, x, acc));
         group.throughput(Throughput::Elements(rows as u64));
         let (exp_apart, div_apart) = (shifted_exp(true), divided(true));
         group.bench_function(format!("{name}/{rows}x{experts}/k{top_k}/separate"), |b| {

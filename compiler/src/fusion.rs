@@ -34,10 +34,7 @@ impl FusionGroup {
     /// every member is one. (Members with one value per row have the same rank and 1
     /// as their last extent.)
     pub fn shape<'g>(&self, graph: &'g Graph) -> &'g Shape {
-        self.nodes
-            .iter()
-            .map(|&n| &graph.node(n).ty.shape)
-            .max_by_key(|s| (s.rank(), s.dims().last() != Some(&Dim::Fixed(1))))
+        kernel_shape(self.nodes.iter().map(|&n| &graph.node(n).ty.shape))
             .expect("a group has members")
     }
 
@@ -60,15 +57,17 @@ impl FusionGroup {
     }
 }
 
+/// The shape a kernel over values of `shapes` runs over: the highest rank, and among
+/// those a shape whose last extent is not 1 (values one per row have the same rank).
+fn kernel_shape<'g>(shapes: impl Iterator<Item = &'g Shape>) -> Option<&'g Shape> {
+    shapes.max_by_key(|s| (s.rank(), s.dims().last() != Some(&Dim::Fixed(1))))
+}
+
 /// Whether nodes can share one kernel's shape: all of the largest shape among them,
 /// besides scalars, and values one per row of it (neither dropout nor an iota).
 fn one_shape(graph: &Graph, nodes: &BTreeSet<usize>) -> bool {
     let shape_of = |n: usize| &graph.node(NodeId::new(n)).ty.shape;
-    let Some(full) = nodes
-        .iter()
-        .map(|&n| shape_of(n))
-        .max_by_key(|s| (s.rank(), s.dims().last() != Some(&Dim::Fixed(1))))
-    else {
+    let Some(full) = kernel_shape(nodes.iter().map(|&n| shape_of(n))) else {
         return true;
     };
     nodes.iter().all(|&n| {
@@ -121,10 +120,13 @@ pub enum Step {
 }
 
 impl Step {
-    /// Whether the step is a kernel whatever its nodes (only `Node` steps of leaves
-    /// and views launch nothing).
-    pub fn is_fused_kernel(&self) -> bool {
-        !matches!(self, Step::Node(_))
+    /// Whether the step launches a kernel on a device: every fused step does; a
+    /// single node unless it is a leaf or a view.
+    pub fn launches(&self, graph: &Graph) -> bool {
+        match self {
+            Step::Node(id) => launches_kernel(&graph.node(*id).op),
+            _ => true,
+        }
     }
 }
 
@@ -356,13 +358,7 @@ impl FusionPlan {
     /// Kernel launches of one run of the planned graph on a device, where leaves and
     /// layout ops (views) launch nothing.
     pub fn launches(&self, graph: &Graph) -> usize {
-        self.schedule
-            .iter()
-            .filter(|s| match s {
-                Step::Node(id) => launches_kernel(&graph.node(*id).op),
-                _ => true,
-            })
-            .count()
+        self.schedule.iter().filter(|s| s.launches(graph)).count()
     }
 
     /// The kernel one step launches, for listings and profiles; `None` for steps that

@@ -105,7 +105,7 @@ pub fn plan_cost_and_peak(
     for (pos, (step, nodes)) in plan.schedule.iter().zip(&steps).enumerate() {
         // What this step writes: a group's outputs, or the node itself if it is a kernel.
         let written = plan.step_outputs(graph, step);
-        if !written.is_empty() || step.is_fused_kernel() {
+        if step.launches(graph) {
             cost.launches += 1;
             let mut read = std::collections::BTreeSet::new();
             for &id in nodes {

@@ -70,6 +70,18 @@ pub struct FusedProgram {
 }
 
 impl FusedProgram {
+    /// Elements output `o` holds when the program runs over `elements` in `rows`
+    /// rows: one for a scalar, one per row for a row output, every element else.
+    pub(crate) fn output_len(&self, o: usize, elements: usize, rows: usize) -> usize {
+        if self.scalar_outputs.contains(&o) {
+            1
+        } else if self.row_outputs.contains(&o) {
+            rows.max(1)
+        } else {
+            elements.max(1)
+        }
+    }
+
     /// The binding (index into the kernel's input sequence) of `input` when the
     /// program runs for tensor `segment` of a multi-tensor launch.
     pub(crate) fn binding(&self, input: usize, segment: usize) -> usize {

@@ -354,18 +354,11 @@ impl<R: Runtime> TunableLaunch for FusedLaunch<R> {
 
     fn launch(&self, with: ElementwiseStrategy) -> Vec<Handle> {
         let n = self.n;
-        let sizes: Vec<usize> = (0..self.program.outputs.len())
-            .map(|o| {
-                if self.program.scalar_outputs.contains(&o) {
-                    1
-                } else if self.program.row_outputs.contains(&o) {
-                    (n / self.row_len.max(1)).max(1)
-                } else {
-                    n.max(1)
-                }
-            })
-            .collect();
-        let outputs: Vec<Handle> = sizes.iter().map(|&s| self.client.empty(s * 4)).collect();
+        let rows = n / self.row_len.max(1);
+        let outputs = empty_buffers(
+            &self.client,
+            (0..self.program.outputs.len()).map(|o| self.program.output_len(o, n, rows)),
+        );
         let units = n.div_ceil(with.per_unit as usize);
         let (count, dim) = grid_of(units, with.cube);
         unsafe {
@@ -374,7 +367,7 @@ impl<R: Runtime> TunableLaunch for FusedLaunch<R> {
                 count,
                 dim,
                 array_sequence(self.inputs.iter().cloned()),
-                array_sequence(outputs.iter().cloned().zip(sizes)),
+                array_sequence(outputs.iter().cloned()),
                 buffer_arg(&self.meta),
                 self.seed.0,
                 self.seed.1,
@@ -383,7 +376,7 @@ impl<R: Runtime> TunableLaunch for FusedLaunch<R> {
                 with.per_unit,
             )
         };
-        outputs
+        outputs.into_iter().map(|(h, _)| h).collect()
     }
 }
 
@@ -421,17 +414,13 @@ impl<R: Runtime> TunableLaunch for MultiFusedLaunch<R> {
 
     fn launch(&self, with: ElementwiseStrategy) -> Vec<Handle> {
         let program = &self.program;
-        let mut outputs = Vec::new();
-        for &len in &self.lens {
-            for o in 0..program.outputs.len() {
-                let size = if program.scalar_outputs.contains(&o) {
-                    1
-                } else {
-                    len.max(1)
-                };
-                outputs.push((self.client.empty(size * 4), size));
-            }
-        }
+        // Flat segments: every element is a row of its own.
+        let outputs = empty_buffers(
+            &self.client,
+            self.lens.iter().flat_map(|&len| {
+                (0..program.outputs.len()).map(move |o| program.output_len(o, len, len))
+            }),
+        );
         let total: usize = self.lens.iter().sum();
         let (count, dim) = grid_of(total.div_ceil(with.per_unit as usize), with.cube);
         unsafe {
@@ -603,13 +592,7 @@ impl<R: Runtime> TunableLaunch for ReduceLaunch<R> {
                 top_k,
             } => {
                 let mut sizes: Vec<usize> = (0..program.outputs.len())
-                    .map(|o| {
-                        if program.row_outputs.contains(&o) {
-                            n
-                        } else {
-                            (*elements).max(1)
-                        }
-                    })
+                    .map(|o| program.output_len(o, *elements, n))
                     .collect();
                 if *write_reduced {
                     sizes.push(n);
@@ -617,10 +600,7 @@ impl<R: Runtime> TunableLaunch for ReduceLaunch<R> {
                 if top_k.k > 0 {
                     sizes.extend([n * top_k.k, n * top_k.k]);
                 }
-                let outputs: Vec<(Handle, usize)> = sizes
-                    .into_iter()
-                    .map(|len| (self.client.empty(len * 4), len))
-                    .collect();
+                let outputs = empty_buffers(&self.client, sizes);
                 unsafe {
                     reduce_epilogue_kernel::launch_unchecked::<f32, R>(
                         &self.client,
@@ -683,6 +663,17 @@ fn program_meta_of<'a>(
     }
     meta.extend(u32s(layouts.map(|(_, offset)| offset)));
     meta
+}
+
+/// New device buffers of `sizes` f32 elements each, as (handle, elements).
+fn empty_buffers<R: Runtime>(
+    client: &ComputeClient<R>,
+    sizes: impl IntoIterator<Item = usize>,
+) -> Vec<(Handle, usize)> {
+    sizes
+        .into_iter()
+        .map(|len| (client.empty(len * 4), len))
+        .collect()
 }
 
 /// Buffers as a kernel's sequence of arrays: (handle, elements).

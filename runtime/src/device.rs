@@ -808,8 +808,7 @@ impl<R: Runtime> Backend for DeviceBackend<R> {
                     }
                 }
                 Step::MatmulSum { matmul, reduce } => {
-                    let product = concrete(&graph.node(matmul).ty.shape, &symbols)
-                        .expect("inputs bind every symbol");
+                    let product = shape_of(graph, matmul, &symbols);
                     let (a, b, transposes) = matmul_operands(graph, matmul, &values);
                     self.launches += 1;
                     let mm = self.matmul_of((&a, &b), transposes, &product[..product.len() - 2]);
@@ -853,8 +852,7 @@ impl<R: Runtime> Backend for DeviceBackend<R> {
                     // Each result is a contiguous slice of the batch's output.
                     let total = batch.segments.len();
                     for (at, segment) in batch.segments.iter().enumerate() {
-                        let shape = concrete(&graph.node(segment.reduce).ty.shape, &symbols)
-                            .expect("inputs bind every symbol");
+                        let shape = shape_of(graph, segment.reduce, &symbols);
                         let per_segment: usize = shape.iter().product();
                         values[segment.reduce.index()] = Some(Value {
                             view: View {
@@ -944,8 +942,7 @@ impl<R: Runtime> Backend for DeviceBackend<R> {
                     let Op::Reduce { op, axes, .. } = &graph.node(reduce).op else {
                         unreachable!("the planner folds prologues only into reductions")
                     };
-                    let out_shape = concrete(&graph.node(reduce).ty.shape, &symbols)
-                        .expect("inputs bind every symbol");
+                    let out_shape = shape_of(graph, reduce, &symbols);
                     self.launches += 1;
                     let (program, views) = self.group_program(graph, group, &values, &shape, None);
                     let handle = self.kernels.fused_reduce(
