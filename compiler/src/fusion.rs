@@ -117,6 +117,9 @@ pub enum Step {
     /// Groups with one program over tensors of different sizes in one kernel, by
     /// index into `FusionPlan::multi_groups` (the AdamW updates of the parameters).
     MultiGroup(usize),
+    /// Matmuls of one shape that share an operand in one kernel, by index into
+    /// `FusionPlan::multi_matmuls` (the query, key and value projections of one input).
+    MultiMatmul(usize),
 }
 
 impl Step {
@@ -240,6 +243,44 @@ pub struct ReduceSegment {
     pub source: NodeId,
 }
 
+/// Which operand the matmuls of a `MultiMatmul` have in common.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SharedOperand {
+    /// The left operand: one input projected by several weights.
+    Left,
+    /// The right operand: one weight applied to several inputs.
+    Right,
+}
+
+/// Matmuls with equal shapes, equal epilogue programs and one operand in common, run
+/// as one kernel: the shared operand is bound once and each matmul's product tiles
+/// are further cubes of the same launch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MultiMatmul {
+    /// Each matmul's own step, all of one kind: `Node` (a plain matmul),
+    /// `MatmulGroup` or `MatmulSum`.
+    pub members: Vec<Step>,
+    pub shared: SharedOperand,
+    /// Epilogue input positions (as `group_inputs` orders them, less the product) at
+    /// which every member reads the same value, bound once (a bias, a scale).
+    pub epilogue_shared: Vec<usize>,
+}
+
+impl MultiMatmul {
+    /// The matmul node of each member.
+    pub fn matmuls(&self) -> Vec<NodeId> {
+        self.members
+            .iter()
+            .map(|step| match *step {
+                Step::Node(id)
+                | Step::MatmulGroup { matmul: id, .. }
+                | Step::MatmulSum { matmul: id, .. } => id,
+                ref other => unreachable!("a multi-matmul holds matmul steps, not {other:?}"),
+            })
+            .collect()
+    }
+}
+
 /// What one planned kernel is: its family (`fused elementwise`, `matmul`, ...) and a
 /// label with its ops, result type and the spec construct it came from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -257,6 +298,7 @@ pub struct FusionPlan {
     pub multi_reduces: Vec<MultiReduce>,
     pub multi_groups: Vec<MultiGroup>,
     pub reduce_epilogues: Vec<ReduceEpilogue>,
+    pub multi_matmuls: Vec<MultiMatmul>,
     member_of: Vec<Option<usize>>,
 }
 
@@ -309,6 +351,11 @@ impl FusionPlan {
                 }
                 nodes
             }
+            Step::MultiMatmul(i) => self.multi_matmuls[*i]
+                .members
+                .iter()
+                .flat_map(|m| self.step_nodes(m))
+                .collect(),
         }
     }
 
@@ -338,6 +385,11 @@ impl FusionPlan {
                 .groups
                 .iter()
                 .flat_map(|&g| self.groups[g].outputs.clone())
+                .collect(),
+            Step::MultiMatmul(i) => self.multi_matmuls[*i]
+                .members
+                .iter()
+                .flat_map(|m| self.step_outputs(graph, m))
                 .collect(),
             Step::Node(id) if launches_kernel(&graph.node(*id).op) => vec![*id],
             Step::Node(_) => Vec::new(),
@@ -376,6 +428,7 @@ impl FusionPlan {
             Step::MultiReduce(_) => "multi-tensor reduce",
             Step::MultiGroup(_) => "multi-tensor elementwise",
             Step::ReduceGroup(_) => "reduce with fused epilogue",
+            Step::MultiMatmul(_) => "matmuls sharing an operand",
         };
         let nodes = self.step_nodes(step);
         // The last node is the one whose value the kernel exists to produce.
@@ -410,6 +463,7 @@ impl FusionPlan {
             multi_reduces: Vec::new(),
             multi_groups: Vec::new(),
             reduce_epilogues: Vec::new(),
+            multi_matmuls: Vec::new(),
             member_of: vec![None; graph.len()],
         }
     }
@@ -630,11 +684,13 @@ pub fn plan(graph: &Graph, limits: KernelLimits) -> FusionPlan {
         multi_reduces: Vec::new(),
         multi_groups: Vec::new(),
         reduce_epilogues: Vec::new(),
+        multi_matmuls: Vec::new(),
         member_of,
     };
     plan.fold_reduce_epilogues(graph, &users, &outputs_of_graph, limits.max_bindings);
     plan.fold_multi_reduces(graph, &users, max_inputs);
     plan.fold_multi_groups(graph, &users, limits.max_bindings);
+    plan.fold_multi_matmuls(graph, &users, limits.max_bindings);
     plan
 }
 
@@ -1197,9 +1253,9 @@ impl FusionPlan {
             }));
     }
 
-    /// Replaces each batch of more than one step (`positions` of its members, in
-    /// order) by one step at its last member's position, `step(i)` for the `i`th
-    /// batch kept, and drops the others; returns the batches kept.
+    /// Replaces each batch of more than one step (`positions` of its members) by one
+    /// step at the last position listed, `step(i)` for the `i`th batch kept, and
+    /// drops the others; returns the batches kept.
     fn merge_steps<B>(
         &mut self,
         batches: Vec<B>,
@@ -1252,14 +1308,27 @@ pub fn group_inputs(graph: &Graph, group: &FusionGroup) -> Vec<NodeId> {
 /// group's own shape), with a member or an input that is neither of the group's shape nor
 /// one value, or with an input that is a transposed or broadcast view.
 fn group_signature(graph: &Graph, group: &FusionGroup) -> Option<String> {
+    program_signature(graph, group, None, true)
+}
+
+/// `group_signature`, for a program that reads `accumulator` (a matmul's product) from
+/// registers; with `flat` false the program runs in its own shape (each input through
+/// its own view), so anything it can run is accepted.
+fn program_signature(
+    graph: &Graph,
+    group: &FusionGroup,
+    accumulator: Option<NodeId>,
+    flat: bool,
+) -> Option<String> {
     use std::fmt::Write;
     let shape = group.shape(graph);
     let mut registers: Vec<NodeId> = Vec::new();
     let mut signature = String::new();
     for &m in &group.nodes {
         let node = graph.node(m);
-        let flat = &node.ty.shape == shape || node.ty.shape.rank() == 0;
-        if matches!(node.op, Op::Dropout { .. } | Op::Iota { .. }) || !flat {
+        let flat_member = &node.ty.shape == shape || node.ty.shape.rank() == 0;
+        let positional = matches!(node.op, Op::Dropout { .. } | Op::Iota { .. });
+        if flat && (positional || !flat_member) {
             return None;
         }
         let mut operands = Vec::new();
@@ -1270,7 +1339,9 @@ fn group_signature(graph: &Graph, group: &FusionGroup) -> Option<String> {
             }
             let source = graph.node(o);
             match &source.op {
+                _ if Some(o) == accumulator => signature.push_str("accumulator;"),
                 Op::Constant { value, .. } => write!(signature, "const {};", value.0).ok()?,
+                _ if !flat => write!(signature, "load {};", source.ty).ok()?,
                 Op::Transpose { .. } | Op::BroadcastTo { .. } => return None,
                 _ if &source.ty.shape == shape || source.ty.shape.rank() == 0 => {
                     signature.push_str("load;")
@@ -1280,8 +1351,13 @@ fn group_signature(graph: &Graph, group: &FusionGroup) -> Option<String> {
             registers.push(o);
             operands.push(registers.len() - 1);
         }
-        let scalar = node.ty.shape.rank() == 0;
-        write!(signature, "{:?} {operands:?} {scalar};", node.op).ok()?;
+        // Flat programs batch tensors of any size, so only scalar-or-not counts there.
+        if flat {
+            let scalar = node.ty.shape.rank() == 0;
+            write!(signature, "{:?} {operands:?} {scalar};", node.op).ok()?;
+        } else {
+            write!(signature, "{:?} {operands:?} {};", node.op, node.ty).ok()?;
+        }
         registers.push(m);
     }
     for o in &group.outputs {
@@ -1371,6 +1447,217 @@ impl FusionPlan {
     }
 }
 
+/// Matmuls `fold_multi_matmuls` may run as one kernel.
+struct MatmulBatch {
+    signature: String,
+    /// The first member's operands.
+    operands: (NodeId, NodeId),
+    /// Which operand the members share, once there are two.
+    shared: Option<SharedOperand>,
+    members: Vec<(usize, Step)>,
+    epilogue_inputs: Vec<Vec<NodeId>>,
+    outputs: usize,
+    /// The last position at which a member's input is computed, and the first
+    /// at which a member's result is read.
+    ready: usize,
+    first_use: usize,
+}
+
+impl MatmulBatch {
+    /// The earliest member position strictly between `ready` and `first_use`.
+    fn anchor(&self, ready: usize, first_use: usize, pos: usize) -> Option<usize> {
+        self.members
+            .iter()
+            .map(|&(p, _)| p)
+            .chain([pos])
+            .filter(|&p| ready < p && p < first_use)
+            .min()
+    }
+}
+
+impl FusionPlan {
+    /// Gathers matmuls that share an operand into `MultiMatmul` steps: members have
+    /// the same kind of step, operand and product types, transposes and epilogue
+    /// program. A batch runs at one of its members' positions that comes after every
+    /// member's inputs exist and before any member's result is read (the first one, so
+    /// the query, key and value projections run where the query's did), and its
+    /// buffers fit `max_bindings`.
+    fn fold_multi_matmuls(&mut self, graph: &Graph, users: &[Vec<NodeId>], max_bindings: usize) {
+        let position = self.positions(graph);
+        // A batch stays open: a later matmul may still run at an earlier member's place.
+        let mut batches: Vec<MatmulBatch> = Vec::new();
+        for (pos, &step) in self.schedule.iter().enumerate() {
+            let Some((signature, matmul, epilogue_inputs)) = self.matmul_member(graph, &step)
+            else {
+                continue;
+            };
+            let (a, b) = match graph.operands(matmul)[..] {
+                [a, b] => (a, b),
+                _ => unreachable!("a matmul has two operands"),
+            };
+            let written = self.step_outputs(graph, &step);
+            let first_use = written
+                .iter()
+                .flat_map(|o| &users[o.index()])
+                .map(|u| position[u.index()])
+                .filter(|&p| p != pos)
+                .min()
+                .unwrap_or(usize::MAX);
+            let ready = [a, b]
+                .iter()
+                .chain(&epilogue_inputs)
+                .map(|o| position[o.index()])
+                .max()
+                .unwrap_or(0);
+            let joins = |batch: &MatmulBatch| -> Option<SharedOperand> {
+                if batch.signature != signature {
+                    return None;
+                }
+                let side = match batch.shared {
+                    Some(side) => side,
+                    None if a == batch.operands.0 => SharedOperand::Left,
+                    None => SharedOperand::Right,
+                };
+                let shares = match side {
+                    SharedOperand::Left => a == batch.operands.0,
+                    SharedOperand::Right => b == batch.operands.1,
+                };
+                let (ready, first_use) = (batch.ready.max(ready), batch.first_use.min(first_use));
+                (shares && batch.anchor(ready, first_use, pos).is_some()).then_some(side)
+            };
+            let fits = |batch: &MatmulBatch| {
+                let mut joined = batch.epilogue_inputs.clone();
+                joined.push(epilogue_inputs.clone());
+                multi_matmul_bindings(&joined, batch.outputs) <= max_bindings
+            };
+            let joining = batches.iter_mut().find_map(|batch| {
+                joins(batch)
+                    .filter(|_| fits(batch))
+                    .map(|side| (batch, side))
+            });
+            if let Some((batch, side)) = joining {
+                batch.members.push((pos, step));
+                batch.epilogue_inputs.push(epilogue_inputs);
+                batch.shared = Some(side);
+                batch.ready = batch.ready.max(ready);
+                batch.first_use = batch.first_use.min(first_use);
+                continue;
+            }
+            batches.push(MatmulBatch {
+                signature,
+                operands: (a, b),
+                shared: None,
+                members: vec![(pos, step)],
+                epilogue_inputs: vec![epilogue_inputs],
+                outputs: written.len(),
+                ready,
+                first_use,
+            });
+        }
+        // A batch computes its members together, so their results may live longer
+        // than they did apart: keep only batches that do not raise the planned peak,
+        // at batch size 1 and at a large batch (where activations dominate).
+        let mut kept: Vec<&MatmulBatch> = Vec::new();
+        let mut peaks = planned_peaks(graph, self);
+        for batch in batches.iter().filter(|b| b.members.len() > 1) {
+            let mut trial: Vec<&MatmulBatch> = kept.clone();
+            trial.push(batch);
+            let trial_peaks = planned_peaks(graph, &self.with_multi_matmuls(&trial));
+            if trial_peaks.iter().zip(&peaks).all(|(t, p)| t <= p) {
+                kept = trial;
+                peaks = trial_peaks;
+            }
+        }
+        *self = self.with_multi_matmuls(&kept);
+    }
+
+    /// This plan with `batches` (of matmul steps at this plan's positions) each run
+    /// as one `MultiMatmul`.
+    fn with_multi_matmuls(&self, batches: &[&MatmulBatch]) -> FusionPlan {
+        let mut plan = self.clone();
+        let first = plan.multi_matmuls.len();
+        // `merge_steps` runs a batch where its last listed position was.
+        let batches = plan.merge_steps(
+            batches.to_vec(),
+            |b| {
+                let anchor = b
+                    .anchor(b.ready, b.first_use, b.members[0].0)
+                    .expect("members join only while the batch has a place");
+                let others = b.members.iter().map(|&(p, _)| p).filter(|&p| p != anchor);
+                others.chain([anchor]).collect()
+            },
+            |i| Step::MultiMatmul(first + i),
+        );
+        plan.multi_matmuls
+            .extend(batches.into_iter().map(|batch| MultiMatmul {
+                members: batch.members.iter().map(|&(_, step)| step).collect(),
+                shared: batch.shared.expect("a kept batch has two members"),
+                epilogue_shared: shared_positions(&batch.epilogue_inputs),
+            }));
+        plan
+    }
+
+    /// For a step that a `MultiMatmul` can hold: the signature its partners must
+    /// match, its matmul, and its epilogue's inputs (less the product).
+    fn matmul_member(&self, graph: &Graph, step: &Step) -> Option<(String, NodeId, Vec<NodeId>)> {
+        let (kind, matmul, epilogue_inputs) = match *step {
+            Step::Node(id) => ("plain".to_string(), id, Vec::new()),
+            Step::MatmulGroup { matmul, group } => {
+                let group = &self.groups[group];
+                let program = program_signature(graph, group, Some(matmul), false)?;
+                let inputs = group_inputs(graph, group)
+                    .into_iter()
+                    .filter(|&i| i != matmul)
+                    .collect();
+                (format!("epilogue {program}"), matmul, inputs)
+            }
+            Step::MatmulSum { matmul, reduce } => (
+                format!("summed to {}", graph.node(reduce).ty),
+                matmul,
+                Vec::new(),
+            ),
+            _ => return None,
+        };
+        let node = graph.node(matmul);
+        if !matches!(node.op, Op::MatMul { .. }) {
+            return None;
+        }
+        let operands = graph.operands(matmul);
+        let signature = format!(
+            "{kind}; {:?} {} x {} -> {}",
+            node.op,
+            graph.node(operands[0]).ty,
+            graph.node(operands[1]).ty,
+            node.ty
+        );
+        Some((signature, matmul, epilogue_inputs))
+    }
+}
+
+/// Planned peak memory of `graph` under `plan` with every batch symbol at 1 and
+/// at 1024.
+fn planned_peaks(graph: &Graph, plan: &FusionPlan) -> [u64; 2] {
+    let mut large = std::collections::BTreeMap::new();
+    for id in graph.node_ids() {
+        for d in graph.node(id).ty.shape.dims() {
+            if let crate::ir::Dim::Sym(s) = d {
+                large.insert(s.clone(), 1024);
+            }
+        }
+    }
+    [Default::default(), large]
+        .map(|symbols| crate::memory::plan_cost(graph, plan, &symbols).peak_bytes)
+}
+
+/// Buffers a multi-matmul kernel binds: the shared operand once, each member's other
+/// operand, its epilogue inputs (shared ones once) and its `outputs`, and the
+/// matmul's and the epilogue's metadata.
+fn multi_matmul_bindings(epilogue_inputs: &[Vec<NodeId>], outputs: usize) -> usize {
+    let members = epilogue_inputs.len();
+    let shared = shared_positions(epilogue_inputs).len();
+    1 + members * (1 + epilogue_inputs[0].len() - shared + outputs) + shared + 2
+}
+
 /// Topological order of groups and single nodes, chosen to keep memory low: among
 /// the steps whose inputs exist, one that frees memory (is the last to read a value)
 /// runs first, else the one that writes least, the earliest in `order` on a tie. A
@@ -1391,6 +1678,7 @@ fn schedule(
         | Step::MatmulSum { .. }
         | Step::MultiReduce(_)
         | Step::MultiGroup(_)
+        | Step::MultiMatmul(_)
         | Step::ReduceGroup(_) => {
             unreachable!("prologues and epilogues are folded after scheduling")
         }

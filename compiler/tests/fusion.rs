@@ -3,7 +3,7 @@
 //! within the binding budget, and fusing needs fewer launches than running op by op.
 
 use altc_compiler::fusion::{
-    group_inputs, is_fusible, is_row_of, plan, FusionPlan, KernelLimits, Step,
+    group_inputs, is_fusible, is_row_of, plan, FusionPlan, KernelLimits, SharedOperand, Step,
 };
 use altc_compiler::ir::Graph;
 use altc_compiler::lower::{lower, LowerOptions};
@@ -111,6 +111,26 @@ fn check_plan(graph: &Graph, plan: &FusionPlan, limits: KernelLimits) {
             "a multi-tensor kernel binds {buffers} buffers"
         );
     }
+    for (i, batch) in plan.multi_matmuls.iter().enumerate() {
+        assert!(batch.members.len() > 1, "a multi-matmul has matmuls");
+        assert!(plan.schedule.contains(&Step::MultiMatmul(i)));
+        let matmuls = batch.matmuls();
+        let side = match batch.shared {
+            SharedOperand::Left => 0,
+            SharedOperand::Right => 1,
+        };
+        let shared = graph.operands(matmuls[0])[side];
+        for &m in &matmuls {
+            assert_eq!(graph.operands(m)[side], shared, "one operand in common");
+            assert_eq!(graph.node(m).ty, graph.node(matmuls[0]).ty, "one shape");
+            assert_eq!(graph.node(m).op, graph.node(matmuls[0]).op, "one transpose");
+        }
+        assert_eq!(
+            std::mem::discriminant(&batch.members[0]),
+            std::mem::discriminant(batch.members.last().unwrap()),
+            "one kind of matmul step"
+        );
+    }
 }
 
 #[test]
@@ -132,6 +152,48 @@ fn fusion_needs_fewer_launches_than_op_by_op() {
         println!("{}: {fused} launches fused, {unfused} op by op", graph.name);
         assert!(fused < unfused);
     }
+}
+
+/// The query, key and value projections of the image encoder's trained layer read
+/// one input: they run as one kernel with their bias epilogues, and so do their
+/// weight gradients, summed over the batch.
+#[test]
+fn the_attention_projections_share_one_launch() {
+    let graph = training_graphs()
+        .into_iter()
+        .find(|g| g.name == "text_to_image.train")
+        .unwrap();
+    let plan = plan(&graph, KernelLimits::default());
+    let weights = |batch: &altc_compiler::fusion::MultiMatmul, side: usize| -> Vec<String> {
+        let mut names: Vec<String> = batch
+            .matmuls()
+            .iter()
+            .map(|&m| graph.node(graph.operands(m)[side]).op.mnemonic())
+            .collect();
+        names.sort();
+        names
+    };
+    let forward = plan
+        .multi_matmuls
+        .iter()
+        .find(|b| matches!(b.members[0], Step::MatmulGroup { .. }) && b.members.len() == 3)
+        .expect("the projections share a kernel");
+    assert_eq!(forward.shared, SharedOperand::Left);
+    assert_eq!(
+        weights(forward, 1),
+        [
+            "param encoders.image.layers.1.key.weight",
+            "param encoders.image.layers.1.query.weight",
+            "param encoders.image.layers.1.value.weight"
+        ]
+    );
+    let gradients = plan
+        .multi_matmuls
+        .iter()
+        .find(|b| matches!(b.members[0], Step::MatmulSum { .. }) && b.members.len() == 3)
+        .expect("the weight gradients share a kernel");
+    let forward_input = graph.operands(forward.matmuls()[0])[0];
+    assert_eq!(graph.operands(gradients.matmuls()[0])[0], forward_input);
 }
 
 /// The AdamW updates of the parameters (one group each, two programs: with and
@@ -179,7 +241,8 @@ fn parameter_updates_share_multi_tensor_kernels() {
 
 /// Two large products written before either is reduced (as a graph built layer by
 /// layer may be): the schedule reduces each product as soon as it exists, so only
-/// one is ever alive, where running in creation order holds both.
+/// one is ever alive, where running in creation order holds both. The products share
+/// `w`, but one kernel for both would hold both, so the planner keeps them apart.
 #[test]
 fn the_schedule_frees_large_values_before_making_more() {
     use altc_compiler::ir::{BinaryOp, DType, Op, ReduceOp};

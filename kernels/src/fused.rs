@@ -70,6 +70,14 @@ pub struct FusedProgram {
 }
 
 impl FusedProgram {
+    /// The empty epilogue: a matmul writes its product.
+    pub fn product() -> FusedProgram {
+        FusedProgram {
+            outputs: vec![0],
+            ..FusedProgram::default()
+        }
+    }
+
     /// Elements output `o` holds when the program runs over `elements` in `rows`
     /// rows: one for a scalar, one per row for a row output, every element else.
     pub(crate) fn output_len(&self, o: usize, elements: usize, rows: usize) -> usize {

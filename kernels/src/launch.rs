@@ -9,7 +9,7 @@ use crate::fused::{
     FusedProgram, RowTopK,
 };
 use crate::index::{gather_kernel, scatter_add_kernel, top_k_kernel};
-use crate::matmul::{matmul_kernel, TILE};
+use crate::matmul::{matmul_kernel, OperandLayout, TILE};
 use crate::random::dropout_kernel;
 use crate::reduce::{multi_reduce_kernel, reduce_kernel};
 use crate::tune::{
@@ -163,15 +163,20 @@ impl Candidate for EpilogueMatmul {
 #[derive(Clone)]
 struct MatmulLaunch<R: Runtime> {
     client: ComputeClient<R>,
-    a: (Handle, usize),
-    b: (Handle, usize),
+    /// The operand buffers, bound as `layout` says.
+    operands: Vec<(Handle, usize)>,
+    layout: OperandLayout,
+    /// The epilogue's inputs as the kernel binds them (shared ones once).
     inputs: Vec<(Handle, usize)>,
+    /// Each member's epilogue inputs in full, for the candidate that runs the
+    /// epilogue as kernels of their own.
+    member_inputs: Vec<Vec<(Handle, usize)>>,
     meta: (Handle, usize),
     epilogue_meta: (Handle, usize),
-    /// The epilogue's metadata as a kernel of its own, reading the product as its
-    /// last input.
-    apart_meta: (Handle, usize),
-    /// `(M, N, output batch entries)`.
+    /// Each member's epilogue metadata as a kernel of its own, reading the product as
+    /// its last input.
+    apart_meta: Vec<(Handle, usize)>,
+    /// `(M, N, output batch entries)` of each member.
     extent: (usize, usize, usize),
     /// The epilogue's dropout seed (low, high) and step.
     seed: (u32, u32, u32),
@@ -198,13 +203,13 @@ impl<R: Runtime> TunableLaunch for MatmulLaunch<R> {
         if with.fused || self.epilogue.ops.is_empty() {
             return self.launch_kernel(with.form, &self.epilogue, &self.inputs);
         }
-        // The product first, then the epilogue reading it as one more input.
-        let product_only = FusedProgram {
-            outputs: vec![0],
-            ..FusedProgram::default()
+        // The products first, then each member's epilogue reading its product as one
+        // more input.
+        let products = self.launch_kernel(with.form, &FusedProgram::product(), &[]);
+        let mut program = FusedProgram {
+            shared_inputs: 0,
+            ..self.epilogue.clone()
         };
-        let product = self.launch_kernel(with.form, &product_only, &[]);
-        let mut program = self.epilogue.clone();
         for op in &mut program.ops {
             if *op == FusedOp::Accumulator {
                 *op = FusedOp::Load {
@@ -213,46 +218,51 @@ impl<R: Runtime> TunableLaunch for MatmulLaunch<R> {
             }
         }
         program.inputs += 1;
-        let inputs: Vec<(Handle, usize)> = self
-            .inputs
-            .iter()
-            .cloned()
-            .chain([(product[0].clone(), self.len())])
-            .collect();
         let n = self.len();
-        let outputs: Vec<Handle> = program
-            .outputs
-            .iter()
-            .map(|_| self.client.empty(n * 4))
-            .collect();
         let (count, dim) = grid(n);
-        unsafe {
-            fused_kernel::launch_unchecked::<f32, R>(
-                &self.client,
-                count,
-                dim,
-                array_sequence(inputs),
-                array_sequence(outputs.iter().map(|o| (o.clone(), n))),
-                ArrayArg::from_raw_parts(self.apart_meta.0.clone(), self.apart_meta.1),
-                self.seed.0,
-                self.seed.1,
-                self.seed.2,
-                program,
-                1,
-            )
-        };
+        let mut outputs = Vec::new();
+        for ((product, inputs), meta) in products
+            .into_iter()
+            .zip(&self.member_inputs)
+            .zip(&self.apart_meta)
+        {
+            let inputs: Vec<(Handle, usize)> =
+                inputs.iter().cloned().chain([(product, n)]).collect();
+            let written: Vec<Handle> = program
+                .outputs
+                .iter()
+                .map(|_| self.client.empty(n * 4))
+                .collect();
+            unsafe {
+                fused_kernel::launch_unchecked::<f32, R>(
+                    &self.client,
+                    count.clone(),
+                    dim,
+                    array_sequence(inputs),
+                    array_sequence(written.iter().map(|o| (o.clone(), n))),
+                    buffer_arg(meta),
+                    self.seed.0,
+                    self.seed.1,
+                    self.seed.2,
+                    program.clone(),
+                    1,
+                )
+            };
+            outputs.extend(written);
+        }
         outputs
     }
 }
 
 impl<R: Runtime> MatmulLaunch<R> {
-    /// Elements of the result.
+    /// Elements of each member's result.
     fn len(&self) -> usize {
         let (m, n, batches) = self.extent;
         (batches * m * n).max(1)
     }
 
-    /// The matmul kernel in `form`, running `epilogue` (with `inputs`) in registers.
+    /// The matmul kernel in `form`, running `epilogue` (with `inputs`) in registers;
+    /// returns each member's outputs in turn.
     fn launch_kernel(
         &self,
         form: MatmulStrategy,
@@ -261,24 +271,21 @@ impl<R: Runtime> MatmulLaunch<R> {
     ) -> Vec<Handle> {
         let (m, n, batches) = self.extent;
         let len = self.len();
-        let outputs: Vec<Handle> = epilogue
-            .outputs
-            .iter()
+        let outputs: Vec<Handle> = (0..self.layout.members * epilogue.outputs.len().max(1))
             .map(|_| self.client.empty(len * 4))
             .collect();
         let edge = form.edge();
         let count = CubeCount::Static(
             tiles_of(n, edge),
             tiles_of(m, edge),
-            u32s([batches])[0].max(1),
+            u32s([batches.max(1) * self.layout.members])[0],
         );
         unsafe {
             matmul_kernel::launch_unchecked::<f32, R>(
                 &self.client,
                 count,
                 CubeDim::new_2d(edge, edge),
-                buffer_arg(&self.a),
-                buffer_arg(&self.b),
+                array_sequence(self.operands.iter().cloned()),
                 array_sequence(inputs.iter().cloned()),
                 array_sequence(outputs.iter().map(|o| (o.clone(), len))),
                 buffer_arg(&self.meta),
@@ -286,6 +293,7 @@ impl<R: Runtime> MatmulLaunch<R> {
                 self.seed.0,
                 self.seed.1,
                 self.seed.2,
+                self.layout,
                 self.batch_rank,
                 self.sum_batch,
                 matches!(form, MatmulStrategy::Direct { .. }),
@@ -685,6 +693,60 @@ fn array_sequence<R: Runtime, F: Float>(
         sequence.push(unsafe { ArrayArg::from_raw_parts(handle, len.max(1)) });
     }
     sequence
+}
+
+/// One matmul's part of `matmul_kernel`'s metadata, with its `M`, `N`, `K` and the
+/// product's batch entries (one when `sum_batch`).
+fn matmul_meta(mm: &MatmulOperands, sum_batch: bool) -> (Vec<u32>, usize, usize, usize, usize) {
+    let (a, b) = (mm.a, mm.b);
+    let (a_shape, b_shape, out_batch) = (mm.a_shape, mm.b_shape, mm.out_batch);
+    let (ra, rb) = (a_shape.len(), b_shape.len());
+    let (m, k) = if mm.transpose_a {
+        (a_shape[ra - 1], a_shape[ra - 2])
+    } else {
+        (a_shape[ra - 2], a_shape[ra - 1])
+    };
+    let n = if mm.transpose_b {
+        b_shape[rb - 2]
+    } else {
+        b_shape[rb - 1]
+    };
+    let (a_row, a_col) = (a.strides[ra - 2], a.strides[ra - 1]);
+    let (b_row, b_col) = (b.strides[rb - 2], b.strides[rb - 1]);
+    let (a_rs, a_cs) = if mm.transpose_a {
+        (a_col, a_row)
+    } else {
+        (a_row, a_col)
+    };
+    let (b_rs, b_cs) = if mm.transpose_b {
+        (b_col, b_row)
+    } else {
+        (b_row, b_col)
+    };
+    let batch_strides = |shape: &[usize], strides: &[usize]| -> Vec<usize> {
+        let own = shape.len() - 2;
+        let lead = out_batch.len() - own;
+        (0..out_batch.len())
+            .map(|i| {
+                if i < lead || shape[i - lead] == 1 {
+                    0
+                } else {
+                    strides[i - lead]
+                }
+            })
+            .collect()
+    };
+    // Output tiles: one per batch entry, or one for all when summing.
+    let batches: usize = if sum_batch {
+        1
+    } else {
+        out_batch.iter().product()
+    };
+    let mut meta = u32s(out_batch.iter().copied());
+    meta.extend(u32s(batch_strides(a_shape, &a.strides)));
+    meta.extend(u32s(batch_strides(b_shape, &b.strides)));
+    meta.extend(u32s([m, n, k, a_rs, a_cs, b_rs, b_cs, a.offset, b.offset]));
+    (meta, m, n, k, batches)
 }
 
 /// How a reduction of `shape` (read through `strides`) over `axes` walks its operand.
@@ -1232,27 +1294,33 @@ impl<R: Runtime> Kernels<R> {
 
     /// `[..., M, K] x [..., K, N]`; see `MatmulOperands`.
     pub fn matmul(&self, mm: &MatmulOperands) -> Handle {
-        let empty = FusedProgram {
-            outputs: vec![0],
-            ..FusedProgram::default()
-        };
-        self.launch_matmul(mm, &empty, &[], false, (0, 0))
-            .into_iter()
-            .next()
-            .expect("one output")
+        self.launch_matmuls(
+            std::slice::from_ref(mm),
+            OperandLayout::SINGLE,
+            &FusedProgram::product(),
+            &[Vec::new()],
+            false,
+            (0, 0),
+        )
+        .into_iter()
+        .next()
+        .expect("one output")
     }
 
     /// `[..., M, K] x [..., K, N]` summed over the batch dimensions: `[M, N]`, in one
     /// kernel (weight gradients of a layer applied to every batch entry).
     pub fn matmul_batch_sum(&self, mm: &MatmulOperands) -> Handle {
-        let empty = FusedProgram {
-            outputs: vec![0],
-            ..FusedProgram::default()
-        };
-        self.launch_matmul(mm, &empty, &[], true, (0, 0))
-            .into_iter()
-            .next()
-            .expect("one output")
+        self.launch_matmuls(
+            std::slice::from_ref(mm),
+            OperandLayout::SINGLE,
+            &FusedProgram::product(),
+            &[Vec::new()],
+            true,
+            (0, 0),
+        )
+        .into_iter()
+        .next()
+        .expect("one output")
     }
 
     /// A matmul whose product feeds `program` (an elementwise epilogue over the
@@ -1267,88 +1335,115 @@ impl<R: Runtime> Kernels<R> {
         seed: u64,
         step: u64,
     ) -> Vec<Handle> {
-        self.launch_matmul(mm, program, inputs, false, (seed, step))
+        self.launch_matmuls(
+            std::slice::from_ref(mm),
+            OperandLayout::SINGLE,
+            program,
+            &[inputs.to_vec()],
+            false,
+            (seed, step),
+        )
+    }
+
+    /// Matmuls of one shape and one operand in common (`layout` says which; members'
+    /// views of it must be the same) in one launch, each with `epilogue` (an empty one
+    /// writes the product) reading its own `inputs` (the first
+    /// `epilogue.shared_inputs` the same for all, bound once), or with `sum_batch`
+    /// each summed over the batch. Returns each member's outputs.
+    #[allow(clippy::too_many_arguments)]
+    pub fn multi_matmul(
+        &self,
+        members: &[MatmulOperands],
+        layout: OperandLayout,
+        epilogue: &FusedProgram,
+        inputs: &[Vec<View>],
+        sum_batch: bool,
+        seed: u64,
+        step: u64,
+    ) -> Vec<Vec<Handle>> {
+        assert_eq!(layout.members, members.len());
+        let outputs =
+            self.launch_matmuls(members, layout, epilogue, inputs, sum_batch, (seed, step));
+        outputs
+            .chunks(epilogue.outputs.len().max(1))
+            .map(<[Handle]>::to_vec)
+            .collect()
     }
 
     /// `rng`: the epilogue's dropout seed and step.
-    fn launch_matmul(
+    fn launch_matmuls(
         &self,
-        mm: &MatmulOperands,
+        members: &[MatmulOperands],
+        layout: OperandLayout,
         epilogue: &FusedProgram,
-        inputs: &[View],
+        inputs: &[Vec<View>],
         sum_batch: bool,
         (seed, step): (u64, u64),
     ) -> Vec<Handle> {
-        let (a, b) = (mm.a, mm.b);
-        let (a_shape, b_shape, out_batch) = (mm.a_shape, mm.b_shape, mm.out_batch);
-        let (ra, rb) = (a_shape.len(), b_shape.len());
-        let (m, k) = if mm.transpose_a {
-            (a_shape[ra - 1], a_shape[ra - 2])
-        } else {
-            (a_shape[ra - 2], a_shape[ra - 1])
-        };
-        let n = if mm.transpose_b {
-            b_shape[rb - 2]
-        } else {
-            b_shape[rb - 1]
-        };
-        let (a_row, a_col) = (a.strides[ra - 2], a.strides[ra - 1]);
-        let (b_row, b_col) = (b.strides[rb - 2], b.strides[rb - 1]);
-        let (a_rs, a_cs) = if mm.transpose_a {
-            (a_col, a_row)
-        } else {
-            (a_row, a_col)
-        };
-        let (b_rs, b_cs) = if mm.transpose_b {
-            (b_col, b_row)
-        } else {
-            (b_row, b_col)
-        };
-        let batch_strides = |shape: &[usize], strides: &[usize]| -> Vec<usize> {
-            let own = shape.len() - 2;
-            let lead = out_batch.len() - own;
-            (0..out_batch.len())
-                .map(|i| {
-                    if i < lead || shape[i - lead] == 1 {
-                        0
-                    } else {
-                        strides[i - lead]
-                    }
-                })
-                .collect()
-        };
-        // Output tiles: one per batch entry, or one for all when summing.
-        let batches: usize = if sum_batch {
-            1
-        } else {
-            out_batch.iter().product()
-        };
-        let mut meta = u32s(out_batch.iter().copied());
-        meta.extend(u32s(batch_strides(a_shape, &a.strides)));
-        meta.extend(u32s(batch_strides(b_shape, &b.strides)));
-        meta.extend(u32s([m, n, k, a_rs, a_cs, b_rs, b_cs, a.offset, b.offset]));
-        let meta_len = meta.len();
+        let mut meta = Vec::new();
+        let mut extent = (0, 0, 0);
+        let mut k = 0;
+        for mm in members {
+            let (member_meta, m, n, member_k, batches) = matmul_meta(mm, sum_batch);
+            meta.extend(member_meta);
+            (extent, k) = ((m, n, batches), member_k);
+        }
+        let (m, n, _) = extent;
+        let mm = &members[0];
+        let out_batch = mm.out_batch;
         let product_shape: Vec<usize> = out_batch.iter().copied().chain([m, n]).collect();
-        let epilogue_meta = program_meta(&product_shape, inputs);
-        let epilogue_len = epilogue_meta.len();
         let product_strides = contiguous_strides(&product_shape);
-        let apart_meta = program_meta_of(
-            &product_shape,
-            inputs
-                .iter()
-                .map(|v| (v.strides.as_slice(), v.offset))
-                .chain([(product_strides.as_slice(), 0)]),
-        );
-        let apart_len = apart_meta.len();
+        let mut epilogue_meta = Vec::new();
+        let mut apart_meta = Vec::new();
+        for views in inputs {
+            epilogue_meta.extend(program_meta(&product_shape, views));
+            let apart = program_meta_of(
+                &product_shape,
+                views
+                    .iter()
+                    .map(|v| (v.strides.as_slice(), v.offset))
+                    .chain([(product_strides.as_slice(), 0)]),
+            );
+            let apart_len = apart.len();
+            apart_meta.push((self.upload_once(apart), apart_len));
+        }
+        let buffer = |v: &View| (v.handle.clone(), v.len.max(1));
+        let operands: Vec<(Handle, usize)> = (0..layout.bindings())
+            .map(|binding| {
+                let at = (0..members.len())
+                    .find_map(|s| {
+                        if layout.a(s) == binding {
+                            Some(members[s].a)
+                        } else if layout.b(s) == binding {
+                            Some(members[s].b)
+                        } else {
+                            None
+                        }
+                    })
+                    .expect("the layout binds every operand");
+                buffer(at)
+            })
+            .collect();
+        let shared = epilogue.shared_inputs;
+        let bound: Vec<(Handle, usize)> = inputs[0][..shared]
+            .iter()
+            .chain(inputs.iter().flat_map(|views| &views[shared..]))
+            .map(buffer)
+            .collect();
+        let (meta_len, epilogue_len) = (meta.len(), epilogue_meta.len());
         let launch = MatmulLaunch {
             client: self.client.clone(),
-            a: (a.handle.clone(), a.len.max(1)),
-            b: (b.handle.clone(), b.len.max(1)),
-            inputs: inputs.iter().map(|v| (v.handle.clone(), v.len)).collect(),
+            operands,
+            layout,
+            inputs: bound,
+            member_inputs: inputs
+                .iter()
+                .map(|views| views.iter().map(buffer).collect())
+                .collect(),
             meta: (self.upload_once(meta), meta_len),
             epilogue_meta: (self.upload_once(epilogue_meta), epilogue_len),
-            apart_meta: (self.upload_once(apart_meta), apart_len),
-            extent: (m, n, batches),
+            apart_meta,
+            extent,
             seed: (seed as u32, (seed >> 32) as u32, step as u32),
             batch_rank: out_batch.len(),
             sum_batch,
@@ -1357,7 +1452,7 @@ impl<R: Runtime> Kernels<R> {
             key: KernelKey {
                 family: MATMUL.into(),
                 signature: format!(
-                    "m{} n{} k{} batch{}{}{} epilogue{}x{}",
+                    "m{} n{} k{} batch{}{}{} epilogue{}x{}{}",
                     bucket(m),
                     bucket(n),
                     bucket(k),
@@ -1365,7 +1460,12 @@ impl<R: Runtime> Kernels<R> {
                     if sum_batch { " summed" } else { "" },
                     if mm.bf16_operands { " bf16" } else { "" },
                     epilogue.ops.len(),
-                    epilogue.outputs.len()
+                    epilogue.outputs.len(),
+                    if members.len() > 1 {
+                        format!(" matmuls{}", members.len())
+                    } else {
+                        String::new()
+                    }
                 ),
             },
             ran: Default::default(),

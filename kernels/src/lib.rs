@@ -31,5 +31,6 @@ pub use launch::{
     contiguous_strides, Ceilings, ElementwiseStrategy, EpilogueMatmul, Kernels, MatmulOperands,
     MatmulStrategy, ReduceStrategy, Segment, View,
 };
+pub use matmul::OperandLayout;
 pub use reduce::ReduceKind;
 pub use tune::{candidates, Candidate, KernelKey, TunedKernel, TuningMode};

@@ -21,35 +21,89 @@ pub(crate) fn round_to_bf16<F: Float>(x: F) -> F {
     select(unordered::<F>(x, x), x, F::reinterpret(rounded))
 }
 
+/// Where a matmul kernel finds its operands: `members` matmuls of one shape in one
+/// launch, each with its own `a` and `b` unless one side is shared. Bound as the
+/// shared operand first (if any), then each member's own operands in order.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct OperandLayout {
+    pub members: usize,
+    pub shared_a: bool,
+    pub shared_b: bool,
+}
+
+impl OperandLayout {
+    /// One matmul reading `a` and `b`.
+    pub const SINGLE: OperandLayout = OperandLayout {
+        members: 1,
+        shared_a: false,
+        shared_b: false,
+    };
+
+    /// Operand buffers bound.
+    pub fn bindings(&self) -> usize {
+        let shared = usize::from(self.shared_a || self.shared_b);
+        shared + self.members * (2 - shared)
+    }
+
+    /// The binding of member `m`'s left operand.
+    pub fn a(&self, m: usize) -> usize {
+        match (self.shared_a, self.shared_b) {
+            (true, _) => 0,
+            (false, true) => 1 + m,
+            (false, false) => 2 * m,
+        }
+    }
+
+    /// The binding of member `m`'s right operand.
+    pub fn b(&self, m: usize) -> usize {
+        match (self.shared_a, self.shared_b) {
+            (_, true) => 0,
+            (true, false) => 1 + m,
+            (false, false) => 2 * m + 1,
+        }
+    }
+}
+
+/// Metadata words per member of a matmul kernel: see `matmul_kernel`.
+pub(crate) fn matmul_meta_len(batch_rank: usize) -> usize {
+    3 * batch_rank + 9
+}
+
 /// This unit's element of K-tile `t` of operand `a` (its row, column `t * TILE + x`)
 /// or, with `of_b`, of `b` (row `t * TILE + y`, its column), from the operand's batch
 /// entry at `base`: zero outside the matrix, rounded to bf16 when `bf16` (autocast).
-/// `meta` is `matmul_kernel`'s.
+/// `meta` from `at` is one member's part of `matmul_kernel`'s.
 #[cube]
+#[allow(clippy::too_many_arguments)]
 fn tile_operand<F: Float>(
     x: &Array<F>,
     meta: &Array<u32>,
+    at: u32,
     t: u32,
     base: u32,
     #[comptime] of_b: bool,
     #[comptime] batch_rank: usize,
     #[comptime] bf16: bool,
 ) -> F {
-    let tail = 3 * batch_rank;
-    let (m, n, k) = (meta[tail], meta[tail + 1], meta[tail + 2]);
+    let tail = at + comptime!(3 * batch_rank) as u32;
+    let (m, n, k) = (
+        meta[tail as usize],
+        meta[tail as usize + 1],
+        meta[tail as usize + 2],
+    );
     let row = CUBE_POS_Y * CUBE_DIM_Y + UNIT_POS_Y;
     let col = CUBE_POS_X * CUBE_DIM_X + UNIT_POS_X;
     let (inside, at) = if comptime![of_b] {
         let bk = t * TILE + UNIT_POS_Y;
         (
             bk < k && col < n,
-            base + bk * meta[tail + 5] + col * meta[tail + 6],
+            base + bk * meta[tail as usize + 5] + col * meta[tail as usize + 6],
         )
     } else {
         let ak = t * TILE + UNIT_POS_X;
         (
             row < m && ak < k,
-            base + row * meta[tail + 3] + ak * meta[tail + 4],
+            base + row * meta[tail as usize + 3] + ak * meta[tail as usize + 4],
         )
     };
     let mut value = select(inside, x[select(inside, at, 0) as usize], F::new(0.0));
@@ -59,49 +113,27 @@ fn tile_operand<F: Float>(
     value
 }
 
-/// `meta`: batch shape (`batch_rank` dims), a's batch strides, b's batch strides,
-/// then `M, N, K`, a's row and column strides, b's row and column strides, a offset,
-/// b offset. The result is contiguous `[batch..., M, N]`.
-///
-/// With `direct` each unit reads its row of `a` and column of `b` straight from
-/// global memory: no shared memory and no barriers, and any cube shape (cheap where
-/// barriers are dear, as on CPU rasterisers, or where K is small). Otherwise cubes are
-/// `TILE x TILE` and stage operand tiles in shared memory.
-///
-/// With `pipelined` (tiled only), each tile's global reads are issued before the
-/// previous tile is multiplied, so memory latency overlaps the arithmetic.
-///
-/// With `sum_batch` the grid has one batch entry and each cube sums its tile over
-/// every batch entry (a weight gradient summed over the batch): the batched product
-/// is never written and no reduction kernel follows.
-///
-/// With an empty `epilogue` the product is written to `outputs[0]`. Otherwise the
-/// epilogue (a fused elementwise program over the product's shape, whose
-/// `Accumulator` is the product) runs on each element in registers and writes its
-/// outputs; `inputs` and `epilogue_meta` are the program's, as for a fused kernel.
-#[cube(launch_unchecked)]
+/// This unit's element of the product `a @ b` for batch entry `entry` (or, with
+/// `sum_batch`, summed over every batch entry); `meta` from `at` as in
+/// `matmul_kernel`. The forms are `matmul_kernel`'s.
+#[cube]
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn matmul_kernel<F: Float>(
+fn product_element<F: Float>(
     a: &Array<F>,
     b: &Array<F>,
-    inputs: &Sequence<Array<F>>,
-    outputs: &mut Sequence<Array<F>>,
     meta: &Array<u32>,
-    epilogue_meta: &Array<u32>,
-    seed_lo: u32,
-    seed_hi: u32,
-    rng_step: u32,
+    at: u32,
+    entry: u32,
     #[comptime] batch_rank: usize,
     #[comptime] sum_batch: bool,
     #[comptime] direct: bool,
     #[comptime] pipelined: bool,
     #[comptime] bf16_operands: bool,
-    #[comptime] epilogue: FusedProgram,
-) {
+) -> F {
     let tile = comptime!(TILE as usize);
     let mut a_tile = SharedMemory::<F>::new(tile * tile);
     let mut b_tile = SharedMemory::<F>::new(tile * tile);
-    let tail = 3 * batch_rank;
+    let tail = at as usize + comptime!(3 * batch_rank);
     let m = meta[tail];
     let n = meta[tail + 1];
     let k = meta[tail + 2];
@@ -122,25 +154,25 @@ pub(crate) fn matmul_kernel<F: Float>(
     if comptime![sum_batch] {
         #[unroll]
         for i in 0..batch_rank {
-            entries *= meta[i];
+            entries *= meta[at as usize + i];
         }
     }
-    for entry in 0..entries {
+    for pass in 0..entries {
         // Which batch entry this pass computes, and where its operands start.
-        let mut rem = CUBE_POS_Z;
+        let mut rem = entry;
         if comptime![sum_batch] {
-            rem = entry;
+            rem = pass;
         }
         let mut a_base = meta[tail + 7];
         let mut b_base = meta[tail + 8];
         #[unroll]
         for i in 0..batch_rank {
             let axis = batch_rank - 1 - i;
-            let dim = meta[axis];
+            let dim = meta[at as usize + axis];
             let coord = rem % dim;
             rem /= dim;
-            a_base += coord * meta[batch_rank + axis];
-            b_base += coord * meta[2 * batch_rank + axis];
+            a_base += coord * meta[at as usize + batch_rank + axis];
+            b_base += coord * meta[at as usize + 2 * batch_rank + axis];
         }
         if comptime![direct] {
             if row < m && col < n {
@@ -160,24 +192,42 @@ pub(crate) fn matmul_kernel<F: Float>(
             let mut a_next = F::new(0.0);
             let mut b_next = F::new(0.0);
             if comptime![pipelined] {
-                a_next = tile_operand::<F>(a, meta, 0, a_base, false, batch_rank, bf16_operands);
-                b_next = tile_operand::<F>(b, meta, 0, b_base, true, batch_rank, bf16_operands);
+                a_next =
+                    tile_operand::<F>(a, meta, at, 0, a_base, false, batch_rank, bf16_operands);
+                b_next = tile_operand::<F>(b, meta, at, 0, b_base, true, batch_rank, bf16_operands);
             }
             for t in 0..tiles {
                 if comptime![!pipelined] {
                     a_next =
-                        tile_operand::<F>(a, meta, t, a_base, false, batch_rank, bf16_operands);
-                    b_next = tile_operand::<F>(b, meta, t, b_base, true, batch_rank, bf16_operands);
+                        tile_operand::<F>(a, meta, at, t, a_base, false, batch_rank, bf16_operands);
+                    b_next =
+                        tile_operand::<F>(b, meta, at, t, b_base, true, batch_rank, bf16_operands);
                 }
                 a_tile[(ty * TILE + tx) as usize] = a_next;
                 b_tile[(ty * TILE + tx) as usize] = b_next;
                 sync_cube();
                 if comptime![pipelined] {
                     let next = t + 1;
-                    a_next =
-                        tile_operand::<F>(a, meta, next, a_base, false, batch_rank, bf16_operands);
-                    b_next =
-                        tile_operand::<F>(b, meta, next, b_base, true, batch_rank, bf16_operands);
+                    a_next = tile_operand::<F>(
+                        a,
+                        meta,
+                        at,
+                        next,
+                        a_base,
+                        false,
+                        batch_rank,
+                        bf16_operands,
+                    );
+                    b_next = tile_operand::<F>(
+                        b,
+                        meta,
+                        at,
+                        next,
+                        b_base,
+                        true,
+                        batch_rank,
+                        bf16_operands,
+                    );
                 }
                 #[unroll]
                 for i in 0..tile {
@@ -187,28 +237,109 @@ pub(crate) fn matmul_kernel<F: Float>(
             }
         }
     }
-    if row < m && col < n {
-        let pos = CUBE_POS_Z * m * n + row * n + col;
-        if comptime![epilogue.ops.is_empty()] {
-            let out = outputs.index_mut(0usize);
-            out[pos as usize] = acc;
-        } else {
-            let regs = run_program::<F>(
-                inputs,
-                epilogue_meta,
-                0u32,
-                0usize,
-                pos,
-                acc,
-                seed_lo,
-                seed_hi,
-                rng_step,
-                epilogue.clone(),
+    acc
+}
+
+/// `layout.members` matmuls of one shape, their operands bound as `layout` says. Per
+/// member, `meta` holds (`matmul_meta_len` words): the batch shape (`batch_rank`
+/// dims), a's batch strides, b's batch strides, then `M, N, K`, a's row and column
+/// strides, b's row and column strides, a offset, b offset. Each result is
+/// contiguous `[batch..., M, N]`; cubes along z are each member's batch entries in
+/// turn.
+///
+/// With `direct` each unit reads its row of `a` and column of `b` straight from
+/// global memory: no shared memory and no barriers, and any cube shape (cheap where
+/// barriers are dear, as on CPU rasterisers, or where K is small). Otherwise cubes are
+/// `TILE x TILE` and stage operand tiles in shared memory.
+///
+/// With `pipelined` (tiled only), each tile's global reads are issued before the
+/// previous tile is multiplied, so memory latency overlaps the arithmetic.
+///
+/// With `sum_batch` each member has one batch entry and each cube sums its tile over
+/// every batch entry (a weight gradient summed over the batch): the batched product
+/// is never written and no reduction kernel follows.
+///
+/// With an empty `epilogue` member `m`'s product is written to `outputs[m]`.
+/// Otherwise the epilogue (a fused elementwise program over the product's shape,
+/// whose `Accumulator` is the product) runs on each element in registers and writes
+/// its outputs, member by member; `inputs` are bound as for a multi-tensor launch
+/// (`epilogue.shared_inputs` once, the rest per member) and `epilogue_meta` holds
+/// each member's program metadata in turn.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul_kernel<F: Float>(
+    operands: &Sequence<Array<F>>,
+    inputs: &Sequence<Array<F>>,
+    outputs: &mut Sequence<Array<F>>,
+    meta: &Array<u32>,
+    epilogue_meta: &Array<u32>,
+    seed_lo: u32,
+    seed_hi: u32,
+    rng_step: u32,
+    #[comptime] layout: OperandLayout,
+    #[comptime] batch_rank: usize,
+    #[comptime] sum_batch: bool,
+    #[comptime] direct: bool,
+    #[comptime] pipelined: bool,
+    #[comptime] bf16_operands: bool,
+    #[comptime] epilogue: FusedProgram,
+) {
+    let tail = comptime!(3 * batch_rank);
+    let m = meta[tail];
+    let n = meta[tail + 1];
+    let mut entries = 1u32;
+    if comptime![!sum_batch] {
+        #[unroll]
+        for i in 0..batch_rank {
+            entries *= meta[i];
+        }
+    }
+    let member = CUBE_POS_Z / entries;
+    let entry = CUBE_POS_Z % entries;
+    let row = CUBE_POS_Y * CUBE_DIM_Y + UNIT_POS_Y;
+    let col = CUBE_POS_X * CUBE_DIM_X + UNIT_POS_X;
+    let meta_len = comptime!(matmul_meta_len(batch_rank));
+    let epilogue_len = comptime!(epilogue.rank * (1 + epilogue.inputs) + epilogue.inputs);
+    let written = comptime!(epilogue.outputs.len().max(1));
+    #[unroll]
+    for s in 0usize..comptime!(layout.members) {
+        if member == s as u32 {
+            let acc = product_element::<F>(
+                operands.index(comptime!(layout.a(s))),
+                operands.index(comptime!(layout.b(s))),
+                meta,
+                comptime!(s * meta_len) as u32,
+                entry,
+                batch_rank,
+                sum_batch,
+                direct,
+                pipelined,
+                bf16_operands,
             );
-            #[unroll]
-            for o in 0usize..comptime!(epilogue.outputs.len()) {
-                let out = outputs.index_mut(o);
-                out[pos as usize] = *regs.index(comptime!(epilogue.outputs[o]));
+            if row < m && col < n {
+                let pos = entry * m * n + row * n + col;
+                if comptime![epilogue.ops.is_empty()] {
+                    let out = outputs.index_mut(s);
+                    out[pos as usize] = acc;
+                } else {
+                    let regs = run_program::<F>(
+                        inputs,
+                        epilogue_meta,
+                        comptime!(s * epilogue_len) as u32,
+                        s,
+                        pos,
+                        acc,
+                        seed_lo,
+                        seed_hi,
+                        rng_step,
+                        epilogue.clone(),
+                    );
+                    #[unroll]
+                    for o in 0usize..comptime!(epilogue.outputs.len()) {
+                        let out = outputs.index_mut(comptime!(s * written + o));
+                        out[pos as usize] = *regs.index(comptime!(epilogue.outputs[o]));
+                    }
+                }
             }
         }
     }

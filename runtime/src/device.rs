@@ -4,15 +4,17 @@
 //! kernel launch. Intermediate buffers are released after their last use.
 
 use crate::backend::{Backend, BackendError, Ceilings, KernelTiming, TunedKernel, TuningMode};
-use altc_compiler::fusion::{self, FusionGroup, FusionPlan, KernelLimits, MultiGroup, Step};
+use altc_compiler::fusion::{
+    self, FusionGroup, FusionPlan, KernelLimits, MultiGroup, MultiMatmul, SharedOperand, Step,
+};
 use altc_compiler::ir::{
     BinaryOp, CompareOp, DType, Dim, Graph, NodeId, Op, ReduceOp, Shape, UnaryOp,
 };
 use altc_compiler::reference::{EvalContext, Tensor, TensorMap};
 use altc_compiler::spec::Precision;
 use altc_kernels::{
-    BinaryKind, ExpertMatmul, FusedOp, FusedProgram, Kernels, MatmulOperands, ReduceKind, RowTopK,
-    Segment, UnaryKind, View,
+    BinaryKind, ExpertMatmul, FusedOp, FusedProgram, Kernels, MatmulOperands, OperandLayout,
+    ReduceKind, RowTopK, Segment, UnaryKind, View,
 };
 use cubecl::prelude::*;
 use std::collections::{BTreeMap, HashMap};
@@ -263,23 +265,8 @@ impl<R: Runtime> DeviceBackend<R> {
             }
             return produced;
         }
-        // Shared inputs first, then each group's own: the kernel binds the shared once.
-        let order: Vec<usize> = batch
-            .shared
-            .iter()
-            .copied()
-            .chain((0..batch.inputs[0].len()).filter(|p| !batch.shared.contains(p)))
-            .collect();
         let mut program = flat(&programs[0]);
-        for op in &mut program.ops {
-            if let FusedOp::Load { input } = op {
-                *input = order
-                    .iter()
-                    .position(|p| p == input)
-                    .expect("every input is placed");
-            }
-        }
-        program.shared_inputs = batch.shared.len();
+        let order = shared_inputs_first(&mut program, &batch.shared);
         let mut flat_view = |node: NodeId| -> View {
             let value = values[node.index()].as_ref().expect("operands come first");
             let one_value = value.shape.iter().product::<usize>() == 1;
@@ -318,6 +305,127 @@ impl<R: Runtime> DeviceBackend<R> {
         for ((&g, shape), handles) in batch.groups.iter().zip(&shapes).zip(outputs) {
             for (o, (&id, handle)) in plan.groups[g].outputs.iter().zip(handles).enumerate() {
                 let shape = Self::output_shape(&program, o, shape);
+                produced.push((id, Value::contiguous(handle, shape)));
+            }
+        }
+        produced
+    }
+
+    /// One matmul step on its own: a plain matmul, one with an epilogue or one
+    /// summed over the batch. Returns the values it writes.
+    fn eval_matmul(
+        &self,
+        graph: &Graph,
+        plan: &FusionPlan,
+        step: Step,
+        values: &[Option<Value>],
+        symbols: &BTreeMap<String, usize>,
+        ctx: EvalContext,
+    ) -> Vec<(NodeId, Value)> {
+        let (Step::Node(matmul)
+        | Step::MatmulGroup { matmul, .. }
+        | Step::MatmulSum { matmul, .. }) = step
+        else {
+            unreachable!("not a matmul step: {step:?}")
+        };
+        let product = shape_of(graph, matmul, symbols);
+        let (a, b, transposes) = matmul_operands(graph, matmul, values);
+        let mm = self.matmul_of((&a, &b), transposes, &product[..product.len() - 2]);
+        match step {
+            Step::MatmulGroup { group, .. } => {
+                let group = &plan.groups[group];
+                let (program, views) =
+                    self.group_program(graph, group, values, &product, Some(matmul));
+                let outputs = self
+                    .kernels
+                    .matmul_with_epilogue(&mm, &program, &views, ctx.seed, ctx.step);
+                group
+                    .outputs
+                    .iter()
+                    .zip(outputs)
+                    .map(|(&id, handle)| (id, Value::contiguous(handle, product.clone())))
+                    .collect()
+            }
+            Step::MatmulSum { reduce, .. } => {
+                let handle = self.kernels.matmul_batch_sum(&mm);
+                let summed = product[product.len() - 2..].to_vec();
+                vec![(reduce, Value::contiguous(handle, summed))]
+            }
+            _ => vec![(matmul, Value::contiguous(self.kernels.matmul(&mm), product))],
+        }
+    }
+
+    /// Matmuls sharing an operand in one launch; each on its own should their
+    /// epilogue programs come out different.
+    fn eval_multi_matmul(
+        &mut self,
+        graph: &Graph,
+        plan: &FusionPlan,
+        batch: &MultiMatmul,
+        values: &[Option<Value>],
+        symbols: &BTreeMap<String, usize>,
+        ctx: EvalContext,
+    ) -> Vec<(NodeId, Value)> {
+        let matmuls = batch.matmuls();
+        let product = shape_of(graph, matmuls[0], symbols);
+        let (programs, views): (Vec<FusedProgram>, Vec<Vec<View>>) = batch
+            .members
+            .iter()
+            .map(|step| match *step {
+                Step::MatmulGroup { matmul, group } => {
+                    self.group_program(graph, &plan.groups[group], values, &product, Some(matmul))
+                }
+                _ => (FusedProgram::product(), Vec::new()),
+            })
+            .unzip();
+        if programs.iter().any(|p| *p != programs[0]) {
+            let mut produced = Vec::new();
+            for &step in &batch.members {
+                self.launches += 1;
+                produced.extend(self.eval_matmul(graph, plan, step, values, symbols, ctx));
+            }
+            return produced;
+        }
+        let mut program = programs[0].clone();
+        let order = shared_inputs_first(&mut program, &batch.epilogue_shared);
+        let views: Vec<Vec<View>> = views
+            .iter()
+            .map(|member| order.iter().map(|&p| member[p].clone()).collect())
+            .collect();
+        let operands: Vec<(Value, Value, (bool, bool))> = matmuls
+            .iter()
+            .map(|&m| matmul_operands(graph, m, values))
+            .collect();
+        let out_batch = &product[..product.len() - 2];
+        let members: Vec<MatmulOperands> = operands
+            .iter()
+            .map(|(a, b, transposes)| self.matmul_of((a, b), *transposes, out_batch))
+            .collect();
+        let layout = OperandLayout {
+            members: members.len(),
+            shared_a: batch.shared == SharedOperand::Left,
+            shared_b: batch.shared == SharedOperand::Right,
+        };
+        let sum_batch = matches!(batch.members[0], Step::MatmulSum { .. });
+        self.launches += 1;
+        let outputs = self.kernels.multi_matmul(
+            &members, layout, &program, &views, sum_batch, ctx.seed, ctx.step,
+        );
+        let mut produced = Vec::new();
+        for (&step, handles) in batch.members.iter().zip(outputs) {
+            let written: Vec<(NodeId, Vec<usize>)> = match step {
+                Step::MatmulGroup { group, .. } => plan.groups[group]
+                    .outputs
+                    .iter()
+                    .map(|&id| (id, product.clone()))
+                    .collect(),
+                Step::MatmulSum { reduce, .. } => {
+                    vec![(reduce, product[product.len() - 2..].to_vec())]
+                }
+                Step::Node(matmul) => vec![(matmul, product.clone())],
+                _ => unreachable!("a multi-matmul holds matmul steps"),
+            };
+            for ((id, shape), handle) in written.into_iter().zip(handles) {
                 produced.push((id, Value::contiguous(handle, shape)));
             }
         }
@@ -661,6 +769,27 @@ impl<R: Runtime> DeviceBackend<R> {
 }
 
 /// A planned matmul's operand values and transpose flags.
+/// Renumbers `program`'s loads so that the inputs at positions `shared` (the same
+/// for every tensor of a multi-tensor launch, bound once) come first; returns the
+/// positions in their new order.
+fn shared_inputs_first(program: &mut FusedProgram, shared: &[usize]) -> Vec<usize> {
+    let order: Vec<usize> = shared
+        .iter()
+        .copied()
+        .chain((0..program.inputs).filter(|p| !shared.contains(p)))
+        .collect();
+    for op in &mut program.ops {
+        if let FusedOp::Load { input } = op {
+            *input = order
+                .iter()
+                .position(|p| p == input)
+                .expect("every input is placed");
+        }
+    }
+    program.shared_inputs = shared.len();
+    order
+}
+
 fn matmul_operands(
     graph: &Graph,
     matmul: NodeId,
@@ -791,32 +920,20 @@ impl<R: Runtime> Backend for DeviceBackend<R> {
                         values[id.index()] = Some(value);
                     }
                 }
-                Step::MatmulGroup { matmul, group } => {
-                    let group = &plan.groups[group];
-                    let shape =
-                        concrete(group.shape(graph), &symbols).expect("inputs bind every symbol");
-                    let (a, b, transposes) = matmul_operands(graph, matmul, &values);
+                Step::MatmulGroup { .. } | Step::MatmulSum { .. } => {
                     self.launches += 1;
-                    let (program, views) =
-                        self.group_program(graph, group, &values, &shape, Some(matmul));
-                    let mm = self.matmul_of((&a, &b), transposes, &shape[..shape.len() - 2]);
-                    let outputs = self
-                        .kernels
-                        .matmul_with_epilogue(&mm, &program, &views, ctx.seed, ctx.step);
-                    for (id, handle) in group.outputs.iter().zip(outputs) {
-                        values[id.index()] = Some(Value::contiguous(handle, shape.clone()));
+                    for (id, value) in self.eval_matmul(graph, &plan, *step, &values, &symbols, ctx)
+                    {
+                        values[id.index()] = Some(value);
                     }
                 }
-                Step::MatmulSum { matmul, reduce } => {
-                    let product = shape_of(graph, matmul, &symbols);
-                    let (a, b, transposes) = matmul_operands(graph, matmul, &values);
-                    self.launches += 1;
-                    let mm = self.matmul_of((&a, &b), transposes, &product[..product.len() - 2]);
-                    let handle = self.kernels.matmul_batch_sum(&mm);
-                    values[reduce.index()] = Some(Value::contiguous(
-                        handle,
-                        product[product.len() - 2..].to_vec(),
-                    ));
+                Step::MultiMatmul(i) => {
+                    let batch = &plan.multi_matmuls[i];
+                    for (id, value) in
+                        self.eval_multi_matmul(graph, &plan, batch, &values, &symbols, ctx)
+                    {
+                        values[id.index()] = Some(value);
+                    }
                 }
                 Step::MultiReduce(i) => {
                     let batch = &plan.multi_reduces[i];

@@ -728,3 +728,92 @@ fn a_row_sum_broadcast_across_the_rows_is_not_an_epilogue() {
     assert!(plan.reduce_epilogues.is_empty(), "{:?}", plan.schedule);
     every_output_matches_the_reference(&g, &feeds, [&mut fused, &mut unfused]);
 }
+
+/// Matmuls that share an operand run as one kernel: the query, key and value
+/// projections of one input with their biases, their three weight gradients summed
+/// over the batch, and one weight applied to two inputs. A projection with another
+/// epilogue stays on its own. Extents are no tile multiples; every result matches the
+/// reference.
+#[test]
+fn matmuls_sharing_an_operand_run_as_one_kernel() {
+    use altc_compiler::fusion::{SharedOperand, Step};
+    let Some((mut fused, mut unfused)) = fused_and_unfused() else {
+        return;
+    };
+    let mut g = Graph::new("projections");
+    let mut feeds = TensorMap::new();
+    let mut next = 0;
+    let mut leaf = |g: &mut Graph, name: &str, shape: &[usize]| {
+        next += 1;
+        random_input(g, &mut feeds, name, shape, (23, next))
+    };
+    let x = leaf(&mut g, "x", &[2, 7, 19]);
+    let push = |g: &mut Graph, op: Op, operands: &[NodeId]| g.push(op, operands, "test").unwrap();
+    let matmul = |transpose_a| Op::MatMul {
+        transpose_a,
+        transpose_b: false,
+    };
+    for name in ["query", "key", "value"] {
+        let w = leaf(&mut g, &format!("{name}.weight"), &[19, 21]);
+        let b = leaf(&mut g, &format!("{name}.bias"), &[21]);
+        let product = push(&mut g, matmul(false), &[x, w]);
+        let projected = push(&mut g, Op::Binary(BinaryOp::Add), &[product, b]);
+        g.set_output(name, projected).unwrap();
+        let dy = leaf(&mut g, &format!("{name}.grad"), &[2, 7, 21]);
+        let batched = push(&mut g, matmul(true), &[x, dy]);
+        let summed = push(
+            &mut g,
+            Op::Reduce {
+                op: ReduceOp::Sum,
+                axes: vec![0],
+                keep_dims: false,
+            },
+            &[batched],
+        );
+        g.set_output(format!("{name}.weight_grad"), summed).unwrap();
+    }
+    let w_scaled = leaf(&mut g, "scaled.weight", &[19, 21]);
+    let product = push(&mut g, matmul(false), &[x, w_scaled]);
+    let scaled = push(&mut g, Op::Binary(BinaryOp::Mul), &[product, product]);
+    g.set_output("scaled", scaled).unwrap();
+    let router = leaf(&mut g, "router", &[19, 5]);
+    for branch in ["left", "right"] {
+        let input = leaf(&mut g, branch, &[2, 7, 19]);
+        let logits = push(&mut g, matmul(false), &[input, router]);
+        g.set_output(format!("{branch}.logits"), logits).unwrap();
+    }
+
+    let plan = altc_compiler::fusion::plan(&g, KernelLimits::default());
+    let mut batches: Vec<(usize, SharedOperand, &str)> = plan
+        .multi_matmuls
+        .iter()
+        .map(|batch| {
+            let kind = match batch.members[0] {
+                Step::Node(_) => "plain",
+                Step::MatmulGroup { .. } => "epilogue",
+                Step::MatmulSum { .. } => "summed",
+                _ => "other",
+            };
+            (batch.members.len(), batch.shared, kind)
+        })
+        .collect();
+    batches.sort_by_key(|b| b.2);
+    assert_eq!(
+        batches,
+        [
+            (3, SharedOperand::Left, "epilogue"),
+            (2, SharedOperand::Right, "plain"),
+            (3, SharedOperand::Left, "summed"),
+        ]
+    );
+    assert_eq!(
+        plan.launches(&g),
+        4,
+        "three merged launches and the squared one"
+    );
+    every_output_matches_the_reference(&g, &feeds, [&mut fused, &mut unfused]);
+    fused
+        .run(&g, &feeds, EvalContext { seed: 1, step: 0 })
+        .unwrap();
+    assert_eq!(fused.kernel_launches(), Some(4));
+}

@@ -1,8 +1,9 @@
 //! Tunable kernels: every candidate of every tunable family computes what the
-//! reference does (matmuls plain, transposed, with an epilogue and summed over the
-//! batch; grouped expert matmuls with empty experts; reductions plain, with a fused
-//! prologue and with a fused epilogue; fused elementwise chains, alone and over several tensors), and
-//! tuning picks one of the candidates and gives the fallback's results.
+//! reference does (matmuls plain, transposed, two with one epilogue sharing an
+//! operand, and summed over the batch; grouped expert matmuls with empty experts;
+//! reductions plain, with a fused prologue and with a fused epilogue; fused
+//! elementwise chains, alone and over several tensors), and tuning picks one of the
+//! candidates and gives the fallback's results.
 
 use altc_compiler::ir::{BinaryOp, DType, Graph, NodeId, Op, ReduceOp, UnaryOp};
 use altc_compiler::reference::{run, EvalContext, Tensor, TensorMap};
@@ -29,6 +30,7 @@ fn tunable_graph(draw: u64) -> (Graph, TensorMap) {
     let bias = input(&mut g, &mut feeds, "bias", &[21], 3 + 16 * draw);
     let wt = input(&mut g, &mut feeds, "wt", &[21, 17], 4 + 16 * draw);
     let dy = input(&mut g, &mut feeds, "dy", &[3, 19, 21], 5 + 16 * draw);
+    let w2 = input(&mut g, &mut feeds, "w2", &[17, 21], 6 + 16 * draw);
     let push = |g: &mut Graph, op: Op, operands: &[NodeId]| g.push(op, operands, "test").unwrap();
     let mm = |ta, tb| Op::MatMul {
         transpose_a: ta,
@@ -39,6 +41,10 @@ fn tunable_graph(draw: u64) -> (Graph, TensorMap) {
     let product = push(&mut g, mm(false, false), &[x, w]);
     let biased = push(&mut g, Op::Binary(BinaryOp::Add), &[product, bias]);
     let activated = push(&mut g, Op::Unary(UnaryOp::Relu), &[biased]);
+    // A second projection of `x` with the same epilogue: both run as one kernel.
+    let product2 = push(&mut g, mm(false, false), &[x, w2]);
+    let biased2 = push(&mut g, Op::Binary(BinaryOp::Add), &[product2, bias]);
+    let activated2 = push(&mut g, Op::Unary(UnaryOp::Relu), &[biased2]);
     let batched = push(&mut g, mm(true, false), &[x, dy]);
     let summed = push(
         &mut g,
@@ -147,6 +153,7 @@ fn tunable_graph(draw: u64) -> (Graph, TensorMap) {
         ("plain", plain),
         ("transposed", transposed),
         ("epilogue", activated),
+        ("epilogue_shared_operand", activated2),
         ("summed", summed),
         ("chain", chain),
         ("normalised", normalised),
@@ -223,7 +230,8 @@ fn every_candidate_matches_the_reference_and_tuning_picks_one() {
     assert_close("tuned vs fallback", &tuned, &fallback);
     let decisions = device.tuned_kernels();
     let of = |family: &str| decisions.iter().filter(|d| d.key.family == family).count();
-    // Plain and transposed share a shape bucket; the epilogue and the batch sum differ.
+    // Plain and transposed share a shape bucket; the two with an epilogue (one
+    // launch) and the batch sum differ.
     assert_eq!(of("matmul"), 3, "{decisions:?}");
     assert_eq!(of("reduce"), 4, "{decisions:?}");
     assert_eq!(of("fused elementwise"), 1, "{decisions:?}");
