@@ -17,6 +17,7 @@ use crate::tune::{
     ELEMENTWISE_TUNER, MATMUL, MATMUL_TUNER, MULTI_ELEMENTWISE, MULTI_ELEMENTWISE_TUNER, REDUCE,
     REDUCE_TUNER,
 };
+use crate::vector::{vector_fused_kernel, VectorProgram};
 use crate::{BinaryKind, ReduceKind, UnaryKind};
 use cubecl::prelude::*;
 use cubecl::server::Handle;
@@ -238,8 +239,8 @@ impl<R: Runtime> TunableLaunch for MatmulLaunch<R> {
                     &self.client,
                     count.clone(),
                     dim,
-                    array_sequence(inputs),
-                    array_sequence(written.iter().map(|o| (o.clone(), n))),
+                    buffer_sequence(inputs),
+                    buffer_sequence(written.iter().map(|o| (o.clone(), n))),
                     buffer_arg(meta),
                     self.seed.0,
                     self.seed.1,
@@ -285,9 +286,9 @@ impl<R: Runtime> MatmulLaunch<R> {
                 &self.client,
                 count,
                 CubeDim::new_2d(edge, edge),
-                array_sequence(self.operands.iter().cloned()),
-                array_sequence(inputs.iter().cloned()),
-                array_sequence(outputs.iter().map(|o| (o.clone(), len))),
+                buffer_sequence(self.operands.iter().cloned()),
+                buffer_sequence(inputs.iter().cloned()),
+                buffer_sequence(outputs.iter().map(|o| (o.clone(), len))),
                 buffer_arg(&self.meta),
                 buffer_arg(&self.epilogue_meta),
                 self.seed.0,
@@ -306,12 +307,14 @@ impl<R: Runtime> MatmulLaunch<R> {
     }
 }
 
-/// How a fused elementwise kernel spreads its elements: units per cube and elements
-/// per unit (the tuning candidates).
+/// How a fused elementwise kernel spreads its elements: units per cube, elements per
+/// unit, and the vector width of each access (the tuning candidates). A vectorised
+/// candidate runs as its scalar form where the inputs' layouts do not allow vectors.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ElementwiseStrategy {
     pub cube: u32,
     pub per_unit: u32,
+    pub vector: u32,
 }
 
 impl Candidate for ElementwiseStrategy {
@@ -319,19 +322,155 @@ impl Candidate for ElementwiseStrategy {
         ElementwiseStrategy {
             cube: CUBE_SIZE,
             per_unit: 1,
+            vector: 1,
         },
         ElementwiseStrategy {
             cube: 64,
             per_unit: 1,
+            vector: 1,
         },
         ElementwiseStrategy {
             cube: CUBE_SIZE,
             per_unit: 4,
+            vector: 1,
+        },
+        ElementwiseStrategy {
+            cube: CUBE_SIZE,
+            per_unit: 1,
+            vector: VECTOR_WIDTH as u32,
         },
     ];
 
     fn name(&self) -> String {
-        format!("cube-{}x{}-per-unit", self.cube, self.per_unit)
+        if self.vector > 1 {
+            format!("cube-{}-vector-{}", self.cube, self.vector)
+        } else {
+            format!("cube-{}x{}-per-unit", self.cube, self.per_unit)
+        }
+    }
+}
+
+/// Elements per access of the vectorised elementwise candidate: four f32 make one
+/// 128-bit load or store.
+const VECTOR_WIDTH: usize = 4;
+
+/// A fused program's launch in vectors of `VECTOR_WIDTH` elements, prepared when
+/// every input is contiguous from a vector boundary or one value.
+#[derive(Clone)]
+struct VectorLaunch {
+    program: VectorProgram,
+    vectors: Vec<(Handle, usize)>,
+    scalars: Vec<(Handle, usize)>,
+    meta: (Handle, usize),
+    /// Each tensor's element count.
+    lens: Vec<usize>,
+}
+
+impl VectorLaunch {
+    /// Runs the program with cubes of `cube` units; returns each tensor's outputs in
+    /// turn.
+    fn launch<R: Runtime>(&self, client: &ComputeClient<R>, cube: u32) -> Vec<Handle> {
+        let n_outputs = self.program.program.outputs.len();
+        let outputs = empty_buffers(
+            client,
+            self.lens
+                .iter()
+                .flat_map(|&len| std::iter::repeat_n(len, n_outputs)),
+        );
+        let total: usize = self.lens.iter().sum::<usize>() / VECTOR_WIDTH;
+        let (count, dim) = grid_of(total, cube);
+        unsafe {
+            vector_fused_kernel::launch_unchecked::<f32, R>(
+                client,
+                count,
+                dim,
+                VECTOR_WIDTH,
+                buffer_sequence(self.vectors.iter().cloned()),
+                buffer_sequence(self.scalars.iter().cloned()),
+                buffer_sequence(outputs.iter().cloned()),
+                buffer_arg(&self.meta),
+                self.program.clone(),
+                self.lens.len(),
+            )
+        };
+        outputs.into_iter().map(|(h, _)| h).collect()
+    }
+}
+
+impl<R: Runtime> Kernels<R> {
+    /// `program` in vectors over tensors of `shapes`, each reading its inputs through
+    /// `views` (in program order, shared ones included); `None` where the program or
+    /// a layout does not allow it.
+    fn vector_launch(
+        &self,
+        program: &FusedProgram,
+        tensors: &[(&[usize], Vec<&View>)],
+    ) -> Option<VectorLaunch> {
+        const W: usize = VECTOR_WIDTH;
+        if !VectorProgram::runs(program) {
+            return None;
+        }
+        // Each input of each tensor: `Some(true)` one value, `Some(false)` whole
+        // vectors, `None` neither.
+        let layout = |shape: &[usize], v: &View| -> Option<(bool, usize)> {
+            let contiguous = contiguous_strides(shape);
+            let spread = shape.iter().enumerate().filter(|&(_, &n)| n > 1);
+            if spread.clone().all(|(d, _)| v.strides[d] == 0) {
+                Some((true, v.offset))
+            } else if spread.clone().all(|(d, _)| v.strides[d] == contiguous[d])
+                && v.offset.is_multiple_of(W)
+            {
+                Some((false, v.offset / W))
+            } else {
+                None
+            }
+        };
+        let mut scalar: Option<Vec<bool>> = None;
+        let (mut vectors, mut scalars, mut meta, mut lens) = (vec![], vec![], vec![], vec![]);
+        for (t, (shape, views)) in tensors.iter().enumerate() {
+            let len: usize = shape.iter().product();
+            if len == 0 || !len.is_multiple_of(W) {
+                return None;
+            }
+            lens.push(len);
+            let layouts: Vec<(bool, usize)> = views
+                .iter()
+                .map(|v| layout(shape, v))
+                .collect::<Option<_>>()?;
+            let flags: Vec<bool> = layouts.iter().map(|&(one, _)| one).collect();
+            if *scalar.get_or_insert_with(|| flags.clone()) != flags {
+                return None;
+            }
+            meta.extend(u32s(layouts.iter().map(|&(_, offset)| offset)));
+            for (i, (view, &one)) in views.iter().zip(&flags).enumerate() {
+                // Shared inputs are bound once, with the first tensor's.
+                if i >= program.shared_inputs || t == 0 {
+                    let buffer = (view.handle.clone(), view.len.max(1));
+                    if one {
+                        scalars.push(buffer)
+                    } else {
+                        vectors.push(buffer)
+                    }
+                }
+            }
+        }
+        let mut start = 0;
+        for &len in &lens {
+            meta.extend(u32s([start]));
+            start += len / W;
+        }
+        meta.extend(u32s([start]));
+        let meta_len = meta.len();
+        Some(VectorLaunch {
+            program: VectorProgram {
+                program: program.clone(),
+                scalar: scalar?,
+            },
+            vectors,
+            scalars,
+            meta: (self.upload_once(meta), meta_len),
+            lens,
+        })
     }
 }
 
@@ -339,6 +478,7 @@ impl Candidate for ElementwiseStrategy {
 struct FusedLaunch<R: Runtime> {
     client: ComputeClient<R>,
     inputs: Vec<(Handle, usize)>,
+    vectorised: Option<VectorLaunch>,
     meta: (Handle, usize),
     /// Elements (of the program's shape), and the extent of its last axis.
     n: usize,
@@ -361,6 +501,9 @@ impl<R: Runtime> TunableLaunch for FusedLaunch<R> {
     }
 
     fn launch(&self, with: ElementwiseStrategy) -> Vec<Handle> {
+        if let (true, Some(vectorised)) = (with.vector > 1, &self.vectorised) {
+            return vectorised.launch(&self.client, with.cube);
+        }
         let n = self.n;
         let rows = n / self.row_len.max(1);
         let outputs = empty_buffers(
@@ -374,8 +517,8 @@ impl<R: Runtime> TunableLaunch for FusedLaunch<R> {
                 &self.client,
                 count,
                 dim,
-                array_sequence(self.inputs.iter().cloned()),
-                array_sequence(outputs.iter().cloned()),
+                buffer_sequence(self.inputs.iter().cloned()),
+                buffer_sequence(outputs.iter().cloned()),
                 buffer_arg(&self.meta),
                 self.seed.0,
                 self.seed.1,
@@ -401,6 +544,7 @@ pub struct Segment {
 struct MultiFusedLaunch<R: Runtime> {
     client: ComputeClient<R>,
     inputs: Vec<(Handle, usize)>,
+    vectorised: Option<VectorLaunch>,
     meta: (Handle, usize),
     /// Each segment's element count.
     lens: Vec<usize>,
@@ -421,6 +565,9 @@ impl<R: Runtime> TunableLaunch for MultiFusedLaunch<R> {
     }
 
     fn launch(&self, with: ElementwiseStrategy) -> Vec<Handle> {
+        if let (true, Some(vectorised)) = (with.vector > 1, &self.vectorised) {
+            return vectorised.launch(&self.client, with.cube);
+        }
         let program = &self.program;
         // Flat segments: every element is a row of its own.
         let outputs = empty_buffers(
@@ -436,8 +583,8 @@ impl<R: Runtime> TunableLaunch for MultiFusedLaunch<R> {
                 &self.client,
                 count,
                 dim,
-                array_sequence(self.inputs.iter().cloned()),
-                array_sequence(outputs.iter().cloned()),
+                buffer_sequence(self.inputs.iter().cloned()),
+                buffer_sequence(outputs.iter().cloned()),
                 buffer_arg(&self.meta),
                 program.clone(),
                 self.lens.len(),
@@ -575,7 +722,7 @@ impl<R: Runtime> TunableLaunch for ReduceLaunch<R> {
                         &self.client,
                         count,
                         dim,
-                        array_sequence(inputs.iter().cloned()),
+                        buffer_sequence(inputs.iter().cloned()),
                         output,
                         meta,
                         seed.0,
@@ -615,8 +762,8 @@ impl<R: Runtime> TunableLaunch for ReduceLaunch<R> {
                         count,
                         dim,
                         buffer_arg(x),
-                        array_sequence(inputs.iter().cloned()),
-                        array_sequence(outputs.iter().cloned()),
+                        buffer_sequence(inputs.iter().cloned()),
+                        buffer_sequence(outputs.iter().cloned()),
                         meta,
                         seed.0,
                         seed.1,
@@ -684,10 +831,11 @@ fn empty_buffers<R: Runtime>(
         .collect()
 }
 
-/// Buffers as a kernel's sequence of arrays: (handle, elements).
-fn array_sequence<R: Runtime, F: Float>(
+/// Buffers as a kernel's sequence of arrays of any element type: (handle, scalar
+/// elements).
+fn buffer_sequence<R: Runtime, T: LaunchArg<RuntimeArg<R> = ArrayArg<R>>>(
     buffers: impl IntoIterator<Item = (Handle, usize)>,
-) -> SequenceArg<R, Array<F>> {
+) -> SequenceArg<R, T> {
     let mut sequence = SequenceArg::new();
     for (handle, len) in buffers {
         sequence.push(unsafe { ArrayArg::from_raw_parts(handle, len.max(1)) });
@@ -1008,6 +1156,7 @@ impl<R: Runtime> Kernels<R> {
         let launch = FusedLaunch {
             client: self.client.clone(),
             inputs: inputs.iter().map(|v| (v.handle.clone(), v.len)).collect(),
+            vectorised: self.vector_launch(program, &[(shape, inputs.iter().collect())]),
             meta: (self.upload_once(meta), meta_len),
             n,
             row_len: shape.last().copied().unwrap_or(1),
@@ -1055,8 +1204,15 @@ impl<R: Runtime> Kernels<R> {
         }
         meta.extend(u32s([start]));
         let meta_len = meta.len();
+        let shapes: Vec<[usize; 1]> = segments.iter().map(|s| [s.len]).collect();
+        let tensors: Vec<(&[usize], Vec<&View>)> = segments
+            .iter()
+            .zip(&shapes)
+            .map(|(segment, shape)| (&shape[..], shared.iter().chain(&segment.inputs).collect()))
+            .collect();
         let launch = MultiFusedLaunch {
             client: self.client.clone(),
+            vectorised: self.vector_launch(program, &tensors),
             inputs,
             meta: (self.upload_once(meta), meta_len),
             lens: segments.iter().map(|s| s.len).collect(),
@@ -1278,7 +1434,7 @@ impl<R: Runtime> Kernels<R> {
                 &self.client,
                 cubes,
                 dim,
-                array_sequence(inputs.iter().map(|(v, _)| (v.handle.clone(), v.len))),
+                buffer_sequence(inputs.iter().map(|(v, _)| (v.handle.clone(), v.len))),
                 ArrayArg::from_raw_parts(out.clone(), total.max(1)),
                 ArrayArg::from_raw_parts(self.upload_once(meta), meta_len),
                 prologue.to_vec(),

@@ -23,6 +23,7 @@ mod matmul;
 mod random;
 mod reduce;
 mod tune;
+mod vector;
 
 pub use elementwise::{BinaryKind, UnaryKind};
 pub use experts::ExpertMatmul;

@@ -5,7 +5,7 @@
 //! elementwise chains, alone and over several tensors), and tuning picks one of the
 //! candidates and gives the fallback's results.
 
-use altc_compiler::ir::{BinaryOp, DType, Graph, NodeId, Op, ReduceOp, UnaryOp};
+use altc_compiler::ir::{BinaryOp, CompareOp, DType, Graph, NodeId, Op, ReduceOp, UnaryOp};
 use altc_compiler::reference::{run, EvalContext, Tensor, TensorMap};
 use altc_compiler::spec::Precision;
 use altc_kernels::{Candidate, ElementwiseStrategy, EpilogueMatmul, ReduceStrategy};
@@ -64,6 +64,47 @@ fn tunable_graph(draw: u64) -> (Graph, TensorMap) {
         .map(|t| {
             let tanh = push(&mut g, Op::Unary(UnaryOp::Tanh), &[t]);
             push(&mut g, Op::Binary(BinaryOp::Sub), &[tanh, t])
+        })
+        .collect();
+    // Chains whose inputs are whole vectors of 4 or one value, alone and over two
+    // tensors: the vectorised candidate reads them in vectors.
+    let v = input(&mut g, &mut feeds, "v", &[3, 4, 20], 10 + 16 * draw);
+    let scale = input(&mut g, &mut feeds, "scale", &[], 11 + 16 * draw);
+    let one = push(
+        &mut g,
+        Op::Constant {
+            value: altc_compiler::ir::Scalar(1.0),
+            dtype: DType::F32,
+            shape: altc_compiler::ir::Shape::scalar(),
+        },
+        &[],
+    );
+    let unary = |g: &mut Graph, op, x| g.push(Op::Unary(op), &[x], "test").unwrap();
+    let binary = |g: &mut Graph, op, a, b| g.push(Op::Binary(op), &[a, b], "test").unwrap();
+    let scaled = binary(&mut g, BinaryOp::Mul, v, scale);
+    let squashed = unary(&mut g, UnaryOp::Tanh, scaled);
+    let gate = unary(&mut g, UnaryOp::Sigmoid, v);
+    let larger = binary(&mut g, BinaryOp::Max, squashed, gate);
+    let smaller = binary(&mut g, BinaryOp::Min, squashed, gate);
+    let gelu = unary(&mut g, UnaryOp::Gelu, v);
+    let sum = binary(&mut g, BinaryOp::Add, larger, gelu);
+    let magnitude = unary(&mut g, UnaryOp::Abs, v);
+    let root = unary(&mut g, UnaryOp::Sqrt, magnitude);
+    let denominator = binary(&mut g, BinaryOp::Add, root, one);
+    let ratio = binary(&mut g, BinaryOp::Div, sum, denominator);
+    let positive = g
+        .push(Op::Compare(CompareOp::Gt), &[v, smaller], "test")
+        .unwrap();
+    let relu = unary(&mut g, UnaryOp::Relu, scaled);
+    let vector_chain = g.push(Op::Where, &[positive, ratio, relu], "test").unwrap();
+    let u = input(&mut g, &mut feeds, "u", &[8, 12], 12 + 16 * draw);
+    let t = input(&mut g, &mut feeds, "t", &[20], 13 + 16 * draw);
+    let stepped: Vec<NodeId> = [u, t]
+        .into_iter()
+        .map(|x| {
+            let exp = unary(&mut g, UnaryOp::Exp, x);
+            let step = binary(&mut g, BinaryOp::Mul, exp, scale);
+            binary(&mut g, BinaryOp::Sub, x, step)
         })
         .collect();
     // A row sum with its elementwise epilogue: x / sum(x) over rows of 17.
@@ -159,6 +200,9 @@ fn tunable_graph(draw: u64) -> (Graph, TensorMap) {
         ("normalised", normalised),
         ("damped_w", damped[0]),
         ("damped_bias", damped[1]),
+        ("vector_chain", vector_chain),
+        ("stepped_u", stepped[0]),
+        ("stepped_t", stepped[1]),
         ("row_max", row_max),
         ("column_sums", column_sums),
         ("mean", mean),
@@ -234,8 +278,8 @@ fn every_candidate_matches_the_reference_and_tuning_picks_one() {
     // launch) and the batch sum differ.
     assert_eq!(of("matmul"), 3, "{decisions:?}");
     assert_eq!(of("reduce"), 4, "{decisions:?}");
-    assert_eq!(of("fused elementwise"), 1, "{decisions:?}");
-    assert_eq!(of("multi-tensor elementwise"), 1, "{decisions:?}");
+    assert_eq!(of("fused elementwise"), 2, "{decisions:?}");
+    assert_eq!(of("multi-tensor elementwise"), 2, "{decisions:?}");
     assert_eq!(of("grouped expert matmul"), 2, "{decisions:?}");
     for d in &decisions {
         assert_eq!(
