@@ -1,8 +1,10 @@
 //! Each kernel family of `altc_kernels` on its own, on the wgpu runtime (Mesa lavapipe
 //! on a CPU-only machine): fused elementwise chains, reductions (plain and with a
-//! fused prologue), matmuls (plain and with a bias + GELU epilogue), the grouped
+//! fused prologue), matmuls (plain and with a bias + GELU epilogue; each form side by
+//! side), the grouped
 //! expert GEMM of sparse MoE dispatch, an AdamW update as one fused program (per
-//! tensor, and over many tensors in multi-tensor launches), the router's softmax and
+//! tensor, scalar and in vectors of four, and over many tensors in multi-tensor
+//! launches), the router's softmax and
 //! top-k (as separate kernels, and as two reduction-epilogue kernels), and top-k for
 //! routing and for retrieval. Each family runs at the tiny model's sizes
 //! and at the paper's (`models/alt_moe.ron`: h = 2048, E = 12, k = 4, batch 128,
@@ -13,8 +15,9 @@
 //! inputs are uploaded once, outside the timed loop.
 
 use altc_kernels::{
-    BinaryKind, ExpertMatmul, FusedOp, FusedProgram, Kernels, MatmulOperands, ReduceKind, RowTopK,
-    Segment, UnaryKind, View,
+    BinaryKind, Candidate, ElementwiseStrategy, EpilogueMatmul, ExpertMatmul, FusedOp,
+    FusedProgram, Kernels, MatmulOperands, MatmulStrategy, ReduceKind, RowTopK, Segment,
+    TuningMode, UnaryKind, View,
 };
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
 use cubecl::server::Handle;
@@ -76,6 +79,30 @@ fn device() -> Option<&'static Device> {
             }
         })
         .as_ref()
+}
+
+/// The same device with every kernel that has a candidate called `name` forced to
+/// it, for side-by-side cases; opened once per name.
+fn forced(name: String) -> Option<&'static Device> {
+    static DEVICES: OnceLock<std::sync::Mutex<Vec<(String, &'static Device)>>> = OnceLock::new();
+    let mut devices = DEVICES.get_or_init(Default::default).lock().ok()?;
+    if let Some((_, k)) = devices.iter().find(|(n, _)| *n == name) {
+        return Some(k);
+    }
+    let mut k = Kernels::new(device()?.client().clone());
+    k.set_tuning(TuningMode::Force(name.clone()), "kernel_families".into());
+    let k: &'static Device = Box::leak(Box::new(k));
+    devices.push((name, k));
+    Some(k)
+}
+
+/// The device with elementwise kernels in vectors of four f32.
+fn vector_device() -> Option<&'static Device> {
+    let vectorised = ElementwiseStrategy::ALL
+        .iter()
+        .find(|s| s.vector > 1)
+        .expect("a vectorised elementwise candidate");
+    forced(vectorised.name())
 }
 
 fn sync(k: &Device) {
@@ -374,6 +401,59 @@ fn matmul(c: &mut Criterion) {
     group.finish();
 }
 
+/// The dense matmul's forms side by side: the tiled fallback, direct reads, and
+/// direct reads with each unit computing 2x2 or 4x4 outputs (register blocking).
+fn matmul_forms(c: &mut Criterion) {
+    let Some(k) = device() else { return };
+    let mut group = c.benchmark_group("matmul_forms");
+    configure(&mut group);
+    for (name, m, kk, n) in [
+        ("tiny/expert", TINY_TOKENS, TINY_HIDDEN, TINY_HIDDEN),
+        (
+            "paper/image_projection",
+            PAPER_BATCH,
+            IMAGE_WIDTH,
+            PAPER_HIDDEN,
+        ),
+    ] {
+        let a = upload(k, &[m, kk], 4);
+        let w = upload(k, &[kk, n], 5);
+        let mm = MatmulOperands {
+            a: &a,
+            a_shape: &[m, kk],
+            transpose_a: false,
+            b: &w,
+            b_shape: &[kk, n],
+            transpose_b: false,
+            out_batch: &[],
+            bf16_operands: false,
+        };
+        group.throughput(Throughput::Elements((2 * m * kk * n) as u64));
+        let forms = EpilogueMatmul::ALL.iter().filter(|c| {
+            c.fused
+                && matches!(
+                    c.form,
+                    MatmulStrategy::Tiled
+                        | MatmulStrategy::Direct { edge: 8 }
+                        | MatmulStrategy::Blocked { .. }
+                )
+        });
+        for form in forms {
+            let Some(kernels) = forced(form.name()) else {
+                return;
+            };
+            group.bench_function(format!("{name}/{m}x{kk}x{n}/{}", form.name()), |b| {
+                b.iter(|| {
+                    let out = kernels.matmul(&mm);
+                    sync(kernels);
+                    out
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
 /// Each token's `top_k` expert ids, flattened: how the router spreads assignments.
 fn routing(kind: &str, tokens: usize, experts: usize, top_k: usize) -> Vec<f32> {
     (0..tokens)
@@ -533,16 +613,19 @@ fn adamw_update(c: &mut Criterion) {
             .collect();
         // Four tensors read, three written.
         group.throughput(Throughput::Bytes((4 * 7 * len) as u64));
-        group.bench_function(format!("{name}/{len}"), |b| {
-            b.iter(|| {
-                let out: Vec<Vec<Handle>> = parts
-                    .iter()
-                    .map(|inputs| k.fused(&program, inputs, &[part], 0, 0))
-                    .collect();
-                sync(k);
-                out
-            })
-        });
+        // The fallback form, then four elements per access.
+        for (suffix, kernels) in [("", k), ("/vector4", vector_device().unwrap_or(k))] {
+            group.bench_function(format!("{name}/{len}{suffix}"), |b| {
+                b.iter(|| {
+                    let out: Vec<Vec<Handle>> = parts
+                        .iter()
+                        .map(|inputs| kernels.fused(&program, inputs, &[part], 0, 0))
+                        .collect();
+                    sync(kernels);
+                    out
+                })
+            });
+        }
     }
     group.finish();
 }
@@ -750,6 +833,7 @@ criterion_group!(
     fused_elementwise,
     reductions,
     matmul,
+    matmul_forms,
     grouped_expert_gemm,
     adamw_update,
     adamw_all_parameters,

@@ -12,8 +12,10 @@
 //!
 //! Later passes fold steps together: a group into the reduction or matmul it feeds,
 //! a weight gradient's batch sum into its matmul, reductions of the same kind into one
-//! multi-tensor kernel, and groups computing the same program on different tensors
-//! (each parameter's AdamW update) into one multi-tensor elementwise kernel.
+//! multi-tensor kernel, groups computing the same program on different tensors
+//! (each parameter's AdamW update) into one multi-tensor elementwise kernel, and
+//! matmuls of one shape that share an operand (the query, key and value projections
+//! of one input) into one matmul kernel, where that does not raise the planned peak.
 
 use crate::ir::{Dim, Graph, NodeId, Op, ReduceOp, Shape, UnaryOp};
 use petgraph::Direction;
@@ -405,6 +407,17 @@ impl FusionPlan {
             }
         }
         position
+    }
+
+    /// Whether every step's operands are computed by an earlier step (or by itself).
+    pub fn is_ordered(&self, graph: &Graph) -> bool {
+        let position = self.positions(graph);
+        self.schedule.iter().enumerate().all(|(pos, step)| {
+            self.step_nodes(step)
+                .iter()
+                .flat_map(|&id| graph.operands(id))
+                .all(|o| position[o.index()] <= pos)
+        })
     }
 
     /// Kernel launches of one run of the planned graph on a device, where leaves and
@@ -1562,8 +1575,11 @@ impl FusionPlan {
         for batch in batches.iter().filter(|b| b.members.len() > 1) {
             let mut trial: Vec<&MatmulBatch> = kept.clone();
             trial.push(batch);
-            let trial_peaks = planned_peaks(graph, &self.with_multi_matmuls(&trial));
-            if trial_peaks.iter().zip(&peaks).all(|(t, p)| t <= p) {
+            // Each batch was placed on the schedule before any merge; together, one
+            // batch's anchor may move a member after a step of another that reads it.
+            let merged = self.with_multi_matmuls(&trial);
+            let trial_peaks = planned_peaks(graph, &merged);
+            if merged.is_ordered(graph) && trial_peaks.iter().zip(&peaks).all(|(t, p)| t <= p) {
                 kept = trial;
                 peaks = trial_peaks;
             }

@@ -85,6 +85,10 @@ pub enum MatmulStrategy {
     /// No shared memory or barriers: each unit reads its row and column directly;
     /// cubes of `edge x edge` units.
     Direct { edge: u32 },
+    /// Direct reads, each unit computing `block x block` outputs `edge` apart
+    /// (register blocking: `2 * block` loads feed `block * block` multiply-adds).
+    /// Dense matmuls only.
+    Blocked { edge: u32, block: u32 },
 }
 
 impl Candidate for MatmulStrategy {
@@ -100,6 +104,9 @@ impl Candidate for MatmulStrategy {
             MatmulStrategy::Tiled => format!("tiled-{TILE}x{TILE}"),
             MatmulStrategy::Pipelined => format!("tiled-{TILE}x{TILE}-2stage"),
             MatmulStrategy::Direct { edge } => format!("direct-{edge}x{edge}"),
+            MatmulStrategy::Blocked { edge, block } => {
+                format!("direct-{edge}x{edge}-block-{block}x{block}")
+            }
         }
     }
 }
@@ -109,7 +116,15 @@ impl MatmulStrategy {
     pub(crate) fn edge(&self) -> u32 {
         match self {
             MatmulStrategy::Tiled | MatmulStrategy::Pipelined => TILE,
-            MatmulStrategy::Direct { edge } => *edge,
+            MatmulStrategy::Direct { edge } | MatmulStrategy::Blocked { edge, .. } => *edge,
+        }
+    }
+
+    /// Outputs each unit computes along a side.
+    pub(crate) fn block(&self) -> u32 {
+        match self {
+            MatmulStrategy::Blocked { block, .. } => *block,
+            _ => 1,
         }
     }
 }
@@ -138,6 +153,14 @@ impl Candidate for EpilogueMatmul {
         },
         EpilogueMatmul {
             form: MatmulStrategy::Direct { edge: 8 },
+            fused: true,
+        },
+        EpilogueMatmul {
+            form: MatmulStrategy::Blocked { edge: 8, block: 2 },
+            fused: true,
+        },
+        EpilogueMatmul {
+            form: MatmulStrategy::Blocked { edge: 8, block: 4 },
             fused: true,
         },
         EpilogueMatmul {
@@ -275,11 +298,16 @@ impl<R: Runtime> MatmulLaunch<R> {
         let outputs: Vec<Handle> = (0..self.layout.members * epilogue.outputs.len().max(1))
             .map(|_| self.client.empty(len * 4))
             .collect();
+        if batches == 0 || m == 0 || n == 0 {
+            // An empty product: nothing to compute.
+            return outputs;
+        }
         let edge = form.edge();
+        let span = edge * form.block();
         let count = CubeCount::Static(
-            tiles_of(n, edge),
-            tiles_of(m, edge),
-            u32s([batches.max(1) * self.layout.members])[0],
+            tiles_of(n, span),
+            tiles_of(m, span),
+            u32s([batches * self.layout.members])[0],
         );
         unsafe {
             matmul_kernel::launch_unchecked::<f32, R>(
@@ -297,8 +325,12 @@ impl<R: Runtime> MatmulLaunch<R> {
                 self.layout,
                 self.batch_rank,
                 self.sum_batch,
-                matches!(form, MatmulStrategy::Direct { .. }),
+                matches!(
+                    form,
+                    MatmulStrategy::Direct { .. } | MatmulStrategy::Blocked { .. }
+                ),
                 form == MatmulStrategy::Pipelined,
+                form.block(),
                 self.bf16_operands,
                 epilogue.clone(),
             )
@@ -394,6 +426,17 @@ impl VectorLaunch {
             )
         };
         outputs.into_iter().map(|(h, _)| h).collect()
+    }
+}
+
+/// What an elementwise kernel's tuning key says of its vectorised candidate: where
+/// vectors are impossible the candidate runs the scalar form, so a choice tuned
+/// there must not decide for launches that can use vectors.
+fn vector_tag(vectorised: &Option<VectorLaunch>) -> &'static str {
+    if vectorised.is_some() {
+        " vectorisable"
+    } else {
+        ""
     }
 }
 
@@ -1153,10 +1196,10 @@ impl<R: Runtime> Kernels<R> {
         let n: usize = shape.iter().product();
         let meta = program_meta(shape, inputs);
         let meta_len = meta.len();
+        let vectorised = self.vector_launch(program, &[(shape, inputs.iter().collect())]);
         let launch = FusedLaunch {
             client: self.client.clone(),
             inputs: inputs.iter().map(|v| (v.handle.clone(), v.len)).collect(),
-            vectorised: self.vector_launch(program, &[(shape, inputs.iter().collect())]),
             meta: (self.upload_once(meta), meta_len),
             n,
             row_len: shape.last().copied().unwrap_or(1),
@@ -1164,13 +1207,15 @@ impl<R: Runtime> Kernels<R> {
             key: KernelKey {
                 family: ELEMENTWISE.into(),
                 signature: format!(
-                    "n{} ops{} in{} out{}",
+                    "n{} ops{} in{} out{}{}",
                     bucket(n),
                     program.ops.len(),
                     program.inputs,
-                    program.outputs.len()
+                    program.outputs.len(),
+                    vector_tag(&vectorised)
                 ),
             },
+            vectorised,
             program: program.clone(),
             ran: Default::default(),
         };
@@ -1210,23 +1255,25 @@ impl<R: Runtime> Kernels<R> {
             .zip(&shapes)
             .map(|(segment, shape)| (&shape[..], shared.iter().chain(&segment.inputs).collect()))
             .collect();
+        let vectorised = self.vector_launch(program, &tensors);
         let launch = MultiFusedLaunch {
             client: self.client.clone(),
-            vectorised: self.vector_launch(program, &tensors),
             inputs,
             meta: (self.upload_once(meta), meta_len),
             lens: segments.iter().map(|s| s.len).collect(),
             key: KernelKey {
                 family: MULTI_ELEMENTWISE.into(),
                 signature: format!(
-                    "n{} tensors{} ops{} in{} out{}",
+                    "n{} tensors{} ops{} in{} out{}{}",
                     bucket(start),
                     segments.len(),
                     program.ops.len(),
                     program.inputs,
-                    program.outputs.len()
+                    program.outputs.len(),
+                    vector_tag(&vectorised)
                 ),
             },
+            vectorised,
             program: program.clone(),
             ran: Default::default(),
         };
@@ -1518,6 +1565,32 @@ impl<R: Runtime> Kernels<R> {
         step: u64,
     ) -> Vec<Vec<Handle>> {
         assert_eq!(layout.members, members.len());
+        // Each member's batch entries are cubes along z, which a grid bounds.
+        let entries: usize = if sum_batch {
+            1
+        } else {
+            members[0].out_batch.iter().product()
+        };
+        if entries * members.len() > MAX_GRID as usize {
+            return members
+                .iter()
+                .zip(inputs)
+                .map(|(mm, views)| {
+                    let single = FusedProgram {
+                        shared_inputs: 0,
+                        ..epilogue.clone()
+                    };
+                    self.launch_matmuls(
+                        std::slice::from_ref(mm),
+                        OperandLayout::SINGLE,
+                        &single,
+                        std::slice::from_ref(views),
+                        sum_batch,
+                        (seed, step),
+                    )
+                })
+                .collect();
+        }
         let outputs =
             self.launch_matmuls(members, layout, epilogue, inputs, sum_batch, (seed, step));
         outputs
@@ -1534,8 +1607,22 @@ impl<R: Runtime> Kernels<R> {
         epilogue: &FusedProgram,
         inputs: &[Vec<View>],
         sum_batch: bool,
-        (seed, step): (u64, u64),
+        rng: (u64, u64),
     ) -> Vec<Handle> {
+        let launch = self.matmul_launch(members, layout, epilogue, inputs, sum_batch, rng);
+        self.tuning.launch(&MATMUL_TUNER, &self.client, launch)
+    }
+
+    /// The launch `launch_matmuls` tunes and runs.
+    fn matmul_launch(
+        &self,
+        members: &[MatmulOperands],
+        layout: OperandLayout,
+        epilogue: &FusedProgram,
+        inputs: &[Vec<View>],
+        sum_batch: bool,
+        (seed, step): (u64, u64),
+    ) -> MatmulLaunch<R> {
         let mut meta = Vec::new();
         let mut extent = (0, 0, 0);
         let mut k = 0;
@@ -1587,7 +1674,7 @@ impl<R: Runtime> Kernels<R> {
             .map(buffer)
             .collect();
         let (meta_len, epilogue_len) = (meta.len(), epilogue_meta.len());
-        let launch = MatmulLaunch {
+        MatmulLaunch {
             client: self.client.clone(),
             operands,
             layout,
@@ -1625,8 +1712,7 @@ impl<R: Runtime> Kernels<R> {
                 ),
             },
             ran: Default::default(),
-        };
-        self.tuning.launch(&MATMUL_TUNER, &self.client, launch)
+        }
     }
 
     /// PyTorch `gather` along `axis`; the result has the index's `shape`.
@@ -1743,7 +1829,7 @@ pub struct Ceilings {
     /// A strided-copy kernel over `copy_elements` f32 (read + write), in GB/s.
     pub copy_gb_per_s: f64,
     pub copy_elements: usize,
-    /// altc's tiled matmul on `matmul_size`^3, in TFLOP/s (f32).
+    /// altc's fastest dense matmul form on `matmul_size`^3, in TFLOP/s (f32).
     pub matmul_tflop_per_s: f64,
     pub matmul_size: usize,
 }
@@ -1787,9 +1873,25 @@ impl<R: Runtime> Kernels<R> {
             out_batch: &[],
             bf16_operands: false,
         };
-        let matmul = self.best_seconds(3, || {
-            self.matmul(&mm);
-        });
+        // The fastest of the dense matmul's forms.
+        let product = FusedProgram::product();
+        let launch = self.matmul_launch(
+            std::slice::from_ref(&mm),
+            OperandLayout::SINGLE,
+            &product,
+            &[Vec::new()],
+            false,
+            (0, 0),
+        );
+        let matmul = EpilogueMatmul::ALL
+            .iter()
+            .filter(|c| c.fused)
+            .map(|c| {
+                self.best_seconds(3, || {
+                    launch.launch_kernel(c.form, &product, &[]);
+                })
+            })
+            .fold(f64::INFINITY, f64::min);
         Ceilings {
             copy_gb_per_s: (2 * 4 * copy_elements) as f64 / copy / 1e9,
             copy_elements,

@@ -9,10 +9,11 @@
 //! cost no copies before an op. No kernel assumes a plane size: work is spread over
 //! cubes of a fixed size and tiles are sized independently of `PLANE_DIM`.
 //!
-//! Tunable families (matmul, grouped expert matmul, reductions, fused elementwise, and
-//! multi-tensor elementwise: one fused program over many tensors in one launch)
-//! offer candidate configurations to cubecl's autotuner (`tune`); which one runs is
-//! the caller's `TuningMode`.
+//! Tunable families (matmul, also several sharing an operand in one launch; grouped
+//! expert matmul; reductions; fused elementwise, and multi-tensor elementwise: one
+//! fused program over many tensors in one launch, each also in vectors of four
+//! elements where layouts allow) offer candidate configurations to cubecl's autotuner
+//! (`tune`); which one runs is the caller's `TuningMode`.
 
 mod elementwise;
 mod experts;

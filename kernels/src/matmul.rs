@@ -69,6 +69,155 @@ pub(crate) fn matmul_meta_len(batch_rank: usize) -> usize {
     3 * batch_rank + 9
 }
 
+/// Where batch entry `entry` of one member's operands starts in `a` and in `b`;
+/// `meta` from `at` as in `matmul_kernel`.
+#[cube]
+fn batch_bases(
+    meta: &Array<u32>,
+    at: u32,
+    entry: u32,
+    #[comptime] batch_rank: usize,
+) -> (u32, u32) {
+    let tail = at as usize + comptime!(3 * batch_rank);
+    let mut rem = entry;
+    let mut a_base = meta[tail + 7];
+    let mut b_base = meta[tail + 8];
+    #[unroll]
+    for i in 0..batch_rank {
+        let axis = batch_rank - 1 - i;
+        let dim = meta[at as usize + axis];
+        let coord = rem % dim;
+        rem /= dim;
+        a_base += coord * meta[at as usize + batch_rank + axis];
+        b_base += coord * meta[at as usize + 2 * batch_rank + axis];
+    }
+    (a_base, b_base)
+}
+
+/// This unit's `block x block` elements of `a @ b` (rows `block` apart by the cube's
+/// height, columns by its width) for batch entry `entry`, or with `sum_batch` summed
+/// over every entry, row-major in the returned array. Operands are read directly:
+/// `2 * block` loads feed `block * block` multiply-adds.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn product_block<F: Float>(
+    a: &Array<F>,
+    b: &Array<F>,
+    meta: &Array<u32>,
+    at: u32,
+    entry: u32,
+    #[comptime] batch_rank: usize,
+    #[comptime] sum_batch: bool,
+    #[comptime] block: u32,
+    #[comptime] bf16_operands: bool,
+) -> Array<F> {
+    let tail = at as usize + comptime!(3 * batch_rank);
+    let m = meta[tail];
+    let n = meta[tail + 1];
+    let k = meta[tail + 2];
+    let a_rs = meta[tail + 3];
+    let a_cs = meta[tail + 4];
+    let b_rs = meta[tail + 5];
+    let b_cs = meta[tail + 6];
+    let row0 = CUBE_POS_Y * CUBE_DIM_Y * block + UNIT_POS_Y;
+    let col0 = CUBE_POS_X * CUBE_DIM_X * block + UNIT_POS_X;
+    let mut acc = Array::<F>::new(comptime!((block * block) as usize));
+    #[unroll]
+    for i in 0..block * block {
+        acc[i as usize] = F::new(0.0);
+    }
+    let mut a_values = Array::<F>::new(comptime!(block as usize));
+    let mut b_values = Array::<F>::new(comptime!(block as usize));
+    let mut entries = 1u32;
+    if comptime![sum_batch] {
+        #[unroll]
+        for i in 0..batch_rank {
+            entries *= meta[at as usize + i];
+        }
+    }
+    for pass in 0..entries {
+        let mut this_entry = entry;
+        if comptime![sum_batch] {
+            this_entry = pass;
+        }
+        let (a_base, b_base) = batch_bases(meta, at, this_entry, batch_rank);
+        for kk in 0..k {
+            // Rows and columns past the matrix read element 0; they are never written.
+            #[unroll]
+            for i in 0..block {
+                let row = row0 + i * CUBE_DIM_Y;
+                let mut value = a[select(row < m, a_base + row * a_rs + kk * a_cs, 0) as usize];
+                if comptime![bf16_operands] {
+                    value = round_to_bf16::<F>(value);
+                }
+                a_values[i as usize] = value;
+                let col = col0 + i * CUBE_DIM_X;
+                let mut value = b[select(col < n, b_base + kk * b_rs + col * b_cs, 0) as usize];
+                if comptime![bf16_operands] {
+                    value = round_to_bf16::<F>(value);
+                }
+                b_values[i as usize] = value;
+            }
+            #[unroll]
+            for i in 0..block {
+                #[unroll]
+                for j in 0..block {
+                    acc[(i * block + j) as usize] += a_values[i as usize] * b_values[j as usize];
+                }
+            }
+        }
+    }
+    acc
+}
+
+/// Writes element `place` (row, column, batch entry) of member `member`'s product
+/// `acc` of `extent` (M, N), through `epilogue` when it has one (`matmul_kernel`'s
+/// layout; `seed` is the dropout key).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn write_product<F: Float>(
+    inputs: &Sequence<Array<F>>,
+    outputs: &mut Sequence<Array<F>>,
+    epilogue_meta: &Array<u32>,
+    place: (u32, u32, u32),
+    extent: (u32, u32),
+    acc: F,
+    seed: (u32, u32, u32),
+    #[comptime] member: usize,
+    #[comptime] epilogue: FusedProgram,
+) {
+    let (row, col, entry) = place;
+    let (m, n) = extent;
+    let (seed_lo, seed_hi, rng_step) = seed;
+    let epilogue_len = comptime!(epilogue.rank * (1 + epilogue.inputs) + epilogue.inputs);
+    let written = comptime!(epilogue.outputs.len().max(1));
+    if row < m && col < n {
+        let pos = entry * m * n + row * n + col;
+        if comptime![epilogue.ops.is_empty()] {
+            let out = outputs.index_mut(member);
+            out[pos as usize] = acc;
+        } else {
+            let regs = run_program::<F>(
+                inputs,
+                epilogue_meta,
+                comptime!(member * epilogue_len) as u32,
+                member,
+                pos,
+                acc,
+                seed_lo,
+                seed_hi,
+                rng_step,
+                epilogue.clone(),
+            );
+            #[unroll]
+            for o in 0usize..comptime!(epilogue.outputs.len()) {
+                let out = outputs.index_mut(comptime!(member * written + o));
+                out[pos as usize] = *regs.index(comptime!(epilogue.outputs[o]));
+            }
+        }
+    }
+}
+
 /// This unit's element of K-tile `t` of operand `a` (its row, column `t * TILE + x`)
 /// or, with `of_b`, of `b` (row `t * TILE + y`, its column), from the operand's batch
 /// entry at `base`: zero outside the matrix, rounded to bf16 when `bf16` (autocast).
@@ -163,17 +312,7 @@ fn product_element<F: Float>(
         if comptime![sum_batch] {
             rem = pass;
         }
-        let mut a_base = meta[tail + 7];
-        let mut b_base = meta[tail + 8];
-        #[unroll]
-        for i in 0..batch_rank {
-            let axis = batch_rank - 1 - i;
-            let dim = meta[at as usize + axis];
-            let coord = rem % dim;
-            rem /= dim;
-            a_base += coord * meta[at as usize + batch_rank + axis];
-            b_base += coord * meta[at as usize + 2 * batch_rank + axis];
-        }
+        let (a_base, b_base) = batch_bases(meta, at, rem, batch_rank);
         if comptime![direct] {
             if row < m && col < n {
                 for kk in 0..k {
@@ -255,6 +394,9 @@ fn product_element<F: Float>(
 /// With `pipelined` (tiled only), each tile's global reads are issued before the
 /// previous tile is multiplied, so memory latency overlaps the arithmetic.
 ///
+/// With `block` over 1 (direct reads) each unit computes `block x block` outputs
+/// (register blocking), and a cube covers `block` times its size along each side.
+///
 /// With `sum_batch` each member has one batch entry and each cube sums its tile over
 /// every batch entry (a weight gradient summed over the batch): the batched product
 /// is never written and no reduction kernel follows.
@@ -281,6 +423,7 @@ pub(crate) fn matmul_kernel<F: Float>(
     #[comptime] sum_batch: bool,
     #[comptime] direct: bool,
     #[comptime] pipelined: bool,
+    #[comptime] block: u32,
     #[comptime] bf16_operands: bool,
     #[comptime] epilogue: FusedProgram,
 ) {
@@ -296,50 +439,73 @@ pub(crate) fn matmul_kernel<F: Float>(
     }
     let member = CUBE_POS_Z / entries;
     let entry = CUBE_POS_Z % entries;
-    let row = CUBE_POS_Y * CUBE_DIM_Y + UNIT_POS_Y;
-    let col = CUBE_POS_X * CUBE_DIM_X + UNIT_POS_X;
     let meta_len = comptime!(matmul_meta_len(batch_rank));
-    let epilogue_len = comptime!(epilogue.rank * (1 + epilogue.inputs) + epilogue.inputs);
-    let written = comptime!(epilogue.outputs.len().max(1));
+    let seed = (seed_lo, seed_hi, rng_step);
     #[unroll]
     for s in 0usize..comptime!(layout.members) {
         if member == s as u32 {
-            let acc = product_element::<F>(
-                operands.index(comptime!(layout.a(s))),
-                operands.index(comptime!(layout.b(s))),
-                meta,
-                comptime!(s * meta_len) as u32,
-                entry,
-                batch_rank,
-                sum_batch,
-                direct,
-                pipelined,
-                bf16_operands,
-            );
-            if row < m && col < n {
-                let pos = entry * m * n + row * n + col;
-                if comptime![epilogue.ops.is_empty()] {
-                    let out = outputs.index_mut(s);
-                    out[pos as usize] = acc;
-                } else {
-                    let regs = run_program::<F>(
-                        inputs,
-                        epilogue_meta,
-                        comptime!(s * epilogue_len) as u32,
-                        s,
-                        pos,
-                        acc,
-                        seed_lo,
-                        seed_hi,
-                        rng_step,
-                        epilogue.clone(),
-                    );
+            let a = operands.index(comptime!(layout.a(s)));
+            let b = operands.index(comptime!(layout.b(s)));
+            let at = comptime!(s * meta_len) as u32;
+            if comptime![block > 1] {
+                let acc = product_block::<F>(
+                    a,
+                    b,
+                    meta,
+                    at,
+                    entry,
+                    batch_rank,
+                    sum_batch,
+                    block,
+                    bf16_operands,
+                );
+                let row0 = CUBE_POS_Y * CUBE_DIM_Y * block + UNIT_POS_Y;
+                let col0 = CUBE_POS_X * CUBE_DIM_X * block + UNIT_POS_X;
+                #[unroll]
+                for i in 0..block {
                     #[unroll]
-                    for o in 0usize..comptime!(epilogue.outputs.len()) {
-                        let out = outputs.index_mut(comptime!(s * written + o));
-                        out[pos as usize] = *regs.index(comptime!(epilogue.outputs[o]));
+                    for j in 0..block {
+                        let place = (row0 + i * CUBE_DIM_Y, col0 + j * CUBE_DIM_X, entry);
+                        let value = acc[(i * block + j) as usize];
+                        write_product::<F>(
+                            inputs,
+                            outputs,
+                            epilogue_meta,
+                            place,
+                            (m, n),
+                            value,
+                            seed,
+                            s,
+                            epilogue.clone(),
+                        );
                     }
                 }
+            } else {
+                let acc = product_element::<F>(
+                    a,
+                    b,
+                    meta,
+                    at,
+                    entry,
+                    batch_rank,
+                    sum_batch,
+                    direct,
+                    pipelined,
+                    bf16_operands,
+                );
+                let row = CUBE_POS_Y * CUBE_DIM_Y + UNIT_POS_Y;
+                let col = CUBE_POS_X * CUBE_DIM_X + UNIT_POS_X;
+                write_product::<F>(
+                    inputs,
+                    outputs,
+                    epilogue_meta,
+                    (row, col, entry),
+                    (m, n),
+                    acc,
+                    seed,
+                    s,
+                    epilogue.clone(),
+                );
             }
         }
     }
