@@ -57,6 +57,12 @@ struct Measurement {
     max_ms: f64,
     kernel_launches: Option<usize>,
     planned_bytes: u64,
+    /// The plan's peak intermediates, and the graph's inputs (uploaded by the run).
+    planned_peak_bytes: u64,
+    input_bytes: u64,
+    /// What the device's allocator held at most above the run's start, in the
+    /// profiled run: inputs and intermediates (`None` on the reference interpreter).
+    measured_peak_bytes: Option<u64>,
     matmul_flops: u64,
     achieved_gb_per_s: f64,
     achieved_tflop_per_s: f64,
@@ -103,6 +109,7 @@ struct Timed<'a> {
     graph: &'a Graph,
     inputs: &'a TensorMap,
     planned_bytes: u64,
+    planned_peak_bytes: u64,
     flops: u64,
 }
 
@@ -116,7 +123,6 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         .batch_size
         .unwrap_or(optimised.training.batch_size)
         .max(1);
-    let symbols = BTreeMap::from([(BATCH.to_string(), batch)]);
     let state = initial_state(&optimised, optimised.training.seed);
 
     let mut measurements = Vec::new();
@@ -159,10 +165,13 @@ pub fn bench(args: BenchArgs) -> Result<()> {
             } else {
                 FusionPlan::unfused(graph)
             };
+            let symbols = bound_symbols(graph, inputs, batch);
+            let cost = plan_cost(graph, &fusion, &symbols);
             let timed = Timed {
                 graph,
                 inputs,
-                planned_bytes: plan_cost(graph, &fusion, &symbols).bytes_moved,
+                planned_bytes: cost.bytes_moved,
+                planned_peak_bytes: cost.peak_bytes,
                 flops: matmul_flops(graph, &symbols),
             };
             eprintln!("timing {} ({variant}) ...", graph.name);
@@ -221,6 +230,7 @@ fn time_graph(
     backend.set_profiling(true);
     let profiled = backend.run(timed.graph, timed.inputs, ctx);
     let profile = backend.kernel_profile();
+    let measured_peak_bytes = backend.memory_peak();
     backend.set_profiling(false);
     profiled.with_context(|| format!("profiling {name}"))?;
     let kernels = profile
@@ -242,6 +252,14 @@ fn time_graph(
         max_ms: seconds[seconds.len() - 1] * 1e3,
         kernel_launches: backend.kernel_launches(),
         planned_bytes: timed.planned_bytes,
+        planned_peak_bytes: timed.planned_peak_bytes,
+        // Devices hold every value as f32.
+        input_bytes: timed
+            .inputs
+            .values()
+            .map(|t| 4 * t.shape.iter().product::<usize>() as u64)
+            .sum(),
+        measured_peak_bytes,
         matmul_flops: timed.flops,
         achieved_gb_per_s: gb_per_s,
         achieved_tflop_per_s: tflop_per_s,
@@ -249,6 +267,23 @@ fn time_graph(
         matmul_fraction: ceilings.map(|c| tflop_per_s / c.matmul_tflop_per_s),
         kernels,
     })
+}
+
+/// The graph's symbolic extents as `inputs` bind them (the batch, and the ranking's
+/// store size), `BATCH` at `batch` besides.
+fn bound_symbols(graph: &Graph, inputs: &TensorMap, batch: usize) -> BTreeMap<String, usize> {
+    let mut symbols = BTreeMap::from([(BATCH.to_string(), batch)]);
+    for (name, id) in graph.inputs() {
+        let Some(tensor) = inputs.get(name) else {
+            continue;
+        };
+        for (d, &n) in graph.node(id).ty.shape.dims().iter().zip(&tensor.shape) {
+            if let altc_compiler::ir::Dim::Sym(s) = d {
+                symbols.insert(s.clone(), n);
+            }
+        }
+    }
+    symbols
 }
 
 /// Stored embeddings and neighbours per query of the timed ranking graph.
@@ -393,6 +428,27 @@ fn table(report: &BenchReport) -> String {
             .map(|(f, (n, ms))| format!("{f} x{n} {ms:.1} ms"))
             .collect();
         let _ = writeln!(out, "  {} ({}): {}", m.graph, m.variant, parts.join(", "));
+    }
+    let _ = writeln!(
+        out,
+        "\ndevice memory at peak in the profiled run (the allocator's bytes in use above the run's start, after each kernel) against the plan (peak intermediates + inputs):"
+    );
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    for m in &report.measurements {
+        let Some(measured) = m.measured_peak_bytes else {
+            continue;
+        };
+        let planned = m.planned_peak_bytes + m.input_bytes;
+        let _ = writeln!(
+            out,
+            "  {:<22}{:<10}{:>9.2} MiB measured{:>9.2} MiB planned ({:.2} + {:.2})",
+            m.graph,
+            m.variant,
+            mib(measured),
+            mib(planned),
+            mib(m.planned_peak_bytes),
+            mib(m.input_bytes),
+        );
     }
     let _ = writeln!(
         out,

@@ -397,6 +397,15 @@ fn bench_json_times_every_graph_optimised_and_baseline() {
             let launches = m["kernel_launches"].as_u64().unwrap();
             assert!(launches > 0, "{m}");
             assert!(m["planned_bytes"].as_u64().unwrap() > 0, "{m}");
+            // The device held about what the plan says: its peak intermediates and
+            // the inputs (a leak, or buffers never released, would hold far more).
+            let planned = (m["planned_peak_bytes"].as_u64().unwrap()
+                + m["input_bytes"].as_u64().unwrap()) as f64;
+            let measured = m["measured_peak_bytes"].as_u64().unwrap() as f64;
+            assert!(
+                0.5 * planned <= measured && measured <= 2.0 * planned,
+                "{graph} {variant}: {measured} bytes held, {planned} planned"
+            );
             // The profiled run lists every kernel the plan launched, each timed.
             let kernels = m["kernels"].as_array().unwrap();
             assert_eq!(kernels.len() as u64, launches, "{graph} {variant}");

@@ -72,6 +72,13 @@ pub trait Backend: Send {
         Vec::new()
     }
 
+    /// The most device memory the last profiled run held at once above what was in
+    /// use when it started (its inputs and intermediates), as the device's allocator
+    /// counts it after each kernel; `None` on backends without a device.
+    fn memory_peak(&self) -> Option<u64> {
+        None
+    }
+
     /// Sets how tunable kernels choose their configuration. Backends without
     /// tunable kernels ignore it.
     fn set_tuning(&mut self, mode: TuningMode) {

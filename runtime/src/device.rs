@@ -170,6 +170,8 @@ pub struct DeviceBackend<R: Runtime> {
     /// run executes the same few graphs every step, and planning one takes a few
     /// milliseconds.
     plans: HashMap<(u64, bool), std::sync::Arc<FusionPlan>>,
+    /// `Backend::memory_peak` of the last profiled run.
+    memory_peak: Option<u64>,
 }
 
 impl<R: Runtime> DeviceBackend<R> {
@@ -185,6 +187,7 @@ impl<R: Runtime> DeviceBackend<R> {
             profile: None,
             identity: name.to_string(),
             plans: HashMap::new(),
+            memory_peak: None,
         }
     }
 
@@ -906,6 +909,9 @@ impl<R: Runtime> Backend for DeviceBackend<R> {
         if let Some(profile) = &mut self.profile {
             profile.clear();
         }
+        let in_use = |k: &Kernels<R>| k.client().memory_usage().map_or(0, |u| u.bytes_in_use);
+        let memory_start = self.profile.is_some().then(|| in_use(&self.kernels));
+        self.memory_peak = memory_start.map(|_| 0);
         let mut values: Vec<Option<Value>> = vec![None; graph.len()];
         for (pos, step) in plan.schedule.iter().enumerate() {
             let started = std::time::Instant::now();
@@ -1110,6 +1116,10 @@ impl<R: Runtime> Backend for DeviceBackend<R> {
                     seconds: started.elapsed().as_secs_f64(),
                 });
             }
+            // After the step's kernel and before its frees, as the plan counts.
+            if let (Some(start), Some(peak)) = (memory_start, &mut self.memory_peak) {
+                *peak = (*peak).max(in_use(&self.kernels).saturating_sub(start));
+            }
             for &o in &reads[pos] {
                 if last_use[o.index()] == pos && !kept[o.index()] {
                     values[o.index()] = None;
@@ -1183,6 +1193,10 @@ impl<R: Runtime> Backend for DeviceBackend<R> {
 
     fn set_profiling(&mut self, on: bool) {
         self.profile = on.then(Vec::new);
+    }
+
+    fn memory_peak(&self) -> Option<u64> {
+        self.memory_peak
     }
 
     fn kernel_profile(&self) -> Vec<KernelTiming> {
