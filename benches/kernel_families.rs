@@ -507,31 +507,46 @@ fn grouped_expert_gemm(c: &mut Criterion) {
         group.throughput(Throughput::Elements((2 * assignments * h * m) as u64));
         for kind in ["balanced", "skewed", "all_to_one"] {
             let index: Handle = k.upload(&routing(kind, tokens, experts, top_k));
-            group.bench_function(
-                format!("{name}/{kind}/{tokens}x{top_k}_of_{experts}/{h}x{m}"),
-                |b| {
-                    b.iter(|| {
-                        let order = k.expert_order(&index, assignments, experts);
-                        let offsets = k.expert_offsets(&index, assignments, experts);
-                        let out = k.expert_matmul(&ExpertMatmul {
-                            x: &x,
-                            rows: tokens,
-                            k: h,
-                            w: &w,
-                            transpose_w: false,
-                            m,
-                            bias: Some(&bias),
-                            order: &order,
-                            offsets: &offsets,
-                            assignments,
-                            experts,
-                            bf16_operands: false,
-                        });
-                        sync(k);
-                        out
-                    })
-                },
-            );
+            let grouped = |kernels: &Device| {
+                let order = kernels.expert_order(&index, assignments, experts);
+                let offsets = kernels.expert_offsets(&index, assignments, experts);
+                let out = kernels.expert_matmul(&ExpertMatmul {
+                    x: &x,
+                    rows: tokens,
+                    k: h,
+                    w: &w,
+                    transpose_w: false,
+                    m,
+                    bias: Some(&bias),
+                    order: &order,
+                    offsets: &offsets,
+                    assignments,
+                    experts,
+                    bf16_operands: false,
+                });
+                sync(kernels);
+                out
+            };
+            let case = format!("{name}/{kind}/{tokens}x{top_k}_of_{experts}/{h}x{m}");
+            group.bench_function(&case, |b| b.iter(|| grouped(k)));
+            // At paper scale, the direct forms side by side with the fallback above.
+            if name != "paper" || kind == "skewed" {
+                continue;
+            }
+            let forms = MatmulStrategy::ALL.iter().filter(|f| {
+                matches!(
+                    f,
+                    MatmulStrategy::Direct { edge: 8 } | MatmulStrategy::Blocked { .. }
+                )
+            });
+            for form in forms {
+                let Some(kernels) = forced(form.name()) else {
+                    break;
+                };
+                group.bench_function(format!("{case}/{}", form.name()), |b| {
+                    b.iter(|| grouped(kernels))
+                });
+            }
         }
     }
     group.finish();

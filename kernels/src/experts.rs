@@ -131,7 +131,24 @@ pub(crate) fn expert_matmul_kernel<F: Float>(
     #[comptime] bf16_operands: bool,
     #[comptime] direct: bool,
     #[comptime] pipelined: bool,
+    #[comptime] block: u32,
 ) {
+    if comptime![block > 1] {
+        expert_matmul_block::<F>(
+            x,
+            w,
+            bias,
+            order,
+            offsets,
+            out,
+            meta,
+            experts,
+            has_bias,
+            bf16_operands,
+            block,
+        );
+        terminate!();
+    }
     let tile = comptime!(TILE as usize);
     let mut x_tile = SharedMemory::<F>::new(tile * tile);
     let mut w_tile = SharedMemory::<F>::new(tile * tile);
@@ -209,6 +226,116 @@ pub(crate) fn expert_matmul_kernel<F: Float>(
             acc += bias[(meta[10] + own_expert * meta[8] + col * meta[9]) as usize];
         }
         out[(assignment * m + col) as usize] = acc;
+    }
+}
+
+/// `expert_matmul_kernel` with direct reads, each unit computing `block` consecutive
+/// sorted assignments by `block` columns (`CUBE_DIM_X` apart). Where the unit's rows
+/// all belong to one expert (the usual case: assignments are sorted by expert), `block`
+/// weight loads feed `block * block` multiply-adds; rows of different experts each
+/// read their own expert's weights.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn expert_matmul_block<F: Float>(
+    x: &Array<F>,
+    w: &Array<F>,
+    bias: &Array<F>,
+    order: &Array<F>,
+    offsets: &Array<F>,
+    out: &mut Array<F>,
+    meta: &Array<u32>,
+    #[comptime] experts: u32,
+    #[comptime] has_bias: bool,
+    #[comptime] bf16_operands: bool,
+    #[comptime] block: u32,
+) {
+    let n = meta[0];
+    let k = meta[1];
+    let m = meta[2];
+    let fan = meta[3];
+    let (w_se, w_sk, w_sm, w_off) = (meta[4], meta[5], meta[6], meta[7]);
+    let first = (CUBE_POS_Y * CUBE_DIM_Y + UNIT_POS_Y) * block;
+    let col0 = CUBE_POS_X * CUBE_DIM_X * block + UNIT_POS_X;
+    let mut x_rows = Array::<u32>::new(comptime!(block as usize));
+    let mut row_experts = Array::<u32>::new(comptime!(block as usize));
+    let mut assignments = Array::<u32>::new(comptime!(block as usize));
+    let mut acc = Array::<F>::new(comptime!((block * block) as usize));
+    let mut x_values = Array::<F>::new(comptime!(block as usize));
+    let mut w_values = Array::<F>::new(comptime!(block as usize));
+    let mut one_expert = true;
+    #[unroll]
+    for i in 0..block {
+        let p = select(first + i < n, first + i, 0);
+        let assignment = u32::cast_from(order[p as usize]);
+        assignments[i as usize] = assignment;
+        x_rows[i as usize] = assignment / fan;
+        row_experts[i as usize] = expert_at::<F>(offsets, p, experts);
+        // Rows past the end repeat row 0's expert and are never written.
+        if first + i < n && row_experts[i as usize] != row_experts[0] {
+            one_expert = false;
+        }
+    }
+    #[unroll]
+    for i in 0..block * block {
+        acc[i as usize] = F::new(0.0);
+    }
+    for kk in 0..k {
+        #[unroll]
+        for i in 0..block {
+            let mut value = x[(x_rows[i as usize] * k + kk) as usize];
+            if comptime![bf16_operands] {
+                value = round_to_bf16::<F>(value);
+            }
+            x_values[i as usize] = value;
+        }
+        if one_expert {
+            #[unroll]
+            for j in 0..block {
+                let col = col0 + j * CUBE_DIM_X;
+                let at = w_off + row_experts[0] * w_se + kk * w_sk + col * w_sm;
+                let mut value = w[select(col < m, at, 0) as usize];
+                if comptime![bf16_operands] {
+                    value = round_to_bf16::<F>(value);
+                }
+                w_values[j as usize] = value;
+            }
+            #[unroll]
+            for i in 0..block {
+                #[unroll]
+                for j in 0..block {
+                    acc[(i * block + j) as usize] += x_values[i as usize] * w_values[j as usize];
+                }
+            }
+        } else {
+            #[unroll]
+            for i in 0..block {
+                #[unroll]
+                for j in 0..block {
+                    let col = col0 + j * CUBE_DIM_X;
+                    let at = w_off + row_experts[i as usize] * w_se + kk * w_sk + col * w_sm;
+                    let mut value = w[select(col < m, at, 0) as usize];
+                    if comptime![bf16_operands] {
+                        value = round_to_bf16::<F>(value);
+                    }
+                    acc[(i * block + j) as usize] += x_values[i as usize] * value;
+                }
+            }
+        }
+    }
+    #[unroll]
+    for i in 0..block {
+        #[unroll]
+        for j in 0..block {
+            let col = col0 + j * CUBE_DIM_X;
+            if first + i < n && col < m {
+                let mut value = acc[(i * block + j) as usize];
+                if comptime![has_bias] {
+                    value += bias
+                        [(meta[10] + row_experts[i as usize] * meta[8] + col * meta[9]) as usize];
+                }
+                out[(assignments[i as usize] * m + col) as usize] = value;
+            }
+        }
     }
 }
 
@@ -320,10 +447,11 @@ impl<R: Runtime> TunableLaunch for ExpertLaunch<R> {
         let (assignments, m) = self.extent;
         let out = self.client.empty(assignments * m * 4);
         let edge = strategy.edge();
+        let span = edge * strategy.block();
         unsafe {
             expert_matmul_kernel::launch_unchecked::<f32, R>(
                 &self.client,
-                CubeCount::Static(tiles_of(m, edge), tiles_of(assignments, edge), 1),
+                CubeCount::Static(tiles_of(m, span), tiles_of(assignments, span), 1),
                 CubeDim::new_2d(edge, edge),
                 buffer_arg(&self.x),
                 buffer_arg(&self.w),
@@ -335,8 +463,12 @@ impl<R: Runtime> TunableLaunch for ExpertLaunch<R> {
                 self.experts,
                 self.has_bias,
                 self.bf16_operands,
-                matches!(strategy, MatmulStrategy::Direct { .. }),
+                matches!(
+                    strategy,
+                    MatmulStrategy::Direct { .. } | MatmulStrategy::Blocked { .. }
+                ),
                 strategy == MatmulStrategy::Pipelined,
+                strategy.block(),
             )
         };
         vec![out]

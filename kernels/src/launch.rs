@@ -85,9 +85,10 @@ pub enum MatmulStrategy {
     /// No shared memory or barriers: each unit reads its row and column directly;
     /// cubes of `edge x edge` units.
     Direct { edge: u32 },
-    /// Direct reads, each unit computing `block x block` outputs `edge` apart
-    /// (register blocking: `2 * block` loads feed `block * block` multiply-adds).
-    /// Dense matmuls only.
+    /// Direct reads, each unit computing `block x block` outputs (register blocking:
+    /// `2 * block` loads feed `block * block` multiply-adds). Dense matmuls space
+    /// rows and columns `edge` apart; grouped expert matmuls take `block` consecutive
+    /// sorted assignments, which mostly share an expert.
     Blocked { edge: u32, block: u32 },
 }
 
@@ -97,6 +98,8 @@ impl Candidate for MatmulStrategy {
         MatmulStrategy::Pipelined,
         MatmulStrategy::Direct { edge: 16 },
         MatmulStrategy::Direct { edge: 8 },
+        MatmulStrategy::Blocked { edge: 8, block: 2 },
+        MatmulStrategy::Blocked { edge: 8, block: 4 },
     ];
 
     fn name(&self) -> String {
