@@ -374,6 +374,35 @@ fn explain_fusion(
                 batch.shared.len()
             );
         }
+        if !fused.multi_matmuls.is_empty() {
+            let _ = writeln!(
+                out,
+                "  {} matmul kernels sharing an operand (bound once):",
+                fused.multi_matmuls.len()
+            );
+        }
+        for batch in &fused.multi_matmuls {
+            let matmuls = batch.matmuls();
+            let side = match batch.shared {
+                altc_compiler::fusion::SharedOperand::Left => 0,
+                altc_compiler::fusion::SharedOperand::Right => 1,
+            };
+            let shared = g.node(g.operands(matmuls[0])[side]);
+            let others: Vec<String> = matmuls
+                .iter()
+                .map(|&m| g.node(g.operands(m)[1 - side]).op.mnemonic())
+                .collect();
+            let _ = writeln!(
+                out,
+                "    {} matmuls -> {} each, {} operand {} ({}) with: {}",
+                matmuls.len(),
+                g.node(matmuls[0]).ty,
+                if side == 0 { "left" } else { "right" },
+                shared.ty,
+                shared.origin,
+                others.join("; ")
+            );
+        }
     }
     Ok(out)
 }
