@@ -15,8 +15,8 @@
 //! inputs are uploaded once, outside the timed loop.
 
 use altc_kernels::{
-    BinaryKind, Candidate, ElementwiseStrategy, EpilogueMatmul, ExpertMatmul, FusedOp,
-    FusedProgram, Kernels, MatmulOperands, MatmulStrategy, ReduceKind, RowTopK, Segment,
+    BinaryKind, Candidate, ElementwiseStrategy, EpilogueMatmul, ExpertGradStrategy, ExpertMatmul,
+    FusedOp, FusedProgram, Kernels, MatmulOperands, MatmulStrategy, ReduceKind, RowTopK, Segment,
     TuningMode, UnaryKind, View,
 };
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
@@ -545,6 +545,32 @@ fn grouped_expert_gemm(c: &mut Criterion) {
                 };
                 group.bench_function(format!("{case}/{}", form.name()), |b| {
                     b.iter(|| grouped(kernels))
+                });
+            }
+            // The expert weight gradient of the same routing, `[experts, h, m]`: per
+            // expert, the sum over its assignments of the token row's outer product
+            // with the assignment's output gradient; each form forced.
+            let grads = k.upload(&values(assignments * m, 10));
+            let order = k.expert_order(&index, assignments, experts);
+            let offsets = k.expert_offsets(&index, assignments, experts);
+            for form in ExpertGradStrategy::ALL {
+                let Some(kernels) = forced(form.name()) else {
+                    break;
+                };
+                group.bench_function(format!("{case}/weight_grad/{}", form.name()), |b| {
+                    b.iter(|| {
+                        let out = kernels.expert_weight_grad(
+                            (&x, tokens, h),
+                            (&grads, assignments, m),
+                            &order,
+                            &offsets,
+                            assignments,
+                            experts,
+                            false,
+                        );
+                        sync(kernels);
+                        out
+                    })
                 });
             }
         }

@@ -9,9 +9,12 @@
 //! assignment's place, so nothing is permuted in memory. Experts that receive no
 //! assignment cost nothing; one that receives all of them is just a long run.
 
-use crate::launch::{buffer_arg, tiles, tiles_of, u32s, Kernels, MatmulStrategy, View};
+use crate::launch::{buffer_arg, tiles_of, u32s, Kernels, MatmulStrategy, View};
 use crate::matmul::{round_to_bf16, TILE};
-use crate::tune::{bucket, KernelKey, TunableLaunch, GROUPED_MATMUL, GROUPED_MATMUL_TUNER};
+use crate::tune::{
+    bucket, Candidate, KernelKey, TunableLaunch, EXPERT_GRAD, EXPERT_GRAD_TUNER, GROUPED_MATMUL,
+    GROUPED_MATMUL_TUNER,
+};
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 use std::sync::{Arc, Mutex};
@@ -353,7 +356,12 @@ pub(crate) fn expert_weight_grad_kernel<F: Float>(
     out: &mut Array<F>,
     meta: &Array<u32>,
     #[comptime] bf16_operands: bool,
+    #[comptime] block: u32,
 ) {
+    if comptime![block > 0] {
+        expert_weight_grad_direct::<F>(a, b, order, offsets, out, meta, bf16_operands, block);
+        terminate!();
+    }
     let tile = comptime!(TILE as usize);
     let mut a_tile = SharedMemory::<F>::new(tile * tile);
     let mut b_tile = SharedMemory::<F>::new(tile * tile);
@@ -399,6 +407,79 @@ pub(crate) fn expert_weight_grad_kernel<F: Float>(
     }
     if row < k && col < m {
         out[((e * k + row) * m + col) as usize] = acc;
+    }
+}
+
+/// `expert_weight_grad_kernel` with direct reads: each unit computes `block x block`
+/// elements of its expert's `[K, M]` gradient (rows and columns `CUBE_DIM` apart),
+/// walking the expert's assignments; `2 * block` loads feed `block * block`
+/// multiply-adds, with no shared memory or barriers.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn expert_weight_grad_direct<F: Float>(
+    a: &Array<F>,
+    b: &Array<F>,
+    order: &Array<F>,
+    offsets: &Array<F>,
+    out: &mut Array<F>,
+    meta: &Array<u32>,
+    #[comptime] bf16_operands: bool,
+    #[comptime] block: u32,
+) {
+    let k = meta[0];
+    let m = meta[1];
+    let fan_a = meta[2];
+    let fan_b = meta[3];
+    let e = CUBE_POS_Z;
+    let row0 = CUBE_POS_Y * CUBE_DIM_Y * block + UNIT_POS_Y;
+    let col0 = CUBE_POS_X * CUBE_DIM_X * block + UNIT_POS_X;
+    let start = u32::cast_from(offsets[e as usize]);
+    let end = u32::cast_from(offsets[e as usize + 1]);
+    let mut acc = Array::<F>::new(comptime!((block * block) as usize));
+    #[unroll]
+    for i in 0..block * block {
+        acc[i as usize] = F::new(0.0);
+    }
+    let mut a_values = Array::<F>::new(comptime!(block as usize));
+    let mut b_values = Array::<F>::new(comptime!(block as usize));
+    for p in start..end {
+        let assignment = u32::cast_from(order[p as usize]);
+        let a_base = (assignment / fan_a) * k;
+        let b_base = (assignment / fan_b) * m;
+        // Rows and columns past the gradient read element 0; they are never written.
+        #[unroll]
+        for i in 0..block {
+            let row = row0 + i * CUBE_DIM_Y;
+            let mut value = a[select(row < k, a_base + row, 0) as usize];
+            if comptime![bf16_operands] {
+                value = round_to_bf16::<F>(value);
+            }
+            a_values[i as usize] = value;
+            let col = col0 + i * CUBE_DIM_X;
+            let mut value = b[select(col < m, b_base + col, 0) as usize];
+            if comptime![bf16_operands] {
+                value = round_to_bf16::<F>(value);
+            }
+            b_values[i as usize] = value;
+        }
+        #[unroll]
+        for i in 0..block {
+            #[unroll]
+            for j in 0..block {
+                acc[(i * block + j) as usize] += a_values[i as usize] * b_values[j as usize];
+            }
+        }
+    }
+    #[unroll]
+    for i in 0..block {
+        #[unroll]
+        for j in 0..block {
+            let row = row0 + i * CUBE_DIM_Y;
+            let col = col0 + j * CUBE_DIM_X;
+            if row < k && col < m {
+                out[((e * k + row) * m + col) as usize] = acc[(i * block + j) as usize];
+            }
+        }
     }
 }
 
@@ -469,6 +550,90 @@ impl<R: Runtime> TunableLaunch for ExpertLaunch<R> {
                 ),
                 strategy == MatmulStrategy::Pipelined,
                 strategy.block(),
+            )
+        };
+        vec![out]
+    }
+}
+
+/// How the expert weight gradient runs (the tuning candidates): shared-memory tiles,
+/// or direct reads with each unit computing `block x block` elements.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExpertGradStrategy {
+    Tiled,
+    Direct { block: u32 },
+}
+
+impl Candidate for ExpertGradStrategy {
+    const ALL: &'static [ExpertGradStrategy] = &[
+        ExpertGradStrategy::Tiled,
+        ExpertGradStrategy::Direct { block: 1 },
+        ExpertGradStrategy::Direct { block: 2 },
+        ExpertGradStrategy::Direct { block: 4 },
+    ];
+
+    fn name(&self) -> String {
+        match self {
+            ExpertGradStrategy::Tiled => format!("tiled-{TILE}x{TILE}"),
+            ExpertGradStrategy::Direct { block: 1 } => format!("direct-{GRAD_EDGE}x{GRAD_EDGE}"),
+            ExpertGradStrategy::Direct { block } => {
+                format!("direct-{GRAD_EDGE}x{GRAD_EDGE}-block-{block}x{block}")
+            }
+        }
+    }
+}
+
+/// Units along each side of a direct weight-gradient cube.
+const GRAD_EDGE: u32 = 8;
+
+/// One expert weight-gradient launch, owned so the tuner can replay it.
+#[derive(Clone)]
+struct ExpertGradLaunch<R: Runtime> {
+    client: ComputeClient<R>,
+    a: (Handle, usize),
+    b: (Handle, usize),
+    order: (Handle, usize),
+    offsets: (Handle, usize),
+    meta: (Handle, usize),
+    /// `(experts, k, m)`.
+    extent: (usize, usize, usize),
+    bf16_operands: bool,
+    key: KernelKey,
+    ran: Arc<Mutex<Option<ExpertGradStrategy>>>,
+}
+
+impl<R: Runtime> TunableLaunch for ExpertGradLaunch<R> {
+    type With = ExpertGradStrategy;
+
+    fn key(&self) -> &KernelKey {
+        &self.key
+    }
+
+    fn ran(&self) -> &Arc<Mutex<Option<ExpertGradStrategy>>> {
+        &self.ran
+    }
+
+    fn launch(&self, strategy: ExpertGradStrategy) -> Vec<Handle> {
+        let (experts, k, m) = self.extent;
+        let out = self.client.empty((experts * k * m).max(1) * 4);
+        let (edge, block) = match strategy {
+            ExpertGradStrategy::Tiled => (TILE, 0),
+            ExpertGradStrategy::Direct { block } => (GRAD_EDGE, block),
+        };
+        let span = edge * block.max(1);
+        unsafe {
+            expert_weight_grad_kernel::launch_unchecked::<f32, R>(
+                &self.client,
+                CubeCount::Static(tiles_of(m, span), tiles_of(k, span), u32s([experts])[0]),
+                CubeDim::new_2d(edge, edge),
+                buffer_arg(&self.a),
+                buffer_arg(&self.b),
+                buffer_arg(&self.order),
+                buffer_arg(&self.offsets),
+                ArrayArg::from_raw_parts(out.clone(), (experts * k * m).max(1)),
+                buffer_arg(&self.meta),
+                self.bf16_operands,
+                block,
             )
         };
         vec![out]
@@ -592,24 +757,35 @@ impl<R: Runtime> Kernels<R> {
         experts: usize,
         bf16_operands: bool,
     ) -> Handle {
-        let out = self.alloc(experts * k * m);
         let fan = |rows: usize| assignments / rows.max(1);
         let meta = u32s([k, m, fan(a_rows).max(1), fan(b_rows).max(1)]);
         let meta_len = meta.len();
-        unsafe {
-            expert_weight_grad_kernel::launch_unchecked::<f32, R>(
-                self.client(),
-                CubeCount::Static(tiles(m), tiles(k), u32s([experts])[0]),
-                CubeDim::new_2d(TILE, TILE),
-                ArrayArg::from_raw_parts(a.clone(), (a_rows * k).max(1)),
-                ArrayArg::from_raw_parts(b.clone(), (b_rows * m).max(1)),
-                ArrayArg::from_raw_parts(order.clone(), assignments.max(1)),
-                ArrayArg::from_raw_parts(offsets.clone(), experts + 1),
-                ArrayArg::from_raw_parts(out.clone(), (experts * k * m).max(1)),
-                ArrayArg::from_raw_parts(self.upload_once(meta), meta_len),
-                bf16_operands,
-            )
+        let launch = ExpertGradLaunch {
+            client: self.client().clone(),
+            a: (a.clone(), (a_rows * k).max(1)),
+            b: (b.clone(), (b_rows * m).max(1)),
+            order: (order.clone(), assignments.max(1)),
+            offsets: (offsets.clone(), experts + 1),
+            meta: (self.upload_once(meta), meta_len),
+            extent: (experts, k, m),
+            bf16_operands,
+            key: KernelKey {
+                family: EXPERT_GRAD.into(),
+                signature: format!(
+                    "assignments{} k{} m{} experts{}{}",
+                    bucket(assignments),
+                    bucket(k),
+                    bucket(m),
+                    experts,
+                    if bf16_operands { " bf16" } else { "" }
+                ),
+            },
+            ran: Default::default(),
         };
-        out
+        self.tuning()
+            .launch(&EXPERT_GRAD_TUNER, self.client(), launch)
+            .into_iter()
+            .next()
+            .expect("one output")
     }
 }

@@ -979,12 +979,7 @@ pub(crate) fn buffer_arg<R: Runtime>((handle, len): &(Handle, usize)) -> ArrayAr
     unsafe { ArrayArg::from_raw_parts(handle.clone(), (*len).max(1)) }
 }
 
-/// Tiles of `TILE` needed to cover `extent` (at least one, so a launch is never empty).
-pub(crate) fn tiles(extent: usize) -> u32 {
-    tiles_of(extent, TILE)
-}
-
-/// Tiles of `edge` needed to cover `extent`, at least one.
+/// Tiles of `edge` needed to cover `extent`, at least one (a launch is never empty).
 pub(crate) fn tiles_of(extent: usize, edge: u32) -> u32 {
     u32s([extent])[0].div_ceil(edge).max(1)
 }

@@ -27,7 +27,7 @@ mod tune;
 mod vector;
 
 pub use elementwise::{BinaryKind, UnaryKind};
-pub use experts::ExpertMatmul;
+pub use experts::{ExpertGradStrategy, ExpertMatmul};
 pub use fused::{FusedOp, FusedProgram, RowTopK};
 pub use launch::{
     contiguous_strides, Ceilings, ElementwiseStrategy, EpilogueMatmul, Kernels, MatmulOperands,

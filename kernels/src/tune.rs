@@ -170,6 +170,7 @@ pub fn candidates(family: &str) -> Vec<String> {
     match family {
         MATMUL => names::<crate::launch::EpilogueMatmul>(),
         GROUPED_MATMUL => names::<crate::launch::MatmulStrategy>(),
+        EXPERT_GRAD => names::<crate::experts::ExpertGradStrategy>(),
         REDUCE => names::<crate::launch::ReduceStrategy>(),
         ELEMENTWISE | MULTI_ELEMENTWISE => names::<crate::launch::ElementwiseStrategy>(),
         _ => Vec::new(),
@@ -182,6 +183,7 @@ pub(crate) const REDUCE: &str = "reduce";
 pub(crate) const ELEMENTWISE: &str = "fused elementwise";
 pub(crate) const GROUPED_MATMUL: &str = "grouped expert matmul";
 pub(crate) const MULTI_ELEMENTWISE: &str = "multi-tensor elementwise";
+pub(crate) const EXPERT_GRAD: &str = "expert weight gradient";
 
 pub(crate) static MATMUL_TUNER: LocalTuner<KernelKey, String> =
     LocalTuner::new(concat!(module_path!(), "-matmul"));
@@ -191,5 +193,7 @@ pub(crate) static GROUPED_MATMUL_TUNER: LocalTuner<KernelKey, String> =
     LocalTuner::new(concat!(module_path!(), "-grouped-matmul"));
 pub(crate) static ELEMENTWISE_TUNER: LocalTuner<KernelKey, String> =
     LocalTuner::new(concat!(module_path!(), "-elementwise"));
+pub(crate) static EXPERT_GRAD_TUNER: LocalTuner<KernelKey, String> =
+    LocalTuner::new(concat!(module_path!(), "-expert-grad"));
 pub(crate) static MULTI_ELEMENTWISE_TUNER: LocalTuner<KernelKey, String> =
     LocalTuner::new(concat!(module_path!(), "-multi-elementwise"));

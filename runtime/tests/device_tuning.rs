@@ -1,6 +1,7 @@
 //! Tunable kernels: every candidate of every tunable family computes what the
 //! reference does (matmuls plain, transposed, two with one epilogue sharing an
-//! operand, and summed over the batch; grouped expert matmuls with empty experts;
+//! operand, and summed over the batch; grouped expert matmuls with empty experts, and
+//! their weight gradient;
 //! reductions plain, with a fused prologue and with a fused epilogue; fused
 //! elementwise chains, alone and over several tensors), and tuning picks one of the
 //! candidates and gives the fallback's results.
@@ -8,7 +9,9 @@
 use altc_compiler::ir::{BinaryOp, CompareOp, DType, Graph, NodeId, Op, ReduceOp, UnaryOp};
 use altc_compiler::reference::{run, EvalContext, Tensor, TensorMap};
 use altc_compiler::spec::Precision;
-use altc_kernels::{Candidate, ElementwiseStrategy, EpilogueMatmul, ReduceStrategy};
+use altc_kernels::{
+    Candidate, ElementwiseStrategy, EpilogueMatmul, ExpertGradStrategy, ReduceStrategy,
+};
 use altc_runtime::backend::{Backend, TuningMode};
 use altc_runtime::device::{open, DeviceChoice};
 use std::collections::BTreeMap;
@@ -188,8 +191,16 @@ fn tunable_graph(draw: u64) -> (Graph, TensorMap) {
         },
         &[slots, experts_w, order, offsets],
     );
+    // Their weight gradient: per expert, the sum over its assignments of the token
+    // row's outer product with the slot's output gradient.
+    let expert_grad = push(
+        &mut g,
+        Op::ExpertWeightGrad,
+        &[tokens, slots, order, offsets],
+    );
     for (name, id) in [
         ("expert", expert_out),
+        ("expert_grad", expert_grad),
         ("expert_transposed", expert_back),
         ("plain", plain),
         ("transposed", transposed),
@@ -250,6 +261,7 @@ fn every_candidate_matches_the_reference_and_tuning_picks_one() {
     let names = EpilogueMatmul::ALL
         .iter()
         .map(Candidate::name)
+        .chain(ExpertGradStrategy::ALL.iter().map(Candidate::name))
         .chain(ReduceStrategy::ALL.iter().map(Candidate::name))
         .chain(ElementwiseStrategy::ALL.iter().map(Candidate::name));
     // Fresh inputs per candidate: a kernel that failed to run cannot pass on a
@@ -281,6 +293,7 @@ fn every_candidate_matches_the_reference_and_tuning_picks_one() {
     assert_eq!(of("fused elementwise"), 2, "{decisions:?}");
     assert_eq!(of("multi-tensor elementwise"), 2, "{decisions:?}");
     assert_eq!(of("grouped expert matmul"), 2, "{decisions:?}");
+    assert_eq!(of("expert weight gradient"), 1, "{decisions:?}");
     for d in &decisions {
         assert_eq!(
             d.candidates,
