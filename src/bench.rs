@@ -4,7 +4,7 @@
 
 use crate::training::{open_backend, Device};
 use crate::{emit, load_program, lower_options};
-use altc_compiler::fusion::{plan, FusionPlan, KernelLimits};
+use altc_compiler::fusion::{plan, FusionPlan};
 use altc_compiler::ir::{Graph, Op};
 use altc_compiler::lower::{Program, BATCH};
 use altc_compiler::memory::{matmul_flops, plan_cost};
@@ -160,8 +160,9 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         backend.load_state(&state);
         let graphs = timed_graphs(program, opt, batch)?;
         for (graph, inputs) in &graphs {
+            // The plan the device runs: sized for its bindings.
             let fusion = if opt {
-                plan(graph, KernelLimits::default())
+                plan(graph, backend.kernel_limits().unwrap_or_default())
             } else {
                 FusionPlan::unfused(graph)
             };
@@ -254,11 +255,7 @@ fn time_graph(
         planned_bytes: timed.planned_bytes,
         planned_peak_bytes: timed.planned_peak_bytes,
         // Devices hold every value as f32.
-        input_bytes: timed
-            .inputs
-            .values()
-            .map(|t| 4 * t.shape.iter().product::<usize>() as u64)
-            .sum(),
+        input_bytes: input_bytes(timed.graph, timed.inputs),
         measured_peak_bytes,
         matmul_flops: timed.flops,
         achieved_gb_per_s: gb_per_s,
@@ -267,6 +264,17 @@ fn time_graph(
         matmul_fraction: ceilings.map(|c| tflop_per_s / c.matmul_tflop_per_s),
         kernels,
     })
+}
+
+/// Bytes of the inputs a run of `graph` uploads (those some output needs), as f32.
+fn input_bytes(graph: &Graph, inputs: &TensorMap) -> u64 {
+    let live = altc_compiler::fusion::live_nodes(graph);
+    graph
+        .inputs()
+        .filter(|(_, id)| live[id.index()])
+        .filter_map(|(name, _)| inputs.get(name))
+        .map(|t| 4 * t.shape.iter().product::<usize>() as u64)
+        .sum()
 }
 
 /// The graph's symbolic extents as `inputs` bind them (the batch, and the ranking's

@@ -60,6 +60,12 @@ pub trait Backend: Send {
         None
     }
 
+    /// What one kernel may bind on this backend's device, as its fusion plans assume
+    /// (`None` on backends without kernels).
+    fn kernel_limits(&self) -> Option<altc_compiler::fusion::KernelLimits> {
+        None
+    }
+
     /// Switches per-kernel profiling: each kernel of later runs is timed to completion
     /// (the device is synchronised after it), which slows the runs down. Backends
     /// without kernels ignore it.

@@ -314,6 +314,12 @@ impl<R: Runtime> DeviceBackend<R> {
         produced
     }
 
+    /// What one kernel may bind on this device, as plans for it assume.
+    fn limits(&self) -> KernelLimits {
+        let bindings = self.kernels.client().properties().hardware.max_bindings as usize;
+        KernelLimits::for_bindings(bindings)
+    }
+
     /// One matmul step on its own: a plain matmul, one with an epilogue or one
     /// summed over the batch. Returns the values it writes.
     fn eval_matmul(
@@ -877,14 +883,14 @@ impl<R: Runtime> Backend for DeviceBackend<R> {
                 }
             }
         }
-        let bindings = self.kernels.client().properties().hardware.max_bindings as usize;
+        let limits = self.limits();
         let fuse = self.fuse;
         let plan = self
             .plans
             .entry((graph.fingerprint(), fuse))
             .or_insert_with(|| {
                 std::sync::Arc::new(if fuse {
-                    fusion::plan(graph, KernelLimits::for_bindings(bindings))
+                    fusion::plan(graph, limits)
                 } else {
                     FusionPlan::unfused(graph)
                 })
@@ -909,8 +915,12 @@ impl<R: Runtime> Backend for DeviceBackend<R> {
         if let Some(profile) = &mut self.profile {
             profile.clear();
         }
-        let in_use = |k: &Kernels<R>| k.client().memory_usage().map_or(0, |u| u.bytes_in_use);
-        let memory_start = self.profile.is_some().then(|| in_use(&self.kernels));
+        let in_use = |k: &Kernels<R>| k.client().memory_usage().ok().map(|u| u.bytes_in_use);
+        let memory_start = self
+            .profile
+            .is_some()
+            .then(|| in_use(&self.kernels))
+            .flatten();
         self.memory_peak = memory_start.map(|_| 0);
         let mut values: Vec<Option<Value>> = vec![None; graph.len()];
         for (pos, step) in plan.schedule.iter().enumerate() {
@@ -1118,7 +1128,9 @@ impl<R: Runtime> Backend for DeviceBackend<R> {
             }
             // After the step's kernel and before its frees, as the plan counts.
             if let (Some(start), Some(peak)) = (memory_start, &mut self.memory_peak) {
-                *peak = (*peak).max(in_use(&self.kernels).saturating_sub(start));
+                if let Some(now) = in_use(&self.kernels) {
+                    *peak = (*peak).max(now.saturating_sub(start));
+                }
             }
             for &o in &reads[pos] {
                 if last_use[o.index()] == pos && !kept[o.index()] {
@@ -1155,6 +1167,10 @@ impl<R: Runtime> Backend for DeviceBackend<R> {
 
     fn kernel_launches(&self) -> Option<usize> {
         Some(self.launches)
+    }
+
+    fn kernel_limits(&self) -> Option<KernelLimits> {
+        Some(self.limits())
     }
 
     fn set_tuning(&mut self, mode: TuningMode) {
