@@ -303,3 +303,56 @@ fn every_candidate_matches_the_reference_and_tuning_picks_one() {
         assert!(d.candidates.contains(&d.winner), "{d:?}");
     }
 }
+
+/// The vectorised elementwise candidate keeps the reference's NaN semantics: max,
+/// min and relu of a NaN are NaN, lane by lane, whichever operand holds it.
+#[test]
+fn vectorised_kernels_propagate_nan_like_the_reference() {
+    let Some(mut device) = device() else { return };
+    let vectorised = ElementwiseStrategy::ALL
+        .iter()
+        .find(|s| s.vector > 1)
+        .expect("a vectorised candidate");
+    device.set_tuning(TuningMode::Force(vectorised.name()));
+    let mut g = Graph::new("vector-nan");
+    let mut feeds = TensorMap::new();
+    let nan = f32::NAN;
+    let x: Vec<f32> = vec![
+        1.0, nan, -2.0, 0.5, 0.25, -1.0, nan, 3.0, -0.5, 2.0, nan, nan, 0.0, -3.0, 1.5, -0.25,
+    ];
+    let y: Vec<f32> = vec![
+        nan, 0.0, 1.0, nan, -1.0, 2.0, 0.5, nan, 0.0, -2.0, 1.0, nan, nan, 4.0, -1.5, 0.25,
+    ];
+    let mut leaf = |g: &mut Graph, name: &str, values: Vec<f32>| {
+        feeds.insert(name.to_string(), Tensor::f32(&[4, 4], values));
+        g.push(
+            Op::Input {
+                name: name.into(),
+                dtype: DType::F32,
+                shape: [4, 4].into_iter().collect(),
+            },
+            &[],
+            "test",
+        )
+        .unwrap()
+    };
+    let (a, b) = (leaf(&mut g, "x", x), leaf(&mut g, "y", y));
+    let push = |g: &mut Graph, op: Op, operands: &[NodeId]| g.push(op, operands, "test").unwrap();
+    let larger = push(&mut g, Op::Binary(BinaryOp::Max), &[a, b]);
+    let smaller = push(&mut g, Op::Binary(BinaryOp::Min), &[a, b]);
+    let relu = push(&mut g, Op::Unary(UnaryOp::Relu), &[a]);
+    for (name, id) in [("max", larger), ("min", smaller), ("relu", relu)] {
+        g.set_output(name, id).unwrap();
+    }
+    let ctx = EvalContext { seed: 1, step: 0 };
+    let want = run(&g, &feeds, &TensorMap::new(), ctx).unwrap();
+    let got = device.run(&g, &feeds, ctx).unwrap();
+    for (name, w) in &want {
+        for (i, (a, b)) in got[name].to_f64().iter().zip(w.to_f64()).enumerate() {
+            assert!(
+                a.is_nan() == b.is_nan() && (a.is_nan() || a == &b),
+                "{name}[{i}]: vectorised {a}, reference {b}"
+            );
+        }
+    }
+}
