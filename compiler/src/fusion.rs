@@ -511,6 +511,24 @@ pub fn launches_kernel(op: &Op) -> bool {
     )
 }
 
+/// The node whose device buffer holds each node's value: itself, or for a view
+/// (transpose, broadcast, slice, reshape, stop-gradient) its source's. A buffer lives
+/// until the last reader of any view of it.
+pub fn buffer_roots(graph: &Graph) -> Vec<NodeId> {
+    let mut root: Vec<NodeId> = (0..graph.len()).map(NodeId::new).collect();
+    for id in graph.creation_order().unwrap_or_default() {
+        let op = &graph.node(id).op;
+        let leaf = matches!(
+            op,
+            Op::Input { .. } | Op::Parameter { .. } | Op::Constant { .. }
+        );
+        if !launches_kernel(op) && !leaf {
+            root[id.index()] = root[graph.operands(id)[0].index()];
+        }
+    }
+    root
+}
+
 /// Elementwise ops that can share a kernel (an iota is computed from each element's
 /// position, so it joins the group that reads it instead of filling a buffer).
 pub fn is_fusible(op: &Op) -> bool {
@@ -1704,7 +1722,9 @@ fn schedule(
     let mut successors: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); total];
     let mut first_position = vec![usize::MAX; total];
     let mut step_by_key: Vec<Option<Step>> = vec![None; total];
-    // Values each step reads from other steps, and how many steps read each value.
+    // Buffers each step reads from other steps (a view's is its source's), and how
+    // many steps read each buffer.
+    let root = buffer_roots(graph);
     let mut reads: Vec<BTreeSet<NodeId>> = vec![BTreeSet::new(); total];
     let mut readers = vec![0usize; graph.len()];
     let mut written: Vec<BTreeSet<NodeId>> = vec![BTreeSet::new(); total];
@@ -1719,8 +1739,9 @@ fn schedule(
                 if successors[from].insert(k) {
                     indegree[k] += 1;
                 }
-                if reads[k].insert(o) {
-                    readers[o.index()] += 1;
+                let buffer = root[o.index()];
+                if reads[k].insert(buffer) {
+                    readers[buffer.index()] += 1;
                 }
                 written[from].insert(o);
             }
@@ -1730,6 +1751,8 @@ fn schedule(
     for &o in &graph_outputs {
         written[key(step_of(o))].insert(o);
     }
+    // Buffers that outputs (or views that are outputs) keep to the end.
+    let kept: BTreeSet<NodeId> = graph_outputs.iter().map(|o| root[o.index()]).collect();
     // Bytes a value holds; leaves are resident and views alias their source.
     let size = |id: NodeId| -> i64 {
         let node = graph.node(id);
@@ -1755,7 +1778,7 @@ fn schedule(
         let writes: i64 = written[k].iter().map(|&v| size(v)).sum();
         let frees: i64 = reads[k]
             .iter()
-            .filter(|o| readers[o.index()] == 1 && !graph_outputs.contains(o))
+            .filter(|o| readers[o.index()] == 1 && !kept.contains(o))
             .map(|&o| size(o))
             .sum();
         (frees == 0, -frees, writes)

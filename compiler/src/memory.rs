@@ -1,7 +1,7 @@
 //! Planned cost of running a graph under a fusion plan, at concrete symbol values:
 //! kernel launches, bytes moved (every kernel reads its inputs and writes its outputs
 //! once) and peak memory under liveness-based reuse (a buffer is freed after the last
-//! step that reads it; views and leaves allocate nothing new). These are the numbers
+//! step that reads it or a view of it; views and leaves allocate nothing new). These are the numbers
 //! `altc compile --explain` reports; the device runtime frees buffers on the same
 //! schedule.
 
@@ -84,19 +84,23 @@ pub fn plan_cost_and_peak(
 ) -> (PlanCost, Peak) {
     let steps: Vec<Vec<NodeId>> = plan.schedule.iter().map(|s| plan.step_nodes(s)).collect();
     let step_of = plan.positions(graph);
+    // A buffer lives until the last step that reads it or any view of it.
+    let root = crate::fusion::buffer_roots(graph);
     let mut last_read = vec![None; graph.len()];
     for (pos, nodes) in steps.iter().enumerate() {
         for &id in nodes {
             for o in graph.operands(id) {
                 if step_of[o.index()] != pos {
-                    last_read[o.index()] = Some(pos);
+                    let buffer = root[o.index()].index();
+                    last_read[buffer] = last_read[buffer].max(Some(pos));
                 }
             }
         }
     }
-    let is_output: Vec<bool> = (0..graph.len())
-        .map(|i| graph.outputs().iter().any(|(_, o)| o.index() == i))
-        .collect();
+    let mut is_output = vec![false; graph.len()];
+    for (_, o) in graph.outputs() {
+        is_output[root[o.index()].index()] = true;
+    }
     let mut cost = PlanCost::default();
     let mut peak = Peak::default();
     let mut live: BTreeMap<NodeId, u64> = BTreeMap::new();

@@ -358,3 +358,67 @@ fn work_for_a_later_group_moves_into_it() {
         "the late term is never written"
     );
 }
+
+/// A view (here a reshape) shares its source's buffer, so the source lives until
+/// the view's last reader: a product read through a view after a second product
+/// exists means both are alive at once, and the planned peak says so.
+#[test]
+fn a_view_keeps_its_source_alive() {
+    use altc_compiler::ir::{BinaryOp, DType, Op, ReduceOp};
+    use altc_compiler::memory::plan_cost;
+    let mut g = Graph::new("viewed-product");
+    let input = |g: &mut Graph, name: &str, shape: &[usize]| {
+        g.push(
+            Op::Input {
+                name: name.into(),
+                dtype: DType::F32,
+                shape: shape.iter().copied().collect(),
+            },
+            &[],
+            "test",
+        )
+        .unwrap()
+    };
+    let matmul = Op::MatMul {
+        transpose_a: false,
+        transpose_b: false,
+    };
+    let (a, b, w) = (
+        input(&mut g, "a", &[256, 8]),
+        input(&mut g, "b", &[256, 8]),
+        input(&mut g, "w", &[8, 256]),
+    );
+    let sum_all = |g: &mut Graph, x, rank: usize| {
+        let reduce = Op::Reduce {
+            op: ReduceOp::Sum,
+            axes: (0..rank).collect(),
+            keep_dims: false,
+        };
+        g.push(reduce, &[x], "test").unwrap()
+    };
+    let first = g.push(matmul.clone(), &[a, w], "test").unwrap();
+    let flat = g
+        .push(
+            Op::Reshape {
+                shape: [256 * 256].into_iter().collect(),
+            },
+            &[first],
+            "test",
+        )
+        .unwrap();
+    let second = g.push(matmul, &[b, w], "test").unwrap();
+    let second_sum = sum_all(&mut g, second, 2);
+    // The view is read only once the second product's sum exists.
+    let scaled = g
+        .push(Op::Binary(BinaryOp::Mul), &[flat, second_sum], "test")
+        .unwrap();
+    let total = sum_all(&mut g, scaled, 1);
+    g.set_output("total", total).unwrap();
+    let product = 256 * 256 * 4;
+    let cost = plan_cost(&g, &plan(&g, KernelLimits::default()), &Default::default());
+    assert!(
+        cost.peak_bytes >= 2 * product,
+        "the first product lives through its view: planned peak {}",
+        cost.peak_bytes
+    );
+}
