@@ -23,6 +23,20 @@ fn training_graphs() -> Vec<Graph> {
         .collect()
 }
 
+/// An f32 graph input `name` of `shape`.
+fn input(g: &mut Graph, name: &str, shape: &[usize]) -> altc_compiler::ir::NodeId {
+    g.push(
+        altc_compiler::ir::Op::Input {
+            name: name.into(),
+            dtype: altc_compiler::ir::DType::F32,
+            shape: shape.iter().copied().collect(),
+        },
+        &[],
+        "test",
+    )
+    .unwrap()
+}
+
 fn check_plan(graph: &Graph, plan: &FusionPlan, limits: KernelLimits) {
     let max_inputs = limits.max_inputs;
     let mut done = vec![false; graph.len()];
@@ -245,21 +259,9 @@ fn parameter_updates_share_multi_tensor_kernels() {
 /// `w`, but one kernel for both would hold both, so the planner keeps them apart.
 #[test]
 fn the_schedule_frees_large_values_before_making_more() {
-    use altc_compiler::ir::{BinaryOp, DType, Op, ReduceOp};
+    use altc_compiler::ir::{BinaryOp, Op, ReduceOp};
     use altc_compiler::memory::plan_cost;
     let mut g = Graph::new("two-products");
-    let input = |g: &mut Graph, name: &str, shape: &[usize]| {
-        g.push(
-            Op::Input {
-                name: name.into(),
-                dtype: DType::F32,
-                shape: shape.iter().copied().collect(),
-            },
-            &[],
-            "test",
-        )
-        .unwrap()
-    };
     let matmul = Op::MatMul {
         transpose_a: false,
         transpose_b: false,
@@ -364,21 +366,9 @@ fn work_for_a_later_group_moves_into_it() {
 /// exists means both are alive at once, and the planned peak says so.
 #[test]
 fn a_view_keeps_its_source_alive() {
-    use altc_compiler::ir::{BinaryOp, DType, Op, ReduceOp};
+    use altc_compiler::ir::{BinaryOp, Op, ReduceOp};
     use altc_compiler::memory::plan_cost;
     let mut g = Graph::new("viewed-product");
-    let input = |g: &mut Graph, name: &str, shape: &[usize]| {
-        g.push(
-            Op::Input {
-                name: name.into(),
-                dtype: DType::F32,
-                shape: shape.iter().copied().collect(),
-            },
-            &[],
-            "test",
-        )
-        .unwrap()
-    };
     let matmul = Op::MatMul {
         transpose_a: false,
         transpose_b: false,

@@ -10,7 +10,7 @@
 //! assignment cost nothing; one that receives all of them is just a long run.
 
 use crate::launch::{buffer_arg, tiles_of, u32s, Kernels, MatmulStrategy, View};
-use crate::matmul::{round_to_bf16, TILE};
+use crate::matmul::{accumulate_outer, operand_value, round_to_bf16, zeroed_block, TILE};
 use crate::tune::{
     bucket, Candidate, KernelKey, TunableLaunch, EXPERT_GRAD, EXPERT_GRAD_TUNER, GROUPED_MATMUL,
     GROUPED_MATMUL_TUNER,
@@ -175,13 +175,9 @@ pub(crate) fn expert_matmul_kernel<F: Float>(
         // memory, no barriers.
         if valid && col < m {
             for kk in 0..k {
-                let mut x_value = x[(x_row * k + kk) as usize];
-                let mut w_value = w[(w_off + own_expert * w_se + kk * w_sk + col * w_sm) as usize];
-                if comptime![bf16_operands] {
-                    x_value = round_to_bf16::<F>(x_value);
-                    w_value = round_to_bf16::<F>(w_value);
-                }
-                acc += x_value * w_value;
+                let x_value = operand_value::<F>(x, x_row * k + kk, bf16_operands);
+                let w_at = w_off + own_expert * w_se + kk * w_sk + col * w_sm;
+                acc += x_value * operand_value::<F>(w, w_at, bf16_operands);
             }
         }
     } else {
@@ -262,7 +258,7 @@ fn expert_matmul_block<F: Float>(
     let mut x_rows = Array::<u32>::new(comptime!(block as usize));
     let mut row_experts = Array::<u32>::new(comptime!(block as usize));
     let mut assignments = Array::<u32>::new(comptime!(block as usize));
-    let mut acc = Array::<F>::new(comptime!((block * block) as usize));
+    let mut acc = zeroed_block::<F>(block);
     let mut x_values = Array::<F>::new(comptime!(block as usize));
     let mut w_values = Array::<F>::new(comptime!(block as usize));
     let mut one_expert = true;
@@ -278,37 +274,20 @@ fn expert_matmul_block<F: Float>(
             one_expert = false;
         }
     }
-    #[unroll]
-    for i in 0..block * block {
-        acc[i as usize] = F::new(0.0);
-    }
     for kk in 0..k {
         #[unroll]
         for i in 0..block {
-            let mut value = x[(x_rows[i as usize] * k + kk) as usize];
-            if comptime![bf16_operands] {
-                value = round_to_bf16::<F>(value);
-            }
-            x_values[i as usize] = value;
+            x_values[i as usize] =
+                operand_value::<F>(x, x_rows[i as usize] * k + kk, bf16_operands);
         }
         if one_expert {
             #[unroll]
             for j in 0..block {
                 let col = col0 + j * CUBE_DIM_X;
                 let at = w_off + row_experts[0] * w_se + kk * w_sk + col * w_sm;
-                let mut value = w[select(col < m, at, 0) as usize];
-                if comptime![bf16_operands] {
-                    value = round_to_bf16::<F>(value);
-                }
-                w_values[j as usize] = value;
+                w_values[j as usize] = operand_value::<F>(w, select(col < m, at, 0), bf16_operands);
             }
-            #[unroll]
-            for i in 0..block {
-                #[unroll]
-                for j in 0..block {
-                    acc[(i * block + j) as usize] += x_values[i as usize] * w_values[j as usize];
-                }
-            }
+            accumulate_outer::<F>(&mut acc, &x_values, &w_values, block);
         } else {
             #[unroll]
             for i in 0..block {
@@ -316,10 +295,7 @@ fn expert_matmul_block<F: Float>(
                 for j in 0..block {
                     let col = col0 + j * CUBE_DIM_X;
                     let at = w_off + row_experts[i as usize] * w_se + kk * w_sk + col * w_sm;
-                    let mut value = w[select(col < m, at, 0) as usize];
-                    if comptime![bf16_operands] {
-                        value = round_to_bf16::<F>(value);
-                    }
+                    let value = operand_value::<F>(w, select(col < m, at, 0), bf16_operands);
                     acc[(i * block + j) as usize] += x_values[i as usize] * value;
                 }
             }
@@ -435,11 +411,7 @@ fn expert_weight_grad_direct<F: Float>(
     let col0 = CUBE_POS_X * CUBE_DIM_X * block + UNIT_POS_X;
     let start = u32::cast_from(offsets[e as usize]);
     let end = u32::cast_from(offsets[e as usize + 1]);
-    let mut acc = Array::<F>::new(comptime!((block * block) as usize));
-    #[unroll]
-    for i in 0..block * block {
-        acc[i as usize] = F::new(0.0);
-    }
+    let mut acc = zeroed_block::<F>(block);
     let mut a_values = Array::<F>::new(comptime!(block as usize));
     let mut b_values = Array::<F>::new(comptime!(block as usize));
     for p in start..end {
@@ -450,25 +422,13 @@ fn expert_weight_grad_direct<F: Float>(
         #[unroll]
         for i in 0..block {
             let row = row0 + i * CUBE_DIM_Y;
-            let mut value = a[select(row < k, a_base + row, 0) as usize];
-            if comptime![bf16_operands] {
-                value = round_to_bf16::<F>(value);
-            }
-            a_values[i as usize] = value;
+            a_values[i as usize] =
+                operand_value::<F>(a, select(row < k, a_base + row, 0), bf16_operands);
             let col = col0 + i * CUBE_DIM_X;
-            let mut value = b[select(col < m, b_base + col, 0) as usize];
-            if comptime![bf16_operands] {
-                value = round_to_bf16::<F>(value);
-            }
-            b_values[i as usize] = value;
+            b_values[i as usize] =
+                operand_value::<F>(b, select(col < m, b_base + col, 0), bf16_operands);
         }
-        #[unroll]
-        for i in 0..block {
-            #[unroll]
-            for j in 0..block {
-                acc[(i * block + j) as usize] += a_values[i as usize] * b_values[j as usize];
-            }
-        }
+        accumulate_outer::<F>(&mut acc, &a_values, &b_values, block);
     }
     #[unroll]
     for i in 0..block {

@@ -1495,28 +1495,24 @@ impl<R: Runtime> Kernels<R> {
 
     /// `[..., M, K] x [..., K, N]`; see `MatmulOperands`.
     pub fn matmul(&self, mm: &MatmulOperands) -> Handle {
-        self.launch_matmuls(
-            std::slice::from_ref(mm),
-            OperandLayout::SINGLE,
-            &FusedProgram::product(),
-            &[Vec::new()],
-            false,
-            (0, 0),
-        )
-        .into_iter()
-        .next()
-        .expect("one output")
+        self.product(mm, false)
     }
 
     /// `[..., M, K] x [..., K, N]` summed over the batch dimensions: `[M, N]`, in one
     /// kernel (weight gradients of a layer applied to every batch entry).
     pub fn matmul_batch_sum(&self, mm: &MatmulOperands) -> Handle {
+        self.product(mm, true)
+    }
+
+    /// One matmul's product, written as it is or, with `sum_batch`, summed over the
+    /// batch.
+    fn product(&self, mm: &MatmulOperands, sum_batch: bool) -> Handle {
         self.launch_matmuls(
             std::slice::from_ref(mm),
             OperandLayout::SINGLE,
             &FusedProgram::product(),
             &[Vec::new()],
-            true,
+            sum_batch,
             (0, 0),
         )
         .into_iter()

@@ -69,6 +69,63 @@ pub(crate) fn matmul_meta_len(batch_rank: usize) -> usize {
     3 * batch_rank + 9
 }
 
+/// `x[at]`, rounded to bf16 when `bf16` (autocast operands).
+#[cube]
+pub(crate) fn operand_value<F: Float>(x: &Array<F>, at: u32, #[comptime] bf16: bool) -> F {
+    let mut value = x[at as usize];
+    if comptime![bf16] {
+        value = round_to_bf16::<F>(value);
+    }
+    value
+}
+
+/// A unit's `block x block` accumulators, zeroed.
+#[cube]
+pub(crate) fn zeroed_block<F: Float>(#[comptime] block: u32) -> Array<F> {
+    let mut acc = Array::<F>::new(comptime!((block * block) as usize));
+    #[unroll]
+    for i in 0..block * block {
+        acc[i as usize] = F::new(0.0);
+    }
+    acc
+}
+
+/// `acc[i * block + j] += a[i] * b[j]`: one step of a register-blocked product.
+#[cube]
+pub(crate) fn accumulate_outer<F: Float>(
+    acc: &mut Array<F>,
+    a: &Array<F>,
+    b: &Array<F>,
+    #[comptime] block: u32,
+) {
+    #[unroll]
+    for i in 0..block {
+        #[unroll]
+        for j in 0..block {
+            acc[(i * block + j) as usize] += a[i as usize] * b[j as usize];
+        }
+    }
+}
+
+/// Batch entries a unit's product sums over: all of them with `sum_batch`, else
+/// one. `meta` from `at` as in `matmul_kernel`.
+#[cube]
+fn summed_entries(
+    meta: &Array<u32>,
+    at: u32,
+    #[comptime] batch_rank: usize,
+    #[comptime] sum_batch: bool,
+) -> u32 {
+    let mut entries = 1u32;
+    if comptime![sum_batch] {
+        #[unroll]
+        for i in 0..batch_rank {
+            entries *= meta[at as usize + i];
+        }
+    }
+    entries
+}
+
 /// Where batch entry `entry` of one member's operands starts in `a` and in `b`;
 /// `meta` from `at` as in `matmul_kernel`.
 #[cube]
@@ -121,20 +178,10 @@ fn product_block<F: Float>(
     let b_cs = meta[tail + 6];
     let row0 = CUBE_POS_Y * CUBE_DIM_Y * block + UNIT_POS_Y;
     let col0 = CUBE_POS_X * CUBE_DIM_X * block + UNIT_POS_X;
-    let mut acc = Array::<F>::new(comptime!((block * block) as usize));
-    #[unroll]
-    for i in 0..block * block {
-        acc[i as usize] = F::new(0.0);
-    }
+    let mut acc = zeroed_block::<F>(block);
     let mut a_values = Array::<F>::new(comptime!(block as usize));
     let mut b_values = Array::<F>::new(comptime!(block as usize));
-    let mut entries = 1u32;
-    if comptime![sum_batch] {
-        #[unroll]
-        for i in 0..batch_rank {
-            entries *= meta[at as usize + i];
-        }
-    }
+    let entries = summed_entries(meta, at, batch_rank, sum_batch);
     for pass in 0..entries {
         let mut this_entry = entry;
         if comptime![sum_batch] {
@@ -146,25 +193,13 @@ fn product_block<F: Float>(
             #[unroll]
             for i in 0..block {
                 let row = row0 + i * CUBE_DIM_Y;
-                let mut value = a[select(row < m, a_base + row * a_rs + kk * a_cs, 0) as usize];
-                if comptime![bf16_operands] {
-                    value = round_to_bf16::<F>(value);
-                }
-                a_values[i as usize] = value;
+                let at = select(row < m, a_base + row * a_rs + kk * a_cs, 0);
+                a_values[i as usize] = operand_value::<F>(a, at, bf16_operands);
                 let col = col0 + i * CUBE_DIM_X;
-                let mut value = b[select(col < n, b_base + kk * b_rs + col * b_cs, 0) as usize];
-                if comptime![bf16_operands] {
-                    value = round_to_bf16::<F>(value);
-                }
-                b_values[i as usize] = value;
+                let at = select(col < n, b_base + kk * b_rs + col * b_cs, 0);
+                b_values[i as usize] = operand_value::<F>(b, at, bf16_operands);
             }
-            #[unroll]
-            for i in 0..block {
-                #[unroll]
-                for j in 0..block {
-                    acc[(i * block + j) as usize] += a_values[i as usize] * b_values[j as usize];
-                }
-            }
+            accumulate_outer::<F>(&mut acc, &a_values, &b_values, block);
         }
     }
     acc
@@ -299,13 +334,7 @@ fn product_element<F: Float>(
     // `div_ceil` is not part of the kernel language.
     #[allow(clippy::manual_div_ceil)]
     let tiles = (k + TILE - 1) / TILE;
-    let mut entries = 1u32;
-    if comptime![sum_batch] {
-        #[unroll]
-        for i in 0..batch_rank {
-            entries *= meta[at as usize + i];
-        }
-    }
+    let entries = summed_entries(meta, at, batch_rank, sum_batch);
     for pass in 0..entries {
         // Which batch entry this pass computes, and where its operands start.
         let mut rem = entry;
@@ -316,12 +345,10 @@ fn product_element<F: Float>(
         if comptime![direct] {
             if row < m && col < n {
                 for kk in 0..k {
-                    let mut a_value = a[(a_base + row * a_rs + kk * a_cs) as usize];
-                    let mut b_value = b[(b_base + kk * b_rs + col * b_cs) as usize];
-                    if comptime![bf16_operands] {
-                        a_value = round_to_bf16::<F>(a_value);
-                        b_value = round_to_bf16::<F>(b_value);
-                    }
+                    let a_value =
+                        operand_value::<F>(a, a_base + row * a_rs + kk * a_cs, bf16_operands);
+                    let b_value =
+                        operand_value::<F>(b, b_base + kk * b_rs + col * b_cs, bf16_operands);
                     acc += a_value * b_value;
                 }
             }
