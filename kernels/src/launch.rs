@@ -21,6 +21,7 @@ use crate::vector::{vector_fused_kernel, VectorProgram};
 use crate::{BinaryKind, ReduceKind, UnaryKind};
 use cubecl::prelude::*;
 use cubecl::server::Handle;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Units per cube for one-dimensional launches.
@@ -213,6 +214,8 @@ struct MatmulLaunch<R: Runtime> {
     epilogue: FusedProgram,
     key: KernelKey,
     ran: Arc<Mutex<Option<EpilogueMatmul>>>,
+    /// `Kernels::extra_launches`.
+    extra_launches: Arc<AtomicUsize>,
 }
 
 impl<R: Runtime> TunableLaunch for MatmulLaunch<R> {
@@ -233,6 +236,9 @@ impl<R: Runtime> TunableLaunch for MatmulLaunch<R> {
         // The products first, then each member's epilogue reading its product as one
         // more input.
         let products = self.launch_kernel(with.form, &FusedProgram::product(), &[]);
+        // One epilogue kernel per member after the product's.
+        self.extra_launches
+            .fetch_add(self.layout.members, Ordering::Relaxed);
         let mut program = FusedProgram {
             shared_inputs: 0,
             ..self.epilogue.clone()
@@ -835,6 +841,9 @@ pub struct Kernels<R: Runtime> {
     /// same shapes with the same constants every step, so each is uploaded once.
     uploads: std::sync::Mutex<std::collections::HashMap<Vec<u32>, Handle>>,
     tuning: Tuning,
+    /// Kernels launched beyond one per call (a candidate that runs a matmul's
+    /// epilogue as kernels of their own), until taken.
+    extra_launches: Arc<AtomicUsize>,
 }
 
 pub(crate) fn u32s(values: impl IntoIterator<Item = usize>) -> Vec<u32> {
@@ -1004,7 +1013,14 @@ impl<R: Runtime> Kernels<R> {
             client,
             uploads: Default::default(),
             tuning: Tuning::default(),
+            extra_launches: Default::default(),
         }
+    }
+
+    /// Kernels launched beyond one per call since the last time this was asked: what
+    /// a caller counting one launch per call must add.
+    pub fn take_extra_launches(&self) -> usize {
+        self.extra_launches.swap(0, Ordering::Relaxed)
     }
 
     /// Sets how tunable kernels choose their configuration; `scope` names the device,
@@ -1686,6 +1702,7 @@ impl<R: Runtime> Kernels<R> {
             sum_batch,
             bf16_operands: mm.bf16_operands,
             epilogue: epilogue.clone(),
+            extra_launches: self.extra_launches.clone(),
             key: KernelKey {
                 family: MATMUL.into(),
                 signature: format!(

@@ -912,6 +912,7 @@ impl<R: Runtime> Backend for DeviceBackend<R> {
             .map(|i| graph.outputs().iter().any(|(_, o)| o.index() == i))
             .collect();
         self.launches = 0;
+        self.kernels.take_extra_launches();
         if let Some(profile) = &mut self.profile {
             profile.clear();
         }
@@ -1138,6 +1139,8 @@ impl<R: Runtime> Backend for DeviceBackend<R> {
                 }
             }
         }
+        // Candidates that split a step into several kernels say how many more.
+        self.launches += self.kernels.take_extra_launches();
         let mut host = BTreeMap::new();
         let mut updates = Vec::new();
         for (name, id) in graph.outputs() {

@@ -356,3 +356,44 @@ fn vectorised_kernels_propagate_nan_like_the_reference() {
         }
     }
 }
+
+/// A matmul whose tuned form runs its epilogue as a kernel of its own launches two
+/// kernels for its one planned step, and the device counts both.
+#[test]
+fn an_epilogue_run_apart_counts_as_its_own_launch() {
+    let Some(mut device) = device() else { return };
+    let apart = EpilogueMatmul::ALL
+        .iter()
+        .find(|c| !c.fused)
+        .expect("a candidate with the epilogue apart");
+    let mut g = Graph::new("epilogue-apart");
+    let mut feeds = TensorMap::new();
+    let x = input(&mut g, &mut feeds, "x", &[3, 19, 17], 90);
+    let w = input(&mut g, &mut feeds, "w", &[17, 21], 91);
+    let bias = input(&mut g, &mut feeds, "bias", &[21], 92);
+    let push = |g: &mut Graph, op: Op, operands: &[NodeId]| g.push(op, operands, "test").unwrap();
+    let product = push(
+        &mut g,
+        Op::MatMul {
+            transpose_a: false,
+            transpose_b: false,
+        },
+        &[x, w],
+    );
+    let biased = push(&mut g, Op::Binary(BinaryOp::Add), &[product, bias]);
+    let activated = push(&mut g, Op::Unary(UnaryOp::Relu), &[biased]);
+    g.set_output("y", activated).unwrap();
+    let ctx = EvalContext { seed: 1, step: 0 };
+    let want = run(&g, &feeds, &TensorMap::new(), ctx).unwrap();
+    device.set_tuning(TuningMode::Untuned);
+    device.run(&g, &feeds, ctx).unwrap();
+    assert_eq!(device.kernel_launches(), Some(1), "one planned kernel");
+    device.set_tuning(TuningMode::Force(apart.name()));
+    let got = device.run(&g, &feeds, ctx).unwrap();
+    assert_close(&apart.name(), &got, &want);
+    assert_eq!(
+        device.kernel_launches(),
+        Some(2),
+        "the product, then the epilogue"
+    );
+}
