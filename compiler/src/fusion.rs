@@ -1589,14 +1589,15 @@ impl FusionPlan {
         // than they did apart: keep only batches that do not raise the planned peak,
         // at batch size 1 and at a large batch (where activations dominate).
         let mut kept: Vec<&MatmulBatch> = Vec::new();
-        let mut peaks = planned_peaks(graph, self);
+        let bindings = peak_bindings(graph);
+        let mut peaks = planned_peaks(graph, self, &bindings);
         for batch in batches.iter().filter(|b| b.members.len() > 1) {
             let mut trial: Vec<&MatmulBatch> = kept.clone();
             trial.push(batch);
             // Each batch was placed on the schedule before any merge; together, one
             // batch's anchor may move a member after a step of another that reads it.
             let merged = self.with_multi_matmuls(&trial);
-            let trial_peaks = planned_peaks(graph, &merged);
+            let trial_peaks = planned_peaks(graph, &merged, &bindings);
             if merged.is_ordered(graph) && trial_peaks.iter().zip(&peaks).all(|(t, p)| t <= p) {
                 kept = trial;
                 peaks = trial_peaks;
@@ -1668,10 +1669,18 @@ impl FusionPlan {
     }
 }
 
-/// Planned peak memory of `graph` under `plan` with every batch symbol at 1 and
-/// at 1024.
-fn planned_peaks(graph: &Graph, plan: &FusionPlan) -> [u64; 2] {
-    let mut large = std::collections::BTreeMap::new();
+/// Planned peak memory of `graph` under `plan` at each of `bindings`.
+fn planned_peaks(graph: &Graph, plan: &FusionPlan, bindings: &[Symbols; 2]) -> [u64; 2] {
+    bindings
+        .each_ref()
+        .map(|symbols| crate::memory::plan_cost(graph, plan, symbols).peak_bytes)
+}
+
+type Symbols = std::collections::BTreeMap<String, usize>;
+
+/// `planned_peaks`' symbol bindings: every batch symbol at 1, then at 1024.
+fn peak_bindings(graph: &Graph) -> [Symbols; 2] {
+    let mut large = Symbols::new();
     for id in graph.node_ids() {
         for d in graph.node(id).ty.shape.dims() {
             if let crate::ir::Dim::Sym(s) = d {
@@ -1679,8 +1688,7 @@ fn planned_peaks(graph: &Graph, plan: &FusionPlan) -> [u64; 2] {
             }
         }
     }
-    [Default::default(), large]
-        .map(|symbols| crate::memory::plan_cost(graph, plan, &symbols).peak_bytes)
+    [Symbols::new(), large]
 }
 
 /// Buffers a multi-matmul kernel binds: the shared operand once, each member's other

@@ -37,6 +37,40 @@ fn input(g: &mut Graph, name: &str, shape: &[usize]) -> altc_compiler::ir::NodeI
     .unwrap()
 }
 
+/// Bytes of one of `two_products`' results.
+const PRODUCT_BYTES: u64 = 256 * 256 * 4;
+
+/// Two `[256, 256]` products, of inputs `a` and then `b` with one weight `w`.
+fn two_products(g: &mut Graph) -> (altc_compiler::ir::NodeId, altc_compiler::ir::NodeId) {
+    let matmul = altc_compiler::ir::Op::MatMul {
+        transpose_a: false,
+        transpose_b: false,
+    };
+    let (a, b, w) = (
+        input(g, "a", &[256, 8]),
+        input(g, "b", &[256, 8]),
+        input(g, "w", &[8, 256]),
+    );
+    let first = g.push(matmul.clone(), &[a, w], "test").unwrap();
+    let second = g.push(matmul, &[b, w], "test").unwrap();
+    (first, second)
+}
+
+/// `op` of `x` over all of its `rank` axes.
+fn reduce_all(
+    g: &mut Graph,
+    op: altc_compiler::ir::ReduceOp,
+    x: altc_compiler::ir::NodeId,
+    rank: usize,
+) -> altc_compiler::ir::NodeId {
+    let reduce = altc_compiler::ir::Op::Reduce {
+        op,
+        axes: (0..rank).collect(),
+        keep_dims: false,
+    };
+    g.push(reduce, &[x], "test").unwrap()
+}
+
 fn check_plan(graph: &Graph, plan: &FusionPlan, limits: KernelLimits) {
     let max_inputs = limits.max_inputs;
     let mut done = vec![false; graph.len()];
@@ -262,34 +296,16 @@ fn the_schedule_frees_large_values_before_making_more() {
     use altc_compiler::ir::{BinaryOp, Op, ReduceOp};
     use altc_compiler::memory::plan_cost;
     let mut g = Graph::new("two-products");
-    let matmul = Op::MatMul {
-        transpose_a: false,
-        transpose_b: false,
-    };
-    let (a, b, w) = (
-        input(&mut g, "a", &[256, 8]),
-        input(&mut g, "b", &[256, 8]),
-        input(&mut g, "w", &[8, 256]),
-    );
-    let first = g.push(matmul.clone(), &[a, w], "test").unwrap();
-    let second = g.push(matmul, &[b, w], "test").unwrap();
+    let (first, second) = two_products(&mut g);
     // Different reductions, so that they do not share one multi-tensor kernel.
-    let whole = |g: &mut Graph, op, x| {
-        let reduce = Op::Reduce {
-            op,
-            axes: vec![0, 1],
-            keep_dims: false,
-        };
-        g.push(reduce, &[x], "test").unwrap()
-    };
-    let s1 = whole(&mut g, ReduceOp::Sum, first);
-    let s2 = whole(&mut g, ReduceOp::Max, second);
+    let s1 = reduce_all(&mut g, ReduceOp::Sum, first, 2);
+    let s2 = reduce_all(&mut g, ReduceOp::Max, second, 2);
     let both = g
         .push(Op::Binary(BinaryOp::Add), &[s1, s2], "test")
         .unwrap();
     g.set_output("total", both).unwrap();
     let symbols = Default::default();
-    let product = 256 * 256 * 4;
+    let product = PRODUCT_BYTES;
     let fused = plan_cost(&g, &plan(&g, KernelLimits::default()), &symbols);
     let in_order = plan_cost(&g, &FusionPlan::unfused(&g), &symbols);
     assert!(
@@ -369,24 +385,7 @@ fn a_view_keeps_its_source_alive() {
     use altc_compiler::ir::{BinaryOp, Op, ReduceOp};
     use altc_compiler::memory::plan_cost;
     let mut g = Graph::new("viewed-product");
-    let matmul = Op::MatMul {
-        transpose_a: false,
-        transpose_b: false,
-    };
-    let (a, b, w) = (
-        input(&mut g, "a", &[256, 8]),
-        input(&mut g, "b", &[256, 8]),
-        input(&mut g, "w", &[8, 256]),
-    );
-    let sum_all = |g: &mut Graph, x, rank: usize| {
-        let reduce = Op::Reduce {
-            op: ReduceOp::Sum,
-            axes: (0..rank).collect(),
-            keep_dims: false,
-        };
-        g.push(reduce, &[x], "test").unwrap()
-    };
-    let first = g.push(matmul.clone(), &[a, w], "test").unwrap();
+    let (first, second) = two_products(&mut g);
     let flat = g
         .push(
             Op::Reshape {
@@ -396,15 +395,14 @@ fn a_view_keeps_its_source_alive() {
             "test",
         )
         .unwrap();
-    let second = g.push(matmul, &[b, w], "test").unwrap();
-    let second_sum = sum_all(&mut g, second, 2);
+    let second_sum = reduce_all(&mut g, ReduceOp::Sum, second, 2);
     // The view is read only once the second product's sum exists.
     let scaled = g
         .push(Op::Binary(BinaryOp::Mul), &[flat, second_sum], "test")
         .unwrap();
-    let total = sum_all(&mut g, scaled, 1);
+    let total = reduce_all(&mut g, ReduceOp::Sum, scaled, 1);
     g.set_output("total", total).unwrap();
-    let product = 256 * 256 * 4;
+    let product = PRODUCT_BYTES;
     let cost = plan_cost(&g, &plan(&g, KernelLimits::default()), &Default::default());
     assert!(
         cost.peak_bytes >= 2 * product,

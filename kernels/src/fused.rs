@@ -179,7 +179,8 @@ pub(crate) fn run_program<F: Float>(
 
 /// Writes the registers a program outputs for the element at `pos`, which lies in
 /// row `row` (its first element when `row_start`): scalar outputs by element 0, row
-/// outputs by each row's first element, the others at `pos`.
+/// outputs by each row's first element, the others at `pos`. Output `o` is bound at
+/// `first + o` (a multi-tensor launch binds each tensor's outputs in turn).
 #[cube]
 fn write_outputs<F: Float>(
     outputs: &mut Sequence<Array<F>>,
@@ -187,11 +188,12 @@ fn write_outputs<F: Float>(
     pos: u32,
     row: u32,
     row_start: bool,
+    #[comptime] first: usize,
     #[comptime] program: FusedProgram,
 ) {
     #[unroll]
     for o in 0usize..comptime!(program.outputs.len()) {
-        let out = outputs.index_mut(o);
+        let out = outputs.index_mut(comptime!(first + o));
         let value = *regs.index(comptime!(program.outputs[o]));
         if comptime![program.scalar_outputs.contains(&o)] {
             if pos == 0 {
@@ -255,6 +257,7 @@ pub(crate) fn fused_kernel<F: Float>(
                 pos,
                 row,
                 row * row_len == pos,
+                0usize,
                 program.clone(),
             );
         }
@@ -301,18 +304,16 @@ pub(crate) fn multi_fused_kernel<F: Float>(
                         0u32,
                         program.clone(),
                     );
-                    #[unroll]
-                    for o in 0usize..n_outputs {
-                        let out = outputs.index_mut(comptime!(s * n_outputs + o));
-                        let value = *regs.index(comptime!(program.outputs[o]));
-                        if comptime![program.scalar_outputs.contains(&o)] {
-                            if local == 0 {
-                                out[0] = value;
-                            }
-                        } else {
-                            out[local as usize] = value;
-                        }
-                    }
+                    // Flat tensors: every element is a row of its own.
+                    write_outputs::<F>(
+                        outputs,
+                        &regs,
+                        local,
+                        local,
+                        true,
+                        comptime!(s * n_outputs),
+                        program.clone(),
+                    );
                 }
             }
         }
@@ -395,7 +396,7 @@ pub(crate) fn reduce_epilogue_kernel<F: Float>(
                 rng_step,
                 program.clone(),
             );
-            write_outputs::<F>(outputs, &regs, pos, row, r == 0, program.clone());
+            write_outputs::<F>(outputs, &regs, pos, row, r == 0, 0usize, program.clone());
             if comptime![top_k.k > 0] {
                 // Insert into the sorted list; a later equal value never passes an
                 // earlier one, so ties go to the lower index.
