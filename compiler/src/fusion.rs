@@ -24,7 +24,7 @@ use std::collections::BTreeSet;
 /// A group of elementwise nodes evaluated by one kernel; `nodes` are in topological
 /// order, `outputs` are the members whose values leave the group. Members share one
 /// shape, except scalars computed from scalars (an optimizer's step count and bias
-/// corrections), which every element recomputes in registers.
+/// corrections), which every element of a small kernel recomputes in registers.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FusionGroup {
     pub nodes: Vec<NodeId>,
@@ -80,6 +80,21 @@ fn one_shape(graph: &Graph, nodes: &BTreeSet<usize>) -> bool {
         );
         shape == full || !positional && (shape.rank() == 0 || is_row_of(shape, full))
     })
+}
+
+/// Elements from which a kernel reads scalars computed by a kernel of their own
+/// instead of recomputing them in every element: the optimizer's bias corrections
+/// (two powers, a root and two divisions from the step count) cost more per element
+/// than the update itself does, and computed apart they leave the update a plain
+/// elementwise program that runs in vectors. The scalar kernels of all parameters
+/// batch into one multi-tensor launch, which is cheaper than the recomputation long
+/// before this size. Symbolic extents count as one: activations stay as they were.
+pub const SCALARS_APART_FROM: usize = 1 << 16;
+
+/// Whether scalars that a kernel over `shape` reads run in a kernel of their own.
+pub fn scalars_stay_apart(shape: &Shape) -> bool {
+    let fixed: usize = shape.dims().iter().filter_map(|d| d.fixed()).product();
+    fixed >= SCALARS_APART_FROM
 }
 
 /// Whether `small` holds one value per row of `shape`: the same extents, but 1 along
@@ -596,11 +611,13 @@ pub fn plan(graph: &Graph, limits: KernelLimits) -> FusionPlan {
             // A group of scalars, or of values one per row of the consumer's shape
             // (a norm's statistics), joins the consumer: each element recomputes
             // them, which costs registers, not a launch. Not dropout or an iota, whose
-            // values depend on the element's position in their own shape.
+            // values depend on the element's position in their own shape. Scalars
+            // stay their own kernel for a consumer too large to recompute them.
+            let small_consumer = !scalars_stay_apart(&node.ty.shape);
             let rides_along = members[p].iter().all(|&m| {
                 let member = graph.node(NodeId::new(m));
                 let shape = &member.ty.shape;
-                (shape.rank() == 0 || is_row_of(shape, &node.ty.shape))
+                ((shape.rank() == 0 && small_consumer) || is_row_of(shape, &node.ty.shape))
                     && !matches!(member.op, Op::Dropout { .. } | Op::Iota { .. })
             });
             if p == g || (graph.node(o).ty.shape != node.ty.shape && !rides_along) {

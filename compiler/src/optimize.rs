@@ -112,10 +112,33 @@ impl Analysis<IrNode> for TypeAnalysis {
 
 type IrGraph = EGraph<IrNode, TypeAnalysis>;
 
-/// What a rule puts in a class: one of its existing classes, or a new node.
+/// What a rule puts in a class: one of its existing classes, or a new node over
+/// further replacements (built bottom-up).
 enum Replacement {
     Existing(Id),
-    New(IrNode),
+    New(Op, Vec<Replacement>),
+}
+
+/// A new node `op` over existing classes.
+fn over(op: Op, children: &[Id]) -> Replacement {
+    Replacement::New(
+        op,
+        children.iter().map(|&c| Replacement::Existing(c)).collect(),
+    )
+}
+
+/// Adds what `replacement` describes to the e-graph; its class.
+fn add_replacement(egraph: &mut IrGraph, replacement: Replacement) -> Id {
+    match replacement {
+        Replacement::Existing(id) => id,
+        Replacement::New(op, children) => {
+            let children = children
+                .into_iter()
+                .map(|c| add_replacement(egraph, c))
+                .collect();
+            egraph.add(IrNode { op, children })
+        }
+    }
 }
 
 /// A rule looks at one node of a class (with the whole e-graph for its operands'
@@ -167,10 +190,7 @@ impl Applier<IrNode, TypeAnalysis> for NodeRule {
         let want = egraph[eclass].data.ty.clone();
         let mut changed = Vec::new();
         for offer in offers {
-            let id = match offer {
-                Replacement::Existing(id) => id,
-                Replacement::New(node) => egraph.add(node),
-            };
+            let id = add_replacement(egraph, offer);
             // The type check every rewrite must pass before it is applied.
             if egraph[id].data.ty.is_some()
                 && egraph[id].data.ty == want
@@ -196,9 +216,117 @@ fn find_in<T>(egraph: &IrGraph, id: Id, pick: impl Fn(&IrNode) -> Option<T>) -> 
     egraph[id].nodes.iter().find_map(pick)
 }
 
+/// Whether class `id` is a scalar.
+fn is_scalar(egraph: &IrGraph, id: Id) -> bool {
+    egraph[id]
+        .data
+        .ty
+        .as_ref()
+        .is_some_and(|t| t.shape.rank() == 0)
+}
+
+/// Whether class `id` is a tensor whose kernel reads the scalars it needs from a
+/// kernel of their own (`fusion::scalars_stay_apart`). Work moved from such a tensor
+/// into its scalars leaves every one of its elements; on a smaller tensor, whose
+/// kernel recomputes its scalars in every element, it would only add work.
+fn is_large(egraph: &IrGraph, id: Id) -> bool {
+    egraph[id]
+        .data
+        .ty
+        .as_ref()
+        .is_some_and(|t| crate::fusion::scalars_stay_apart(&t.shape))
+}
+
+/// `(tensor, scalar)` when `n` multiplies a large tensor by a scalar, either way round.
+fn scaled(egraph: &IrGraph, n: &IrNode) -> Option<(Id, Id)> {
+    match (&n.op, n.children.as_slice()) {
+        (Op::Binary(BinaryOp::Mul), &[a, b]) if is_large(egraph, a) && is_scalar(egraph, b) => {
+            Some((a, b))
+        }
+        (Op::Binary(BinaryOp::Mul), &[a, b]) if is_scalar(egraph, a) && is_large(egraph, b) => {
+            Some((b, a))
+        }
+        _ => None,
+    }
+}
+
+const MUL: Op = Op::Binary(BinaryOp::Mul);
+const DIV: Op = Op::Binary(BinaryOp::Div);
+
+/// Rules that move multiplications and divisions off the elements of a large tensor
+/// onto the scalars it is scaled by: what AdamW's update spends per element on its
+/// clipping coefficient, moment rates and bias corrections. Each is exact in real
+/// arithmetic for finite scalars (a zero scalar gives the same zeros, infinities
+/// and NaNs on both sides); in floating point the results differ by rounding.
+fn scalar_factor_rules() -> Vec<Rewrite<IrNode, TypeAnalysis>> {
+    vec![
+        // (x * s) * t = x * (s * t).
+        rule("collect-scalar-factors", |eg, _, n| {
+            let (y, t) = scaled(eg, n)?;
+            find_in(eg, y, |m| {
+                let (x, s) = scaled(eg, m)?;
+                Some(Replacement::New(
+                    MUL,
+                    vec![Replacement::Existing(x), over(MUL, &[s, t])],
+                ))
+            })
+        }),
+        // (a / d) * k = (a * k) / d.
+        rule("scale-numerator", |eg, _, n| {
+            let (q, k) = scaled(eg, n)?;
+            find_in(eg, q, |m| match (&m.op, m.children.as_slice()) {
+                (Op::Binary(BinaryOp::Div), &[a, d]) if is_large(eg, a) => Some(Replacement::New(
+                    DIV,
+                    vec![over(MUL, &[a, k]), Replacement::Existing(d)],
+                )),
+                _ => None,
+            })
+        }),
+        // b / r + e = (b + e * r) / r: Adam's denominator sqrt(v) / sqrt(bc2) + eps.
+        rule("common-denominator", |eg, _, n| {
+            match (&n.op, n.children.as_slice()) {
+                (Op::Binary(BinaryOp::Add), &[q, e]) if is_large(eg, q) && is_scalar(eg, e) => {
+                    find_in(eg, q, |m| match (&m.op, m.children.as_slice()) {
+                        (Op::Binary(BinaryOp::Div), &[b, r])
+                            if is_large(eg, b) && is_scalar(eg, r) =>
+                        {
+                            let sum = Replacement::New(
+                                Op::Binary(BinaryOp::Add),
+                                vec![Replacement::Existing(b), over(MUL, &[e, r])],
+                            );
+                            Some(Replacement::New(DIV, vec![sum, Replacement::Existing(r)]))
+                        }
+                        _ => None,
+                    })
+                }
+                _ => None,
+            }
+        }),
+        // a / (b / r) = (a * r) / b.
+        rule("divide-by-quotient", |eg, _, n| {
+            match (&n.op, n.children.as_slice()) {
+                (Op::Binary(BinaryOp::Div), &[a, d]) if is_large(eg, a) => {
+                    find_in(eg, d, |m| match (&m.op, m.children.as_slice()) {
+                        (Op::Binary(BinaryOp::Div), &[b, r])
+                            if is_large(eg, b) && is_scalar(eg, r) =>
+                        {
+                            Some(Replacement::New(
+                                DIV,
+                                vec![over(MUL, &[a, r]), Replacement::Existing(b)],
+                            ))
+                        }
+                        _ => None,
+                    })
+                }
+                _ => None,
+            }
+        }),
+    ]
+}
+
 /// The rule library. Each rule states the identity it uses.
 pub fn rules() -> Vec<Rewrite<IrNode, TypeAnalysis>> {
-    vec![
+    let mut rules = vec![
         // x + 0 = 0 + x = x, x - 0 = x (when x already has the result's shape).
         rule("add-zero", |eg, _, n| {
             match (&n.op, n.children.as_slice()) {
@@ -247,10 +375,7 @@ pub fn rules() -> Vec<Rewrite<IrNode, TypeAnalysis>> {
                             Some(if composed.iter().enumerate().all(|(i, &c)| i == c) {
                                 Replacement::Existing(*y)
                             } else {
-                                Replacement::New(IrNode {
-                                    op: Op::Transpose { perm: composed },
-                                    children: vec![*y],
-                                })
+                                over(Op::Transpose { perm: composed }, &[*y])
                             })
                         }
                         _ => None,
@@ -265,12 +390,12 @@ pub fn rules() -> Vec<Rewrite<IrNode, TypeAnalysis>> {
             match (&n.op, n.children.as_slice()) {
                 (Op::Reshape { shape }, [x]) => {
                     find_in(eg, *x, |m| match (&m.op, m.children.as_slice()) {
-                        (Op::Reshape { .. }, [y]) => Some(Replacement::New(IrNode {
-                            op: Op::Reshape {
+                        (Op::Reshape { .. }, [y]) => Some(over(
+                            Op::Reshape {
                                 shape: shape.clone(),
                             },
-                            children: vec![*y],
-                        })),
+                            &[*y],
+                        )),
                         _ => None,
                     })
                 }
@@ -298,12 +423,12 @@ pub fn rules() -> Vec<Rewrite<IrNode, TypeAnalysis>> {
             match (&n.op, n.children.as_slice()) {
                 (Op::BroadcastTo { shape }, [x]) => {
                     find_in(eg, *x, |m| match (&m.op, m.children.as_slice()) {
-                        (Op::BroadcastTo { .. }, [y]) => Some(Replacement::New(IrNode {
-                            op: Op::BroadcastTo {
+                        (Op::BroadcastTo { .. }, [y]) => Some(over(
+                            Op::BroadcastTo {
                                 shape: shape.clone(),
                             },
-                            children: vec![*y],
-                        })),
+                            &[*y],
+                        )),
                         _ => None,
                     })
                 }
@@ -317,17 +442,19 @@ pub fn rules() -> Vec<Rewrite<IrNode, TypeAnalysis>> {
             let value = eg[class].data.constant?;
             let ty = eg[class].data.ty.clone()?;
             (known && elementwise && !n.children.is_empty()).then(|| {
-                Replacement::New(IrNode {
-                    op: Op::Constant {
+                over(
+                    Op::Constant {
                         value: Scalar(value),
                         dtype: ty.dtype,
                         shape: ty.shape,
                     },
-                    children: vec![],
-                })
+                    &[],
+                )
             })
         }),
-    ]
+    ];
+    rules.extend(scalar_factor_rules());
+    rules
 }
 
 /// What running one node costs, in element-equivalents of memory traffic: a kernel

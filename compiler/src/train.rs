@@ -142,22 +142,65 @@ fn build_task(
             graph.set_output(gradient(&p.name), *g)?;
         }
     }
-    let mut opt = OptimizerBuilder {
-        graph: &mut graph,
-        dtype: program.dtype,
-    };
-    let grads = opt.clip(&program.optimizer, &with_grads)?;
-    let mut updates = Vec::new();
-    for ((p, id, _), g) in with_grads.iter().zip(grads) {
-        opt.adamw(&program.optimizer, p, *id, g)?;
-        updates.push(p.name.clone());
-    }
+    append_optimizer_step(&mut graph, &program.optimizer, program.dtype, &with_grads)?;
     Ok(TrainingTask {
         name: name.to_string(),
         directions: directions.to_vec(),
-        updates,
+        updates: with_grads.iter().map(|(p, _, _)| p.name.clone()).collect(),
         graph,
     })
+}
+
+/// The optimizer step alone, as a training graph ends: global-norm clipping, then
+/// AdamW of every parameter in `params`, each gradient the graph input
+/// `grad.<name>`. For testing and benchmarking the update apart from a model.
+pub fn optimizer_step(
+    optimizer: &Optimizer,
+    params: &[ParamInfo],
+    dtype: DType,
+) -> Result<Graph, GraphError> {
+    let mut graph = Graph::new("optimizer_step");
+    let mut with_grads = Vec::with_capacity(params.len());
+    for p in params {
+        let shape: Shape = p.shape.iter().copied().collect();
+        let param = graph.push(
+            Op::Parameter {
+                name: p.name.clone(),
+                dtype,
+                shape: shape.clone(),
+            },
+            &[],
+            "optimizer",
+        )?;
+        let grad = graph.push(
+            Op::Input {
+                name: gradient(&p.name),
+                dtype,
+                shape,
+            },
+            &[],
+            "optimizer",
+        )?;
+        with_grads.push((p, param, grad));
+    }
+    append_optimizer_step(&mut graph, optimizer, dtype, &with_grads)?;
+    Ok(graph)
+}
+
+/// Appends clipping and the AdamW update of each `(parameter, its node, its
+/// gradient)` to `graph`.
+fn append_optimizer_step(
+    graph: &mut Graph,
+    optimizer: &Optimizer,
+    dtype: DType,
+    with_grads: &[(&ParamInfo, NodeId, NodeId)],
+) -> Result<(), GraphError> {
+    let mut opt = OptimizerBuilder { graph, dtype };
+    let grads = opt.clip(optimizer, with_grads)?;
+    for ((p, id, _), g) in with_grads.iter().zip(grads) {
+        opt.adamw(optimizer, p, *id, g)?;
+    }
+    Ok(())
 }
 
 struct OptimizerBuilder<'g> {

@@ -410,3 +410,43 @@ fn a_view_keeps_its_source_alive() {
         cost.peak_bytes
     );
 }
+
+/// The tiny model with experts 1024 wide, so that each expert weight holds 65,536
+/// values: the size from which scalars are computed apart.
+fn wide_expert_training_graph() -> Graph {
+    let source = include_str!("../../models/alt_moe_tiny.ron").replace(
+        "experts: (count: 4, hidden: 16,",
+        "experts: (count: 4, hidden: 1024,",
+    );
+    let loaded = spec::parse(&source, "alt_moe_wide_experts.ron").unwrap();
+    let program = lower(&loaded.spec, LowerOptions::default()).unwrap();
+    train::training_tasks(&program).unwrap().remove(0).graph
+}
+
+/// The AdamW step of a large parameter reads its bias corrections from a scalar
+/// kernel, which also writes the new step count, so the update itself carries no
+/// scalars; a small parameter's update recomputes them in every element.
+#[test]
+fn large_updates_read_their_bias_corrections_from_a_scalar_kernel() {
+    let graph = wide_expert_training_graph();
+    let limits = KernelLimits::default();
+    let plan = plan(&graph, limits);
+    check_plan(&graph, &plan, limits);
+    let writer = |output: &str| {
+        let id = graph.output(output).unwrap();
+        plan.group_of(id)
+            .unwrap_or_else(|| panic!("a group writes {output}"))
+    };
+    let (large, small) = ("experts.w1", "experts.b1");
+    let update = writer(&format!("new.{large}"));
+    assert!(update.shape(&graph).fixed_numel() >= Some(1 << 16));
+    assert!(!update.carries_scalars(&graph), "{:?}", update.nodes);
+    let step = writer(&format!("new.adamw.step.{large}"));
+    assert_eq!(step.shape(&graph).rank(), 0);
+    let small_update = writer(&format!("new.{small}"));
+    assert!(small_update.carries_scalars(&graph));
+    assert_eq!(
+        writer(&format!("new.adamw.step.{small}")).nodes,
+        small_update.nodes
+    );
+}

@@ -3,9 +3,10 @@
 //! to do), saturation ends within its limits, and the rules fire.
 
 use altc_compiler::ir::{BinaryOp, DType, Graph, NodeId, Op, ReduceOp, Scalar, Shape, UnaryOp};
-use altc_compiler::lower::{lower, LowerOptions, Mode};
+use altc_compiler::lower::{lower, Init, LowerOptions, Mode, ParamInfo, ParamKind};
 use altc_compiler::optimize::{optimize, Limits};
 use altc_compiler::reference::{initial_parameters, run, EvalContext, Tensor, TensorMap};
+use altc_compiler::spec::{GradClip, Optimizer};
 use altc_compiler::{rng, shape, spec, train};
 
 fn close(a: &Tensor, b: &Tensor, what: &str) {
@@ -270,4 +271,217 @@ fn saturation_stops_at_its_limits() {
     };
     let (_, report) = optimize(&g, tight).unwrap();
     assert!(report.iterations <= 2, "{report:?}");
+}
+
+/// A parameter of `shape` to update, with or without weight decay.
+fn parameter(name: &str, shape: &[usize], decay: bool) -> ParamInfo {
+    ParamInfo {
+        name: name.into(),
+        shape: shape.to_vec(),
+        kind: ParamKind::Weight,
+        init: Init::Zeros,
+        trainable: true,
+        decay,
+        origin: "test".into(),
+    }
+}
+
+/// Values in `[lo, hi)` for a tensor of `shape`, drawn from `stream`.
+fn drawn(shape: &[usize], stream: u64, lo: f64, hi: f64) -> Tensor {
+    let n = shape.iter().product::<usize>();
+    let values = (0..n)
+        .map(|i| lo + (hi - lo) * rng::uniform(9, 0, stream, i as u64))
+        .collect();
+    Tensor::f64(shape, values)
+}
+
+/// The optimizer step alone over large and small parameters, with and without
+/// clipping: the scalar-factor rules rewrite the large updates (moving work from
+/// their elements onto their scalars), and every new parameter and moment is what
+/// the step as built computes.
+#[test]
+fn optimised_optimizer_steps_compute_the_same_update() {
+    let loaded = spec::parse(
+        include_str!("../../models/alt_moe_tiny.ron"),
+        "alt_moe_tiny.ron",
+    )
+    .unwrap();
+    let params = [
+        parameter("large", &[256, 256], true),
+        parameter("wide", &[128, 1024], true),
+        parameter("large_bias", &[65536], false),
+        parameter("small", &[16, 16], true),
+        parameter("small_bias", &[300], false),
+    ];
+    let mut state = TensorMap::new();
+    let mut inputs = TensorMap::from([
+        (train::LR_INPUT.to_string(), Tensor::f64(&[], vec![1.5e-3])),
+        (
+            train::WEIGHT_DECAY_INPUT.to_string(),
+            Tensor::f64(&[], vec![0.05]),
+        ),
+    ]);
+    for (i, p) in params.iter().enumerate() {
+        let s = 10 * i as u64;
+        state.insert(p.name.clone(), drawn(&p.shape, s, -0.5, 0.5));
+        state.insert(
+            train::first_moment(&p.name),
+            drawn(&p.shape, s + 1, -0.01, 0.01),
+        );
+        state.insert(
+            train::second_moment(&p.name),
+            drawn(&p.shape, s + 2, 0.0, 1e-4),
+        );
+        state.insert(
+            train::step_count(&p.name),
+            Tensor::f64(&[], vec![i as f64 + 2.0]),
+        );
+        inputs.insert(
+            train::gradient(&p.name),
+            drawn(&p.shape, s + 3, -0.02, 0.02),
+        );
+    }
+    for clip in [GradClip::GlobalNorm(1.0), GradClip::Off] {
+        let Optimizer::AdamW {
+            betas,
+            eps,
+            lr,
+            weight_decay,
+            no_decay,
+            ..
+        } = loaded.spec.optimizer.clone();
+        let optimizer = Optimizer::AdamW {
+            betas,
+            eps,
+            lr,
+            weight_decay,
+            no_decay,
+            clip,
+        };
+        let graph = train::optimizer_step(&optimizer, &params, DType::F64).unwrap();
+        let (optimised, report) = optimize(&graph, Limits::default()).unwrap();
+        for rule in [
+            "collect-scalar-factors",
+            "common-denominator",
+            "divide-by-quotient",
+            "scale-numerator",
+        ] {
+            assert!(
+                report.fired.contains_key(rule),
+                "{rule} did not fire with {clip:?}: {:?}",
+                report.fired
+            );
+        }
+        let ctx = EvalContext::default();
+        let want = run(&graph, &inputs, &state, ctx).unwrap();
+        let got = run(&optimised, &inputs, &state, ctx).unwrap();
+        assert_eq!(
+            want.keys().collect::<Vec<_>>(),
+            got.keys().collect::<Vec<_>>()
+        );
+        for (name, w) in &want {
+            close(&got[name], w, &format!("{clip:?} {name}"));
+        }
+    }
+}
+
+/// Random graphs over two positive `[256, 256]` tensors (large enough for the
+/// scalar-factor rules) and three positive scalars, built from the products,
+/// quotients and sums those rules rewrite, scalars on either side. Positive values
+/// and no subtraction keep every result well conditioned, so rounding stays small.
+fn random_scaled_graph(seed: u64) -> Graph {
+    let mut g = Graph::new(format!("scaled-{seed}"));
+    let mut k = 0u64;
+    let mut pick = |n: usize| {
+        k += 1;
+        ((rng::uniform(seed, 2, 78, k) * n as f64) as usize).min(n - 1)
+    };
+    let leaf = |g: &mut Graph, name: &str, shape: Shape| {
+        g.push(
+            Op::Input {
+                name: name.into(),
+                dtype: DType::F64,
+                shape,
+            },
+            &[],
+            "t",
+        )
+        .unwrap()
+    };
+    let tensors = [
+        leaf(&mut g, "a", shape![256, 256]),
+        leaf(&mut g, "b", shape![256, 256]),
+    ];
+    let scalars = [
+        leaf(&mut g, "r", Shape::scalar()),
+        leaf(&mut g, "s", Shape::scalar()),
+        leaf(&mut g, "t", Shape::scalar()),
+    ];
+    let bin = |g: &mut Graph, op: BinaryOp, x: NodeId, y: NodeId| {
+        g.push(Op::Binary(op), &[x, y], "t").unwrap()
+    };
+    let mut pool: Vec<NodeId> = tensors.to_vec();
+    for _ in 0..12 {
+        let (x, y) = (pool[pick(pool.len())], pool[pick(pool.len())]);
+        let (r, s) = (scalars[pick(3)], scalars[pick(3)]);
+        let next = match pick(6) {
+            0 => {
+                let xr = bin(&mut g, BinaryOp::Mul, x, r);
+                bin(&mut g, BinaryOp::Mul, s, xr)
+            }
+            1 => {
+                let q = bin(&mut g, BinaryOp::Div, x, y);
+                bin(&mut g, BinaryOp::Mul, q, s)
+            }
+            2 => {
+                let q = bin(&mut g, BinaryOp::Div, y, r);
+                let d = bin(&mut g, BinaryOp::Add, q, s);
+                bin(&mut g, BinaryOp::Div, x, d)
+            }
+            3 => {
+                let q = bin(&mut g, BinaryOp::Div, y, r);
+                bin(&mut g, BinaryOp::Div, x, q)
+            }
+            4 => g.push(Op::Unary(UnaryOp::Sqrt), &[x], "t").unwrap(),
+            _ => bin(&mut g, BinaryOp::Add, x, y),
+        };
+        pool.push(next);
+    }
+    let last = pool.len();
+    g.set_output("out", pool[last - 1]).unwrap();
+    g.set_output("mid", pool[last / 2]).unwrap();
+    g
+}
+
+#[test]
+fn random_scaled_graphs_keep_their_values() {
+    let mut inputs = TensorMap::from([
+        ("a".to_string(), drawn(&[256, 256], 1, 0.5, 1.5)),
+        ("b".to_string(), drawn(&[256, 256], 2, 0.5, 1.5)),
+    ]);
+    for (name, value) in [("r", 0.7), ("s", 1.3), ("t", 0.05)] {
+        inputs.insert(name.into(), Tensor::f64(&[], vec![value]));
+    }
+    let mut fired = std::collections::BTreeMap::new();
+    for seed in 0..24 {
+        let g = random_scaled_graph(seed);
+        let (o, report) = optimize(&g, Limits::default()).unwrap();
+        let ctx = EvalContext::default();
+        let want = run(&g, &inputs, &TensorMap::new(), ctx).unwrap();
+        let got = run(&o, &inputs, &TensorMap::new(), ctx).unwrap();
+        for (name, w) in &want {
+            close(&got[name], w, &format!("graph {seed} {name}"));
+        }
+        for (rule, n) in report.fired {
+            *fired.entry(rule).or_insert(0) += n;
+        }
+    }
+    for rule in [
+        "collect-scalar-factors",
+        "common-denominator",
+        "divide-by-quotient",
+        "scale-numerator",
+    ] {
+        assert!(fired.contains_key(rule), "{rule} never fired: {fired:?}");
+    }
 }

@@ -262,14 +262,9 @@ fn batch_summed_matmuls_run_as_one_kernel_and_match_reference() {
     }
 }
 
-/// An optimizer's step count and bias correction (scalars from a scalar) ride along
-/// the update of a whole tensor: one kernel computes both, writes the new count once,
-/// and matches the reference.
-#[test]
-fn scalar_chains_run_inside_the_tensor_kernel_that_reads_them() {
-    let Some((mut fused, mut unfused)) = fused_and_unfused() else {
-        return;
-    };
+/// An optimizer's bias correction of a moment `m` of `shape`: the step count and the
+/// correction are scalars computed from a scalar input.
+fn bias_correction(shape: &[usize]) -> Graph {
     let mut g = Graph::new("bias-correction");
     let constant = |g: &mut Graph, v: f64| {
         g.push(
@@ -284,7 +279,7 @@ fn scalar_chains_run_inside_the_tensor_kernel_that_reads_them() {
         .unwrap()
     };
     let step = input(&mut g, "step", &[]);
-    let m = input(&mut g, "m", &[37, 5]);
+    let m = input(&mut g, "m", shape);
     let one = constant(&mut g, 1.0);
     let beta = constant(&mut g, 0.9);
     let bin = |g: &mut Graph, op: BinaryOp, a: NodeId, b: NodeId| {
@@ -296,16 +291,21 @@ fn scalar_chains_run_inside_the_tensor_kernel_that_reads_them() {
     let corrected = bin(&mut g, BinaryOp::Div, m, correction);
     g.set_output("new.step", next).unwrap();
     g.set_output("m_hat", corrected).unwrap();
-    let plan = altc_compiler::fusion::plan(&g, KernelLimits::default());
-    assert_eq!(
-        plan.launches(&g),
-        1,
-        "one kernel for the scalars and the tensor"
-    );
+    g
+}
 
+/// Runs `bias_correction(shape)` fused and unfused: it matches the reference, the
+/// new step count is written once, and the fused run takes `launches` kernels.
+fn bias_correction_matches_the_reference(shape: &[usize], launches: usize) {
+    let Some((mut fused, mut unfused)) = fused_and_unfused() else {
+        return;
+    };
+    let g = bias_correction(shape);
+    let plan = altc_compiler::fusion::plan(&g, KernelLimits::default());
+    assert_eq!(plan.launches(&g), launches, "{shape:?}");
     let feeds = TensorMap::from([
         ("step".to_string(), Tensor::f32(&[], vec![6.0])),
-        ("m".to_string(), uniform(&[37, 5], 9, 1)),
+        ("m".to_string(), uniform(shape, 9, 1)),
     ]);
     let ctx = EvalContext { seed: 1, step: 0 };
     let want = run(&g, &feeds, &TensorMap::new(), ctx).unwrap();
@@ -323,7 +323,21 @@ fn scalar_chains_run_inside_the_tensor_kernel_that_reads_them() {
         assert_eq!(state["step"].shape, Vec::<usize>::new(), "{label}");
         assert_eq!(state["step"].to_f64(), vec![7.0], "{label}");
     }
-    assert_eq!(fused.kernel_launches(), Some(1));
+    assert_eq!(fused.kernel_launches(), Some(launches));
+}
+
+/// A small tensor's update recomputes the scalars in every element: one kernel
+/// computes both and writes the new count once.
+#[test]
+fn scalar_chains_run_inside_a_small_tensor_kernel_that_reads_them() {
+    bias_correction_matches_the_reference(&[37, 5], 1);
+}
+
+/// A large tensor's update reads the scalars from a kernel of their own, which writes
+/// the new count; the tensor kernel is then plain elementwise work.
+#[test]
+fn scalar_chains_of_a_large_tensor_run_apart() {
+    bias_correction_matches_the_reference(&[256, 257], 2);
 }
 
 /// Squared norms of several tensors (gradient clipping) and whole-tensor maxima run
@@ -816,4 +830,99 @@ fn matmuls_sharing_an_operand_run_as_one_kernel() {
         .run(&g, &feeds, EvalContext { seed: 1, step: 0 })
         .unwrap();
     assert_eq!(fused.kernel_launches(), Some(4));
+}
+
+/// The optimizer step alone (clipping, then AdamW) over large and small parameters,
+/// optimised and fused as `altc` compiles it: the large updates collect their scalar
+/// factors and read their bias corrections from a scalar kernel, the small ones
+/// recompute them. Every new parameter, moment and step count, and the gradient
+/// norm, match the reference running the step as built.
+#[test]
+fn an_optimizer_step_matches_the_reference_at_every_size() {
+    use altc_compiler::lower::{Init, ParamInfo, ParamKind};
+    use altc_compiler::train;
+    let Some((mut fused, _)) = fused_and_unfused() else {
+        return;
+    };
+    let loaded = altc_compiler::spec::parse(
+        include_str!("../../models/alt_moe_tiny.ron"),
+        "alt_moe_tiny.ron",
+    )
+    .unwrap();
+    let sizes: [(&[usize], bool); 4] = [
+        (&[256, 257], true),
+        (&[65536], false),
+        (&[16, 16], true),
+        (&[300], false),
+    ];
+    let params: Vec<ParamInfo> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, (shape, decay))| ParamInfo {
+            name: format!("p{i}"),
+            shape: shape.to_vec(),
+            kind: ParamKind::Weight,
+            init: Init::Zeros,
+            trainable: true,
+            decay: *decay,
+            origin: "test".into(),
+        })
+        .collect();
+    let graph = train::optimizer_step(&loaded.spec.optimizer, &params, DType::F32).unwrap();
+    let (optimised, report) =
+        altc_compiler::optimize::optimize(&graph, altc_compiler::optimize::Limits::default())
+            .unwrap();
+    assert!(report.fired.contains_key("collect-scalar-factors"));
+
+    let mut state = TensorMap::new();
+    let mut feeds = TensorMap::from([
+        (train::LR_INPUT.to_string(), Tensor::f32(&[], vec![1.5e-3])),
+        (
+            train::WEIGHT_DECAY_INPUT.to_string(),
+            Tensor::f32(&[], vec![0.05]),
+        ),
+    ]);
+    // Moments as after a few steps: second moments bounded away from zero, so the
+    // update stays well conditioned in f32.
+    let scaled = |t: Tensor, scale: f64, shift: f64| {
+        let values = t
+            .to_f64()
+            .iter()
+            .map(|v| (v * scale + shift) as f32)
+            .collect();
+        Tensor::f32(&t.shape, values)
+    };
+    for (i, p) in params.iter().enumerate() {
+        let s = 4 * i as u64;
+        state.insert(p.name.clone(), uniform(&p.shape, 41, s));
+        let m = uniform(&p.shape, 41, s + 1);
+        state.insert(train::first_moment(&p.name), scaled(m, 0.01, 0.0));
+        let v = uniform(&p.shape, 41, s + 2);
+        state.insert(train::second_moment(&p.name), scaled(v, 4e-5, 6e-5));
+        state.insert(
+            train::step_count(&p.name),
+            Tensor::f32(&[], vec![i as f32 + 2.0]),
+        );
+        let grad = uniform(&p.shape, 41, s + 3);
+        feeds.insert(train::gradient(&p.name), scaled(grad, 0.02, 0.0));
+    }
+    let ctx = EvalContext { seed: 1, step: 0 };
+    let want = run(&graph, &feeds, &state, ctx).unwrap();
+    fused.load_state(&state);
+    let got = fused.run(&optimised, &feeds, ctx).unwrap();
+    fused.commit();
+    let updated = fused.read_state();
+    for (name, w) in &want {
+        let g = match name.strip_prefix("new.") {
+            Some(state_name) => &updated[state_name],
+            None => &got[name],
+        };
+        assert_eq!(g.shape, w.shape, "{name}");
+        for (i, (a, b)) in g.to_f64().iter().zip(w.to_f64()).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-5 + 1e-4 * b.abs(),
+                "{name}[{i}]: device {a}, reference {b}"
+            );
+        }
+    }
 }
