@@ -671,6 +671,209 @@ fn adamw_update(c: &mut Criterion) {
     group.finish();
 }
 
+/// The AdamW constants of `adamw_program`'s spec, shared by the compiled forms.
+const ADAM_BETAS: (f32, f32) = (0.9, 0.999);
+const ADAM_EPS: f32 = 1e-8;
+
+/// The decayed, clipped AdamW update of one large parameter as altc planned it
+/// before large tensors read their scalars from a kernel of their own: each element
+/// recomputes the step count and bias corrections (two powers, two roots, three
+/// divisions) and the new step count is a scalar output. Inputs: param, grad, m, v,
+/// then the scalars step, lr, weight decay and clipping coefficient; outputs: new
+/// param, m, v and step count. The same 24 ops `altc compile --explain` listed.
+fn adamw_scalars_per_element() -> FusedProgram {
+    let (beta1, beta2) = ADAM_BETAS;
+    let mut p = Program::new(1, 8);
+    let [param, g, m, v, step, lr, wd, coef] = [0, 1, 2, 3, 4, 5, 6, 7].map(|i| p.load(i));
+    let one = p.constant(1.0);
+    let lr_wd = p.binary(BinaryKind::Mul, lr, wd);
+    let keep = p.binary(BinaryKind::Sub, one, lr_wd);
+    let decayed = p.binary(BinaryKind::Mul, param, keep);
+    let clipped = p.binary(BinaryKind::Mul, g, coef);
+    let m_new = moment(&mut p, m, clipped, beta1);
+    let g2 = p.unary(UnaryKind::Square, clipped);
+    let v_new = moment(&mut p, v, g2, beta2);
+    let t = p.binary(BinaryKind::Add, step, one);
+    let correction = |p: &mut Program, beta: f32| {
+        let b = p.constant(beta);
+        let power = p.binary(BinaryKind::Pow, b, t);
+        p.binary(BinaryKind::Sub, one, power)
+    };
+    let bc1 = correction(&mut p, beta1);
+    let bc2 = correction(&mut p, beta2);
+    let step_size = p.binary(BinaryKind::Div, lr, bc1);
+    let root_v = p.unary(UnaryKind::Sqrt, v_new);
+    let root_bc2 = p.unary(UnaryKind::Sqrt, bc2);
+    let scaled_root = p.binary(BinaryKind::Div, root_v, root_bc2);
+    let eps = p.constant(ADAM_EPS);
+    let denom = p.binary(BinaryKind::Add, scaled_root, eps);
+    let ratio = p.binary(BinaryKind::Div, m_new, denom);
+    let delta = p.binary(BinaryKind::Mul, ratio, step_size);
+    let param_new = p.binary(BinaryKind::Sub, decayed, delta);
+    let mut program = p.finish(&[param_new, m_new, v_new, t]);
+    program.scalar_outputs = vec![3];
+    program
+}
+
+/// `state * beta + value * (1 - beta)`: a moment's update.
+fn moment(p: &mut Program, state: usize, value: usize, beta: f32) -> usize {
+    let b = p.constant(beta);
+    let rest = p.constant(1.0 - beta);
+    let kept = p.binary(BinaryKind::Mul, state, b);
+    let new = p.binary(BinaryKind::Mul, value, rest);
+    p.binary(BinaryKind::Add, kept, new)
+}
+
+/// The scalars of the update as planned now, computed once: inputs step, lr, weight
+/// decay, clipping coefficient; outputs the new step count, `keep = 1 - lr wd`, the
+/// clipped first-moment rate `coef (1 - beta1)`, the collected step factor
+/// `sqrt(bc2) lr / bc1` and the denominator's `eps sqrt(bc2)`.
+fn adamw_scalars() -> FusedProgram {
+    let (beta1, beta2) = ADAM_BETAS;
+    let mut p = Program::new(0, 4);
+    let [step, lr, wd, coef] = [0, 1, 2, 3].map(|i| p.load(i));
+    let one = p.constant(1.0);
+    let t = p.binary(BinaryKind::Add, step, one);
+    let lr_wd = p.binary(BinaryKind::Mul, lr, wd);
+    let keep = p.binary(BinaryKind::Sub, one, lr_wd);
+    let rest1 = p.constant(1.0 - beta1);
+    let clipped_rate = p.binary(BinaryKind::Mul, coef, rest1);
+    let correction = |p: &mut Program, beta: f32| {
+        let b = p.constant(beta);
+        let power = p.binary(BinaryKind::Pow, b, t);
+        p.binary(BinaryKind::Sub, one, power)
+    };
+    let bc1 = correction(&mut p, beta1);
+    let bc2 = correction(&mut p, beta2);
+    let step_size = p.binary(BinaryKind::Div, lr, bc1);
+    let root_bc2 = p.unary(UnaryKind::Sqrt, bc2);
+    let step_factor = p.binary(BinaryKind::Mul, root_bc2, step_size);
+    let eps = p.constant(ADAM_EPS);
+    let scaled_eps = p.binary(BinaryKind::Mul, eps, root_bc2);
+    p.finish(&[t, keep, clipped_rate, step_factor, scaled_eps])
+}
+
+/// The elementwise part of the update as planned now, its scalar factors collected
+/// by the e-graph: 14 ops, no scalar outputs, so it may run in vectors. Inputs:
+/// param, grad, m, v, then `keep`, the clipping coefficient, `coef (1 - beta1)`, the
+/// step factor and the scaled eps; outputs new param, m and v.
+fn adamw_elements() -> FusedProgram {
+    let (beta1, beta2) = ADAM_BETAS;
+    let mut p = Program::new(1, 9);
+    let [param, g, m, v, keep, coef, clipped_rate, step_factor, scaled_eps] =
+        [0, 1, 2, 3, 4, 5, 6, 7, 8].map(|i| p.load(i));
+    let decayed = p.binary(BinaryKind::Mul, param, keep);
+    let b1 = p.constant(beta1);
+    let m_kept = p.binary(BinaryKind::Mul, m, b1);
+    let m_added = p.binary(BinaryKind::Mul, g, clipped_rate);
+    let m_new = p.binary(BinaryKind::Add, m_kept, m_added);
+    let clipped = p.binary(BinaryKind::Mul, g, coef);
+    let g2 = p.unary(UnaryKind::Square, clipped);
+    let v_new = moment(&mut p, v, g2, beta2);
+    let root_v = p.unary(UnaryKind::Sqrt, v_new);
+    let denom = p.binary(BinaryKind::Add, root_v, scaled_eps);
+    let numerator = p.binary(BinaryKind::Mul, m_new, step_factor);
+    let delta = p.binary(BinaryKind::Div, numerator, denom);
+    let param_new = p.binary(BinaryKind::Sub, decayed, delta);
+    p.finish(&[param_new, m_new, v_new])
+}
+
+/// The update of the paper's text projection weight (`[4096, 2048]`) in the forms
+/// the planner chooses between: every element recomputing the scalars, against the
+/// scalars computed by one small kernel and the collected elementwise program (its
+/// fallback form, then four elements per access).
+fn adamw_as_compiled(c: &mut Criterion) {
+    let Some(k) = device() else { return };
+    let len = TEXT_WIDTH * PAPER_HIDDEN;
+    let name = format!("adamw_update/paper/text_projection.weight/{len}/as_compiled");
+    if !fits(k, len, &name) {
+        return;
+    }
+    let mut group = c.benchmark_group("adamw_update");
+    configure(&mut group);
+    // param, grad, m and v; the second moment is never negative.
+    let tensors: Vec<View> = (0..4u64)
+        .map(|s| {
+            let mut data = values(len, 60 + s);
+            if s == 3 {
+                data.iter_mut().for_each(|x| *x = x.abs());
+            }
+            View::contiguous(k.upload(&data), &[len])
+        })
+        .collect();
+    // step 9, lr, weight decay, a clipping coefficient below 1.
+    let scalar_values = [9.0f32, 1.5e-3, 0.2, 0.7];
+    let scalars: Vec<View> = scalar_values
+        .iter()
+        .map(|v| View::contiguous(k.upload(&[*v]), &[]))
+        .collect();
+    let spread = |v: &View| View {
+        strides: vec![0],
+        ..v.clone()
+    };
+    group.throughput(Throughput::Bytes((4 * 7 * len) as u64));
+    let per_element = adamw_scalars_per_element();
+    let per_element_inputs: Vec<View> = tensors
+        .iter()
+        .cloned()
+        .chain(scalars.iter().map(spread))
+        .collect();
+    group.bench_function(
+        "paper/text_projection.weight/as_compiled/scalars_per_element",
+        |b| {
+            b.iter(|| {
+                let out = k.fused(&per_element, &per_element_inputs, &[len], 0, 0);
+                sync(k);
+                out
+            })
+        },
+    );
+    let (scalar_program, elements) = (adamw_scalars(), adamw_elements());
+    let scalars_apart = |kernels: &Device| {
+        let computed = kernels.fused(&scalar_program, &scalars, &[], 0, 0);
+        // keep, coef, coef (1 - beta1), step factor, scaled eps.
+        let factors = [
+            &computed[1],
+            &scalars[3].handle,
+            &computed[2],
+            &computed[3],
+            &computed[4],
+        ]
+        .map(|h| View {
+            handle: h.clone(),
+            len: 1,
+            offset: 0,
+            strides: vec![0],
+        });
+        let inputs: Vec<View> = tensors.iter().cloned().chain(factors).collect();
+        kernels.fused(&elements, &inputs, &[len], 0, 0)
+    };
+    // Both forms compute the same update (to f32 rounding), or the comparison is void.
+    let before = k.fused(&per_element, &per_element_inputs, &[len], 0, 0);
+    let after = scalars_apart(k);
+    for (output, (a, b)) in before.iter().zip(&after).enumerate() {
+        let (a, b) = (k.read(a.clone(), len), k.read(b.clone(), len));
+        let agree = a
+            .iter()
+            .zip(&b)
+            .all(|(x, y)| (x - y).abs() <= 1e-3 * y.abs().max(1e-3));
+        assert!(agree, "output {output}: the two forms of the update differ");
+    }
+    for (suffix, kernels) in [("", k), ("/vector4", vector_device().unwrap_or(k))] {
+        group.bench_function(
+            format!("paper/text_projection.weight/as_compiled/scalars_apart{suffix}"),
+            |b| {
+                b.iter(|| {
+                    let out = scalars_apart(kernels);
+                    sync(kernels);
+                    out
+                })
+            },
+        );
+    }
+    group.finish();
+}
+
 /// Sizes of the tiny model's trainable tensors that one training step updates (a
 /// representative mix: weights, biases, norms, embeddings, the expert pool).
 const TINY_PARAMETER_SIZES: [usize; 12] = [384, 16, 256, 16, 1024, 64, 1024, 64, 16, 16, 256, 24];
@@ -877,6 +1080,7 @@ criterion_group!(
     matmul_forms,
     grouped_expert_gemm,
     adamw_update,
+    adamw_as_compiled,
     adamw_all_parameters,
     router,
     top_k_routing,
