@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# altc's CUDA checks, prepared on a machine without a GPU and run on the lent one in
+# stages that each fit one device call (a command may run 10 minutes; a session has
+# 15 minutes of device time in all, the machine's start included).
+#
+#   bash scripts/gpu_checks.sh pack          # here: build and stage the binaries
+#   bash scripts/gpu_checks.sh correctness   # there: CUDA against the reference, tiny model
+#   bash scripts/gpu_checks.sh paper         # there: paper-scale tune, bench, PyTorch
+#
+# `pack` puts the release `altc` and the `device_ops` test binary in scratch/gpu (about
+# 47 MB; /scratch is ignored by git, so the device call must carry it). The other
+# stages write their logs and JSON under $OUT, which the device tool brings back.
+set -uo pipefail
+
+stage=${1:?usage: gpu_checks.sh pack|correctness|paper}
+bin=scratch/gpu
+out=${OUT:-scratch/gpu-out}
+work=$(mktemp -d)
+mkdir -p "$out"
+
+# Runs one check with a time limit, its output to the terminal and to $out/NAME.log;
+# a failure is reported and the stage goes on to the next check.
+check() {
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name (limit ${limit}s): $*"
+    local start=$SECONDS
+    timeout "$limit" "$@" 2>&1 | tee "$out/$name.log"
+    local status=${PIPESTATUS[0]}
+    echo "== $name: exit $status after $((SECONDS - start)) s"
+    echo "$name $status $((SECONDS - start))" >>"$out/summary.txt"
+}
+
+case $stage in
+pack)
+    cargo build --release --bin altc || exit 1
+    test_binary=$(cargo test --release -p altc-runtime --test device_ops --no-run 2>&1 |
+        grep -o 'target/release/deps/device_ops-[0-9a-f]*' | head -n 1)
+    [ -n "$test_binary" ] || { echo "pack: no device_ops test binary" >&2; exit 1; }
+    mkdir -p "$bin"
+    cp target/release/altc "$bin/altc"
+    cp "$test_binary" "$bin/device_ops"
+    du -sh "$bin"
+    ;;
+correctness)
+    [ -x "$bin/altc" ] || { echo "carry scratch/gpu (run the pack stage here first)" >&2; exit 1; }
+    check gpu 20 nvidia-smi
+    check doctor 60 "$bin/altc" doctor
+    # Every op family on every device present (CUDA among them) against the reference.
+    check device_ops 240 "$bin/device_ops" --test-threads 1
+    check synth 60 "$bin/altc" data synth models/alt_moe_tiny.ron -o "$work/pairs.safetensors" \
+        --pairs 4096 --seed 0
+    # The README's main job on CUDA; the reference gives R@1 15.6% / 22.3%.
+    check run_tiny 180 "$bin/altc" run models/alt_moe_tiny.ron --data "$work/pairs.safetensors" \
+        --device cuda --steps 300
+    check tune_tiny 120 "$bin/altc" tune models/alt_moe_tiny.ron --device cuda \
+        --tune-cache "$work/tune"
+    check bench_tiny 120 "$bin/altc" bench models/alt_moe_tiny.ron --device cuda \
+        --tune-cache "$work/tune" --repeats 20 --warmup 3
+    ;;
+paper)
+    [ -x "$bin/altc" ] || { echo "carry scratch/gpu (run the pack stage here first)" >&2; exit 1; }
+    check explain_paper 30 "$bin/altc" compile models/alt_moe.ron -o "$work/alt_moe.altc" \
+        --explain --bindings 1024
+    check tune_paper 200 "$bin/altc" tune models/alt_moe.ron --device cuda \
+        --tune-cache "$work/tune"
+    # Tuned, untuned and --no-opt side by side, with the device's copy and matmul
+    # ceilings and per-kernel fractions of them.
+    check bench_paper 200 "$bin/altc" bench models/alt_moe.ron --device cuda \
+        --tune-cache "$work/tune" --repeats 5 --warmup 2
+    # The same step in PyTorch, dense and sparse experts, bf16 autocast, with the
+    # device's bf16 matmul rate measured in the same script.
+    check pytorch_paper 150 env PYTHONUNBUFFERED=1 python3 benches/pytorch_baseline.py \
+        --config paper --device cuda --precision bf16 --form both --steps 10 --warmup 3 \
+        --json "$out/pytorch_paper.json"
+    ;;
+*)
+    echo "unknown stage $stage: pack, correctness or paper" >&2
+    exit 2
+    ;;
+esac
+rm -rf "$work"
