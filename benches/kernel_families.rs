@@ -693,17 +693,12 @@ fn adamw_scalars_per_element() -> FusedProgram {
     let m_new = moment(&mut p, m, clipped, beta1);
     let g2 = p.unary(UnaryKind::Square, clipped);
     let v_new = moment(&mut p, v, g2, beta2);
-    let t = p.binary(BinaryKind::Add, step, one);
-    let correction = |p: &mut Program, beta: f32| {
-        let b = p.constant(beta);
-        let power = p.binary(BinaryKind::Pow, b, t);
-        p.binary(BinaryKind::Sub, one, power)
-    };
-    let bc1 = correction(&mut p, beta1);
-    let bc2 = correction(&mut p, beta2);
-    let step_size = p.binary(BinaryKind::Div, lr, bc1);
+    let BiasCorrection {
+        step: t,
+        step_size,
+        root_bc2,
+    } = bias_correction(&mut p, step, lr, one);
     let root_v = p.unary(UnaryKind::Sqrt, v_new);
-    let root_bc2 = p.unary(UnaryKind::Sqrt, bc2);
     let scaled_root = p.binary(BinaryKind::Div, root_v, root_bc2);
     let eps = p.constant(ADAM_EPS);
     let denom = p.binary(BinaryKind::Add, scaled_root, eps);
@@ -713,6 +708,35 @@ fn adamw_scalars_per_element() -> FusedProgram {
     let mut program = p.finish(&[param_new, m_new, v_new, t]);
     program.scalar_outputs = vec![3];
     program
+}
+
+/// Registers of AdamW's step count and bias corrections.
+struct BiasCorrection {
+    /// The new step count `t = step + 1`.
+    step: usize,
+    /// `lr / (1 - beta1^t)`.
+    step_size: usize,
+    /// `sqrt(1 - beta2^t)`.
+    root_bc2: usize,
+}
+
+/// AdamW's step count and bias corrections from registers `step`, `lr` and `one`.
+fn bias_correction(p: &mut Program, step: usize, lr: usize, one: usize) -> BiasCorrection {
+    let t = p.binary(BinaryKind::Add, step, one);
+    let mut correction = |beta: f32| {
+        let b = p.constant(beta);
+        let power = p.binary(BinaryKind::Pow, b, t);
+        p.binary(BinaryKind::Sub, one, power)
+    };
+    let bc1 = correction(ADAM_BETAS.0);
+    let bc2 = correction(ADAM_BETAS.1);
+    let step_size = p.binary(BinaryKind::Div, lr, bc1);
+    let root_bc2 = p.unary(UnaryKind::Sqrt, bc2);
+    BiasCorrection {
+        step: t,
+        step_size,
+        root_bc2,
+    }
 }
 
 /// `state * beta + value * (1 - beta)`: a moment's update.
@@ -729,24 +753,18 @@ fn moment(p: &mut Program, state: usize, value: usize, beta: f32) -> usize {
 /// clipped first-moment rate `coef (1 - beta1)`, the collected step factor
 /// `sqrt(bc2) lr / bc1` and the denominator's `eps sqrt(bc2)`.
 fn adamw_scalars() -> FusedProgram {
-    let (beta1, beta2) = ADAM_BETAS;
     let mut p = Program::new(0, 4);
     let [step, lr, wd, coef] = [0, 1, 2, 3].map(|i| p.load(i));
     let one = p.constant(1.0);
-    let t = p.binary(BinaryKind::Add, step, one);
     let lr_wd = p.binary(BinaryKind::Mul, lr, wd);
     let keep = p.binary(BinaryKind::Sub, one, lr_wd);
-    let rest1 = p.constant(1.0 - beta1);
+    let rest1 = p.constant(1.0 - ADAM_BETAS.0);
     let clipped_rate = p.binary(BinaryKind::Mul, coef, rest1);
-    let correction = |p: &mut Program, beta: f32| {
-        let b = p.constant(beta);
-        let power = p.binary(BinaryKind::Pow, b, t);
-        p.binary(BinaryKind::Sub, one, power)
-    };
-    let bc1 = correction(&mut p, beta1);
-    let bc2 = correction(&mut p, beta2);
-    let step_size = p.binary(BinaryKind::Div, lr, bc1);
-    let root_bc2 = p.unary(UnaryKind::Sqrt, bc2);
+    let BiasCorrection {
+        step: t,
+        step_size,
+        root_bc2,
+    } = bias_correction(&mut p, step, lr, one);
     let step_factor = p.binary(BinaryKind::Mul, root_bc2, step_size);
     let eps = p.constant(ADAM_EPS);
     let scaled_eps = p.binary(BinaryKind::Mul, eps, root_bc2);
