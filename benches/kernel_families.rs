@@ -677,8 +677,8 @@ const ADAM_EPS: f32 = 1e-8;
 
 /// The decayed, clipped AdamW update of one large parameter as altc planned it
 /// before large tensors read their scalars from a kernel of their own: each element
-/// recomputes the step count and bias corrections (two powers, two roots, three
-/// divisions) and the new step count is a scalar output. Inputs: param, grad, m, v,
+/// recomputes the step count and bias corrections (two powers, a root and a
+/// division) and the new step count is a scalar output. Inputs: param, grad, m, v,
 /// then the scalars step, lr, weight decay and clipping coefficient; outputs: new
 /// param, m, v and step count. The same 24 ops `altc compile --explain` listed.
 fn adamw_scalars_per_element() -> FusedProgram {

@@ -8,37 +8,58 @@
 #   bash scripts/gpu_checks.sh paper         # there: paper-scale tune, bench, PyTorch
 #
 # `pack` puts the release `altc` and the `device_ops` test binary in scratch/gpu (about
-# 47 MB; /scratch is ignored by git, so the device call must carry it). The other
-# stages write their logs and JSON under $OUT, which the device tool brings back.
+# 45 MB; /scratch is ignored by git, so the device call must carry it). The other
+# stages write their logs under $OUT, which the device tool brings back.
+#
+# A stage stops starting checks when its deadline nears (GPU_CHECKS_SECONDS, 520 by
+# default: a device call may run 600), so a slow check costs the ones after it, never
+# the whole call's output. One session's 15 minutes of device time, the machine's
+# start included, fit `correctness` and most of `paper`: run `correctness` first.
 set -uo pipefail
 
 stage=${1:?usage: gpu_checks.sh pack|correctness|paper}
 bin=scratch/gpu
 out=${OUT:-scratch/gpu-out}
 work=$(mktemp -d)
+deadline=$((SECONDS + ${GPU_CHECKS_SECONDS:-520}))
 mkdir -p "$out"
+: >"$out/summary.txt"
 
-# Runs one check with a time limit, its output to the terminal and to $out/NAME.log;
-# a failure is reported and the stage goes on to the next check.
+# Runs one check for at most `limit` seconds (less if the stage's deadline is nearer),
+# its output to the terminal and to $out/NAME.log, and its exit status and seconds to
+# $out/summary.txt. A failing check is reported and the stage goes on.
 check() {
     local name=$1 limit=$2
     shift 2
+    local left=$((deadline - SECONDS))
+    if ((left < 15)); then
+        echo "== $name: skipped, the stage's deadline is near"
+        echo "$name skipped 0" >>"$out/summary.txt"
+        return
+    fi
+    ((limit > left)) && limit=$left
     echo "== $name (limit ${limit}s): $*"
     local start=$SECONDS
-    timeout "$limit" "$@" 2>&1 | tee "$out/$name.log"
+    timeout -k 10 "$limit" "$@" 2>&1 | tee "$out/$name.log"
     local status=${PIPESTATUS[0]}
     echo "== $name: exit $status after $((SECONDS - start)) s"
     echo "$name $status $((SECONDS - start))" >>"$out/summary.txt"
 }
 
+# The executables a cargo build writes, from its JSON messages (so a custom target
+# directory is followed).
+executables() {
+    grep -o '"executable":"[^"]*"' | sed 's/"executable":"\(.*\)"/\1/'
+}
+
 case $stage in
 pack)
-    cargo build --release --bin altc || exit 1
-    test_binary=$(cargo test --release -p altc-runtime --test device_ops --no-run 2>&1 |
-        grep -o 'target/release/deps/device_ops-[0-9a-f]*' | head -n 1)
-    [ -n "$test_binary" ] || { echo "pack: no device_ops test binary" >&2; exit 1; }
+    altc=$(cargo build --release --bin altc --message-format=json | executables | head -n 1)
+    test_binary=$(cargo test --release -p altc-runtime --test device_ops --no-run \
+        --message-format=json | executables | head -n 1)
+    [ -x "$altc" ] && [ -x "$test_binary" ] || { echo "pack: a build failed" >&2; exit 1; }
     mkdir -p "$bin"
-    cp target/release/altc "$bin/altc"
+    cp "$altc" "$bin/altc"
     cp "$test_binary" "$bin/device_ops"
     du -sh "$bin"
     ;;

@@ -257,10 +257,14 @@ const DIV: Op = Op::Binary(BinaryOp::Div);
 /// onto the scalars it is scaled by: what AdamW's update spends per element on its
 /// clipping coefficient, moment rates and bias corrections. Each is exact in real
 /// arithmetic for finite scalars (a zero scalar gives the same zeros, infinities
-/// and NaNs on both sides); in floating point the results differ by rounding.
+/// and NaNs on both sides); in floating point the results round differently, and an
+/// intermediate such as `a * k` can overflow or underflow where the original's
+/// `a / d` does not.
 fn scalar_factor_rules() -> Vec<Rewrite<IrNode, TypeAnalysis>> {
     vec![
-        // (x * s) * t = x * (s * t).
+        // (x * s) * t = x * (s * t). Where `x * s` is read elsewhere too (a clipped
+        // gradient squared for the second moment), it stays, and the rewrite only
+        // trades one multiply for another: one more scalar node, no element work.
         rule("collect-scalar-factors", |eg, _, n| {
             let (y, t) = scaled(eg, n)?;
             find_in(eg, y, |m| {

@@ -382,12 +382,42 @@ fn optimised_optimizer_steps_compute_the_same_update() {
         for (name, w) in &want {
             close(&got[name], w, &format!("{clip:?} {name}"));
         }
+        for p in &params {
+            let output = train::updated(&p.name);
+            let (before, after) = (tensor_ops(&graph, &output), tensor_ops(&optimised, &output));
+            if p.numel() >= 1 << 16 {
+                assert_eq!(after.0 + 1, before.0, "{output}: one division fewer");
+            } else {
+                assert_eq!(after, before, "{output}: a small update keeps its ops");
+            }
+        }
     }
 }
 
-/// Random graphs over two positive `[256, 256]` tensors (large enough for the
-/// scalar-factor rules) and three positive scalars, built from the products,
-/// quotients and sums those rules rewrite, scalars on either side. Positive values
+/// Over the nodes output `name` depends on, the elementwise ops on tensors (not
+/// scalars): `(divisions, all of them)`.
+fn tensor_ops(graph: &Graph, name: &str) -> (usize, usize) {
+    let mut seen = std::collections::BTreeSet::new();
+    let mut stack = vec![graph.output(name).unwrap()];
+    let (mut divisions, mut all) = (0, 0);
+    while let Some(id) = stack.pop() {
+        if !seen.insert(id) {
+            continue;
+        }
+        let node = graph.node(id);
+        if node.ty.shape.rank() > 0 && matches!(node.op, Op::Unary(_) | Op::Binary(_)) {
+            all += 1;
+            divisions += usize::from(node.op == Op::Binary(BinaryOp::Div));
+        }
+        stack.extend(graph.operands(id));
+    }
+    (divisions, all)
+}
+
+/// Random graphs over two positive `[256, 256]` tensors and one `[4, 256, 256]` that
+/// broadcasts against them (all large enough for the scalar-factor rules) and three
+/// positive scalars, built from the products, quotients and sums those rules
+/// rewrite, scalars on either side. Positive values
 /// and no subtraction keep every result well conditioned, so rounding stays small.
 fn random_scaled_graph(seed: u64) -> Graph {
     let mut g = Graph::new(format!("scaled-{seed}"));
@@ -411,6 +441,7 @@ fn random_scaled_graph(seed: u64) -> Graph {
     let tensors = [
         leaf(&mut g, "a", shape![256, 256]),
         leaf(&mut g, "b", shape![256, 256]),
+        leaf(&mut g, "c", shape![4, 256, 256]),
     ];
     let scalars = [
         leaf(&mut g, "r", Shape::scalar()),
@@ -458,6 +489,7 @@ fn random_scaled_graphs_keep_their_values() {
     let mut inputs = TensorMap::from([
         ("a".to_string(), drawn(&[256, 256], 1, 0.5, 1.5)),
         ("b".to_string(), drawn(&[256, 256], 2, 0.5, 1.5)),
+        ("c".to_string(), drawn(&[4, 256, 256], 3, 0.5, 1.5)),
     ]);
     for (name, value) in [("r", 0.7), ("s", 1.3), ("t", 0.05)] {
         inputs.insert(name.into(), Tensor::f64(&[], vec![value]));
