@@ -210,6 +210,20 @@ fn bias_gelu_program() -> FusedProgram {
     p.finish(&[y])
 }
 
+/// `a @ w` of `shapes` (`[m, k]` and `[k, n]`): no transposes, no batch, f32.
+fn plain_product<'a>(a: &'a View, w: &'a View, shapes: &'a [[usize; 2]; 2]) -> MatmulOperands<'a> {
+    MatmulOperands {
+        a,
+        a_shape: &shapes[0],
+        transpose_a: false,
+        b: w,
+        b_shape: &shapes[1],
+        transpose_b: false,
+        out_batch: &[],
+        bf16_operands: false,
+    }
+}
+
 /// A `[width]` vector read as `[rows, width]` (stride 0 over rows).
 fn broadcast_rows(v: &View) -> View {
     View {
@@ -368,16 +382,8 @@ fn matmul(c: &mut Criterion) {
         let w = upload(k, &[kk, n], 5);
         let bias = upload(k, &[n], 6);
         let inputs = [broadcast_rows(&bias)];
-        let mm = MatmulOperands {
-            a: &a,
-            a_shape: &[m, kk],
-            transpose_a: false,
-            b: &w,
-            b_shape: &[kk, n],
-            transpose_b: false,
-            out_batch: &[],
-            bf16_operands: false,
-        };
+        let shapes = [[m, kk], [kk, n]];
+        let mm = plain_product(&a, &w, &shapes);
         // Elements are floating-point operations: the rate reads as FLOP/s.
         group.throughput(Throughput::Elements((2 * m * kk * n) as u64));
         group.bench_function(format!("{name}/{m}x{kk}x{n}"), |b| {
@@ -418,16 +424,8 @@ fn matmul_forms(c: &mut Criterion) {
     ] {
         let a = upload(k, &[m, kk], 4);
         let w = upload(k, &[kk, n], 5);
-        let mm = MatmulOperands {
-            a: &a,
-            a_shape: &[m, kk],
-            transpose_a: false,
-            b: &w,
-            b_shape: &[kk, n],
-            transpose_b: false,
-            out_batch: &[],
-            bf16_operands: false,
-        };
+        let shapes = [[m, kk], [kk, n]];
+        let mm = plain_product(&a, &w, &shapes);
         group.throughput(Throughput::Elements((2 * m * kk * n) as u64));
         let forms = EpilogueMatmul::ALL.iter().filter(|c| {
             c.fused
@@ -578,29 +576,23 @@ fn grouped_expert_gemm(c: &mut Criterion) {
     group.finish();
 }
 
+/// The AdamW constants of the spec, shared by every AdamW program below.
+const ADAM_BETAS: (f32, f32) = (0.9, 0.999);
+const ADAM_EPS: f32 = 1e-8;
+
 /// AdamW for one parameter tensor as one fused program. Inputs: m, v, param, grad;
 /// outputs: new m, new v, new param. Step 10 of a run with the spec's betas and eps
 /// and the paper's peak learning rate and final weight decay.
 fn adamw_program() -> FusedProgram {
-    let (beta1, beta2, eps, lr, wd, step) = (0.9f32, 0.999f32, 1e-8f32, 1.5e-3f32, 0.2f32, 10);
+    let ((beta1, beta2), eps, lr, wd, step) = (ADAM_BETAS, ADAM_EPS, 1.5e-3f32, 0.2f32, 10);
     let mut p = Program::new(1, 4);
     let m = p.load(0);
     let v = p.load(1);
     let param = p.load(2);
     let g = p.load(3);
-    let b1 = p.constant(beta1);
-    let one_minus_b1 = p.constant(1.0 - beta1);
-    let b2 = p.constant(beta2);
-    let one_minus_b2 = p.constant(1.0 - beta2);
-    // m' = b1 m + (1 - b1) g
-    let m_decayed = p.binary(BinaryKind::Mul, b1, m);
-    let g_scaled = p.binary(BinaryKind::Mul, one_minus_b1, g);
-    let m_new = p.binary(BinaryKind::Add, m_decayed, g_scaled);
-    // v' = b2 v + (1 - b2) g^2
-    let v_decayed = p.binary(BinaryKind::Mul, b2, v);
+    let m_new = moment(&mut p, m, g, beta1);
     let g2 = p.unary(UnaryKind::Square, g);
-    let g2_scaled = p.binary(BinaryKind::Mul, one_minus_b2, g2);
-    let v_new = p.binary(BinaryKind::Add, v_decayed, g2_scaled);
+    let v_new = moment(&mut p, v, g2, beta2);
     // Bias-corrected moments, then p' = p - lr (m^ / (sqrt(v^) + eps) + wd p).
     let c1 = p.constant(1.0 / (1.0 - beta1.powi(step)));
     let c2 = p.constant(1.0 / (1.0 - beta2.powi(step)));
@@ -670,10 +662,6 @@ fn adamw_update(c: &mut Criterion) {
     }
     group.finish();
 }
-
-/// The AdamW constants of `adamw_program`'s spec, shared by the compiled forms.
-const ADAM_BETAS: (f32, f32) = (0.9, 0.999);
-const ADAM_EPS: f32 = 1e-8;
 
 /// The decayed, clipped AdamW update of one large parameter as altc planned it
 /// before large tensors read their scalars from a kernel of their own: each element

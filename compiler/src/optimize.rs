@@ -216,13 +216,14 @@ fn find_in<T>(egraph: &IrGraph, id: Id, pick: impl Fn(&IrNode) -> Option<T>) -> 
     egraph[id].nodes.iter().find_map(pick)
 }
 
+/// The type the analysis knows for class `id`.
+fn class_type(egraph: &IrGraph, id: Id) -> Option<&TensorType> {
+    egraph[id].data.ty.as_ref()
+}
+
 /// Whether class `id` is a scalar.
 fn is_scalar(egraph: &IrGraph, id: Id) -> bool {
-    egraph[id]
-        .data
-        .ty
-        .as_ref()
-        .is_some_and(|t| t.shape.rank() == 0)
+    class_type(egraph, id).is_some_and(|t| t.shape.rank() == 0)
 }
 
 /// Whether class `id` is a tensor whose kernel reads the scalars it needs from a
@@ -230,11 +231,7 @@ fn is_scalar(egraph: &IrGraph, id: Id) -> bool {
 /// into its scalars leaves every one of its elements; on a smaller tensor, whose
 /// kernel recomputes its scalars in every element, it would only add work.
 fn is_large(egraph: &IrGraph, id: Id) -> bool {
-    egraph[id]
-        .data
-        .ty
-        .as_ref()
-        .is_some_and(|t| crate::fusion::scalars_stay_apart(&t.shape))
+    class_type(egraph, id).is_some_and(|t| crate::fusion::scalars_stay_apart(&t.shape))
 }
 
 /// `(tensor, scalar)` when `n` multiplies a large tensor by a scalar, either way round.
@@ -245,6 +242,16 @@ fn scaled(egraph: &IrGraph, n: &IrNode) -> Option<(Id, Id)> {
         }
         (Op::Binary(BinaryOp::Mul), &[a, b]) if is_scalar(egraph, a) && is_large(egraph, b) => {
             Some((b, a))
+        }
+        _ => None,
+    }
+}
+
+/// `(tensor, scalar)` when `n` divides a large tensor by a scalar.
+fn divided(egraph: &IrGraph, n: &IrNode) -> Option<(Id, Id)> {
+    match (&n.op, n.children.as_slice()) {
+        (Op::Binary(BinaryOp::Div), &[b, r]) if is_large(egraph, b) && is_scalar(egraph, r) => {
+            Some((b, r))
         }
         _ => None,
     }
@@ -290,17 +297,13 @@ fn scalar_factor_rules() -> Vec<Rewrite<IrNode, TypeAnalysis>> {
         rule("common-denominator", |eg, _, n| {
             match (&n.op, n.children.as_slice()) {
                 (Op::Binary(BinaryOp::Add), &[q, e]) if is_large(eg, q) && is_scalar(eg, e) => {
-                    find_in(eg, q, |m| match (&m.op, m.children.as_slice()) {
-                        (Op::Binary(BinaryOp::Div), &[b, r])
-                            if is_large(eg, b) && is_scalar(eg, r) =>
-                        {
-                            let sum = Replacement::New(
-                                Op::Binary(BinaryOp::Add),
-                                vec![Replacement::Existing(b), over(MUL, &[e, r])],
-                            );
-                            Some(Replacement::New(DIV, vec![sum, Replacement::Existing(r)]))
-                        }
-                        _ => None,
+                    find_in(eg, q, |m| {
+                        let (b, r) = divided(eg, m)?;
+                        let sum = Replacement::New(
+                            Op::Binary(BinaryOp::Add),
+                            vec![Replacement::Existing(b), over(MUL, &[e, r])],
+                        );
+                        Some(Replacement::New(DIV, vec![sum, Replacement::Existing(r)]))
                     })
                 }
                 _ => None,
@@ -309,19 +312,13 @@ fn scalar_factor_rules() -> Vec<Rewrite<IrNode, TypeAnalysis>> {
         // a / (b / r) = (a * r) / b.
         rule("divide-by-quotient", |eg, _, n| {
             match (&n.op, n.children.as_slice()) {
-                (Op::Binary(BinaryOp::Div), &[a, d]) if is_large(eg, a) => {
-                    find_in(eg, d, |m| match (&m.op, m.children.as_slice()) {
-                        (Op::Binary(BinaryOp::Div), &[b, r])
-                            if is_large(eg, b) && is_scalar(eg, r) =>
-                        {
-                            Some(Replacement::New(
-                                DIV,
-                                vec![over(MUL, &[a, r]), Replacement::Existing(b)],
-                            ))
-                        }
-                        _ => None,
-                    })
-                }
+                (Op::Binary(BinaryOp::Div), &[a, d]) if is_large(eg, a) => find_in(eg, d, |m| {
+                    let (b, r) = divided(eg, m)?;
+                    Some(Replacement::New(
+                        DIV,
+                        vec![over(MUL, &[a, r]), Replacement::Existing(b)],
+                    ))
+                }),
                 _ => None,
             }
         }),
@@ -482,20 +479,19 @@ fn node_cost(egraph: &IrGraph, enode: &IrNode) -> f64 {
                 .product::<f64>()
         })
     };
-    let class_type = |c: Id| egraph[c].data.ty.as_ref();
     let out = crate::ir::infer(
         &enode.op,
         &enode
             .children
             .iter()
-            .filter_map(|&c| class_type(c))
+            .filter_map(|&c| class_type(egraph, c))
             .collect::<Vec<_>>(),
     )
     .ok();
     let written = elements(out.as_ref());
     let flops = match (&enode.op, enode.children.as_slice()) {
         (Op::MatMul { transpose_a, .. }, [a, _]) => {
-            let contracted = class_type(*a).and_then(|t| {
+            let contracted = class_type(egraph, *a).and_then(|t| {
                 let dims = t.shape.dims();
                 let k = if *transpose_a {
                     dims.len().checked_sub(2)?

@@ -142,7 +142,11 @@ fn build_task(
             graph.set_output(gradient(&p.name), *g)?;
         }
     }
-    append_optimizer_step(&mut graph, &program.optimizer, program.dtype, &with_grads)?;
+    let mut opt = OptimizerBuilder {
+        graph: &mut graph,
+        dtype: program.dtype,
+    };
+    opt.step(&program.optimizer, &with_grads)?;
     Ok(TrainingTask {
         name: name.to_string(),
         directions: directions.to_vec(),
@@ -160,47 +164,26 @@ pub fn optimizer_step(
     dtype: DType,
 ) -> Result<Graph, GraphError> {
     let mut graph = Graph::new("optimizer_step");
+    let mut opt = OptimizerBuilder {
+        graph: &mut graph,
+        dtype,
+    };
     let mut with_grads = Vec::with_capacity(params.len());
     for p in params {
-        let shape: Shape = p.shape.iter().copied().collect();
-        let param = graph.push(
-            Op::Parameter {
-                name: p.name.clone(),
-                dtype,
-                shape: shape.clone(),
-            },
-            &[],
-            "optimizer",
-        )?;
-        let grad = graph.push(
+        let param = opt.state(&p.name, &p.shape)?;
+        let grad = opt.push(
             Op::Input {
                 name: gradient(&p.name),
                 dtype,
-                shape,
+                shape: p.shape.iter().copied().collect(),
             },
             &[],
             "optimizer",
         )?;
         with_grads.push((p, param, grad));
     }
-    append_optimizer_step(&mut graph, optimizer, dtype, &with_grads)?;
+    opt.step(optimizer, &with_grads)?;
     Ok(graph)
-}
-
-/// Appends clipping and the AdamW update of each `(parameter, its node, its
-/// gradient)` to `graph`.
-fn append_optimizer_step(
-    graph: &mut Graph,
-    optimizer: &Optimizer,
-    dtype: DType,
-    with_grads: &[(&ParamInfo, NodeId, NodeId)],
-) -> Result<(), GraphError> {
-    let mut opt = OptimizerBuilder { graph, dtype };
-    let grads = opt.clip(optimizer, with_grads)?;
-    for ((p, id, _), g) in with_grads.iter().zip(grads) {
-        opt.adamw(optimizer, p, *id, g)?;
-    }
-    Ok(())
 }
 
 struct OptimizerBuilder<'g> {
@@ -264,6 +247,19 @@ impl OptimizerBuilder<'_> {
             &[],
             "optimizer",
         )
+    }
+
+    /// Clipping, then the AdamW update of each `(parameter, its node, its gradient)`.
+    fn step(
+        &mut self,
+        optimizer: &Optimizer,
+        with_grads: &[(&ParamInfo, NodeId, NodeId)],
+    ) -> Result<(), GraphError> {
+        let grads = self.clip(optimizer, with_grads)?;
+        for ((p, id, _), g) in with_grads.iter().zip(grads) {
+            self.adamw(optimizer, p, *id, g)?;
+        }
+        Ok(())
     }
 
     /// Scales every gradient by `min(1, c / (||g|| + 1e-6))`, `||g||` the global norm
