@@ -7,9 +7,10 @@
 #   bash scripts/gpu_checks.sh correctness   # there: CUDA against the reference, tiny model
 #   bash scripts/gpu_checks.sh paper         # there: paper-scale tune, bench, PyTorch
 #
-# `pack` puts the release `altc` and the `device_ops` test binary in scratch/gpu (about
-# 45 MB; /scratch is ignored by git, so the device call must carry it). The other
-# stages write their logs under $OUT, which the device tool brings back.
+# `pack` puts the release `altc` and the `device_ops` and `device_tuning` test binaries
+# in scratch/gpu and prints their size (a device call carries 64 MiB; /scratch is
+# ignored by git, so the call must carry it). The other stages write their logs under
+# $OUT, which the device tool brings back.
 #
 # A stage stops starting checks when its deadline nears (GPU_CHECKS_SECONDS, 520 by
 # default: a device call may run 600), so a slow check costs the ones after it, never
@@ -57,10 +58,14 @@ pack)
     altc=$(cargo build --release --bin altc --message-format=json | executables | head -n 1)
     test_binary=$(cargo test --release -p altc-runtime --test device_ops --no-run \
         --message-format=json | executables | head -n 1)
-    [ -x "$altc" ] && [ -x "$test_binary" ] || { echo "pack: a build failed" >&2; exit 1; }
+    tuning_binary=$(cargo test --release -p altc-runtime --test device_tuning --no-run \
+        --message-format=json | executables | head -n 1)
+    [ -x "$altc" ] && [ -x "$test_binary" ] && [ -x "$tuning_binary" ] ||
+        { echo "pack: a build failed" >&2; exit 1; }
     mkdir -p "$bin"
     cp "$altc" "$bin/altc"
     cp "$test_binary" "$bin/device_ops"
+    cp "$tuning_binary" "$bin/device_tuning"
     du -sh "$bin"
     ;;
 correctness)
@@ -69,6 +74,9 @@ correctness)
     check doctor 60 "$bin/altc" doctor
     # Every op family on every device present (CUDA among them) against the reference.
     check device_ops 240 "$bin/device_ops" --test-threads 1
+    # Every tuning candidate forced in turn on CUDA against the reference: what the
+    # no-GPU check (`altc compile --cuda-arch`) could only compile.
+    check forced_candidates 180 env ALTC_TEST_DEVICE=cuda "$bin/device_tuning" --test-threads 1
     check synth 60 "$bin/altc" data synth models/alt_moe_tiny.ron -o "$work/pairs.safetensors" \
         --pairs 4096 --seed 0
     # The README's main job on CUDA; the reference gives R@1 15.6% / 22.3%.

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what a fresh Debian machine lacks for altc's build and tests: the Vulkan
-# loader and Mesa's lavapipe (a CPU Vulkan device for cubecl's wgpu runtime).
+# loader and Mesa's lavapipe (a CPU Vulkan device for cubecl's wgpu runtime), and
+# NVRTC for checking the CUDA kernels without a GPU.
 set -euo pipefail
 
 packages=(mesa-vulkan-drivers libvulkan1)
@@ -16,4 +17,21 @@ if ((${#missing[@]})); then
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 command -v cargo >/dev/null || { echo "setup: cargo not found; install Rust with rustup" >&2; exit 1; }
-echo "setup: ok"
+
+# NVRTC and the CUDA headers, for the ahead-of-time CUDA check (`altc compile
+# --cuda-arch`, and its test): PyPI wheels that need no GPU or driver, unpacked where
+# altc looks for them. NVRTC runs ptxas itself, so nvidia-cuda-nvcc-cu12 is not needed.
+cuda_cache="${XDG_CACHE_HOME:-$HOME/.cache}/altc/cuda"
+wheels=(nvidia-cuda-nvrtc-cu12==12.9.86 nvidia-cuda-runtime-cu12==12.9.79)
+if [ ! -f "$cuda_cache/nvidia/cuda_nvrtc/lib/libnvrtc.so.12" ] || [ ! -f "$cuda_cache/nvidia/cuda_runtime/include/cuda_bf16.h" ]; then
+    command -v python3 >/dev/null || { echo "setup: python3 (with pip) is needed to fetch the NVRTC wheels" >&2; exit 1; }
+    echo "setup: fetching ${wheels[*]} into $cuda_cache"
+    download=$(mktemp -d)
+    python3 -m pip download --quiet --no-deps --only-binary=:all: -d "$download" "${wheels[@]}"
+    mkdir -p "$cuda_cache"
+    for wheel in "$download"/*.whl; do
+        python3 -m zipfile -e "$wheel" "$cuda_cache"
+    done
+    rm -rf "$download"
+fi
+echo "setup: ok (NVRTC in $cuda_cache)"

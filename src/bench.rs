@@ -8,13 +8,12 @@ use altc_compiler::fusion::{plan, FusionPlan};
 use altc_compiler::ir::{Graph, Op};
 use altc_compiler::lower::{Program, BATCH};
 use altc_compiler::memory::{matmul_flops, plan_cost};
-use altc_compiler::optimize::{optimize, Limits};
 use altc_compiler::reference::{EvalContext, Tensor, TensorMap};
 use altc_compiler::rng;
-use altc_compiler::train::{training_tasks, LR_INPUT, WEIGHT_DECAY_INPUT};
+use altc_compiler::train::{LR_INPUT, WEIGHT_DECAY_INPUT};
 use altc_runtime::backend::{Backend, Ceilings};
-use altc_runtime::retrieval::ranking_graph;
 use altc_runtime::training::initial_state;
+use altc_runtime::workload::device_graphs;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde::Serialize;
@@ -294,52 +293,21 @@ fn bound_symbols(graph: &Graph, inputs: &TensorMap, batch: usize) -> BTreeMap<St
     symbols
 }
 
-/// Stored embeddings and neighbours per query of the timed ranking graph.
-const RETRIEVAL_STORE: usize = 4096;
-const RETRIEVAL_K: usize = 10;
-
-/// What `altc bench` and `altc tune` run: every training task's graph (optimised
-/// when `optimise`), the embedding graphs and a ranking of `batch` queries against
-/// a store, each with synthetic inputs at `batch`.
+/// What `altc bench` and `altc tune` run: every graph of `device_graphs` (training
+/// steps optimised when `optimise`), each with synthetic inputs at `batch`.
 pub(crate) fn timed_graphs(
     program: &Program,
     optimise: bool,
     batch: usize,
 ) -> Result<Vec<(Graph, TensorMap)>> {
-    let mut graphs: Vec<(Graph, TensorMap)> = Vec::new();
-    for task in training_tasks(program).context("building the training graphs")? {
-        let graph = if optimise {
-            optimize(&task.graph, Limits::default())
-                .with_context(|| format!("optimising {}", task.graph.name))?
-                .0
-        } else {
-            task.graph
-        };
-        let inputs = synthetic_inputs(&graph, batch);
-        graphs.push((graph, inputs));
-    }
-    let mut width = None;
-    for info in &program.directions {
-        for name in [&info.query_graph, &info.key_graph].into_iter().flatten() {
-            let graph = program
-                .graph(name)
-                .expect("lowered with the program")
-                .clone();
-            if let Some(e) = graph.output("embedding") {
-                width = graph.node(e).ty.shape.dims().last().and_then(|d| d.fixed());
-            }
+    let graphs = device_graphs(program, optimise).context("building the device graphs")?;
+    Ok(graphs
+        .into_iter()
+        .map(|graph| {
             let inputs = synthetic_inputs(&graph, batch);
-            graphs.push((graph, inputs));
-        }
-    }
-    // Ranking a batch of queries against a store, as `altc retrieve` does.
-    if let Some(width) = width {
-        let graph = ranking_graph(width, RETRIEVAL_STORE, RETRIEVAL_K)
-            .context("building the ranking graph")?;
-        let inputs = synthetic_inputs(&graph, batch);
-        graphs.push((graph, inputs));
-    }
-    Ok(graphs)
+            (graph, inputs)
+        })
+        .collect())
 }
 
 /// Inputs for one run at `batch`: uniform tokens in [-1, 1), full masks, and the

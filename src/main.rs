@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 mod bench;
+mod cuda_check;
 mod serving;
 mod training;
 mod tune;
@@ -48,6 +49,22 @@ enum Command {
         /// (`altc doctor` shows it; 31 is Mesa lavapipe's, CUDA binds 1024).
         #[arg(long, default_value_t = 31, value_parser = clap::value_parser!(u32).range(4..))]
         bindings: u32,
+        /// Compile every kernel the plan can launch (untuned and under every tuning
+        /// candidate) for these NVIDIA architectures with NVRTC, without a GPU:
+        /// `sm_80`, `sm_90a`, or a comma-separated list. Prints each kernel's
+        /// registers, spills, shared memory and occupancy, and the plan's roofline
+        /// bound; fails if any kernel or launch would fail on such a GPU.
+        #[arg(long, value_name = "ARCHS", value_parser = parse_cuda_archs)]
+        cuda_arch: Option<CudaTargets>,
+        /// With `--cuda-arch`: the batch size to launch at [default: the spec's].
+        #[arg(long, requires = "cuda_arch", value_parser = clap::value_parser!(u64).range(1..))]
+        batch_size: Option<u64>,
+        /// With `--cuda-arch`: check the `--no-opt` plan (one kernel per op, dense MoE).
+        #[arg(long, requires = "cuda_arch")]
+        no_opt: bool,
+        /// With `--cuda-arch`: print the check as JSON.
+        #[arg(long, requires = "cuda_arch")]
+        json: bool,
     },
     /// Summarise a compiled artifact, or render its graphs as Graphviz.
     Inspect {
@@ -85,6 +102,16 @@ enum Command {
     Tune(tune::TuneArgs),
 }
 
+/// The architectures one `--cuda-arch` names.
+#[derive(Clone)]
+struct CudaTargets(Vec<altc_cuda_aot::target::CudaTarget>);
+
+fn parse_cuda_archs(text: &str) -> Result<CudaTargets, String> {
+    altc_cuda_aot::target::CudaTarget::parse_list(text)
+        .map(CudaTargets)
+        .map_err(|e| e.to_string())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -94,7 +121,24 @@ fn main() -> ExitCode {
             output,
             explain,
             bindings,
-        } => compile(&spec, output, explain.then_some(bindings as usize)),
+            cuda_arch,
+            batch_size,
+            no_opt,
+            json,
+        } => compile(&spec, output, explain.then_some(bindings as usize)).and_then(|()| {
+            let Some(CudaTargets(targets)) = cuda_arch else {
+                return Ok(());
+            };
+            let program = load_program(&spec, lower_options(no_opt))?;
+            let batch = batch_size.map_or(program.training.batch_size, |b| b as usize);
+            let options = cuda_check::CudaCheck {
+                targets,
+                fused: !no_opt,
+                batch,
+                json,
+            };
+            cuda_check::cuda_check(&program, &options)
+        }),
         Command::Inspect {
             artifact,
             dot,

@@ -308,6 +308,10 @@ impl MultiMatmul {
 pub struct KernelDescription {
     pub family: &'static str,
     pub label: String,
+    /// The node whose value the kernel exists to produce, and where in the spec it
+    /// comes from.
+    pub node: NodeId,
+    pub origin: String,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -464,7 +468,8 @@ impl FusionPlan {
         };
         let nodes = self.step_nodes(step);
         // The last node is the one whose value the kernel exists to produce.
-        let anchor = graph.node(*nodes.last().expect("a step evaluates a node"));
+        let anchor_id = *nodes.last().expect("a step evaluates a node");
+        let anchor = graph.node(anchor_id);
         const SHOWN: usize = 6;
         let mut ops: Vec<String> = nodes
             .iter()
@@ -477,6 +482,8 @@ impl FusionPlan {
         Some(KernelDescription {
             family,
             label: format!("{} -> {} ({})", ops.join(", "), anchor.ty, anchor.origin),
+            node: anchor_id,
+            origin: anchor.origin.clone(),
         })
     }
 

@@ -38,30 +38,93 @@ fn bytes(graph: &Graph, id: NodeId, symbols: &BTreeMap<String, usize>) -> u64 {
 /// counting a multiply-add as two: the work a matmul rate is judged against.
 pub fn matmul_flops(graph: &Graph, symbols: &BTreeMap<String, usize>) -> u64 {
     let live = crate::fusion::live_nodes(graph);
+    graph
+        .node_ids()
+        .filter(|id| live[id.index()])
+        .map(|id| node_flops(graph, id, symbols))
+        .sum()
+}
+
+/// `matmul_flops` of one node: zero unless it is a matmul.
+fn node_flops(graph: &Graph, id: NodeId, symbols: &BTreeMap<String, usize>) -> u64 {
     let last = |id: NodeId| {
         let dims = graph.node(id).ty.shape.dims();
         dims.last().map_or(1, |d| extent(d, symbols))
     };
-    let mut flops = 0;
-    for id in graph.node_ids().filter(|id| live[id.index()]) {
-        let out = elements(&graph.node(id).ty.shape, symbols);
-        let operands = graph.operands(id);
-        flops += 2 * match &graph.node(id).op {
-            Op::MatMul { transpose_a, .. } => {
-                let a = &graph.node(operands[0]).ty.shape;
-                let contracted = &a.dims()[a.rank() - if *transpose_a { 2 } else { 1 }];
-                out * extent(contracted, symbols)
-            }
-            Op::ExpertMatMul { .. } => out * last(operands[0]),
-            Op::ExpertWeightGrad => {
-                elements(&graph.node(operands[2]).ty.shape, symbols)
-                    * last(operands[0])
-                    * last(operands[1])
-            }
-            _ => 0,
-        };
+    let out = elements(&graph.node(id).ty.shape, symbols);
+    let operands = graph.operands(id);
+    2 * match &graph.node(id).op {
+        Op::MatMul { transpose_a, .. } => {
+            let a = &graph.node(operands[0]).ty.shape;
+            let contracted = &a.dims()[a.rank() - if *transpose_a { 2 } else { 1 }];
+            out * extent(contracted, symbols)
+        }
+        Op::ExpertMatMul { .. } => out * last(operands[0]),
+        Op::ExpertWeightGrad => {
+            elements(&graph.node(operands[2]).ty.shape, symbols)
+                * last(operands[0])
+                * last(operands[1])
+        }
+        _ => 0,
     }
-    flops
+}
+
+/// Bytes a launching step reads: each operand from outside the step once, constants
+/// (inlined into the kernel) not at all.
+fn step_reads(
+    graph: &Graph,
+    nodes: &[NodeId],
+    pos: usize,
+    step_of: &[usize],
+    symbols: &BTreeMap<String, usize>,
+) -> u64 {
+    let mut read = std::collections::BTreeSet::new();
+    for &id in nodes {
+        for o in graph.operands(id) {
+            if step_of[o.index()] != pos && !matches!(graph.node(o).op, Op::Constant { .. }) {
+                read.insert(o);
+            }
+        }
+    }
+    read.iter().map(|&o| bytes(graph, o, symbols)).sum()
+}
+
+/// What one kernel of a plan does at concrete symbol values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StepWork {
+    /// Its position in the plan's schedule.
+    pub step: usize,
+    /// Bytes it reads and writes, as `plan_cost` counts them.
+    pub bytes: u64,
+    /// Matmul floating-point operations (a multiply-add is two).
+    pub flops: u64,
+}
+
+/// The work of every kernel `plan` launches, in schedule order.
+pub fn step_work(
+    graph: &Graph,
+    plan: &FusionPlan,
+    symbols: &BTreeMap<String, usize>,
+) -> Vec<StepWork> {
+    let step_of = plan.positions(graph);
+    let mut work = Vec::new();
+    for (pos, step) in plan.schedule.iter().enumerate() {
+        if !step.launches(graph) {
+            continue;
+        }
+        let nodes = plan.step_nodes(step);
+        let written: u64 = plan
+            .step_outputs(graph, step)
+            .iter()
+            .map(|&id| bytes(graph, id, symbols))
+            .sum();
+        work.push(StepWork {
+            step: pos,
+            bytes: step_reads(graph, &nodes, pos, &step_of, symbols) + written,
+            flops: nodes.iter().map(|&id| node_flops(graph, id, symbols)).sum(),
+        });
+    }
+    work
 }
 
 /// The planned cost of `graph` under `plan` with symbols bound to `symbols`.
@@ -111,16 +174,7 @@ pub fn plan_cost_and_peak(
         let written = plan.step_outputs(graph, step);
         if step.launches(graph) {
             cost.launches += 1;
-            let mut read = std::collections::BTreeSet::new();
-            for &id in nodes {
-                for o in graph.operands(id) {
-                    if step_of[o.index()] != pos && !matches!(graph.node(o).op, Op::Constant { .. })
-                    {
-                        read.insert(o);
-                    }
-                }
-            }
-            cost.bytes_moved += read.iter().map(|&o| bytes(graph, o, symbols)).sum::<u64>();
+            cost.bytes_moved += step_reads(graph, nodes, pos, &step_of, symbols);
         }
         for &id in &written {
             let b = bytes(graph, id, symbols);

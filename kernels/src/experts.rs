@@ -32,6 +32,21 @@ fn expert_at<F: Float>(offsets: &Array<F>, p: u32, #[comptime] experts: u32) -> 
     e
 }
 
+/// The cube's tile of assignment rows: launches fold row tiles past CUDA's 65,535
+/// cubes in y into z (`row_tile_grid`), as a batch of 1,024 paper-scale sequences
+/// has a million assignments.
+#[cube]
+fn row_tile() -> u32 {
+    CUBE_POS_Z * CUBE_COUNT_Y + CUBE_POS_Y
+}
+
+/// The (y, z) cube counts covering `tiles` row tiles, y within CUDA's 65,535.
+fn row_tile_grid(tiles: u32) -> (u32, u32) {
+    const MAX_Y: u32 = 65_535;
+    let z = tiles.div_ceil(MAX_Y).max(1);
+    (tiles.div_ceil(z), z)
+}
+
 /// One cube of `lanes` units groups `n` assignments (expert ids in `index`): each lane
 /// counts its contiguous chunk per expert, lane 0 turns the counts into start
 /// positions (expert-major, lane-minor, so the sort is stable), and with `write_order`
@@ -115,7 +130,7 @@ fn x_tile_value<F: Float>(
 }
 
 /// `out[a] = x[a / fan] @ w[e(a)] (+ bias[e(a)])` for the assignments at sorted
-/// positions `CUBE_POS_Y * TILE ..` and output columns `CUBE_POS_X * TILE ..`. `x` is
+/// positions `row_tile() * TILE ..` and output columns `CUBE_POS_X * TILE ..`. `x` is
 /// contiguous `[rows, K]`, `out` contiguous `[assignments, M]`. `meta`: assignments,
 /// K, M, fan, then w's expert, K and M strides and offset, then bias's expert and M
 /// strides and offset.
@@ -162,7 +177,7 @@ pub(crate) fn expert_matmul_kernel<F: Float>(
     let (w_se, w_sk, w_sm, w_off) = (meta[4], meta[5], meta[6], meta[7]);
     let tx = UNIT_POS_X;
     let ty = UNIT_POS_Y;
-    let first = CUBE_POS_Y * CUBE_DIM_Y;
+    let first = row_tile() * CUBE_DIM_Y;
     let p = first + ty;
     let col = CUBE_POS_X * CUBE_DIM_X + tx;
     let valid = p < n;
@@ -253,7 +268,7 @@ fn expert_matmul_block<F: Float>(
     let m = meta[2];
     let fan = meta[3];
     let (w_se, w_sk, w_sm, w_off) = (meta[4], meta[5], meta[6], meta[7]);
-    let first = (CUBE_POS_Y * CUBE_DIM_Y + UNIT_POS_Y) * block;
+    let first = (row_tile() * CUBE_DIM_Y + UNIT_POS_Y) * block;
     let col0 = CUBE_POS_X * CUBE_DIM_X * block + UNIT_POS_X;
     let mut x_rows = Array::<u32>::new(comptime!(block as usize));
     let mut row_experts = Array::<u32>::new(comptime!(block as usize));
@@ -334,10 +349,29 @@ pub(crate) fn expert_weight_grad_kernel<F: Float>(
     #[comptime] bf16_operands: bool,
     #[comptime] block: u32,
 ) {
+    // A comptime branch, not `terminate!()` after the direct form: cubecl-cpp 0.10
+    // still emits the code after `terminate!()` but drops its shared-memory
+    // declarations, and NVRTC then fails with `identifier "shared_memory_55" is
+    // undefined`.
     if comptime![block > 0] {
         expert_weight_grad_direct::<F>(a, b, order, offsets, out, meta, bf16_operands, block);
-        terminate!();
+    } else {
+        expert_weight_grad_tiled::<F>(a, b, order, offsets, out, meta, bf16_operands);
     }
+}
+
+/// `expert_weight_grad_kernel` with shared-memory tiles: the cube stages `TILE`
+/// assignments of `a` and `b` at a time and every unit sums its element over them.
+#[cube]
+fn expert_weight_grad_tiled<F: Float>(
+    a: &Array<F>,
+    b: &Array<F>,
+    order: &Array<F>,
+    offsets: &Array<F>,
+    out: &mut Array<F>,
+    meta: &Array<u32>,
+    #[comptime] bf16_operands: bool,
+) {
     let tile = comptime!(TILE as usize);
     let mut a_tile = SharedMemory::<F>::new(tile * tile);
     let mut b_tile = SharedMemory::<F>::new(tile * tile);
@@ -492,7 +526,10 @@ impl<R: Runtime> TunableLaunch for ExpertLaunch<R> {
         unsafe {
             expert_matmul_kernel::launch_unchecked::<f32, R>(
                 &self.client,
-                CubeCount::Static(tiles_of(m, span), tiles_of(assignments, span), 1),
+                {
+                    let (y, z) = row_tile_grid(tiles_of(assignments, span));
+                    CubeCount::Static(tiles_of(m, span), y, z)
+                },
                 CubeDim::new_2d(edge, edge),
                 buffer_arg(&self.x),
                 buffer_arg(&self.w),

@@ -48,9 +48,13 @@ impl VectorProgram {
 fn vector_unary<F: Float, N: Size>(x: Vector<F, N>, #[comptime] op: UnaryKind) -> Vector<F, N> {
     let one = Vector::<F, N>::new(F::new(1.0));
     let zero = Vector::<F, N>::new(F::new(0.0));
+    // cubecl-cpp 0.10 writes `-x` on a vector as `-float_4`, which NVRTC rejects
+    // ("no operator "-" matches these operands ... -const float_4"): negate by
+    // multiplying with -1, which is exact (signed zeros and NaN included).
+    let minus_one = Vector::<F, N>::new(F::new(-1.0));
     match op {
         UnaryKind::Identity => x,
-        UnaryKind::Neg => -x,
+        UnaryKind::Neg => minus_one * x,
         UnaryKind::Abs => x.abs(),
         UnaryKind::Exp => x.exp(),
         UnaryKind::Log => x.ln(),
@@ -59,7 +63,7 @@ fn vector_unary<F: Float, N: Size>(x: Vector<F, N>, #[comptime] op: UnaryKind) -
         UnaryKind::Recip => one / x,
         UnaryKind::Square => x * x,
         UnaryKind::Tanh => x.tanh(),
-        UnaryKind::Sigmoid => one / (one + (-x).exp()),
+        UnaryKind::Sigmoid => one / (one + (minus_one * x).exp()),
         // NaN propagates as in the reference: max(NaN, 0) must stay NaN.
         UnaryKind::Relu => select_many(x.less_than(zero), zero, x),
         UnaryKind::Erf => x.erf(),
@@ -68,7 +72,7 @@ fn vector_unary<F: Float, N: Size>(x: Vector<F, N>, #[comptime] op: UnaryKind) -
             let scale = Vector::<F, N>::new(F::new(core::f32::consts::FRAC_1_SQRT_2));
             half * x * (one + (x * scale).erf())
         }
-        UnaryKind::Silu => x / (one + (-x).exp()),
+        UnaryKind::Silu => x / (one + (minus_one * x).exp()),
         UnaryKind::Trunc => x.trunc(),
         UnaryKind::NonZero => select_many(x.not_equal(zero), one, zero),
     }

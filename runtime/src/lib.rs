@@ -15,5 +15,6 @@ pub mod retrieval;
 pub mod synth;
 pub mod training;
 pub mod tuning;
+pub mod workload;
 
 pub use altc_compiler::artifact::atomic_write;

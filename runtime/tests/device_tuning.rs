@@ -245,8 +245,17 @@ fn device() -> Option<Box<dyn Backend>> {
         config.autotune.cache = CacheConfig::File(dir);
         CubeClRuntimeConfig::set(config);
     });
-    match open(DeviceChoice::Wgpu, Precision::F32, true) {
+    // wgpu, or CUDA when `ALTC_TEST_DEVICE=cuda` asks for it (scripts/gpu_checks.sh):
+    // a device asked for by name must be there.
+    let asked_for_cuda = std::env::var("ALTC_TEST_DEVICE").is_ok_and(|d| d == "cuda");
+    let choice = if asked_for_cuda {
+        DeviceChoice::Cuda
+    } else {
+        DeviceChoice::Wgpu
+    };
+    match open(choice, Precision::F32, true) {
         Ok(d) => Some(d),
+        Err(e) if asked_for_cuda => panic!("ALTC_TEST_DEVICE=cuda: {e}"),
         Err(e) => {
             eprintln!("skipping: {e}");
             None
