@@ -210,6 +210,18 @@ fn table(
             if b.ideal_us > 0.0 { b.total_us / b.ideal_us } else { f64::INFINITY },
             b.gpu
         );
+        let families: Vec<String> = b
+            .by_family()
+            .iter()
+            .take(4)
+            .map(|(family, n, us)| {
+                format!(
+                    "{family} x{n} {:.0}%",
+                    100.0 * us / b.total_us.max(f64::MIN_POSITIVE)
+                )
+            })
+            .collect();
+        let _ = writeln!(out, "      by family: {}", families.join(", "));
         let mut top: Vec<_> = b.kernels.iter().collect();
         top.sort_by(|x, y| y.bound_us.total_cmp(&x.bound_us));
         for k in top.iter().take(3) {

@@ -546,3 +546,54 @@ fn tuning_cache_survives_a_restart_and_foreign_entries_are_ignored() {
     );
     assert!(!log.contains("tuned kernels from"), "{log}");
 }
+
+#[test]
+fn the_cuda_check_names_unknown_architectures_and_a_missing_nvrtc() {
+    let artifact = scratch("cuda-check.altc");
+    let artifact = artifact.to_str().unwrap();
+    let o = altc(&[
+        "compile",
+        "models/alt_moe_tiny.ron",
+        "-o",
+        artifact,
+        "--cuda-arch",
+        "sm_75",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("unknown CUDA architecture `sm_75` (known: sm_80, sm_90a)"),
+        "{}",
+        stderr(&o)
+    );
+    // Without the wheels' cache, a toolkit or ALTC_NVRTC, NVRTC cannot be found.
+    if std::path::Path::new("/usr/local/cuda").exists() {
+        eprintln!("skipped the missing-NVRTC case: a CUDA toolkit is installed");
+        return;
+    }
+    let empty = scratch("no-cuda-home");
+    std::fs::create_dir_all(&empty).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_altc"))
+        .args([
+            "compile",
+            "models/alt_moe_tiny.ron",
+            "-o",
+            artifact,
+            "--cuda-arch",
+            "sm_90a",
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("HOME", &empty)
+        .env("XDG_CACHE_HOME", &empty)
+        .env_remove("ALTC_NVRTC")
+        .env_remove("CUDA_PATH")
+        .env_remove("CUDA_HOME")
+        .env_remove("LD_LIBRARY_PATH")
+        .output()
+        .expect("altc runs");
+    let error = assert_clean_failure(&o);
+    assert!(
+        error.contains("libnvrtc (NVRTC 12) was not found"),
+        "{error}"
+    );
+    assert!(error.contains("nvidia-cuda-nvrtc-cu12"), "{error}");
+}

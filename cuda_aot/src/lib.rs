@@ -133,33 +133,19 @@ fn mode_name(mode: &TuningMode) -> String {
 #[derive(Debug, Default)]
 pub struct Captured {
     pub recording: Recording,
-    /// Graphs whose launching failed (a tensor past 32-bit indexing, a panic in a
-    /// launch), as failures of the check.
+    /// Graphs the device refused to launch (a tensor past 32-bit indexing), as
+    /// failures of the check.
     pub refused: Vec<Failure>,
     /// Graphs left out because their plan needs more memory than the target's
     /// reference GPU has: they cannot run there whatever their kernels.
     pub too_large: Vec<String>,
 }
 
-/// Bytes a run of `graph` holds at its plan's peak (leaves, parameters and optimizer
-/// state resident, plus the plan's peak intermediates), and the largest tensor a
-/// kernel of the plan writes, with its node.
-fn footprint(
-    graph: &Graph,
-    fused: bool,
-    shapes: &BTreeMap<String, Vec<usize>>,
-) -> (u64, u64, usize) {
+/// Bytes a run of `graph` holds at its plan's peak: leaves, parameters and optimizer
+/// state resident, plus the plan's peak intermediates.
+fn footprint(graph: &Graph, fused: bool, shapes: &BTreeMap<String, Vec<usize>>) -> u64 {
     use altc_compiler::fusion::{plan, FusionPlan, KernelLimits};
     let symbols = symbols(graph, shapes);
-    let elements = |id: altc_compiler::ir::NodeId| -> u64 {
-        let dims = graph.node(id).ty.shape.dims();
-        dims.iter()
-            .map(|d| match d {
-                altc_compiler::ir::Dim::Fixed(n) => *n as u64,
-                altc_compiler::ir::Dim::Sym(s) => symbols.get(s).copied().unwrap_or(1) as u64,
-            })
-            .product()
-    };
     let fusion = if fused {
         plan(graph, KernelLimits::for_bindings(1024))
     } else {
@@ -169,19 +155,19 @@ fn footprint(
     let leaves: u64 = graph
         .inputs()
         .chain(graph.parameters())
-        .map(|(_, id)| 4 * elements(id))
+        .map(|(_, id)| {
+            let dims = graph.node(id).ty.shape.dims();
+            let elements: u64 = dims
+                .iter()
+                .map(|d| match d {
+                    altc_compiler::ir::Dim::Fixed(n) => *n as u64,
+                    altc_compiler::ir::Dim::Sym(s) => symbols.get(s).copied().unwrap_or(1) as u64,
+                })
+                .product();
+            4 * elements
+        })
         .sum();
-    // Kernels index what they write; a view or a product summed inside a matmul
-    // is never a buffer of its own.
-    let (largest, node) = fusion
-        .schedule
-        .iter()
-        .filter(|step| step.launches(graph))
-        .flat_map(|step| fusion.step_outputs(graph, step))
-        .map(|id| (elements(id), id.index()))
-        .max()
-        .unwrap_or((0, 0));
-    (leaves + peak, largest, node)
+    leaves + peak
 }
 
 /// Runs every workload under every tuning mode on each target's capture device
@@ -219,41 +205,52 @@ pub fn capture(
             let memory = target.hardware().memory_bytes;
             let mut runnable = Vec::new();
             for (graph, shapes) in &workload.graphs {
-                let (bytes, largest, node) = footprint(graph, workload.fused, shapes);
-                let at = format!("{}: {}", workload.name, graph.name);
+                let bytes = footprint(graph, workload.fused, shapes);
                 if bytes > memory {
                     too_large.push(format!(
-                        "{target}: {at} needs {:.1} GB at its peak, more than the {} has ({:.0} GB)",
+                        "{target}: {}: {} needs {:.1} GB at its peak, more than the {} has ({:.0} GB)",
+                        workload.name,
+                        graph.name,
                         bytes as f64 / 1e9,
                         target.hardware().gpu,
                         memory as f64 / 1e9
                     ));
-                } else if largest > u64::from(u32::MAX) {
-                    refused.push(Failure {
-                        target: target.name(),
-                        kernel: String::new(),
-                        family: String::new(),
-                        origin: graph
-                            .node(altc_compiler::ir::NodeId::new(node))
-                            .origin
-                            .clone(),
-                        node: Some(node),
-                        workload: at,
-                        error: format!(
-                            "a tensor of {largest} elements: altc's kernels index in 32 bits"
-                        ),
-                    });
                 } else {
                     runnable.push((graph, shapes));
                 }
             }
-            for mode in modes {
+            for (i, mode) in modes.iter().enumerate() {
                 *running.lock().unwrap_or_else(|e| e.into_inner()) =
                     format!("{}, {}", workload.name, mode_name(mode));
                 backend.set_tuning(mode.clone());
-                for (graph, shapes) in &runnable {
-                    backend.run_uninitialised(graph, shapes, ctx)?;
+                let mut kept = Vec::new();
+                for (graph, shapes) in runnable {
+                    match backend.run_uninitialised(graph, shapes, ctx) {
+                        Ok(_) => kept.push((graph, shapes)),
+                        // Refused before anything launched, whatever the mode.
+                        Err(BackendError::TooLarge {
+                            node,
+                            origin,
+                            elements,
+                            ..
+                        }) => {
+                            debug_assert_eq!(i, 0, "a refusal does not depend on the mode");
+                            refused.push(Failure {
+                                target: target.name(),
+                                kernel: String::new(),
+                                family: String::new(),
+                                origin,
+                                node: Some(node),
+                                workload: format!("{}: {}", workload.name, graph.name),
+                                error: format!(
+                                    "a tensor of {elements} elements: altc's kernels index in 32 bits"
+                                ),
+                            });
+                        }
+                        Err(e) => return Err(e),
+                    }
                 }
+                runnable = kept;
             }
         }
     }

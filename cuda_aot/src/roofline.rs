@@ -38,6 +38,24 @@ pub struct GraphBound {
     pub bytes: u64,
 }
 
+impl GraphBound {
+    /// The bound by kernel family, largest first: (family, kernels, microseconds).
+    pub fn by_family(&self) -> Vec<(String, usize, f64)> {
+        let mut families: BTreeMap<&str, (usize, f64)> = BTreeMap::new();
+        for k in &self.kernels {
+            let entry = families.entry(&k.family).or_default();
+            entry.0 += 1;
+            entry.1 += k.bound_us;
+        }
+        let mut families: Vec<(String, usize, f64)> = families
+            .into_iter()
+            .map(|(f, (n, us))| (f.to_string(), n, us))
+            .collect();
+        families.sort_by(|a, b| b.2.total_cmp(&a.2));
+        families
+    }
+}
+
 /// The bound of `graph` under `plan` on `target`, symbols bound to `symbols`.
 pub fn graph_bound(
     graph: &Graph,

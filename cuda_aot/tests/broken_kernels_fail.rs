@@ -3,9 +3,11 @@
 //! launch past CUDA's grid limits. Needs NVRTC, as `every_kernel_compiles.rs`.
 
 use altc_cuda_aot::capture::{take_recording, CaptureRuntime};
-use altc_cuda_aot::nvrtc::Nvrtc;
 use altc_cuda_aot::target::CudaTarget;
 use cubecl::prelude::*;
+
+mod common;
+use common::nvrtc;
 
 /// Reverses 32 values through shared memory.
 #[cube(launch_unchecked)]
@@ -16,20 +18,7 @@ fn reverse_through_shared(values: &mut Array<f32>) {
     values[UNIT_POS as usize] = tile[(31 - UNIT_POS) as usize];
 }
 
-fn nvrtc() -> Option<&'static Nvrtc> {
-    match Nvrtc::load() {
-        Ok(n) => Some(n),
-        Err(e) if std::env::var("CI").is_ok_and(|v| v == "true") => {
-            panic!("CI=true and the CUDA check cannot run: {e}")
-        }
-        Err(e) => {
-            eprintln!("skipped: {e}");
-            None
-        }
-    }
-}
-
-/// Launches the kernel on the sm_90a capture device with `cubes` cubes in y.
+/// Launches the kernel on the sm_90a capture device with `cubes_y` cubes in y.
 fn launch(cubes_y: u32) {
     let client = CaptureRuntime::client_for(CudaTarget::SM90A);
     let values = client.empty(32 * 4);

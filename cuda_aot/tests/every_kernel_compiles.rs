@@ -6,23 +6,11 @@
 
 use altc_compiler::lower::{lower_loaded, LowerOptions, MoeDispatch};
 use altc_compiler::spec;
-use altc_cuda_aot::nvrtc::Nvrtc;
 use altc_cuda_aot::target::CudaTarget;
 use altc_cuda_aot::{capture, check, every_tuning_choice, CheckReport, Workload};
 
-/// NVRTC, or `None` with the reason printed; under CI a missing NVRTC fails.
-fn nvrtc() -> Option<&'static Nvrtc> {
-    match Nvrtc::load() {
-        Ok(n) => Some(n),
-        Err(e) if std::env::var("CI").is_ok_and(|v| v == "true") => {
-            panic!("CI=true and the CUDA check cannot run: {e}")
-        }
-        Err(e) => {
-            eprintln!("skipped: {e}");
-            None
-        }
-    }
-}
+mod common;
+use common::nvrtc;
 
 fn threads() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get())
@@ -39,19 +27,34 @@ fn models() -> Vec<std::path::PathBuf> {
     paths
 }
 
+/// Per target: kernels, launches, failures, and the most registers, spilled bytes and
+/// shared memory of any kernel.
 fn summary(report: &CheckReport) -> String {
-    let worst =
-        |f: fn(&altc_cuda_aot::KernelRow) -> u64| report.kernels.iter().map(f).max().unwrap_or(0);
-    format!(
-        "{} kernels, {} launches, {} failures; worst: {} registers, {} bytes spilled, {} bytes static + {} dynamic shared memory",
-        report.kernels.len(),
-        report.launches,
-        report.failures.len(),
-        worst(|k| k.ptxas.as_ref().map_or(0, |p| p.registers.into())),
-        worst(|k| k.ptxas.as_ref().map_or(0, |p| (p.spill_stores + p.spill_loads).into())),
-        worst(|k| k.ptxas.as_ref().map_or(0, |p| p.static_shared.into())),
-        worst(|k| k.dynamic_shared as u64),
-    )
+    let mut lines = Vec::new();
+    for target in CudaTarget::ALL {
+        let of: Vec<_> = report
+            .kernels
+            .iter()
+            .filter(|k| k.target == target.name())
+            .collect();
+        let worst =
+            |f: fn(&altc_cuda_aot::KernelRow) -> u64| of.iter().map(|k| f(k)).max().unwrap_or(0);
+        let failures = report
+            .failures
+            .iter()
+            .filter(|f| f.target == target.name())
+            .count();
+        lines.push(format!(
+            "  {target}: {} kernels, {} launches, {failures} failures; most registers {}, most spilled {} bytes, most shared memory {} static + {} dynamic bytes",
+            of.len(),
+            of.iter().map(|k| k.launches).sum::<usize>(),
+            worst(|k| k.ptxas.as_ref().map_or(0, |p| p.registers.into())),
+            worst(|k| k.ptxas.as_ref().map_or(0, |p| (p.spill_stores + p.spill_loads).into())),
+            worst(|k| k.ptxas.as_ref().map_or(0, |p| p.static_shared.into())),
+            worst(|k| k.dynamic_shared as u64),
+        ));
+    }
+    lines.join("\n")
 }
 
 #[test]
@@ -78,9 +81,16 @@ fn every_kernel_of_every_shipped_model_compiles_for_sm80_and_sm90a() {
                 }
             }
         }
+        let started = std::time::Instant::now();
         let captured = capture(&workloads, &CudaTarget::ALL, &modes, |_| {}).unwrap();
+        let captured_in = started.elapsed().as_secs_f64();
         let report = check(&captured.recording, nvrtc, threads());
-        println!("{}: {}", path.display(), summary(&report));
+        println!(
+            "captured in {captured_in:.1} s, compiled in {:.1} s",
+            started.elapsed().as_secs_f64() - captured_in
+        );
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        println!("{name}:\n{}", summary(&report));
         for line in &captured.too_large {
             println!("  left out: {line}");
         }

@@ -18,6 +18,16 @@ pub enum BackendError {
     MissingInput { graph: String, name: String },
     #[error("{0}")]
     Unavailable(String),
+    #[error(
+        "graph `{graph}`: node {node} ({origin}) would be a tensor of {elements} elements, \
+         past the 4,294,967,295 that altc's kernels index (32-bit): use a smaller batch"
+    )]
+    TooLarge {
+        graph: String,
+        node: usize,
+        origin: String,
+        elements: u64,
+    },
 }
 
 /// One kernel of a profiled run: what it is and how long it took, launch to

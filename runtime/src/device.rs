@@ -278,6 +278,7 @@ impl<R: Runtime> DeviceBackend<R> {
                 })
             })
             .clone();
+        indexable(graph, &plan, &symbols)?;
         // Release each value after the last step that reads it.
         let step_at = plan.positions(graph);
         let mut last_use = vec![0usize; graph.len()];
@@ -1191,6 +1192,34 @@ fn matmul_operands(
             .expect("operands come first")
     };
     (operand(0), operand(1), (transpose_a, transpose_b))
+}
+
+/// Checks, before anything launches, that every buffer the plan reads or writes can
+/// be indexed in 32 bits as the kernels do; a product summed inside its matmul, or a
+/// view, is no buffer and may be larger.
+fn indexable(
+    graph: &Graph,
+    plan: &FusionPlan,
+    symbols: &BTreeMap<String, usize>,
+) -> Result<(), BackendError> {
+    let leaves = graph.inputs().chain(graph.parameters()).map(|(_, id)| id);
+    let written = plan
+        .schedule
+        .iter()
+        .flat_map(|step| plan.step_outputs(graph, step));
+    for id in leaves.chain(written) {
+        let elements = concrete(&graph.node(id).ty.shape, symbols)
+            .map_or(0, |dims| dims.iter().map(|&d| d as u64).product::<u64>());
+        if elements > u64::from(u32::MAX) {
+            return Err(BackendError::TooLarge {
+                graph: graph.name.clone(),
+                node: id.index(),
+                origin: graph.node(id).origin.clone(),
+                elements,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The concrete shape of node `id` once the inputs bound every symbol.

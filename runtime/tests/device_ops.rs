@@ -452,6 +452,28 @@ fn grouped_expert_matmuls_with_balanced_skewed_empty_and_full_experts() {
 }
 
 #[test]
+fn a_grouped_expert_matmul_with_more_row_tiles_than_a_grid_holds_in_y() {
+    // 16 * 65,535 + 37 assignments: 65,537 tiles of 16 rows, past the 65,535 cubes
+    // a grid may have in y on CUDA and Vulkan, so the launch folds them into z.
+    let tokens = 16 * 65_535 + 37;
+    let inputs = vec![
+        routing(tokens, 1, |u| (u * 3.0) as i32),
+        random(&[tokens, 2], 45, -1.0, 1.0),
+        random(&[3, 2, 3], 46, -1.0, 1.0),
+        random(&[3, 3], 47, -1.0, 1.0),
+    ];
+    check("expert matmul over 65,537 row tiles", inputs, |g, x| {
+        let order = push(g, Op::ExpertOrder { experts: 3 }, &[x[0]]);
+        let offsets = push(g, Op::ExpertOffsets { experts: 3 }, &[x[0]]);
+        let op = Op::ExpertMatMul {
+            transpose_w: false,
+            bias: true,
+        };
+        push(g, op, &[x[1], x[2], x[3], order, offsets])
+    });
+}
+
+#[test]
 fn dropout_draws_the_reference_mask() {
     check("dropout", vec![random(&[3, 333], 22, 0.5, 1.5)], |g, x| {
         push(
