@@ -125,7 +125,7 @@ fn main() -> ExitCode {
             batch_size,
             no_opt,
             json,
-        } => compile(&spec, output, explain.then_some(bindings as usize)).and_then(|()| {
+        } => compile(&spec, output, explain.then_some(bindings as usize), json).and_then(|()| {
             let Some(CudaTargets(targets)) = cuda_arch else {
                 return Ok(());
             };
@@ -209,7 +209,8 @@ fn check(path: &Path) -> Result<()> {
 }
 
 /// `explain`: print the fusion plan for a device binding that many buffers per kernel.
-fn compile(path: &Path, output: Option<PathBuf>, explain: Option<usize>) -> Result<()> {
+/// `json`: stdout is kept for a JSON report, so the summary line goes to stderr.
+fn compile(path: &Path, output: Option<PathBuf>, explain: Option<usize>, json: bool) -> Result<()> {
     let loaded = spec::load(path)?;
     let program = lower_loaded(&loaded, LowerOptions::default())?;
     let output = output.unwrap_or_else(|| path.with_extension("altc"));
@@ -222,14 +223,20 @@ fn compile(path: &Path, output: Option<PathBuf>, explain: Option<usize>) -> Resu
         let baseline = lower_loaded(&loaded, lower_options(true))?;
         emit(&explain_fusion(&artifact.program, &baseline, bindings)?)?;
     }
-    emit(&format!(
+    let line = format!(
         "compiled {} -> {} ({} graphs, {} nodes, {} trainable parameters)\n",
         path.display(),
         output.display(),
         artifact.program.graphs.len(),
         nodes,
         summary::thousands(artifact.program.params.trainable_count())
-    ))
+    );
+    if json {
+        eprint!("{line}");
+        Ok(())
+    } else {
+        emit(&line)
+    }
 }
 
 fn inspect(path: &Path, dot: bool, only: &[String]) -> Result<()> {

@@ -105,15 +105,7 @@ pub fn symbols(graph: &Graph, shapes: &BTreeMap<String, Vec<usize>>) -> BTreeMap
 /// The untuned plan, then every candidate of every tunable family forced in turn:
 /// every configuration `altc tune` may choose.
 pub fn every_tuning_choice() -> Vec<TuningMode> {
-    let families = [
-        "matmul",
-        "grouped expert matmul",
-        "expert weight gradient",
-        "reduce",
-        "fused elementwise",
-        "multi-tensor elementwise",
-    ];
-    let names: std::collections::BTreeSet<String> = families
+    let names: std::collections::BTreeSet<String> = altc_kernels::TUNABLE_FAMILIES
         .iter()
         .flat_map(|family| altc_kernels::candidates(family))
         .collect();

@@ -6,6 +6,7 @@
 
 use altc_compiler::lower::{lower_loaded, LowerOptions, MoeDispatch};
 use altc_compiler::spec;
+use altc_cuda_aot::capture::Recording;
 use altc_cuda_aot::target::CudaTarget;
 use altc_cuda_aot::{capture, check, every_tuning_choice, CheckReport, Workload};
 
@@ -27,27 +28,36 @@ fn models() -> Vec<std::path::PathBuf> {
     paths
 }
 
-/// Per target: kernels, launches, failures, and the most registers, spilled bytes and
-/// shared memory of any kernel.
-fn summary(report: &CheckReport) -> String {
+/// Per target, over the kernels `model` launches: how many, their launches by
+/// `model`, failures, and the most registers, spilled bytes and shared memory.
+fn summary(report: &CheckReport, recording: &Recording, model: &str) -> String {
+    let prefix = format!("{model} ");
+    let mut launches = vec![0usize; recording.kernels.len()];
+    for l in &recording.launches {
+        if l.context.workload.starts_with(&prefix) {
+            launches[l.kernel] += 1;
+        }
+    }
     let mut lines = Vec::new();
     for target in CudaTarget::ALL {
         let of: Vec<_> = report
             .kernels
             .iter()
-            .filter(|k| k.target == target.name())
+            .zip(&launches)
+            .filter(|(k, &n)| n > 0 && k.target == target.name())
+            .map(|(k, _)| k)
             .collect();
         let worst =
             |f: fn(&altc_cuda_aot::KernelRow) -> u64| of.iter().map(|k| f(k)).max().unwrap_or(0);
         let failures = report
             .failures
             .iter()
-            .filter(|f| f.target == target.name())
+            .filter(|f| f.target == target.name() && f.workload.starts_with(&prefix))
             .count();
         lines.push(format!(
             "  {target}: {} kernels, {} launches, {failures} failures; most registers {}, most spilled {} bytes, most shared memory {} static + {} dynamic bytes",
             of.len(),
-            of.iter().map(|k| k.launches).sum::<usize>(),
+            launches.iter().zip(&report.kernels).filter(|(_, k)| k.target == target.name()).map(|(n, _)| n).sum::<usize>(),
             worst(|k| k.ptxas.as_ref().map_or(0, |p| p.registers.into())),
             worst(|k| k.ptxas.as_ref().map_or(0, |p| (p.spill_stores + p.spill_loads).into())),
             worst(|k| k.ptxas.as_ref().map_or(0, |p| p.static_shared.into())),
@@ -62,11 +72,11 @@ fn every_kernel_of_every_shipped_model_compiles_for_sm80_and_sm90a() {
     let Some(nvrtc) = nvrtc() else { return };
     let started = std::time::Instant::now();
     let modes = every_tuning_choice();
-    let mut failures = Vec::new();
-    let mut refused_baselines = 0;
+    // All models in one capture, so a kernel two models share compiles once.
+    let mut workloads = Vec::new();
+    let mut names = Vec::new();
     for path in models() {
         let loaded = spec::load(&path).expect("a shipped model parses");
-        let mut workloads = Vec::new();
         for (fused, moe) in [(true, MoeDispatch::Sparse), (false, MoeDispatch::Dense)] {
             let options = LowerOptions {
                 moe,
@@ -80,41 +90,45 @@ fn every_kernel_of_every_shipped_model_compiles_for_sm80_and_sm90a() {
                     workloads.push(Workload::of_program(&program, fused, bf16, batch).unwrap());
                 }
             }
+            if fused {
+                names.push(program.model.clone());
+            }
         }
-        let started = std::time::Instant::now();
-        let captured = capture(&workloads, &CudaTarget::ALL, &modes, |_| {}).unwrap();
-        let captured_in = started.elapsed().as_secs_f64();
-        let report = check(&captured.recording, nvrtc, threads());
-        println!(
-            "captured in {captured_in:.1} s, compiled in {:.1} s",
-            started.elapsed().as_secs_f64() - captured_in
-        );
-        let name = path.file_name().unwrap_or_default().to_string_lossy();
-        println!("{name}:\n{}", summary(&report));
-        for line in &captured.too_large {
-            println!("  left out: {line}");
-        }
-        // The authors' dense form (`--no-opt`) at paper scale materialises tensors of
-        // more than 2^32 elements (every expert's output for every token; a weight
-        // gradient per batch element), which altc's 32-bit-indexed kernels refuse.
-        // That is a known limit of the baseline, listed; anything else fails.
-        for refusal in &captured.refused {
-            println!(
-                "  refused: {} {}: {}",
-                refusal.target, refusal.workload, refusal.error
-            );
-        }
-        let (baseline_refusals, other): (Vec<_>, Vec<_>) = captured
-            .refused
-            .into_iter()
-            .partition(|r| r.workload.contains("--no-opt") && r.error.contains("32 bits"));
-        refused_baselines += baseline_refusals.len();
-        failures.extend(other);
-        failures.extend(report.failures);
     }
+    let captured = capture(&workloads, &CudaTarget::ALL, &modes, |_| {}).unwrap();
+    let captured_in = started.elapsed().as_secs_f64();
+    let report = check(&captured.recording, nvrtc, threads());
     println!(
-        "{} tuning choices; {refused_baselines} --no-opt graphs refused for 32-bit indexing; {} in {:.1} s",
+        "{} distinct kernels, {} launches: captured in {captured_in:.1} s, compiled in {:.1} s",
+        report.kernels.len(),
+        report.launches,
+        started.elapsed().as_secs_f64() - captured_in
+    );
+    for name in &names {
+        println!("{name}:\n{}", summary(&report, &captured.recording, name));
+    }
+    for line in &captured.too_large {
+        println!("left out: {line}");
+    }
+    // The authors' dense form (`--no-opt`) at paper scale materialises tensors of
+    // more than 2^32 elements (every expert's output for every token; a weight
+    // gradient per batch element), which altc's 32-bit-indexed kernels refuse.
+    // That is a known limit of the baseline, listed; anything else fails.
+    for refusal in &captured.refused {
+        println!(
+            "refused: {} {}: {}",
+            refusal.target, refusal.workload, refusal.error
+        );
+    }
+    let (baseline_refusals, mut failures): (Vec<_>, Vec<_>) = captured
+        .refused
+        .into_iter()
+        .partition(|r| r.workload.contains("--no-opt") && r.error.contains("32 bits"));
+    failures.extend(report.failures);
+    println!(
+        "{} tuning choices; {} --no-opt graphs refused for 32-bit indexing; {} in {:.1} s",
         modes.len(),
+        baseline_refusals.len(),
         nvrtc.library,
         started.elapsed().as_secs_f64()
     );

@@ -35,4 +35,4 @@ pub use launch::{
 };
 pub use matmul::OperandLayout;
 pub use reduce::ReduceKind;
-pub use tune::{candidates, Candidate, KernelKey, TunedKernel, TuningMode};
+pub use tune::{candidates, Candidate, KernelKey, TunedKernel, TuningMode, TUNABLE_FAMILIES};

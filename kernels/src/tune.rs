@@ -177,6 +177,16 @@ pub fn candidates(family: &str) -> Vec<String> {
     }
 }
 
+/// Every tunable family, as `candidates` and kernel keys name them.
+pub const TUNABLE_FAMILIES: [&str; 6] = [
+    MATMUL,
+    GROUPED_MATMUL,
+    EXPERT_GRAD,
+    REDUCE,
+    ELEMENTWISE,
+    MULTI_ELEMENTWISE,
+];
+
 /// Tunable families, as named in kernel keys.
 pub(crate) const MATMUL: &str = "matmul";
 pub(crate) const REDUCE: &str = "reduce";
