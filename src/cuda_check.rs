@@ -9,7 +9,9 @@ use altc_compiler::spec::Precision;
 use altc_cuda_aot::nvrtc::Nvrtc;
 use altc_cuda_aot::roofline::{graph_bound, GraphBound};
 use altc_cuda_aot::target::{CudaTarget, SHARED_WITHOUT_OPT_IN};
-use altc_cuda_aot::{capture, check, every_tuning_choice, symbols, CheckReport, Failure, Workload};
+use altc_cuda_aot::{
+    capture, check, every_tuning_choice, symbols, CheckReport, Failure, Workload, Worst,
+};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use std::fmt::Write as _;
@@ -153,9 +155,7 @@ fn table(
             .iter()
             .filter(|k| &k.target == target)
             .collect();
-        let worst = |f: &dyn Fn(&altc_cuda_aot::KernelRow) -> u64| {
-            of.iter().map(|k| f(k)).max().unwrap_or(0)
-        };
+        let worst = Worst::of(of.iter().copied());
         let failures = report
             .failures
             .iter()
@@ -170,11 +170,11 @@ fn table(
             out,
             "{target}: {} kernels, {failures} failures; most registers {}, most spilled {} bytes, most shared memory {} static + {} dynamic bytes ({} above the {} KiB a kernel gets without opt-in)",
             of.len(),
-            worst(&|k| k.ptxas.as_ref().map_or(0, |p| p.registers.into())),
-            worst(&|k| k.ptxas.as_ref().map_or(0, |p| (p.spill_stores + p.spill_loads).into())),
-            worst(&|k| k.ptxas.as_ref().map_or(0, |p| p.static_shared.into())),
-            worst(&|k| k.dynamic_shared as u64),
-            of.iter().filter(|k| k.dynamic_shared > SHARED_WITHOUT_OPT_IN as usize).count(),
+            worst.registers,
+            worst.spilled,
+            worst.static_shared,
+            worst.dynamic_shared,
+            worst.above_opt_in,
             SHARED_WITHOUT_OPT_IN / 1024,
         );
     }

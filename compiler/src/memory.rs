@@ -89,6 +89,16 @@ fn step_reads(
     read.iter().map(|&o| bytes(graph, o, symbols)).sum()
 }
 
+/// Bytes of the graph's leaves, its inputs and parameters (with optimizer state),
+/// which stay resident while it runs and which `PlanCost::peak_bytes` leaves out.
+pub fn leaf_bytes(graph: &Graph, symbols: &BTreeMap<String, usize>) -> u64 {
+    graph
+        .inputs()
+        .chain(graph.parameters())
+        .map(|(_, id)| bytes(graph, id, symbols))
+        .sum()
+}
+
 /// What one kernel of a plan does at concrete symbol values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StepWork {

@@ -143,23 +143,8 @@ fn footprint(graph: &Graph, fused: bool, shapes: &BTreeMap<String, Vec<usize>>) 
     } else {
         FusionPlan::unfused(graph)
     };
-    let peak = altc_compiler::memory::plan_cost(graph, &fusion, &symbols).peak_bytes;
-    let leaves: u64 = graph
-        .inputs()
-        .chain(graph.parameters())
-        .map(|(_, id)| {
-            let dims = graph.node(id).ty.shape.dims();
-            let elements: u64 = dims
-                .iter()
-                .map(|d| match d {
-                    altc_compiler::ir::Dim::Fixed(n) => *n as u64,
-                    altc_compiler::ir::Dim::Sym(s) => symbols.get(s).copied().unwrap_or(1) as u64,
-                })
-                .product();
-            4 * elements
-        })
-        .sum();
-    leaves + peak
+    altc_compiler::memory::plan_cost(graph, &fusion, &symbols).peak_bytes
+        + altc_compiler::memory::leaf_bytes(graph, &symbols)
 }
 
 /// Runs every workload under every tuning mode on each target's capture device
@@ -438,12 +423,31 @@ fn compile_all(
         .collect()
 }
 
-/// Kernels above `SHARED_WITHOUT_OPT_IN` of dynamic shared memory: they launch only
-/// because cubecl-cuda raises the kernel's limit (`CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`).
-pub fn opt_in_kernels(report: &CheckReport) -> usize {
-    report
-        .kernels
-        .iter()
-        .filter(|k| k.dynamic_shared > SHARED_WITHOUT_OPT_IN as usize)
-        .count()
+/// The most any of some kernels uses of each resource: what a summary reports.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Worst {
+    pub registers: u32,
+    /// Spill stores and loads, bytes.
+    pub spilled: u32,
+    pub static_shared: u32,
+    pub dynamic_shared: usize,
+    /// Kernels above `SHARED_WITHOUT_OPT_IN` of dynamic shared memory: they launch
+    /// only because cubecl-cuda raises their limit
+    /// (`CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`).
+    pub above_opt_in: usize,
+}
+
+impl Worst {
+    pub fn of<'a>(kernels: impl IntoIterator<Item = &'a KernelRow>) -> Worst {
+        let mut worst = Worst::default();
+        for k in kernels {
+            let p = k.ptxas.clone().unwrap_or_default();
+            worst.registers = worst.registers.max(p.registers);
+            worst.spilled = worst.spilled.max(p.spill_stores + p.spill_loads);
+            worst.static_shared = worst.static_shared.max(p.static_shared);
+            worst.dynamic_shared = worst.dynamic_shared.max(k.dynamic_shared);
+            worst.above_opt_in += usize::from(k.dynamic_shared > SHARED_WITHOUT_OPT_IN as usize);
+        }
+        worst
+    }
 }

@@ -8,7 +8,7 @@ use altc_compiler::lower::{lower_loaded, LowerOptions, MoeDispatch};
 use altc_compiler::spec;
 use altc_cuda_aot::capture::Recording;
 use altc_cuda_aot::target::CudaTarget;
-use altc_cuda_aot::{capture, check, every_tuning_choice, CheckReport, Workload};
+use altc_cuda_aot::{capture, check, every_tuning_choice, CheckReport, Workload, Worst};
 
 mod common;
 use common::nvrtc;
@@ -47,8 +47,7 @@ fn summary(report: &CheckReport, recording: &Recording, model: &str) -> String {
             .filter(|(k, &n)| n > 0 && k.target == target.name())
             .map(|(k, _)| k)
             .collect();
-        let worst =
-            |f: fn(&altc_cuda_aot::KernelRow) -> u64| of.iter().map(|k| f(k)).max().unwrap_or(0);
+        let worst = Worst::of(of.iter().copied());
         let failures = report
             .failures
             .iter()
@@ -58,10 +57,10 @@ fn summary(report: &CheckReport, recording: &Recording, model: &str) -> String {
             "  {target}: {} kernels, {} launches, {failures} failures; most registers {}, most spilled {} bytes, most shared memory {} static + {} dynamic bytes",
             of.len(),
             launches.iter().zip(&report.kernels).filter(|(_, k)| k.target == target.name()).map(|(n, _)| n).sum::<usize>(),
-            worst(|k| k.ptxas.as_ref().map_or(0, |p| p.registers.into())),
-            worst(|k| k.ptxas.as_ref().map_or(0, |p| (p.spill_stores + p.spill_loads).into())),
-            worst(|k| k.ptxas.as_ref().map_or(0, |p| p.static_shared.into())),
-            worst(|k| k.dynamic_shared as u64),
+            worst.registers,
+            worst.spilled,
+            worst.static_shared,
+            worst.dynamic_shared,
         ));
     }
     lines.join("\n")
