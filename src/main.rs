@@ -12,6 +12,7 @@ use std::process::ExitCode;
 
 mod bench;
 mod cuda_check;
+mod files;
 mod serving;
 mod training;
 mod tune;
@@ -170,19 +171,50 @@ fn main() -> ExitCode {
     }
 }
 
+/// A model as loaded: its program and the spec it was lowered from.
+pub(crate) struct LoadedModel {
+    pub program: altc_compiler::lower::Program,
+    /// The spec's path as the user gave it, and its text.
+    pub source_path: String,
+    pub source_text: String,
+}
+
+impl LoadedModel {
+    /// The model as an artifact, to keep beside a run.
+    pub fn artifact(&self) -> Artifact {
+        Artifact::new(&self.source_path, &self.source_text, self.program.clone())
+    }
+}
+
 /// Loads a model from a spec (`.ron`) or a compiled artifact (`.altc`). An artifact
-/// compiled with another MoE form is lowered again from the spec text it carries.
-fn load_program(path: &Path, options: LowerOptions) -> Result<altc_compiler::lower::Program> {
+/// compiled with another MoE form is lowered again from the spec text it carries,
+/// which reading it checked against its graphs.
+pub(crate) fn load_model(path: &Path, options: LowerOptions) -> Result<LoadedModel> {
     if path.extension().is_some_and(|e| e == "altc") {
         let artifact = Artifact::read(path)?;
-        if artifact.program.moe == options.moe {
-            return Ok(artifact.program);
-        }
-        let loaded = spec::parse(&artifact.source_text, &artifact.source_path)?;
-        return Ok(lower_loaded(&loaded, options)?);
+        let program = if artifact.program.moe == options.moe {
+            artifact.program
+        } else {
+            lower_loaded(&artifact.embedded_spec(path)?, options)?
+        };
+        return Ok(LoadedModel {
+            program,
+            source_path: artifact.source_path,
+            source_text: artifact.source_text,
+        });
     }
     let loaded = spec::load(path)?;
-    Ok(lower_loaded(&loaded, options)?)
+    let source_text =
+        std::fs::read_to_string(path).with_context(|| format!("re-reading {}", path.display()))?;
+    Ok(LoadedModel {
+        program: lower_loaded(&loaded, options)?,
+        source_path: path.display().to_string(),
+        source_text,
+    })
+}
+
+fn load_program(path: &Path, options: LowerOptions) -> Result<altc_compiler::lower::Program> {
+    Ok(load_model(path, options)?.program)
 }
 
 /// Lowering for a run: sparse MoE dispatch when optimising, the authors' dense form
@@ -214,6 +246,7 @@ fn compile(path: &Path, output: Option<PathBuf>, explain: Option<usize>, json: b
     let loaded = spec::load(path)?;
     let program = lower_loaded(&loaded, LowerOptions::default())?;
     let output = output.unwrap_or_else(|| path.with_extension("altc"));
+    files::refuse_overwrite(&output, &[("spec", path)])?;
     let text =
         std::fs::read_to_string(path).with_context(|| format!("re-reading {}", path.display()))?;
     let artifact = Artifact::new(&path.display().to_string(), &text, program);

@@ -34,6 +34,7 @@ pub struct EmbedArgs {
     direction: String,
     #[arg(long, value_enum, default_value_t = Side::Key)]
     side: Side,
+    /// Where to write the vector store (safetensors); never one of the inputs.
     #[arg(short, long)]
     output: PathBuf,
     #[arg(long, value_enum, default_value_t = Device::Auto)]
@@ -50,10 +51,13 @@ pub struct RetrieveArgs {
     /// The dataset whose pairs the store holds; its first `--queries` pairs are queried.
     #[arg(long)]
     data: PathBuf,
-    #[arg(long)]
-    queries: Option<usize>,
-    #[arg(long, default_value_t = 10)]
-    k: usize,
+    /// Pairs to query, 1 to the store's size [default: all].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    queries: Option<u64>,
+    /// Items ranked per query, 1 to the store's size; R@k is shown for k up to it
+    /// [default: 10, or the store's size if smaller].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    k: Option<u64>,
     #[arg(long, value_enum, default_value_t = Device::Auto)]
     device: Device,
 }
@@ -78,6 +82,16 @@ fn load_run(run_dir: &Path, device: Device) -> Result<Loaded> {
 }
 
 pub fn embed_command(args: EmbedArgs) -> Result<()> {
+    let model = args.run_dir.join("model.altc");
+    let checkpoint = checkpoint_path(&args.run_dir);
+    crate::files::refuse_overwrite(
+        &args.output,
+        &[
+            ("--data", &args.data),
+            ("model", &model),
+            ("checkpoint", &checkpoint),
+        ],
+    )?;
     let Loaded {
         program,
         mut backend,
@@ -131,8 +145,17 @@ pub fn embed_command(args: EmbedArgs) -> Result<()> {
     ))
 }
 
-/// Reads a vector store: its embeddings, width and metadata.
-fn read_store(path: &Path) -> Result<(Vec<f32>, usize, HashMap<String, String>)> {
+/// A vector store as `altc embed` writes it.
+struct Store {
+    vectors: Vec<f32>,
+    rows: usize,
+    width: usize,
+    meta: HashMap<String, String>,
+}
+
+/// Reads a vector store and checks its layout: `embeddings` `[rows, width]` of
+/// finite f32 values, with at least one row and one column.
+fn read_store(path: &Path) -> Result<Store> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let (_, meta) = SafeTensors::read_metadata(&bytes)
         .map_err(|e| anyhow::anyhow!("{}: not a vector store: {e}", path.display()))?;
@@ -148,84 +171,141 @@ fn read_store(path: &Path) -> Result<(Vec<f32>, usize, HashMap<String, String>)>
     let view = st
         .tensor("embeddings")
         .map_err(|_| anyhow::anyhow!("{}: tensor `embeddings` is missing", path.display()))?;
-    let width = *view
-        .shape()
-        .get(1)
-        .context("embeddings must be [N, width]")?;
-    let values = view
+    let &[rows, width] = view.shape() else {
+        bail!(
+            "{}: `embeddings` is {:?}, not [items, width]",
+            path.display(),
+            view.shape()
+        );
+    };
+    if rows == 0 || width == 0 || view.dtype() != safetensors::Dtype::F32 {
+        bail!(
+            "{}: `embeddings` is {:?}{:?}; a store holds at least one F32 vector of width 1 or more",
+            path.display(),
+            view.dtype(),
+            view.shape()
+        );
+    }
+    let vectors: Vec<f32> = view
         .data()
         .chunks_exact(4)
         .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
         .collect();
-    Ok((values, width, meta))
+    if let Some(i) = vectors.iter().position(|v| !v.is_finite()) {
+        bail!(
+            "{}: `embeddings` holds {} at item {}, column {}; a store holds finite vectors",
+            path.display(),
+            vectors[i],
+            i / width,
+            i % width
+        );
+    }
+    Ok(Store {
+        vectors,
+        rows,
+        width,
+        meta,
+    })
+}
+
+/// The width of the `embedding` output of `graph`.
+fn embedding_width(program: &altc_compiler::lower::Program, graph: &str) -> Option<usize> {
+    let g = program.graph(graph)?;
+    match g.node(g.output("embedding")?).ty.shape.0.last()? {
+        altc_compiler::ir::Dim::Fixed(w) => Some(*w),
+        altc_compiler::ir::Dim::Sym(_) => None,
+    }
 }
 
 pub fn retrieve_command(args: RetrieveArgs) -> Result<()> {
-    let (store, width, meta) = read_store(&args.store)?;
+    let Store {
+        vectors: store,
+        rows: n,
+        width,
+        meta,
+    } = read_store(&args.store)?;
     let Loaded {
         program,
         mut backend,
     } = load_run(&args.run_dir, args.device)?;
-    if meta.get("model") != Some(&program.model)
-        || meta.get("side").map(String::as_str) != Some("key")
-    {
+    let field = |key: &str| meta.get(key).cloned().unwrap_or_default();
+    if field("model") != program.model || field("side") != "key" {
         bail!(
-            "{}: the store holds {} vectors of model `{}`; embed the key side of this run's model",
+            "{}: the store holds {} vectors of model `{}`; embed the key side of this run's model `{}`",
             args.store.display(),
-            meta.get("side").cloned().unwrap_or_default(),
-            meta.get("model").cloned().unwrap_or_default()
+            field("side"),
+            field("model"),
+            program.model
         );
     }
-    let direction = meta.get("direction").cloned().unwrap_or_default();
-    let d = program
-        .directions
-        .iter()
-        .find(|d| d.name == direction)
-        .context("the store's direction is not in this model")?;
+    let direction = field("direction");
+    let Some(d) = program.directions.iter().find(|d| d.name == direction) else {
+        let known: Vec<&str> = program.directions.iter().map(|d| d.name.as_str()).collect();
+        bail!(
+            "{}: the store's direction `{direction}` is not one of this model's ({})",
+            args.store.display(),
+            known.join(", ")
+        );
+    };
     let query_graph = d
         .query_graph
         .clone()
         .context("the direction has no query graph")?;
+    let expected = embedding_width(&program, &query_graph)
+        .context("the query graph has no embedding output")?;
+    if width != expected {
+        bail!(
+            "{}: the store's vectors have width {width}, but `{query_graph}` embeds queries at width {expected}; embed the store again with this run",
+            args.store.display()
+        );
+    }
     let data = Dataset::load(&args.data, &program)?;
-    let n = store.len() / width;
     if data.pairs != n {
         bail!("{} holds {} pairs but the store {} vectors: queries are matched to stored items by pair index", args.data.display(), data.pairs, n);
     }
-    let queries: Vec<usize> = (0..args.queries.unwrap_or(n).min(n)).collect();
+    let asked = args.queries.map_or(n, |q| q as usize);
+    if asked > n {
+        bail!("--queries {asked}, but the store holds {n} items (valid: 1 to {n})");
+    }
+    let k = args.k.map_or(n.min(10), |k| k as usize);
+    if k > n {
+        bail!("--k {k}, but the store holds {n} items (valid: 1 to {n})");
+    }
+    let queries: Vec<usize> = (0..asked).collect();
     let start = Instant::now();
     let (q, _) = embed(&program, backend.as_mut(), &data, &queries, &query_graph)?;
     let q: Vec<f32> = q.into_iter().map(|v| v as f32).collect();
     let mut ranked = Vec::with_capacity(queries.len());
     for chunk in q.chunks(256 * width) {
-        ranked.extend(rank(
-            backend.as_mut(),
-            chunk,
-            &store,
-            width,
-            args.k.max(10),
-        )?);
+        ranked.extend(rank(backend.as_mut(), chunk, &store, width, k)?);
     }
     let seconds = start.elapsed().as_secs_f64();
-    let recall = |k: usize| {
-        100.0
-            * ranked
-                .iter()
-                .enumerate()
-                .filter(|(i, top)| top.iter().take(k).any(|j| j == i))
-                .count() as f64
-            / queries.len().max(1) as f64
+    // R@k for the k the ranking reaches; a recall past it would count misses.
+    let recall = |at: usize| {
+        (at <= k).then(|| {
+            100.0
+                * ranked
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, top)| top.iter().take(at).any(|j| j == i))
+                    .count() as f64
+                / queries.len() as f64
+        })
+    };
+    let shown = |at: usize| match recall(at) {
+        Some(r) => format!("R@{at} {r:.1}%"),
+        None => format!("R@{at} -"),
     };
     emit(&format!(
-        "{direction}: {} queries against {n} stored items on {}\n  R@1 {:.1}%  R@5 {:.1}%  R@10 {:.1}%  (chance R@1 {:.2}%)\n  {:.0} queries/s ({:.3} s: embedding the queries, scoring and top-{} on the backend)\n",
+        "{direction}: {} queries against {n} stored items on {}\n  {}  {}  {}  (chance R@1 {:.2}%)\n  {:.0} queries/s ({:.3} s: embedding the queries, scoring and top-{k} on the backend)\n",
         queries.len(),
         backend.describe(),
-        recall(1),
-        recall(5),
-        recall(10),
-        100.0 / n.max(1) as f64,
+        shown(1),
+        shown(5),
+        shown(10),
+        100.0 / n as f64,
         queries.len() as f64 / seconds.max(1e-9),
         seconds,
-        args.k.max(10)
     ))
 }
 

@@ -1,9 +1,10 @@
 //! `altc data synth`, `altc run` and `altc eval`: training and evaluation as a user
 //! runs them, with a progress bar, checkpoints in a run directory, and recalls.
 
-use crate::{emit, load_program, lower_options};
-use altc_compiler::artifact::Artifact;
-use altc_compiler::lower::{LowerOptions, Program};
+use crate::files::{self, DataIdentity};
+use crate::{emit, load_model, load_program, lower_options, LoadedModel};
+use altc_compiler::artifact::{remove_stale_temporaries, Artifact};
+use altc_compiler::lower::{lower_loaded, LowerOptions, Program};
 use altc_compiler::optimize::{optimize, Limits};
 use altc_compiler::spec::Precision;
 use altc_compiler::train::training_tasks;
@@ -14,11 +15,11 @@ use altc_runtime::device::DeviceChoice;
 use altc_runtime::retrieval::{recalls, Recall};
 use altc_runtime::synth::{write_planted, SynthOptions};
 use altc_runtime::training::{checkpoint_path, state_shapes, StepReport, TrainOptions, Trainer};
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Subcommand)]
 pub enum DataCommand {
@@ -26,20 +27,22 @@ pub enum DataCommand {
     Synth {
         /// The model (`.ron` or `.altc`) whose modalities the data feeds.
         model: PathBuf,
+        /// Where to write the dataset (safetensors); never the model itself.
         #[arg(short, long)]
         output: PathBuf,
-        #[arg(long, default_value_t = 4096)]
-        pairs: usize,
+        /// Pairs to write: 2 to 16,777,216.
+        #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(2..=1 << 24))]
+        pairs: u64,
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// Shared latent factors per pair.
-        #[arg(long, default_value_t = 8)]
-        latent: usize,
-        /// Scale of the additive noise.
-        #[arg(long, default_value_t = 0.1)]
+        /// Shared latent factors per pair: 1 to 65,536.
+        #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=1 << 16))]
+        latent: u64,
+        /// Scale of the additive noise: a finite number, 0 or more.
+        #[arg(long, default_value_t = 0.1, value_parser = non_negative_finite)]
         noise: f64,
-        /// Scale of the per-token variation of the latents.
-        #[arg(long, default_value_t = 0.5)]
+        /// Scale of the per-token variation of the latents: a finite number, 0 or more.
+        #[arg(long, default_value_t = 0.5, value_parser = non_negative_finite)]
         token_variation: f64,
     },
 }
@@ -54,36 +57,52 @@ pub enum Device {
     Reference,
 }
 
+/// A finite number, 0 or more.
+fn non_negative_finite(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        Ok(v) => Err(format!("{v} is not a finite number, 0 or more")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 #[derive(Args)]
 pub struct RunArgs {
     /// The model: a spec (`.ron`) or a compiled artifact (`.altc`).
     model: PathBuf,
-    /// The paired dataset (safetensors).
-    #[arg(long)]
-    data: PathBuf,
+    /// The paired dataset (safetensors) [default with --resume: the run's].
+    #[arg(long, required_unless_present = "resume")]
+    data: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = Device::Auto)]
     device: Device,
-    /// Total steps [default: the spec's training duration].
-    #[arg(long)]
-    steps: Option<usize>,
-    /// [default: the spec's batch size]
-    #[arg(long)]
-    batch_size: Option<usize>,
+    /// Total steps, 1 to 4,294,967,296 [default: the spec's training duration].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=altc_compiler::spec::MAX_STEPS as u64))]
+    steps: Option<u64>,
+    /// Pairs per step: 2 to 65,536 for a model with a contrastive loss, else 1 to
+    /// 65,536 [default: the spec's batch size].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=altc_compiler::spec::MAX_BATCH as u64))]
+    batch_size: Option<u64>,
     /// [default: the spec's seed]
     #[arg(long)]
     seed: Option<u64>,
-    /// Pairs held out for the recalls.
-    #[arg(long, default_value_t = 512)]
-    held_out: usize,
-    /// Write a checkpoint every this many steps (and at the end).
+    /// Pairs held out for the recalls: 1 to half the dataset [default: 512].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    held_out: Option<u64>,
+    /// Write a checkpoint every this many steps, and at the end (0: only at the end).
     #[arg(long, default_value_t = 50)]
-    checkpoint_every: usize,
+    checkpoint_every: u64,
     /// The run directory [default: runs/<model name>].
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Continue from the run directory's checkpoint.
-    #[arg(long)]
+    /// Continue the run in the run directory, with its data, seed, batch size and
+    /// held-out split (given again, they must match). A run killed before its first
+    /// checkpoint starts again from step 0.
+    #[arg(long, conflicts_with = "force")]
     resume: bool,
+    /// Start afresh in a run directory that holds another run, deleting its
+    /// checkpoint, record and model.
+    #[arg(long)]
+    force: bool,
     /// One kernel per op, no fusion: the unoptimised baseline.
     #[arg(long)]
     no_opt: bool,
@@ -111,11 +130,101 @@ pub struct EvalArgs {
 /// The settings of a run, kept in its directory so `eval` and `--resume` agree with it.
 #[derive(Serialize, Deserialize)]
 struct RunRecord {
-    data: PathBuf,
+    data: DataIdentity,
     seed: u64,
     batch_size: usize,
     held_out: usize,
     steps: usize,
+}
+
+const DEFAULT_HELD_OUT: usize = 512;
+
+/// What a run directory holds of a run.
+const RUN_FILES: [&str; 3] = ["run.ron", "model.altc", "checkpoint.safetensors"];
+
+impl RunRecord {
+    fn read(run_dir: &Path) -> Result<RunRecord> {
+        let path = run_dir.join("run.ron");
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        ron::from_str(&text).with_context(|| {
+            format!(
+                "{}: unreadable run record (written by an older altc? start afresh with --force)",
+                path.display()
+            )
+        })
+    }
+
+    fn write(&self, run_dir: &Path) -> Result<()> {
+        let path = run_dir.join("run.ron");
+        let pretty =
+            ron::ser::to_string_pretty(self, ron::ser::PrettyConfig::new().struct_names(false))?;
+        altc_runtime::atomic_write(&path, pretty.as_bytes())
+            .with_context(|| format!("writing {}", path.display()))
+    }
+
+    /// Checks what a resumed run was given against what the run trained with, and
+    /// names every difference.
+    fn check_resume(&self, args: &RunArgs, data: &DataIdentity) -> Result<()> {
+        let mut differences = Vec::new();
+        if !self.data.same_contents(data) {
+            differences.push(format!(
+                "--data {} ({} bytes, SHA-256 {}) is not the dataset the run trained on, {} ({} bytes, SHA-256 {})",
+                data.path.display(),
+                data.bytes,
+                short(&data.sha256),
+                self.data.path.display(),
+                self.data.bytes,
+                short(&self.data.sha256)
+            ));
+        }
+        let given = [
+            ("--seed", args.seed, self.seed),
+            ("--batch-size", args.batch_size, self.batch_size as u64),
+            ("--held-out", args.held_out, self.held_out as u64),
+        ];
+        for (flag, given, recorded) in given {
+            if let Some(value) = given.filter(|v| *v != recorded) {
+                differences.push(format!("{flag} {value}, but the run used {recorded}"));
+            }
+        }
+        if differences.is_empty() {
+            return Ok(());
+        }
+        bail!(
+            "cannot resume: {}; resume without them, or start a new run in another --out",
+            differences.join("; ")
+        )
+    }
+}
+
+/// Refuses to resume with a model other than the one the run trained, which its
+/// directory keeps: a checkpoint of the same shapes would load and train on silently.
+fn check_same_model(run_dir: &Path, model: &LoadedModel) -> Result<()> {
+    let kept = run_dir.join("model.altc");
+    if !kept.exists() {
+        return Ok(());
+    }
+    // Lowered in this run's form (`--no-opt` or not), so only the model can differ.
+    let options = LowerOptions {
+        dtype: model.program.dtype,
+        moe: model.program.moe,
+        ..LowerOptions::default()
+    };
+    let trained = lower_loaded(&Artifact::read(&kept)?.embedded_spec(&kept)?, options)?;
+    let text = |p: &Program| ron::to_string(p).unwrap_or_default();
+    if text(&trained) != text(&model.program) {
+        bail!(
+            "cannot resume: {} is not the model this run trained ({}); resume with that artifact",
+            model.source_path,
+            kept.display()
+        );
+    }
+    Ok(())
+}
+
+fn short(hash: &str) -> &str {
+    &hash[..hash.len().min(12)]
 }
 
 pub fn data(command: DataCommand) -> Result<()> {
@@ -128,7 +237,9 @@ pub fn data(command: DataCommand) -> Result<()> {
         noise,
         token_variation,
     } = command;
+    files::refuse_overwrite(&output, &[("model", &model)])?;
     let program = load_program(&model, LowerOptions::default())?;
+    let (pairs, latent) = (pairs as usize, latent as usize);
     let options = SynthOptions {
         pairs,
         seed,
@@ -166,7 +277,8 @@ pub(crate) fn open_backend(
 }
 
 pub fn run(args: RunArgs) -> Result<()> {
-    let program = load_program(&args.model, lower_options(args.no_opt))?;
+    let model = load_model(&args.model, lower_options(args.no_opt))?;
+    let program = &model.program;
     let tuned = !args.no_opt && !args.untuned && !matches!(args.device, Device::Reference);
     let tune_dir = if tuned {
         Some(args.cache.configure_cubecl()?)
@@ -181,25 +293,68 @@ pub fn run(args: RunArgs) -> Result<()> {
     let run_dir = args
         .out
         .clone()
-        .unwrap_or_else(|| PathBuf::from("runs").join(&program.model));
-    let record_path = run_dir.join("run.ron");
-    let record = if args.resume {
-        let text = std::fs::read_to_string(&record_path)
-            .with_context(|| format!("--resume: reading {}", record_path.display()))?;
-        let r: RunRecord = ron::from_str(&text)
-            .with_context(|| format!("{}: unreadable run record", record_path.display()))?;
-        r
-    } else {
-        RunRecord {
-            data: args.data.clone(),
-            seed: args.seed.unwrap_or(program.training.seed),
-            batch_size: args.batch_size.unwrap_or(program.training.batch_size),
-            held_out: args.held_out,
-            steps: 0,
+        .unwrap_or_else(|| files::default_run_dir(&program.model));
+    for stale in remove_stale_temporaries(&run_dir, None) {
+        eprintln!(
+            "removed {}, left by a write that was killed",
+            stale.display()
+        );
+    }
+    let checkpoint = checkpoint_path(&run_dir);
+    let (record, resume_from_checkpoint) = if args.resume {
+        let record = RunRecord::read(&run_dir)
+            .with_context(|| format!("--resume: {} holds no run to resume", run_dir.display()))?;
+        let data_path = args
+            .data
+            .clone()
+            .unwrap_or_else(|| record.data.path.clone());
+        let data = DataIdentity::of(&data_path)?;
+        record.check_resume(&args, &data)?;
+        check_same_model(&run_dir, &model)?;
+        let has_checkpoint = checkpoint.exists();
+        if !has_checkpoint {
+            eprintln!(
+                "{} has no checkpoint yet (the run stopped before its first): starting it again from step 0",
+                run_dir.display()
+            );
         }
+        (RunRecord { data, ..record }, has_checkpoint)
+    } else {
+        let held: Vec<&str> = RUN_FILES
+            .into_iter()
+            .filter(|f| run_dir.join(f).exists())
+            .collect();
+        if !held.is_empty() {
+            if !args.force {
+                bail!(
+                    "{} already holds a run ({}): continue it with --resume, start afresh there with --force (deleting it), or choose another --out",
+                    run_dir.display(),
+                    held.join(", ")
+                );
+            }
+            for file in held {
+                let path = run_dir.join(file);
+                std::fs::remove_file(&path)
+                    .with_context(|| format!("--force: removing {}", path.display()))?;
+            }
+        }
+        let data_path = args
+            .data
+            .clone()
+            .context("--data is needed to start a run")?;
+        let record = RunRecord {
+            data: DataIdentity::of(&data_path)?,
+            seed: args.seed.unwrap_or(program.training.seed),
+            batch_size: args
+                .batch_size
+                .map_or(program.training.batch_size, |b| b as usize),
+            held_out: args.held_out.map_or(DEFAULT_HELD_OUT, |h| h as usize),
+            steps: 0,
+        };
+        (record, false)
     };
-    let data = Dataset::load(&args.data, &program)?;
-    let mut tasks = training_tasks(&program).context("building the training graphs")?;
+    let data = Dataset::load(&record.data.path, program)?;
+    let mut tasks = training_tasks(program).context("building the training graphs")?;
     if !args.no_opt {
         for task in &mut tasks {
             let (graph, report) = optimize(&task.graph, Limits::default())
@@ -219,38 +374,36 @@ pub fn run(args: RunArgs) -> Result<()> {
         // A resumed run keeps its length (and so its schedules) unless told otherwise.
         steps: args
             .steps
+            .map(|s| s as usize)
             .or((args.resume && record.steps > 0).then_some(record.steps)),
         batch_size: record.batch_size,
         seed: record.seed,
         held_out: record.held_out,
-        checkpoint_every: args.checkpoint_every,
+        checkpoint_every: args.checkpoint_every as usize,
         run_dir: run_dir.clone(),
-        resume: args.resume,
+        resume: resume_from_checkpoint,
     };
-    let mut trainer = Trainer::new(&program, &tasks, data, options, backend)?;
-    std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
-    if !args.resume {
-        // The run directory keeps the compiled model so `eval` needs nothing else.
-        let kept = run_dir.join("model.altc");
-        if args.model.extension().is_some_and(|e| e == "altc") {
-            std::fs::copy(&args.model, &kept).with_context(|| {
-                format!("copying {} to {}", args.model.display(), kept.display())
-            })?;
-        } else {
-            let text = std::fs::read_to_string(&args.model)
-                .with_context(|| format!("re-reading {}", args.model.display()))?;
-            Artifact::new(&args.model.display().to_string(), &text, program.clone())
-                .write(&kept)?;
-        }
+    let mut trainer = Trainer::new(program, &tasks, data, options, backend)?;
+    if args.steps.is_some() && trainer.warmup_steps() > trainer.total_steps() as f64 {
+        eprintln!(
+            "note: the learning rate warms up over {:.0} steps, longer than this run's {}: it never reaches its peak",
+            trainer.warmup_steps(),
+            trainer.total_steps()
+        );
     }
+    std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+    // The record first: a run killed before its model is kept can still be resumed
+    // (from step 0, writing the model then).
     let record = RunRecord {
         steps: trainer.total_steps(),
         ..record
     };
-    let pretty =
-        ron::ser::to_string_pretty(&record, ron::ser::PrettyConfig::new().struct_names(false))?;
-    altc_runtime::atomic_write(&record_path, pretty.as_bytes())
-        .with_context(|| format!("writing {}", record_path.display()))?;
+    record.write(&run_dir)?;
+    let kept = run_dir.join("model.altc");
+    if !kept.exists() {
+        // The run directory keeps the compiled model so `eval` needs nothing else.
+        model.artifact().write(&kept)?;
+    }
 
     let total = trainer.total_steps();
     let bar = ProgressBar::new(total as u64).with_position(trainer.step_index() as u64);
@@ -288,13 +441,27 @@ pub fn run(args: RunArgs) -> Result<()> {
 }
 
 pub fn eval(args: EvalArgs) -> Result<()> {
-    let record_path = args.run_dir.join("run.ron");
-    let text = std::fs::read_to_string(&record_path)
-        .with_context(|| format!("reading {}", record_path.display()))?;
-    let record: RunRecord = ron::from_str(&text)
-        .with_context(|| format!("{}: unreadable run record", record_path.display()))?;
+    let record = RunRecord::read(&args.run_dir)?;
     let program: Program = Artifact::read(&args.run_dir.join("model.altc"))?.program;
-    let data_path = args.data.unwrap_or(record.data);
+    let data_path = match args.data {
+        Some(path) => {
+            eprintln!(
+                "evaluating on {}, not the run's {}",
+                path.display(),
+                record.data.path.display()
+            );
+            path
+        }
+        None => {
+            if !DataIdentity::of(&record.data.path)?.same_contents(&record.data) {
+                bail!(
+                    "{}: the dataset changed since the run trained on it, so its held-out pairs are not the run's; name the data to evaluate on with --data",
+                    record.data.path.display()
+                );
+            }
+            record.data.path.clone()
+        }
+    };
     let data = Dataset::load(&data_path, &program)?;
     let ckpt = Checkpoint::load(
         &checkpoint_path(&args.run_dir),
@@ -302,7 +469,15 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         &state_shapes(&program),
         program.dtype,
     )?;
-    let split = data.split(record.held_out.min(data.pairs / 2), record.seed);
+    if record.held_out == 0 || record.held_out > data.pairs / 2 {
+        bail!(
+            "{}: {} pairs cannot hold out the run's {} (at most half the pairs)",
+            data_path.display(),
+            data.pairs,
+            record.held_out
+        );
+    }
+    let split = data.split(record.held_out, record.seed);
     let mut backend = open_backend(args.device, program.training.precision, !args.no_opt)?;
     backend.load_state(&ckpt.state);
     let r =

@@ -1,47 +1,11 @@
 //! The `altc` command line as a user runs it: check, compile, inspect, and one clear
 //! error (never a panic) for bad input.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-fn altc(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_altc"))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .expect("altc runs")
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("altc-cli-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
-}
-
-fn assert_clean_failure(o: &Output) -> String {
-    assert_eq!(
-        o.status.code(),
-        Some(1),
-        "stdout: {}\nstderr: {}",
-        stdout(o),
-        stderr(o)
-    );
-    let all = stderr(o);
-    assert!(!all.contains("panicked"), "{all}");
-    // Progress and device lines may precede it; the error is the last thing said.
-    let at = all
-        .find("error: ")
-        .unwrap_or_else(|| panic!("no error line in: {all}"));
-    all[at..].to_string()
-}
+use common::{altc, assert_clean_failure, scratch, stderr, stdout};
+use std::path::Path;
+use std::process::Command;
 
 #[test]
 fn check_prints_the_paper_scale_summary() {

@@ -393,6 +393,14 @@ impl RunLength {
     }
 }
 
+/// The length of the learning rate's warm-up in steps (0 for a constant rate).
+pub fn warmup_steps(schedule: &LrSchedule, run: RunLength) -> f64 {
+    match schedule {
+        LrSchedule::Constant(_) => 0.0,
+        LrSchedule::WarmupCosine { warmup, .. } => run.span_steps(*warmup),
+    }
+}
+
 /// Learning rate at 0-based `step`: linear warm-up from `start` to `peak`, then cosine
 /// to `final` at the last step.
 pub fn learning_rate(schedule: &LrSchedule, step: usize, run: RunLength) -> f64 {

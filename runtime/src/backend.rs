@@ -18,6 +18,8 @@ pub enum BackendError {
     MissingInput { graph: String, name: String },
     #[error("{0}")]
     Unavailable(String),
+    #[error("graph `{graph}` embedded pair {pair} as a non-finite vector, so no ranking of it means anything")]
+    NonFiniteEmbedding { graph: String, pair: usize },
     #[error(
         "graph `{graph}`: node {node} ({origin}) would be a tensor of {elements} elements, \
          past the 4,294,967,295 that altc's kernels index (32-bit): use a smaller batch"

@@ -37,6 +37,13 @@ pub enum CheckpointError {
     Metadata { path: PathBuf, key: String },
     #[error("{path}: tensor `{name}` is missing")]
     MissingTensor { path: PathBuf, name: String },
+    #[error("{path}: tensor `{name}` holds {value} at index {index}; a checkpoint holds finite values only (altc never saves a non-finite state), so the file was damaged or written by something else")]
+    NonFinite {
+        path: PathBuf,
+        name: String,
+        index: usize,
+        value: f64,
+    },
     #[error("{path}: tensor `{name}` is {got}, but the model expects {expected}")]
     WrongTensor {
         path: PathBuf,
@@ -116,12 +123,23 @@ impl Checkpoint {
             path: path.into(),
             source,
         })?;
+        Checkpoint::from_bytes(&bytes, path, model, expected, dtype)
+    }
+
+    /// [`Checkpoint::load`] on bytes already read; `path` names them in errors.
+    pub fn from_bytes(
+        bytes: &[u8],
+        path: &Path,
+        model: &str,
+        expected: &[(String, Vec<usize>)],
+        dtype: DType,
+    ) -> Result<Checkpoint, CheckpointError> {
         let (_, meta) =
-            SafeTensors::read_metadata(&bytes).map_err(|e| CheckpointError::Unreadable {
+            SafeTensors::read_metadata(bytes).map_err(|e| CheckpointError::Unreadable {
                 path: path.into(),
                 detail: e.to_string(),
             })?;
-        let st = SafeTensors::deserialize(&bytes).map_err(|e| CheckpointError::Unreadable {
+        let st = SafeTensors::deserialize(bytes).map_err(|e| CheckpointError::Unreadable {
             path: path.into(),
             detail: e.to_string(),
         })?;
@@ -180,7 +198,21 @@ impl Checkpoint {
                         .collect(),
                 ),
             };
-            state.insert(name.clone(), Tensor::new(shape.clone(), data));
+            let tensor = Tensor::new(shape.clone(), data);
+            if let Some((index, value)) = tensor
+                .to_f64()
+                .into_iter()
+                .enumerate()
+                .find(|(_, v)| !v.is_finite())
+            {
+                return Err(CheckpointError::NonFinite {
+                    path: path.into(),
+                    name: name.clone(),
+                    index,
+                    value,
+                });
+            }
+            state.insert(name.clone(), tensor);
         }
         Ok(Checkpoint {
             model: model.into(),

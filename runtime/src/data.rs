@@ -43,6 +43,30 @@ pub enum DataError {
         name: String,
         dtype: safetensors::Dtype,
     },
+    #[error("{path}: tensor `{name}` holds {value} at pair {pair}, position {position}; datasets must hold finite values")]
+    NonFinite {
+        path: PathBuf,
+        name: String,
+        pair: usize,
+        position: usize,
+        value: f32,
+    },
+    #[error("{path}: mask `{name}` holds {value} at pair {pair}, token {token}; masks hold 0 (padding) or 1 (a real token)")]
+    MaskValue {
+        path: PathBuf,
+        name: String,
+        pair: usize,
+        token: usize,
+        value: f32,
+    },
+    #[error("{path}: mask `{name}` marks no token of pair {pair} as real; every item needs at least one token")]
+    EmptyMask {
+        path: PathBuf,
+        name: String,
+        pair: usize,
+    },
+    #[error("{path}: the dataset holds no pairs")]
+    Empty { path: PathBuf },
     #[error("{path}: {pairs} pairs leave {train} for training, fewer than one batch of {batch}")]
     TooSmall {
         path: PathBuf,
@@ -74,7 +98,12 @@ impl Dataset {
             path: path.into(),
             source,
         })?;
-        let st = SafeTensors::deserialize(&bytes).map_err(|e| DataError::Format {
+        Dataset::from_bytes(&bytes, path, program)
+    }
+
+    /// [`Dataset::load`] on bytes already read; `path` names them in errors.
+    pub fn from_bytes(bytes: &[u8], path: &Path, program: &Program) -> Result<Dataset, DataError> {
+        let st = SafeTensors::deserialize(bytes).map_err(|e| DataError::Format {
             path: path.into(),
             detail: e.to_string(),
         })?;
@@ -107,14 +136,24 @@ impl Dataset {
                     });
                 }
                 pairs = Some(n);
-                tensors.insert(name.clone(), (shape, f32_values(path, &name, &view)?));
+                let values = f32_values(path, &name, &view)?;
+                let row = row_shape.iter().product::<usize>().max(1);
+                if name.ends_with(".mask") {
+                    check_mask(path, &name, &values, row)?;
+                } else {
+                    check_finite(path, &name, &values, row)?;
+                }
+                tensors.insert(name.clone(), (shape, values));
             }
         }
-        Ok(Dataset {
-            path: path.into(),
-            pairs: pairs.unwrap_or(0),
-            tensors,
-        })
+        match pairs {
+            Some(pairs) if pairs > 0 => Ok(Dataset {
+                path: path.into(),
+                pairs,
+                tensors,
+            }),
+            _ => Err(DataError::Empty { path: path.into() }),
+        }
     }
 
     /// A seeded split: the first `held_out` of a fixed permutation is held out.
@@ -181,6 +220,45 @@ fn permutation(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
         order.swap(i, j);
     }
     order
+}
+
+/// Every value finite: a NaN in the data would otherwise surface steps later as a
+/// non-finite gradient, far from its cause.
+fn check_finite(path: &Path, name: &str, values: &[f32], row: usize) -> Result<(), DataError> {
+    match values.iter().position(|v| !v.is_finite()) {
+        None => Ok(()),
+        Some(i) => Err(DataError::NonFinite {
+            path: path.into(),
+            name: name.into(),
+            pair: i / row,
+            position: i % row,
+            value: values[i],
+        }),
+    }
+}
+
+/// Masks of 0 and 1 only, with at least one real token per item: the masked mean
+/// of an item with none would divide by zero.
+fn check_mask(path: &Path, name: &str, values: &[f32], tokens: usize) -> Result<(), DataError> {
+    for (pair, mask) in values.chunks(tokens).enumerate() {
+        if let Some(token) = mask.iter().position(|&v| v != 0.0 && v != 1.0) {
+            return Err(DataError::MaskValue {
+                path: path.into(),
+                name: name.into(),
+                pair,
+                token,
+                value: mask[token],
+            });
+        }
+        if !mask.contains(&1.0) {
+            return Err(DataError::EmptyMask {
+                path: path.into(),
+                name: name.into(),
+                pair,
+            });
+        }
+    }
+    Ok(())
 }
 
 fn dims(shape: &[usize]) -> String {

@@ -78,7 +78,15 @@ pub fn embed(
         let batch = data.batch(chunk, program.dtype);
         let e = &backend.run(g, &batch, EvalContext::default())?["embedding"];
         width = e.shape[1];
-        out.extend(e.to_f64());
+        let values = e.to_f64();
+        // A NaN compares false with everything, so it would rank as a perfect match.
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            return Err(BackendError::NonFiniteEmbedding {
+                graph: graph.into(),
+                pair: chunk[i / width.max(1)],
+            });
+        }
+        out.extend(values);
     }
     Ok((out, width))
 }

@@ -10,10 +10,10 @@ use crate::retrieval::{recalls, Recall};
 use altc_compiler::ir::{Graph, Op};
 use altc_compiler::lower::Program;
 use altc_compiler::reference::{evaluate, EvalContext, EvalError, Tensor, TensorMap};
-use altc_compiler::spec::{Duration, Optimizer};
+use altc_compiler::spec::{Duration, Optimizer, MAX_BATCH, MAX_STEPS};
 use altc_compiler::train::{
-    first_moment, learning_rate, second_moment, step_count, task_at, weight_decay, RunLength,
-    TrainingTask, LR_INPUT, WEIGHT_DECAY_INPUT,
+    first_moment, learning_rate, second_moment, step_count, task_at, warmup_steps, weight_decay,
+    RunLength, TrainingTask, LR_INPUT, WEIGHT_DECAY_INPUT,
 };
 use std::path::PathBuf;
 use thiserror::Error;
@@ -97,7 +97,27 @@ impl<'p> Trainer<'p> {
         options: TrainOptions,
         mut backend: Box<dyn Backend>,
     ) -> Result<Self, TrainError> {
-        let held_out = options.held_out.min(data.pairs / 2);
+        let held_out = options.held_out;
+        if held_out == 0 || held_out > data.pairs / 2 {
+            return Err(TrainError::Config(format!(
+                "{}: {held_out} held-out pairs out of {}; hold out 1 to {} (at most half the pairs)",
+                data.path.display(),
+                data.pairs,
+                data.pairs / 2
+            )));
+        }
+        let min_batch = min_batch_size(program);
+        if options.batch_size < min_batch || options.batch_size > MAX_BATCH {
+            return Err(TrainError::Config(format!(
+                "a batch of {} pairs; this model needs {min_batch} to {MAX_BATCH}{}",
+                options.batch_size,
+                if min_batch > 1 {
+                    " (its contrastive loss takes its negatives from the batch)"
+                } else {
+                    ""
+                }
+            )));
+        }
         let split = data.split(held_out, options.seed);
         let per_epoch = split.steps_per_epoch(options.batch_size);
         if per_epoch == 0 {
@@ -111,12 +131,39 @@ impl<'p> Trainer<'p> {
         }
         let total_steps = match (options.steps, program.training.duration) {
             (Some(n), _) | (None, Duration::Steps(n)) => n,
-            (None, Duration::Epochs(e)) => e * per_epoch,
+            (None, Duration::Epochs(e)) => e.checked_mul(per_epoch).ok_or_else(|| {
+                TrainError::Config(format!(
+                    "{e} epochs of {per_epoch} steps are more steps than this machine can count"
+                ))
+            })?,
         };
+        if total_steps == 0 || total_steps > MAX_STEPS {
+            return Err(TrainError::Config(format!(
+                "a run of {total_steps} steps; runs take 1 to {MAX_STEPS} steps"
+            )));
+        }
         let run = RunLength {
             total_steps,
             steps_per_epoch: per_epoch,
         };
+        let Optimizer::AdamW { lr, .. } = &program.optimizer;
+        let warmup = warmup_steps(lr, run);
+        if options.steps.is_none() && warmup > total_steps as f64 {
+            return Err(TrainError::Config(format!(
+                "the learning rate warms up over {warmup:.0} steps, but training lasts {total_steps}: it would never reach its peak; shorten optimizer.lr.warmup or lengthen training.duration"
+            )));
+        }
+        let bytes = state_bytes(program);
+        if let Some(memory) = host_memory_bytes() {
+            if bytes > memory {
+                return Err(TrainError::Config(format!(
+                    "the parameters and AdamW state of `{}` take {:.1} GiB, more than this machine's {:.1} GiB of memory",
+                    program.model,
+                    bytes as f64 / GIB,
+                    memory as f64 / GIB
+                )));
+            }
+        }
         let (state, step) = if options.resume {
             let ckpt = Checkpoint::load(
                 &checkpoint_path(&options.run_dir),
@@ -153,6 +200,12 @@ impl<'p> Trainer<'p> {
 
     pub fn total_steps(&self) -> usize {
         self.run.total_steps
+    }
+
+    /// Steps the learning rate takes to reach its peak.
+    pub fn warmup_steps(&self) -> f64 {
+        let Optimizer::AdamW { lr, .. } = &self.program.optimizer;
+        warmup_steps(lr, self.run)
     }
 
     /// The parameters and optimizer state, copied to the host.
@@ -310,6 +363,36 @@ pub fn state_shapes(program: &Program) -> Vec<(String, Vec<usize>)> {
         }
     }
     out
+}
+
+/// The smallest batch a model trains on: a contrastive loss (any direction with
+/// retrieval graphs) draws its negatives from the batch, so it needs two pairs.
+pub fn min_batch_size(program: &Program) -> usize {
+    if program.directions.iter().any(|d| d.key_graph.is_some()) {
+        2
+    } else {
+        1
+    }
+}
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// Bytes of everything a checkpoint holds.
+pub fn state_bytes(program: &Program) -> u64 {
+    state_shapes(program)
+        .iter()
+        .map(|(_, shape)| {
+            shape.iter().product::<usize>() as u64 * program.dtype.size_bytes() as u64
+        })
+        .sum()
+}
+
+/// This machine's memory (`MemTotal` in /proc/meminfo), where the system says.
+fn host_memory_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// Initial parameters from the seed, zero moments and step counts.

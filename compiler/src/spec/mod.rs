@@ -8,6 +8,7 @@ mod validate;
 
 pub use model::*;
 pub use source_map::{Position, SourceMap};
+pub use validate::{MAX_BATCH, MAX_EXPERTS, MAX_STEPS, MAX_TOKENS, MAX_WIDTH};
 
 use std::fmt;
 use std::path::Path;

@@ -9,6 +9,18 @@ use std::collections::BTreeSet;
 
 type Check = Result<(), SpecError>;
 
+/// Upper bounds on the spec's sizes. Together they keep every derived size
+/// representable in 64 bits: the largest tensor a plan can hold (attention scores
+/// `[batch, heads, tokens, tokens]`, 2^60 elements, or the dense MoE's per-example
+/// weight gradient `[batch, experts, hidden, hidden]`, 2^58) and the parameter count.
+/// Whether such a model fits a machine is checked where memory is allocated.
+pub const MAX_WIDTH: usize = 1 << 16;
+pub const MAX_TOKENS: usize = 1 << 14;
+pub const MAX_EXPERTS: usize = 1 << 10;
+pub const MAX_BATCH: usize = 1 << 16;
+/// Steps, epochs and steps per task.
+pub const MAX_STEPS: usize = 1 << 32;
+
 pub fn validate(s: &LoadedSpec) -> Check {
     let spec = &s.spec;
     if spec.name.trim().is_empty() {
@@ -49,15 +61,24 @@ fn unique<'a>(
     Ok(())
 }
 
-fn positive(s: &LoadedSpec, path: &str, value: usize, what: &str) -> Check {
-    if value == 0 {
+/// A size from 1 to `max`.
+fn size(s: &LoadedSpec, path: &str, value: usize, max: usize, what: &str) -> Check {
+    if value == 0 || value > max {
         return Err(s.invalid(
             path,
-            format!("{what} must be at least 1"),
-            "a positive whole number",
+            format!("{what} is {value}"),
+            format!(
+                "a whole number from 1 to {}",
+                crate::summary::thousands(max)
+            ),
         ));
     }
     Ok(())
+}
+
+/// A width or hidden size.
+fn width(s: &LoadedSpec, path: &str, value: usize, what: &str) -> Check {
+    size(s, path, value, MAX_WIDTH, what)
 }
 
 fn positive_real(s: &LoadedSpec, path: &str, value: f64, what: &str) -> Check {
@@ -119,11 +140,12 @@ fn modalities(s: &LoadedSpec) -> Check {
     )?;
     for (i, m) in spec.modalities.iter().enumerate() {
         let path = format!("modalities[{i}]");
-        positive(s, &format!("{path}.width"), m.width, "the width")?;
-        positive(
+        width(s, &format!("{path}.width"), m.width, "the width")?;
+        size(
             s,
             &format!("{path}.tokens"),
             m.tokens.count(),
+            MAX_TOKENS,
             "the token count",
         )?;
         let Encoder::Graph {
@@ -134,19 +156,19 @@ fn modalities(s: &LoadedSpec) -> Check {
         else {
             continue;
         };
-        positive(
+        width(
             s,
             &format!("{path}.encoder.input_width"),
             *input_width,
             "the input width",
         )?;
-        let mut width = *input_width;
+        let mut current = *input_width;
         for (li, layer) in layers.iter().enumerate() {
             let lpath = format!("{path}.encoder.layers[{li}]");
             match layer {
                 Layer::Linear { width: w, .. } => {
-                    positive(s, &format!("{lpath}.width"), *w, "the width")?;
-                    width = *w;
+                    width(s, &format!("{lpath}.width"), *w, "the width")?;
+                    current = *w;
                 }
                 Layer::Mlp {
                     hidden,
@@ -154,44 +176,46 @@ fn modalities(s: &LoadedSpec) -> Check {
                     residual,
                     ..
                 } => {
-                    positive(s, &format!("{lpath}.hidden"), *hidden, "the hidden width")?;
-                    positive(s, &format!("{lpath}.width"), *w, "the width")?;
-                    if *residual && *w != width {
+                    width(s, &format!("{lpath}.hidden"), *hidden, "the hidden width")?;
+                    width(s, &format!("{lpath}.width"), *w, "the width")?;
+                    if *residual && *w != current {
                         return Err(s.invalid(
                             &format!("{lpath}.width"),
-                            format!("a residual MLP must keep its input width {width}, but this one produces {w}"),
-                            format!("width: {width}, or residual: false"),
+                            format!("a residual MLP must keep its input width {current}, but this one produces {w}"),
+                            format!("width: {current}, or residual: false"),
                         ));
                     }
-                    width = *w;
+                    current = *w;
                 }
                 Layer::LayerNorm { eps } => positive_real(s, &format!("{lpath}.eps"), *eps, "eps")?,
                 Layer::SelfAttention { heads } => {
-                    positive(s, &format!("{lpath}.heads"), *heads, "the head count")?;
-                    if width % heads != 0 {
-                        let divisors: Vec<String> = (1..=width)
-                            .filter(|d| width % d == 0)
-                            .map(|d| d.to_string())
-                            .collect();
+                    size(
+                        s,
+                        &format!("{lpath}.heads"),
+                        *heads,
+                        current,
+                        "the head count",
+                    )?;
+                    if current % heads != 0 {
                         return Err(s.invalid(
                             &format!("{lpath}.heads"),
-                            format!("{heads} heads do not divide the width {width}"),
-                            format!("a divisor of {width}: {}", divisors.join(", ")),
+                            format!("{heads} heads do not divide the width {current}"),
+                            format!("a divisor of {current}: {}", divisors(current)),
                         ));
                     }
                 }
                 Layer::TokenPool(_) => {}
             }
         }
-        if width != m.width {
+        if current != m.width {
             return Err(s.invalid(
                 &format!("{path}.encoder.layers"),
                 format!(
-                    "the encoder produces width {width}, but modality `{}` declares width {}",
+                    "the encoder produces width {current}, but modality `{}` declares width {}",
                     m.name, m.width
                 ),
                 format!(
-                    "end the layers at width {}, or declare width: {width}",
+                    "end the layers at width {}, or declare width: {current}",
                     m.width
                 ),
             ));
@@ -200,16 +224,38 @@ fn modalities(s: &LoadedSpec) -> Check {
     Ok(())
 }
 
+/// The divisors of `n` in increasing order, found up to its square root.
+fn divisors(n: usize) -> String {
+    let mut low = Vec::new();
+    let mut high = Vec::new();
+    let mut d = 1;
+    while d * d <= n {
+        if n.is_multiple_of(d) {
+            low.push(d);
+            if d * d != n {
+                high.push(n / d);
+            }
+        }
+        d += 1;
+    }
+    low.extend(high.into_iter().rev());
+    low.iter()
+        .map(|d| d.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn connector(s: &LoadedSpec) -> Check {
     let c = &s.spec.connector;
-    positive(s, "connector.hidden", c.hidden, "the hidden width")?;
-    positive(
+    width(s, "connector.hidden", c.hidden, "the hidden width")?;
+    size(
         s,
         "connector.experts.count",
         c.experts.count,
+        MAX_EXPERTS,
         "the expert count",
     )?;
-    positive(
+    width(
         s,
         "connector.experts.hidden",
         c.experts.hidden,
@@ -222,7 +268,7 @@ fn connector(s: &LoadedSpec) -> Check {
         "the dropout rate",
         false,
     )?;
-    positive(
+    width(
         s,
         "connector.target_projection.width",
         c.target_projection.width,
@@ -243,11 +289,11 @@ fn connector(s: &LoadedSpec) -> Check {
             format!("valid: 1 to {experts}"),
         ));
     }
-    if let GateInput::HiddenWithModality { width } = c.router.gate_input {
-        positive(
+    if let GateInput::HiddenWithModality { width: embedding } = c.router.gate_input {
+        width(
             s,
             "connector.router.gate_input.width",
-            width,
+            embedding,
             "the modality embedding width",
         )?;
     }
@@ -320,6 +366,13 @@ fn losses(s: &LoadedSpec) -> Check {
                 "the temperature",
             )?,
         }
+    }
+    if spec.losses.iter().all(|l| l.weight == 0.0) {
+        return Err(s.invalid(
+            "losses",
+            "every loss has weight 0, so no step would train anything",
+            "give at least one loss a weight above 0",
+        ));
     }
     for (i, b) in spec.connector.branches.iter().enumerate() {
         if !spec.losses.iter().any(|l| l.output == b.name) {
@@ -446,10 +499,11 @@ fn directions(s: &LoadedSpec) -> Check {
 fn schedule(s: &LoadedSpec) -> Check {
     let n = s.spec.directions.len();
     match &s.spec.schedule {
-        Schedule::Alternate { steps_per_task } => positive(
+        Schedule::Alternate { steps_per_task } => size(
             s,
             "schedule.steps_per_task",
             *steps_per_task,
+            MAX_STEPS,
             "steps_per_task",
         ),
         Schedule::Joint => Ok(()),
@@ -518,7 +572,21 @@ fn optimizer(s: &LoadedSpec) -> Check {
             positive_real(s, "optimizer.lr.peak", *peak, "the peak learning rate")?;
             non_negative("optimizer.lr.final", *end)?;
             match warmup {
+                Span::Steps(n) if *n > MAX_STEPS => {
+                    return Err(s.invalid(
+                        "optimizer.lr.warmup",
+                        format!("the warm-up is {n} steps"),
+                        format!("at most {} steps", crate::summary::thousands(MAX_STEPS)),
+                    ))
+                }
                 Span::Steps(_) => {}
+                Span::Epochs(e) if *e > MAX_STEPS as f64 => {
+                    return Err(s.invalid(
+                        "optimizer.lr.warmup",
+                        format!("the warm-up is {e} epochs"),
+                        format!("at most {} epochs", crate::summary::thousands(MAX_STEPS)),
+                    ))
+                }
                 Span::Epochs(e) => non_negative("optimizer.lr.warmup", *e)?,
                 Span::Fraction(f) => {
                     in_unit(s, "optimizer.lr.warmup", *f, "the warm-up fraction", true)?
@@ -551,10 +619,16 @@ fn training(s: &LoadedSpec) -> Check {
             "valid: 2 or more",
         ));
     }
-    positive(s, "training.batch_size", t.batch_size, "the batch size")?;
+    size(
+        s,
+        "training.batch_size",
+        t.batch_size,
+        MAX_BATCH,
+        "the batch size",
+    )?;
     match t.duration {
         Duration::Steps(n) | Duration::Epochs(n) => {
-            positive(s, "training.duration", n, "the duration")
+            size(s, "training.duration", n, MAX_STEPS, "the duration")
         }
     }
 }
