@@ -57,8 +57,9 @@ enum Command {
         /// bound; fails if any kernel or launch would fail on such a GPU.
         #[arg(long, value_name = "ARCHS", value_parser = parse_cuda_archs)]
         cuda_arch: Option<CudaTargets>,
-        /// With `--cuda-arch`: the batch size to launch at [default: the spec's].
-        #[arg(long, requires = "cuda_arch", value_parser = clap::value_parser!(u64).range(1..))]
+        /// With `--cuda-arch`: the batch size to launch at, 1 to 65,536 [default: the
+        /// spec's].
+        #[arg(long, requires = "cuda_arch", value_parser = clap::value_parser!(u64).range(1..=altc_compiler::spec::MAX_BATCH as u64))]
         batch_size: Option<u64>,
         /// With `--cuda-arch`: check the `--no-opt` plan (one kernel per op, dense MoE).
         #[arg(long, requires = "cuda_arch")]

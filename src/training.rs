@@ -192,7 +192,7 @@ impl RunRecord {
             return Ok(());
         }
         bail!(
-            "cannot resume: {}; resume without them, or start a new run in another --out",
+            "cannot resume: {}; leave them out to resume with the run's own, or start a new run in another --out",
             differences.join("; ")
         )
     }

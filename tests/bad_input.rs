@@ -5,8 +5,8 @@
 mod common;
 
 use common::{
-    altc, altc_in, assert_clean_failure, assert_usage_error, read_f32, scratch, stderr, stdout,
-    synth_tiny, train_tiny, write_f32,
+    altc, altc_in, assert_clean_failure, assert_usage_error, read_f32, run_model, scratch, stderr,
+    stdout, synth_tiny, train_tiny, write_f32,
 };
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -211,25 +211,31 @@ fn absurd_spec_sizes_get_a_located_bound_never_an_abort_or_a_hang() {
     );
     let data = dir.join("pairs.safetensors");
     synth_tiny(&data, 64);
-    let error = assert_clean_failure(&altc(&[
-        "run",
+    let error = assert_clean_failure(&run_model(
         s(&spec),
-        "--data",
-        s(&data),
-        "--device",
-        "reference",
-        "--held-out",
-        "8",
-        "--steps",
-        "1",
-        "--out",
-        s(&dir.join("run")),
-    ]));
+        &data,
+        &dir.join("run"),
+        &["--held-out", "8", "--steps", "1"],
+    ));
     assert!(
         error.contains("the parameters and AdamW state of `alt_moe_tiny` take"),
         "{error}"
     );
     assert!(error.contains("GiB of memory"), "{error}");
+    // The paper model's modalities at the most pairs synth writes: far past memory.
+    let error = assert_clean_failure(&altc(&[
+        "data",
+        "synth",
+        "models/alt_moe.ron",
+        "-o",
+        s(&dir.join("paper.safetensors")),
+        "--pairs",
+        "16777216",
+    ]));
+    assert!(
+        error.contains("16777216 pairs of `alt_moe` take") && error.contains("write fewer pairs"),
+        "{error}"
+    );
 }
 
 // Class 3: input that used to give a plausible-looking wrong result.
@@ -302,74 +308,33 @@ fn settings_that_would_train_nothing_sensible_are_refused() {
     let run = dir.join("run");
     for (extra, expected) in [
         (
-            vec!["--batch-size", "1"],
+            ["--batch-size", "1", "--held-out", "32"],
             "a batch of 1 pairs; this model needs 2 to 65536 (its contrastive loss",
         ),
         (
-            vec!["--held-out", "200"],
+            ["--batch-size", "16", "--held-out", "200"],
             "200 held-out pairs out of 256; hold out 1 to 128",
         ),
     ] {
-        let mut args = vec![
-            "run",
-            TINY,
-            "--data",
-            s(&data),
-            "--device",
-            "reference",
-            "--out",
-            s(&run),
-            "--steps",
-            "2",
-        ];
-        args.extend(extra);
-        if !args.contains(&"--held-out") {
-            args.extend(["--held-out", "32"]);
-        }
-        let error = assert_clean_failure(&altc(&args));
+        let error = assert_clean_failure(&run_model(TINY, &data, &run, &extra));
         assert!(error.contains(expected), "{error}");
     }
-    let warm = edited_tiny(
-        &dir,
-        "warm.ron",
-        "warmup: Fraction(0.1)",
-        "warmup: Steps(1000)",
-    );
-    let error = assert_clean_failure(&altc(&[
-        "run",
-        s(&warm),
-        "--data",
-        s(&data),
-        "--device",
-        "reference",
-        "--held-out",
-        "32",
-        "--out",
-        s(&run),
-    ]));
-    assert!(
-        error.contains("warms up over 1000 steps, but training lasts 300"),
-        "{error}"
-    );
-    let epochs = edited_tiny(
-        &dir,
-        "epochs.ron",
-        "duration: Steps(300)",
-        "duration: Epochs(4294967296)",
-    );
-    let error = assert_clean_failure(&altc(&[
-        "run",
-        s(&epochs),
-        "--data",
-        s(&data),
-        "--device",
-        "reference",
-        "--held-out",
-        "32",
-        "--out",
-        s(&run),
-    ]));
-    assert!(error.contains("runs take 1 to 4294967296 steps"), "{error}");
+    for (from, to, expected) in [
+        (
+            "warmup: Fraction(0.1)",
+            "warmup: Steps(1000)",
+            "warms up over 1000 steps, but training lasts 300",
+        ),
+        (
+            "duration: Steps(300)",
+            "duration: Epochs(4294967296)",
+            "runs take 1 to 4294967296 steps",
+        ),
+    ] {
+        let spec = edited_tiny(&dir, "edited.ron", from, to);
+        let error = assert_clean_failure(&run_model(s(&spec), &data, &run, &["--held-out", "32"]));
+        assert!(error.contains(expected), "{error}");
+    }
     let weightless = dir.join("weightless.ron");
     let text = std::fs::read_to_string(TINY)
         .unwrap()

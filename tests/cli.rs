@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{altc, assert_clean_failure, scratch, stderr, stdout};
+use common::{altc, assert_clean_failure, scratch, stderr, stdout, train_tiny};
 use std::path::Path;
 use std::process::Command;
 
@@ -157,24 +157,11 @@ fn synth_run_eval_and_resume_the_tiny_model() {
     );
 
     let train = |extra: &[&str]| {
-        let mut args = vec![
-            "run",
-            "models/alt_moe_tiny.ron",
-            "--data",
-            d,
-            "--device",
-            "reference",
-            "--batch-size",
-            "16",
-            "--held-out",
-            "32",
-            "--out",
-            r,
-            "--checkpoint-every",
-            "3",
-        ];
-        args.extend_from_slice(extra);
-        altc(&args)
+        train_tiny(
+            &data,
+            &run_dir,
+            &[&["--checkpoint-every", "3"], extra].concat(),
+        )
     };
     let o = train(&["--steps", "4"]);
     assert!(o.status.success(), "{}", stderr(&o));

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{read_f32, scratch, stderr, synth_tiny};
+use common::{read_f32, run_args, scratch, stderr, synth_tiny, TINY_BATCH};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -12,29 +12,16 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 const STEPS: &str = "300";
 
 fn start(data: &Path, run: &Path, resume: bool) -> Child {
-    let mut args = vec![
-        "run",
-        "models/alt_moe_tiny.ron",
-        "--data",
-        data.to_str().unwrap(),
-        "--device",
-        "reference",
-        "--batch-size",
-        "16",
-        "--held-out",
-        "32",
-        "--steps",
-        STEPS,
-        "--checkpoint-every",
-        "3",
-        "--out",
-        run.to_str().unwrap(),
-    ];
+    let mut extra = [
+        &TINY_BATCH[..],
+        &["--steps", STEPS, "--checkpoint-every", "3"],
+    ]
+    .concat();
     if resume {
-        args.push("--resume");
+        extra.push("--resume");
     }
     Command::new(env!("CARGO_BIN_EXE_altc"))
-        .args(&args)
+        .args(run_args("models/alt_moe_tiny.ron", data, run, &extra))
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

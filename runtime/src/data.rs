@@ -65,6 +65,13 @@ pub enum DataError {
         name: String,
         pair: usize,
     },
+    #[error("{path}: {what} take {gib:.1} GiB to generate, more than this machine's {memory_gib:.1} GiB of memory; write fewer pairs")]
+    TooLarge {
+        path: PathBuf,
+        what: String,
+        gib: f64,
+        memory_gib: f64,
+    },
     #[error("{path}: the dataset holds no pairs")]
     Empty { path: PathBuf },
     #[error("{path}: {pairs} pairs leave {train} for training, fewer than one batch of {batch}")]

@@ -11,6 +11,7 @@ pub mod backend;
 pub mod checkpoint;
 pub mod data;
 pub mod device;
+pub mod host;
 pub mod retrieval;
 pub mod synth;
 pub mod training;

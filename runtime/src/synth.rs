@@ -11,6 +11,7 @@
 //! matching them means inverting two different nonlinear maps.
 
 use crate::data::{write_f32_safetensors, DataError};
+use crate::host::{host_memory_bytes, GIB};
 use altc_compiler::lower::Program;
 use altc_compiler::rng;
 use std::collections::HashMap;
@@ -68,6 +69,22 @@ impl Draws {
 pub fn write_planted(path: &Path, program: &Program, o: SynthOptions) -> Result<(), DataError> {
     let draws = Draws { seed: o.seed };
     let (n, k, h) = (o.pairs, o.latent, o.hidden);
+    // The tensors in f32, their serialised copy, and the latents in f64.
+    let per_pair: u64 = program
+        .modalities
+        .iter()
+        .map(|m| (m.tokens * (m.input_width + 1)) as u64 * 4 * 2)
+        .sum::<u64>()
+        + k as u64 * 8;
+    let needed = per_pair.saturating_mul(n as u64);
+    if let Some(memory) = host_memory_bytes().filter(|&m| needed > m) {
+        return Err(DataError::TooLarge {
+            path: path.into(),
+            what: format!("{n} pairs of `{}`", program.model),
+            gib: needed as f64 / GIB,
+            memory_gib: memory as f64 / GIB,
+        });
+    }
     let latents = draws.normals(1, n * k, 1.0);
     let mut tensors = Vec::new();
     for (mi, m) in program.modalities.iter().enumerate() {

@@ -6,6 +6,7 @@
 use crate::backend::{Backend, BackendError};
 use crate::checkpoint::{Checkpoint, CheckpointError};
 use crate::data::{DataError, Dataset, Split};
+use crate::host::{host_memory_bytes, GIB};
 use crate::retrieval::{recalls, Recall};
 use altc_compiler::ir::{Graph, Op};
 use altc_compiler::lower::Program;
@@ -153,17 +154,7 @@ impl<'p> Trainer<'p> {
                 "the learning rate warms up over {warmup:.0} steps, but training lasts {total_steps}: it would never reach its peak; shorten optimizer.lr.warmup or lengthen training.duration"
             )));
         }
-        let bytes = state_bytes(program);
-        if let Some(memory) = host_memory_bytes() {
-            if bytes > memory {
-                return Err(TrainError::Config(format!(
-                    "the parameters and AdamW state of `{}` take {:.1} GiB, more than this machine's {:.1} GiB of memory",
-                    program.model,
-                    bytes as f64 / GIB,
-                    memory as f64 / GIB
-                )));
-            }
-        }
+        ensure_state_fits(program)?;
         let (state, step) = if options.resume {
             let ckpt = Checkpoint::load(
                 &checkpoint_path(&options.run_dir),
@@ -375,7 +366,20 @@ pub fn min_batch_size(program: &Program) -> usize {
     }
 }
 
-const GIB: f64 = (1u64 << 30) as f64;
+/// Refuses a model whose parameters and AdamW state would not fit this machine's
+/// memory, before anything is allocated.
+pub fn ensure_state_fits(program: &Program) -> Result<(), TrainError> {
+    let bytes = state_bytes(program);
+    match host_memory_bytes() {
+        Some(memory) if bytes > memory => Err(TrainError::Config(format!(
+            "the parameters and AdamW state of `{}` take {:.1} GiB, more than this machine's {:.1} GiB of memory",
+            program.model,
+            bytes as f64 / GIB,
+            memory as f64 / GIB
+        ))),
+        _ => Ok(()),
+    }
+}
 
 /// Bytes of everything a checkpoint holds.
 pub fn state_bytes(program: &Program) -> u64 {
@@ -385,14 +389,6 @@ pub fn state_bytes(program: &Program) -> u64 {
             shape.iter().product::<usize>() as u64 * program.dtype.size_bytes() as u64
         })
         .sum()
-}
-
-/// This machine's memory (`MemTotal` in /proc/meminfo), where the system says.
-fn host_memory_bytes() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
 }
 
 /// Initial parameters from the seed, zero moments and step counts.

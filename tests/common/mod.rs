@@ -76,24 +76,37 @@ pub fn synth_tiny(path: &Path, pairs: usize) {
     assert!(o.status.success(), "{}", stderr(&o));
 }
 
-/// `altc run` of the tiny model on the reference interpreter, batch 16, 32 held out.
-pub fn train_tiny(data: &Path, run_dir: &Path, extra: &[&str]) -> Output {
-    let mut args = vec![
+/// The arguments of `altc run` of `spec` on the reference interpreter, into `run_dir`.
+pub fn run_args(spec: &str, data: &Path, run_dir: &Path, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = [
         "run",
-        "models/alt_moe_tiny.ron",
+        spec,
         "--data",
         data.to_str().unwrap(),
         "--device",
         "reference",
-        "--batch-size",
-        "16",
-        "--held-out",
-        "32",
         "--out",
         run_dir.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    altc(&args)
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(extra.iter().map(|a| a.to_string()));
+    args
+}
+
+/// `altc run` of `spec` on the reference interpreter, into `run_dir`.
+pub fn run_model(spec: &str, data: &Path, run_dir: &Path, extra: &[&str]) -> Output {
+    let args = run_args(spec, data, run_dir, extra);
+    altc(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+/// Batch 16 and 32 pairs held out: what the tiny model's run tests train with.
+pub const TINY_BATCH: [&str; 4] = ["--batch-size", "16", "--held-out", "32"];
+
+/// `altc run` of the tiny model on the reference interpreter, batch 16, 32 held out.
+pub fn train_tiny(data: &Path, run_dir: &Path, extra: &[&str]) -> Output {
+    let args = [&TINY_BATCH[..], extra].concat();
+    run_model("models/alt_moe_tiny.ron", data, run_dir, &args)
 }
 
 /// Every f32 tensor of a safetensors file, by name, with the file's metadata.
