@@ -14,7 +14,7 @@ use altc_compiler::train::{LR_INPUT, WEIGHT_DECAY_INPUT};
 use altc_runtime::backend::{Backend, Ceilings};
 use altc_runtime::training::initial_state;
 use altc_runtime::workload::device_graphs;
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::Args;
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -28,15 +28,15 @@ pub struct BenchArgs {
     model: PathBuf,
     #[arg(long, value_enum, default_value = "auto")]
     device: Device,
-    /// Batch size [default: the spec's].
-    #[arg(long)]
-    batch_size: Option<usize>,
-    /// Timed runs per measurement, after the warm-up.
-    #[arg(long, default_value_t = 10)]
-    repeats: usize,
-    /// Untimed runs first (compilation of kernels, allocation).
-    #[arg(long, default_value_t = 2)]
-    warmup: usize,
+    /// Batch size, 1 to 65,536 [default: the spec's].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=altc_compiler::spec::MAX_BATCH as u64))]
+    batch_size: Option<u64>,
+    /// Timed runs per measurement, after the warm-up: 1 to 10,000.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    repeats: u64,
+    /// Untimed runs first (compilation of kernels, allocation): 0 to 1,000.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(0..=1_000))]
+    warmup: u64,
     /// Print the results as JSON (to compare across commits) instead of a table.
     #[arg(long)]
     json: bool,
@@ -113,15 +113,13 @@ struct Timed<'a> {
 }
 
 pub fn bench(args: BenchArgs) -> Result<()> {
-    if args.repeats == 0 {
-        bail!("--repeats must be at least 1");
-    }
     let optimised = load_program(&args.model, lower_options(false))?;
     let baseline = load_program(&args.model, lower_options(true))?;
     let batch = args
         .batch_size
-        .unwrap_or(optimised.training.batch_size)
-        .max(1);
+        .map_or(optimised.training.batch_size, |b| b as usize);
+    let (repeats, warmup) = (args.repeats as usize, args.warmup as usize);
+    altc_runtime::training::ensure_state_fits(&optimised)?;
     let state = initial_state(&optimised, optimised.training.seed);
 
     let mut measurements = Vec::new();
@@ -188,8 +186,8 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         model: optimised.model.clone(),
         device,
         batch_size: batch,
-        repeats: args.repeats,
-        warmup: args.warmup,
+        repeats,
+        warmup,
         tuned_kernels,
         ceilings: ceilings.map(|c| CeilingReport {
             copy_gb_per_s: c.copy_gb_per_s,
@@ -215,14 +213,15 @@ fn time_graph(
 ) -> Result<Measurement> {
     let ctx = EvalContext { seed: 1, step: 0 };
     let name = &timed.graph.name;
-    let mut seconds = Vec::with_capacity(args.repeats);
-    for i in 0..args.warmup + args.repeats {
+    let (repeats, warmup) = (args.repeats as usize, args.warmup as usize);
+    let mut seconds = Vec::with_capacity(repeats);
+    for i in 0..warmup + repeats {
         // Outputs come back to the host, so each run is synchronised with the device.
         let started = Instant::now();
         backend
             .run(timed.graph, timed.inputs, ctx)
             .with_context(|| format!("running {name}"))?;
-        if i >= args.warmup {
+        if i >= warmup {
             seconds.push(started.elapsed().as_secs_f64());
         }
     }
@@ -267,7 +266,7 @@ fn time_graph(
 
 /// Bytes of the inputs a run of `graph` uploads (those some output needs), as f32.
 fn input_bytes(graph: &Graph, inputs: &TensorMap) -> u64 {
-    let live = altc_compiler::fusion::live_nodes(graph);
+    let live = altc_compiler::ir::live_nodes(graph);
     graph
         .inputs()
         .filter(|(_, id)| live[id.index()])

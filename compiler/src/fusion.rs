@@ -17,7 +17,7 @@
 //! matmuls of one shape that share an operand (the query, key and value projections
 //! of one input) into one matmul kernel, where that does not raise the planned peak.
 
-use crate::ir::{Dim, Graph, NodeId, Op, ReduceOp, Shape, UnaryOp};
+use crate::ir::{live_nodes, Dim, Graph, NodeId, Op, ReduceOp, Shape, UnaryOp};
 use petgraph::Direction;
 use std::collections::BTreeSet;
 
@@ -148,7 +148,7 @@ impl Step {
     /// single node unless it is a leaf or a view.
     pub fn launches(&self, graph: &Graph) -> bool {
         match self {
-            Step::Node(id) => launches_kernel(&graph.node(*id).op),
+            Step::Node(id) => graph.node(*id).op.launches_kernel(),
             _ => true,
         }
     }
@@ -416,7 +416,7 @@ impl FusionPlan {
                 .iter()
                 .flat_map(|m| self.step_outputs(graph, m))
                 .collect(),
-            Step::Node(id) if launches_kernel(&graph.node(*id).op) => vec![*id],
+            Step::Node(id) if graph.node(*id).op.launches_kernel() => vec![*id],
             Step::Node(_) => Vec::new(),
         }
     }
@@ -453,8 +453,8 @@ impl FusionPlan {
     /// launch nothing (leaves, views).
     pub fn kernel(&self, graph: &Graph, step: &Step) -> Option<KernelDescription> {
         let family = match *step {
-            Step::Node(id) if launches_kernel(&graph.node(id).op) => {
-                crate::summary::op_family(&graph.node(id).op)
+            Step::Node(id) if graph.node(id).op.launches_kernel() => {
+                graph.node(id).op.family()
             }
             Step::Node(_) => return None,
             Step::Group(_) => "fused elementwise",
@@ -508,68 +508,6 @@ impl FusionPlan {
     }
 }
 
-/// Nodes some output depends on; the rest (values autodiff built that nothing reads)
-/// never need to run.
-pub fn live_nodes(graph: &Graph) -> Vec<bool> {
-    let mut live = vec![false; graph.len()];
-    let mut stack: Vec<NodeId> = graph.outputs().iter().map(|(_, id)| *id).collect();
-    while let Some(id) = stack.pop() {
-        if !std::mem::replace(&mut live[id.index()], true) {
-            stack.extend(graph.operands(id));
-        }
-    }
-    live
-}
-
-/// Whether an op runs as a kernel on a device (leaves are bound, layout ops and
-/// stop-gradients are views).
-pub fn launches_kernel(op: &Op) -> bool {
-    !matches!(
-        op,
-        Op::Input { .. }
-            | Op::Parameter { .. }
-            | Op::Constant { .. }
-            | Op::Transpose { .. }
-            | Op::BroadcastTo { .. }
-            | Op::Slice { .. }
-            | Op::Reshape { .. }
-            | Op::StopGradient
-    )
-}
-
-/// The node whose device buffer holds each node's value: itself, or for a view
-/// (transpose, broadcast, slice, reshape, stop-gradient) its source's. A buffer lives
-/// until the last reader of any view of it.
-pub fn buffer_roots(graph: &Graph) -> Vec<NodeId> {
-    let mut root: Vec<NodeId> = (0..graph.len()).map(NodeId::new).collect();
-    for id in graph.creation_order().unwrap_or_default() {
-        let op = &graph.node(id).op;
-        let leaf = matches!(
-            op,
-            Op::Input { .. } | Op::Parameter { .. } | Op::Constant { .. }
-        );
-        if !launches_kernel(op) && !leaf {
-            root[id.index()] = root[graph.operands(id)[0].index()];
-        }
-    }
-    root
-}
-
-/// Elementwise ops that can share a kernel (an iota is computed from each element's
-/// position, so it joins the group that reads it instead of filling a buffer).
-pub fn is_fusible(op: &Op) -> bool {
-    matches!(
-        op,
-        Op::Iota { .. }
-            | Op::Unary(_)
-            | Op::Binary(_)
-            | Op::Compare(_)
-            | Op::Where
-            | Op::Cast { .. }
-            | Op::Dropout { .. }
-    )
-}
-
 /// Plans the fusion groups of `graph` for a device with `limits`: no group reads more
 /// than `limits.max_inputs` distinct values from outside, and no multi-tensor kernel
 /// binds more than `limits.max_bindings` buffers.
@@ -604,7 +542,7 @@ pub fn plan(graph: &Graph, limits: KernelLimits) -> FusionPlan {
     let mut inputs: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); n];
     for &id in &order {
         let node = graph.node(id);
-        if !is_fusible(&node.op) {
+        if !node.op.is_elementwise() {
             continue;
         }
         let me = id.index();
@@ -1760,7 +1698,7 @@ fn schedule(
     let mut step_by_key: Vec<Option<Step>> = vec![None; total];
     // Buffers each step reads from other steps (a view's is its source's), and how
     // many steps read each buffer.
-    let root = buffer_roots(graph);
+    let root = crate::ir::buffer_roots(graph);
     let mut reads: Vec<BTreeSet<NodeId>> = vec![BTreeSet::new(); total];
     let mut readers = vec![0usize; graph.len()];
     let mut written: Vec<BTreeSet<NodeId>> = vec![BTreeSet::new(); total];
@@ -1792,7 +1730,7 @@ fn schedule(
     // Bytes a value holds; leaves are resident and views alias their source.
     let size = |id: NodeId| -> i64 {
         let node = graph.node(id);
-        if !launches_kernel(&node.op) {
+        if !node.op.launches_kernel() {
             return 0;
         }
         let elements: i64 = node

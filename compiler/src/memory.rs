@@ -37,7 +37,7 @@ fn bytes(graph: &Graph, id: NodeId, symbols: &BTreeMap<String, usize>) -> u64 {
 /// Floating-point operations of the graph's matmuls (dense and grouped expert ones),
 /// counting a multiply-add as two: the work a matmul rate is judged against.
 pub fn matmul_flops(graph: &Graph, symbols: &BTreeMap<String, usize>) -> u64 {
-    let live = crate::fusion::live_nodes(graph);
+    let live = crate::ir::live_nodes(graph);
     graph
         .node_ids()
         .filter(|id| live[id.index()])
@@ -158,7 +158,7 @@ pub fn plan_cost_and_peak(
     let steps: Vec<Vec<NodeId>> = plan.schedule.iter().map(|s| plan.step_nodes(s)).collect();
     let step_of = plan.positions(graph);
     // A buffer lives until the last step that reads it or any view of it.
-    let root = crate::fusion::buffer_roots(graph);
+    let root = crate::ir::buffer_roots(graph);
     let mut last_read = vec![None; graph.len()];
     for (pos, nodes) in steps.iter().enumerate() {
         for &id in nodes {

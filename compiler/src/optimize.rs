@@ -467,7 +467,7 @@ pub fn rules() -> Vec<Rewrite<IrNode, TypeAnalysis>> {
 fn node_cost(egraph: &IrGraph, enode: &IrNode) -> f64 {
     const LAUNCH: f64 = 4096.0;
     const FLOPS_PER_ELEMENT: f64 = 64.0;
-    if !crate::fusion::launches_kernel(&enode.op) {
+    if !enode.op.launches_kernel() {
         return 1e-3;
     }
     let elements = |ty: Option<&TensorType>| {
@@ -683,7 +683,7 @@ pub fn optimize(graph: &Graph, limits: Limits) -> Result<(Graph, OptimizeReport)
     }
     let kernels_before = order
         .iter()
-        .filter(|&&id| crate::fusion::launches_kernel(&graph.node(id).op))
+        .filter(|&&id| graph.node(id).op.launches_kernel())
         .count();
     let roots: Vec<(String, Id)> = graph
         .outputs()
@@ -745,7 +745,7 @@ pub fn optimize(graph: &Graph, limits: Limits) -> Result<(Graph, OptimizeReport)
     }
     report.kernels_after = out
         .node_ids()
-        .filter(|&id| crate::fusion::launches_kernel(&out.node(id).op))
+        .filter(|&id| out.node(id).op.launches_kernel())
         .count();
     Ok((out, report))
 }

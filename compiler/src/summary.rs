@@ -1,7 +1,6 @@
 //! Human-readable reports of a lowered program: what `altc check` and `altc inspect`
 //! print.
 
-use crate::ir::Op;
 use crate::lower::{ParamInfo, Program};
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -144,7 +143,7 @@ pub fn graph_summary(p: &Program) -> String {
             .collect();
         let mut ops: BTreeMap<&'static str, usize> = BTreeMap::new();
         for id in g.node_ids() {
-            *ops.entry(op_family(&g.node(id).op)).or_default() += 1;
+            *ops.entry(g.node(id).op.family()).or_default() += 1;
         }
         let mix: Vec<String> = ops.iter().map(|(k, v)| format!("{k} {v}")).collect();
         let _ = writeln!(out, "  {} ({} nodes)", g.name, g.len());
@@ -155,27 +154,3 @@ pub fn graph_summary(p: &Program) -> String {
     out
 }
 
-/// The family an op belongs to, for listings.
-pub fn op_family(op: &Op) -> &'static str {
-    match op {
-        Op::Input { .. } => "input",
-        Op::Parameter { .. } => "param",
-        Op::Constant { .. } | Op::Iota { .. } => "const",
-        Op::Unary(_) | Op::Binary(_) | Op::Compare(_) | Op::Where | Op::Cast { .. } => {
-            "elementwise"
-        }
-        Op::Reduce { .. } => "reduce",
-        Op::MatMul { .. } => "matmul",
-        Op::Transpose { .. }
-        | Op::Reshape { .. }
-        | Op::StopGradient
-        | Op::BroadcastTo { .. }
-        | Op::Slice { .. }
-        | Op::Concat { .. } => "layout",
-        Op::Gather { .. } | Op::ScatterAdd { .. } => "gather/scatter",
-        Op::TopK { .. } => "top_k",
-        Op::Dropout { .. } => "dropout",
-        Op::ExpertOrder { .. } | Op::ExpertOffsets { .. } => "expert grouping",
-        Op::ExpertMatMul { .. } | Op::ExpertWeightGrad => "grouped expert matmul",
-    }
-}

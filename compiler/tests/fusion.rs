@@ -3,7 +3,7 @@
 //! within the binding budget, and fusing needs fewer launches than running op by op.
 
 use altc_compiler::fusion::{
-    group_inputs, is_fusible, is_row_of, plan, FusionPlan, KernelLimits, SharedOperand, Step,
+    group_inputs, is_row_of, plan, FusionPlan, KernelLimits, SharedOperand, Step,
 };
 use altc_compiler::ir::Graph;
 use altc_compiler::lower::{lower, LowerOptions};
@@ -92,7 +92,7 @@ fn check_plan(graph: &Graph, plan: &FusionPlan, limits: KernelLimits) {
             done[id.index()] = true;
         }
     }
-    let live = altc_compiler::fusion::live_nodes(graph);
+    let live = altc_compiler::ir::live_nodes(graph);
     for (i, (&d, &l)) in done.iter().zip(&live).enumerate() {
         assert_eq!(d, l, "{}: node {i} runs iff an output needs it", graph.name);
     }
@@ -100,7 +100,7 @@ fn check_plan(graph: &Graph, plan: &FusionPlan, limits: KernelLimits) {
         let shape = g.shape(graph);
         let mut external = std::collections::BTreeSet::new();
         for &m in &g.nodes {
-            assert!(is_fusible(&graph.node(m).op));
+            assert!(graph.node(m).op.is_elementwise());
             let own = &graph.node(m).ty.shape;
             assert!(
                 own == shape || own.rank() == 0 || is_row_of(own, shape),

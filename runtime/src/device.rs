@@ -1170,7 +1170,7 @@ impl<R: Runtime> DeviceBackend<R> {
                                 .collect();
                             let shape = concrete(&node.ty.shape, &symbols)
                                 .expect("inputs bind every symbol");
-                            if fusion::launches_kernel(&node.op) {
+                            if node.op.launches_kernel() {
                                 self.launches += 1;
                             }
                             self.eval(graph, id, &operands, shape, ctx)

@@ -1,12 +1,14 @@
 //! The graph IR: primitive tensor ops in a petgraph DAG, with element types and
 //! shapes (symbolic batch) inferred and checked as nodes are added.
 
+mod analysis;
 mod dot;
 mod graph;
 mod infer;
 mod op;
 mod types;
 
+pub use analysis::{buffer_roots, live_nodes};
 pub use dot::to_dot;
 pub use graph::{Graph, GraphError, Node, NodeId};
 pub use infer::{broadcast_shapes, infer, TypeError};

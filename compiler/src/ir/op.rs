@@ -186,6 +186,74 @@ pub enum Op {
 }
 
 impl Op {
+    /// Leaves: values bound from outside the graph's kernels.
+    pub fn is_leaf(&self) -> bool {
+        matches!(
+            self,
+            Op::Input { .. } | Op::Parameter { .. } | Op::Constant { .. }
+        )
+    }
+
+    /// Layout ops and stop-gradients: a device reads their source's buffer through
+    /// other strides or extents instead of copying it.
+    pub fn is_view(&self) -> bool {
+        matches!(
+            self,
+            Op::Transpose { .. }
+                | Op::BroadcastTo { .. }
+                | Op::Slice { .. }
+                | Op::Reshape { .. }
+                | Op::StopGradient
+        )
+    }
+
+    /// Whether the op runs as a kernel on a device (leaves are bound, views are not
+    /// computed).
+    pub fn launches_kernel(&self) -> bool {
+        !self.is_leaf() && !self.is_view()
+    }
+
+    /// Elementwise ops, which can share a kernel with others of their shape (an iota
+    /// is computed from each element's position, so it joins the kernel that reads
+    /// it instead of filling a buffer).
+    pub fn is_elementwise(&self) -> bool {
+        matches!(
+            self,
+            Op::Iota { .. }
+                | Op::Unary(_)
+                | Op::Binary(_)
+                | Op::Compare(_)
+                | Op::Where
+                | Op::Cast { .. }
+                | Op::Dropout { .. }
+        )
+    }
+
+    /// The op's family in summaries and kernel listings.
+    pub fn family(&self) -> &'static str {
+        match self {
+            Op::Input { .. } => "input",
+            Op::Parameter { .. } => "param",
+            Op::Constant { .. } | Op::Iota { .. } => "const",
+            Op::Unary(_) | Op::Binary(_) | Op::Compare(_) | Op::Where | Op::Cast { .. } => {
+                "elementwise"
+            }
+            Op::Reduce { .. } => "reduce",
+            Op::MatMul { .. } => "matmul",
+            Op::Transpose { .. }
+            | Op::Reshape { .. }
+            | Op::StopGradient
+            | Op::BroadcastTo { .. }
+            | Op::Slice { .. }
+            | Op::Concat { .. } => "layout",
+            Op::Gather { .. } | Op::ScatterAdd { .. } => "gather/scatter",
+            Op::TopK { .. } => "top_k",
+            Op::Dropout { .. } => "dropout",
+            Op::ExpertOrder { .. } | Op::ExpertOffsets { .. } => "expert grouping",
+            Op::ExpertMatMul { .. } | Op::ExpertWeightGrad => "grouped expert matmul",
+        }
+    }
+
     /// Short name for listings, Graphviz and error messages.
     pub fn mnemonic(&self) -> String {
         match self {
