@@ -4,10 +4,10 @@
 
 use crate::training::{open_backend, Device};
 use crate::{emit, load_program, lower_options};
+use altc_compiler::fusion::cost::{matmul_flops, plan_cost};
 use altc_compiler::fusion::{plan, FusionPlan};
 use altc_compiler::ir::{Graph, Op};
 use altc_compiler::lower::{Program, BATCH};
-use altc_compiler::memory::{matmul_flops, plan_cost};
 use altc_compiler::reference::{EvalContext, Tensor, TensorMap};
 use altc_compiler::rng;
 use altc_compiler::train::{LR_INPUT, WEIGHT_DECAY_INPUT};

@@ -314,8 +314,8 @@ fn explain_fusion(
     baseline: &altc_compiler::lower::Program,
     bindings: usize,
 ) -> Result<String> {
+    use altc_compiler::fusion::cost::{plan_cost, plan_cost_and_peak};
     use altc_compiler::fusion::{plan, FusionPlan, KernelLimits};
-    use altc_compiler::memory::{plan_cost, plan_cost_and_peak};
     use std::fmt::Write as _;
     let tasks =
         altc_compiler::train::training_tasks(program).context("building the training graphs")?;

@@ -4,7 +4,7 @@
 //! IR (`ir`: primitive ops, shapes, checking), lowering of specs to IR programs
 //! (`lower`), reverse-mode autodiff (`autodiff`) and training graphs with the
 //! optimizer (`train`), the e-graph optimiser (`optimize`), fusion planning and its
-//! planned cost (`fusion`, `memory`), the reference interpreter that is every later
+//! planned cost (`fusion`), the reference interpreter that is every later
 //! stage's oracle (`reference`), and the versioned artifact `altc compile` writes
 //! (`artifact`). It never talks to a device: kernels and the runtime live in their
 //! own crates.
@@ -14,7 +14,7 @@ pub mod autodiff;
 pub mod fusion;
 pub mod ir;
 pub mod lower;
-pub mod memory;
+
 pub mod optimize;
 pub mod reference;
 pub mod rng;

@@ -153,4 +153,3 @@ pub fn graph_summary(p: &Program) -> String {
     }
     out
 }
-

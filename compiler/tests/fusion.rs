@@ -293,8 +293,8 @@ fn parameter_updates_share_multi_tensor_kernels() {
 /// `w`, but one kernel for both would hold both, so the planner keeps them apart.
 #[test]
 fn the_schedule_frees_large_values_before_making_more() {
+    use altc_compiler::fusion::cost::plan_cost;
     use altc_compiler::ir::{BinaryOp, Op, ReduceOp};
-    use altc_compiler::memory::plan_cost;
     let mut g = Graph::new("two-products");
     let (first, second) = two_products(&mut g);
     // Different reductions, so that they do not share one multi-tensor kernel.
@@ -382,8 +382,8 @@ fn work_for_a_later_group_moves_into_it() {
 /// exists means both are alive at once, and the planned peak says so.
 #[test]
 fn a_view_keeps_its_source_alive() {
+    use altc_compiler::fusion::cost::plan_cost;
     use altc_compiler::ir::{BinaryOp, Op, ReduceOp};
-    use altc_compiler::memory::plan_cost;
     let mut g = Graph::new("viewed-product");
     let (first, second) = two_products(&mut g);
     let flat = g

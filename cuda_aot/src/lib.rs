@@ -143,8 +143,8 @@ fn footprint(graph: &Graph, fused: bool, shapes: &BTreeMap<String, Vec<usize>>) 
     } else {
         FusionPlan::unfused(graph)
     };
-    altc_compiler::memory::plan_cost(graph, &fusion, &symbols).peak_bytes
-        + altc_compiler::memory::leaf_bytes(graph, &symbols)
+    altc_compiler::fusion::cost::plan_cost(graph, &fusion, &symbols).peak_bytes
+        + altc_compiler::fusion::cost::leaf_bytes(graph, &symbols)
 }
 
 /// Runs every workload under every tuning mode on each target's capture device

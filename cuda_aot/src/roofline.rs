@@ -4,9 +4,9 @@
 //! the figures are bounds, never measurements.
 
 use crate::target::CudaTarget;
+use altc_compiler::fusion::cost::step_work;
 use altc_compiler::fusion::FusionPlan;
 use altc_compiler::ir::Graph;
-use altc_compiler::memory::step_work;
 use serde::Serialize;
 use std::collections::BTreeMap;
 

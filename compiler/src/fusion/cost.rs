@@ -5,7 +5,7 @@
 //! `altc compile --explain` reports; the device runtime frees buffers on the same
 //! schedule.
 
-use crate::fusion::FusionPlan;
+use super::plan::FusionPlan;
 use crate::ir::{Dim, Graph, NodeId, Op, Shape};
 use std::collections::BTreeMap;
 
@@ -18,18 +18,18 @@ pub struct PlanCost {
     pub peak_bytes: u64,
 }
 
-fn extent(d: &Dim, symbols: &BTreeMap<String, usize>) -> u64 {
+pub(super) fn extent(d: &Dim, symbols: &BTreeMap<String, usize>) -> u64 {
     match d {
         Dim::Fixed(n) => *n as u64,
         Dim::Sym(s) => symbols.get(s).copied().unwrap_or(1) as u64,
     }
 }
 
-fn elements(shape: &Shape, symbols: &BTreeMap<String, usize>) -> u64 {
+pub(super) fn elements(shape: &Shape, symbols: &BTreeMap<String, usize>) -> u64 {
     shape.dims().iter().map(|d| extent(d, symbols)).product()
 }
 
-fn bytes(graph: &Graph, id: NodeId, symbols: &BTreeMap<String, usize>) -> u64 {
+pub(super) fn bytes(graph: &Graph, id: NodeId, symbols: &BTreeMap<String, usize>) -> u64 {
     // Devices hold every value as f32.
     elements(&graph.node(id).ty.shape, symbols) * 4
 }
@@ -46,7 +46,7 @@ pub fn matmul_flops(graph: &Graph, symbols: &BTreeMap<String, usize>) -> u64 {
 }
 
 /// `matmul_flops` of one node: zero unless it is a matmul.
-fn node_flops(graph: &Graph, id: NodeId, symbols: &BTreeMap<String, usize>) -> u64 {
+pub(super) fn node_flops(graph: &Graph, id: NodeId, symbols: &BTreeMap<String, usize>) -> u64 {
     let last = |id: NodeId| {
         let dims = graph.node(id).ty.shape.dims();
         dims.last().map_or(1, |d| extent(d, symbols))
@@ -71,7 +71,7 @@ fn node_flops(graph: &Graph, id: NodeId, symbols: &BTreeMap<String, usize>) -> u
 
 /// Bytes a launching step reads: each operand from outside the step once, constants
 /// (inlined into the kernel) not at all.
-fn step_reads(
+pub(super) fn step_reads(
     graph: &Graph,
     nodes: &[NodeId],
     pos: usize,
