@@ -9,14 +9,14 @@
 //! assignment's place, so nothing is permuted in memory. Experts that receive no
 //! assignment cost nothing; one that receives all of them is just a long run.
 
-use crate::launch::{buffer_arg, tiles_of, u32s, Kernels, MatmulStrategy, View};
-use crate::matmul::{accumulate_outer, operand_value, round_to_bf16, zeroed_block, TILE};
-use crate::tune::{
-    bucket, Candidate, KernelKey, TunableLaunch, EXPERT_GRAD, EXPERT_GRAD_TUNER, GROUPED_MATMUL,
-    GROUPED_MATMUL_TUNER,
-};
+use crate::autotune::{bucket, Candidate, KernelKey, TunableLaunch};
+use crate::device::{buffer_arg, tiles_of, u32s, Kernels};
+use crate::matmul::kernel::{accumulate_outer, operand_value, round_to_bf16, zeroed_block, TILE};
+use crate::matmul::launch::MatmulStrategy;
+use crate::view::View;
 use cubecl::prelude::*;
 use cubecl::server::Handle;
+use cubecl::tune::LocalTuner;
 use std::sync::{Arc, Mutex};
 
 /// The expert owning sorted position `p`: the last `e` whose run starts at or before
@@ -786,3 +786,12 @@ impl<R: Runtime> Kernels<R> {
             .expect("one output")
     }
 }
+
+/// The family's name in kernel keys, and its tuner.
+pub(crate) const GROUPED_MATMUL: &str = "grouped expert matmul";
+pub(crate) static GROUPED_MATMUL_TUNER: LocalTuner<KernelKey, String> =
+    LocalTuner::new(concat!("altc_kernels::tune", "-grouped-matmul")); // named as before the move: cubecl keys its cache files by it
+/// The family's name in kernel keys, and its tuner.
+pub(crate) const EXPERT_GRAD: &str = "expert weight gradient";
+pub(crate) static EXPERT_GRAD_TUNER: LocalTuner<KernelKey, String> =
+    LocalTuner::new(concat!("altc_kernels::tune", "-expert-grad")); // named as before the move: cubecl keys its cache files by it

@@ -1,7 +1,10 @@
 //! Index kernels: gather and scatter-add along an axis (PyTorch semantics), and top-k
 //! indices along the last axis. Indices travel as whole numbers in `F`.
 
+use crate::device::{grid, u32s, Kernels};
+use crate::view::View;
 use cubecl::prelude::*;
+use cubecl::server::Handle;
 
 /// Coordinate of linear `pos` along `axis` of the shape at `meta[0..rank]`, and the
 /// offset of `pos` in the strides at `meta[strides_at..]` with that axis left out.
@@ -107,5 +110,83 @@ pub(crate) fn top_k_kernel<F: Float>(x: &Array<F>, out: &mut Array<F>, n: u32, k
             prev_v = best_v;
             prev_i = best_i;
         }
+    }
+}
+impl<R: Runtime> Kernels<R> {
+    /// PyTorch `gather` along `axis`; the result has the index's `shape`.
+    pub fn gather(&self, x: &View, index: &View, axis: usize, shape: &[usize]) -> Handle {
+        let n: usize = shape.iter().product();
+        let out = self.alloc(n);
+        let mut meta = u32s(shape.iter().copied());
+        meta.extend(u32s(index.strides.iter().copied()));
+        meta.extend(u32s(x.strides.iter().copied()));
+        meta.extend(u32s([axis, index.offset, x.offset]));
+        let meta_len = meta.len();
+        let (count, dim) = grid(n);
+        unsafe {
+            gather_kernel::launch_unchecked::<f32, R>(
+                &self.client,
+                count,
+                dim,
+                ArrayArg::from_raw_parts(x.handle.clone(), x.len.max(1)),
+                ArrayArg::from_raw_parts(index.handle.clone(), index.len.max(1)),
+                ArrayArg::from_raw_parts(out.clone(), n),
+                ArrayArg::from_raw_parts(self.upload_once(meta), meta_len),
+                shape.len(),
+            )
+        };
+        out
+    }
+
+    /// Zeros of `shape`, then `out[.., index[.., j, ..], ..] += src[.., j, ..]`;
+    /// `extent` is the index's size along `axis`.
+    pub fn scatter_add(
+        &self,
+        index: &View,
+        src: &View,
+        axis: usize,
+        extent: usize,
+        shape: &[usize],
+    ) -> Handle {
+        let n: usize = shape.iter().product();
+        let out = self.alloc(n);
+        let mut meta = u32s(shape.iter().copied());
+        meta.extend(u32s(index.strides.iter().copied()));
+        meta.extend(u32s(src.strides.iter().copied()));
+        meta.extend(u32s([axis, extent, index.offset, src.offset]));
+        let meta_len = meta.len();
+        let (count, dim) = grid(n);
+        unsafe {
+            scatter_add_kernel::launch_unchecked::<f32, R>(
+                &self.client,
+                count,
+                dim,
+                ArrayArg::from_raw_parts(index.handle.clone(), index.len.max(1)),
+                ArrayArg::from_raw_parts(src.handle.clone(), src.len.max(1)),
+                ArrayArg::from_raw_parts(out.clone(), n),
+                ArrayArg::from_raw_parts(self.upload_once(meta), meta_len),
+                shape.len(),
+            )
+        };
+        out
+    }
+
+    /// Indices of the `k` largest of each of `rows` contiguous rows of `n`.
+    pub fn top_k(&self, x: &Handle, rows: usize, n: usize, k: usize) -> Handle {
+        let out = self.alloc(rows * k);
+        let (count, dim) = grid(rows);
+        let [n32, k32] = [n, k].map(|v| u32s([v])[0]);
+        unsafe {
+            top_k_kernel::launch_unchecked::<f32, R>(
+                &self.client,
+                count,
+                dim,
+                ArrayArg::from_raw_parts(x.clone(), (rows * n).max(1)),
+                ArrayArg::from_raw_parts(out.clone(), (rows * k).max(1)),
+                n32,
+                k32,
+            )
+        };
+        out
     }
 }

@@ -15,24 +15,29 @@
 //! elements where layouts allow) offer candidate configurations to cubecl's autotuner
 //! (`tune`); which one runs is the caller's `TuningMode`.
 
+mod autotune;
+mod ceilings;
+mod device;
 mod elementwise;
 mod experts;
+mod families;
 mod fused;
 mod index;
-mod launch;
 mod matmul;
 mod random;
 mod reduce;
-mod tune;
-mod vector;
+mod view;
 
-pub use elementwise::{BinaryKind, UnaryKind};
+pub use autotune::{Candidate, KernelKey, TunedKernel, TuningMode};
+pub use ceilings::Ceilings;
+pub use device::Kernels;
+pub use elementwise::ops::{BinaryKind, UnaryKind};
 pub use experts::{ExpertGradStrategy, ExpertMatmul};
-pub use fused::{FusedOp, FusedProgram, RowTopK};
-pub use launch::{
-    contiguous_strides, Ceilings, ElementwiseStrategy, EpilogueMatmul, Kernels, MatmulOperands,
-    MatmulStrategy, ReduceStrategy, Segment, View,
-};
-pub use matmul::OperandLayout;
-pub use reduce::ReduceKind;
-pub use tune::{candidates, Candidate, KernelKey, TunedKernel, TuningMode, TUNABLE_FAMILIES};
+pub use families::{candidates, TUNABLE_FAMILIES};
+pub use fused::kernel::{FusedOp, FusedProgram, RowTopK};
+pub use fused::launch::{ElementwiseStrategy, Segment};
+pub use matmul::kernel::OperandLayout;
+pub use matmul::launch::{EpilogueMatmul, MatmulOperands, MatmulStrategy};
+pub use reduce::kernel::ReduceKind;
+pub use reduce::launch::ReduceStrategy;
+pub use view::{contiguous_strides, View};

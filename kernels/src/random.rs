@@ -1,7 +1,9 @@
 //! Dropout from the same counter-based Philox4x32-10 stream as the reference
 //! interpreter (`altc_compiler::rng`), so both draw identical masks.
 
+use crate::device::{grid, Kernels};
 use cubecl::prelude::*;
+use cubecl::server::Handle;
 
 const M0: u32 = 0xD251_1F53;
 const M1: u32 = 0xCD9E_8D57;
@@ -80,5 +82,36 @@ pub(crate) fn dropout_kernel<F: Float + CubeElement>(
         let bits = philox_first(pos as u32, step, stream, seed_lo, seed_hi) >> 8;
         let u = F::cast_from(bits) / F::new(16777216.0);
         out[pos] = select(u >= rate, x[pos] * scale, F::new(0.0));
+    }
+}
+impl<R: Runtime> Kernels<R> {
+    /// Inverted dropout of contiguous `x` with the Philox stream of (seed, step, stream).
+    pub fn dropout(
+        &self,
+        x: &Handle,
+        len: usize,
+        rate: f64,
+        seed: u64,
+        step: u64,
+        stream: u64,
+    ) -> Handle {
+        let out = self.alloc(len);
+        let (count, dim) = grid(len);
+        unsafe {
+            dropout_kernel::launch_unchecked::<f32, R>(
+                &self.client,
+                count,
+                dim,
+                ArrayArg::from_raw_parts(x.clone(), len.max(1)),
+                ArrayArg::from_raw_parts(out.clone(), len),
+                rate as f32,
+                (1.0 / (1.0 - rate)) as f32,
+                seed as u32,
+                (seed >> 32) as u32,
+                step as u32,
+                stream as u32,
+            )
+        };
+        out
     }
 }

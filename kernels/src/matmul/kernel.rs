@@ -2,8 +2,8 @@
 //! tile and batch entry. Operands are strided views, so transposed operands and
 //! broadcast batch dimensions (stride 0) need no copies.
 
-use crate::elementwise::unordered;
-use crate::fused::{run_program, FusedProgram};
+use crate::elementwise::ops::unordered;
+use crate::fused::kernel::{run_program, FusedProgram};
 use cubecl::prelude::*;
 
 /// Tile edge; a cube is `TILE x TILE` units, whatever the plane size.

@@ -3,9 +3,9 @@
 //! output element splits them across its units and combines the partial results in a
 //! fixed tree. Either way results are deterministic.
 
-pub(crate) use crate::elementwise::offset_in;
-use crate::elementwise::{apply_unary, unordered};
-use crate::UnaryKind;
+pub(crate) use crate::elementwise::ops::offset_in;
+use crate::elementwise::ops::UnaryKind;
+use crate::elementwise::ops::{apply_unary, unordered};
 use cubecl::prelude::*;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

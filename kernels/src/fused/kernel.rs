@@ -3,9 +3,10 @@
 //! straight-line code over registers; operands are loaded through their own strided
 //! (broadcast) views, and only the group's outputs are written.
 
-use crate::elementwise::{apply_binary, apply_unary};
-use crate::reduce::{combine, combine_lanes, offset_in, reduce_identity, reduce_position};
-use crate::{BinaryKind, ReduceKind, UnaryKind};
+use crate::elementwise::ops::{apply_binary, apply_unary};
+use crate::elementwise::ops::{BinaryKind, UnaryKind};
+use crate::reduce::kernel::ReduceKind;
+use crate::reduce::kernel::{combine, combine_lanes, offset_in, reduce_identity, reduce_position};
 use cubecl::prelude::*;
 
 /// One step of a fused program; operands name earlier registers (one per step).

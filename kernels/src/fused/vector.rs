@@ -4,8 +4,8 @@
 //! either contiguous with the program's elements or one value can run this way: no
 //! positions (iotas, dropout), no epilogue accumulator, no row or scalar outputs.
 
-use crate::elementwise::{BinaryKind, UnaryKind};
-use crate::fused::{FusedOp, FusedProgram};
+use crate::elementwise::ops::{BinaryKind, UnaryKind};
+use crate::fused::kernel::{FusedOp, FusedProgram};
 use cubecl::prelude::*;
 
 /// A fused program as the vector kernel runs it: which inputs are one value

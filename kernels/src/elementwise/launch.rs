@@ -1,0 +1,81 @@
+//! Launching single elementwise ops: the unfused baseline's kernels.
+
+use crate::device::{grid, u32s, Kernels};
+use crate::elementwise::ops::{binary_kernel, select_kernel, unary_kernel, BinaryKind, UnaryKind};
+use crate::view::View;
+use cubecl::prelude::*;
+use cubecl::server::Handle;
+
+impl<R: Runtime> Kernels<R> {
+    /// `op` of every element of `x` (read through its view) into a new `shape` buffer.
+    pub fn unary(&self, op: UnaryKind, x: &View, shape: &[usize]) -> Handle {
+        let n: usize = shape.iter().product();
+        let out = self.alloc(n);
+        let mut meta = u32s(shape.iter().copied());
+        meta.extend(u32s(x.strides.iter().copied()));
+        meta.extend(u32s([x.offset]));
+        let (count, dim) = grid(n);
+        unsafe {
+            unary_kernel::launch_unchecked::<f32, R>(
+                &self.client,
+                count,
+                dim,
+                ArrayArg::from_raw_parts(x.handle.clone(), x.len.max(1)),
+                ArrayArg::from_raw_parts(out.clone(), n),
+                ArrayArg::from_raw_parts(self.upload_once(meta), 2 * shape.len() + 1),
+                shape.len(),
+                op,
+            )
+        };
+        out
+    }
+
+    pub fn binary(&self, op: BinaryKind, a: &View, b: &View, shape: &[usize]) -> Handle {
+        let n: usize = shape.iter().product();
+        let out = self.alloc(n);
+        let mut meta = u32s(shape.iter().copied());
+        meta.extend(u32s(a.strides.iter().copied()));
+        meta.extend(u32s(b.strides.iter().copied()));
+        meta.extend(u32s([a.offset, b.offset]));
+        let (count, dim) = grid(n);
+        unsafe {
+            binary_kernel::launch_unchecked::<f32, R>(
+                &self.client,
+                count,
+                dim,
+                ArrayArg::from_raw_parts(a.handle.clone(), a.len.max(1)),
+                ArrayArg::from_raw_parts(b.handle.clone(), b.len.max(1)),
+                ArrayArg::from_raw_parts(out.clone(), n),
+                ArrayArg::from_raw_parts(self.upload_once(meta), 3 * shape.len() + 2),
+                shape.len(),
+                op,
+            )
+        };
+        out
+    }
+
+    pub fn select(&self, cond: &View, a: &View, b: &View, shape: &[usize]) -> Handle {
+        let n: usize = shape.iter().product();
+        let out = self.alloc(n);
+        let mut meta = u32s(shape.iter().copied());
+        for v in [cond, a, b] {
+            meta.extend(u32s(v.strides.iter().copied()));
+        }
+        meta.extend(u32s([cond.offset, a.offset, b.offset]));
+        let (count, dim) = grid(n);
+        unsafe {
+            select_kernel::launch_unchecked::<f32, R>(
+                &self.client,
+                count,
+                dim,
+                ArrayArg::from_raw_parts(cond.handle.clone(), cond.len.max(1)),
+                ArrayArg::from_raw_parts(a.handle.clone(), a.len.max(1)),
+                ArrayArg::from_raw_parts(b.handle.clone(), b.len.max(1)),
+                ArrayArg::from_raw_parts(out.clone(), n),
+                ArrayArg::from_raw_parts(self.upload_once(meta), 4 * shape.len() + 3),
+                shape.len(),
+            )
+        };
+        out
+    }
+}
