@@ -2,18 +2,17 @@
 //! inference path on a device, optimised against the `--no-opt` baseline in the same
 //! run, next to the planned work and the device's measured ceilings.
 
-use crate::training::{open_backend, Device};
-use crate::{emit, load_program, lower_options};
+use crate::console::emit;
+use crate::devices::{open_backend, Device};
+use crate::model::{load_program, lower_options};
+use crate::workloads::timed_graphs;
 use altc_compiler::fusion::cost::{matmul_flops, plan_cost};
 use altc_compiler::fusion::{plan, FusionPlan};
-use altc_compiler::ir::{Graph, Op};
-use altc_compiler::lower::{Program, BATCH};
-use altc_compiler::reference::{EvalContext, Tensor, TensorMap};
-use altc_compiler::rng;
-use altc_compiler::train::{LR_INPUT, WEIGHT_DECAY_INPUT};
+use altc_compiler::ir::Graph;
+use altc_compiler::lower::BATCH;
+use altc_compiler::reference::{EvalContext, TensorMap};
 use altc_runtime::backend::{Backend, Ceilings};
 use altc_runtime::training::initial_state;
-use altc_runtime::workload::device_graphs;
 use anyhow::{Context, Result};
 use clap::Args;
 use serde::Serialize;
@@ -41,7 +40,7 @@ pub struct BenchArgs {
     #[arg(long)]
     json: bool,
     #[command(flatten)]
-    cache: crate::tune::TuneCacheArgs,
+    cache: crate::devices::TuneCacheArgs,
 }
 
 /// One timed graph under one configuration.
@@ -134,7 +133,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     ] {
         let mut backend = open_backend(args.device, program.training.precision, opt)?;
         if variant == "tuned" {
-            tuned_kernels = crate::tune::use_tuned_kernels(backend.as_mut(), &tune_dir)?;
+            tuned_kernels = crate::devices::use_tuned_kernels(backend.as_mut(), &tune_dir)?;
             if tuned_kernels == 0 {
                 eprintln!(
                     "note: no tuned kernels for this device in {}: run `altc tune` first for a tuned column",
@@ -290,50 +289,6 @@ fn bound_symbols(graph: &Graph, inputs: &TensorMap, batch: usize) -> BTreeMap<St
         }
     }
     symbols
-}
-
-/// What `altc bench` and `altc tune` run: every graph of `device_graphs` (training
-/// steps optimised when `optimise`), each with synthetic inputs at `batch`.
-pub(crate) fn timed_graphs(
-    program: &Program,
-    optimise: bool,
-    batch: usize,
-) -> Result<Vec<(Graph, TensorMap)>> {
-    let graphs = device_graphs(program, optimise).context("building the device graphs")?;
-    Ok(graphs
-        .into_iter()
-        .map(|graph| {
-            let inputs = synthetic_inputs(&graph, batch);
-            (graph, inputs)
-        })
-        .collect())
-}
-
-/// Inputs for one run at `batch`: uniform tokens in [-1, 1), full masks, and the
-/// optimizer's scalars at typical values. Timing does not depend on the values.
-fn synthetic_inputs(graph: &Graph, batch: usize) -> TensorMap {
-    let mut inputs = TensorMap::new();
-    for id in graph.node_ids() {
-        let Op::Input { name, dtype, shape } = &graph.node(id).op else {
-            continue;
-        };
-        let dims: Vec<usize> = shape
-            .dims()
-            .iter()
-            .map(|d| d.fixed().unwrap_or(batch))
-            .collect();
-        let n: usize = dims.iter().product();
-        let values: Vec<f64> = match name.as_str() {
-            LR_INPUT => vec![1e-4],
-            WEIGHT_DECAY_INPUT => vec![0.01],
-            _ if name.ends_with(".mask") => vec![1.0; n],
-            _ => (0..n as u64)
-                .map(|i| 2.0 * rng::uniform(7, 0, id.index() as u64, i) - 1.0)
-                .collect(),
-        };
-        inputs.insert(name.clone(), Tensor::from_f64(*dtype, &dims, values));
-    }
-    inputs
 }
 
 fn table(report: &BenchReport) -> String {

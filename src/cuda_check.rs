@@ -2,7 +2,7 @@
 //! for NVIDIA GPUs by NVRTC without a GPU, with each kernel's resources and the
 //! plan's roofline bound on the target.
 
-use crate::emit;
+use crate::console::emit;
 use altc_compiler::fusion::{plan, KernelLimits};
 use altc_compiler::lower::Program;
 use altc_compiler::spec::Precision;

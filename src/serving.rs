@@ -1,8 +1,8 @@
 //! `altc embed`, `altc retrieve` and `altc doctor`: vector pre-storage, real-time
 //! retrieval on the device, and what altc sees of this machine.
 
-use crate::emit;
-use crate::training::{open_backend, Device};
+use crate::console::emit;
+use crate::devices::{open_backend, Device};
 use altc_compiler::artifact::Artifact;
 use altc_runtime::checkpoint::Checkpoint;
 use altc_runtime::data::{write_f32_safetensors, Dataset};

@@ -1,22 +1,21 @@
 //! `altc data synth`, `altc run` and `altc eval`: training and evaluation as a user
 //! runs them, with a progress bar, checkpoints in a run directory, and recalls.
 
+use crate::console::emit;
+use crate::devices::{open_backend, Device};
 use crate::files::{self, DataIdentity};
-use crate::{emit, load_model, load_program, lower_options, LoadedModel};
+use crate::model::{load_model, load_program, lower_options, LoadedModel};
 use altc_compiler::artifact::{remove_stale_temporaries, Artifact};
 use altc_compiler::lower::{lower_loaded, LowerOptions, Program};
 use altc_compiler::optimize::{optimize, Limits};
-use altc_compiler::spec::Precision;
 use altc_compiler::train::training_tasks;
-use altc_runtime::backend::{Backend, ReferenceBackend};
 use altc_runtime::checkpoint::Checkpoint;
 use altc_runtime::data::Dataset;
-use altc_runtime::device::DeviceChoice;
 use altc_runtime::retrieval::{recalls, Recall};
 use altc_runtime::synth::{write_planted, SynthOptions};
 use altc_runtime::training::{checkpoint_path, state_shapes, StepReport, TrainOptions, Trainer};
 use anyhow::{bail, Context, Result};
-use clap::{Args, Subcommand, ValueEnum};
+use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -45,16 +44,6 @@ pub enum DataCommand {
         #[arg(long, default_value_t = 0.5, value_parser = non_negative_finite)]
         token_variation: f64,
     },
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Device {
-    /// CUDA when a driver is found, else wgpu.
-    Auto,
-    Cuda,
-    Wgpu,
-    /// The reference interpreter (CPU, plain Rust).
-    Reference,
 }
 
 /// A finite number, 0 or more.
@@ -110,7 +99,7 @@ pub struct RunArgs {
     #[arg(long)]
     untuned: bool,
     #[command(flatten)]
-    cache: crate::tune::TuneCacheArgs,
+    cache: crate::devices::TuneCacheArgs,
 }
 
 #[derive(Args)]
@@ -261,21 +250,6 @@ pub fn data(command: DataCommand) -> Result<()> {
     ))
 }
 
-/// Opens the backend `device` names, saying which one it is.
-pub(crate) fn open_backend(
-    device: Device,
-    precision: Precision,
-    fuse: bool,
-) -> Result<Box<dyn Backend>> {
-    let choice = match device {
-        Device::Reference => return Ok(Box::new(ReferenceBackend::default())),
-        Device::Auto => DeviceChoice::Auto,
-        Device::Cuda => DeviceChoice::Cuda,
-        Device::Wgpu => DeviceChoice::Wgpu,
-    };
-    Ok(altc_runtime::device::open(choice, precision, fuse)?)
-}
-
 pub fn run(args: RunArgs) -> Result<()> {
     let model = load_model(&args.model, lower_options(args.no_opt))?;
     let program = &model.program;
@@ -288,7 +262,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     let mut backend = open_backend(args.device, program.training.precision, !args.no_opt)?;
     eprintln!("device: {}", backend.describe());
     if let Some(dir) = &tune_dir {
-        crate::tune::use_tuned_kernels(backend.as_mut(), dir)?;
+        crate::devices::use_tuned_kernels(backend.as_mut(), dir)?;
     }
     let run_dir = args
         .out
