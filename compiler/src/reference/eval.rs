@@ -1,13 +1,12 @@
 //! Evaluation of IR graphs on host tensors, one op at a time, in topological order.
 
 use super::experts::{self, AssignmentRows, ExpertGroups};
-use super::tensor::{broadcast_strides, for_each_index, offset, strides, Data, Tensor};
+use super::tensor::{broadcast_strides, for_each_index, offset, strides, Data, Real, Tensor};
 use crate::ir::{
     broadcast_shapes, BinaryOp, CompareOp, DType, Dim, Graph, GraphError, NodeId, Op, ReduceOp,
     Shape, UnaryOp,
 };
 use crate::rng;
-use num_traits::{Float, FromPrimitive, ToPrimitive};
 use std::collections::{BTreeMap, HashMap};
 use thiserror::Error;
 
@@ -226,23 +225,6 @@ impl Site<'_> {
             value,
             size,
         }
-    }
-}
-
-/// Float element types the interpreter computes in.
-pub trait Real: Float + FromPrimitive + ToPrimitive + Copy + 'static {
-    fn erf(self) -> Self;
-}
-
-impl Real for f32 {
-    fn erf(self) -> f32 {
-        libm::erff(self)
-    }
-}
-
-impl Real for f64 {
-    fn erf(self) -> f64 {
-        libm::erf(self)
     }
 }
 

@@ -2,7 +2,7 @@
 //! expert, and the grouped matmuls that read those groups. Written as plain loops over
 //! experts and their assignments so the device's tiled kernels have an obvious oracle.
 
-use super::eval::Real;
+use super::tensor::Real;
 
 /// Assignments grouped by expert: `order` lists assignment ids expert by expert, and
 /// expert `e` owns `order[offsets[e]..offsets[e + 1]]`.

@@ -9,7 +9,7 @@ mod init;
 mod tensor;
 
 pub use eval::{
-    binary_scalar, evaluate, run, unary_scalar, EvalContext, EvalError, Evaluation, Real, TensorMap,
+    binary_scalar, evaluate, run, unary_scalar, EvalContext, EvalError, Evaluation, TensorMap,
 };
 pub use init::initial_parameters;
-pub use tensor::{Data, Tensor};
+pub use tensor::{Data, Real, Tensor};

@@ -1,6 +1,7 @@
 //! Host tensors for the reference interpreter: a concrete shape and row-major data.
 
 use crate::ir::DType;
+use num_traits::{Float, FromPrimitive, ToPrimitive};
 use std::fmt;
 
 #[derive(Clone, Debug, PartialEq)]
@@ -150,4 +151,21 @@ pub fn for_each_index(shape: &[usize], mut f: impl FnMut(usize, &[usize])) {
 
 pub fn offset(coords: &[usize], strides: &[usize]) -> usize {
     coords.iter().zip(strides).map(|(c, s)| c * s).sum()
+}
+
+/// Float element types the interpreter computes in.
+pub trait Real: Float + FromPrimitive + ToPrimitive + Copy + 'static {
+    fn erf(self) -> Self;
+}
+
+impl Real for f32 {
+    fn erf(self) -> f32 {
+        libm::erff(self)
+    }
+}
+
+impl Real for f64 {
+    fn erf(self) -> f64 {
+        libm::erf(self)
+    }
 }
