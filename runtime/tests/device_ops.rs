@@ -12,30 +12,8 @@ use altc_compiler::spec::Precision;
 use altc_compiler::{rng, shape};
 use altc_runtime::backend::Backend;
 use altc_runtime::device::{open, DeviceChoice};
-use std::sync::Mutex;
-
-/// One device of each kind for the whole file (opening one per test is slow on
-/// lavapipe); `None` inside means it is not available here.
-static WGPU: Mutex<Option<Option<Box<dyn Backend>>>> = Mutex::new(None);
-static CUDA: Mutex<Option<Option<Box<dyn Backend>>>> = Mutex::new(None);
-
-/// Runs `f` on wgpu and on CUDA; a device that is not present is skipped with the
-/// reason printed.
-fn on_each_device(mut f: impl FnMut(&mut dyn Backend)) {
-    for (slot, choice) in [(&WGPU, DeviceChoice::Wgpu), (&CUDA, DeviceChoice::Cuda)] {
-        let mut guard = slot.lock().unwrap_or_else(|e| e.into_inner());
-        let device = guard.get_or_insert_with(|| match open(choice, Precision::F32, true) {
-            Ok(b) => Some(b),
-            Err(e) => {
-                eprintln!("skipping {choice:?}: {e}");
-                None
-            }
-        });
-        if let Some(d) = device.as_mut() {
-            f(d.as_mut());
-        }
-    }
-}
+mod common;
+use common::on_each_device;
 
 fn random(shape: &[usize], stream: u64, lo: f64, hi: f64) -> Tensor {
     let n = shape.iter().product();

@@ -8,12 +8,10 @@
 
 use altc_compiler::ir::{BinaryOp, CompareOp, DType, Graph, NodeId, Op, ReduceOp, UnaryOp};
 use altc_compiler::reference::{run, EvalContext, Tensor, TensorMap};
-use altc_compiler::spec::Precision;
 use altc_kernels::{
     Candidate, ElementwiseStrategy, EpilogueMatmul, ExpertGradStrategy, ReduceStrategy,
 };
 use altc_runtime::backend::{Backend, TuningMode};
-use altc_runtime::device::{open, DeviceChoice};
 use std::collections::BTreeMap;
 
 mod common;
@@ -235,8 +233,9 @@ fn assert_close(label: &str, got: &BTreeMap<String, Tensor>, want: &BTreeMap<Str
     }
 }
 
-fn device() -> Option<Box<dyn Backend>> {
-    // Tuning writes cubecl's persistent cache; keep it out of the source tree.
+/// Every device present (see `common::each_device`), with cubecl's tuning cache out
+/// of the source tree.
+fn devices() -> Vec<Box<dyn Backend>> {
     static CACHE: std::sync::Once = std::sync::Once::new();
     CACHE.call_once(|| {
         use cubecl::config::{cache::CacheConfig, CubeClRuntimeConfig, RuntimeConfig};
@@ -245,71 +244,60 @@ fn device() -> Option<Box<dyn Backend>> {
         config.autotune.cache = CacheConfig::File(dir);
         CubeClRuntimeConfig::set(config);
     });
-    // wgpu, or CUDA when `ALTC_TEST_DEVICE=cuda` asks for it (scripts/gpu_checks.sh):
-    // a device asked for by name must be there.
-    let asked_for_cuda = std::env::var("ALTC_TEST_DEVICE").is_ok_and(|d| d == "cuda");
-    let choice = if asked_for_cuda {
-        DeviceChoice::Cuda
-    } else {
-        DeviceChoice::Wgpu
-    };
-    match open(choice, Precision::F32, true) {
-        Ok(d) => Some(d),
-        Err(e) if asked_for_cuda => panic!("ALTC_TEST_DEVICE=cuda: {e}"),
-        Err(e) => {
-            eprintln!("skipping: {e}");
-            None
-        }
-    }
+    common::each_device(true)
+        .into_iter()
+        .map(|(_, device)| device)
+        .collect()
 }
 
 #[test]
 fn every_candidate_matches_the_reference_and_tuning_picks_one() {
-    let Some(mut device) = device() else { return };
-    let ctx = EvalContext { seed: 1, step: 0 };
-    let names = EpilogueMatmul::ALL
-        .iter()
-        .map(Candidate::name)
-        .chain(ExpertGradStrategy::ALL.iter().map(Candidate::name))
-        .chain(ReduceStrategy::ALL.iter().map(Candidate::name))
-        .chain(ElementwiseStrategy::ALL.iter().map(Candidate::name));
-    // Fresh inputs per candidate: a kernel that failed to run cannot pass on a
-    // buffer the previous candidate left with the same results.
-    for (draw, name) in names.enumerate() {
-        let (g, feeds) = tunable_graph(draw as u64 + 1);
-        let want = run(&g, &feeds, &TensorMap::new(), ctx).unwrap();
-        device.set_tuning(TuningMode::Force(name.clone()));
-        let got = device.run(&g, &feeds, ctx).unwrap();
-        assert_close(&name, &got, &want);
-    }
-    let (g, feeds) = tunable_graph(0);
+    for mut device in devices() {
+        let ctx = EvalContext { seed: 1, step: 0 };
+        let names = EpilogueMatmul::ALL
+            .iter()
+            .map(Candidate::name)
+            .chain(ExpertGradStrategy::ALL.iter().map(Candidate::name))
+            .chain(ReduceStrategy::ALL.iter().map(Candidate::name))
+            .chain(ElementwiseStrategy::ALL.iter().map(Candidate::name));
+        // Fresh inputs per candidate: a kernel that failed to run cannot pass on a
+        // buffer the previous candidate left with the same results.
+        for (draw, name) in names.enumerate() {
+            let (g, feeds) = tunable_graph(draw as u64 + 1);
+            let want = run(&g, &feeds, &TensorMap::new(), ctx).unwrap();
+            device.set_tuning(TuningMode::Force(name.clone()));
+            let got = device.run(&g, &feeds, ctx).unwrap();
+            assert_close(&name, &got, &want);
+        }
+        let (g, feeds) = tunable_graph(0);
 
-    device.set_tuning(TuningMode::Untuned);
-    let fallback = device.run(&g, &feeds, ctx).unwrap();
-    assert!(
-        device.tuned_kernels().is_empty(),
-        "untuned runs tune nothing"
-    );
-    device.set_tuning(TuningMode::Tune);
-    let tuned = device.run(&g, &feeds, ctx).unwrap();
-    assert_close("tuned vs fallback", &tuned, &fallback);
-    let decisions = device.tuned_kernels();
-    let of = |family: &str| decisions.iter().filter(|d| d.key.family == family).count();
-    // Plain and transposed share a shape bucket; the two with an epilogue (one
-    // launch) and the batch sum differ.
-    assert_eq!(of("matmul"), 3, "{decisions:?}");
-    assert_eq!(of("reduce"), 4, "{decisions:?}");
-    assert_eq!(of("fused elementwise"), 2, "{decisions:?}");
-    assert_eq!(of("multi-tensor elementwise"), 2, "{decisions:?}");
-    assert_eq!(of("grouped expert matmul"), 2, "{decisions:?}");
-    assert_eq!(of("expert weight gradient"), 1, "{decisions:?}");
-    for d in &decisions {
-        assert_eq!(
-            d.candidates,
-            altc_kernels::candidates(&d.key.family),
-            "{d:?}"
+        device.set_tuning(TuningMode::Untuned);
+        let fallback = device.run(&g, &feeds, ctx).unwrap();
+        assert!(
+            device.tuned_kernels().is_empty(),
+            "untuned runs tune nothing"
         );
-        assert!(d.candidates.contains(&d.winner), "{d:?}");
+        device.set_tuning(TuningMode::Tune);
+        let tuned = device.run(&g, &feeds, ctx).unwrap();
+        assert_close("tuned vs fallback", &tuned, &fallback);
+        let decisions = device.tuned_kernels();
+        let of = |family: &str| decisions.iter().filter(|d| d.key.family == family).count();
+        // Plain and transposed share a shape bucket; the two with an epilogue (one
+        // launch) and the batch sum differ.
+        assert_eq!(of("matmul"), 3, "{decisions:?}");
+        assert_eq!(of("reduce"), 4, "{decisions:?}");
+        assert_eq!(of("fused elementwise"), 2, "{decisions:?}");
+        assert_eq!(of("multi-tensor elementwise"), 2, "{decisions:?}");
+        assert_eq!(of("grouped expert matmul"), 2, "{decisions:?}");
+        assert_eq!(of("expert weight gradient"), 1, "{decisions:?}");
+        for d in &decisions {
+            assert_eq!(
+                d.candidates,
+                altc_kernels::candidates(&d.key.family),
+                "{d:?}"
+            );
+            assert!(d.candidates.contains(&d.winner), "{d:?}");
+        }
     }
 }
 
@@ -317,51 +305,53 @@ fn every_candidate_matches_the_reference_and_tuning_picks_one() {
 /// min and relu of a NaN are NaN, lane by lane, whichever operand holds it.
 #[test]
 fn vectorised_kernels_propagate_nan_like_the_reference() {
-    let Some(mut device) = device() else { return };
-    let vectorised = ElementwiseStrategy::ALL
-        .iter()
-        .find(|s| s.vector > 1)
-        .expect("a vectorised candidate");
-    device.set_tuning(TuningMode::Force(vectorised.name()));
-    let mut g = Graph::new("vector-nan");
-    let mut feeds = TensorMap::new();
-    let nan = f32::NAN;
-    let x: Vec<f32> = vec![
-        1.0, nan, -2.0, 0.5, 0.25, -1.0, nan, 3.0, -0.5, 2.0, nan, nan, 0.0, -3.0, 1.5, -0.25,
-    ];
-    let y: Vec<f32> = vec![
-        nan, 0.0, 1.0, nan, -1.0, 2.0, 0.5, nan, 0.0, -2.0, 1.0, nan, nan, 4.0, -1.5, 0.25,
-    ];
-    let mut leaf = |g: &mut Graph, name: &str, values: Vec<f32>| {
-        feeds.insert(name.to_string(), Tensor::f32(&[4, 4], values));
-        g.push(
-            Op::Input {
-                name: name.into(),
-                dtype: DType::F32,
-                shape: [4, 4].into_iter().collect(),
-            },
-            &[],
-            "test",
-        )
-        .unwrap()
-    };
-    let (a, b) = (leaf(&mut g, "x", x), leaf(&mut g, "y", y));
-    let push = |g: &mut Graph, op: Op, operands: &[NodeId]| g.push(op, operands, "test").unwrap();
-    let larger = push(&mut g, Op::Binary(BinaryOp::Max), &[a, b]);
-    let smaller = push(&mut g, Op::Binary(BinaryOp::Min), &[a, b]);
-    let relu = push(&mut g, Op::Unary(UnaryOp::Relu), &[a]);
-    for (name, id) in [("max", larger), ("min", smaller), ("relu", relu)] {
-        g.set_output(name, id).unwrap();
-    }
-    let ctx = EvalContext { seed: 1, step: 0 };
-    let want = run(&g, &feeds, &TensorMap::new(), ctx).unwrap();
-    let got = device.run(&g, &feeds, ctx).unwrap();
-    for (name, w) in &want {
-        for (i, (a, b)) in got[name].to_f64().iter().zip(w.to_f64()).enumerate() {
-            assert!(
-                a.is_nan() == b.is_nan() && (a.is_nan() || a == &b),
-                "{name}[{i}]: vectorised {a}, reference {b}"
-            );
+    for mut device in devices() {
+        let vectorised = ElementwiseStrategy::ALL
+            .iter()
+            .find(|s| s.vector > 1)
+            .expect("a vectorised candidate");
+        device.set_tuning(TuningMode::Force(vectorised.name()));
+        let mut g = Graph::new("vector-nan");
+        let mut feeds = TensorMap::new();
+        let nan = f32::NAN;
+        let x: Vec<f32> = vec![
+            1.0, nan, -2.0, 0.5, 0.25, -1.0, nan, 3.0, -0.5, 2.0, nan, nan, 0.0, -3.0, 1.5, -0.25,
+        ];
+        let y: Vec<f32> = vec![
+            nan, 0.0, 1.0, nan, -1.0, 2.0, 0.5, nan, 0.0, -2.0, 1.0, nan, nan, 4.0, -1.5, 0.25,
+        ];
+        let mut leaf = |g: &mut Graph, name: &str, values: Vec<f32>| {
+            feeds.insert(name.to_string(), Tensor::f32(&[4, 4], values));
+            g.push(
+                Op::Input {
+                    name: name.into(),
+                    dtype: DType::F32,
+                    shape: [4, 4].into_iter().collect(),
+                },
+                &[],
+                "test",
+            )
+            .unwrap()
+        };
+        let (a, b) = (leaf(&mut g, "x", x), leaf(&mut g, "y", y));
+        let push =
+            |g: &mut Graph, op: Op, operands: &[NodeId]| g.push(op, operands, "test").unwrap();
+        let larger = push(&mut g, Op::Binary(BinaryOp::Max), &[a, b]);
+        let smaller = push(&mut g, Op::Binary(BinaryOp::Min), &[a, b]);
+        let relu = push(&mut g, Op::Unary(UnaryOp::Relu), &[a]);
+        for (name, id) in [("max", larger), ("min", smaller), ("relu", relu)] {
+            g.set_output(name, id).unwrap();
+        }
+        let ctx = EvalContext { seed: 1, step: 0 };
+        let want = run(&g, &feeds, &TensorMap::new(), ctx).unwrap();
+        let got = device.run(&g, &feeds, ctx).unwrap();
+        for (name, w) in &want {
+            for (i, (a, b)) in got[name].to_f64().iter().zip(w.to_f64()).enumerate() {
+                assert!(
+                    a.is_nan() == b.is_nan() && (a.is_nan() || a == &b),
+                    "{name}[{i}]: vectorised {a}, reference {b}"
+                );
+            }
         }
     }
 }
@@ -370,39 +360,41 @@ fn vectorised_kernels_propagate_nan_like_the_reference() {
 /// kernels for its one planned step, and the device counts both.
 #[test]
 fn an_epilogue_run_apart_counts_as_its_own_launch() {
-    let Some(mut device) = device() else { return };
-    let apart = EpilogueMatmul::ALL
-        .iter()
-        .find(|c| !c.fused)
-        .expect("a candidate with the epilogue apart");
-    let mut g = Graph::new("epilogue-apart");
-    let mut feeds = TensorMap::new();
-    let x = input(&mut g, &mut feeds, "x", &[3, 19, 17], 90);
-    let w = input(&mut g, &mut feeds, "w", &[17, 21], 91);
-    let bias = input(&mut g, &mut feeds, "bias", &[21], 92);
-    let push = |g: &mut Graph, op: Op, operands: &[NodeId]| g.push(op, operands, "test").unwrap();
-    let product = push(
-        &mut g,
-        Op::MatMul {
-            transpose_a: false,
-            transpose_b: false,
-        },
-        &[x, w],
-    );
-    let biased = push(&mut g, Op::Binary(BinaryOp::Add), &[product, bias]);
-    let activated = push(&mut g, Op::Unary(UnaryOp::Relu), &[biased]);
-    g.set_output("y", activated).unwrap();
-    let ctx = EvalContext { seed: 1, step: 0 };
-    let want = run(&g, &feeds, &TensorMap::new(), ctx).unwrap();
-    device.set_tuning(TuningMode::Untuned);
-    device.run(&g, &feeds, ctx).unwrap();
-    assert_eq!(device.kernel_launches(), Some(1), "one planned kernel");
-    device.set_tuning(TuningMode::Force(apart.name()));
-    let got = device.run(&g, &feeds, ctx).unwrap();
-    assert_close(&apart.name(), &got, &want);
-    assert_eq!(
-        device.kernel_launches(),
-        Some(2),
-        "the product, then the epilogue"
-    );
+    for mut device in devices() {
+        let apart = EpilogueMatmul::ALL
+            .iter()
+            .find(|c| !c.fused)
+            .expect("a candidate with the epilogue apart");
+        let mut g = Graph::new("epilogue-apart");
+        let mut feeds = TensorMap::new();
+        let x = input(&mut g, &mut feeds, "x", &[3, 19, 17], 90);
+        let w = input(&mut g, &mut feeds, "w", &[17, 21], 91);
+        let bias = input(&mut g, &mut feeds, "bias", &[21], 92);
+        let push =
+            |g: &mut Graph, op: Op, operands: &[NodeId]| g.push(op, operands, "test").unwrap();
+        let product = push(
+            &mut g,
+            Op::MatMul {
+                transpose_a: false,
+                transpose_b: false,
+            },
+            &[x, w],
+        );
+        let biased = push(&mut g, Op::Binary(BinaryOp::Add), &[product, bias]);
+        let activated = push(&mut g, Op::Unary(UnaryOp::Relu), &[biased]);
+        g.set_output("y", activated).unwrap();
+        let ctx = EvalContext { seed: 1, step: 0 };
+        let want = run(&g, &feeds, &TensorMap::new(), ctx).unwrap();
+        device.set_tuning(TuningMode::Untuned);
+        device.run(&g, &feeds, ctx).unwrap();
+        assert_eq!(device.kernel_launches(), Some(1), "one planned kernel");
+        device.set_tuning(TuningMode::Force(apart.name()));
+        let got = device.run(&g, &feeds, ctx).unwrap();
+        assert_close(&apart.name(), &got, &want);
+        assert_eq!(
+            device.kernel_launches(),
+            Some(2),
+            "the product, then the epilogue"
+        );
+    }
 }

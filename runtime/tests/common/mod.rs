@@ -1,8 +1,14 @@
-//! Helpers the device test files share: random inputs and graph leaves.
+//! Helpers the device test files share: the devices a body runs on, random inputs
+//! and graph leaves.
+#![allow(dead_code)] // each suite uses its own part of these helpers
 
 use altc_compiler::ir::{DType, Graph, NodeId, Op};
 use altc_compiler::reference::{Tensor, TensorMap};
 use altc_compiler::rng;
+use altc_compiler::spec::Precision;
+use altc_runtime::backend::Backend;
+use altc_runtime::device::{open, DeviceChoice};
+use std::sync::Mutex;
 
 /// Values uniform in [-1, 1) for `shape`, from the rng stream `(salt, stream)`.
 pub fn uniform(shape: &[usize], salt: u64, stream: u64) -> Tensor {
@@ -39,4 +45,45 @@ pub fn random_input(
 ) -> NodeId {
     feeds.insert(name.to_string(), uniform(shape, salt, stream));
     input(g, name, shape)
+}
+
+/// The device kinds every device suite runs on.
+const DEVICES: [DeviceChoice; 2] = [DeviceChoice::Wgpu, DeviceChoice::Cuda];
+
+/// Opens `choice`, running fusion groups as one kernel each when `fuse`. A device
+/// that is not here is skipped with the reason printed, unless `ALTC_TEST_DEVICE`
+/// names it (`scripts/gpu_checks.sh` sets `cuda`): then its absence fails the test.
+pub fn open_present(choice: DeviceChoice, fuse: bool) -> Option<Box<dyn Backend>> {
+    let required = std::env::var("ALTC_TEST_DEVICE")
+        .is_ok_and(|d| d.eq_ignore_ascii_case(&format!("{choice:?}")));
+    match open(choice, Precision::F32, fuse) {
+        Ok(device) => Some(device),
+        Err(e) if required => panic!("ALTC_TEST_DEVICE asks for {choice:?}: {e}"),
+        Err(e) => {
+            eprintln!("skipping {choice:?}: {e}");
+            None
+        }
+    }
+}
+
+/// Every device present, freshly opened (see `open_present`).
+pub fn each_device(fuse: bool) -> Vec<(DeviceChoice, Box<dyn Backend>)> {
+    DEVICES
+        .into_iter()
+        .filter_map(|choice| open_present(choice, fuse).map(|d| (choice, d)))
+        .collect()
+}
+
+/// One fused device of each kind for the whole test file (opening one per test is
+/// slow on lavapipe); `None` inside means it is not here.
+static OPENED: [Mutex<Option<Option<Box<dyn Backend>>>>; 2] = [Mutex::new(None), Mutex::new(None)];
+
+/// Runs `body` on every device present, each opened once per test file.
+pub fn on_each_device(mut body: impl FnMut(&mut dyn Backend)) {
+    for (slot, choice) in OPENED.iter().zip(DEVICES) {
+        let mut guard = slot.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(device) = guard.get_or_insert_with(|| open_present(choice, true)) {
+            body(device.as_mut());
+        }
+    }
 }
