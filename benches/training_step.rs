@@ -4,10 +4,10 @@
 //! op), as `altc run` executes them.
 
 use altc_compiler::lower::{lower, LowerOptions, MoeDispatch, Program};
-use altc_compiler::optimize::{optimize, Limits};
+use altc_compiler::pipeline::training_steps;
 use altc_compiler::spec;
 use altc_compiler::spec::Precision;
-use altc_compiler::train::{training_tasks, TrainingTask};
+use altc_compiler::train::TrainingTask;
 use altc_runtime::backend::{Backend, ReferenceBackend, TuningMode};
 use altc_runtime::data::Dataset;
 use altc_runtime::device::{open, DeviceChoice};
@@ -30,16 +30,17 @@ fn tiny_training_step(c: &mut Criterion) {
         },
     )
     .expect("lowers");
-    let tasks = training_tasks(&program).expect("training graphs");
-    let baseline = training_tasks(&dense).expect("training graphs");
+    let steps = |program, optimise| -> Vec<TrainingTask> {
+        training_steps(program, optimise)
+            .expect("training graphs")
+            .into_iter()
+            .map(|compiled| compiled.task)
+            .collect()
+    };
+    let tasks = steps(&program, false);
+    let baseline = steps(&dense, false);
     // What `altc run` executes by default: e-graph rewrites, then fusion on the device.
-    let optimised: Vec<TrainingTask> = tasks
-        .iter()
-        .map(|t| TrainingTask {
-            graph: optimize(&t.graph, Limits::default()).expect("optimises").0,
-            ..t.clone()
-        })
-        .collect();
+    let optimised = steps(&program, true);
     let dir = std::env::temp_dir().join(format!("altc-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("scratch directory");
     let data = dir.join("pairs.safetensors");

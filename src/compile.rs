@@ -7,6 +7,7 @@ use crate::model::lower_options;
 use altc_compiler::artifact::Artifact;
 use altc_compiler::ir::to_dot;
 use altc_compiler::lower::{lower_loaded, LowerOptions};
+use altc_compiler::pipeline::{training_steps, Optimised};
 use altc_compiler::{spec, summary};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -102,31 +103,28 @@ fn explain_fusion(
     use altc_compiler::fusion::cost::{plan_cost, plan_cost_and_peak};
     use altc_compiler::fusion::{plan, FusionPlan, KernelLimits};
     use std::fmt::Write as _;
-    let tasks =
-        altc_compiler::train::training_tasks(program).context("building the training graphs")?;
-    let baseline_tasks = altc_compiler::train::training_tasks(baseline)
-        .context("building the baseline training graphs")?;
+    let tasks = training_steps(program, true)?;
+    let baseline_tasks = training_steps(baseline, false)?;
     let symbols = std::collections::BTreeMap::from([(
         altc_compiler::lower::BATCH.to_string(),
         program.training.batch_size,
     )]);
     let mut out = String::new();
     let mb = |b: u64| b as f64 / (1024.0 * 1024.0);
-    for (task, base) in tasks.iter().zip(&baseline_tasks) {
-        let original = &task.graph;
-        let started = std::time::Instant::now();
-        let (optimised, report) =
-            altc_compiler::optimize::optimize(original, altc_compiler::optimize::Limits::default())
-                .with_context(|| format!("optimising {}", original.name))?;
+    for (compiled, base) in tasks.iter().zip(&baseline_tasks) {
+        let optimised = &compiled.task.graph;
+        let Some(Optimised { report, seconds }) = &compiled.optimised else {
+            unreachable!("the pipeline optimised every task");
+        };
         let _ = writeln!(
             out,
             "{}: e-graph {} nodes in {} classes after {} iterations ({}), {:.2} s",
-            original.name,
+            optimised.name,
             report.egraph_nodes,
             report.egraph_classes,
             report.iterations,
             report.stop,
-            started.elapsed().as_secs_f64()
+            seconds.as_secs_f64()
         );
         let fired: Vec<String> = report
             .fired
@@ -147,11 +145,15 @@ fn explain_fusion(
             "  kernel nodes: {} before, {} after (shared subgraphs counted once)",
             report.kernels_before, report.kernels_after
         );
-        let g = &optimised;
+        let g = optimised;
         let fused = plan(g, KernelLimits::for_bindings(bindings));
         let ((a, peak), b) = (
             plan_cost_and_peak(g, &fused, &symbols),
-            plan_cost(&base.graph, &FusionPlan::unfused(&base.graph), &symbols),
+            plan_cost(
+                &base.task.graph,
+                &FusionPlan::unfused(&base.task.graph),
+                &symbols,
+            ),
         );
         let _ = writeln!(
             out,

@@ -7,8 +7,7 @@ use crate::files::{self, DataIdentity};
 use crate::model::{load_model, load_program, lower_options, LoadedModel};
 use altc_compiler::artifact::{remove_stale_temporaries, Artifact};
 use altc_compiler::lower::{lower_loaded, LowerOptions, Program};
-use altc_compiler::optimize::{optimize, Limits};
-use altc_compiler::train::training_tasks;
+use altc_compiler::pipeline::training_steps;
 use altc_runtime::checkpoint::Checkpoint;
 use altc_runtime::data::Dataset;
 use altc_runtime::retrieval::{recalls, Recall};
@@ -328,21 +327,19 @@ pub fn run(args: RunArgs) -> Result<()> {
         (record, false)
     };
     let data = Dataset::load(&record.data.path, program)?;
-    let mut tasks = training_tasks(program).context("building the training graphs")?;
-    if !args.no_opt {
-        for task in &mut tasks {
-            let (graph, report) = optimize(&task.graph, Limits::default())
-                .with_context(|| format!("optimising {}", task.graph.name))?;
+    let mut tasks = Vec::new();
+    for compiled in training_steps(program, !args.no_opt)? {
+        if let Some(done) = &compiled.optimised {
             eprintln!(
                 "optimised {}: {} -> {} kernels ({} rewrites, e-graph {} nodes)",
-                task.graph.name,
-                report.kernels_before,
-                report.kernels_after,
-                report.fired.values().sum::<usize>(),
-                report.egraph_nodes
+                compiled.task.graph.name,
+                done.report.kernels_before,
+                done.report.kernels_after,
+                done.report.fired.values().sum::<usize>(),
+                done.report.egraph_nodes
             );
-            task.graph = graph;
         }
+        tasks.push(compiled.task);
     }
     let options = TrainOptions {
         // A resumed run keeps its length (and so its schedules) unless told otherwise.

@@ -46,7 +46,7 @@ impl Workload {
         fused: bool,
         bf16: bool,
         batch: usize,
-    ) -> Result<Workload, altc_compiler::ir::GraphError> {
+    ) -> Result<Workload, altc_compiler::pipeline::PipelineError> {
         let graphs = altc_runtime::workload::device_graphs(program, fused)?
             .into_iter()
             .map(|graph| {

@@ -4,25 +4,20 @@
 //! and the CUDA check all run this list.
 
 use crate::retrieval::ranking_graph;
-use altc_compiler::ir::{Graph, GraphError};
+use altc_compiler::ir::Graph;
 use altc_compiler::lower::Program;
-use altc_compiler::optimize::{optimize, Limits};
-use altc_compiler::train::training_tasks;
+use altc_compiler::pipeline::{training_steps, PipelineError};
 
 /// Stored embeddings and neighbours per query of the ranking graph.
 pub const RANKING_STORE: usize = 4096;
 pub const RANKING_K: usize = 10;
 
 /// Every graph `program` runs on a device, training steps first.
-pub fn device_graphs(program: &Program, optimise: bool) -> Result<Vec<Graph>, GraphError> {
-    let mut graphs = Vec::new();
-    for task in training_tasks(program)? {
-        graphs.push(if optimise {
-            optimize(&task.graph, Limits::default())?.0
-        } else {
-            task.graph
-        });
-    }
+pub fn device_graphs(program: &Program, optimise: bool) -> Result<Vec<Graph>, PipelineError> {
+    let mut graphs: Vec<Graph> = training_steps(program, optimise)?
+        .into_iter()
+        .map(|compiled| compiled.task.graph)
+        .collect();
     let mut width = None;
     for info in &program.directions {
         for name in [&info.query_graph, &info.key_graph].into_iter().flatten() {
@@ -38,7 +33,7 @@ pub fn device_graphs(program: &Program, optimise: bool) -> Result<Vec<Graph>, Gr
     }
     // Ranking a batch of queries against a store, as `altc retrieve` does.
     if let Some(width) = width {
-        graphs.push(ranking_graph(width, RANKING_STORE, RANKING_K)?);
+        graphs.push(ranking_graph(width, RANKING_STORE, RANKING_K).map_err(PipelineError::Build)?);
     }
     Ok(graphs)
 }

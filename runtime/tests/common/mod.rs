@@ -76,7 +76,10 @@ pub fn each_device(fuse: bool) -> Vec<(DeviceChoice, Box<dyn Backend>)> {
 
 /// One fused device of each kind for the whole test file (opening one per test is
 /// slow on lavapipe); `None` inside means it is not here.
-static OPENED: [Mutex<Option<Option<Box<dyn Backend>>>>; 2] = [Mutex::new(None), Mutex::new(None)];
+static OPENED: [Mutex<Slot>; 2] = [Mutex::new(None), Mutex::new(None)];
+
+/// A device kind not opened yet (`None`), or opened: present or not.
+type Slot = Option<Option<Box<dyn Backend>>>;
 
 /// Runs `body` on every device present, each opened once per test file.
 pub fn on_each_device(mut body: impl FnMut(&mut dyn Backend)) {
