@@ -121,7 +121,7 @@ impl Artifact {
         let header: Header = match ron::Options::default().from_str(&text) {
             Ok(h) => h,
             // The header leads the file: if it is there, the damage is further on.
-            Err(e) if text[..text.len().min(200)].contains(&format!("format: \"{FORMAT}\"")) => {
+            Err(e) if header_in_first_bytes(&text, 200) => {
                 return Err(ArtifactError::Corrupt {
                     path: path.to_path_buf(),
                     line: e.position.line,
@@ -203,6 +203,16 @@ impl Artifact {
             }),
         }
     }
+}
+
+/// Whether the header's format field lies within the first `limit` bytes of `text`.
+/// The search runs over bytes because byte `limit` may fall inside a character, where
+/// slicing the `str` would panic.
+fn header_in_first_bytes(text: &str, limit: usize) -> bool {
+    let field = format!("format: \"{FORMAT}\"");
+    text.as_bytes()[..text.len().min(limit)]
+        .windows(field.len())
+        .any(|window| window == field.as_bytes())
 }
 
 /// Where `stored` and `lowered` first differ, in words; `None` when they are equal.

@@ -1,0 +1,69 @@
+//! Replays the committed corpora of the compiler's fuzz targets (`fuzz/corpus/spec_lower`
+//! and `fuzz/corpus/artifact_read`) through the calls those targets make, so every input
+//! the fuzzers kept, crashes they found included, is checked in CI without cargo-fuzz.
+
+use altc_compiler::artifact::Artifact;
+use altc_compiler::lower::{lower_loaded, LowerOptions};
+use altc_compiler::{spec, summary};
+use std::path::{Path, PathBuf};
+
+/// The files of `fuzz/corpus/<target>`, sorted. A missing or empty folder fails the
+/// test, so it cannot pass by replaying nothing.
+fn corpus_files(target: &str) -> Vec<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../fuzz/corpus")
+        .join(target);
+    let entries = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("cannot read fuzz corpus {}: {e}", dir.display()));
+    let mut files: Vec<PathBuf> = entries
+        .map(|entry| entry.expect("readable corpus entry").path())
+        .filter(|path| path.is_file())
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "fuzz corpus {} is empty", dir.display());
+    files
+}
+
+/// Names the input being replayed when it panics; the panic itself is not caught, so
+/// it still fails the test.
+struct Replaying<'a>(&'a Path);
+
+impl Drop for Replaying<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("the panic came from fuzz input {}", self.0.display());
+        }
+    }
+}
+
+/// Runs `check` on the bytes of every file of the target's corpus.
+fn replay(target: &str, check: impl Fn(&[u8])) {
+    for path in corpus_files(target) {
+        let bytes =
+            std::fs::read(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+        let _replaying = Replaying(&path);
+        check(&bytes);
+    }
+}
+
+#[test]
+fn spec_lower_corpus_never_panics() {
+    replay("spec_lower", |bytes| {
+        let Ok(text) = std::str::from_utf8(bytes) else {
+            return;
+        };
+        let Ok(loaded) = spec::parse(text, "fuzz.ron") else {
+            return;
+        };
+        if let Ok(program) = lower_loaded(&loaded, LowerOptions::default()) {
+            summary::program_summary(&program);
+        }
+    });
+}
+
+#[test]
+fn artifact_read_corpus_never_panics() {
+    replay("artifact_read", |bytes| {
+        let _ = Artifact::from_bytes(bytes.to_vec(), Path::new("fuzz.altc"));
+    });
+}
