@@ -211,7 +211,13 @@ fn read_store(path: &Path) -> Result<Store> {
 /// The width of the `embedding` output of `graph`.
 fn embedding_width(program: &altc_compiler::lower::Program, graph: &str) -> Option<usize> {
     let g = program.graph(graph)?;
-    match g.node(g.output("embedding")?).ty.shape.0.last()? {
+    match g
+        .node(g.output(altc_compiler::outputs::EMBEDDING)?)
+        .ty
+        .shape
+        .0
+        .last()?
+    {
         altc_compiler::ir::Dim::Fixed(w) => Some(*w),
         altc_compiler::ir::Dim::Sym(_) => None,
     }

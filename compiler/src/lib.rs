@@ -3,7 +3,7 @@
 //! It owns the spec language (`spec`: parsing, validation, located errors), the graph
 //! IR (`ir`: primitive ops, shapes, checking), lowering of specs to IR programs
 //! (`lower`), reverse-mode autodiff (`autodiff`) and training graphs with the
-//! optimizer (`train`), the e-graph optimiser (`optimize`), the pipeline from a
+//! optimizer (`train`), the names of graph outputs (`outputs`), the e-graph optimiser (`optimize`), the pipeline from a
 //! program to the graphs a device runs (`pipeline`), fusion planning and its
 //! planned cost (`fusion`), the reference interpreter that is every later
 //! stage's oracle (`reference`), and the versioned artifact `altc compile` writes
@@ -17,6 +17,7 @@ pub mod ir;
 pub mod lower;
 
 pub mod optimize;
+pub mod outputs;
 pub mod pipeline;
 pub mod reference;
 pub mod rng;

@@ -11,6 +11,7 @@
 use crate::autodiff::append_gradients;
 use crate::ir::{BinaryOp, DType, Graph, GraphError, NodeId, Op, ReduceOp, Scalar, Shape, UnaryOp};
 use crate::lower::{ParamInfo, Program};
+use crate::outputs;
 use crate::spec::{DecaySchedule, GradClip, LrSchedule, Optimizer, Schedule, Span};
 use serde::{Deserialize, Serialize};
 
@@ -28,14 +29,7 @@ pub fn second_moment(p: &str) -> String {
 pub fn step_count(p: &str) -> String {
     format!("adamw.step.{p}")
 }
-/// The output carrying a parameter's raw (unclipped) gradient.
-pub fn gradient(p: &str) -> String {
-    format!("grad.{p}")
-}
-/// The output carrying the new value of a parameter or state tensor `name`.
-pub fn updated(name: &str) -> String {
-    format!("new.{name}")
-}
+pub use crate::outputs::{gradient, updated};
 
 /// One schedule task's training graph.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -101,14 +95,14 @@ fn build_task(
         let map = graph.absorb(loss_graph)?;
         for (out, id) in loss_graph.outputs() {
             let label = if joint {
-                format!("{dir}.{out}")
+                outputs::in_direction(dir, out)
             } else {
                 out.clone()
             };
             graph.set_output(label, map[id.index()])?;
         }
         let loss = map[loss_graph
-            .output("loss")
+            .output(outputs::LOSS)
             .expect("loss graphs output `loss`")
             .index()];
         total = Some(match total {
@@ -118,7 +112,7 @@ fn build_task(
     }
     let total = total.expect("a task has at least one direction");
     if joint {
-        graph.set_output("loss", total)?;
+        graph.set_output(outputs::LOSS, total)?;
     }
     let trainable: Vec<(&ParamInfo, NodeId)> = graph
         .parameters()
@@ -293,7 +287,7 @@ impl OptimizerBuilder<'_> {
             return Ok(vec![]);
         };
         let norm = self.push(Op::Unary(UnaryOp::Sqrt), &[total], origin)?;
-        self.graph.set_output("grad_norm", norm)?;
+        self.graph.set_output(outputs::GRAD_NORM, norm)?;
         let GradClip::GlobalNorm(max_norm) = clip else {
             return Ok(grads.iter().map(|(_, _, g)| *g).collect());
         };

@@ -3,6 +3,7 @@
 //! and optimizer state on the device and move only batches, scalars and metrics.
 
 use altc_compiler::ir::Graph;
+use altc_compiler::outputs::Output;
 use altc_compiler::reference::{run, EvalContext, EvalError, Tensor, TensorMap};
 pub use altc_kernels::{candidates, Ceilings, KernelKey, TunedKernel, TuningMode};
 use std::collections::BTreeMap;
@@ -150,12 +151,12 @@ impl Backend for ReferenceBackend {
         let outputs = run(graph, inputs, &self.state, ctx)?;
         let mut host = BTreeMap::new();
         for (name, value) in outputs {
-            match name.strip_prefix("new.") {
-                Some(target) => {
+            match Output::parse(&name) {
+                Output::Updated(target) => {
                     self.staged.insert(target.to_string(), value);
                 }
-                None if name.starts_with("grad.") => {}
-                None => {
+                Output::Gradient(_) => {}
+                _ => {
                     host.insert(name, value);
                 }
             }

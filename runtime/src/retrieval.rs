@@ -5,6 +5,7 @@
 use crate::backend::{Backend, BackendError};
 use crate::data::Dataset;
 use altc_compiler::lower::Program;
+use altc_compiler::outputs::EMBEDDING;
 use altc_compiler::reference::EvalContext;
 
 /// Recall@1/5/10 of one direction, as fractions.
@@ -76,7 +77,7 @@ pub fn embed(
     let mut width = 0;
     for chunk in pairs.chunks(EMBED_CHUNK) {
         let batch = data.batch(chunk, program.dtype);
-        let e = &backend.run(g, &batch, EvalContext::default())?["embedding"];
+        let e = &backend.run(g, &batch, EvalContext::default())?[EMBEDDING];
         width = e.shape[1];
         let values = e.to_f64();
         // A NaN compares false with everything, so it would rank as a perfect match.

@@ -10,6 +10,7 @@ use crate::host::{host_memory_bytes, GIB};
 use crate::retrieval::{recalls, Recall};
 use altc_compiler::ir::{Graph, Op};
 use altc_compiler::lower::Program;
+use altc_compiler::outputs::{Output, GRAD_NORM};
 use altc_compiler::reference::{evaluate, EvalContext, EvalError, Tensor, TensorMap};
 use altc_compiler::spec::{Duration, Optimizer, MAX_BATCH, MAX_STEPS};
 use altc_compiler::train::{
@@ -281,12 +282,7 @@ impl<'p> Trainer<'p> {
         };
         let losses = outputs
             .iter()
-            .filter(|(n, _)| {
-                *n == "loss"
-                    || n.starts_with("loss.")
-                    || n.ends_with(".loss")
-                    || n.contains(".loss.")
-            })
+            .filter(|(n, _)| Output::parse(n) == Output::Loss)
             .map(|(n, t)| (n.clone(), t.scalar().unwrap_or(f64::NAN)))
             .collect();
         let report = StepReport {
@@ -295,7 +291,7 @@ impl<'p> Trainer<'p> {
             losses,
             lr,
             weight_decay: wd,
-            grad_norm: scalar("grad_norm"),
+            grad_norm: scalar(GRAD_NORM),
         };
         self.backend.commit();
         self.step += 1;
@@ -427,7 +423,7 @@ fn first_non_finite(
         ),
         None => (0, String::new(), String::new()),
     };
-    let what = if output.starts_with("new.") {
+    let what = if matches!(Output::parse(output), Output::Updated(_)) {
         format!("the update {output}")
     } else {
         format!("`{output}`")

@@ -25,7 +25,7 @@ pub fn device_graphs(program: &Program, optimise: bool) -> Result<Vec<Graph>, Pi
                 .graph(name)
                 .expect("lowered with the program")
                 .clone();
-            if let Some(e) = graph.output("embedding") {
+            if let Some(e) = graph.output(altc_compiler::outputs::EMBEDDING) {
                 width = graph.node(e).ty.shape.dims().last().and_then(|d| d.fixed());
             }
             graphs.push(graph);

@@ -24,6 +24,7 @@ pub use builder::BATCH;
 pub use params::{Init, ParamInfo, ParamKind, ParamTable};
 
 use crate::ir::{DType, Dim, Graph, GraphError, NodeId, Op, ReduceOp, Shape, UnaryOp};
+use crate::outputs;
 use crate::spec::{
     Direction, Encoder, ExpertPool as ExpertPoolKind, Gate, GateInput, Layer, LossKind, ModelSpec,
     NoDecay, Optimizer, Schedule, Temperature, Tokens, Training,
@@ -247,7 +248,7 @@ impl Lowering<'_> {
                     info_nce(b, q, k, *temperature, &loss.name)
                 }
             })?;
-            b.graph.set_output(format!("loss.{}", loss.name), term)?;
+            b.graph.set_output(outputs::loss_term(&loss.name), term)?;
             let weighted = b.at(&path, |b| b.scale(term, loss.weight))?;
             total = Some(match total {
                 None => weighted,
@@ -255,7 +256,7 @@ impl Lowering<'_> {
             });
         }
         let total = total.expect("validated: at least one loss");
-        b.graph.set_output("loss", total)?;
+        b.graph.set_output(outputs::LOSS, total)?;
         Ok(b.graph)
     }
 
@@ -279,7 +280,7 @@ impl Lowering<'_> {
             let q = b.pool(head, src.mask, spec.connector.pooling)?;
             b.l2_normalize(q)
         })?;
-        b.graph.set_output("embedding", q)?;
+        b.graph.set_output(outputs::EMBEDDING, q)?;
         Ok(b.graph)
     }
 
@@ -290,7 +291,7 @@ impl Lowering<'_> {
         let tgt = encode(&mut b, spec, lower_index(spec, modality))?;
         let k = target_side(&mut b, spec, modality, &tgt)?;
         let k = b.at("connector.target_projection", |b| b.l2_normalize(k))?;
-        b.graph.set_output("embedding", k)?;
+        b.graph.set_output(outputs::EMBEDDING, k)?;
         Ok(b.graph)
     }
 

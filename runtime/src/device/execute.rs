@@ -7,6 +7,7 @@ use super::translate::{binary_kind, cast_kind, compare_kind, reduce_kind, unary_
 use crate::backend::{BackendError, KernelTiming};
 use altc_compiler::fusion::{self, FusionPlan, Step};
 use altc_compiler::ir::{Dim, Graph, NodeId, Op, Shape};
+use altc_compiler::outputs::Output;
 use altc_compiler::reference::{EvalContext, Tensor};
 use altc_kernels::{ExpertMatmul, Kernels, RowTopK, UnaryKind, View};
 use cubecl::prelude::*;
@@ -532,10 +533,12 @@ impl<R: Runtime> DeviceBackend<R> {
         let mut updates = Vec::new();
         for (name, id) in graph.outputs() {
             let value = values[id.index()].clone().expect("outputs are kept");
-            match name.strip_prefix("new.") {
-                Some(target) => updates.push((target.to_string(), self.materialise(&value))),
-                None if name.starts_with("grad.") => {}
-                None => {
+            match Output::parse(name) {
+                Output::Updated(target) => {
+                    updates.push((target.to_string(), self.materialise(&value)))
+                }
+                Output::Gradient(_) => {}
+                _ => {
                     host.insert(
                         name.clone(),
                         self.download(&value, graph.node(*id).ty.dtype),
