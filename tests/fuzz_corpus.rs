@@ -1,17 +1,31 @@
-//! Replays the committed corpora of the compiler's fuzz targets (`fuzz/corpus/spec_lower`
-//! and `fuzz/corpus/artifact_read`) through the calls those targets make, so every input
-//! the fuzzers kept, crashes they found included, is checked in CI without cargo-fuzz.
+//! Replays the committed corpora of every fuzz target (`fuzz/corpus/<target>`: specs,
+//! artifacts, datasets and checkpoints) through the calls those targets make, so every
+//! input the fuzzers kept, crashes they found included, is checked in CI without
+//! cargo-fuzz.
 
 use altc_compiler::artifact::Artifact;
-use altc_compiler::lower::{lower_loaded, LowerOptions};
+use altc_compiler::lower::{lower_loaded, LowerOptions, Program};
 use altc_compiler::{spec, summary};
+use altc_runtime::checkpoint::Checkpoint;
+use altc_runtime::data::Dataset;
+use altc_runtime::training::state_shapes;
 use std::path::{Path, PathBuf};
+
+/// The model the fuzz targets load their inputs for.
+fn tiny_program() -> Program {
+    let loaded = spec::parse(
+        include_str!("../models/alt_moe_tiny.ron"),
+        "models/alt_moe_tiny.ron",
+    )
+    .expect("the tiny model spec is valid");
+    lower_loaded(&loaded, LowerOptions::default()).expect("the tiny model lowers")
+}
 
 /// The files of `fuzz/corpus/<target>`, sorted. A missing or empty folder fails the
 /// test, so it cannot pass by replaying nothing.
 fn corpus_files(target: &str) -> Vec<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../fuzz/corpus")
+        .join("fuzz/corpus")
         .join(target);
     let entries = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("cannot read fuzz corpus {}: {e}", dir.display()));
@@ -65,5 +79,28 @@ fn spec_lower_corpus_never_panics() {
 fn artifact_read_corpus_never_panics() {
     replay("artifact_read", |bytes| {
         let _ = Artifact::from_bytes(bytes.to_vec(), Path::new("fuzz.altc"));
+    });
+}
+
+#[test]
+fn dataset_load_corpus_never_panics() {
+    let program = tiny_program();
+    replay("dataset_load", |bytes| {
+        let _ = Dataset::from_bytes(bytes, Path::new("fuzz.safetensors"), &program);
+    });
+}
+
+#[test]
+fn checkpoint_load_corpus_never_panics() {
+    let program = tiny_program();
+    let expected = state_shapes(&program);
+    replay("checkpoint_load", |bytes| {
+        let _ = Checkpoint::from_bytes(
+            bytes,
+            Path::new("fuzz.safetensors"),
+            &program.model,
+            &expected,
+            program.dtype,
+        );
     });
 }
