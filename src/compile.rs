@@ -9,7 +9,7 @@ use altc_compiler::ir::to_dot;
 use altc_compiler::lower::{lower_loaded, LowerOptions};
 use altc_compiler::pipeline::{training_steps, Optimised};
 use altc_compiler::{spec, summary};
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use std::path::{Path, PathBuf};
 
 pub(crate) fn check(path: &Path) -> Result<()> {
@@ -30,12 +30,10 @@ pub(crate) fn compile(
     explain: Option<usize>,
     json: bool,
 ) -> Result<()> {
-    let loaded = spec::load(path)?;
+    let (loaded, text) = spec::load_with_text(path)?;
     let program = lower_loaded(&loaded, LowerOptions::default())?;
     let output = output.unwrap_or_else(|| path.with_extension("altc"));
     files::refuse_overwrite(&output, &[("spec", path)])?;
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("re-reading {}", path.display()))?;
     let artifact = Artifact::new(&path.display().to_string(), &text, program);
     artifact.write(&output)?;
     let nodes: usize = artifact.program.graphs.iter().map(|g| g.len()).sum();

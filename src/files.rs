@@ -5,7 +5,6 @@
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 /// `runs/<model>`, with the model's name reduced to characters that cannot leave
@@ -33,40 +32,37 @@ pub struct DataIdentity {
     pub sha256: String,
 }
 
-impl DataIdentity {
-    /// Reads `path` once to hash it; the path is kept absolute, so a run can be
-    /// resumed or evaluated from another working directory.
-    pub fn of(path: &Path) -> Result<DataIdentity> {
-        let path = &path
+/// A dataset file read once: its identity and the bytes it was hashed from, which
+/// the dataset is then parsed from, so a run reads its data a single time.
+pub struct DataFile {
+    pub identity: DataIdentity,
+    pub bytes: Vec<u8>,
+}
+
+impl DataFile {
+    /// Reads `path`; the identity keeps the path absolute, so a run can be resumed or
+    /// evaluated from another working directory.
+    pub fn read(path: &Path) -> Result<DataFile> {
+        let path = path
             .canonicalize()
             .with_context(|| format!("reading {}", path.display()))?;
-        let mut file =
-            std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
-        let mut hasher = Sha256::new();
-        let mut buffer = vec![0u8; 1 << 20];
-        let mut bytes = 0u64;
-        loop {
-            let n = file
-                .read(&mut buffer)
-                .with_context(|| format!("reading {}", path.display()))?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buffer[..n]);
-            bytes += n as u64;
-        }
-        let sha256 = hasher
-            .finalize()
+        let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        let sha256 = Sha256::digest(&bytes)
             .iter()
             .map(|b| format!("{b:02x}"))
             .collect();
-        Ok(DataIdentity {
-            path: path.to_path_buf(),
+        Ok(DataFile {
+            identity: DataIdentity {
+                path,
+                bytes: bytes.len() as u64,
+                sha256,
+            },
             bytes,
-            sha256,
         })
     }
+}
 
+impl DataIdentity {
     /// Whether the two name the same contents (the path may have moved).
     pub fn same_contents(&self, other: &DataIdentity) -> bool {
         self.bytes == other.bytes && self.sha256 == other.sha256

@@ -4,7 +4,7 @@
 use altc_compiler::artifact::Artifact;
 use altc_compiler::lower::{lower_loaded, LowerOptions, MoeDispatch};
 use altc_compiler::spec;
-use anyhow::{Context, Result};
+use anyhow::Result;
 use std::path::Path;
 
 /// A model as loaded: its program and the spec it was lowered from.
@@ -39,9 +39,7 @@ pub(crate) fn load_model(path: &Path, options: LowerOptions) -> Result<LoadedMod
             source_text: artifact.source_text,
         });
     }
-    let loaded = spec::load(path)?;
-    let source_text =
-        std::fs::read_to_string(path).with_context(|| format!("re-reading {}", path.display()))?;
+    let (loaded, source_text) = spec::load_with_text(path)?;
     Ok(LoadedModel {
         program: lower_loaded(&loaded, options)?,
         source_path: path.display().to_string(),

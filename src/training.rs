@@ -3,7 +3,7 @@
 
 use crate::console::emit;
 use crate::devices::{open_backend, Device};
-use crate::files::{self, DataIdentity};
+use crate::files::{self, DataFile, DataIdentity};
 use crate::model::{load_model, load_program, lower_options, LoadedModel};
 use altc_compiler::artifact::{remove_stale_temporaries, Artifact};
 use altc_compiler::lower::{lower_loaded, LowerOptions, Program};
@@ -274,15 +274,15 @@ pub fn run(args: RunArgs) -> Result<()> {
         );
     }
     let checkpoint = checkpoint_path(&run_dir);
-    let (record, resume_from_checkpoint) = if args.resume {
+    let (record, data_file, resume_from_checkpoint) = if args.resume {
         let record = RunRecord::read(&run_dir)
             .with_context(|| format!("--resume: {} holds no run to resume", run_dir.display()))?;
         let data_path = args
             .data
             .clone()
             .unwrap_or_else(|| record.data.path.clone());
-        let data = DataIdentity::of(&data_path)?;
-        record.check_resume(&args, &data)?;
+        let data = DataFile::read(&data_path)?;
+        record.check_resume(&args, &data.identity)?;
         check_same_model(&run_dir, &model)?;
         let has_checkpoint = checkpoint.exists();
         if !has_checkpoint {
@@ -291,7 +291,11 @@ pub fn run(args: RunArgs) -> Result<()> {
                 run_dir.display()
             );
         }
-        (RunRecord { data, ..record }, has_checkpoint)
+        let record = RunRecord {
+            data: data.identity.clone(),
+            ..record
+        };
+        (record, data, has_checkpoint)
     } else {
         let held: Vec<&str> = RUN_FILES
             .into_iter()
@@ -315,8 +319,9 @@ pub fn run(args: RunArgs) -> Result<()> {
             .data
             .clone()
             .context("--data is needed to start a run")?;
+        let data = DataFile::read(&data_path)?;
         let record = RunRecord {
-            data: DataIdentity::of(&data_path)?,
+            data: data.identity.clone(),
             seed: args.seed.unwrap_or(program.training.seed),
             batch_size: args
                 .batch_size
@@ -324,9 +329,10 @@ pub fn run(args: RunArgs) -> Result<()> {
             held_out: args.held_out.map_or(DEFAULT_HELD_OUT, |h| h as usize),
             steps: 0,
         };
-        (record, false)
+        (record, data, false)
     };
-    let data = Dataset::load(&record.data.path, program)?;
+    let data = Dataset::from_bytes(&data_file.bytes, &record.data.path, program)?;
+    drop(data_file);
     let mut tasks = Vec::new();
     for compiled in training_steps(program, !args.no_opt)? {
         if let Some(done) = &compiled.optimised {
@@ -414,41 +420,33 @@ pub fn run(args: RunArgs) -> Result<()> {
 pub fn eval(args: EvalArgs) -> Result<()> {
     let record = RunRecord::read(&args.run_dir)?;
     let program: Program = Artifact::read(&args.run_dir.join("model.altc"))?.program;
-    let data_path = match args.data {
+    let data = match args.data {
         Some(path) => {
             eprintln!(
                 "evaluating on {}, not the run's {}",
                 path.display(),
                 record.data.path.display()
             );
-            path
+            Dataset::load(&path, &program)?
         }
         None => {
-            if !DataIdentity::of(&record.data.path)?.same_contents(&record.data) {
+            let file = DataFile::read(&record.data.path)?;
+            if !file.identity.same_contents(&record.data) {
                 bail!(
                     "{}: the dataset changed since the run trained on it, so its held-out pairs are not the run's; name the data to evaluate on with --data",
                     record.data.path.display()
                 );
             }
-            record.data.path.clone()
+            Dataset::from_bytes(&file.bytes, &record.data.path, &program)?
         }
     };
-    let data = Dataset::load(&data_path, &program)?;
     let ckpt = Checkpoint::load(
         &checkpoint_path(&args.run_dir),
         &program.model,
         &state_shapes(&program),
         program.dtype,
     )?;
-    if record.held_out == 0 || record.held_out > data.pairs / 2 {
-        bail!(
-            "{}: {} pairs cannot hold out the run's {} (at most half the pairs)",
-            data_path.display(),
-            data.pairs,
-            record.held_out
-        );
-    }
-    let split = data.split(record.held_out, record.seed);
+    let split = data.split(record.held_out, record.seed)?;
     let mut backend = open_backend(args.device, program.training.precision, !args.no_opt)?;
     backend.load_state(&ckpt.state);
     let r =

@@ -72,6 +72,12 @@ pub enum DataError {
         gib: f64,
         memory_gib: f64,
     },
+    #[error("{path}: {held_out} held-out pairs out of {pairs}; hold out 1 to {} (at most half the pairs)", pairs / 2)]
+    HeldOut {
+        path: PathBuf,
+        held_out: usize,
+        pairs: usize,
+    },
     #[error("{path}: the dataset holds no pairs")]
     Empty { path: PathBuf },
     #[error("{path}: {pairs} pairs leave {train} for training, fewer than one batch of {batch}")]
@@ -163,13 +169,21 @@ impl Dataset {
         }
     }
 
-    /// A seeded split: the first `held_out` of a fixed permutation is held out.
-    pub fn split(&self, held_out: usize, seed: u64) -> Split {
+    /// A seeded split: the first `held_out` of a fixed permutation is held out. At
+    /// least one pair and at most half of them can be.
+    pub fn split(&self, held_out: usize, seed: u64) -> Result<Split, DataError> {
+        if held_out == 0 || held_out > self.pairs / 2 {
+            return Err(DataError::HeldOut {
+                path: self.path.clone(),
+                held_out,
+                pairs: self.pairs,
+            });
+        }
         let order = permutation(self.pairs, seed, u64::MAX);
-        Split {
+        Ok(Split {
             held_out: order[..held_out].to_vec(),
             train: order[held_out..].to_vec(),
-        }
+        })
     }
 
     /// The batch of these pairs, as graph inputs of `dtype`.

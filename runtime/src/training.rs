@@ -99,15 +99,7 @@ impl<'p> Trainer<'p> {
         options: TrainOptions,
         mut backend: Box<dyn Backend>,
     ) -> Result<Self, TrainError> {
-        let held_out = options.held_out;
-        if held_out == 0 || held_out > data.pairs / 2 {
-            return Err(TrainError::Config(format!(
-                "{}: {held_out} held-out pairs out of {}; hold out 1 to {} (at most half the pairs)",
-                data.path.display(),
-                data.pairs,
-                data.pairs / 2
-            )));
-        }
+        let split = data.split(options.held_out, options.seed)?;
         let min_batch = min_batch_size(program);
         if options.batch_size < min_batch || options.batch_size > MAX_BATCH {
             return Err(TrainError::Config(format!(
@@ -120,7 +112,6 @@ impl<'p> Trainer<'p> {
                 }
             )));
         }
-        let split = data.split(held_out, options.seed);
         let per_epoch = split.steps_per_epoch(options.batch_size);
         if per_epoch == 0 {
             return Err(DataError::TooSmall {

@@ -103,12 +103,18 @@ impl LoadedSpec {
 
 /// Reads, parses and validates the spec at `path`.
 pub fn load(path: &Path) -> Result<LoadedSpec, SpecError> {
+    load_with_text(path).map(|(loaded, _)| loaded)
+}
+
+/// [`load`], also returning the text read, for callers that keep it (an artifact
+/// embeds its spec) without reading the file twice.
+pub fn load_with_text(path: &Path) -> Result<(LoadedSpec, String), SpecError> {
     let file = path.display().to_string();
     let src = std::fs::read_to_string(path).map_err(|source| SpecError::Io {
         file: file.clone(),
         source,
     })?;
-    parse(&src, &file)
+    Ok((parse(&src, &file)?, src))
 }
 
 /// Parses and validates spec text; `file` names it in errors.
