@@ -33,18 +33,11 @@ fn main() -> anyhow::Result<()> {
             Tensor::from_f64(DType::F32, &[batch, m.tokens, m.input_width], tokens),
         );
         if m.padded {
-            let mask = (0..batch * m.tokens)
-                .map(|i| {
-                    if i % m.tokens <= (i / m.tokens) % m.tokens {
-                        1.0
-                    } else {
-                        0.0
-                    }
-                })
-                .collect();
+            // Row i has (i mod tokens) + 1 real tokens.
+            let lengths: Vec<usize> = (0..batch).map(|i| i % m.tokens + 1).collect();
             inputs.insert(
                 format!("{}.mask", m.name),
-                Tensor::from_f64(DType::F32, &[batch, m.tokens], mask),
+                Tensor::prefix_mask(DType::F32, m.tokens, &lengths),
             );
         }
     }

@@ -2,6 +2,7 @@
 //! inference path on a device, optimised against the `--no-opt` baseline in the same
 //! run, next to the planned work and the device's measured ceilings.
 
+use altc_compiler::fusion::cost::DEVICE_ELEMENT_BYTES;
 use crate::console::emit;
 use crate::devices::{open_backend, Device};
 use crate::model::{load_program, lower_options};
@@ -270,7 +271,7 @@ fn input_bytes(graph: &Graph, inputs: &TensorMap) -> u64 {
         .inputs()
         .filter(|(_, id)| live[id.index()])
         .filter_map(|(name, _)| inputs.get(name))
-        .map(|t| 4 * t.shape.iter().product::<usize>() as u64)
+        .map(|t| DEVICE_ELEMENT_BYTES * t.shape.iter().product::<usize>() as u64)
         .sum()
 }
 

@@ -5,8 +5,8 @@
 mod common;
 
 use common::{
-    altc, altc_in, assert_clean_failure, assert_usage_error, read_f32, run_model, scratch, stderr,
-    stdout, synth_tiny, train_tiny, write_f32,
+    altc, altc_in, assert_clean_failure, assert_usage_error, compile_tiny, read_f32, run_model,
+    scratch, stderr, stdout, synth, synth_tiny, train_tiny, write_f32,
 };
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -50,9 +50,7 @@ fn s(p: &Path) -> &str {
 fn an_artifact_with_edited_graphs_or_spec_text_is_refused_by_name() {
     let dir = folder("edited-artifact");
     let artifact = dir.join("tiny.altc");
-    assert!(altc(&["compile", TINY, "-o", s(&artifact)])
-        .status
-        .success());
+    compile_tiny(&artifact);
     let text = std::fs::read_to_string(&artifact).unwrap();
     let cases = [
         // A loss graph renamed: the schedule's graphs no longer exist.
@@ -433,18 +431,7 @@ fn a_run_directory_holds_one_run() {
     );
 
     let other = dir.join("other.safetensors");
-    let o = altc(&[
-        "data",
-        "synth",
-        TINY,
-        "-o",
-        s(&other),
-        "--pairs",
-        "256",
-        "--seed",
-        "2",
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    synth(TINY, &other, 256, 2);
     let error = assert_clean_failure(&train_tiny(&other, &run, &["--resume"]));
     assert!(
         error.contains("is not the dataset the run trained on"),

@@ -3,7 +3,10 @@
 
 mod common;
 
-use common::{altc, assert_clean_failure, scratch, stderr, stdout, train_tiny};
+use common::{
+    altc, assert_clean_failure, compile_tiny, scratch, stderr, stdout, synth, synth_tiny,
+    train_tiny,
+};
 use std::path::Path;
 use std::process::Command;
 
@@ -81,9 +84,7 @@ fn compile_then_inspect_the_tiny_model() {
 fn inspect_names_a_missing_graph_and_lists_the_real_ones() {
     let artifact = scratch("tiny-graphs.altc");
     let a = artifact.to_str().unwrap();
-    assert!(altc(&["compile", "models/alt_moe_tiny.ron", "-o", a])
-        .status
-        .success());
+    compile_tiny(&artifact);
     let err = assert_clean_failure(&altc(&["inspect", a, "--graph", "nope"]));
     assert!(
         err.contains("no graph `nope`") && err.contains("image_to_text.loss"),
@@ -95,9 +96,7 @@ fn inspect_names_a_missing_graph_and_lists_the_real_ones() {
 fn a_bad_spec_is_one_located_error_and_leaves_the_old_artifact() {
     let artifact = scratch("kept.altc");
     let a = artifact.to_str().unwrap();
-    assert!(altc(&["compile", "models/alt_moe_tiny.ron", "-o", a])
-        .status
-        .success());
+    compile_tiny(&artifact);
     let before = std::fs::read(&artifact).unwrap();
 
     let bad = scratch("bad.ron");
@@ -265,16 +264,7 @@ fn a_dataset_for_another_model_is_refused_by_name() {
     std::fs::create_dir_all(&dir).unwrap();
     let data = dir.join("paper.safetensors");
     // The paper-scale model's modalities are far wider than the tiny model's.
-    let o = altc(&[
-        "data",
-        "synth",
-        "models/alt_moe_audio.ron",
-        "-o",
-        data.to_str().unwrap(),
-        "--pairs",
-        "2",
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    synth("models/alt_moe_audio.ron", &data, 2, 0);
     let err = assert_clean_failure(&altc(&[
         "run",
         "models/alt_moe_tiny.ron",
@@ -413,16 +403,7 @@ fn tuning_cache_survives_a_restart_and_foreign_entries_are_ignored() {
     assert!(manifest.exists());
 
     let data = scratch("tune-pairs.safetensors");
-    let o = altc(&[
-        "data",
-        "synth",
-        "models/alt_moe_tiny.ron",
-        "-o",
-        data.to_str().unwrap(),
-        "--pairs",
-        "64",
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    synth_tiny(&data, 64);
     let train = |out: &str| {
         altc(&[
             "run",

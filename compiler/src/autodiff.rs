@@ -10,8 +10,7 @@
 //! same stream, so it reuses the forward mask exactly.
 
 use crate::ir::{
-    BinaryOp, CompareOp, DType, Dim, Graph, GraphError, NodeId, Op, ReduceOp, Scalar, Shape,
-    UnaryOp,
+    BinaryOp, BuildGraph, CompareOp, Dim, Graph, GraphError, NodeId, Op, ReduceOp, Shape, UnaryOp,
 };
 use petgraph::Direction;
 use std::collections::HashMap;
@@ -84,70 +83,22 @@ struct Backward<'g> {
     origin: String,
 }
 
+crate::build_graph_from_fields!(Backward<'_>);
+
 impl Backward<'_> {
-    fn push(&mut self, op: Op, operands: &[NodeId]) -> Result<NodeId, GraphError> {
-        let origin = self.origin.clone();
-        self.graph.push(op, operands, origin)
-    }
-
     fn shape(&self, id: NodeId) -> Shape {
-        self.graph.node(id).ty.shape.clone()
-    }
-
-    fn dtype(&self, id: NodeId) -> DType {
-        self.graph.node(id).ty.dtype
-    }
-
-    fn constant(&mut self, value: f64, dtype: DType, shape: Shape) -> Result<NodeId, GraphError> {
-        self.push(
-            Op::Constant {
-                value: Scalar(value),
-                dtype,
-                shape,
-            },
-            &[],
-        )
+        self.shape_of(id).clone()
     }
 
     /// A scalar constant in `like`'s element type.
     fn scalar(&mut self, value: f64, like: NodeId) -> Result<NodeId, GraphError> {
-        let dtype = self.dtype(like);
+        let dtype = self.dtype_of(like);
         self.constant(value, dtype, Shape::scalar())
-    }
-
-    fn unary(&mut self, op: UnaryOp, x: NodeId) -> Result<NodeId, GraphError> {
-        self.push(Op::Unary(op), &[x])
-    }
-
-    fn binary(&mut self, op: BinaryOp, a: NodeId, b: NodeId) -> Result<NodeId, GraphError> {
-        self.push(Op::Binary(op), &[a, b])
-    }
-
-    fn mul(&mut self, a: NodeId, b: NodeId) -> Result<NodeId, GraphError> {
-        self.binary(BinaryOp::Mul, a, b)
     }
 
     fn scale(&mut self, x: NodeId, factor: f64) -> Result<NodeId, GraphError> {
         let f = self.scalar(factor, x)?;
         self.mul(x, f)
-    }
-
-    fn select(&mut self, cond: NodeId, a: NodeId, b: NodeId) -> Result<NodeId, GraphError> {
-        self.push(Op::Where, &[cond, a, b])
-    }
-
-    fn compare(&mut self, op: CompareOp, a: NodeId, b: NodeId) -> Result<NodeId, GraphError> {
-        self.push(Op::Compare(op), &[a, b])
-    }
-
-    fn matmul(&mut self, a: NodeId, b: NodeId, ta: bool, tb: bool) -> Result<NodeId, GraphError> {
-        self.push(
-            Op::MatMul {
-                transpose_a: ta,
-                transpose_b: tb,
-            },
-            &[a, b],
-        )
     }
 
     /// Sums a broadcast gradient back down to `target` (the adjoint of broadcasting).
@@ -156,36 +107,17 @@ impl Backward<'_> {
         let rank = self.shape(x).rank();
         if rank > target.rank() {
             let leading: Vec<usize> = (0..rank - target.rank()).collect();
-            x = self.push(
-                Op::Reduce {
-                    op: ReduceOp::Sum,
-                    axes: leading,
-                    keep_dims: false,
-                },
-                &[x],
-            )?;
+            x = self.reduce(ReduceOp::Sum, x, &leading, false)?;
         }
         let shape = self.shape(x);
         let stretched: Vec<usize> = (0..target.rank())
             .filter(|&i| target.0[i].is_one() && !shape.0[i].is_one())
             .collect();
         if !stretched.is_empty() {
-            x = self.push(
-                Op::Reduce {
-                    op: ReduceOp::Sum,
-                    axes: stretched,
-                    keep_dims: true,
-                },
-                &[x],
-            )?;
+            x = self.reduce(ReduceOp::Sum, x, &stretched, true)?;
         }
         if &self.shape(x) != target {
-            x = self.push(
-                Op::Reshape {
-                    shape: target.clone(),
-                },
-                &[x],
-            )?;
+            x = self.reshape(x, target.clone())?;
         }
         Ok(x)
     }
@@ -222,9 +154,9 @@ impl Backward<'_> {
                 ]
             }
             Op::Cast { dtype } => {
-                let from = self.dtype(operands[0]);
+                let from = self.dtype_of(operands[0]);
                 if dtype.is_float() && from.is_float() {
-                    vec![Some(self.push(Op::Cast { dtype: from }, &[g])?)]
+                    vec![Some(self.cast(g, from)?)]
                 } else {
                     vec![None]
                 }
@@ -272,11 +204,11 @@ impl Backward<'_> {
                 for (i, &p) in perm.iter().enumerate() {
                     inverse[p] = i;
                 }
-                vec![Some(self.push(Op::Transpose { perm: inverse }, &[g])?)]
+                vec![Some(self.transpose(g, &inverse)?)]
             }
             Op::Reshape { .. } => {
                 let shape = self.shape(operands[0]);
-                vec![Some(self.push(Op::Reshape { shape }, &[g])?)]
+                vec![Some(self.reshape(g, shape)?)]
             }
             Op::BroadcastTo { .. } => {
                 let shape = self.shape(operands[0]);
@@ -292,7 +224,7 @@ impl Backward<'_> {
                     if to > from {
                         let mut pad = shape.clone();
                         pad.0[axis] = Dim::Fixed(to - from);
-                        parts.push(self.constant(0.0, self.dtype(g), pad)?);
+                        parts.push(self.constant(0.0, self.dtype_of(g), pad)?);
                     }
                 }
                 let grad = match parts.len() {
@@ -356,7 +288,7 @@ impl Backward<'_> {
                 let mut grads = vec![Some(gx), Some(gw)];
                 if bias {
                     // The bias is a weight applied to a constant 1 feature.
-                    let one = self.constant(1.0, self.dtype(g), Shape(vec![Dim::Fixed(1)]))?;
+                    let one = self.constant(1.0, self.dtype_of(g), Shape(vec![Dim::Fixed(1)]))?;
                     let gb = self.expert_weight_grad(one, g, groups)?;
                     let shape = self.shape(operands[2]);
                     grads.push(Some(self.push(Op::Reshape { shape }, &[gb])?));
@@ -411,14 +343,7 @@ impl Backward<'_> {
         if full == lead {
             return Ok(g);
         }
-        self.push(
-            Op::Reduce {
-                op: ReduceOp::Sum,
-                axes: (lead..full).collect(),
-                keep_dims: false,
-            },
-            &[g],
-        )
+        self.reduce(ReduceOp::Sum, g, &(lead..full).collect::<Vec<_>>(), false)
     }
 
     fn unary_vjp(
@@ -585,21 +510,14 @@ impl Backward<'_> {
             }
         };
         let gk = restore(self, g)?;
-        let dtype = self.dtype(x);
+        let dtype = self.dtype_of(x);
         match op {
             ReduceOp::Sum => self.push(Op::BroadcastTo { shape: x_shape }, &[gk]),
             ReduceOp::Mean => {
                 // Divide by the number of reduced elements, which may involve the batch
                 // symbol: count them as a sum of ones so it resolves at run time.
                 let ones = self.constant(1.0, dtype, x_shape.clone())?;
-                let count = self.push(
-                    Op::Reduce {
-                        op: ReduceOp::Sum,
-                        axes: axes.to_vec(),
-                        keep_dims: true,
-                    },
-                    &[ones],
-                )?;
+                let count = self.reduce(ReduceOp::Sum, ones, axes, true)?;
                 let per = self.binary(BinaryOp::Div, gk, count)?;
                 self.push(Op::BroadcastTo { shape: x_shape }, &[per])
             }
@@ -607,15 +525,8 @@ impl Backward<'_> {
                 // Split the gradient evenly among the elements that attain the extremum.
                 let yk = restore(self, y)?;
                 let hit = self.compare(CompareOp::Eq, x, yk)?;
-                let mask = self.push(Op::Cast { dtype }, &[hit])?;
-                let ties = self.push(
-                    Op::Reduce {
-                        op: ReduceOp::Sum,
-                        axes: axes.to_vec(),
-                        keep_dims: true,
-                    },
-                    &[mask],
-                )?;
+                let mask = self.cast(hit, dtype)?;
+                let ties = self.reduce(ReduceOp::Sum, mask, axes, true)?;
                 let per = self.binary(BinaryOp::Div, gk, ties)?;
                 self.mul(mask, per)
             }

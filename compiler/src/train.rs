@@ -9,7 +9,9 @@
 //! its moments nor its step change (as when its `.grad` is `None` in PyTorch).
 
 use crate::autodiff::append_gradients;
-use crate::ir::{BinaryOp, DType, Graph, GraphError, NodeId, Op, ReduceOp, Scalar, Shape, UnaryOp};
+use crate::ir::{
+    BinaryOp, BuildGraph, DType, Graph, GraphBuilder, GraphError, NodeId, Shape, UnaryOp,
+};
 use crate::lower::{ParamInfo, Program};
 use crate::outputs;
 use crate::spec::{DecaySchedule, GradClip, LrSchedule, Optimizer, Schedule, Span};
@@ -107,7 +109,7 @@ fn build_task(
             .index()];
         total = Some(match total {
             None => loss,
-            Some(t) => graph.push(Op::Binary(BinaryOp::Add), &[t, loss], "schedule")?,
+            Some(t) => GraphBuilder::new(&mut graph, "schedule").add(t, loss)?,
         });
     }
     let total = total.expect("a task has at least one direction");
@@ -136,10 +138,7 @@ fn build_task(
             graph.set_output(gradient(&p.name), *g)?;
         }
     }
-    let mut opt = OptimizerBuilder {
-        graph: &mut graph,
-        dtype: program.dtype,
-    };
+    let mut opt = OptimizerBuilder::new(&mut graph, program.dtype);
     opt.step(&program.optimizer, &with_grads)?;
     Ok(TrainingTask {
         name: name.to_string(),
@@ -158,22 +157,11 @@ pub fn optimizer_step(
     dtype: DType,
 ) -> Result<Graph, GraphError> {
     let mut graph = Graph::new("optimizer_step");
-    let mut opt = OptimizerBuilder {
-        graph: &mut graph,
-        dtype,
-    };
+    let mut opt = OptimizerBuilder::new(&mut graph, dtype);
     let mut with_grads = Vec::with_capacity(params.len());
     for p in params {
         let param = opt.state(&p.name, &p.shape)?;
-        let grad = opt.push(
-            Op::Input {
-                name: gradient(&p.name),
-                dtype,
-                shape: p.shape.iter().copied().collect(),
-            },
-            &[],
-            "optimizer",
-        )?;
+        let grad = opt.input(&gradient(&p.name), dtype, p.shape.iter().copied().collect())?;
         with_grads.push((p, param, grad));
     }
     opt.step(optimizer, &with_grads)?;
@@ -183,64 +171,49 @@ pub fn optimizer_step(
 struct OptimizerBuilder<'g> {
     graph: &'g mut Graph,
     dtype: DType,
+    origin: String,
 }
 
-impl OptimizerBuilder<'_> {
-    fn push(&mut self, op: Op, operands: &[NodeId], origin: &str) -> Result<NodeId, GraphError> {
-        self.graph.push(op, operands, origin)
-    }
+crate::build_graph_from_fields!(OptimizerBuilder<'_>);
 
-    fn scalar(&mut self, v: f64, origin: &str) -> Result<NodeId, GraphError> {
-        let dtype = self.dtype;
-        self.push(
-            Op::Constant {
-                value: Scalar(v),
-                dtype,
-                shape: Shape::scalar(),
-            },
-            &[],
+impl<'g> OptimizerBuilder<'g> {
+    fn new(graph: &'g mut Graph, dtype: DType) -> OptimizerBuilder<'g> {
+        let origin = "optimizer".into();
+        OptimizerBuilder {
+            graph,
+            dtype,
             origin,
-        )
+        }
     }
 
-    fn bin(
+    fn scalar(&mut self, v: f64) -> Result<NodeId, GraphError> {
+        let dtype = self.dtype;
+        self.constant(v, dtype, Shape::scalar())
+    }
+
+    /// A graph input or parameter the whole optimizer shares, attributed to it rather
+    /// than to the parameter being updated.
+    fn shared(
         &mut self,
-        op: BinaryOp,
-        a: NodeId,
-        b: NodeId,
-        origin: &str,
+        make: impl FnOnce(&mut Self, DType) -> Result<NodeId, GraphError>,
     ) -> Result<NodeId, GraphError> {
-        self.push(Op::Binary(op), &[a, b], origin)
+        let saved = std::mem::replace(&mut self.origin, "optimizer".into());
+        let dtype = self.dtype;
+        let id = make(self, dtype);
+        self.origin = saved;
+        id
     }
 
     fn scalar_input(&mut self, name: &str) -> Result<NodeId, GraphError> {
         if let Some((_, id)) = self.graph.inputs().find(|(n, _)| *n == name) {
             return Ok(id);
         }
-        let dtype = self.dtype;
-        self.push(
-            Op::Input {
-                name: name.into(),
-                dtype,
-                shape: Shape::scalar(),
-            },
-            &[],
-            "optimizer",
-        )
+        self.shared(|s, dtype| s.input(name, dtype, Shape::scalar()))
     }
 
     fn state(&mut self, name: &str, shape: &[usize]) -> Result<NodeId, GraphError> {
-        let dtype = self.dtype;
         let shape = shape.iter().copied().collect();
-        self.push(
-            Op::Parameter {
-                name: name.into(),
-                dtype,
-                shape,
-            },
-            &[],
-            "optimizer",
-        )
+        self.shared(|s, dtype| s.parameter(name, dtype, shape))
     }
 
     /// Clipping, then the AdamW update of each `(parameter, its node, its gradient)`.
@@ -264,42 +237,33 @@ impl OptimizerBuilder<'_> {
         grads: &[(&ParamInfo, NodeId, NodeId)],
     ) -> Result<Vec<NodeId>, GraphError> {
         let Optimizer::AdamW { clip, .. } = optimizer;
-        let origin = "optimizer.clip";
+        self.origin = "optimizer.clip".into();
         let mut total: Option<NodeId> = None;
         for (_, _, g) in grads {
-            let rank = self.graph.node(*g).ty.shape.rank();
-            let sq = self.push(Op::Unary(UnaryOp::Square), &[*g], origin)?;
-            let sum = self.push(
-                Op::Reduce {
-                    op: ReduceOp::Sum,
-                    axes: (0..rank).collect(),
-                    keep_dims: false,
-                },
-                &[sq],
-                origin,
-            )?;
+            let sq = self.unary(UnaryOp::Square, *g)?;
+            let sum = self.sum_all(sq)?;
             total = Some(match total {
                 None => sum,
-                Some(t) => self.bin(BinaryOp::Add, t, sum, origin)?,
+                Some(t) => self.binary(BinaryOp::Add, t, sum)?,
             });
         }
         let Some(total) = total else {
             return Ok(vec![]);
         };
-        let norm = self.push(Op::Unary(UnaryOp::Sqrt), &[total], origin)?;
+        let norm = self.unary(UnaryOp::Sqrt, total)?;
         self.graph.set_output(outputs::GRAD_NORM, norm)?;
         let GradClip::GlobalNorm(max_norm) = clip else {
             return Ok(grads.iter().map(|(_, _, g)| *g).collect());
         };
-        let eps = self.scalar(1e-6, origin)?;
-        let denom = self.bin(BinaryOp::Add, norm, eps, origin)?;
-        let max_norm = self.scalar(*max_norm, origin)?;
-        let coef = self.bin(BinaryOp::Div, max_norm, denom, origin)?;
-        let one = self.scalar(1.0, origin)?;
-        let coef = self.bin(BinaryOp::Min, coef, one, origin)?;
+        let eps = self.scalar(1e-6)?;
+        let denom = self.binary(BinaryOp::Add, norm, eps)?;
+        let max_norm = self.scalar(*max_norm)?;
+        let coef = self.binary(BinaryOp::Div, max_norm, denom)?;
+        let one = self.scalar(1.0)?;
+        let coef = self.binary(BinaryOp::Min, coef, one)?;
         grads
             .iter()
-            .map(|(_, _, g)| self.bin(BinaryOp::Mul, *g, coef, origin))
+            .map(|(_, _, g)| self.binary(BinaryOp::Mul, *g, coef))
             .collect()
     }
 
@@ -317,50 +281,49 @@ impl OptimizerBuilder<'_> {
             eps,
             ..
         } = optimizer;
-        let origin = format!("optimizer (AdamW on {})", p.name);
-        let o = origin.as_str();
+        self.origin = format!("optimizer (AdamW on {})", p.name);
         let lr = self.scalar_input(LR_INPUT)?;
         let m = self.state(&first_moment(&p.name), &p.shape)?;
         let v = self.state(&second_moment(&p.name), &p.shape)?;
         let step = self.state(&step_count(&p.name), &[])?;
-        let one = self.scalar(1.0, o)?;
-        let t = self.bin(BinaryOp::Add, step, one, o)?;
+        let one = self.scalar(1.0)?;
+        let t = self.binary(BinaryOp::Add, step, one)?;
         // Decoupled weight decay: p *= 1 - lr * wd.
         let decayed = if p.decay {
             let wd = self.scalar_input(WEIGHT_DECAY_INPUT)?;
-            let lr_wd = self.bin(BinaryOp::Mul, lr, wd, o)?;
-            let keep = self.bin(BinaryOp::Sub, one, lr_wd, o)?;
-            self.bin(BinaryOp::Mul, param, keep, o)?
+            let lr_wd = self.binary(BinaryOp::Mul, lr, wd)?;
+            let keep = self.binary(BinaryOp::Sub, one, lr_wd)?;
+            self.binary(BinaryOp::Mul, param, keep)?
         } else {
             param
         };
         let moment =
             |s: &mut Self, state: NodeId, value: NodeId, beta: f64| -> Result<NodeId, GraphError> {
-                let b = s.scalar(beta, o)?;
-                let rest = s.scalar(1.0 - beta, o)?;
-                let kept = s.bin(BinaryOp::Mul, state, b, o)?;
-                let new = s.bin(BinaryOp::Mul, value, rest, o)?;
-                s.bin(BinaryOp::Add, kept, new, o)
+                let b = s.scalar(beta)?;
+                let rest = s.scalar(1.0 - beta)?;
+                let kept = s.binary(BinaryOp::Mul, state, b)?;
+                let new = s.binary(BinaryOp::Mul, value, rest)?;
+                s.binary(BinaryOp::Add, kept, new)
             };
         let m_new = moment(self, m, g, *b1)?;
-        let g2 = self.push(Op::Unary(UnaryOp::Square), &[g], o)?;
+        let g2 = self.unary(UnaryOp::Square, g)?;
         let v_new = moment(self, v, g2, *b2)?;
         let correction = |s: &mut Self, beta: f64| -> Result<NodeId, GraphError> {
-            let b = s.scalar(beta, o)?;
-            let pow = s.bin(BinaryOp::Pow, b, t, o)?;
-            s.bin(BinaryOp::Sub, one, pow, o)
+            let b = s.scalar(beta)?;
+            let pow = s.binary(BinaryOp::Pow, b, t)?;
+            s.binary(BinaryOp::Sub, one, pow)
         };
         let bc1 = correction(self, *b1)?;
         let bc2 = correction(self, *b2)?;
-        let step_size = self.bin(BinaryOp::Div, lr, bc1, o)?;
-        let root_v = self.push(Op::Unary(UnaryOp::Sqrt), &[v_new], o)?;
-        let root_bc2 = self.push(Op::Unary(UnaryOp::Sqrt), &[bc2], o)?;
-        let denom = self.bin(BinaryOp::Div, root_v, root_bc2, o)?;
-        let eps = self.scalar(*eps, o)?;
-        let denom = self.bin(BinaryOp::Add, denom, eps, o)?;
-        let ratio = self.bin(BinaryOp::Div, m_new, denom, o)?;
-        let delta = self.bin(BinaryOp::Mul, ratio, step_size, o)?;
-        let p_new = self.bin(BinaryOp::Sub, decayed, delta, o)?;
+        let step_size = self.binary(BinaryOp::Div, lr, bc1)?;
+        let root_v = self.unary(UnaryOp::Sqrt, v_new)?;
+        let root_bc2 = self.unary(UnaryOp::Sqrt, bc2)?;
+        let denom = self.binary(BinaryOp::Div, root_v, root_bc2)?;
+        let eps = self.scalar(*eps)?;
+        let denom = self.binary(BinaryOp::Add, denom, eps)?;
+        let ratio = self.binary(BinaryOp::Div, m_new, denom)?;
+        let delta = self.binary(BinaryOp::Mul, ratio, step_size)?;
+        let p_new = self.binary(BinaryOp::Sub, decayed, delta)?;
         self.graph.set_output(updated(&p.name), p_new)?;
         self.graph
             .set_output(updated(&first_moment(&p.name)), m_new)?;

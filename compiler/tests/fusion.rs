@@ -42,10 +42,7 @@ const PRODUCT_BYTES: u64 = 256 * 256 * 4;
 
 /// Two `[256, 256]` products, of inputs `a` and then `b` with one weight `w`.
 fn two_products(g: &mut Graph) -> (altc_compiler::ir::NodeId, altc_compiler::ir::NodeId) {
-    let matmul = altc_compiler::ir::Op::MatMul {
-        transpose_a: false,
-        transpose_b: false,
-    };
+    let matmul = altc_compiler::ir::Op::matmul(false, false);
     let (a, b, w) = (
         input(g, "a", &[256, 8]),
         input(g, "b", &[256, 8]),
@@ -342,19 +339,9 @@ fn work_for_a_later_group_moves_into_it() {
     let (one, two) = (push(constant(1.0), &[]), push(constant(2.0), &[]));
     let centred = push(Op::Binary(BinaryOp::Sub), &[x, one]);
     let late_term = push(Op::Binary(BinaryOp::Mul), &[centred, two]);
-    let sum = Op::Reduce {
-        op: ReduceOp::Sum,
-        axes: vec![0, 1],
-        keep_dims: false,
-    };
+    let sum = Op::reduce(ReduceOp::Sum, &[0, 1], false);
     let total = push(sum, &[centred]);
-    let product = push(
-        Op::MatMul {
-            transpose_a: false,
-            transpose_b: false,
-        },
-        &[x, w],
-    );
+    let product = push(Op::matmul(false, false), &[x, w]);
     let late = push(Op::Binary(BinaryOp::Mul), &[late_term, product]);
     g.set_output("total", total).unwrap();
     g.set_output("late", late).unwrap();

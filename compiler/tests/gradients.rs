@@ -21,7 +21,8 @@
 
 use altc_compiler::autodiff::append_gradients;
 use altc_compiler::ir::{
-    BinaryOp, CompareOp, DType, Dim, Graph, NodeId, Op, ReduceOp, Scalar, Shape, UnaryOp,
+    BinaryOp, BuildGraph, CompareOp, DType, Dim, Graph, GraphBuilder, NodeId, Op, ReduceOp, Scalar,
+    Shape, UnaryOp,
 };
 use altc_compiler::lower::{lower, LowerOptions, Mode, MoeDispatch, Program};
 use altc_compiler::reference::{
@@ -249,17 +250,8 @@ impl OpCheck {
     /// A differentiable f64 leaf of IR shape `shape` bound to `value`.
     fn leaf_shaped(&mut self, name: &str, shape: Shape, value: Tensor) -> NodeId {
         assert_eq!(value.dtype(), DType::F64);
-        let id = self
-            .graph
-            .push(
-                Op::Parameter {
-                    name: name.into(),
-                    dtype: DType::F64,
-                    shape,
-                },
-                &[],
-                format!("leaves.{name}"),
-            )
+        let id = GraphBuilder::new(&mut self.graph, format!("leaves.{name}"))
+            .parameter(name, DType::F64, shape)
             .unwrap();
         self.params.insert(name.into(), value);
         self.diff.push((name.into(), id));
@@ -287,17 +279,8 @@ impl OpCheck {
 
     /// A non-differentiable leaf (an `Input`): indices, conditions.
     fn fixed(&mut self, name: &str, value: Tensor) -> NodeId {
-        let id = self
-            .graph
-            .push(
-                Op::Input {
-                    name: name.into(),
-                    dtype: value.dtype(),
-                    shape: concrete(&value.shape),
-                },
-                &[],
-                format!("inputs.{name}"),
-            )
+        let id = GraphBuilder::new(&mut self.graph, format!("inputs.{name}"))
+            .input(name, value.dtype(), concrete(&value.shape))
             .unwrap();
         self.inputs.insert(name.into(), value);
         id
@@ -325,17 +308,8 @@ impl OpCheck {
             .unwrap_or_else(|e| panic!("{what}: the forward graph does not run: {e}"));
         let out_shape = probe.value(out).shape.clone();
         let n: usize = out_shape.iter().product();
-        let r = self
-            .graph
-            .push(
-                Op::Parameter {
-                    name: "R".into(),
-                    dtype: DType::F64,
-                    shape: ty.shape.clone(),
-                },
-                &[],
-                "loss weights",
-            )
+        let r = GraphBuilder::new(&mut self.graph, "loss weights")
+            .parameter("R", DType::F64, ty.shape.clone())
             .unwrap();
         self.params.insert(
             "R".into(),
@@ -421,14 +395,6 @@ fn min_gap(values: &[f64]) -> f64 {
         .fold(f64::INFINITY, f64::min)
 }
 
-fn reduce(op: ReduceOp, axes: &[usize], keep_dims: bool) -> Op {
-    Op::Reduce {
-        op,
-        axes: axes.to_vec(),
-        keep_dims,
-    }
-}
-
 fn i32s(shape: &[usize], v: &[i32]) -> Tensor {
     Tensor::i32(shape, v.to_vec())
 }
@@ -482,26 +448,9 @@ fn the_checker_rejects_wrong_gradients_and_kinks() {
 // Elementwise ops
 // ---------------------------------------------------------------------------------
 
-const UNARY_OPS: [UnaryOp; 14] = [
-    UnaryOp::Neg,
-    UnaryOp::Abs,
-    UnaryOp::Exp,
-    UnaryOp::Log,
-    UnaryOp::Sqrt,
-    UnaryOp::Rsqrt,
-    UnaryOp::Recip,
-    UnaryOp::Square,
-    UnaryOp::Tanh,
-    UnaryOp::Sigmoid,
-    UnaryOp::Relu,
-    UnaryOp::Erf,
-    UnaryOp::Gelu,
-    UnaryOp::Silu,
-];
-
 #[test]
 fn unary_ops() {
-    for u in UNARY_OPS {
+    for u in UnaryOp::ALL {
         for shape in [&[2usize, 3][..], &[4], &[]] {
             let mut c = OpCheck::new(format!("{u:?} on {shape:?}"));
             let x = match u {
@@ -516,16 +465,6 @@ fn unary_ops() {
         }
     }
 }
-
-const BINARY_OPS: [BinaryOp; 7] = [
-    BinaryOp::Add,
-    BinaryOp::Sub,
-    BinaryOp::Mul,
-    BinaryOp::Div,
-    BinaryOp::Max,
-    BinaryOp::Min,
-    BinaryOp::Pow,
-];
 
 /// Operand shapes: equal, a row vector, a column against a row, scalars on either side.
 const BROADCASTS: [(&[usize], &[usize]); 6] = [
@@ -563,7 +502,7 @@ fn broadcast_pairs(a: &[f64], sa: &[usize], b: &[f64], sb: &[usize]) -> Vec<(f64
 
 #[test]
 fn binary_ops_with_broadcasting() {
-    for op in BINARY_OPS {
+    for op in BinaryOp::ALL {
         for (sa, sb) in BROADCASTS {
             let mut c = OpCheck::new(format!("{op:?} of {sa:?} with {sb:?}"));
             let (a, b) = match op {
@@ -666,7 +605,7 @@ fn reductions_over_one_and_several_axes() {
                 // Max and Min need distinct values: one element attains each extremum.
                 let gap = min_gap(&c.value("x"));
                 assert!(gap > 1e-4, "{}: values nearly tie (gap {gap})", c.what);
-                let y = c.op(reduce(op, axes, keep_dims), &[x]);
+                let y = c.op(Op::reduce(op, axes, keep_dims), &[x]);
                 c.check(y);
             }
         }
@@ -678,22 +617,14 @@ fn reduce_max_splits_the_gradient_among_ties() {
     // Not a finite-difference check (max is not differentiable at a tie): the stated
     // convention is an even split among the elements that attain the extremum.
     let mut g = Graph::new("ties");
-    let x = g
-        .push(
-            Op::Parameter {
-                name: "x".into(),
-                dtype: DType::F64,
-                shape: shape![2, 3],
-            },
-            &[],
-            "x",
-        )
+    let x = GraphBuilder::new(&mut g, "x")
+        .parameter("x", DType::F64, shape![2, 3])
         .unwrap();
     let m = g
-        .push(reduce(ReduceOp::Max, &[1], false), &[x], "max")
+        .push(Op::reduce(ReduceOp::Max, &[1], false), &[x], "max")
         .unwrap();
     let l = g
-        .push(reduce(ReduceOp::Sum, &[0], false), &[m], "sum")
+        .push(Op::reduce(ReduceOp::Sum, &[0], false), &[m], "sum")
         .unwrap();
     let grads = append_gradients(&mut g, l, &[x]).unwrap();
     g.set_output("grad", grads[0].unwrap()).unwrap();
@@ -756,24 +687,12 @@ fn matmul_with_batch_broadcasting() {
     let mut c = OpCheck::new("MatMul [2, 3, 4] x [4, 2]");
     let a = c.uniform("a", &[2, 3, 4], -1.0, 1.0);
     let b = c.uniform("b", &[4, 2], -1.0, 1.0);
-    let y = c.op(
-        Op::MatMul {
-            transpose_a: false,
-            transpose_b: false,
-        },
-        &[a, b],
-    );
+    let y = c.op(Op::matmul(false, false), &[a, b]);
     c.check(y);
     let mut c = OpCheck::new("MatMul [3, 4] x [2, 4, 2]");
     let a = c.uniform("a", &[3, 4], -1.0, 1.0);
     let b = c.uniform("b", &[2, 4, 2], -1.0, 1.0);
-    let y = c.op(
-        Op::MatMul {
-            transpose_a: false,
-            transpose_b: false,
-        },
-        &[a, b],
-    );
+    let y = c.op(Op::matmul(false, false), &[a, b]);
     c.check(y);
 }
 
@@ -1101,7 +1020,7 @@ fn symbolic_batch_reductions() {
             "Reduce {op:?} over {axes:?} keep_dims={keep_dims} of [B, 3]"
         ));
         let x = batch_leaf(&mut c);
-        let y = c.op(reduce(op, axes, keep_dims), &[x]);
+        let y = c.op(Op::reduce(op, axes, keep_dims), &[x]);
         c.check(y);
     }
 }
@@ -1121,18 +1040,12 @@ fn symbolic_batch_broadcasting_and_matmul() {
     let mut c = OpCheck::new("MatMul [B, 3] x [3, 2]");
     let x = batch_leaf(&mut c);
     let w = c.uniform("w", &[3, 2], -1.0, 1.0);
-    let y = c.op(
-        Op::MatMul {
-            transpose_a: false,
-            transpose_b: false,
-        },
-        &[x, w],
-    );
+    let y = c.op(Op::matmul(false, false), &[x, w]);
     c.check(y);
     // The layer-norm pattern over a batch: x - mean(x, axis 0).
     let mut c = OpCheck::new("x - Mean(x over B) for [B, 3]");
     let x = batch_leaf(&mut c);
-    let m = c.op(reduce(ReduceOp::Mean, &[0], true), &[x]);
+    let m = c.op(Op::reduce(ReduceOp::Mean, &[0], true), &[x]);
     let centred = c.op(Op::Binary(BinaryOp::Sub), &[x, m]);
     let y = c.op(Op::Unary(UnaryOp::Square), &[centred]);
     c.check(y);
@@ -1143,22 +1056,15 @@ fn symbolic_batch_broadcasting_and_matmul() {
 // ---------------------------------------------------------------------------------
 
 fn param(g: &mut Graph, name: &str, s: Shape) -> NodeId {
-    g.push(
-        Op::Parameter {
-            name: name.into(),
-            dtype: DType::F64,
-            shape: s,
-        },
-        &[],
-        name,
-    )
-    .unwrap()
+    GraphBuilder::new(g, name)
+        .parameter(name, DType::F64, s)
+        .unwrap()
 }
 
 fn sum_all(g: &mut Graph, x: NodeId) -> NodeId {
     let rank = g.node(x).ty.shape.rank();
     g.push(
-        reduce(ReduceOp::Sum, &(0..rank).collect::<Vec<_>>(), false),
+        Op::reduce(ReduceOp::Sum, &(0..rank).collect::<Vec<_>>(), false),
         &[x],
         "loss",
     )
@@ -1170,16 +1076,8 @@ fn non_differentiable_operands_get_no_gradient() {
     let mut g = Graph::new("no_gradient");
     let x = param(&mut g, "x", shape![2, 5]);
     let unused = param(&mut g, "unused", shape![3]);
-    let idx = g
-        .push(
-            Op::Input {
-                name: "index".into(),
-                dtype: DType::I32,
-                shape: shape![2, 2],
-            },
-            &[],
-            "index",
-        )
+    let idx = GraphBuilder::new(&mut g, "index")
+        .input("index", DType::I32, shape![2, 2])
         .unwrap();
     // Gather(x, index) + ScatterAdd(TopK(y), ones) + Where(z > 0, 1, -1) + cast(cast(u)).
     let gathered = g.push(Op::Gather { axis: 1 }, &[x, idx], "gather").unwrap();
@@ -1318,19 +1216,9 @@ fn tiny_batch(program: &Program) -> TensorMap {
             ),
         );
         if m.padded {
-            let mask = (0..batch * m.tokens)
-                .map(|i| {
-                    let len = lengths[i / m.tokens].min(m.tokens);
-                    if i % m.tokens < len {
-                        1.0
-                    } else {
-                        0.0
-                    }
-                })
-                .collect();
             inputs.insert(
                 format!("{}.mask", m.name),
-                Tensor::f64(&[batch, m.tokens], mask),
+                Tensor::prefix_mask(DType::F64, m.tokens, &lengths[..batch]),
             );
         }
     }

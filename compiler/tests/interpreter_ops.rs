@@ -5,7 +5,8 @@
 //! are compared with a stated tolerance.
 
 use altc_compiler::ir::{
-    BinaryOp, CompareOp, DType, Dim, Graph, NodeId, Op, ReduceOp, Scalar, Shape, UnaryOp,
+    BinaryOp, BuildGraph, CompareOp, DType, Dim, Graph, GraphBuilder, NodeId, Op, ReduceOp, Scalar,
+    Shape, UnaryOp,
 };
 use altc_compiler::reference::{run, EvalContext, EvalError, Tensor, TensorMap};
 use altc_compiler::{rng, shape};
@@ -39,16 +40,9 @@ fn concrete(shape: &[usize]) -> Shape {
 }
 
 fn input(g: &mut Graph, name: &str, dtype: DType, shape: Shape) -> NodeId {
-    g.push(
-        Op::Input {
-            name: name.into(),
-            dtype,
-            shape,
-        },
-        &[],
-        format!("inputs.{name}"),
-    )
-    .unwrap()
+    GraphBuilder::new(g, format!("inputs.{name}"))
+        .input(name, dtype, shape)
+        .unwrap()
 }
 
 /// Builds `op(x0, x1, ...)` with one `Input` per tensor (named `x0`, `x1`, ... and
@@ -106,21 +100,6 @@ fn assert_i32(got: &Tensor, shape: &[usize], want: &[i32]) {
 fn assert_bool(got: &Tensor, shape: &[usize], want: &[bool]) {
     assert_eq!(got.shape, shape, "shape of {got}");
     assert_eq!(got, &Tensor::bool(shape, want.to_vec()));
-}
-
-fn reduce(op: ReduceOp, axes: &[usize], keep_dims: bool) -> Op {
-    Op::Reduce {
-        op,
-        axes: axes.to_vec(),
-        keep_dims,
-    }
-}
-
-fn matmul(transpose_a: bool, transpose_b: bool) -> Op {
-    Op::MatMul {
-        transpose_a,
-        transpose_b,
-    }
 }
 
 // ---------------------------------------------------------------------------------
@@ -413,8 +392,9 @@ fn reduce_over_one_axis() {
     // x = [[1, 2, 3], [4, 5, 6]]
     let x = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
     for dtype in FLOATS {
-        let r =
-            |op, axes: &[usize], keep| run_op(reduce(op, axes, keep), vec![ft(dtype, &[2, 3], &x)]);
+        let r = |op, axes: &[usize], keep| {
+            run_op(Op::reduce(op, axes, keep), vec![ft(dtype, &[2, 3], &x)])
+        };
         // Row sums 1+2+3 = 6, 4+5+6 = 15; column sums 1+4, 2+5, 3+6.
         assert_exact(&r(ReduceOp::Sum, &[1], false), dtype, &[2], &[6.0, 15.0]);
         assert_exact(&r(ReduceOp::Sum, &[1], true), dtype, &[2, 1], &[6.0, 15.0]);
@@ -460,12 +440,12 @@ fn reduce_max_and_min_start_from_the_data() {
     // All-negative maxima and all-positive minima: the result is an element, not 0.
     for dtype in FLOATS {
         let got = run_op(
-            reduce(ReduceOp::Max, &[0], false),
+            Op::reduce(ReduceOp::Max, &[0], false),
             vec![ft(dtype, &[3], &[-3.0, -1.0, -2.0])],
         );
         assert_exact(&got, dtype, &[], &[-1.0]);
         let got = run_op(
-            reduce(ReduceOp::Min, &[0], false),
+            Op::reduce(ReduceOp::Min, &[0], false),
             vec![ft(dtype, &[3], &[3.0, 7.0, 2.0])],
         );
         assert_exact(&got, dtype, &[], &[2.0]);
@@ -479,7 +459,7 @@ fn reduce_over_several_axes() {
     let x: Vec<f64> = (1..=12).map(f64::from).collect();
     for dtype in FLOATS {
         let r = |op, axes: &[usize], keep| {
-            run_op(reduce(op, axes, keep), vec![ft(dtype, &[2, 3, 2], &x)])
+            run_op(Op::reduce(op, axes, keep), vec![ft(dtype, &[2, 3, 2], &x)])
         };
         // Over i and k, per j: 1+2+7+8 = 18, 3+4+9+10 = 26, 5+6+11+12 = 34.
         assert_exact(
@@ -547,13 +527,13 @@ const AB: [f64; 4] = [58.0, 64.0, 139.0, 154.0];
 fn matmul_2d() {
     for dtype in FLOATS {
         let got = run_op(
-            matmul(false, false),
+            Op::matmul(false, false),
             vec![ft(dtype, &[2, 3], &A), ft(dtype, &[3, 2], &B)],
         );
         assert_exact(&got, dtype, &[2, 2], &AB);
         // B A = [[7+32, 14+40, 21+48], [9+40, 18+50, 27+60], [11+48, 22+60, 33+72]]
         let got = run_op(
-            matmul(false, false),
+            Op::matmul(false, false),
             vec![ft(dtype, &[3, 2], &B), ft(dtype, &[2, 3], &A)],
         );
         assert_exact(
@@ -570,25 +550,25 @@ fn matmul_with_transposed_operands() {
     for dtype in FLOATS {
         // A stored transposed: (A^T)^T B = AB.
         let got = run_op(
-            matmul(true, false),
+            Op::matmul(true, false),
             vec![ft(dtype, &[3, 2], &A_T), ft(dtype, &[3, 2], &B)],
         );
         assert_exact(&got, dtype, &[2, 2], &AB);
         // B stored transposed: A (B^T)^T = AB.
         let got = run_op(
-            matmul(false, true),
+            Op::matmul(false, true),
             vec![ft(dtype, &[2, 3], &A), ft(dtype, &[2, 3], &B_T)],
         );
         assert_exact(&got, dtype, &[2, 2], &AB);
         // Both.
         let got = run_op(
-            matmul(true, true),
+            Op::matmul(true, true),
             vec![ft(dtype, &[3, 2], &A_T), ft(dtype, &[2, 3], &B_T)],
         );
         assert_exact(&got, dtype, &[2, 2], &AB);
         // A A^T with the same tensor on both sides: [[1+4+9, 4+10+18], [.., 16+25+36]].
         let got = run_op(
-            matmul(false, true),
+            Op::matmul(false, true),
             vec![ft(dtype, &[2, 3], &A), ft(dtype, &[2, 3], &A)],
         );
         assert_exact(&got, dtype, &[2, 2], &[14.0, 32.0, 32.0, 77.0]);
@@ -600,7 +580,7 @@ fn matmul_batched_with_a_shared_right_operand() {
     // a[0] = I, a[1] = [[0, 1], [1, 0]] (swaps rows); b = [[1, 2], [3, 4]] for both.
     for dtype in FLOATS {
         let got = run_op(
-            matmul(false, false),
+            Op::matmul(false, false),
             vec![
                 ft(dtype, &[2, 2, 2], &[1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0, 0.0]),
                 ft(dtype, &[2, 2], &[1.0, 2.0, 3.0, 4.0]),
@@ -623,7 +603,7 @@ fn matmul_batched_tokens_against_experts() {
     //   e0: 1*5 + 2*6 = 17, 3*5 + 4*6 = 39;  e1: 1*7 + 2*8 = 23, 3*7 + 4*8 = 53
     for dtype in FLOATS {
         let got = run_op(
-            matmul(false, false),
+            Op::matmul(false, false),
             vec![
                 ft(dtype, &[2, 1, 2], &[1.0, 2.0, 3.0, 4.0]),
                 ft(dtype, &[2, 1, 2, 1], &[5.0, 6.0, 7.0, 8.0]),
@@ -640,7 +620,7 @@ fn matmul_batched_on_both_sides_with_transpose() {
     // out[0] = [1, 2] I = [1, 2]; out[1] = [3, 4] [[1, 3], [2, 4]] = [3+8, 9+16] = [11, 25].
     for dtype in FLOATS {
         let got = run_op(
-            matmul(false, true),
+            Op::matmul(false, true),
             vec![
                 ft(dtype, &[2, 1, 2], &[1.0, 2.0, 3.0, 4.0]),
                 ft(dtype, &[2, 2, 2], &[1.0, 0.0, 0.0, 1.0, 1.0, 2.0, 3.0, 4.0]),
@@ -1336,16 +1316,8 @@ fn a_missing_input_is_reported_by_name() {
 #[test]
 fn a_missing_parameter_is_reported_by_name() {
     let mut g = Graph::new("g");
-    let w = g
-        .push(
-            Op::Parameter {
-                name: "w".into(),
-                dtype: DType::F32,
-                shape: shape![2],
-            },
-            &[],
-            "params.w",
-        )
+    let w = GraphBuilder::new(&mut g, "params.w")
+        .parameter("w", DType::F32, shape![2])
         .unwrap();
     g.set_output("w", w).unwrap();
     let e = run(
@@ -1366,16 +1338,8 @@ fn a_missing_parameter_is_reported_as_a_parameter_when_one_map_serves_both() {
     // A graph with no inputs, run with one (empty) map passed as both the inputs and
     // the parameters: the missing `w` is a parameter, not an input.
     let mut g = Graph::new("g");
-    let w = g
-        .push(
-            Op::Parameter {
-                name: "w".into(),
-                dtype: DType::F32,
-                shape: shape![2],
-            },
-            &[],
-            "params.w",
-        )
+    let w = GraphBuilder::new(&mut g, "params.w")
+        .parameter("w", DType::F32, shape![2])
         .unwrap();
     g.set_output("w", w).unwrap();
     let none = TensorMap::new();

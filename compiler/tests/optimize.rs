@@ -2,7 +2,9 @@
 //! tiny model's training graphs, and random graphs built to give every rule something
 //! to do), saturation ends within its limits, and the rules fire.
 
-use altc_compiler::ir::{BinaryOp, DType, Graph, NodeId, Op, ReduceOp, Scalar, Shape, UnaryOp};
+use altc_compiler::ir::{
+    BinaryOp, BuildGraph, DType, Graph, GraphBuilder, NodeId, Op, ReduceOp, Scalar, Shape, UnaryOp,
+};
 use altc_compiler::lower::{lower, Init, LowerOptions, Mode, ParamInfo, ParamKind};
 use altc_compiler::optimize::{optimize, Limits};
 use altc_compiler::reference::{initial_parameters, run, EvalContext, Tensor, TensorMap};
@@ -54,18 +56,11 @@ fn optimised_training_graphs_compute_the_same_step() {
             Tensor::f64(&[b, m.tokens, m.input_width], values),
         );
         if m.padded {
-            let mask = (0..b * m.tokens)
-                .map(|i| {
-                    if i % m.tokens <= i / m.tokens {
-                        1.0
-                    } else {
-                        0.0
-                    }
-                })
-                .collect();
+            // Row i has i + 1 real tokens.
+            let lengths: Vec<usize> = (1..=b).collect();
             inputs.insert(
                 format!("{}.mask", m.name),
-                Tensor::f64(&[b, m.tokens], mask),
+                Tensor::prefix_mask(DType::F64, m.tokens, &lengths),
             );
         }
     }
@@ -105,27 +100,11 @@ fn random_graph(seed: u64) -> Graph {
         k += 1;
         ((rng::uniform(seed, 1, 77, k) * n as f64) as usize).min(n - 1)
     };
-    let x = g
-        .push(
-            Op::Input {
-                name: "x".into(),
-                dtype: DType::F64,
-                shape: shape![3, 4],
-            },
-            &[],
-            "t",
-        )
+    let x = GraphBuilder::new(&mut g, "t")
+        .input("x", DType::F64, shape![3, 4])
         .unwrap();
-    let y = g
-        .push(
-            Op::Input {
-                name: "y".into(),
-                dtype: DType::F64,
-                shape: shape![4],
-            },
-            &[],
-            "t",
-        )
+    let y = GraphBuilder::new(&mut g, "t")
+        .input("y", DType::F64, shape![4])
         .unwrap();
     let constant = |g: &mut Graph, v: f64| {
         g.push(
@@ -208,15 +187,7 @@ fn random_graph(seed: u64) -> Graph {
                         "t",
                     )
                     .unwrap();
-                g.push(
-                    Op::Reduce {
-                        op: ReduceOp::Mean,
-                        axes: vec![0, 1],
-                        keep_dims: false,
-                    },
-                    &[twice],
-                    "t",
-                )
+                g.push(Op::reduce(ReduceOp::Mean, &[0, 1], false), &[twice], "t")
             }
             _ => g.push(Op::Unary(UnaryOp::Tanh), &[a], "t"),
         };
@@ -427,16 +398,9 @@ fn random_scaled_graph(seed: u64) -> Graph {
         ((rng::uniform(seed, 2, 78, k) * n as f64) as usize).min(n - 1)
     };
     let leaf = |g: &mut Graph, name: &str, shape: Shape| {
-        g.push(
-            Op::Input {
-                name: name.into(),
-                dtype: DType::F64,
-                shape,
-            },
-            &[],
-            "t",
-        )
-        .unwrap()
+        GraphBuilder::new(g, "t")
+            .input(name, DType::F64, shape)
+            .unwrap()
     };
     let tensors = [
         leaf(&mut g, "a", shape![256, 256]),

@@ -4,8 +4,8 @@
 //! `Graph::push` to show that errors name the node's origin.
 
 use altc_compiler::ir::{
-    infer, BinaryOp, CompareOp, DType, Graph, GraphError, Op, ReduceOp, Scalar, Shape, TensorType,
-    TypeError, UnaryOp,
+    infer, BinaryOp, BuildGraph, CompareOp, DType, Graph, GraphBuilder, GraphError, Op, ReduceOp,
+    Scalar, Shape, TensorType, TypeError, UnaryOp,
 };
 use altc_compiler::shape;
 
@@ -106,56 +106,6 @@ fn arity_err(op: Op, operands: &[&TensorType], expected: &str) {
     );
 }
 
-const ALL_UNARY: [UnaryOp; 13] = [
-    UnaryOp::Neg,
-    UnaryOp::Abs,
-    UnaryOp::Exp,
-    UnaryOp::Log,
-    UnaryOp::Sqrt,
-    UnaryOp::Rsqrt,
-    UnaryOp::Recip,
-    UnaryOp::Square,
-    UnaryOp::Tanh,
-    UnaryOp::Sigmoid,
-    UnaryOp::Relu,
-    UnaryOp::Gelu,
-    UnaryOp::Silu,
-];
-
-const ALL_BINARY: [BinaryOp; 7] = [
-    BinaryOp::Add,
-    BinaryOp::Sub,
-    BinaryOp::Mul,
-    BinaryOp::Div,
-    BinaryOp::Max,
-    BinaryOp::Min,
-    BinaryOp::Pow,
-];
-
-const ALL_COMPARE: [CompareOp; 6] = [
-    CompareOp::Lt,
-    CompareOp::Le,
-    CompareOp::Gt,
-    CompareOp::Ge,
-    CompareOp::Eq,
-    CompareOp::Ne,
-];
-
-fn matmul(transpose_a: bool, transpose_b: bool) -> Op {
-    Op::MatMul {
-        transpose_a,
-        transpose_b,
-    }
-}
-
-fn reduce(op: ReduceOp, axes: &[usize], keep_dims: bool) -> Op {
-    Op::Reduce {
-        op,
-        axes: axes.to_vec(),
-        keep_dims,
-    }
-}
-
 // ---------------------------------------------------------------------------------
 // Arity, for every op
 // ---------------------------------------------------------------------------------
@@ -191,7 +141,7 @@ fn every_op_rejects_the_wrong_number_of_operands() {
     let unary = [
         Op::Unary(UnaryOp::Exp),
         Op::Cast { dtype: DType::F64 },
-        reduce(ReduceOp::Sum, &[0], false),
+        Op::reduce(ReduceOp::Sum, &[0], false),
         Op::Transpose { perm: vec![1, 0] },
         Op::Reshape { shape: shape![6] },
         Op::BroadcastTo {
@@ -215,7 +165,7 @@ fn every_op_rejects_the_wrong_number_of_operands() {
     let binary = [
         Op::Binary(BinaryOp::Add),
         Op::Compare(CompareOp::Lt),
-        matmul(false, false),
+        Op::matmul(false, false),
         Op::Gather { axis: 0 },
         Op::ScatterAdd {
             axis: 0,
@@ -336,7 +286,7 @@ fn iota_yields_its_declared_type_and_checks_its_axis() {
 
 #[test]
 fn unary_ops_keep_the_float_type() {
-    for u in ALL_UNARY {
+    for u in UnaryOp::ALL {
         let x32 = f32t(shape!["B", 3]);
         let x64 = f64t(shape![]);
         assert_eq!(ok(Op::Unary(u), &[&x32]), x32, "{u:?} on f32");
@@ -363,7 +313,7 @@ fn unary_ops_reject_non_floats() {
 
 #[test]
 fn binary_ops_broadcast_numpy_style() {
-    for b in ALL_BINARY {
+    for b in BinaryOp::ALL {
         // [2, 3] with [3]: the vector is repeated for every row.
         assert_eq!(
             ok(Op::Binary(b), &[&f32t(shape![2, 3]), &f32t(shape![3])]),
@@ -443,7 +393,7 @@ fn binary_ops_need_one_float_element_type() {
 
 #[test]
 fn comparisons_yield_bool_for_any_matching_element_type() {
-    for cmp in ALL_COMPARE {
+    for cmp in CompareOp::ALL {
         assert_eq!(
             ok(Op::Compare(cmp), &[&f32t(shape![2, 3]), &f32t(shape![3])]),
             boolt(shape![2, 3]),
@@ -579,44 +529,44 @@ fn reduce_drops_or_keeps_the_reduced_axes() {
     let x = f32t(shape![2, 3, 4]);
     for r in [ReduceOp::Sum, ReduceOp::Mean, ReduceOp::Max, ReduceOp::Min] {
         assert_eq!(
-            ok(reduce(r, &[1], false), &[&x]),
+            ok(Op::reduce(r, &[1], false), &[&x]),
             f32t(shape![2, 4]),
             "{r:?}"
         );
         assert_eq!(
-            ok(reduce(r, &[1], true), &[&x]),
+            ok(Op::reduce(r, &[1], true), &[&x]),
             f32t(shape![2, 1, 4]),
             "{r:?}"
         );
     }
     // Several axes, in any order.
     assert_eq!(
-        ok(reduce(ReduceOp::Sum, &[0, 2], false), &[&x]),
+        ok(Op::reduce(ReduceOp::Sum, &[0, 2], false), &[&x]),
         f32t(shape![3])
     );
     assert_eq!(
-        ok(reduce(ReduceOp::Sum, &[2, 0], true), &[&x]),
+        ok(Op::reduce(ReduceOp::Sum, &[2, 0], true), &[&x]),
         f32t(shape![1, 3, 1])
     );
     // Every axis: a scalar, or all ones.
     assert_eq!(
-        ok(reduce(ReduceOp::Mean, &[0, 1, 2], false), &[&x]),
+        ok(Op::reduce(ReduceOp::Mean, &[0, 1, 2], false), &[&x]),
         f32t(shape![])
     );
     assert_eq!(
-        ok(reduce(ReduceOp::Mean, &[0, 1, 2], true), &[&x]),
+        ok(Op::reduce(ReduceOp::Mean, &[0, 1, 2], true), &[&x]),
         f32t(shape![1, 1, 1])
     );
     // No axis: unchanged.
-    assert_eq!(ok(reduce(ReduceOp::Max, &[], false), &[&x]), x);
+    assert_eq!(ok(Op::reduce(ReduceOp::Max, &[], false), &[&x]), x);
     // Symbolic dimensions survive, and may themselves be reduced.
     let xb = f64t(shape!["B", 5, 16]);
     assert_eq!(
-        ok(reduce(ReduceOp::Mean, &[2], true), &[&xb]),
+        ok(Op::reduce(ReduceOp::Mean, &[2], true), &[&xb]),
         f64t(shape!["B", 5, 1])
     );
     assert_eq!(
-        ok(reduce(ReduceOp::Sum, &[0], false), &[&xb]),
+        ok(Op::reduce(ReduceOp::Sum, &[0], false), &[&xb]),
         f64t(shape![5, 16])
     );
 }
@@ -625,23 +575,23 @@ fn reduce_drops_or_keeps_the_reduced_axes() {
 fn reduce_rejects_bad_axes_and_non_floats() {
     let x = f32t(shape![2, 3, 4]);
     let msg = shape_err(
-        reduce(ReduceOp::Sum, &[1, 1], false),
+        Op::reduce(ReduceOp::Sum, &[1, 1], false),
         &[&x],
         &["axis 1 is listed twice"],
     );
     assert_eq!(msg, "`reduce_sum [1, 1]`: axis 1 is listed twice");
     shape_err(
-        reduce(ReduceOp::Max, &[0, 2, 0], true),
+        Op::reduce(ReduceOp::Max, &[0, 2, 0], true),
         &[&x],
         &["axis 0 is listed twice"],
     );
     shape_err(
-        reduce(ReduceOp::Mean, &[3], false),
+        Op::reduce(ReduceOp::Mean, &[3], false),
         &[&x],
         &["axis 3 is out of range for rank 3"],
     );
     dtype_err(
-        reduce(ReduceOp::Sum, &[0], false),
+        Op::reduce(ReduceOp::Sum, &[0], false),
         &[&i32t(shape![4])],
         "floating-point",
         "i32[4]",
@@ -663,7 +613,7 @@ fn matmul_contracts_the_inner_dimension() {
     ];
     for (ta, tb, a, b) in cases {
         assert_eq!(
-            ok(matmul(ta, tb), &[&f32t(a.clone()), &f32t(b.clone())]),
+            ok(Op::matmul(ta, tb), &[&f32t(a.clone()), &f32t(b.clone())]),
             f32t(shape![2, 4]),
             "{a} x {b} with transpose_a={ta} transpose_b={tb}"
         );
@@ -671,14 +621,14 @@ fn matmul_contracts_the_inner_dimension() {
     // Symbolic rows and a symbolic contraction are fine when the symbols agree.
     assert_eq!(
         ok(
-            matmul(false, false),
+            Op::matmul(false, false),
             &[&f64t(shape!["B", 16]), &f64t(shape![16, 64])]
         ),
         f64t(shape!["B", 64])
     );
     assert_eq!(
         ok(
-            matmul(true, false),
+            Op::matmul(true, false),
             &[&f32t(shape!["B", 16]), &f32t(shape!["B", 8])]
         ),
         f32t(shape![16, 8])
@@ -690,7 +640,7 @@ fn matmul_broadcasts_batch_dimensions() {
     // Every token against every expert: [B, L, h] x [E, 1, h, k] -> [E, B, L, k].
     assert_eq!(
         ok(
-            matmul(false, false),
+            Op::matmul(false, false),
             &[&f32t(shape!["B", 5, 16]), &f32t(shape![4, 1, 16, 32])]
         ),
         f32t(shape![4, "B", 5, 32])
@@ -698,7 +648,7 @@ fn matmul_broadcasts_batch_dimensions() {
     // One weight matrix for a whole batch.
     assert_eq!(
         ok(
-            matmul(false, false),
+            Op::matmul(false, false),
             &[&f32t(shape![7, 2, 3]), &f32t(shape![3, 4])]
         ),
         f32t(shape![7, 2, 4])
@@ -706,7 +656,7 @@ fn matmul_broadcasts_batch_dimensions() {
     // Both sides batched, one side stretched, and transposed.
     assert_eq!(
         ok(
-            matmul(false, true),
+            Op::matmul(false, true),
             &[&f64t(shape!["B", 1, 2, 3]), &f64t(shape![6, 4, 3])]
         ),
         f64t(shape!["B", 6, 2, 4])
@@ -716,7 +666,7 @@ fn matmul_broadcasts_batch_dimensions() {
 #[test]
 fn matmul_rejects_mismatched_inner_dimensions() {
     let msg = shape_err(
-        matmul(false, false),
+        Op::matmul(false, false),
         &[&f32t(shape![2, 3]), &f32t(shape![4, 5])],
         &["[2, 3]", "[4, 5]", "3", "4"],
     );
@@ -726,18 +676,18 @@ fn matmul_rejects_mismatched_inner_dimensions() {
     );
     // The same operands fit once `a` is transposed... but not `b`.
     shape_err(
-        matmul(false, true),
+        Op::matmul(false, true),
         &[&f32t(shape![2, 3]), &f32t(shape![3, 4])],
         &["`matmul bT`", "contracting 3 with 4"],
     );
     shape_err(
-        matmul(true, false),
+        Op::matmul(true, false),
         &[&f32t(shape![2, 3]), &f32t(shape![3, 4])],
         &["`matmul aT`", "contracting 2 with 3"],
     );
     // Different symbols never contract.
     shape_err(
-        matmul(false, false),
+        Op::matmul(false, false),
         &[&f32t(shape![2, "B"]), &f32t(shape!["T", 3])],
         &["contracting B with T"],
     );
@@ -746,7 +696,7 @@ fn matmul_rejects_mismatched_inner_dimensions() {
 #[test]
 fn matmul_rejects_low_rank_unbroadcastable_batches_and_mixed_types() {
     let msg = shape_err(
-        matmul(false, false),
+        Op::matmul(false, false),
         &[&f32t(shape![3]), &f32t(shape![3, 4])],
         &["rank 2 or more", "[3]", "[3, 4]"],
     );
@@ -755,23 +705,23 @@ fn matmul_rejects_low_rank_unbroadcastable_batches_and_mixed_types() {
         "`matmul`: operands need rank 2 or more, got [3] and [3, 4]"
     );
     shape_err(
-        matmul(false, false),
+        Op::matmul(false, false),
         &[&f32t(shape![2, 3, 4]), &f32t(shape![5, 4, 6])],
         &["batch dimensions [2] and [5] do not broadcast"],
     );
     shape_err(
-        matmul(false, false),
+        Op::matmul(false, false),
         &[&f32t(shape!["B", 3, 4]), &f32t(shape![2, 4, 6])],
         &["batch dimensions [B] and [2] do not broadcast"],
     );
     dtype_err(
-        matmul(false, false),
+        Op::matmul(false, false),
         &[&f32t(shape![2, 3]), &f64t(shape![3, 4])],
         "one element type",
         "f32[2, 3], f64[3, 4]",
     );
     dtype_err(
-        matmul(false, false),
+        Op::matmul(false, false),
         &[&i32t(shape![2, 3]), &i32t(shape![3, 4])],
         "floating-point",
         "i32[2, 3], i32[3, 4]",
@@ -1296,29 +1246,15 @@ fn top_k_rejects_k_outside_the_last_dimension() {
 #[test]
 fn graph_push_records_inferred_types() {
     let mut g = Graph::new("ffn");
-    let x = g
-        .push(
-            Op::Input {
-                name: "x".into(),
-                dtype: DType::F32,
-                shape: shape!["B", 5, 16],
-            },
-            &[],
-            "inputs.x",
-        )
+    let x = GraphBuilder::new(&mut g, "inputs.x")
+        .input("x", DType::F32, shape!["B", 5, 16])
         .unwrap();
-    let w = g
-        .push(
-            Op::Parameter {
-                name: "w".into(),
-                dtype: DType::F32,
-                shape: shape![4, 1, 16, 32],
-            },
-            &[],
-            "experts.w_up",
-        )
+    let w = GraphBuilder::new(&mut g, "experts.w_up")
+        .parameter("w", DType::F32, shape![4, 1, 16, 32])
         .unwrap();
-    let y = g.push(matmul(false, false), &[x, w], "experts.up").unwrap();
+    let y = g
+        .push(Op::matmul(false, false), &[x, w], "experts.up")
+        .unwrap();
     let node = g.node(y);
     assert_eq!(node.ty, f32t(shape![4, "B", 5, 32]));
     assert_eq!(node.origin, "experts.up");
@@ -1328,30 +1264,14 @@ fn graph_push_records_inferred_types() {
 #[test]
 fn graph_push_errors_carry_the_node_origin() {
     let mut g = Graph::new("ffn");
-    let x = g
-        .push(
-            Op::Input {
-                name: "x".into(),
-                dtype: DType::F32,
-                shape: shape!["B", 16],
-            },
-            &[],
-            "inputs.x",
-        )
+    let x = GraphBuilder::new(&mut g, "inputs.x")
+        .input("x", DType::F32, shape!["B", 16])
         .unwrap();
-    let w = g
-        .push(
-            Op::Parameter {
-                name: "w".into(),
-                dtype: DType::F32,
-                shape: shape![32, 64],
-            },
-            &[],
-            "layers[0].ffn.w_up",
-        )
+    let w = GraphBuilder::new(&mut g, "layers[0].ffn.w_up")
+        .parameter("w", DType::F32, shape![32, 64])
         .unwrap();
     let e = g
-        .push(matmul(false, false), &[x, w], "layers[0].ffn.up")
+        .push(Op::matmul(false, false), &[x, w], "layers[0].ffn.up")
         .unwrap_err();
     let GraphError::Type {
         index,

@@ -487,12 +487,13 @@ pub fn cuda_properties(target: CudaTarget) -> (DeviceProperties, CompilationOpti
     props.register_type_usage(OpaqueType::Barrier(BarrierLevel::Cube), TypeUsage::Buffer);
     props.features.plane.insert(Plane::Sync);
     options.supports_features.grid_constants = true;
+    // Half-precision matrix loads everywhere; stores from sm_90.
     for kind in [FloatKind::F16, FloatKind::BF16] {
-        props
-            .features
-            .matmul
-            .ldmatrix
-            .insert(ElemType::Float(kind).into());
+        let matmul = &mut props.features.matmul;
+        matmul.ldmatrix.insert(ElemType::Float(kind).into());
+        if version >= 90 {
+            matmul.stmatrix.insert(ElemType::Float(kind).into());
+        }
     }
     options.supports_features.fast_tanh = cudarc::driver::sys::CUDA_VERSION >= 12080;
     props.features.copy_async = true;
@@ -510,13 +511,6 @@ pub fn cuda_properties(target: CudaTarget) -> (DeviceProperties, CompilationOpti
         props.features.cube_cluster = true;
         options.supports_features.clusters = true;
         options.supports_features.elect_sync = true;
-        for kind in [FloatKind::F16, FloatKind::BF16] {
-            props
-                .features
-                .matmul
-                .stmatrix
-                .insert(ElemType::Float(kind).into());
-        }
         for vector in [2, 4] {
             props.register_atomic_type_usage(
                 float_atomic(FloatKind::F32, vector),

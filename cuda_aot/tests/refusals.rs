@@ -1,7 +1,9 @@
 //! What no GPU could run is refused before anything launches, with the node named:
 //! a buffer past 32-bit indexing. Runs on the capture device; needs no NVRTC.
 
-use altc_compiler::ir::{DType, Dim, Graph, Op, ReduceOp, Shape, UnaryOp};
+use altc_compiler::ir::{
+    BuildGraph, DType, Dim, Graph, GraphBuilder, Op, ReduceOp, Shape, UnaryOp,
+};
 use altc_compiler::reference::EvalContext;
 use altc_cuda_aot::capture::{take_recording, CaptureRuntime};
 use altc_cuda_aot::input_shapes;
@@ -13,15 +15,11 @@ use altc_runtime::device::DeviceBackend;
 /// run one kernel per op so that the `exp` is a buffer.
 fn broadcast_exp(rows: usize) -> Graph {
     let mut g = Graph::new("huge");
-    let x = g
-        .push(
-            Op::Input {
-                name: "x".into(),
-                dtype: DType::F32,
-                shape: Shape(vec![Dim::sym("B"), Dim::Fixed(1), Dim::Fixed(65_536)]),
-            },
-            &[],
-            "inputs.x",
+    let x = GraphBuilder::new(&mut g, "inputs.x")
+        .input(
+            "x",
+            DType::F32,
+            Shape(vec![Dim::sym("B"), Dim::Fixed(1), Dim::Fixed(65_536)]),
         )
         .unwrap();
     let wide = Shape(vec![Dim::sym("B"), Dim::Fixed(rows), Dim::Fixed(65_536)]);
@@ -31,11 +29,7 @@ fn broadcast_exp(rows: usize) -> Graph {
     let e = g
         .push(Op::Unary(UnaryOp::Exp), &[b], "layers[3].exp")
         .unwrap();
-    let sum = Op::Reduce {
-        op: ReduceOp::Sum,
-        axes: vec![2],
-        keep_dims: false,
-    };
+    let sum = Op::reduce(ReduceOp::Sum, &[2], false);
     let y = g.push(sum, &[e], "layers[3].sum").unwrap();
     g.set_output("y", y).unwrap();
     g

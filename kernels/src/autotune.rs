@@ -104,14 +104,33 @@ pub trait Candidate: Copy + Send + Sync + 'static {
 /// replay it with each candidate.
 pub(crate) trait TunableLaunch: Clone + Send + Sync + 'static {
     type With: Candidate;
-    fn key(&self) -> &KernelKey;
-    /// The candidate that ran last (after tuning: the winner).
-    fn ran(&self) -> &Arc<Mutex<Option<Self::With>>>;
+    fn record(&self) -> &LaunchRecord<Self::With>;
     fn launch(&self, with: Self::With) -> Vec<Handle>;
 
+    fn key(&self) -> &KernelKey {
+        &self.record().key
+    }
+
     fn run(&self, with: Self::With) -> Vec<Handle> {
-        *self.ran().lock().expect("candidate record") = Some(with);
+        *self.record().ran.lock().expect("candidate record") = Some(with);
         self.launch(with)
+    }
+}
+
+/// A tunable launch's tuning key, and the candidate that ran it last (after tuning:
+/// the winner), shared by the clones the tuner makes.
+#[derive(Clone)]
+pub(crate) struct LaunchRecord<S> {
+    pub key: KernelKey,
+    ran: Arc<Mutex<Option<S>>>,
+}
+
+impl<S> LaunchRecord<S> {
+    pub fn new(key: KernelKey) -> LaunchRecord<S> {
+        LaunchRecord {
+            key,
+            ran: Arc::new(Mutex::new(None)),
+        }
     }
 }
 
@@ -148,7 +167,8 @@ impl Tuning {
         let set = tuner.init(tunables::<L>);
         let outputs = tuner.execute(&self.scope, client, set, launch.clone()).0;
         let winner = launch
-            .ran()
+            .record()
+            .ran
             .lock()
             .expect("candidate record")
             .expect("the tuner ran a candidate");

@@ -2,7 +2,7 @@
 //! judge achieved rates against.
 
 use crate::autotune::Candidate;
-use crate::device::Kernels;
+use crate::device::{Kernels, ELEMENT_BYTES};
 use crate::elementwise::ops::UnaryKind;
 use crate::fused::kernel::FusedProgram;
 use crate::matmul::kernel::OperandLayout;
@@ -80,7 +80,7 @@ impl<R: Runtime> Kernels<R> {
             })
             .fold(f64::INFINITY, f64::min);
         Ceilings {
-            copy_gb_per_s: (2 * 4 * copy_elements) as f64 / copy / 1e9,
+            copy_gb_per_s: (2 * ELEMENT_BYTES * copy_elements) as f64 / copy / 1e9,
             copy_elements,
             matmul_tflop_per_s: 2.0 * (n * n * n) as f64 / matmul / 1e12,
             matmul_size: n,

@@ -33,6 +33,10 @@ pub(crate) fn u32s(values: impl IntoIterator<Item = usize>) -> Vec<u32> {
         .collect()
 }
 
+/// Bytes of one buffer element: the kernels are instantiated for f32, and indices
+/// and masks are held in f32 words too.
+pub const ELEMENT_BYTES: usize = std::mem::size_of::<f32>();
+
 /// New device buffers of `sizes` f32 elements each, as (handle, elements).
 pub(crate) fn empty_buffers<R: Runtime>(
     client: &ComputeClient<R>,
@@ -40,7 +44,7 @@ pub(crate) fn empty_buffers<R: Runtime>(
 ) -> Vec<(Handle, usize)> {
     sizes
         .into_iter()
-        .map(|len| (client.empty(len * 4), len))
+        .map(|len| (client.empty(len * ELEMENT_BYTES), len))
         .collect()
 }
 
@@ -139,23 +143,26 @@ impl<R: Runtime> Kernels<R> {
     }
 
     pub(crate) fn alloc(&self, len: usize) -> Handle {
-        self.client.empty(len.max(1) * 4)
+        self.client.empty(len.max(1) * ELEMENT_BYTES)
     }
 
     /// A one-element buffer holding `value`, uploaded once per value.
     pub fn constant(&self, value: f32) -> Handle {
-        self.upload_once(vec![value.to_bits()])
+        self.upload_once(vec![value.to_bits()]).0
     }
 
-    /// An immutable buffer of these words, uploaded once per content (metadata, and
-    /// the bits of constants: equal contents may share one buffer).
-    pub(crate) fn upload_once(&self, values: Vec<u32>) -> Handle {
+    /// An immutable buffer of these words and its length in words, uploaded once
+    /// per content (metadata, and the bits of constants: equal contents may share
+    /// one buffer).
+    pub(crate) fn upload_once(&self, values: Vec<u32>) -> (Handle, usize) {
         let values = if values.is_empty() { vec![0] } else { values };
+        let len = values.len();
         let mut cache = self.uploads.lock().unwrap_or_else(|e| e.into_inner());
-        cache
+        let handle = cache
             .entry(values)
             .or_insert_with_key(|v| self.client.create_from_slice(u32::as_bytes(v)))
-            .clone()
+            .clone();
+        (handle, len)
     }
 
     /// Allocates an uninitialised buffer of `len` elements (filled by `copy_into`).
@@ -181,16 +188,15 @@ impl<R: Runtime> Kernels<R> {
         meta.extend(u32s(x.strides.iter().copied()));
         meta.extend(u32s(out_strides.iter().copied()));
         meta.extend(u32s([x.offset, out_offset]));
-        let meta_len = meta.len();
         let (count, dim) = grid(n);
         unsafe {
             copy_kernel::launch_unchecked::<f32, R>(
                 &self.client,
                 count,
                 dim,
-                ArrayArg::from_raw_parts(x.handle.clone(), x.len.max(1)),
+                x.buffer_arg(),
                 ArrayArg::from_raw_parts(out.clone(), out_len.max(1)),
-                ArrayArg::from_raw_parts(self.upload_once(meta), meta_len),
+                buffer_arg(&self.upload_once(meta)),
                 u32s([n])[0],
                 shape.len(),
             )

@@ -9,15 +9,14 @@
 //! assignment's place, so nothing is permuted in memory. Experts that receive no
 //! assignment cost nothing; one that receives all of them is just a long run.
 
-use crate::autotune::{bucket, Candidate, KernelKey, TunableLaunch};
-use crate::device::{buffer_arg, tiles_of, u32s, Kernels};
+use crate::autotune::{bucket, Candidate, KernelKey, LaunchRecord, TunableLaunch};
+use crate::device::{buffer_arg, tiles_of, u32s, Kernels, ELEMENT_BYTES};
 use crate::matmul::kernel::{accumulate_outer, operand_value, round_to_bf16, zeroed_block, TILE};
 use crate::matmul::launch::MatmulStrategy;
 use crate::view::View;
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 use cubecl::tune::LocalTuner;
-use std::sync::{Arc, Mutex};
 
 /// The expert owning sorted position `p`: the last `e` whose run starts at or before
 /// `p` (empty experts share their start with the next one, which wins).
@@ -503,24 +502,19 @@ struct ExpertLaunch<R: Runtime> {
     experts: u32,
     has_bias: bool,
     bf16_operands: bool,
-    key: KernelKey,
-    ran: Arc<Mutex<Option<MatmulStrategy>>>,
+    record: LaunchRecord<MatmulStrategy>,
 }
 
 impl<R: Runtime> TunableLaunch for ExpertLaunch<R> {
     type With = MatmulStrategy;
 
-    fn key(&self) -> &KernelKey {
-        &self.key
-    }
-
-    fn ran(&self) -> &Arc<Mutex<Option<MatmulStrategy>>> {
-        &self.ran
+    fn record(&self) -> &LaunchRecord<MatmulStrategy> {
+        &self.record
     }
 
     fn launch(&self, strategy: MatmulStrategy) -> Vec<Handle> {
         let (assignments, m) = self.extent;
-        let out = self.client.empty(assignments * m * 4);
+        let out = self.client.empty(assignments * m * ELEMENT_BYTES);
         let edge = strategy.edge();
         let span = edge * strategy.block();
         unsafe {
@@ -595,24 +589,19 @@ struct ExpertGradLaunch<R: Runtime> {
     /// `(experts, k, m)`.
     extent: (usize, usize, usize),
     bf16_operands: bool,
-    key: KernelKey,
-    ran: Arc<Mutex<Option<ExpertGradStrategy>>>,
+    record: LaunchRecord<ExpertGradStrategy>,
 }
 
 impl<R: Runtime> TunableLaunch for ExpertGradLaunch<R> {
     type With = ExpertGradStrategy;
 
-    fn key(&self) -> &KernelKey {
-        &self.key
-    }
-
-    fn ran(&self) -> &Arc<Mutex<Option<ExpertGradStrategy>>> {
-        &self.ran
+    fn record(&self) -> &LaunchRecord<ExpertGradStrategy> {
+        &self.record
     }
 
     fn launch(&self, strategy: ExpertGradStrategy) -> Vec<Handle> {
         let (experts, k, m) = self.extent;
-        let out = self.client.empty((experts * k * m).max(1) * 4);
+        let out = self.client.empty((experts * k * m).max(1) * ELEMENT_BYTES);
         let (edge, block) = match strategy {
             ExpertGradStrategy::Tiled => (TILE, 0),
             ExpertGradStrategy::Direct { block } => (GRAD_EDGE, block),
@@ -707,7 +696,6 @@ impl<R: Runtime> Kernels<R> {
         let mut meta = u32s([op.assignments, op.k, op.m, fan, s[0], sk, sm, op.w.offset]);
         let bias = op.bias.unwrap_or(op.w);
         meta.extend(u32s([bias.strides[0], bias.strides[1], bias.offset]));
-        let meta_len = meta.len();
         let launch = ExpertLaunch {
             client: self.client().clone(),
             x: (op.x.clone(), (op.rows * op.k).max(1)),
@@ -715,12 +703,12 @@ impl<R: Runtime> Kernels<R> {
             bias: (bias.handle.clone(), bias.len.max(1)),
             order: (op.order.clone(), op.assignments),
             offsets: (op.offsets.clone(), op.experts + 1),
-            meta: (self.upload_once(meta), meta_len),
+            meta: self.upload_once(meta),
             extent: (op.assignments, op.m),
             experts: u32s([op.experts])[0],
             has_bias: op.bias.is_some(),
             bf16_operands: op.bf16_operands,
-            key: KernelKey {
+            record: LaunchRecord::new(KernelKey {
                 family: GROUPED_MATMUL.into(),
                 signature: format!(
                     "rows{} k{} m{} experts{}{}{}",
@@ -731,8 +719,7 @@ impl<R: Runtime> Kernels<R> {
                     if op.bias.is_some() { " bias" } else { "" },
                     if op.bf16_operands { " bf16" } else { "" }
                 ),
-            },
-            ran: Default::default(),
+            }),
         };
         self.tuning()
             .launch(&GROUPED_MATMUL_TUNER, self.client(), launch)
@@ -756,17 +743,16 @@ impl<R: Runtime> Kernels<R> {
     ) -> Handle {
         let fan = |rows: usize| assignments / rows.max(1);
         let meta = u32s([k, m, fan(a_rows).max(1), fan(b_rows).max(1)]);
-        let meta_len = meta.len();
         let launch = ExpertGradLaunch {
             client: self.client().clone(),
             a: (a.clone(), (a_rows * k).max(1)),
             b: (b.clone(), (b_rows * m).max(1)),
             order: (order.clone(), assignments.max(1)),
             offsets: (offsets.clone(), experts + 1),
-            meta: (self.upload_once(meta), meta_len),
+            meta: self.upload_once(meta),
             extent: (experts, k, m),
             bf16_operands,
-            key: KernelKey {
+            record: LaunchRecord::new(KernelKey {
                 family: EXPERT_GRAD.into(),
                 signature: format!(
                     "assignments{} k{} m{} experts{}{}",
@@ -776,8 +762,7 @@ impl<R: Runtime> Kernels<R> {
                     experts,
                     if bf16_operands { " bf16" } else { "" }
                 ),
-            },
-            ran: Default::default(),
+            }),
         };
         self.tuning()
             .launch(&EXPERT_GRAD_TUNER, self.client(), launch)

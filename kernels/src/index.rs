@@ -1,7 +1,7 @@
 //! Index kernels: gather and scatter-add along an axis (PyTorch semantics), and top-k
 //! indices along the last axis. Indices travel as whole numbers in `F`.
 
-use crate::device::{grid, u32s, Kernels};
+use crate::device::{buffer_arg, grid, u32s, Kernels};
 use crate::view::View;
 use cubecl::prelude::*;
 use cubecl::server::Handle;
@@ -121,17 +121,16 @@ impl<R: Runtime> Kernels<R> {
         meta.extend(u32s(index.strides.iter().copied()));
         meta.extend(u32s(x.strides.iter().copied()));
         meta.extend(u32s([axis, index.offset, x.offset]));
-        let meta_len = meta.len();
         let (count, dim) = grid(n);
         unsafe {
             gather_kernel::launch_unchecked::<f32, R>(
                 &self.client,
                 count,
                 dim,
-                ArrayArg::from_raw_parts(x.handle.clone(), x.len.max(1)),
-                ArrayArg::from_raw_parts(index.handle.clone(), index.len.max(1)),
+                x.buffer_arg(),
+                index.buffer_arg(),
                 ArrayArg::from_raw_parts(out.clone(), n),
-                ArrayArg::from_raw_parts(self.upload_once(meta), meta_len),
+                buffer_arg(&self.upload_once(meta)),
                 shape.len(),
             )
         };
@@ -154,17 +153,16 @@ impl<R: Runtime> Kernels<R> {
         meta.extend(u32s(index.strides.iter().copied()));
         meta.extend(u32s(src.strides.iter().copied()));
         meta.extend(u32s([axis, extent, index.offset, src.offset]));
-        let meta_len = meta.len();
         let (count, dim) = grid(n);
         unsafe {
             scatter_add_kernel::launch_unchecked::<f32, R>(
                 &self.client,
                 count,
                 dim,
-                ArrayArg::from_raw_parts(index.handle.clone(), index.len.max(1)),
-                ArrayArg::from_raw_parts(src.handle.clone(), src.len.max(1)),
+                index.buffer_arg(),
+                src.buffer_arg(),
                 ArrayArg::from_raw_parts(out.clone(), n),
-                ArrayArg::from_raw_parts(self.upload_once(meta), meta_len),
+                buffer_arg(&self.upload_once(meta)),
                 shape.len(),
             )
         };

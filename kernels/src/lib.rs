@@ -30,7 +30,7 @@ mod view;
 
 pub use autotune::{Candidate, KernelKey, TunedKernel, TuningMode};
 pub use ceilings::Ceilings;
-pub use device::Kernels;
+pub use device::{Kernels, ELEMENT_BYTES};
 pub use elementwise::ops::{BinaryKind, UnaryKind};
 pub use experts::{ExpertGradStrategy, ExpertMatmul};
 pub use families::{candidates, TUNABLE_FAMILIES};

@@ -15,6 +15,11 @@ pub struct View {
 }
 
 impl View {
+    /// The whole buffer as a kernel argument (strides and offset travel as metadata).
+    pub(crate) fn buffer_arg<R: cubecl::Runtime>(&self) -> cubecl::prelude::ArrayArg<R> {
+        crate::device::buffer_arg(&(self.handle.clone(), self.len))
+    }
+
     /// A contiguous row-major view of `shape`.
     pub fn contiguous(handle: Handle, shape: &[usize]) -> View {
         View {

@@ -125,36 +125,18 @@ pub fn ranking_graph(
     rows: usize,
     k: usize,
 ) -> Result<altc_compiler::ir::Graph, altc_compiler::ir::GraphError> {
-    use altc_compiler::ir::{DType, Dim, Graph, Op, Shape};
+    use altc_compiler::ir::{BuildGraph, DType, Dim, Graph, GraphBuilder, Op, Shape};
     let mut g = Graph::new("retrieve");
-    let queries = g.push(
-        Op::Input {
-            name: "queries".into(),
-            dtype: DType::F32,
-            shape: Shape(vec![Dim::sym("Q"), Dim::Fixed(width)]),
-        },
-        &[],
-        "retrieve",
+    let mut b = GraphBuilder::new(&mut g, "retrieve");
+    let queries = b.input(
+        "queries",
+        DType::F32,
+        Shape(vec![Dim::sym("Q"), Dim::Fixed(width)]),
     )?;
     // The store's size is fixed for the graph: top-k needs a known extent.
-    let store = g.push(
-        Op::Input {
-            name: "store".into(),
-            dtype: DType::F32,
-            shape: [rows, width].into_iter().collect(),
-        },
-        &[],
-        "retrieve",
-    )?;
-    let scores = g.push(
-        Op::MatMul {
-            transpose_a: false,
-            transpose_b: true,
-        },
-        &[queries, store],
-        "retrieve",
-    )?;
-    let top = g.push(Op::TopK { k }, &[scores], "retrieve")?;
+    let store = b.input("store", DType::F32, [rows, width].into_iter().collect())?;
+    let scores = b.matmul(queries, store, false, true)?;
+    let top = b.push(Op::TopK { k }, &[scores])?;
     g.set_output("top", top)?;
     Ok(g)
 }

@@ -109,15 +109,7 @@ fn random_graph(seed: u64) -> Graph {
             _ => {
                 let rank = g.node(x).ty.shape.rank();
                 if rank == 2 && d.pick(2) == 0 {
-                    g.push(
-                        Op::Reduce {
-                            op: ReduceOp::Sum,
-                            axes: vec![1],
-                            keep_dims: true,
-                        },
-                        &[x],
-                        "test",
-                    )
+                    g.push(Op::reduce(ReduceOp::Sum, &[1], true), &[x], "test")
                 } else {
                     g.push(
                         Op::Dropout {
@@ -206,11 +198,7 @@ fn batch_summed_matmuls_run_as_one_kernel_and_match_reference() {
                 )
                 .unwrap();
             g.push(
-                Op::Reduce {
-                    op: ReduceOp::Sum,
-                    axes: vec![0, 1],
-                    keep_dims: false,
-                },
+                Op::reduce(ReduceOp::Sum, &[0, 1], false),
                 &[product],
                 "test",
             )
@@ -363,11 +351,7 @@ fn reductions_of_the_same_kind_share_one_kernel() {
         let mut columns = Vec::new();
         for i in 0..3u64 {
             let dy = random_input(&mut g, &mut feeds, &format!("dy{i}"), &[6, 50, 7], (22, i));
-            let sum = Op::Reduce {
-                op: ReduceOp::Sum,
-                axes: vec![2, 0],
-                keep_dims: false,
-            };
+            let sum = Op::reduce(ReduceOp::Sum, &[2, 0], false);
             columns.push(g.push(sum, &[dy], "test").unwrap());
         }
         let add = |g: &mut Graph, a, b| g.push(Op::Binary(BinaryOp::Add), &[a, b], "test").unwrap();
@@ -552,16 +536,8 @@ fn row_statistics_ride_along_the_elements_that_read_them() {
         let push =
             |g: &mut Graph, op: Op, operands: &[NodeId]| g.push(op, operands, "test").unwrap();
         let mean_of = |g: &mut Graph, v: NodeId| {
-            g.push(
-                Op::Reduce {
-                    op: ReduceOp::Mean,
-                    axes: vec![2],
-                    keep_dims: true,
-                },
-                &[v],
-                "test",
-            )
-            .unwrap()
+            g.push(Op::reduce(ReduceOp::Mean, &[2], true), &[v], "test")
+                .unwrap()
         };
         let eps = push(
             &mut g,
@@ -707,15 +683,7 @@ fn a_row_sum_broadcast_across_the_rows_is_not_an_epilogue() {
         let x = random_input(&mut g, &mut feeds, "x", &[6, 6], (59, 0));
         let push =
             |g: &mut Graph, op: Op, operands: &[NodeId]| g.push(op, operands, "test").unwrap();
-        let sums = push(
-            &mut g,
-            Op::Reduce {
-                op: ReduceOp::Sum,
-                axes: vec![1],
-                keep_dims: false,
-            },
-            &[x],
-        );
+        let sums = push(&mut g, Op::reduce(ReduceOp::Sum, &[1], false), &[x]);
         let spread = push(
             &mut g,
             Op::BroadcastTo {
@@ -762,15 +730,7 @@ fn matmuls_sharing_an_operand_run_as_one_kernel() {
             g.set_output(name, projected).unwrap();
             let dy = leaf(&mut g, &format!("{name}.grad"), &[2, 7, 21]);
             let batched = push(&mut g, matmul(true), &[x, dy]);
-            let summed = push(
-                &mut g,
-                Op::Reduce {
-                    op: ReduceOp::Sum,
-                    axes: vec![0],
-                    keep_dims: false,
-                },
-                &[batched],
-            );
+            let summed = push(&mut g, Op::reduce(ReduceOp::Sum, &[0], false), &[batched]);
             g.set_output(format!("{name}.weight_grad"), summed).unwrap();
         }
         let w_scaled = leaf(&mut g, "scaled.weight", &[19, 21]);

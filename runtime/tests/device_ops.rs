@@ -5,7 +5,8 @@
 //! functions differ in their last bits between libm and the GPU's).
 
 use altc_compiler::ir::{
-    BinaryOp, CompareOp, DType, Graph, NodeId, Op, ReduceOp, Scalar, Shape, UnaryOp,
+    BinaryOp, BuildGraph, CompareOp, DType, Graph, GraphBuilder, NodeId, Op, ReduceOp, Scalar,
+    Shape, UnaryOp,
 };
 use altc_compiler::reference::{run, EvalContext, Tensor, TensorMap};
 use altc_compiler::spec::Precision;
@@ -34,16 +35,9 @@ fn check(name: &str, inputs: Vec<Tensor>, build: impl FnOnce(&mut Graph, &[NodeI
     for (i, t) in inputs.into_iter().enumerate() {
         let shape: Shape = t.shape.iter().copied().collect();
         leaves.push(
-            g.push(
-                Op::Input {
-                    name: format!("x{i}"),
-                    dtype: t.dtype(),
-                    shape,
-                },
-                &[],
-                "test",
-            )
-            .unwrap(),
+            GraphBuilder::new(&mut g, "test")
+                .input(&format!("x{i}"), t.dtype(), shape)
+                .unwrap(),
         );
         feeds.insert(format!("x{i}"), t);
     }
@@ -68,22 +62,7 @@ fn push(g: &mut Graph, op: Op, operands: &[NodeId]) -> NodeId {
 
 #[test]
 fn unary_ops_match() {
-    let ops = [
-        UnaryOp::Neg,
-        UnaryOp::Abs,
-        UnaryOp::Exp,
-        UnaryOp::Log,
-        UnaryOp::Sqrt,
-        UnaryOp::Rsqrt,
-        UnaryOp::Recip,
-        UnaryOp::Square,
-        UnaryOp::Tanh,
-        UnaryOp::Sigmoid,
-        UnaryOp::Relu,
-        UnaryOp::Erf,
-        UnaryOp::Gelu,
-        UnaryOp::Silu,
-    ];
+    let ops = UnaryOp::ALL;
     for op in ops {
         let positive = matches!(
             op,
@@ -100,15 +79,7 @@ fn unary_ops_match() {
 
 #[test]
 fn binary_and_compare_ops_broadcast() {
-    let ops = [
-        BinaryOp::Add,
-        BinaryOp::Sub,
-        BinaryOp::Mul,
-        BinaryOp::Div,
-        BinaryOp::Max,
-        BinaryOp::Min,
-        BinaryOp::Pow,
-    ];
+    let ops = BinaryOp::ALL;
     for op in ops {
         let a = random(&[5, 1, 7], 2, 0.5, 2.0);
         let b = random(&[3, 1], 3, 0.5, 2.0);
@@ -116,14 +87,7 @@ fn binary_and_compare_ops_broadcast() {
             push(g, Op::Binary(op), &[x[0], x[1]])
         });
     }
-    for op in [
-        CompareOp::Lt,
-        CompareOp::Le,
-        CompareOp::Gt,
-        CompareOp::Ge,
-        CompareOp::Eq,
-        CompareOp::Ne,
-    ] {
+    for op in CompareOp::ALL {
         let a = Tensor::f32(&[2, 3], vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
         let b = Tensor::f32(&[3], vec![2.0, 2.0, 7.0]);
         check(&format!("{op:?}"), vec![a, b], |g, x| {
@@ -245,16 +209,7 @@ fn matmul_with_transposes_and_broadcast_batches() {
             random(&[1, 1], 12, -1.0, 1.0),
             random(&[1, 1], 13, -1.0, 1.0),
         ],
-        |g, x| {
-            push(
-                g,
-                Op::MatMul {
-                    transpose_a: false,
-                    transpose_b: false,
-                },
-                &[x[0], x[1]],
-            )
-        },
+        |g, x| push(g, Op::matmul(false, false), &[x[0], x[1]]),
     );
 }
 
@@ -530,14 +485,7 @@ fn bf16_matmuls_round_operands_and_accumulate_in_f32() {
         },
         &[],
     );
-    let y = push(
-        &mut g,
-        Op::MatMul {
-            transpose_a: false,
-            transpose_b: false,
-        },
-        &[xa, xb],
-    );
+    let y = push(&mut g, Op::matmul(false, false), &[xa, xb]);
     g.set_output("y", y).unwrap();
     let to_bf16 = |t: &Tensor| {
         Tensor::f32(

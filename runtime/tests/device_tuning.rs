@@ -6,7 +6,9 @@
 //! elementwise chains, alone and over several tensors), and tuning picks one of the
 //! candidates and gives the fallback's results.
 
-use altc_compiler::ir::{BinaryOp, CompareOp, DType, Graph, NodeId, Op, ReduceOp, UnaryOp};
+use altc_compiler::ir::{
+    BinaryOp, BuildGraph, CompareOp, DType, Graph, GraphBuilder, NodeId, Op, ReduceOp, UnaryOp,
+};
 use altc_compiler::reference::{run, EvalContext, Tensor, TensorMap};
 use altc_kernels::{
     Candidate, ElementwiseStrategy, EpilogueMatmul, ExpertGradStrategy, ReduceStrategy,
@@ -47,15 +49,7 @@ fn tunable_graph(draw: u64) -> (Graph, TensorMap) {
     let biased2 = push(&mut g, Op::Binary(BinaryOp::Add), &[product2, bias]);
     let activated2 = push(&mut g, Op::Unary(UnaryOp::Relu), &[biased2]);
     let batched = push(&mut g, mm(true, false), &[x, dy]);
-    let summed = push(
-        &mut g,
-        Op::Reduce {
-            op: ReduceOp::Sum,
-            axes: vec![0],
-            keep_dims: false,
-        },
-        &[batched],
-    );
+    let summed = push(&mut g, Op::reduce(ReduceOp::Sum, &[0], false), &[batched]);
     // A fused chain written out, and one that only feeds a reduction (its prologue).
     let exp = push(&mut g, Op::Unary(UnaryOp::Exp), &[x]);
     let chain = push(&mut g, Op::Binary(BinaryOp::Mul), &[exp, x]);
@@ -109,44 +103,12 @@ fn tunable_graph(draw: u64) -> (Graph, TensorMap) {
         })
         .collect();
     // A row sum with its elementwise epilogue: x / sum(x) over rows of 17.
-    let row_sum = push(
-        &mut g,
-        Op::Reduce {
-            op: ReduceOp::Sum,
-            axes: vec![2],
-            keep_dims: true,
-        },
-        &[x],
-    );
+    let row_sum = push(&mut g, Op::reduce(ReduceOp::Sum, &[2], true), &[x]);
     let normalised = push(&mut g, Op::Binary(BinaryOp::Div), &[x, row_sum]);
     let square = push(&mut g, Op::Binary(BinaryOp::Mul), &[dy, dy]);
-    let row_max = push(
-        &mut g,
-        Op::Reduce {
-            op: ReduceOp::Max,
-            axes: vec![2],
-            keep_dims: false,
-        },
-        &[square],
-    );
-    let column_sums = push(
-        &mut g,
-        Op::Reduce {
-            op: ReduceOp::Sum,
-            axes: vec![0, 1],
-            keep_dims: false,
-        },
-        &[x],
-    );
-    let mean = push(
-        &mut g,
-        Op::Reduce {
-            op: ReduceOp::Mean,
-            axes: vec![0, 1, 2],
-            keep_dims: false,
-        },
-        &[dy],
-    );
+    let row_max = push(&mut g, Op::reduce(ReduceOp::Max, &[2], false), &[square]);
+    let column_sums = push(&mut g, Op::reduce(ReduceOp::Sum, &[0, 1], false), &[x]);
+    let mean = push(&mut g, Op::reduce(ReduceOp::Mean, &[0, 1, 2], false), &[dy]);
     // Grouped expert matmuls, 37 tokens x 2 slots over 5 experts of which 1 and 4
     // receive nothing.
     let routing: Vec<f64> = (0..74u64)
@@ -156,16 +118,8 @@ fn tunable_graph(draw: u64) -> (Graph, TensorMap) {
         "index".into(),
         Tensor::from_f64(DType::I32, &[37, 2], routing),
     );
-    let index = g
-        .push(
-            Op::Input {
-                name: "index".into(),
-                dtype: DType::I32,
-                shape: [37, 2].into_iter().collect(),
-            },
-            &[],
-            "test",
-        )
+    let index = GraphBuilder::new(&mut g, "test")
+        .input("index", DType::I32, [37, 2].into_iter().collect())
         .unwrap();
     let tokens = input(&mut g, &mut feeds, "tokens", &[37, 19], 6 + 16 * draw);
     let experts_w = input(&mut g, &mut feeds, "experts_w", &[5, 19, 21], 7 + 16 * draw);
@@ -322,16 +276,9 @@ fn vectorised_kernels_propagate_nan_like_the_reference() {
         ];
         let mut leaf = |g: &mut Graph, name: &str, values: Vec<f32>| {
             feeds.insert(name.to_string(), Tensor::f32(&[4, 4], values));
-            g.push(
-                Op::Input {
-                    name: name.into(),
-                    dtype: DType::F32,
-                    shape: [4, 4].into_iter().collect(),
-                },
-                &[],
-                "test",
-            )
-            .unwrap()
+            GraphBuilder::new(g, "test")
+                .input(name, DType::F32, [4, 4].into_iter().collect())
+                .unwrap()
         };
         let (a, b) = (leaf(&mut g, "x", x), leaf(&mut g, "y", y));
         let push =
@@ -372,14 +319,7 @@ fn an_epilogue_run_apart_counts_as_its_own_launch() {
         let bias = input(&mut g, &mut feeds, "bias", &[21], 92);
         let push =
             |g: &mut Graph, op: Op, operands: &[NodeId]| g.push(op, operands, "test").unwrap();
-        let product = push(
-            &mut g,
-            Op::MatMul {
-                transpose_a: false,
-                transpose_b: false,
-            },
-            &[x, w],
-        );
+        let product = push(&mut g, Op::matmul(false, false), &[x, w]);
         let biased = push(&mut g, Op::Binary(BinaryOp::Add), &[product, bias]);
         let activated = push(&mut g, Op::Unary(UnaryOp::Relu), &[biased]);
         g.set_output("y", activated).unwrap();

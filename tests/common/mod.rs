@@ -60,20 +60,30 @@ pub fn assert_usage_error(o: &Output) -> String {
     all
 }
 
-/// Writes a planted dataset for the tiny model.
-pub fn synth_tiny(path: &Path, pairs: usize) {
+/// Compiles the tiny model into the artifact `path`.
+pub fn compile_tiny(path: &Path) {
     let o = altc(&[
-        "data",
-        "synth",
+        "compile",
         "models/alt_moe_tiny.ron",
         "-o",
         path.to_str().unwrap(),
-        "--pairs",
-        &pairs.to_string(),
-        "--seed",
-        "1",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
+}
+
+/// Writes `pairs` planted pairs for the model `spec`, drawn from `seed`.
+pub fn synth(spec: &str, path: &Path, pairs: usize, seed: u64) {
+    let (pairs, seed) = (pairs.to_string(), seed.to_string());
+    let path = path.to_str().unwrap();
+    let o = altc(&[
+        "data", "synth", spec, "-o", path, "--pairs", &pairs, "--seed", &seed,
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+/// Writes a planted dataset for the tiny model.
+pub fn synth_tiny(path: &Path, pairs: usize) {
+    synth("models/alt_moe_tiny.ron", path, pairs, 1);
 }
 
 /// The arguments of `altc run` of `spec` on the reference interpreter, into `run_dir`.

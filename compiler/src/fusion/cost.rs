@@ -18,11 +18,12 @@ pub struct PlanCost {
     pub peak_bytes: u64,
 }
 
+/// Bytes of one element in a device buffer: every value is held in a 4-byte word
+/// (f32 values, and i32 indices and 0/1 masks at the same width).
+pub const DEVICE_ELEMENT_BYTES: u64 = 4;
+
 pub(super) fn extent(d: &Dim, symbols: &BTreeMap<String, usize>) -> u64 {
-    match d {
-        Dim::Fixed(n) => *n as u64,
-        Dim::Sym(s) => symbols.get(s).copied().unwrap_or(1) as u64,
-    }
+    d.extent_or_assumed(symbols) as u64
 }
 
 pub(super) fn elements(shape: &Shape, symbols: &BTreeMap<String, usize>) -> u64 {
@@ -30,8 +31,7 @@ pub(super) fn elements(shape: &Shape, symbols: &BTreeMap<String, usize>) -> u64 
 }
 
 pub(super) fn bytes(graph: &Graph, id: NodeId, symbols: &BTreeMap<String, usize>) -> u64 {
-    // Devices hold every value as f32.
-    elements(&graph.node(id).ty.shape, symbols) * 4
+    elements(&graph.node(id).ty.shape, symbols) * DEVICE_ELEMENT_BYTES
 }
 
 /// Floating-point operations of the graph's matmuls (dense and grouped expert ones),

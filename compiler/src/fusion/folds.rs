@@ -7,32 +7,36 @@ use super::plan::{EpilogueTopK, FusionGroup, FusionPlan, ReduceEpilogue, Step};
 use crate::ir::{Graph, NodeId, Op, ReduceOp, Shape};
 use std::collections::BTreeSet;
 
+/// What the folds of a fresh plan read: the graph, its groups with each node's group,
+/// each node's readers and the nodes the graph outputs.
+#[derive(Clone, Copy)]
+pub(super) struct FoldSite<'a> {
+    pub graph: &'a Graph,
+    pub groups: &'a [FusionGroup],
+    pub member_of: &'a [Option<usize>],
+    pub users: &'a [Vec<NodeId>],
+    pub graph_outputs: &'a BTreeSet<usize>,
+}
+
 /// Turns a group that only feeds one reduction into that reduction's prologue: the
 /// group's step disappears and the reduction's step evaluates it. The reduction
 /// already comes after the group, and nothing else reads the group's output.
-pub(super) fn fold_prologues(
-    graph: &Graph,
-    groups: &[FusionGroup],
-    member_of: &[Option<usize>],
-    users: &[Vec<NodeId>],
-    graph_outputs: &BTreeSet<usize>,
-    schedule: &mut Vec<Step>,
-) {
-    let mut absorbed = vec![false; groups.len()];
+pub(super) fn fold_prologues(at: &FoldSite, schedule: &mut Vec<Step>) {
+    let mut absorbed = vec![false; at.groups.len()];
     for step in schedule.iter_mut() {
         let Step::Node(r) = *step else { continue };
-        if !matches!(graph.node(r).op, Op::Reduce { .. }) {
+        if !matches!(at.graph.node(r).op, Op::Reduce { .. }) {
             continue;
         }
-        let operand = graph.operands(r)[0];
-        let Some(g) = member_of[operand.index()] else {
+        let operand = at.graph.operands(r)[0];
+        let Some(g) = at.member_of[operand.index()] else {
             continue;
         };
         // The kernel reduces over the group's shape.
-        let only_output = groups[g].outputs == [operand]
-            && &graph.node(operand).ty.shape == groups[g].shape(graph);
+        let only_output = at.groups[g].outputs == [operand]
+            && &at.graph.node(operand).ty.shape == at.groups[g].shape(at.graph);
         let only_reader =
-            users[operand.index()] == [r] && !graph_outputs.contains(&operand.index());
+            at.users[operand.index()] == [r] && !at.graph_outputs.contains(&operand.index());
         if only_output && only_reader && !absorbed[g] {
             absorbed[g] = true;
             *step = Step::GroupReduce {
@@ -47,33 +51,26 @@ pub(super) fn fold_prologues(
 /// Turns a group into the epilogue of a matmul whose product (of the group's shape)
 /// only that group reads: the matmul's own step disappears and the group's step
 /// computes the product first. The matmul's operands come before the group already.
-pub(super) fn fold_epilogues(
-    graph: &Graph,
-    groups: &[FusionGroup],
-    member_of: &[Option<usize>],
-    users: &[Vec<NodeId>],
-    graph_outputs: &BTreeSet<usize>,
-    schedule: &mut Vec<Step>,
-) {
+pub(super) fn fold_epilogues(at: &FoldSite, schedule: &mut Vec<Step>) {
     let mut folded = Vec::new();
     for step in schedule.iter_mut() {
         let Step::Group(g) = *step else { continue };
         // The matmul kernel writes every output at the product's shape.
-        if groups[g].carries_scalars(graph) || groups[g].carries_rows(graph) {
+        if at.groups[g].carries_scalars(at.graph) || at.groups[g].carries_rows(at.graph) {
             continue;
         }
-        let shape = groups[g].shape(graph);
-        let candidate = groups[g]
+        let shape = at.groups[g].shape(at.graph);
+        let candidate = at.groups[g]
             .nodes
             .iter()
-            .flat_map(|&m| graph.operands(m))
+            .flat_map(|&m| at.graph.operands(m))
             .find(|&o| {
-                matches!(graph.node(o).op, Op::MatMul { .. })
-                    && &graph.node(o).ty.shape == shape
-                    && !graph_outputs.contains(&o.index())
-                    && users[o.index()]
+                matches!(at.graph.node(o).op, Op::MatMul { .. })
+                    && &at.graph.node(o).ty.shape == shape
+                    && !at.graph_outputs.contains(&o.index())
+                    && at.users[o.index()]
                         .iter()
-                        .all(|u| member_of[u.index()] == Some(g))
+                        .all(|u| at.member_of[u.index()] == Some(g))
             });
         if let Some(matmul) = candidate {
             folded.push(matmul);
@@ -86,12 +83,7 @@ pub(super) fn fold_epilogues(
 /// Turns each batched matmul read only by a sum over all its batch dimensions into
 /// one `MatmulSum` step at the sum's place (its operands are ready by then, as they
 /// were for the matmul).
-pub(super) fn fold_batch_sums(
-    graph: &Graph,
-    users: &[Vec<NodeId>],
-    graph_outputs: &BTreeSet<usize>,
-    schedule: &mut Vec<Step>,
-) {
+pub(super) fn fold_batch_sums(at: &FoldSite, schedule: &mut Vec<Step>) {
     let mut folded = Vec::new();
     for step in schedule.iter_mut() {
         let Step::Node(reduce) = *step else { continue };
@@ -99,19 +91,19 @@ pub(super) fn fold_batch_sums(
             op: ReduceOp::Sum,
             axes,
             keep_dims: false,
-        } = &graph.node(reduce).op
+        } = &at.graph.node(reduce).op
         else {
             continue;
         };
-        let matmul = graph.operands(reduce)[0];
-        let batch_rank = graph.node(matmul).ty.shape.rank().saturating_sub(2);
+        let matmul = at.graph.operands(reduce)[0];
+        let batch_rank = at.graph.node(matmul).ty.shape.rank().saturating_sub(2);
         let mut sorted = axes.clone();
         sorted.sort_unstable();
-        if matches!(graph.node(matmul).op, Op::MatMul { .. })
+        if matches!(at.graph.node(matmul).op, Op::MatMul { .. })
             && batch_rank > 0
             && sorted == (0..batch_rank).collect::<Vec<_>>()
-            && !graph_outputs.contains(&matmul.index())
-            && users[matmul.index()] == [reduce]
+            && !at.graph_outputs.contains(&matmul.index())
+            && at.users[matmul.index()] == [reduce]
         {
             folded.push(matmul);
             *step = Step::MatmulSum { matmul, reduce };

@@ -2,7 +2,7 @@
 //! cycle between groups forms and a kernel's inputs stay within its limit; then the
 //! later passes run in order.
 
-use super::folds::{fold_batch_sums, fold_epilogues, fold_prologues};
+use super::folds::{fold_batch_sums, fold_epilogues, fold_prologues, FoldSite};
 use super::plan::{is_row_of, one_shape, scalars_stay_apart};
 use super::plan::{FusionGroup, FusionPlan, KernelLimits};
 use super::schedule::schedule;
@@ -160,23 +160,16 @@ pub fn plan(graph: &Graph, limits: KernelLimits) -> FusionPlan {
         // than drop work.
         return FusionPlan::unfused(graph);
     }
-    fold_prologues(
+    let site = FoldSite {
         graph,
-        &groups,
-        &member_of,
-        &users,
-        &outputs_of_graph,
-        &mut schedule,
-    );
-    fold_epilogues(
-        graph,
-        &groups,
-        &member_of,
-        &users,
-        &outputs_of_graph,
-        &mut schedule,
-    );
-    fold_batch_sums(graph, &users, &outputs_of_graph, &mut schedule);
+        groups: &groups,
+        member_of: &member_of,
+        users: &users,
+        graph_outputs: &outputs_of_graph,
+    };
+    fold_prologues(&site, &mut schedule);
+    fold_epilogues(&site, &mut schedule);
+    fold_batch_sums(&site, &mut schedule);
     let mut plan = FusionPlan {
         groups,
         schedule,

@@ -1,9 +1,10 @@
 //! The schedule: a topological order of the plan's steps that frees large values
 //! before it makes new ones.
 
+use super::cost::bytes;
 use super::plan::{FusionGroup, Step};
-use crate::ir::{Dim, Graph, NodeId};
-use std::collections::BTreeSet;
+use crate::ir::{Graph, NodeId};
+use std::collections::{BTreeMap, BTreeSet};
 
 /// Topological order of groups and single nodes, chosen to keep memory low: among
 /// the steps whose inputs exist, one that frees memory (is the last to read a value)
@@ -68,22 +69,12 @@ pub(super) fn schedule(
     let kept: BTreeSet<NodeId> = graph_outputs.iter().map(|o| root[o.index()]).collect();
     // Bytes a value holds; leaves are resident and views alias their source.
     let size = |id: NodeId| -> i64 {
-        let node = graph.node(id);
-        if !node.op.launches_kernel() {
+        if !graph.node(id).op.launches_kernel() {
             return 0;
         }
-        let elements: i64 = node
-            .ty
-            .shape
-            .dims()
-            .iter()
-            .map(|d| match d {
-                Dim::Fixed(n) => *n as i64,
-                // Batch-sized values dominate whatever the batch is.
-                Dim::Sym(_) => 64,
-            })
-            .product();
-        4 * elements
+        // No batch is bound while planning: batch-sized values weigh as an assumed
+        // batch, so they dominate whatever the batch turns out to be.
+        bytes(graph, id, &BTreeMap::new()) as i64
     };
     // The order of preference among ready steps: steps that free memory, those that
     // free more first; then those that write least.

@@ -124,28 +124,12 @@ pub fn infer(op: &Op, operands: &[&TensorType]) -> Result<TensorType, TypeError>
         }
         Op::Binary(_) => {
             let d = float_dtype(op, operands)?;
-            let s = broadcast_shapes(&operands[0].shape, &operands[1].shape).ok_or_else(|| {
-                shape_err(
-                    op,
-                    format!(
-                        "shapes {} and {} do not broadcast",
-                        operands[0].shape, operands[1].shape
-                    ),
-                )
-            })?;
+            let s = broadcast_operands(op, operands)?;
             ty(d, s)
         }
         Op::Compare(_) => {
             same_dtype(op, operands)?;
-            let s = broadcast_shapes(&operands[0].shape, &operands[1].shape).ok_or_else(|| {
-                shape_err(
-                    op,
-                    format!(
-                        "shapes {} and {} do not broadcast",
-                        operands[0].shape, operands[1].shape
-                    ),
-                )
-            })?;
+            let s = broadcast_operands(op, operands)?;
             ty(DType::Bool, s)
         }
         Op::Where => {
@@ -484,4 +468,11 @@ fn infer_matmul(
     batch.0.push(m);
     batch.0.push(n);
     Ok(TensorType::new(d, batch))
+}
+
+/// The shape two operands broadcast to, or an error naming both.
+fn broadcast_operands(op: &Op, operands: &[&TensorType]) -> Result<Shape, TypeError> {
+    let (a, b) = (&operands[0].shape, &operands[1].shape);
+    broadcast_shapes(a, b)
+        .ok_or_else(|| shape_err(op, format!("shapes {a} and {b} do not broadcast")))
 }

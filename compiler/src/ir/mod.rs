@@ -2,6 +2,7 @@
 //! shapes (symbolic batch) inferred and checked as nodes are added.
 
 mod analysis;
+mod build;
 mod dot;
 mod graph;
 mod infer;
@@ -9,6 +10,7 @@ mod op;
 mod types;
 
 pub use analysis::{buffer_roots, live_nodes};
+pub use build::{BuildGraph, GraphBuilder};
 pub use dot::to_dot;
 pub use graph::{Graph, GraphError, Node, NodeId};
 pub use infer::{broadcast_shapes, infer, TypeError};

@@ -53,6 +53,25 @@ pub enum UnaryOp {
     Silu,
 }
 
+impl UnaryOp {
+    pub const ALL: [UnaryOp; 14] = [
+        UnaryOp::Neg,
+        UnaryOp::Abs,
+        UnaryOp::Exp,
+        UnaryOp::Log,
+        UnaryOp::Sqrt,
+        UnaryOp::Rsqrt,
+        UnaryOp::Recip,
+        UnaryOp::Square,
+        UnaryOp::Tanh,
+        UnaryOp::Sigmoid,
+        UnaryOp::Relu,
+        UnaryOp::Erf,
+        UnaryOp::Gelu,
+        UnaryOp::Silu,
+    ];
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum BinaryOp {
     Add,
@@ -64,6 +83,18 @@ pub enum BinaryOp {
     Pow,
 }
 
+impl BinaryOp {
+    pub const ALL: [BinaryOp; 7] = [
+        BinaryOp::Add,
+        BinaryOp::Sub,
+        BinaryOp::Mul,
+        BinaryOp::Div,
+        BinaryOp::Max,
+        BinaryOp::Min,
+        BinaryOp::Pow,
+    ];
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum CompareOp {
     Lt,
@@ -72,6 +103,17 @@ pub enum CompareOp {
     Ge,
     Eq,
     Ne,
+}
+
+impl CompareOp {
+    pub const ALL: [CompareOp; 6] = [
+        CompareOp::Lt,
+        CompareOp::Le,
+        CompareOp::Gt,
+        CompareOp::Ge,
+        CompareOp::Eq,
+        CompareOp::Ne,
+    ];
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -186,6 +228,22 @@ pub enum Op {
 }
 
 impl Op {
+    pub fn reduce(op: ReduceOp, axes: &[usize], keep_dims: bool) -> Op {
+        let axes = axes.to_vec();
+        Op::Reduce {
+            op,
+            axes,
+            keep_dims,
+        }
+    }
+
+    pub fn matmul(transpose_a: bool, transpose_b: bool) -> Op {
+        Op::MatMul {
+            transpose_a,
+            transpose_b,
+        }
+    }
+
     /// Leaves: values bound from outside the graph's kernels.
     pub fn is_leaf(&self) -> bool {
         matches!(

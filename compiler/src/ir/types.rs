@@ -50,6 +50,28 @@ pub enum Dim {
 }
 
 impl Dim {
+    /// The extent the planner and the e-graph's cost model assume for a symbol whose
+    /// value they are not given: a typical batch, so that batch-sized values weigh
+    /// more than most fixed-size ones.
+    pub const ASSUMED_SYMBOL_EXTENT: usize = 64;
+
+    /// The extent with `symbols` bound, or the assumed extent for a symbol they do
+    /// not bind.
+    pub fn extent_or_assumed(&self, symbols: &std::collections::BTreeMap<String, usize>) -> usize {
+        match self {
+            Dim::Fixed(n) => *n,
+            Dim::Sym(s) => symbols
+                .get(s)
+                .copied()
+                .unwrap_or(Self::ASSUMED_SYMBOL_EXTENT),
+        }
+    }
+
+    /// The extent, or the assumed one for a symbol.
+    pub fn assumed_extent(&self) -> usize {
+        self.extent_or_assumed(&std::collections::BTreeMap::new())
+    }
+
     pub fn sym(name: &str) -> Dim {
         Dim::Sym(name.to_string())
     }

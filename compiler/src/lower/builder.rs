@@ -3,8 +3,8 @@
 
 use super::params::{Init, ParamKind, ParamTable};
 use crate::ir::{
-    BinaryOp, CompareOp, DType, Dim, Graph, GraphError, NodeId, Op, ReduceOp, Scalar, Shape,
-    UnaryOp,
+    BinaryOp, BuildGraph, CompareOp, DType, Dim, Graph, GraphError, NodeId, Op, ReduceOp, Scalar,
+    Shape, UnaryOp,
 };
 use crate::spec::{Activation, Pooling};
 
@@ -21,6 +21,8 @@ pub struct Builder<'p> {
     /// sites anywhere in it draw the same mask.
     streams: &'p mut u64,
 }
+
+crate::build_graph_from_fields!(Builder<'_>);
 
 pub type Result<T> = std::result::Result<T, GraphError>;
 
@@ -48,25 +50,14 @@ impl<'p> Builder<'p> {
         out
     }
 
-    pub fn push(&mut self, op: Op, operands: &[NodeId]) -> Result<NodeId> {
-        let origin = self.origin.clone();
-        self.graph.push(op, operands, origin)
-    }
-
     pub fn ty(&self, id: NodeId) -> &Shape {
-        &self.graph.node(id).ty.shape
+        self.shape_of(id)
     }
 
-    pub fn input(&mut self, name: &str, shape: Shape) -> Result<NodeId> {
+    /// A graph input in the graph's float type.
+    pub fn float_input(&mut self, name: &str, shape: Shape) -> Result<NodeId> {
         let dtype = self.dtype;
-        self.push(
-            Op::Input {
-                name: name.into(),
-                dtype,
-                shape,
-            },
-            &[],
-        )
+        self.input(name, dtype, shape)
     }
 
     /// A parameter node, registering the parameter on first use.
@@ -83,96 +74,24 @@ impl<'p> Builder<'p> {
             return Ok(id);
         }
         let dtype = self.dtype;
-        let shape = shape.iter().copied().collect();
-        self.push(
-            Op::Parameter {
-                name: name.into(),
-                dtype,
-                shape,
-            },
-            &[],
-        )
+        self.parameter(name, dtype, shape.iter().copied().collect())
     }
 
+    /// A learned `[1, 1, width]` embedding added to every token (normal, std 0.02).
+    pub fn embedding(&mut self, name: &str, width: usize) -> Result<NodeId> {
+        let init = Init::Normal { std: 0.02 };
+        self.param(name, &[1, 1, width], ParamKind::Embedding, init)
+    }
+
+    /// A scalar constant in the graph's float type.
     pub fn scalar(&mut self, value: f64) -> Result<NodeId> {
         let dtype = self.dtype;
-        self.push(
-            Op::Constant {
-                value: Scalar(value),
-                dtype,
-                shape: Shape::scalar(),
-            },
-            &[],
-        )
-    }
-
-    pub fn unary(&mut self, op: UnaryOp, x: NodeId) -> Result<NodeId> {
-        self.push(Op::Unary(op), &[x])
-    }
-
-    pub fn binary(&mut self, op: BinaryOp, a: NodeId, b: NodeId) -> Result<NodeId> {
-        self.push(Op::Binary(op), &[a, b])
-    }
-
-    pub fn add(&mut self, a: NodeId, b: NodeId) -> Result<NodeId> {
-        self.binary(BinaryOp::Add, a, b)
-    }
-
-    pub fn sub(&mut self, a: NodeId, b: NodeId) -> Result<NodeId> {
-        self.binary(BinaryOp::Sub, a, b)
-    }
-
-    pub fn mul(&mut self, a: NodeId, b: NodeId) -> Result<NodeId> {
-        self.binary(BinaryOp::Mul, a, b)
-    }
-
-    pub fn div(&mut self, a: NodeId, b: NodeId) -> Result<NodeId> {
-        self.binary(BinaryOp::Div, a, b)
+        self.constant(value, dtype, Shape::scalar())
     }
 
     pub fn scale(&mut self, x: NodeId, factor: f64) -> Result<NodeId> {
         let f = self.scalar(factor)?;
         self.mul(x, f)
-    }
-
-    pub fn reduce(
-        &mut self,
-        op: ReduceOp,
-        x: NodeId,
-        axes: &[usize],
-        keep_dims: bool,
-    ) -> Result<NodeId> {
-        self.push(
-            Op::Reduce {
-                op,
-                axes: axes.to_vec(),
-                keep_dims,
-            },
-            &[x],
-        )
-    }
-
-    pub fn matmul(&mut self, a: NodeId, b: NodeId, transpose_b: bool) -> Result<NodeId> {
-        self.push(
-            Op::MatMul {
-                transpose_a: false,
-                transpose_b,
-            },
-            &[a, b],
-        )
-    }
-
-    pub fn reshape(&mut self, x: NodeId, shape: Shape) -> Result<NodeId> {
-        self.push(Op::Reshape { shape }, &[x])
-    }
-
-    pub fn transpose(&mut self, x: NodeId, perm: &[usize]) -> Result<NodeId> {
-        self.push(
-            Op::Transpose {
-                perm: perm.to_vec(),
-            },
-            &[x],
-        )
     }
 
     pub fn last_axis(&self, x: NodeId) -> usize {
@@ -206,7 +125,7 @@ impl<'p> Builder<'p> {
             ParamKind::Weight,
             Init::Uniform { bound },
         )?;
-        let y = self.matmul(x, w, false)?;
+        let y = self.matmul(x, w, false, false)?;
         if !bias {
             return Ok(y);
         }
@@ -344,9 +263,9 @@ impl<'p> Builder<'p> {
             },
             &[],
         )?;
-        let eq = self.push(Op::Compare(CompareOp::Eq), &[rows, cols])?;
+        let eq = self.compare(CompareOp::Eq, rows, cols)?;
         let dtype = self.dtype;
-        self.push(Op::Cast { dtype }, &[eq])
+        self.cast(eq, dtype)
     }
 
     /// Dropout with its own counter-based stream, or nothing when `rate` is 0 or the

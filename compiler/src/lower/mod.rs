@@ -23,7 +23,7 @@ mod params;
 pub use builder::BATCH;
 pub use params::{Init, ParamInfo, ParamKind, ParamTable};
 
-use crate::ir::{DType, Dim, Graph, GraphError, NodeId, Op, ReduceOp, Shape, UnaryOp};
+use crate::ir::{BuildGraph, DType, Dim, Graph, GraphError, NodeId, Op, ReduceOp, Shape, UnaryOp};
 use crate::outputs;
 use crate::spec::{
     Direction, Encoder, ExpertPool as ExpertPoolKind, Gate, GateInput, Layer, LossKind, ModelSpec,
@@ -338,7 +338,7 @@ fn encode(b: &mut Builder, spec: &ModelSpec, mi: usize) -> Result<Encoded, Graph
     b.at(&path, |b| {
         let mask = match m.tokens {
             Tokens::Padded { .. } => {
-                Some(b.input(&format!("{}.mask", m.name), batch_shape(&[tokens]))?)
+                Some(b.float_input(&format!("{}.mask", m.name), batch_shape(&[tokens]))?)
             }
             Tokens::Fixed(_) => None,
         };
@@ -350,7 +350,7 @@ fn encode(b: &mut Builder, spec: &ModelSpec, mi: usize) -> Result<Encoded, Graph
                 ..
             } => (*input_width, layers.as_slice()),
         };
-        let mut x = b.input(
+        let mut x = b.float_input(
             &format!("{}.tokens", m.name),
             batch_shape(&[tokens, input_width]),
         )?;
@@ -429,7 +429,7 @@ fn self_attention(
     let q = split(b, "query")?;
     let k = split(b, "key")?;
     let v = split(b, "value")?;
-    let scores = b.matmul(q, k, true)?;
+    let scores = b.matmul(q, k, false, true)?;
     let mut scores = b.scale(scores, 1.0 / (head_width as f64).sqrt())?;
     if let Some(mask) = mask {
         // Padding keys get a large negative bias: (mask - 1) * 1e9, shaped [B, 1, 1, L].
@@ -440,7 +440,7 @@ fn self_attention(
         scores = b.add(scores, bias)?;
     }
     let probs = b.softmax(scores, 3)?;
-    let attended = b.matmul(probs, v, false)?;
+    let attended = b.matmul(probs, v, false, false)?;
     let merged = b.transpose(attended, &[0, 2, 1, 3])?;
     let merged = b.reshape(merged, batch_shape(&[tokens, width]))?;
     let out = b.linear(merged, &format!("{prefix}.output"), width, width, true)?;
@@ -461,12 +461,7 @@ fn connector_input(
     let mut x = src.tokens;
     if spec.connector.direction_embedding {
         x = b.at(&format!("directions[{index}]"), |b| {
-            let e = b.param(
-                &format!("{prefix}.embedding"),
-                &[1, 1, width],
-                ParamKind::Embedding,
-                Init::Normal { std: 0.02 },
-            )?;
+            let e = b.embedding(&format!("{prefix}.embedding"), width)?;
             b.add(x, e)
         })?;
     }
@@ -498,12 +493,7 @@ fn branch_head(
         if !c.branches[bi].task_embedding {
             return Ok(z);
         }
-        let t = b.param(
-            &format!("branches.{branch}.task_embedding"),
-            &[1, 1, h],
-            ParamKind::Embedding,
-            Init::Normal { std: 0.02 },
-        )?;
+        let t = b.embedding(&format!("branches.{branch}.task_embedding"), h)?;
         b.add(z, t)
     })?;
     let routing = b.at("connector.router", |b| route(b, spec, dir, branch, zb))?;
@@ -559,12 +549,7 @@ fn route(
     let (input, in_width) = match r.gate_input {
         GateInput::Hidden => (zb, h),
         GateInput::HiddenWithModality { width } => {
-            let e = b.param(
-                &format!("router.modality_embedding.{}", dir.source),
-                &[1, 1, width],
-                ParamKind::Embedding,
-                Init::Normal { std: 0.02 },
-            )?;
+            let e = b.embedding(&format!("router.modality_embedding.{}", dir.source), width)?;
             let dims = b.ty(zb).dims().to_vec();
             let shape = Shape(vec![dims[0].clone(), dims[1].clone(), Dim::Fixed(width)]);
             let e = b.push(Op::BroadcastTo { shape }, &[e])?;
@@ -647,13 +632,13 @@ impl ExpertPool {
         // [B, L, h] x [E, 1, h, eh] -> [E, B, L, eh]: batch dims [B] and [E, 1] broadcast.
         let w1 = b.reshape(self.w1, fixed(&[e, 1, h, eh]))?;
         let b1 = b.reshape(self.b1, fixed(&[e, 1, 1, eh]))?;
-        let hidden = b.matmul(zb, w1, false)?;
+        let hidden = b.matmul(zb, w1, false, false)?;
         let hidden = b.add(hidden, b1)?;
         let hidden = b.activation(ex.activation, hidden)?;
         let hidden = b.dropout(hidden, ex.dropout, train)?;
         let w2 = b.reshape(self.w2, fixed(&[e, 1, eh, h]))?;
         let b2 = b.reshape(self.b2, fixed(&[e, 1, 1, h]))?;
-        let out = b.matmul(hidden, w2, false)?;
+        let out = b.matmul(hidden, w2, false, false)?;
         let out = b.add(out, b2)?;
         let out = b.dropout(out, ex.dropout, train)?;
         // gate [B, L, E] -> [E, B, L, 1], weight each expert's output, sum over experts.
@@ -751,7 +736,7 @@ fn info_nce(
 ) -> Result<NodeId, GraphError> {
     let q = b.l2_normalize(q)?;
     let k = b.l2_normalize(k)?;
-    let sim = b.matmul(q, k, true)?;
+    let sim = b.matmul(q, k, false, true)?;
     let logits = match temperature {
         Temperature::Fixed(tau) => b.scale(sim, 1.0 / tau)?,
         Temperature::Learned { init } => {

@@ -24,7 +24,7 @@ pub(super) fn node_cost(egraph: &IrGraph, enode: &IrNode) -> f64 {
             t.shape
                 .dims()
                 .iter()
-                .map(|d| d.fixed().unwrap_or(64) as f64)
+                .map(|d| d.assumed_extent() as f64)
                 .product::<f64>()
         })
     };
@@ -47,7 +47,7 @@ pub(super) fn node_cost(egraph: &IrGraph, enode: &IrNode) -> f64 {
                 } else {
                     dims.len() - 1
                 };
-                Some(dims[k].fixed().unwrap_or(64) as f64)
+                Some(dims[k].assumed_extent() as f64)
             });
             2.0 * written * contracted.unwrap_or(1.0)
         }

@@ -101,7 +101,10 @@ pub fn optimize(graph: &Graph, limits: Limits) -> Result<(Graph, OptimizeReport)
     };
     for it in &runner.iterations {
         for (name, count) in &it.applied {
-            *report.fired.entry(name.to_string()).or_default() += count;
+            // One identity written once per operand order counts under one name.
+            let name = name.as_str();
+            let identity = name.split_once(':').map_or(name, |(base, _)| base);
+            *report.fired.entry(identity.to_string()).or_default() += count;
         }
     }
     let egraph = &runner.egraph;

@@ -4,8 +4,10 @@
 
 use super::analysis::{class_type, IrGraph, TypeAnalysis};
 use super::language::IrNode;
-use crate::ir::{BinaryOp, Op, Scalar, UnaryOp};
-use egg::{Applier, Id, PatternAst, Rewrite, SearchMatches, Searcher, Subst, Symbol};
+use crate::ir::{Op, Scalar};
+use egg::{
+    rewrite as rw, Applier, Id, PatternAst, Rewrite, SearchMatches, Searcher, Subst, Symbol, Var,
+};
 
 /// What a rule puts in a class: one of its existing classes, or a new node over
 /// further replacements (built bottom-up).
@@ -128,31 +130,55 @@ pub(super) fn is_large(egraph: &IrGraph, id: Id) -> bool {
     class_type(egraph, id).is_some_and(|t| crate::fusion::scalars_stay_apart(&t.shape))
 }
 
-/// `(tensor, scalar)` when `n` multiplies a large tensor by a scalar, either way round.
-pub(super) fn scaled(egraph: &IrGraph, n: &IrNode) -> Option<(Id, Id)> {
-    match (&n.op, n.children.as_slice()) {
-        (Op::Binary(BinaryOp::Mul), &[a, b]) if is_large(egraph, a) && is_scalar(egraph, b) => {
-            Some((a, b))
-        }
-        (Op::Binary(BinaryOp::Mul), &[a, b]) if is_scalar(egraph, a) && is_large(egraph, b) => {
-            Some((b, a))
-        }
-        _ => None,
+fn var(name: &str) -> Var {
+    name.parse().expect("pattern variables are written `?name`")
+}
+
+/// Condition: pattern variable `v` is a uniform constant `value`.
+fn equals(v: &'static str, value: f64) -> impl Fn(&mut IrGraph, Id, &Subst) -> bool {
+    move |eg, _, subst| constant_of(eg, subst[var(v)]) == Some(value)
+}
+
+/// Condition: pattern variable `v` has the matched class's own type, so replacing the
+/// class by it changes no shape (`x + 0` with a broadcast zero does).
+fn keeps_type(v: &'static str) -> impl Fn(&mut IrGraph, Id, &Subst) -> bool {
+    move |eg, class, subst| {
+        let ty = &eg[subst[var(v)]].data.ty;
+        ty.is_some() && *ty == eg[class].data.ty
     }
 }
 
-/// `(tensor, scalar)` when `n` divides a large tensor by a scalar.
-pub(super) fn divided(egraph: &IrGraph, n: &IrNode) -> Option<(Id, Id)> {
-    match (&n.op, n.children.as_slice()) {
-        (Op::Binary(BinaryOp::Div), &[b, r]) if is_large(egraph, b) && is_scalar(egraph, r) => {
-            Some((b, r))
-        }
-        _ => None,
-    }
+fn large(v: &'static str) -> impl Fn(&mut IrGraph, Id, &Subst) -> bool {
+    move |eg, _, subst| is_large(eg, subst[var(v)])
 }
 
-pub(super) const MUL: Op = Op::Binary(BinaryOp::Mul);
-pub(super) const DIV: Op = Op::Binary(BinaryOp::Div);
+fn scalar(v: &'static str) -> impl Fn(&mut IrGraph, Id, &Subst) -> bool {
+    move |eg, _, subst| is_scalar(eg, subst[var(v)])
+}
+
+/// Both conditions.
+fn both(
+    a: impl Fn(&mut IrGraph, Id, &Subst) -> bool,
+    b: impl Fn(&mut IrGraph, Id, &Subst) -> bool,
+) -> impl Fn(&mut IrGraph, Id, &Subst) -> bool {
+    move |eg, class, subst| a(eg, class, subst) && b(eg, class, subst)
+}
+
+/// The identities with no attributes to read, as egg patterns: adding zero,
+/// multiplying or dividing by one, double negation, and the stop-gradient, which has
+/// done its work once autodiff has run (training graphs are optimised after it).
+fn pattern_rules() -> Vec<Rewrite<IrNode, TypeAnalysis>> {
+    vec![
+        rw!("add-zero"; "(add ?a ?z)" => "?a" if equals("?z", 0.0) if keeps_type("?a")),
+        rw!("add-zero:left"; "(add ?z ?a)" => "?a" if equals("?z", 0.0) if keeps_type("?a")),
+        rw!("add-zero:sub"; "(sub ?a ?z)" => "?a" if equals("?z", 0.0) if keeps_type("?a")),
+        rw!("mul-one"; "(mul ?a ?o)" => "?a" if equals("?o", 1.0) if keeps_type("?a")),
+        rw!("mul-one:left"; "(mul ?o ?a)" => "?a" if equals("?o", 1.0) if keeps_type("?a")),
+        rw!("mul-one:div"; "(div ?a ?o)" => "?a" if equals("?o", 1.0) if keeps_type("?a")),
+        rw!("neg-neg"; "(neg (neg ?x))" => "?x"),
+        rw!("stop-gradient"; "(stop_gradient ?x)" => "?x"),
+    ]
+}
 
 /// Rules that move multiplications and divisions off the elements of a large tensor
 /// onto the scalars it is scaled by: what AdamW's update spends per element on its
@@ -160,106 +186,39 @@ pub(super) const DIV: Op = Op::Binary(BinaryOp::Div);
 /// arithmetic for finite scalars (a zero scalar gives the same zeros, infinities
 /// and NaNs on both sides); in floating point the results round differently, and an
 /// intermediate such as `a * k` can overflow or underflow where the original's
-/// `a / d` does not.
+/// `a / d` does not. A rule with operands either way round is written once per
+/// order, its name suffixed after a colon.
 pub(super) fn scalar_factor_rules() -> Vec<Rewrite<IrNode, TypeAnalysis>> {
+    let scalars = |s, t| both(scalar(s), scalar(t));
     vec![
         // (x * s) * t = x * (s * t). Where `x * s` is read elsewhere too (a clipped
         // gradient squared for the second moment), it stays, and the rewrite only
         // trades one multiply for another: one more scalar node, no element work.
-        rule("collect-scalar-factors", |eg, _, n| {
-            let (y, t) = scaled(eg, n)?;
-            find_in(eg, y, |m| {
-                let (x, s) = scaled(eg, m)?;
-                Some(Replacement::New(
-                    MUL,
-                    vec![Replacement::Existing(x), over(MUL, &[s, t])],
-                ))
-            })
-        }),
+        rw!("collect-scalar-factors"; "(mul (mul ?x ?s) ?t)" => "(mul ?x (mul ?s ?t))"
+            if large("?x") if scalars("?s", "?t")),
+        rw!("collect-scalar-factors:ts"; "(mul ?t (mul ?x ?s))" => "(mul ?x (mul ?s ?t))"
+            if large("?x") if scalars("?s", "?t")),
+        rw!("collect-scalar-factors:sx"; "(mul (mul ?s ?x) ?t)" => "(mul ?x (mul ?s ?t))"
+            if large("?x") if scalars("?s", "?t")),
+        rw!("collect-scalar-factors:tsx"; "(mul ?t (mul ?s ?x))" => "(mul ?x (mul ?s ?t))"
+            if large("?x") if scalars("?s", "?t")),
         // (a / d) * k = (a * k) / d.
-        rule("scale-numerator", |eg, _, n| {
-            let (q, k) = scaled(eg, n)?;
-            find_in(eg, q, |m| match (&m.op, m.children.as_slice()) {
-                (Op::Binary(BinaryOp::Div), &[a, d]) if is_large(eg, a) => Some(Replacement::New(
-                    DIV,
-                    vec![over(MUL, &[a, k]), Replacement::Existing(d)],
-                )),
-                _ => None,
-            })
-        }),
+        rw!("scale-numerator"; "(mul (div ?a ?d) ?k)" => "(div (mul ?a ?k) ?d)"
+            if large("?a") if scalar("?k")),
+        rw!("scale-numerator:k"; "(mul ?k (div ?a ?d))" => "(div (mul ?a ?k) ?d)"
+            if large("?a") if scalar("?k")),
         // b / r + e = (b + e * r) / r: Adam's denominator sqrt(v) / sqrt(bc2) + eps.
-        rule("common-denominator", |eg, _, n| {
-            match (&n.op, n.children.as_slice()) {
-                (Op::Binary(BinaryOp::Add), &[q, e]) if is_large(eg, q) && is_scalar(eg, e) => {
-                    find_in(eg, q, |m| {
-                        let (b, r) = divided(eg, m)?;
-                        let sum = Replacement::New(
-                            Op::Binary(BinaryOp::Add),
-                            vec![Replacement::Existing(b), over(MUL, &[e, r])],
-                        );
-                        Some(Replacement::New(DIV, vec![sum, Replacement::Existing(r)]))
-                    })
-                }
-                _ => None,
-            }
-        }),
+        rw!("common-denominator"; "(add (div ?b ?r) ?e)" => "(div (add ?b (mul ?e ?r)) ?r)"
+            if large("?b") if scalars("?r", "?e")),
         // a / (b / r) = (a * r) / b.
-        rule("divide-by-quotient", |eg, _, n| {
-            match (&n.op, n.children.as_slice()) {
-                (Op::Binary(BinaryOp::Div), &[a, d]) if is_large(eg, a) => find_in(eg, d, |m| {
-                    let (b, r) = divided(eg, m)?;
-                    Some(Replacement::New(
-                        DIV,
-                        vec![over(MUL, &[a, r]), Replacement::Existing(b)],
-                    ))
-                }),
-                _ => None,
-            }
-        }),
+        rw!("divide-by-quotient"; "(div ?a (div ?b ?r))" => "(div (mul ?a ?r) ?b)"
+            if large("?a") if both(large("?b"), scalar("?r"))),
     ]
 }
 
 /// The rule library. Each rule states the identity it uses.
 pub fn rules() -> Vec<Rewrite<IrNode, TypeAnalysis>> {
     let mut rules = vec![
-        // x + 0 = 0 + x = x, x - 0 = x (when x already has the result's shape).
-        rule("add-zero", |eg, _, n| {
-            match (&n.op, n.children.as_slice()) {
-                (Op::Binary(BinaryOp::Add), [a, b]) if constant_of(eg, *b) == Some(0.0) => {
-                    Some(Replacement::Existing(*a))
-                }
-                (Op::Binary(BinaryOp::Add), [a, b]) if constant_of(eg, *a) == Some(0.0) => {
-                    Some(Replacement::Existing(*b))
-                }
-                (Op::Binary(BinaryOp::Sub), [a, b]) if constant_of(eg, *b) == Some(0.0) => {
-                    Some(Replacement::Existing(*a))
-                }
-                _ => None,
-            }
-        }),
-        // x * 1 = 1 * x = x / 1 = x.
-        rule("mul-one", |eg, _, n| match (&n.op, n.children.as_slice()) {
-            (Op::Binary(BinaryOp::Mul), [a, b]) if constant_of(eg, *b) == Some(1.0) => {
-                Some(Replacement::Existing(*a))
-            }
-            (Op::Binary(BinaryOp::Mul), [a, b]) if constant_of(eg, *a) == Some(1.0) => {
-                Some(Replacement::Existing(*b))
-            }
-            (Op::Binary(BinaryOp::Div), [a, b]) if constant_of(eg, *b) == Some(1.0) => {
-                Some(Replacement::Existing(*a))
-            }
-            _ => None,
-        }),
-        // -(-x) = x.
-        rule("neg-neg", |eg, _, n| match (&n.op, n.children.as_slice()) {
-            (Op::Unary(UnaryOp::Neg), [x]) => {
-                find_in(eg, *x, |m| match (&m.op, m.children.as_slice()) {
-                    (Op::Unary(UnaryOp::Neg), [y]) => Some(Replacement::Existing(*y)),
-                    _ => None,
-                })
-            }
-            _ => None,
-        }),
         // transpose(transpose(x, p), q) = transpose(x, p . q), or x when that is the identity.
         rule("transpose-transpose", |eg, _, n| {
             match (&n.op, n.children.as_slice()) {
@@ -307,9 +266,6 @@ pub fn rules() -> Vec<Rewrite<IrNode, TypeAnalysis>> {
                 (Op::Transpose { perm }, [x]) if perm.iter().enumerate().all(|(i, &p)| i == p) => {
                     Some(Replacement::Existing(*x))
                 }
-                // Training graphs are optimised after autodiff, where a stop-gradient
-                // has done its work and is the identity.
-                (Op::StopGradient, [x]) => Some(Replacement::Existing(*x)),
                 _ => None,
             }
         }),
@@ -348,6 +304,7 @@ pub fn rules() -> Vec<Rewrite<IrNode, TypeAnalysis>> {
             })
         }),
     ];
+    rules.extend(pattern_rules());
     rules.extend(scalar_factor_rules());
     rules
 }

@@ -57,6 +57,16 @@ impl Tensor {
         }
     }
 
+    /// A `[lengths.len(), tokens]` padding mask of `dtype`: row `i` marks its first
+    /// `lengths[i]` tokens (at most `tokens`) as real with 1, the rest with 0.
+    pub fn prefix_mask(dtype: DType, tokens: usize, lengths: &[usize]) -> Tensor {
+        let values = lengths
+            .iter()
+            .flat_map(|&len| (0..tokens).map(move |t| if t < len { 1.0 } else { 0.0 }))
+            .collect();
+        Tensor::from_f64(dtype, &[lengths.len(), tokens], values)
+    }
+
     pub fn dtype(&self) -> DType {
         match self.data {
             Data::F32(_) => DType::F32,

@@ -218,65 +218,59 @@ impl Walker<'_, '_> {
         }
     }
 
-    /// `( field: value, ... )` or `( value, ... )`, up to and including `)`.
+    /// Walks comma-separated items up to and including the closing bracket, `item`
+    /// consuming each one.
+    fn items(&mut self, mut item: impl FnMut(&mut Self)) {
+        while let Some(tok) = self.peek(0) {
+            match tok {
+                Tok::Close => {
+                    self.at += 1;
+                    return;
+                }
+                Tok::Comma => self.at += 1,
+                _ => item(self),
+            }
+        }
+    }
+
+    /// `( field: value, ... )` or `( value, ... )`.
     fn group(&mut self, path: &str) {
         let mut index = 0;
-        while let Some(tok) = self.peek(0) {
-            match tok {
-                Tok::Close => {
-                    self.at += 1;
-                    return;
-                }
-                Tok::Comma => self.at += 1,
-                Tok::Ident(name) if self.peek(1) == Some(&Tok::Colon) => {
-                    let child = join(path, name.trim_start_matches("r#"));
-                    self.at += 2;
-                    self.value(child);
-                }
-                _ => {
-                    self.value(join(path, &index.to_string()));
-                    index += 1;
-                }
+        self.items(|w| match w.peek(0) {
+            Some(Tok::Ident(name)) if w.peek(1) == Some(&Tok::Colon) => {
+                let child = join(path, name.trim_start_matches("r#"));
+                w.at += 2;
+                w.value(child);
             }
-        }
+            _ => {
+                w.value(join(path, &index.to_string()));
+                index += 1;
+            }
+        });
     }
 
+    /// `[ value, ... ]`.
     fn sequence(&mut self, path: &str) {
         let mut index = 0;
-        while let Some(tok) = self.peek(0) {
-            match tok {
-                Tok::Close => {
-                    self.at += 1;
-                    return;
-                }
-                Tok::Comma => self.at += 1,
-                _ => {
-                    self.value(format!("{path}[{index}]"));
-                    index += 1;
-                }
-            }
-        }
+        self.items(|w| {
+            w.value(format!("{path}[{index}]"));
+            index += 1;
+        });
     }
 
+    /// `{ key: value, ... }`.
     fn map_entries(&mut self, path: &str) {
-        while let Some(tok) = self.peek(0) {
-            match tok {
-                Tok::Close => {
-                    self.at += 1;
-                    return;
+        self.items(|w| match w.peek(0) {
+            Some(Tok::Str(key) | Tok::Ident(key)) => {
+                let child = join(path, key);
+                w.at += 1;
+                if w.peek(0) == Some(&Tok::Colon) {
+                    w.at += 1;
                 }
-                Tok::Comma => self.at += 1,
-                Tok::Str(key) | Tok::Ident(key) => {
-                    let child = join(path, key);
-                    self.at += 1;
-                    if self.peek(0) == Some(&Tok::Colon) {
-                        self.at += 1;
-                    }
-                    self.value(child);
-                }
-                _ => self.at += 1,
+                w.value(child);
             }
-        }
+            _ => w.at += 1,
+        });
     }
 }
 

@@ -1,6 +1,6 @@
 //! Launching single elementwise ops: the unfused baseline's kernels.
 
-use crate::device::{grid, u32s, Kernels};
+use crate::device::{buffer_arg, grid, u32s, Kernels};
 use crate::elementwise::ops::{binary_kernel, select_kernel, unary_kernel, BinaryKind, UnaryKind};
 use crate::view::View;
 use cubecl::prelude::*;
@@ -20,9 +20,9 @@ impl<R: Runtime> Kernels<R> {
                 &self.client,
                 count,
                 dim,
-                ArrayArg::from_raw_parts(x.handle.clone(), x.len.max(1)),
+                x.buffer_arg(),
                 ArrayArg::from_raw_parts(out.clone(), n),
-                ArrayArg::from_raw_parts(self.upload_once(meta), 2 * shape.len() + 1),
+                buffer_arg(&self.upload_once(meta)),
                 shape.len(),
                 op,
             )
@@ -43,10 +43,10 @@ impl<R: Runtime> Kernels<R> {
                 &self.client,
                 count,
                 dim,
-                ArrayArg::from_raw_parts(a.handle.clone(), a.len.max(1)),
-                ArrayArg::from_raw_parts(b.handle.clone(), b.len.max(1)),
+                a.buffer_arg(),
+                b.buffer_arg(),
                 ArrayArg::from_raw_parts(out.clone(), n),
-                ArrayArg::from_raw_parts(self.upload_once(meta), 3 * shape.len() + 2),
+                buffer_arg(&self.upload_once(meta)),
                 shape.len(),
                 op,
             )
@@ -68,11 +68,11 @@ impl<R: Runtime> Kernels<R> {
                 &self.client,
                 count,
                 dim,
-                ArrayArg::from_raw_parts(cond.handle.clone(), cond.len.max(1)),
-                ArrayArg::from_raw_parts(a.handle.clone(), a.len.max(1)),
-                ArrayArg::from_raw_parts(b.handle.clone(), b.len.max(1)),
+                cond.buffer_arg(),
+                a.buffer_arg(),
+                b.buffer_arg(),
                 ArrayArg::from_raw_parts(out.clone(), n),
-                ArrayArg::from_raw_parts(self.upload_once(meta), 4 * shape.len() + 3),
+                buffer_arg(&self.upload_once(meta)),
                 shape.len(),
             )
         };

@@ -80,29 +80,88 @@ pub(crate) fn view_offset(
     offset_in(pos, meta, 0, strides_at, rank)
 }
 
+/// `op` on one value: `unary_lanes` on a one-lane vector.
 #[cube]
 pub(crate) fn apply_unary<F: Float>(x: F, #[comptime] op: UnaryKind) -> F {
+    F::cast_from(unary_lanes::<F, Const<1>>(Vector::new(x), op))
+}
+
+/// What each unary op computes, once for every path: on `N` lanes at a time for
+/// the vector kernels, and on one lane (`apply_unary`) for the others.
+#[cube]
+pub(crate) fn unary_lanes<F: Float, N: Size>(
+    x: Vector<F, N>,
+    #[comptime] op: UnaryKind,
+) -> Vector<F, N> {
+    let one = Vector::<F, N>::new(F::new(1.0));
+    let zero = Vector::<F, N>::new(F::new(0.0));
+    // cubecl-cpp 0.10 writes `-x` on a vector as `-float_4`, which NVRTC rejects
+    // ("no operator "-" matches these operands ... -const float_4"): negate by
+    // multiplying with -1, which is exact (signed zeros and NaN included).
+    let minus_one = Vector::<F, N>::new(F::new(-1.0));
     match op {
         UnaryKind::Identity => x,
-        UnaryKind::Neg => -x,
-        UnaryKind::Abs => F::abs(x),
-        UnaryKind::Exp => F::exp(x),
-        UnaryKind::Log => F::ln(x),
-        UnaryKind::Sqrt => F::sqrt(x),
-        UnaryKind::Rsqrt => F::new(1.0) / F::sqrt(x),
-        UnaryKind::Recip => F::new(1.0) / x,
+        UnaryKind::Neg => minus_one * x,
+        UnaryKind::Abs => x.abs(),
+        UnaryKind::Exp => x.exp(),
+        UnaryKind::Log => x.ln(),
+        UnaryKind::Sqrt => x.sqrt(),
+        UnaryKind::Rsqrt => one / x.sqrt(),
+        UnaryKind::Recip => one / x,
         UnaryKind::Square => x * x,
-        UnaryKind::Tanh => F::tanh(x),
-        UnaryKind::Sigmoid => F::new(1.0) / (F::new(1.0) + F::exp(-x)),
+        UnaryKind::Tanh => x.tanh(),
+        UnaryKind::Sigmoid => one / (one + (minus_one * x).exp()),
         // NaN propagates as in the reference: max(NaN, 0) must stay NaN.
-        UnaryKind::Relu => select(x < F::new(0.0), F::new(0.0), x),
-        UnaryKind::Erf => F::erf(x),
+        UnaryKind::Relu => select_many(x.less_than(zero), zero, x),
+        UnaryKind::Erf => x.erf(),
         UnaryKind::Gelu => {
-            F::new(0.5) * x * (F::new(1.0) + F::erf(x * F::new(core::f32::consts::FRAC_1_SQRT_2)))
+            let half = Vector::<F, N>::new(F::new(0.5));
+            let scale = Vector::<F, N>::new(F::new(core::f32::consts::FRAC_1_SQRT_2));
+            half * x * (one + (x * scale).erf())
         }
-        UnaryKind::Silu => x / (F::new(1.0) + F::exp(-x)),
-        UnaryKind::Trunc => F::trunc(x),
-        UnaryKind::NonZero => select(x != F::new(0.0), F::new(1.0), F::new(0.0)),
+        UnaryKind::Silu => x / (one + (minus_one * x).exp()),
+        UnaryKind::Trunc => x.trunc(),
+        UnaryKind::NonZero => select_many(x.not_equal(zero), one, zero),
+    }
+}
+
+/// What each binary op computes (comparisons give 1 or 0), on `N` lanes at a time;
+/// `apply_binary` is its one-lane form.
+#[cube]
+pub(crate) fn binary_lanes<F: Float, N: Size>(
+    a: Vector<F, N>,
+    b: Vector<F, N>,
+    #[comptime] op: BinaryKind,
+) -> Vector<F, N> {
+    let one = Vector::<F, N>::new(F::new(1.0));
+    let zero = Vector::<F, N>::new(F::new(0.0));
+    // Lanes where `a` and `b` compare at all (neither is NaN), as 1 or 0, summed
+    // from two comparisons because shader compilers fold `x != x` away.
+    let ordered =
+        select_many(a.less_equal(b), one, zero) + select_many(a.greater_than(b), one, zero);
+    match op {
+        BinaryKind::Add => a + b,
+        BinaryKind::Sub => a - b,
+        BinaryKind::Mul => a * b,
+        BinaryKind::Div => a / b,
+        // NaN-propagating, as in the reference interpreter.
+        BinaryKind::Max => select_many(
+            ordered.not_equal(zero),
+            select_many(a.greater_than(b), a, b),
+            a + b,
+        ),
+        BinaryKind::Min => select_many(
+            ordered.not_equal(zero),
+            select_many(a.less_than(b), a, b),
+            a + b,
+        ),
+        BinaryKind::Pow => a.powf(b),
+        BinaryKind::Lt => select_many(a.less_than(b), one, zero),
+        BinaryKind::Le => select_many(a.less_equal(b), one, zero),
+        BinaryKind::Gt => select_many(a.greater_than(b), one, zero),
+        BinaryKind::Ge => select_many(a.greater_equal(b), one, zero),
+        BinaryKind::Eq => select_many(a.equal(b), one, zero),
+        BinaryKind::Ne => select_many(a.not_equal(b), one, zero),
     }
 }
 
@@ -114,28 +173,14 @@ pub(crate) fn unordered<F: Float>(a: F, b: F) -> bool {
     !(a <= b) && !(a > b)
 }
 
+/// `op` on one pair of values: `binary_lanes` on one-lane vectors.
 #[cube]
 pub(crate) fn apply_binary<F: Float>(a: F, b: F, #[comptime] op: BinaryKind) -> F {
-    let one = F::new(1.0);
-    let zero = F::new(0.0);
-    match op {
-        BinaryKind::Add => a + b,
-        BinaryKind::Sub => a - b,
-        BinaryKind::Mul => a * b,
-        BinaryKind::Div => a / b,
-        // NaN-propagating max/min, as in the reference interpreter: a comparison that
-        // is neither <= nor > is unordered, i.e. one side is NaN (and `x != x` is
-        // folded away by the shader compilers).
-        BinaryKind::Max => select(unordered::<F>(a, b), a + b, select(a > b, a, b)),
-        BinaryKind::Min => select(unordered::<F>(a, b), a + b, select(a < b, a, b)),
-        BinaryKind::Pow => F::powf(a, b),
-        BinaryKind::Lt => select(a < b, one, zero),
-        BinaryKind::Le => select(a <= b, one, zero),
-        BinaryKind::Gt => select(a > b, one, zero),
-        BinaryKind::Ge => select(a >= b, one, zero),
-        BinaryKind::Eq => select(a == b, one, zero),
-        BinaryKind::Ne => select(a != b, one, zero),
-    }
+    F::cast_from(binary_lanes::<F, Const<1>>(
+        Vector::new(a),
+        Vector::new(b),
+        op,
+    ))
 }
 
 /// `out[i] = op(x[view(i)])`. `meta`: out shape, x strides, x offset.

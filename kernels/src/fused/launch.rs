@@ -1,7 +1,7 @@
 //! Launching fused elementwise programs, one tensor or many in one launch, in the
 //! scalar or the vector form, with their tunable strategies.
 
-use crate::autotune::{bucket, Candidate, KernelKey, TunableLaunch};
+use crate::autotune::{bucket, Candidate, KernelKey, LaunchRecord, TunableLaunch};
 use crate::device::{
     buffer_arg, buffer_sequence, empty_buffers, grid_of, u32s, Kernels, CUBE_SIZE,
 };
@@ -11,7 +11,6 @@ use crate::view::{contiguous_strides, View};
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 use cubecl::tune::LocalTuner;
-use std::sync::{Arc, Mutex};
 
 /// How a fused elementwise kernel spreads its elements: units per cube, elements per
 /// unit, and the vector width of each access (the tuning candidates). A vectorised
@@ -177,7 +176,6 @@ impl<R: Runtime> Kernels<R> {
             start += len / W;
         }
         meta.extend(u32s([start]));
-        let meta_len = meta.len();
         Some(VectorLaunch {
             program: VectorProgram {
                 program: program.clone(),
@@ -185,10 +183,23 @@ impl<R: Runtime> Kernels<R> {
             },
             vectors,
             scalars,
-            meta: (self.upload_once(meta), meta_len),
+            meta: self.upload_once(meta),
             lens,
         })
     }
+}
+
+/// What a fused elementwise launch runs over when it runs element by element: one
+/// tensor (its element count, its last axis's extent, and the dropout seed and
+/// step), or several flat tensors in one launch (each one's element count).
+#[derive(Clone)]
+enum Extent {
+    Tensor {
+        n: usize,
+        row_len: usize,
+        seed: (u32, u32, u32),
+    },
+    Segments(Vec<usize>),
 }
 
 #[derive(Clone)]
@@ -197,52 +208,74 @@ pub(crate) struct FusedLaunch<R: Runtime> {
     inputs: Vec<(Handle, usize)>,
     vectorised: Option<VectorLaunch>,
     meta: (Handle, usize),
-    /// Elements (of the program's shape), and the extent of its last axis.
-    n: usize,
-    row_len: usize,
-    seed: (u32, u32, u32),
+    extent: Extent,
     program: FusedProgram,
-    key: KernelKey,
-    ran: Arc<Mutex<Option<ElementwiseStrategy>>>,
+    record: LaunchRecord<ElementwiseStrategy>,
 }
 
 impl<R: Runtime> TunableLaunch for FusedLaunch<R> {
     type With = ElementwiseStrategy;
 
-    fn key(&self) -> &KernelKey {
-        &self.key
-    }
-
-    fn ran(&self) -> &Arc<Mutex<Option<ElementwiseStrategy>>> {
-        &self.ran
+    fn record(&self) -> &LaunchRecord<ElementwiseStrategy> {
+        &self.record
     }
 
     fn launch(&self, with: ElementwiseStrategy) -> Vec<Handle> {
         if let (true, Some(vectorised)) = (with.vector > 1, &self.vectorised) {
             return vectorised.launch(&self.client, with.cube);
         }
-        let n = self.n;
-        let rows = n / self.row_len.max(1);
-        let outputs = empty_buffers(
-            &self.client,
-            (0..self.program.outputs.len()).map(|o| self.program.output_len(o, n, rows)),
-        );
-        let units = n.div_ceil(with.per_unit as usize);
-        let (count, dim) = grid_of(units, with.cube);
-        unsafe {
-            fused_kernel::launch_unchecked::<f32, R>(
-                &self.client,
-                count,
-                dim,
-                buffer_sequence(self.inputs.iter().cloned()),
-                buffer_sequence(outputs.iter().cloned()),
-                buffer_arg(&self.meta),
-                self.seed.0,
-                self.seed.1,
-                self.seed.2,
-                self.program.clone(),
-                with.per_unit,
-            )
+        let program = &self.program;
+        let (inputs, meta) = (&self.inputs, &self.meta);
+        let outputs = match &self.extent {
+            Extent::Tensor { n, row_len, seed } => {
+                let (n, rows) = (*n, n / (*row_len).max(1));
+                let outputs = empty_buffers(
+                    &self.client,
+                    (0..program.outputs.len()).map(|o| program.output_len(o, n, rows)),
+                );
+                let (count, dim) = grid_of(n.div_ceil(with.per_unit as usize), with.cube);
+                unsafe {
+                    fused_kernel::launch_unchecked::<f32, R>(
+                        &self.client,
+                        count,
+                        dim,
+                        buffer_sequence(inputs.iter().cloned()),
+                        buffer_sequence(outputs.iter().cloned()),
+                        buffer_arg(meta),
+                        seed.0,
+                        seed.1,
+                        seed.2,
+                        program.clone(),
+                        with.per_unit,
+                    )
+                };
+                outputs
+            }
+            Extent::Segments(lens) => {
+                // Flat segments: every element is a row of its own.
+                let outputs = empty_buffers(
+                    &self.client,
+                    lens.iter().flat_map(|&len| {
+                        (0..program.outputs.len()).map(move |o| program.output_len(o, len, len))
+                    }),
+                );
+                let total: usize = lens.iter().sum();
+                let (count, dim) = grid_of(total.div_ceil(with.per_unit as usize), with.cube);
+                unsafe {
+                    multi_fused_kernel::launch_unchecked::<f32, R>(
+                        &self.client,
+                        count,
+                        dim,
+                        buffer_sequence(inputs.iter().cloned()),
+                        buffer_sequence(outputs.iter().cloned()),
+                        buffer_arg(meta),
+                        program.clone(),
+                        lens.len(),
+                        with.per_unit,
+                    )
+                };
+                outputs
+            }
         };
         outputs.into_iter().map(|(h, _)| h).collect()
     }
@@ -255,61 +288,6 @@ impl<R: Runtime> TunableLaunch for FusedLaunch<R> {
 pub struct Segment {
     pub len: usize,
     pub inputs: Vec<View>,
-}
-
-#[derive(Clone)]
-pub(crate) struct MultiFusedLaunch<R: Runtime> {
-    client: ComputeClient<R>,
-    inputs: Vec<(Handle, usize)>,
-    vectorised: Option<VectorLaunch>,
-    meta: (Handle, usize),
-    /// Each segment's element count.
-    lens: Vec<usize>,
-    program: FusedProgram,
-    key: KernelKey,
-    ran: Arc<Mutex<Option<ElementwiseStrategy>>>,
-}
-
-impl<R: Runtime> TunableLaunch for MultiFusedLaunch<R> {
-    type With = ElementwiseStrategy;
-
-    fn key(&self) -> &KernelKey {
-        &self.key
-    }
-
-    fn ran(&self) -> &Arc<Mutex<Option<ElementwiseStrategy>>> {
-        &self.ran
-    }
-
-    fn launch(&self, with: ElementwiseStrategy) -> Vec<Handle> {
-        if let (true, Some(vectorised)) = (with.vector > 1, &self.vectorised) {
-            return vectorised.launch(&self.client, with.cube);
-        }
-        let program = &self.program;
-        // Flat segments: every element is a row of its own.
-        let outputs = empty_buffers(
-            &self.client,
-            self.lens.iter().flat_map(|&len| {
-                (0..program.outputs.len()).map(move |o| program.output_len(o, len, len))
-            }),
-        );
-        let total: usize = self.lens.iter().sum();
-        let (count, dim) = grid_of(total.div_ceil(with.per_unit as usize), with.cube);
-        unsafe {
-            multi_fused_kernel::launch_unchecked::<f32, R>(
-                &self.client,
-                count,
-                dim,
-                buffer_sequence(self.inputs.iter().cloned()),
-                buffer_sequence(outputs.iter().cloned()),
-                buffer_arg(&self.meta),
-                program.clone(),
-                self.lens.len(),
-                with.per_unit,
-            )
-        };
-        outputs.into_iter().map(|(h, _)| h).collect()
-    }
 }
 
 /// The program part of a fused kernel's metadata: the program's shape, then each
@@ -348,16 +326,17 @@ impl<R: Runtime> Kernels<R> {
     ) -> Vec<Handle> {
         let n: usize = shape.iter().product();
         let meta = program_meta(shape, inputs);
-        let meta_len = meta.len();
         let vectorised = self.vector_launch(program, &[(shape, inputs.iter().collect())]);
         let launch = FusedLaunch {
             client: self.client.clone(),
             inputs: inputs.iter().map(|v| (v.handle.clone(), v.len)).collect(),
-            meta: (self.upload_once(meta), meta_len),
-            n,
-            row_len: shape.last().copied().unwrap_or(1),
-            seed: (seed as u32, (seed >> 32) as u32, step as u32),
-            key: KernelKey {
+            meta: self.upload_once(meta),
+            extent: Extent::Tensor {
+                n,
+                row_len: shape.last().copied().unwrap_or(1),
+                seed: (seed as u32, (seed >> 32) as u32, step as u32),
+            },
+            record: LaunchRecord::new(KernelKey {
                 family: ELEMENTWISE.into(),
                 signature: format!(
                     "n{} ops{} in{} out{}{}",
@@ -367,10 +346,9 @@ impl<R: Runtime> Kernels<R> {
                     program.outputs.len(),
                     vector_tag(&vectorised)
                 ),
-            },
+            }),
             vectorised,
             program: program.clone(),
-            ran: Default::default(),
         };
         self.tuning.launch(&ELEMENTWISE_TUNER, &self.client, launch)
     }
@@ -401,7 +379,6 @@ impl<R: Runtime> Kernels<R> {
             start += segment.len;
         }
         meta.extend(u32s([start]));
-        let meta_len = meta.len();
         let shapes: Vec<[usize; 1]> = segments.iter().map(|s| [s.len]).collect();
         let tensors: Vec<(&[usize], Vec<&View>)> = segments
             .iter()
@@ -409,12 +386,12 @@ impl<R: Runtime> Kernels<R> {
             .map(|(segment, shape)| (&shape[..], shared.iter().chain(&segment.inputs).collect()))
             .collect();
         let vectorised = self.vector_launch(program, &tensors);
-        let launch = MultiFusedLaunch {
+        let launch = FusedLaunch {
             client: self.client.clone(),
             inputs,
-            meta: (self.upload_once(meta), meta_len),
-            lens: segments.iter().map(|s| s.len).collect(),
-            key: KernelKey {
+            meta: self.upload_once(meta),
+            extent: Extent::Segments(segments.iter().map(|s| s.len).collect()),
+            record: LaunchRecord::new(KernelKey {
                 family: MULTI_ELEMENTWISE.into(),
                 signature: format!(
                     "n{} tensors{} ops{} in{} out{}{}",
@@ -425,10 +402,9 @@ impl<R: Runtime> Kernels<R> {
                     program.outputs.len(),
                     vector_tag(&vectorised)
                 ),
-            },
+            }),
             vectorised,
             program: program.clone(),
-            ran: Default::default(),
         };
         let outputs = self
             .tuning

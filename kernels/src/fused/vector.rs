@@ -4,7 +4,7 @@
 //! either contiguous with the program's elements or one value can run this way: no
 //! positions (iotas, dropout), no epilogue accumulator, no row or scalar outputs.
 
-use crate::elementwise::ops::{BinaryKind, UnaryKind};
+use crate::elementwise::ops::{binary_lanes, unary_lanes};
 use crate::fused::kernel::{FusedOp, FusedProgram};
 use cubecl::prelude::*;
 
@@ -44,78 +44,6 @@ impl VectorProgram {
     }
 }
 
-#[cube]
-fn vector_unary<F: Float, N: Size>(x: Vector<F, N>, #[comptime] op: UnaryKind) -> Vector<F, N> {
-    let one = Vector::<F, N>::new(F::new(1.0));
-    let zero = Vector::<F, N>::new(F::new(0.0));
-    // cubecl-cpp 0.10 writes `-x` on a vector as `-float_4`, which NVRTC rejects
-    // ("no operator "-" matches these operands ... -const float_4"): negate by
-    // multiplying with -1, which is exact (signed zeros and NaN included).
-    let minus_one = Vector::<F, N>::new(F::new(-1.0));
-    match op {
-        UnaryKind::Identity => x,
-        UnaryKind::Neg => minus_one * x,
-        UnaryKind::Abs => x.abs(),
-        UnaryKind::Exp => x.exp(),
-        UnaryKind::Log => x.ln(),
-        UnaryKind::Sqrt => x.sqrt(),
-        UnaryKind::Rsqrt => one / x.sqrt(),
-        UnaryKind::Recip => one / x,
-        UnaryKind::Square => x * x,
-        UnaryKind::Tanh => x.tanh(),
-        UnaryKind::Sigmoid => one / (one + (minus_one * x).exp()),
-        // NaN propagates as in the reference: max(NaN, 0) must stay NaN.
-        UnaryKind::Relu => select_many(x.less_than(zero), zero, x),
-        UnaryKind::Erf => x.erf(),
-        UnaryKind::Gelu => {
-            let half = Vector::<F, N>::new(F::new(0.5));
-            let scale = Vector::<F, N>::new(F::new(core::f32::consts::FRAC_1_SQRT_2));
-            half * x * (one + (x * scale).erf())
-        }
-        UnaryKind::Silu => x / (one + (minus_one * x).exp()),
-        UnaryKind::Trunc => x.trunc(),
-        UnaryKind::NonZero => select_many(x.not_equal(zero), one, zero),
-    }
-}
-
-#[cube]
-fn vector_binary<F: Float, N: Size>(
-    a: Vector<F, N>,
-    b: Vector<F, N>,
-    #[comptime] op: BinaryKind,
-) -> Vector<F, N> {
-    let one = Vector::<F, N>::new(F::new(1.0));
-    let zero = Vector::<F, N>::new(F::new(0.0));
-    // Lanes where `a` and `b` compare at all (neither is NaN), as 1 or 0, summed
-    // from two comparisons because shader compilers fold `x != x` away.
-    let ordered =
-        select_many(a.less_equal(b), one, zero) + select_many(a.greater_than(b), one, zero);
-    match op {
-        BinaryKind::Add => a + b,
-        BinaryKind::Sub => a - b,
-        BinaryKind::Mul => a * b,
-        BinaryKind::Div => a / b,
-        // NaN-propagating, as in the reference interpreter.
-        BinaryKind::Max => select_many(
-            ordered.not_equal(zero),
-            select_many(a.greater_than(b), a, b),
-            a + b,
-        ),
-        BinaryKind::Min => select_many(
-            ordered.not_equal(zero),
-            select_many(a.less_than(b), a, b),
-            a + b,
-        ),
-        BinaryKind::Pow => a.powf(b),
-        BinaryKind::Lt => select_many(a.less_than(b), one, zero),
-        BinaryKind::Le => select_many(a.less_equal(b), one, zero),
-        BinaryKind::Gt => select_many(a.greater_than(b), one, zero),
-        BinaryKind::Ge => select_many(a.greater_equal(b), one, zero),
-        BinaryKind::Eq => select_many(a.equal(b), one, zero),
-        BinaryKind::Ne => select_many(a.not_equal(b), one, zero),
-    }
-}
-
 /// Evaluates `vp`'s program on vector `pos` of tensor `segment`; returns the
 /// registers. `meta` from `meta_at` holds each input's offset: in vectors for
 /// inputs read in vectors, in elements for one-value inputs.
@@ -147,9 +75,9 @@ fn run_vector_program<F: Float, N: Size>(
             FusedOp::Constant { bits } => {
                 Vector::<F, N>::new(F::new(comptime!(f32::from_bits(bits))))
             }
-            FusedOp::Unary { op, a } => vector_unary::<F, N>(*regs.index(a), op),
+            FusedOp::Unary { op, a } => unary_lanes::<F, N>(*regs.index(a), op),
             FusedOp::Binary { op, a, b } => {
-                vector_binary::<F, N>(*regs.index(a), *regs.index(b), op)
+                binary_lanes::<F, N>(*regs.index(a), *regs.index(b), op)
             }
             FusedOp::Select { c, a, b } => select_many(
                 regs.index(c).not_equal(Vector::<F, N>::new(F::new(0.0))),

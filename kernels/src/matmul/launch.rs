@@ -2,8 +2,10 @@
 //! register-blocked, epilogue fused or apart), several sharing an operand, and the
 //! metadata the kernel reads.
 
-use crate::autotune::{bucket, Candidate, KernelKey, TunableLaunch};
-use crate::device::{buffer_arg, buffer_sequence, grid, tiles_of, u32s, Kernels, MAX_GRID};
+use crate::autotune::{bucket, Candidate, KernelKey, LaunchRecord, TunableLaunch};
+use crate::device::{
+    buffer_arg, buffer_sequence, grid, tiles_of, u32s, Kernels, ELEMENT_BYTES, MAX_GRID,
+};
 use crate::fused::kernel::{fused_kernel, FusedOp, FusedProgram};
 use crate::fused::launch::{program_meta, program_meta_of};
 use crate::matmul::kernel::{matmul_kernel, OperandLayout, TILE};
@@ -12,7 +14,7 @@ use cubecl::prelude::*;
 use cubecl::server::Handle;
 use cubecl::tune::LocalTuner;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 /// The operands of a batched matmul `[..., M, K] x [..., K, N]`: batch dimensions
 /// broadcast to `out_batch`; a transposed operand swaps its last two dimensions. With
@@ -166,8 +168,7 @@ pub(crate) struct MatmulLaunch<R: Runtime> {
     sum_batch: bool,
     bf16_operands: bool,
     epilogue: FusedProgram,
-    key: KernelKey,
-    ran: Arc<Mutex<Option<EpilogueMatmul>>>,
+    record: LaunchRecord<EpilogueMatmul>,
     /// `Kernels::extra_launches`.
     extra_launches: Arc<AtomicUsize>,
 }
@@ -175,12 +176,8 @@ pub(crate) struct MatmulLaunch<R: Runtime> {
 impl<R: Runtime> TunableLaunch for MatmulLaunch<R> {
     type With = EpilogueMatmul;
 
-    fn key(&self) -> &KernelKey {
-        &self.key
-    }
-
-    fn ran(&self) -> &Arc<Mutex<Option<EpilogueMatmul>>> {
-        &self.ran
+    fn record(&self) -> &LaunchRecord<EpilogueMatmul> {
+        &self.record
     }
 
     fn launch(&self, with: EpilogueMatmul) -> Vec<Handle> {
@@ -218,7 +215,7 @@ impl<R: Runtime> TunableLaunch for MatmulLaunch<R> {
             let written: Vec<Handle> = program
                 .outputs
                 .iter()
-                .map(|_| self.client.empty(n * 4))
+                .map(|_| self.client.empty(n * ELEMENT_BYTES))
                 .collect();
             unsafe {
                 fused_kernel::launch_unchecked::<f32, R>(
@@ -259,7 +256,7 @@ impl<R: Runtime> MatmulLaunch<R> {
         let (m, n, batches) = self.extent;
         let len = self.len();
         let outputs: Vec<Handle> = (0..self.layout.members * epilogue.outputs.len().max(1))
-            .map(|_| self.client.empty(len * 4))
+            .map(|_| self.client.empty(len * ELEMENT_BYTES))
             .collect();
         if batches == 0 || m == 0 || n == 0 {
             // An empty product: nothing to compute.
@@ -508,8 +505,7 @@ impl<R: Runtime> Kernels<R> {
                     .map(|v| (v.strides.as_slice(), v.offset))
                     .chain([(product_strides.as_slice(), 0)]),
             );
-            let apart_len = apart.len();
-            apart_meta.push((self.upload_once(apart), apart_len));
+            apart_meta.push(self.upload_once(apart));
         }
         let buffer = |v: &View| (v.handle.clone(), v.len.max(1));
         let operands: Vec<(Handle, usize)> = (0..layout.bindings())
@@ -534,7 +530,6 @@ impl<R: Runtime> Kernels<R> {
             .chain(inputs.iter().flat_map(|views| &views[shared..]))
             .map(buffer)
             .collect();
-        let (meta_len, epilogue_len) = (meta.len(), epilogue_meta.len());
         MatmulLaunch {
             client: self.client.clone(),
             operands,
@@ -544,8 +539,8 @@ impl<R: Runtime> Kernels<R> {
                 .iter()
                 .map(|views| views.iter().map(buffer).collect())
                 .collect(),
-            meta: (self.upload_once(meta), meta_len),
-            epilogue_meta: (self.upload_once(epilogue_meta), epilogue_len),
+            meta: self.upload_once(meta),
+            epilogue_meta: self.upload_once(epilogue_meta),
             apart_meta,
             extent,
             seed: (seed as u32, (seed >> 32) as u32, step as u32),
@@ -554,7 +549,7 @@ impl<R: Runtime> Kernels<R> {
             bf16_operands: mm.bf16_operands,
             epilogue: epilogue.clone(),
             extra_launches: self.extra_launches.clone(),
-            key: KernelKey {
+            record: LaunchRecord::new(KernelKey {
                 family: MATMUL.into(),
                 signature: format!(
                     "m{} n{} k{} batch{}{}{} epilogue{}x{}{}",
@@ -572,8 +567,7 @@ impl<R: Runtime> Kernels<R> {
                         String::new()
                     }
                 ),
-            },
-            ran: Default::default(),
+            }),
         }
     }
 }

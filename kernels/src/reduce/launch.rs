@@ -1,9 +1,10 @@
 //! Launching reductions: alone, with a fused prologue or epilogue, or many tensors
 //! in one launch, with their tunable strategies and layouts.
 
-use crate::autotune::{bucket, Candidate, KernelKey, TunableLaunch};
+use crate::autotune::{bucket, Candidate, KernelKey, LaunchRecord, TunableLaunch};
 use crate::device::{
-    buffer_arg, buffer_sequence, empty_buffers, grid, grid_of, u32s, Kernels, CUBE_SIZE, MAX_GRID,
+    buffer_arg, buffer_sequence, empty_buffers, grid, grid_of, u32s, Kernels, CUBE_SIZE,
+    ELEMENT_BYTES, MAX_GRID,
 };
 use crate::elementwise::ops::UnaryKind;
 use crate::fused::kernel::{fused_reduce_kernel, reduce_epilogue_kernel, FusedProgram, RowTopK};
@@ -13,7 +14,6 @@ use crate::view::{contiguous_strides, View};
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 use cubecl::tune::LocalTuner;
-use std::sync::{Arc, Mutex};
 
 /// How a reduction spreads its work: a unit per output element walking its elements,
 /// or a cube of `lanes` units per output element (the tuning candidates).
@@ -70,19 +70,14 @@ pub(crate) struct ReduceLaunch<R: Runtime> {
     kept: usize,
     reduced: usize,
     op: ReduceKind,
-    key: KernelKey,
-    ran: Arc<Mutex<Option<ReduceStrategy>>>,
+    record: LaunchRecord<ReduceStrategy>,
 }
 
 impl<R: Runtime> TunableLaunch for ReduceLaunch<R> {
     type With = ReduceStrategy;
 
-    fn key(&self) -> &KernelKey {
-        &self.key
-    }
-
-    fn ran(&self) -> &Arc<Mutex<Option<ReduceStrategy>>> {
-        &self.ran
+    fn record(&self) -> &LaunchRecord<ReduceStrategy> {
+        &self.record
     }
 
     fn launch(&self, with: ReduceStrategy) -> Vec<Handle> {
@@ -109,7 +104,7 @@ impl<R: Runtime> TunableLaunch for ReduceLaunch<R> {
         };
         let meta = buffer_arg(&self.meta);
         let single = |client: &ComputeClient<R>| {
-            let out = client.empty(n * 4);
+            let out = client.empty(n * ELEMENT_BYTES);
             (out.clone(), unsafe { ArrayArg::from_raw_parts(out, n) })
         };
         match &self.source {
@@ -313,20 +308,18 @@ impl<R: Runtime> Kernels<R> {
                 format!("epilogue{}x{}", program.ops.len(), program.outputs.len())
             }
         };
-        let meta_len = meta.len();
         let launch = ReduceLaunch {
             client: self.client.clone(),
             source,
-            meta: (self.upload_once(meta), meta_len),
+            meta: self.upload_once(meta),
             n,
             kept: layout.kept,
             reduced: layout.reduced,
             op,
-            key: KernelKey {
+            record: LaunchRecord::new(KernelKey {
                 family: REDUCE.into(),
                 signature: format!("out{} count{} {op:?} {fused}", bucket(n), bucket(count)),
-            },
-            ran: Default::default(),
+            }),
         };
         self.tuning.launch(&REDUCE_TUNER, &self.client, launch)
     }
@@ -376,7 +369,6 @@ impl<R: Runtime> Kernels<R> {
             inputs.iter().map(|(_, s)| elements(s) / outputs.max(1)),
         ));
         meta.extend(u32s(inputs.iter().map(|(v, _)| v.offset)));
-        let meta_len = meta.len();
         let count = layout.count;
         // Wide cubes only where each output has many elements to combine.
         let lanes = match count {
@@ -396,7 +388,7 @@ impl<R: Runtime> Kernels<R> {
                 dim,
                 buffer_sequence(inputs.iter().map(|(v, _)| (v.handle.clone(), v.len))),
                 ArrayArg::from_raw_parts(out.clone(), total.max(1)),
-                ArrayArg::from_raw_parts(self.upload_once(meta), meta_len),
+                buffer_arg(&self.upload_once(meta)),
                 prologue.to_vec(),
                 inputs.len(),
                 layout.kept,

@@ -15,3 +15,9 @@ mod translate;
 
 pub use open::{describe_devices, open, DeviceChoice};
 pub use state::DeviceBackend;
+
+// The planner's byte counts (peak, bytes moved) and the buffers the kernels allocate
+// describe the same 4-byte words.
+const _: () = assert!(
+    altc_kernels::ELEMENT_BYTES as u64 == altc_compiler::fusion::cost::DEVICE_ELEMENT_BYTES
+);

@@ -2,7 +2,7 @@
 //! and graph leaves.
 #![allow(dead_code)] // each suite uses its own part of these helpers
 
-use altc_compiler::ir::{DType, Graph, NodeId, Op};
+use altc_compiler::ir::{BuildGraph, DType, Graph, GraphBuilder, NodeId};
 use altc_compiler::reference::{Tensor, TensorMap};
 use altc_compiler::rng;
 use altc_compiler::spec::Precision;
@@ -23,16 +23,9 @@ pub fn uniform(shape: &[usize], salt: u64, stream: u64) -> Tensor {
 
 /// An f32 graph input `name` of `shape`.
 pub fn input(g: &mut Graph, name: &str, shape: &[usize]) -> NodeId {
-    g.push(
-        Op::Input {
-            name: name.into(),
-            dtype: DType::F32,
-            shape: shape.iter().copied().collect(),
-        },
-        &[],
-        "test",
-    )
-    .unwrap()
+    GraphBuilder::new(g, "test")
+        .input(name, DType::F32, shape.iter().copied().collect())
+        .unwrap()
 }
 
 /// An f32 input `name` of `shape`, fed `uniform(shape, salt, stream)`.
