@@ -85,6 +85,7 @@ fn tiny_training_step(c: &mut Criterion) {
     for (name, backend, tasks, program) in backends {
         let options = TrainOptions {
             steps: Some(1_000_000),
+            schedule_steps: None,
             batch_size: 32,
             seed: 0,
             held_out: 64,

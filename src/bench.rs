@@ -2,11 +2,11 @@
 //! inference path on a device, optimised against the `--no-opt` baseline in the same
 //! run, next to the planned work and the device's measured ceilings.
 
-use altc_compiler::fusion::cost::DEVICE_ELEMENT_BYTES;
 use crate::console::emit;
 use crate::devices::{open_backend, Device};
 use crate::model::{load_program, lower_options};
 use crate::workloads::timed_graphs;
+use altc_compiler::fusion::cost::DEVICE_ELEMENT_BYTES;
 use altc_compiler::fusion::cost::{matmul_flops, plan_cost};
 use altc_compiler::fusion::{plan, FusionPlan};
 use altc_compiler::ir::Graph;
@@ -26,6 +26,7 @@ use std::time::Instant;
 pub struct BenchArgs {
     /// The model: a spec (`.ron`) or a compiled artifact (`.altc`).
     model: PathBuf,
+    /// Where to run: auto, cuda, wgpu or reference (`--help` says how auto chooses).
     #[arg(long, value_enum, default_value = "auto")]
     device: Device,
     /// Batch size, 1 to 65,536 [default: the spec's].
@@ -48,8 +49,8 @@ pub struct BenchArgs {
 #[derive(Serialize)]
 struct Measurement {
     graph: String,
-    /// `tuned` (optimised plan, kernels from the tuning cache), `optimised` (the
-    /// same plan, untuned fallback kernels) or `no-opt`.
+    /// `tuned` (optimised plan, kernels from the tuning cache), `untuned` (the
+    /// same plan, every kernel its untuned fallback) or `no-opt`.
     variant: String,
     median_ms: f64,
     min_ms: f64,
@@ -129,10 +130,10 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     let tune_dir = args.cache.configure_cubecl()?;
     for (variant, program, opt) in [
         ("tuned", &optimised, true),
-        ("optimised", &optimised, true),
+        ("untuned", &optimised, true),
         ("no-opt", &baseline, false),
     ] {
-        let mut backend = open_backend(args.device, program.training.precision, opt)?;
+        let mut backend = open_backend(args.device, program.training.precision, opt, None)?;
         if variant == "tuned" {
             tuned_kernels = crate::devices::use_tuned_kernels(backend.as_mut(), &tune_dir)?;
             if tuned_kernels == 0 {
@@ -154,7 +155,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
             eprintln!("measuring the device's copy bandwidth and matmul rate ...");
             ceilings = backend.measure_ceilings(copy, matmul);
         }
-        backend.load_state(&state);
+        backend.load_state(&state)?;
         let graphs = timed_graphs(program, opt, batch)?;
         for (graph, inputs) in &graphs {
             // The plan the device runs: sized for its bindings.
@@ -388,7 +389,7 @@ fn table(report: &BenchReport) -> String {
     let _ = writeln!(
         out,
         "  {:<24}{:>20}{:>16}{:>20}",
-        "graph", "optimised/no-opt", "tuned/no-opt", "tuned/optimised"
+        "graph", "untuned/no-opt", "tuned/no-opt", "tuned/untuned"
     );
     let median = |graph: &str, variant: &str| {
         report
@@ -404,9 +405,9 @@ fn table(report: &BenchReport) -> String {
     for m in report
         .measurements
         .iter()
-        .filter(|m| m.variant == "optimised")
+        .filter(|m| m.variant == "untuned")
     {
-        let (tuned, optimised, baseline) = (
+        let (tuned, untuned, baseline) = (
             median(&m.graph, "tuned"),
             Some(m.median_ms),
             median(&m.graph, "no-opt"),
@@ -415,9 +416,9 @@ fn table(report: &BenchReport) -> String {
             out,
             "  {:<24}{:>20}{:>16}{:>20}",
             m.graph,
-            ratio(baseline, optimised),
+            ratio(baseline, untuned),
             ratio(baseline, tuned),
-            ratio(optimised, tuned)
+            ratio(untuned, tuned)
         );
     }
     out

@@ -24,6 +24,7 @@ pub(crate) fn check(path: &Path) -> Result<()> {
 
 /// `explain`: print the fusion plan for a device binding that many buffers per kernel.
 /// `json`: stdout is kept for a JSON report, so the summary line goes to stderr.
+/// Lowers the spec at `path`; writes the artifact to `output` when there is one.
 pub(crate) fn compile(
     path: &Path,
     output: Option<PathBuf>,
@@ -32,19 +33,23 @@ pub(crate) fn compile(
 ) -> Result<()> {
     let (loaded, text) = spec::load_with_text(path)?;
     let program = lower_loaded(&loaded, LowerOptions::default())?;
-    let output = output.unwrap_or_else(|| path.with_extension("altc"));
-    files::refuse_overwrite(&output, &[("spec", path)])?;
     let artifact = Artifact::new(&path.display().to_string(), &text, program);
-    artifact.write(&output)?;
+    if let Some(output) = &output {
+        files::refuse_overwrite(output, &[("spec", path)])?;
+        artifact.write(output)?;
+    }
     let nodes: usize = artifact.program.graphs.iter().map(|g| g.len()).sum();
     if let Some(bindings) = explain {
         let baseline = lower_loaded(&loaded, lower_options(true))?;
         emit(&explain_fusion(&artifact.program, &baseline, bindings)?)?;
     }
+    let written = match &output {
+        Some(output) => format!("-> {}", output.display()),
+        None => "(no artifact written: -o writes one)".into(),
+    };
     let line = format!(
-        "compiled {} -> {} ({} graphs, {} nodes, {} trainable parameters)\n",
+        "compiled {} {written} ({} graphs, {} nodes, {} trainable parameters)\n",
         path.display(),
-        output.display(),
         artifact.program.graphs.len(),
         nodes,
         summary::thousands(artifact.program.params.trainable_count())

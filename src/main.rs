@@ -44,7 +44,8 @@ enum Command {
     Compile {
         /// The model spec (`.ron`).
         spec: PathBuf,
-        /// Where to write the artifact [default: the spec's name with `.altc`].
+        /// Where to write the artifact [default: the spec's name with `.altc`; with
+        /// --explain or --cuda-arch, no artifact unless this names one].
         #[arg(short, long)]
         output: Option<PathBuf>,
         /// Print the fusion groups of every training graph and their planned cost
@@ -132,20 +133,25 @@ fn main() -> ExitCode {
             batch_size,
             no_opt,
             json,
-        } => compile(&spec, output, explain.then_some(bindings as usize), json).and_then(|()| {
-            let Some(CudaTargets(targets)) = cuda_arch else {
-                return Ok(());
-            };
-            let program = load_program(&spec, lower_options(no_opt))?;
-            let batch = batch_size.map_or(program.training.batch_size, |b| b as usize);
-            let options = cuda_check::CudaCheck {
-                targets,
-                fused: !no_opt,
-                batch,
-                json,
-            };
-            cuda_check::cuda_check(&program, &options)
-        }),
+        } => {
+            // Explaining or checking is reading: it writes an artifact only when asked.
+            let inspecting = explain || cuda_arch.is_some();
+            let output = output.or_else(|| (!inspecting).then(|| spec.with_extension("altc")));
+            compile(&spec, output, explain.then_some(bindings as usize), json).and_then(|()| {
+                let Some(CudaTargets(targets)) = cuda_arch else {
+                    return Ok(());
+                };
+                let program = load_program(&spec, lower_options(no_opt))?;
+                let batch = batch_size.map_or(program.training.batch_size, |b| b as usize);
+                let options = cuda_check::CudaCheck {
+                    targets,
+                    fused: !no_opt,
+                    batch,
+                    json,
+                };
+                cuda_check::cuda_check(&program, &options)
+            })
+        }
         Command::Inspect {
             artifact,
             dot,

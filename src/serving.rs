@@ -2,7 +2,7 @@
 //! retrieval on the device, and what altc sees of this machine.
 
 use crate::console::emit;
-use crate::devices::{open_backend, Device};
+use crate::devices::{open_backend_for, Device};
 use altc_compiler::artifact::Artifact;
 use altc_runtime::checkpoint::Checkpoint;
 use altc_runtime::data::{write_f32_safetensors, Dataset};
@@ -27,16 +27,21 @@ pub enum Side {
 pub struct EmbedArgs {
     /// The run directory (holds `model.altc` and `checkpoint.safetensors`).
     run_dir: PathBuf,
+    /// The paired dataset (safetensors) whose items to embed: every pair's target
+    /// side with `--side key`, its source side with `--side query`.
     #[arg(long)]
     data: PathBuf,
     /// The direction, e.g. `image_to_text`.
     #[arg(long)]
     direction: String,
+    /// `key`: the direction's target side, what `retrieve` searches; `query`: its
+    /// source side.
     #[arg(long, value_enum, default_value_t = Side::Key)]
     side: Side,
     /// Where to write the vector store (safetensors); never one of the inputs.
     #[arg(short, long)]
     output: PathBuf,
+    /// Where to run: auto, cuda, wgpu or reference (`--help` says how auto chooses).
     #[arg(long, value_enum, default_value_t = Device::Auto)]
     device: Device,
 }
@@ -58,6 +63,7 @@ pub struct RetrieveArgs {
     /// [default: 10, or the store's size if smaller].
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     k: Option<u64>,
+    /// Where to run: auto, cuda, wgpu or reference (`--help` says how auto chooses).
     #[arg(long, value_enum, default_value_t = Device::Auto)]
     device: Device,
 }
@@ -75,9 +81,8 @@ fn load_run(run_dir: &Path, device: Device) -> Result<Loaded> {
         &state_shapes(&program),
         program.dtype,
     )?;
-    let mut backend = open_backend(device, program.training.precision, true)?;
-    eprintln!("device: {}", backend.describe());
-    backend.load_state(&ckpt.state);
+    let mut backend = open_backend_for(device, &program, true)?;
+    backend.load_state(&ckpt.state)?;
     Ok(Loaded { program, backend })
 }
 

@@ -2,7 +2,7 @@
 //! runs them, with a progress bar, checkpoints in a run directory, and recalls.
 
 use crate::console::emit;
-use crate::devices::{open_backend, Device};
+use crate::devices::{open_backend_for, Device};
 use crate::files::{self, DataFile, DataIdentity};
 use crate::model::{load_model, load_program, lower_options, LoadedModel};
 use altc_compiler::artifact::{remove_stale_temporaries, Artifact};
@@ -15,7 +15,7 @@ use altc_runtime::synth::{write_planted, SynthOptions};
 use altc_runtime::training::{checkpoint_path, state_shapes, StepReport, TrainOptions, Trainer};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{ProgressBar, ProgressState, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -31,6 +31,7 @@ pub enum DataCommand {
         /// Pairs to write: 2 to 16,777,216.
         #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(2..=1 << 24))]
         pairs: u64,
+        /// Seed of the random draws: the same seed writes the same file.
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// Shared latent factors per pair: 1 to 65,536.
@@ -61,16 +62,22 @@ pub struct RunArgs {
     /// The paired dataset (safetensors) [default with --resume: the run's].
     #[arg(long, required_unless_present = "resume")]
     data: Option<PathBuf>,
+    /// Where to run: auto, cuda, wgpu or reference (`--help` says how auto chooses).
     #[arg(long, value_enum, default_value_t = Device::Auto)]
     device: Device,
-    /// Total steps, 1 to 4,294,967,296 [default: the spec's training duration].
+    /// The step to stop at, 1 to 4,294,967,296 [default: the spec's training
+    /// duration; with --resume, the run's]. A fresh run's learning-rate and
+    /// weight-decay schedules span these steps. A resumed run keeps the span it
+    /// started with: resumed past it, the extra steps run at the schedules' final
+    /// values (a finished cosine stays at its end rate instead of rising again).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=altc_compiler::spec::MAX_STEPS as u64))]
     steps: Option<u64>,
     /// Pairs per step: 2 to 65,536 for a model with a contrastive loss, else 1 to
     /// 65,536 [default: the spec's batch size].
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=altc_compiler::spec::MAX_BATCH as u64))]
     batch_size: Option<u64>,
-    /// [default: the spec's seed]
+    /// Seed of initialisation, data order, task draws and dropout [default: the
+    /// spec's seed].
     #[arg(long)]
     seed: Option<u64>,
     /// Pairs held out for the recalls: 1 to half the dataset [default: 512].
@@ -82,9 +89,9 @@ pub struct RunArgs {
     /// The run directory [default: runs/<model name>].
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Continue the run in the run directory, with its data, seed, batch size and
-    /// held-out split (given again, they must match). A run killed before its first
-    /// checkpoint starts again from step 0.
+    /// Continue the run in the run directory from its checkpoint, with its data,
+    /// seed, batch size, held-out split and schedules (given again, they must
+    /// match). A run killed before its first checkpoint starts again from step 0.
     #[arg(long, conflicts_with = "force")]
     resume: bool,
     /// Start afresh in a run directory that holds another run, deleting its
@@ -108,6 +115,7 @@ pub struct EvalArgs {
     /// The paired dataset [default: the one the run trained on].
     #[arg(long)]
     data: Option<PathBuf>,
+    /// Where to run: auto, cuda, wgpu or reference (`--help` says how auto chooses).
     #[arg(long, value_enum, default_value_t = Device::Auto)]
     device: Device,
     /// One kernel per op, no fusion.
@@ -122,7 +130,12 @@ struct RunRecord {
     seed: u64,
     batch_size: usize,
     held_out: usize,
+    /// The step the run stops at.
     steps: usize,
+    /// The steps its schedules span: its first length, kept when it is extended
+    /// (0 in records from before altc kept it: the same as `steps`).
+    #[serde(default)]
+    schedule_steps: usize,
 }
 
 const DEFAULT_HELD_OUT: usize = 512;
@@ -258,8 +271,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     } else {
         None
     };
-    let mut backend = open_backend(args.device, program.training.precision, !args.no_opt)?;
-    eprintln!("device: {}", backend.describe());
+    let mut backend = open_backend_for(args.device, program, !args.no_opt)?;
     if let Some(dir) = &tune_dir {
         crate::devices::use_tuned_kernels(backend.as_mut(), dir)?;
     }
@@ -328,6 +340,7 @@ pub fn run(args: RunArgs) -> Result<()> {
                 .map_or(program.training.batch_size, |b| b as usize),
             held_out: args.held_out.map_or(DEFAULT_HELD_OUT, |h| h as usize),
             steps: 0,
+            schedule_steps: 0,
         };
         (record, data, false)
     };
@@ -347,12 +360,16 @@ pub fn run(args: RunArgs) -> Result<()> {
         }
         tasks.push(compiled.task);
     }
+    // A resumed run keeps its length unless told otherwise, and its schedules' span
+    // always.
+    let resumed_length = (args.resume && record.steps > 0).then_some(record.steps);
+    let schedule_steps = resumed_length.map(|steps| match record.schedule_steps {
+        0 => steps,
+        span => span,
+    });
     let options = TrainOptions {
-        // A resumed run keeps its length (and so its schedules) unless told otherwise.
-        steps: args
-            .steps
-            .map(|s| s as usize)
-            .or((args.resume && record.steps > 0).then_some(record.steps)),
+        steps: args.steps.map(|s| s as usize).or(resumed_length),
+        schedule_steps,
         batch_size: record.batch_size,
         seed: record.seed,
         held_out: record.held_out,
@@ -373,8 +390,12 @@ pub fn run(args: RunArgs) -> Result<()> {
     // (from step 0, writing the model then).
     let record = RunRecord {
         steps: trainer.total_steps(),
+        schedule_steps: trainer.schedule_steps(),
         ..record
     };
+    if args.resume {
+        say_where_resumed(&trainer);
+    }
     record.write(&run_dir)?;
     let kept = run_dir.join("model.altc");
     if !kept.exists() {
@@ -384,11 +405,19 @@ pub fn run(args: RunArgs) -> Result<()> {
 
     let total = trainer.total_steps();
     let bar = ProgressBar::new(total as u64).with_position(trainer.step_index() as u64);
+    // The rate counts this process's steps only, not those a resumed run starts at.
+    bar.reset_eta();
     bar.set_style(
         ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}, {per_sec}] {msg}",
+            "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}, {rate}] {msg}",
         )
-        .expect("valid template"),
+        .expect("valid template")
+        .with_key(
+            "rate",
+            |state: &ProgressState, w: &mut dyn std::fmt::Write| {
+                let _ = write!(w, "{:.1} steps/s", state.per_sec());
+            },
+        ),
     );
     let mut last: Option<StepReport> = None;
     while trainer.step_index() < total {
@@ -447,8 +476,8 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         program.dtype,
     )?;
     let split = data.split(record.held_out, record.seed)?;
-    let mut backend = open_backend(args.device, program.training.precision, !args.no_opt)?;
-    backend.load_state(&ckpt.state);
+    let mut backend = open_backend_for(args.device, &program, !args.no_opt)?;
+    backend.load_state(&ckpt.state)?;
     let r =
         recalls(&program, backend.as_mut(), &data, &split.held_out).context("computing recalls")?;
     emit(&format!(
@@ -457,6 +486,24 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         record.steps,
         recall_table(&r)
     ))
+}
+
+/// Says where a resumed run picks up, and how its schedules go on.
+fn say_where_resumed(trainer: &Trainer) {
+    let (at, total, span) = (
+        trainer.step_index(),
+        trainer.total_steps(),
+        trainer.schedule_steps(),
+    );
+    let (lr, _) = trainer.schedules_at(at);
+    eprintln!("resuming at step {at} of {total} (learning rate {lr:.3e})");
+    if total > span {
+        let (end, _) = trainer.schedules_at(span);
+        eprintln!(
+            "its schedules span the first {span} steps, so steps {} to {total} run at their final values (learning rate {end:.3e}); to train {total} steps on one full schedule, start a new run",
+            span.max(at) + 1,
+        );
+    }
 }
 
 fn describe(r: &StepReport) -> String {

@@ -19,6 +19,7 @@ use std::path::PathBuf;
 pub struct TuneArgs {
     /// The model: a spec (`.ron`) or a compiled artifact (`.altc`).
     model: PathBuf,
+    /// Where to run: auto, cuda, wgpu or reference (`--help` says how auto chooses).
     #[arg(long, value_enum, default_value = "auto")]
     device: Device,
     /// Batch size to tune for [default: the spec's].
@@ -38,18 +39,17 @@ pub fn tune(args: TuneArgs) -> Result<()> {
         .batch_size
         .unwrap_or(program.training.batch_size)
         .max(1);
-    let mut backend = open_backend(args.device, program.training.precision, true)?;
+    let mut backend = open_backend(args.device, program.training.precision, true, None)?;
     let Some(scope) = backend.tuning_scope() else {
         anyhow::bail!(
             "{} has no tunable kernels; tune on a device (--device wgpu or cuda)",
             backend.describe()
         );
     };
-    eprintln!("device: {}", backend.describe());
     eprintln!("tuning scope: {scope}");
     backend.set_tuning(TuningMode::Tune);
     let state = altc_runtime::training::initial_state(&program, program.training.seed);
-    backend.load_state(&state);
+    backend.load_state(&state)?;
     let graphs = timed_graphs(&program, true, batch)?;
     let mut reported = 0;
     for (i, (graph, inputs)) in graphs.iter().enumerate() {
@@ -59,20 +59,27 @@ pub fn tune(args: TuneArgs) -> Result<()> {
             .with_context(|| format!("running {} while tuning", graph.name))?;
         let decisions = backend.tuned_kernels();
         for d in &decisions[reported..] {
-            eprintln!(
-                "  {}: {} candidates tried, best {}",
-                d.key,
-                d.candidates.len(),
-                d.winner
-            );
+            if d.measured() {
+                eprintln!(
+                    "  {}: {} of {} candidates measured, best {}",
+                    d.key,
+                    d.tried,
+                    d.candidates.len(),
+                    d.winner
+                );
+            } else {
+                eprintln!("  {}: cached choice {}", d.key, d.winner);
+            }
         }
         reported = decisions.len();
     }
     let decisions = backend.tuned_kernels();
     Manifest::record(&dir, &scope, &decisions)?;
+    let measured = decisions.iter().filter(|d| d.measured()).count();
     eprintln!(
-        "{} kernels tuned; recorded in {}",
+        "{} kernels: {measured} measured now, {} from the cache; recorded in {}",
         decisions.len(),
+        decisions.len() - measured,
         dir.display()
     );
     if args.json {

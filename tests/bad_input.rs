@@ -521,3 +521,41 @@ fn leftovers_of_killed_writes_go_and_a_run_killed_before_its_first_checkpoint_re
         straight.replace(s(&dir.join("straight")), "")
     );
 }
+
+#[test]
+fn a_model_past_the_devices_largest_buffer_is_one_error_before_any_work() {
+    // lavapipe holds at most 128 MiB in one buffer; the paper model's expert weights
+    // are 192 MiB each. Elsewhere (a GPU's larger buffers) there is nothing to show.
+    let doctor = stdout(&altc(&["doctor"]));
+    if !doctor.contains("128.0 MiB per buffer") {
+        eprintln!("skipped: no Vulkan device with lavapipe's 128 MiB buffers");
+        return;
+    }
+    let dir = folder("too-big-for-the-device");
+    let data = dir.join("paper.safetensors");
+    synth("models/alt_moe.ron", &data, 8, 0);
+    let run = dir.join("run");
+    let args = [
+        "run",
+        "models/alt_moe.ron",
+        "--data",
+        s(&data),
+        "--device",
+        "wgpu",
+        "--batch-size",
+        "2",
+        "--held-out",
+        "2",
+        "--steps",
+        "1",
+        "--out",
+        s(&run),
+    ];
+    let error = assert_clean_failure(&altc(&args));
+    assert!(
+        error.contains("state tensor `experts.w1` is a [12, 2048, 2048] tensor of 192.0 MiB, larger than the 128.0 MiB one buffer may hold"),
+        "{error}"
+    );
+    assert!(error.contains("another device"), "{error}");
+    assert!(!run.exists(), "a refused run leaves no run directory");
+}

@@ -74,6 +74,12 @@ fn compile_then_inspect_the_tiny_model() {
     assert!(dot.starts_with("digraph altc {"), "{dot}");
     assert!(dot.contains("label=\"image.key\""), "{dot}");
     assert!(dot.contains("g0_0 -> "), "{dot}");
+    // Line breaks in labels are DOT's `\n`, never an escaped backslash.
+    assert!(dot.contains(r"\n=> embedding"), "{dot}");
+    assert!(
+        !dot.contains(r"\\n"),
+        "a literal backslash-n in a label: {dot}"
+    );
     assert!(
         !dot.contains("image_to_text.loss"),
         "only the selected graph: {dot}"
@@ -176,6 +182,12 @@ fn synth_run_eval_and_resume_the_tiny_model() {
 
     let o = altc(&["eval", r]);
     assert!(o.status.success(), "{}", stderr(&o));
+    // The first thing eval says is the device it chose, and why (auto).
+    let said = stderr(&o);
+    assert!(
+        said.starts_with("device: ") && said.contains("(auto: "),
+        "{said}"
+    );
     let eval = stdout(&o);
     assert!(eval.starts_with("checkpoint at step 4 of 4"), "{eval}");
     // eval recomputes exactly the recalls the run reported.
@@ -187,13 +199,23 @@ fn synth_run_eval_and_resume_the_tiny_model() {
     };
     assert_eq!(table(&eval), table(&out));
 
+    // Resuming past the run's length extends it; its schedules keep their span, so
+    // the extra steps run at the final learning rate instead of warming up again.
     let o = train(&["--steps", "6", "--resume"]);
     assert!(o.status.success(), "{}", stderr(&o));
+    let said = stderr(&o);
+    assert!(said.contains("resuming at step 4 of 6"), "{said}");
     assert!(
-        stdout(&o).contains("final step 5:"),
-        "resumed at step 4 and ran 2 more: {}",
+        said.contains("its schedules span the first 4 steps, so steps 5 to 6 run at their final values (learning rate 5.500e-6)"),
+        "{said}"
+    );
+    assert!(
+        stdout(&o).contains("final step 5:") && stdout(&o).contains("lr 5.50e-6"),
+        "resumed at step 4 and ran 2 more at the final rate: {}",
         stdout(&o)
     );
+    let err = assert_clean_failure(&train(&["--steps", "5", "--resume"]));
+    assert!(err.contains("the run is at step 6 already"), "{err}");
 
     let store = dir.join("keys.safetensors");
     let st = store.to_str().unwrap();
@@ -265,6 +287,8 @@ fn a_dataset_for_another_model_is_refused_by_name() {
     let data = dir.join("paper.safetensors");
     // The paper-scale model's modalities are far wider than the tiny model's.
     synth("models/alt_moe_audio.ron", &data, 2, 0);
+    // A run directory of its own: the default, runs/alt_moe_tiny, may hold the run
+    // of the README's first command.
     let err = assert_clean_failure(&altc(&[
         "run",
         "models/alt_moe_tiny.ron",
@@ -272,11 +296,92 @@ fn a_dataset_for_another_model_is_refused_by_name() {
         data.to_str().unwrap(),
         "--device",
         "reference",
+        "--out",
+        dir.join("run").to_str().unwrap(),
     ]));
     assert!(
         err.contains("`text.tokens` is [2, 77, 4096], but the model expects [2, 6, 24]"),
         "{err}"
     );
+}
+
+#[test]
+fn explaining_a_spec_writes_no_artifact_beside_it() {
+    let dir = scratch("explain-only");
+    std::fs::create_dir_all(&dir).unwrap();
+    let spec = dir.join("tiny.ron");
+    std::fs::copy("models/alt_moe_tiny.ron", &spec).unwrap();
+    let o = altc(&["compile", spec.to_str().unwrap(), "--explain"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("no artifact written"), "{}", stdout(&o));
+    assert!(
+        !dir.join("tiny.altc").exists(),
+        "--explain wrote an artifact"
+    );
+    let o = altc(&["compile", spec.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        dir.join("tiny.altc").exists(),
+        "compile writes beside the spec"
+    );
+}
+
+#[test]
+fn every_option_of_every_command_says_what_it_is() {
+    let commands: [&[&str]; 12] = [
+        &["check"],
+        &["compile"],
+        &["inspect"],
+        &["data", "synth"],
+        &["run"],
+        &["eval"],
+        &["embed"],
+        &["retrieve"],
+        &["doctor"],
+        &["bench"],
+        &["tune"],
+        &["data"],
+    ];
+    for command in commands {
+        let o = altc(&[command, &["-h"]].concat());
+        assert!(o.status.success(), "{command:?}: {}", stderr(&o));
+        // Each option's description follows it on its line (after two spaces) or,
+        // where clap lays help out below the options, on the next line.
+        let help = stdout(&o);
+        let lines: Vec<&str> = help.lines().collect();
+        for (i, line) in lines.iter().enumerate() {
+            let item = line.trim_start();
+            if !item.starts_with('-') {
+                continue;
+            }
+            // A default alone (`[default: 0]`) is no description.
+            let says = |text: &str| !text.is_empty() && !text.starts_with(['-', '[']);
+            let same_line = item
+                .split_once("  ")
+                .is_some_and(|(_, text)| says(text.trim()));
+            let next_line = lines.get(i + 1).is_some_and(|next| {
+                let text = next.trim_start();
+                says(text) && next.len() - text.len() > 6
+            });
+            assert!(
+                same_line || next_line,
+                "`altc {}`: `{item}` has no help",
+                command.join(" ")
+            );
+        }
+    }
+}
+
+#[test]
+fn no_mesa_runtime_dir_warning_without_xdg_runtime_dir() {
+    let o = Command::new(env!("CARGO_BIN_EXE_altc"))
+        .args(["doctor"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_remove("XDG_RUNTIME_DIR")
+        .output()
+        .expect("altc runs");
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("XDG_RUNTIME_DIR"), "{}", stderr(&o));
 }
 
 #[test]
@@ -324,7 +429,7 @@ fn bench_json_times_every_graph_optimised_and_baseline() {
         "retrieve",
     ];
     for graph in graphs {
-        for variant in ["optimised", "no-opt"] {
+        for variant in ["untuned", "no-opt"] {
             let m = measurements
                 .iter()
                 .find(|m| m["graph"] == graph && m["variant"] == variant)
@@ -366,24 +471,27 @@ fn bench_json_times_every_graph_optimised_and_baseline() {
 fn tuning_cache_survives_a_restart_and_foreign_entries_are_ignored() {
     let cache = scratch("tune-cache");
     let c = cache.to_str().unwrap();
-    let o = altc(&[
-        "tune",
-        "models/alt_moe_tiny.ron",
-        "--device",
-        "wgpu",
-        "--batch-size",
-        "4",
-        "--tune-cache",
-        c,
-        "--json",
-    ]);
+    let tune = |extra: &[&str]| {
+        let args = [
+            "tune",
+            "models/alt_moe_tiny.ron",
+            "--device",
+            "wgpu",
+            "--batch-size",
+            "4",
+            "--tune-cache",
+            c,
+        ];
+        altc(&[&args[..], extra].concat())
+    };
+    let o = tune(&["--json"]);
     if !o.status.success() && stderr(&o).contains("not available") {
         eprintln!("skipping: {}", stderr(&o));
         return;
     }
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(
-        stderr(&o).contains("candidates tried, best"),
+        stderr(&o).contains("candidates measured, best") && stderr(&o).contains("from the cache"),
         "{}",
         stderr(&o)
     );
@@ -401,6 +509,21 @@ fn tuning_cache_survives_a_restart_and_foreign_entries_are_ignored() {
     }
     let manifest = cache.join("altc-tuning.json");
     assert!(manifest.exists());
+    // Tuning again measures nothing: every choice comes from the cache, and says so.
+    let again = tune(&[]);
+    assert!(again.status.success(), "{}", stderr(&again));
+    let log = stderr(&again);
+    assert!(
+        log.contains("cached choice") && !log.contains("candidates measured"),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!(
+            ": 0 measured now, {} from the cache",
+            kernels.len()
+        )),
+        "{log}"
+    );
 
     let data = scratch("tune-pairs.safetensors");
     synth_tiny(&data, 64);
@@ -432,7 +555,7 @@ fn tuning_cache_survives_a_restart_and_foreign_entries_are_ignored() {
         "{log}"
     );
     assert!(
-        !log.contains("candidates tried"),
+        !log.contains("candidates measured"),
         "a cached run does not tune: {log}"
     );
 
@@ -454,7 +577,7 @@ fn tuning_cache_survives_a_restart_and_foreign_entries_are_ignored() {
     assert!(o.status.success(), "{}", stderr(&o));
     let report: serde_json::Value = serde_json::from_str(&stdout(&o)).expect("valid JSON");
     let measurements = report["measurements"].as_array().unwrap();
-    for variant in ["tuned", "optimised", "no-opt"] {
+    for variant in ["tuned", "untuned", "no-opt"] {
         assert_eq!(
             measurements
                 .iter()

@@ -31,6 +31,11 @@ pub fn second_moment(p: &str) -> String {
 pub fn step_count(p: &str) -> String {
     format!("adamw.step.{p}")
 }
+
+/// Whether a state name is optimizer state (a moment or step count), not a parameter.
+pub fn is_optimizer_state(name: &str) -> bool {
+    name.starts_with("adamw.")
+}
 pub use crate::outputs::{gradient, updated};
 
 /// One schedule task's training graph.

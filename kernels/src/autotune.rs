@@ -52,6 +52,17 @@ pub struct TunedKernel {
     pub key: KernelKey,
     pub candidates: Vec<String>,
     pub winner: String,
+    /// Candidates this process ran to decide: all of them when it measured, one
+    /// when cubecl's cache already held the choice.
+    #[serde(default)]
+    pub tried: usize,
+}
+
+impl TunedKernel {
+    /// Whether the choice was measured now rather than read from the cache.
+    pub fn measured(&self) -> bool {
+        self.tried > 1
+    }
 }
 
 /// Tuning policy and decisions of one `Kernels`.
@@ -113,6 +124,9 @@ pub(crate) trait TunableLaunch: Clone + Send + Sync + 'static {
 
     fn run(&self, with: Self::With) -> Vec<Handle> {
         *self.record().ran.lock().expect("candidate record") = Some(with);
+        let mut tried = self.record().tried.lock().expect("candidate record");
+        tried.insert(with.name());
+        drop(tried);
         self.launch(with)
     }
 }
@@ -123,6 +137,8 @@ pub(crate) trait TunableLaunch: Clone + Send + Sync + 'static {
 pub(crate) struct LaunchRecord<S> {
     pub key: KernelKey,
     ran: Arc<Mutex<Option<S>>>,
+    /// The candidates run so far, by name.
+    tried: Arc<Mutex<HashSet<String>>>,
 }
 
 impl<S> LaunchRecord<S> {
@@ -130,6 +146,7 @@ impl<S> LaunchRecord<S> {
         LaunchRecord {
             key,
             ran: Arc::new(Mutex::new(None)),
+            tried: Arc::default(),
         }
     }
 }
@@ -176,6 +193,12 @@ impl Tuning {
             key: launch.key().clone(),
             candidates: all.iter().map(Candidate::name).collect(),
             winner: winner.name(),
+            tried: launch
+                .record()
+                .tried
+                .lock()
+                .expect("candidate record")
+                .len(),
         });
         outputs
     }

@@ -31,6 +31,70 @@ pub enum BackendError {
         origin: String,
         elements: u64,
     },
+    #[error(transparent)]
+    DoesNotFit(Box<FitError>),
+}
+
+impl From<FitError> for BackendError {
+    fn from(e: FitError) -> Self {
+        BackendError::DoesNotFit(Box::new(e))
+    }
+}
+
+/// A tensor bytes the device cannot hold in one buffer, or a run whose memory the
+/// machine cannot hold, found before anything is allocated for it.
+#[derive(Debug, Error)]
+pub enum FitError {
+    #[error(
+        "{what} is a {shape:?} tensor of {size}, larger than the {limit} one buffer may \
+         hold on {device}: {advice}"
+    )]
+    Buffer {
+        what: String,
+        /// What would make it fit.
+        advice: &'static str,
+        shape: Vec<usize>,
+        size: Bytes,
+        limit: Bytes,
+        device: String,
+    },
+    #[error(
+        "graph `{graph}` needs {needed} at its peak (intermediates {peak} and resident \
+         tensors {resident}), more than this machine's {memory}, which {device} computes \
+         in: use a smaller --batch-size, or a GPU (--device cuda)"
+    )]
+    Memory {
+        graph: String,
+        needed: Bytes,
+        peak: Bytes,
+        resident: Bytes,
+        memory: Bytes,
+        device: String,
+    },
+}
+
+impl FitError {
+    /// For a tensor whose size the batch sets.
+    pub const SMALLER_BATCH: &'static str = "use a smaller --batch-size, or another device \
+         (--device cuda on an NVIDIA GPU, --device reference on the CPU)";
+    /// For a tensor of the model itself.
+    pub const OTHER_DEVICE: &'static str = "run the model on another device (--device cuda \
+         on an NVIDIA GPU, --device reference on the CPU), or make it smaller";
+}
+
+/// A byte count shown in MiB or GiB.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Bytes(pub u64);
+
+impl std::fmt::Display for Bytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mib = self.0 as f64 / (1u64 << 20) as f64;
+        if mib >= 1024.0 {
+            write!(f, "{:.1} GiB", mib / 1024.0)
+        } else {
+            write!(f, "{mib:.1} MiB")
+        }
+    }
 }
 
 /// One kernel of a profiled run: what it is and how long it took, launch to
@@ -47,8 +111,9 @@ pub trait Backend: Send {
     /// A line saying what this is (`reference`, `wgpu: llvmpipe ...`).
     fn describe(&self) -> String;
 
-    /// Replaces the resident state (parameters and optimizer tensors).
-    fn load_state(&mut self, state: &TensorMap);
+    /// Replaces the resident state (parameters and optimizer tensors); refuses state
+    /// the device cannot hold, before uploading any of it.
+    fn load_state(&mut self, state: &TensorMap) -> Result<(), BackendError>;
 
     /// Copies the resident state to the host (for checkpoints).
     fn read_state(&mut self) -> TensorMap;
@@ -67,6 +132,11 @@ pub trait Backend: Send {
     /// Applies the updates staged by the last `run`; a run whose results were
     /// rejected (a NaN) is simply not committed.
     fn commit(&mut self);
+
+    /// The most bytes one buffer may hold (`None`: no device limit).
+    fn max_buffer_bytes(&self) -> Option<u64> {
+        None
+    }
 
     /// Kernel launches of the last `run`, on backends that launch kernels.
     fn kernel_launches(&self) -> Option<usize> {
@@ -134,8 +204,9 @@ impl Backend for ReferenceBackend {
         "reference interpreter (CPU, plain Rust)".into()
     }
 
-    fn load_state(&mut self, state: &TensorMap) {
+    fn load_state(&mut self, state: &TensorMap) -> Result<(), BackendError> {
         self.state = state.clone();
+        Ok(())
     }
 
     fn read_state(&mut self) -> TensorMap {

@@ -11,3 +11,32 @@ pub fn host_memory_bytes() -> Option<u64> {
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
 }
+
+/// Mesa's Vulkan loader wants `XDG_RUNTIME_DIR` to name a private directory and says
+/// so on every device it opens when it does not. Where it is unset or not a
+/// directory, point it at a private one under the temporary directory, once, before
+/// the first device opens.
+pub fn ensure_runtime_dir() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let valid = std::env::var_os("XDG_RUNTIME_DIR")
+            .is_some_and(|dir| std::path::Path::new(&dir).is_dir());
+        if valid {
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("altc-runtime-{}", user_id()));
+        let made = std::fs::create_dir_all(&dir).and_then(|()| {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+        });
+        if made.is_ok() {
+            std::env::set_var("XDG_RUNTIME_DIR", &dir);
+        }
+    });
+}
+
+/// The user id, from the owner of /proc/self (no libc call needed).
+fn user_id() -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").map_or(0, |m| m.uid())
+}

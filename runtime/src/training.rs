@@ -33,15 +33,8 @@ pub enum TrainError {
         #[source]
         source: EvalError,
     },
-    #[error("step {step}, direction {task}: {what} is not finite; the first non-finite value is node {node} (`{op}`, from {origin}); the last good checkpoint is kept")]
-    NonFinite {
-        step: usize,
-        task: String,
-        what: String,
-        node: usize,
-        op: String,
-        origin: String,
-    },
+    #[error(transparent)]
+    NonFinite(Box<NonFiniteStep>),
     #[error("step {step} ({task}): {source}")]
     Backend {
         step: usize,
@@ -55,8 +48,13 @@ pub enum TrainError {
 
 #[derive(Clone, Debug)]
 pub struct TrainOptions {
-    /// Total steps of the run; `None` takes the spec's duration.
+    /// The step the run stops at; `None` takes the spec's duration.
     pub steps: Option<usize>,
+    /// The steps the learning-rate and weight-decay schedules span; `None`: the
+    /// run's own length. A resumed run keeps the span it started with, so a run
+    /// extended past it continues at its schedules' final values instead of
+    /// restarting them.
+    pub schedule_steps: Option<usize>,
     pub batch_size: usize,
     pub seed: u64,
     /// Pairs held out for retrieval metrics.
@@ -64,6 +62,34 @@ pub struct TrainOptions {
     pub checkpoint_every: usize,
     pub run_dir: PathBuf,
     pub resume: bool,
+}
+
+/// A step that produced a non-finite loss or update: where the first non-finite
+/// value appeared, and what the run directory keeps.
+#[derive(Debug, Error)]
+#[error("step {step}, direction {task}: {what} is not finite; the first non-finite value is node {node} (`{op}`, from {origin}); {kept}")]
+pub struct NonFiniteStep {
+    pub step: usize,
+    pub task: String,
+    pub what: String,
+    pub node: usize,
+    pub op: String,
+    pub origin: String,
+    pub kept: KeptCheckpoint,
+}
+
+/// The checkpoint a stopped run leaves to go back to: the step of the last one
+/// written or resumed from, or none yet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeptCheckpoint(pub Option<usize>);
+
+impl std::fmt::Display for KeptCheckpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(step) => write!(f, "the checkpoint of step {step} is kept"),
+            None => write!(f, "no checkpoint was written before it"),
+        }
+    }
 }
 
 /// What one step did.
@@ -85,7 +111,12 @@ pub struct Trainer<'p> {
     split: Split,
     backend: Box<dyn Backend>,
     step: usize,
+    /// What the schedules span.
     run: RunLength,
+    /// The step the run stops at.
+    stop_at: usize,
+    /// The step of the last checkpoint written or resumed from.
+    last_checkpoint: Option<usize>,
     options: TrainOptions,
 }
 
@@ -136,7 +167,7 @@ impl<'p> Trainer<'p> {
             )));
         }
         let run = RunLength {
-            total_steps,
+            total_steps: options.schedule_steps.unwrap_or(total_steps),
             steps_per_epoch: per_epoch,
         };
         let Optimizer::AdamW { lr, .. } = &program.optimizer;
@@ -160,11 +191,23 @@ impl<'p> Trainer<'p> {
                     ckpt.seed, options.seed, ckpt.seed
                 )));
             }
+            if ckpt.step > total_steps {
+                return Err(TrainError::Config(format!(
+                    "the run is at step {} already; resume it with --steps {} or more",
+                    ckpt.step, ckpt.step
+                )));
+            }
             (ckpt.state, ckpt.step)
         } else {
             (initial_state(program, options.seed), 0)
         };
-        backend.load_state(&state);
+        backend
+            .load_state(&state)
+            .map_err(|source| TrainError::Backend {
+                step,
+                task: "loading the parameters".into(),
+                source,
+            })?;
         Ok(Trainer {
             program,
             tasks,
@@ -173,6 +216,8 @@ impl<'p> Trainer<'p> {
             backend,
             step,
             run,
+            stop_at: total_steps,
+            last_checkpoint: options.resume.then_some(step),
             options,
         })
     }
@@ -181,8 +226,27 @@ impl<'p> Trainer<'p> {
         self.step
     }
 
+    /// The step the run stops at.
     pub fn total_steps(&self) -> usize {
+        self.stop_at
+    }
+
+    /// The steps the schedules span (past them, they hold their final values).
+    pub fn schedule_steps(&self) -> usize {
         self.run.total_steps
+    }
+
+    /// The learning rate and weight decay at `step`.
+    pub fn schedules_at(&self, step: usize) -> (f64, f64) {
+        let Optimizer::AdamW {
+            lr,
+            weight_decay: wd,
+            ..
+        } = &self.program.optimizer;
+        (
+            learning_rate(lr, step, self.run),
+            weight_decay(wd, step, self.run),
+        )
     }
 
     /// Steps the learning rate takes to reach its peak.
@@ -209,16 +273,8 @@ impl<'p> Trainer<'p> {
             step,
             self.options.seed,
         );
+        let (lr, wd) = self.schedules_at(step);
         let task = &self.tasks[t];
-        let Optimizer::AdamW {
-            lr,
-            weight_decay: wd,
-            ..
-        } = &self.program.optimizer;
-        let (lr, wd) = (
-            learning_rate(lr, step, self.run),
-            weight_decay(wd, step, self.run),
-        );
         let pairs = self
             .split
             .batch_at(step, self.options.batch_size, self.options.seed);
@@ -260,9 +316,9 @@ impl<'p> Trainer<'p> {
             return Err(first_non_finite(
                 &task.graph,
                 &evaluation.values,
-                step,
-                &task.name,
+                (step, &task.name),
                 name,
+                KeptCheckpoint(self.last_checkpoint),
             ));
         }
         let scalar = |name: &str| {
@@ -306,6 +362,7 @@ impl<'p> Trainer<'p> {
             state: self.backend.read_state(),
         }
         .save(&checkpoint_path(&self.options.run_dir))?;
+        self.last_checkpoint = Some(self.step);
         Ok(())
     }
 
@@ -394,9 +451,9 @@ pub fn initial_state(program: &Program, seed: u64) -> TensorMap {
 fn first_non_finite(
     graph: &Graph,
     values: &[Tensor],
-    step: usize,
-    task: &str,
+    (step, task): (usize, &str),
     output: &str,
+    kept: KeptCheckpoint,
 ) -> TrainError {
     let order = graph.topo_order().unwrap_or_default();
     let bad = order
@@ -419,12 +476,13 @@ fn first_non_finite(
     } else {
         format!("`{output}`")
     };
-    TrainError::NonFinite {
+    TrainError::NonFinite(Box::new(NonFiniteStep {
         step,
         task: task.into(),
         what,
         node,
         op,
         origin,
-    }
+        kept,
+    }))
 }

@@ -151,6 +151,7 @@ mod tests {
             },
             candidates: candidates.iter().map(|c| c.to_string()).collect(),
             winner: candidates[0].to_string(),
+            tried: candidates.len(),
         }
     }
 

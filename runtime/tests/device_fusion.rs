@@ -862,7 +862,7 @@ fn an_optimizer_step_matches_the_reference_at_every_size() {
         }
         let ctx = EvalContext { seed: 1, step: 0 };
         let want = run(&graph, &feeds, &state, ctx).unwrap();
-        fused.load_state(&state);
+        fused.load_state(&state).unwrap();
         let got = fused.run(&optimised, &feeds, ctx).unwrap();
         fused.commit();
         let updated = fused.read_state();

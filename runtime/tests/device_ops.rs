@@ -525,3 +525,57 @@ fn bf16_matmuls_round_operands_and_accumulate_in_f32() {
         "bf16 rounding must be visible against f32, got {max_rounding_effect}"
     );
 }
+
+#[test]
+fn a_buffer_past_the_device_limit_is_refused_before_anything_runs() {
+    use altc_runtime::backend::{BackendError, FitError};
+    on_each_device(|device| {
+        let limit = device
+            .max_buffer_bytes()
+            .expect("devices have a buffer limit");
+        // One value broadcast (a view, no buffer) and exponentiated: the result is
+        // the only buffer, one element past the limit.
+        let n = (limit / 4 + 1) as usize;
+        let mut g = Graph::new("too-big");
+        let mut b = GraphBuilder::new(&mut g, "test");
+        let x = b.input("x", DType::F32, shape![1]).unwrap();
+        let wide = b
+            .push(
+                Op::BroadcastTo {
+                    shape: [n].into_iter().collect(),
+                },
+                &[x],
+            )
+            .unwrap();
+        let y = b.unary(UnaryOp::Exp, wide).unwrap();
+        g.set_output("y", y).unwrap();
+        let feeds = TensorMap::from([("x".to_string(), Tensor::f32(&[1], vec![0.5]))]);
+        let e = device
+            .run(&g, &feeds, EvalContext::default())
+            .expect_err("a buffer past the limit must be refused");
+        match &e {
+            // Past 32-bit indexing first where the device allows such buffers.
+            BackendError::TooLarge { .. } => assert!(n as u64 > u64::from(u32::MAX), "{e}"),
+            BackendError::DoesNotFit(fit) => {
+                let FitError::Buffer { shape, .. } = fit.as_ref() else {
+                    panic!("expected the buffer named, got {fit}");
+                };
+                assert_eq!(shape, &vec![n]);
+                let text = e.to_string();
+                assert!(
+                    text.contains("graph `too-big`") && text.contains("`exp`"),
+                    "{text}"
+                );
+                assert!(text.contains("another device"), "{text}");
+            }
+            other => panic!("expected a refusal naming the tensor, got {other}"),
+        }
+        // The device is still usable afterwards.
+        let mut small = Graph::new("small");
+        let mut b = GraphBuilder::new(&mut small, "test");
+        let x = b.input("x", DType::F32, shape![1]).unwrap();
+        let y = b.unary(UnaryOp::Exp, x).unwrap();
+        small.set_output("y", y).unwrap();
+        assert!(device.run(&small, &feeds, EvalContext::default()).is_ok());
+    });
+}

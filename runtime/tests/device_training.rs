@@ -25,6 +25,7 @@ fn trainer<'p>(
 ) -> Trainer<'p> {
     let options = TrainOptions {
         steps: Some(5),
+        schedule_steps: None,
         batch_size: 16,
         seed: 3,
         held_out: 48,

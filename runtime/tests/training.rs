@@ -49,6 +49,7 @@ fn planted(dir: &Path, program: &Program, pairs: usize) -> PathBuf {
 fn options(run_dir: &Path, steps: usize) -> TrainOptions {
     TrainOptions {
         steps: Some(steps),
+        schedule_steps: None,
         batch_size: 16,
         seed: 0,
         held_out: 64,
@@ -287,6 +288,26 @@ fn a_nan_stops_the_run_at_its_node_and_keeps_the_last_good_checkpoint() {
     write_f32_safetensors(&bad_data, &tensors, HashMap::new()).unwrap();
     let program_ref: &'static Program = Box::leak(Box::new(program.clone()));
     let tasks_ref: &'static [TrainingTask] = Box::leak(tasks.clone().into_boxed_slice());
+    // A fresh run on the poisoned data stops at its first step, before any
+    // checkpoint: it says so instead of promising one.
+    let fresh = TrainOptions {
+        run_dir: dir.join("fresh"),
+        ..opts.clone()
+    };
+    let mut first = Trainer::new(
+        program_ref,
+        tasks_ref,
+        Dataset::load(&bad_data, program_ref).unwrap(),
+        fresh,
+        Box::new(ReferenceBackend::default()),
+    )
+    .unwrap();
+    let err = first.step().expect_err("NaN data must stop the run");
+    assert!(
+        err.to_string()
+            .contains("no checkpoint was written before it"),
+        "{err}"
+    );
     let resumed = TrainOptions {
         resume: true,
         ..opts
@@ -300,12 +321,10 @@ fn a_nan_stops_the_run_at_its_node_and_keeps_the_last_good_checkpoint() {
     )
     .unwrap();
     let err = poisoned.step().expect_err("NaN data must stop the run");
-    let TrainError::NonFinite {
-        step, task, origin, ..
-    } = &err
-    else {
+    let TrainError::NonFinite(bad) = &err else {
         panic!("expected a non-finite error, got {err}");
     };
+    let (step, task, origin) = (&bad.step, &bad.task, &bad.origin);
     assert_eq!(*step, 1);
     assert_eq!(task, "text_to_image");
     assert!(
@@ -313,7 +332,7 @@ fn a_nan_stops_the_run_at_its_node_and_keeps_the_last_good_checkpoint() {
         "the image encoder is where NaN first appears: {err}"
     );
     assert!(
-        err.to_string().contains("last good checkpoint is kept"),
+        err.to_string().contains("the checkpoint of step 1 is kept"),
         "{err}"
     );
     assert_eq!(

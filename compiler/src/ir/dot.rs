@@ -35,8 +35,9 @@ pub fn to_dot(graphs: &[&Graph]) -> String {
                         .filter(|(_, o)| *o == id)
                         .map(|(n, _)| n.as_str())
                         .collect();
+                    // `\n` is DOT's line break: only the names are escaped.
                     let extra = if is_output {
-                        format!("\\n=> {}", outputs.join(", "))
+                        format!("\\n=> {}", escape(&outputs.join(", ")))
                     } else {
                         String::new()
                     };
@@ -44,7 +45,7 @@ pub fn to_dot(graphs: &[&Graph]) -> String {
                         "label=\"{}\\n{}{}\", {}{}",
                         escape(&node.op.mnemonic()),
                         node.ty,
-                        escape(&extra),
+                        extra,
                         style,
                         if is_output { ", penwidth=2" } else { "" }
                     )

@@ -4,12 +4,12 @@
 
 use super::state::{DeviceBackend, Leaves, Value};
 use super::translate::{binary_kind, cast_kind, compare_kind, reduce_kind, unary_kind};
-use crate::backend::{BackendError, KernelTiming};
+use crate::backend::{BackendError, Bytes, FitError, KernelTiming};
 use altc_compiler::fusion::{self, FusionPlan, Step};
 use altc_compiler::ir::{Dim, Graph, NodeId, Op, Shape};
 use altc_compiler::outputs::Output;
 use altc_compiler::reference::{EvalContext, Tensor};
-use altc_kernels::{ExpertMatmul, Kernels, RowTopK, UnaryKind, View};
+use altc_kernels::{ExpertMatmul, Kernels, RowTopK, UnaryKind, View, ELEMENT_BYTES};
 use cubecl::prelude::*;
 use std::collections::BTreeMap;
 
@@ -189,12 +189,7 @@ pub(super) fn indexable(
     plan: &FusionPlan,
     symbols: &BTreeMap<String, usize>,
 ) -> Result<(), BackendError> {
-    let leaves = graph.inputs().chain(graph.parameters()).map(|(_, id)| id);
-    let written = plan
-        .schedule
-        .iter()
-        .flat_map(|step| plan.step_outputs(graph, step));
-    for id in leaves.chain(written) {
+    for id in buffers(graph, plan) {
         let elements = concrete(&graph.node(id).ty.shape, symbols)
             .map_or(0, |dims| dims.iter().map(|&d| d as u64).product::<u64>());
         if elements > u64::from(u32::MAX) {
@@ -207,6 +202,17 @@ pub(super) fn indexable(
         }
     }
     Ok(())
+}
+
+/// The nodes that hold a buffer of their own in a run: the leaves, and what each
+/// step writes.
+fn buffers<'a>(graph: &'a Graph, plan: &'a FusionPlan) -> impl Iterator<Item = NodeId> + 'a {
+    let leaves = graph.inputs().chain(graph.parameters()).map(|(_, id)| id);
+    let written = plan
+        .schedule
+        .iter()
+        .flat_map(move |step| plan.step_outputs(graph, step));
+    leaves.chain(written)
 }
 
 /// The concrete shape of node `id` once the inputs bound every symbol.
@@ -226,6 +232,70 @@ pub(super) fn concrete(shape: &Shape, symbols: &BTreeMap<String, usize>) -> Opti
 }
 
 impl<R: Runtime> DeviceBackend<R> {
+    /// Refuses, before anything is allocated, a run whose buffers this device cannot
+    /// hold: one past 32-bit indexing, one past the device's largest buffer, or (on a
+    /// device computing in host memory) a planned peak past the machine's memory.
+    /// Each graph is checked once per binding of its symbols.
+    fn check_fits(
+        &mut self,
+        graph: &Graph,
+        plan: &FusionPlan,
+        symbols: &BTreeMap<String, usize>,
+    ) -> Result<(), BackendError> {
+        let key = (graph.fingerprint(), self.fuse, symbols.clone());
+        if self.fitted.contains(&key) {
+            return Ok(());
+        }
+        indexable(graph, plan, symbols)?;
+        let limit = self.buffer_limit();
+        for id in buffers(graph, plan) {
+            let Some(shape) = concrete(&graph.node(id).ty.shape, symbols) else {
+                continue;
+            };
+            let bytes = shape.iter().map(|&d| d as u64).product::<u64>() * ELEMENT_BYTES as u64;
+            if bytes > limit {
+                let node = graph.node(id);
+                let batch_sized = node.ty.shape.dims().iter().any(|d| d.fixed().is_none());
+                return Err(FitError::Buffer {
+                    advice: if batch_sized {
+                        FitError::SMALLER_BATCH
+                    } else {
+                        FitError::OTHER_DEVICE
+                    },
+                    what: format!(
+                        "graph `{}`: node {} (`{}`, from {})",
+                        graph.name,
+                        id.index(),
+                        node.op.mnemonic(),
+                        node.origin
+                    ),
+                    shape,
+                    size: Bytes(bytes),
+                    limit: Bytes(limit),
+                    device: self.identity.clone(),
+                }
+                .into());
+            }
+        }
+        if let Some(memory) = self.host_memory {
+            let peak = fusion::cost::plan_cost(graph, plan, symbols).peak_bytes;
+            let resident = fusion::cost::leaf_bytes(graph, symbols);
+            if peak + resident > memory {
+                return Err(FitError::Memory {
+                    graph: graph.name.clone(),
+                    needed: Bytes(peak + resident),
+                    peak: Bytes(peak),
+                    resident: Bytes(resident),
+                    memory: Bytes(memory),
+                    device: self.identity.clone(),
+                }
+                .into());
+            }
+        }
+        self.fitted.insert(key);
+        Ok(())
+    }
+
     /// Runs `graph` over `leaves` (see `Backend::run`).
     pub(super) fn execute(
         &mut self,
@@ -264,7 +334,7 @@ impl<R: Runtime> DeviceBackend<R> {
                 })
             })
             .clone();
-        indexable(graph, &plan, &symbols)?;
+        self.check_fits(graph, &plan, &symbols)?;
         // Release each value after the last step that reads it.
         let step_at = plan.positions(graph);
         let mut last_use = vec![0usize; graph.len()];

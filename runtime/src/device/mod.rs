@@ -13,7 +13,7 @@ mod open;
 mod state;
 mod translate;
 
-pub use open::{describe_devices, open, DeviceChoice};
+pub use open::{cuda_driver_present, describe_devices, open, vulkan_is_cpu_only, DeviceChoice};
 pub use state::DeviceBackend;
 
 // The planner's byte counts (peak, bytes moved) and the buffers the kernels allocate

@@ -62,7 +62,7 @@ pub(super) fn open_cuda(bf16_matmuls: bool, fuse: bool) -> Result<Box<dyn Backen
     use cubecl::cuda::{CudaDevice, CudaRuntime};
     // The driver bindings fail on another thread without a useful message when there
     // is no driver at all, so look for the kernel driver first.
-    if !std::path::Path::new("/proc/driver/nvidia/version").exists() {
+    if !cuda_driver_present() {
         return Err(BackendError::Unavailable(
             "CUDA is not available (no NVIDIA driver: /proc/driver/nvidia/version is missing)"
                 .into(),
@@ -80,12 +80,14 @@ pub(super) fn open_cuda(bf16_matmuls: bool, fuse: bool) -> Result<Box<dyn Backen
 
 pub(super) fn open_wgpu(fuse: bool) -> Result<Box<dyn Backend>, BackendError> {
     use cubecl::wgpu::{WgpuDevice, WgpuRuntime};
+    crate::host::ensure_runtime_dir();
     let client = probe("wgpu (Vulkan)", || {
         WgpuRuntime::client(&WgpuDevice::default())
     })?;
     Ok(Box::new(
         DeviceBackend::<WgpuRuntime>::new(client, "wgpu", false)
             .fused(fuse)
+            .in_host_memory(vulkan_is_cpu_only().and_then(|_| crate::host::host_memory_bytes()))
             .identified_as(format!("wgpu {}", vulkan_adapters())),
     ))
 }
@@ -93,6 +95,7 @@ pub(super) fn open_wgpu(fuse: bool) -> Result<Box<dyn Backend>, BackendError> {
 /// The Vulkan adapters present, with their drivers: what cubecl's default wgpu
 /// device is chosen from.
 pub(super) fn vulkan_adapters() -> String {
+    crate::host::ensure_runtime_dir();
     let instance = wgpu::Instance::default();
     let adapters = cubecl::future::block_on(instance.enumerate_adapters(wgpu::Backends::VULKAN));
     let names: Vec<String> = adapters
@@ -107,6 +110,23 @@ pub(super) fn vulkan_adapters() -> String {
     } else {
         names.join("; ")
     }
+}
+
+/// Whether CUDA has a driver here (what `DeviceChoice::Auto` tries first).
+pub fn cuda_driver_present() -> bool {
+    std::path::Path::new("/proc/driver/nvidia/version").exists()
+}
+
+/// The name of the Vulkan device when every one present runs on the CPU (Mesa's
+/// lavapipe), so that wgpu would compute in host memory on the CPU; `None` when
+/// a GPU is among them or there is none.
+pub fn vulkan_is_cpu_only() -> Option<String> {
+    crate::host::ensure_runtime_dir();
+    let instance = wgpu::Instance::default();
+    let adapters = cubecl::future::block_on(instance.enumerate_adapters(wgpu::Backends::VULKAN));
+    let infos: Vec<wgpu::AdapterInfo> = adapters.iter().map(|a| a.get_info()).collect();
+    let all_cpu = !infos.is_empty() && infos.iter().all(|i| i.device_type == wgpu::DeviceType::Cpu);
+    all_cpu.then(|| infos[0].name.clone())
 }
 
 /// What one client reports: plane sizes, shared memory, element types.
@@ -124,18 +144,20 @@ pub(super) fn client_report<R: Runtime>(client: &ComputeClient<R>) -> String {
     .map(|(name, _)| name)
     .collect();
     format!(
-        "  plane size {}..{}, shared memory {} KiB per cube, up to {} units per cube, {} buffers per kernel\n  element types: {}\n",
+        "  plane size {}..{}, shared memory {} KiB per cube, up to {} units per cube, {} buffers per kernel, {} per buffer\n  element types: {}\n",
         hw.plane_size_min,
         hw.plane_size_max,
         hw.max_shared_memory_size / 1024,
         hw.max_units_per_cube,
         hw.max_bindings,
+        crate::backend::Bytes(props.memory.max_page_size),
         dtypes.join(", ")
     )
 }
 
 /// A report of every cubecl device altc can see, and why the others are missing.
 pub fn describe_devices() -> String {
+    crate::host::ensure_runtime_dir();
     let mut out = String::new();
     match std::fs::read_to_string("/proc/driver/nvidia/version") {
         Ok(version) => {

@@ -2,11 +2,13 @@
 //! device, the values of a run, the plan cache, and profiling; the `Backend`
 //! interface the training loop drives.
 
-use crate::backend::{Backend, BackendError, Ceilings, KernelTiming, TunedKernel, TuningMode};
+use crate::backend::{
+    Backend, BackendError, Bytes, Ceilings, FitError, KernelTiming, TunedKernel, TuningMode,
+};
 use altc_compiler::fusion::{FusionPlan, KernelDescription, KernelLimits};
 use altc_compiler::ir::{DType, Graph};
 use altc_compiler::reference::{EvalContext, Tensor, TensorMap};
-use altc_kernels::{Kernels, View};
+use altc_kernels::{Kernels, View, ELEMENT_BYTES};
 use cubecl::prelude::*;
 use std::collections::{BTreeMap, HashMap};
 
@@ -62,6 +64,10 @@ pub struct DeviceBackend<R: Runtime> {
     pub(super) memory_peak: Option<u64>,
     /// Told before each kernel step of a run what it launches (see `observe_steps`).
     pub(super) step_observer: Option<StepObserver>,
+    /// The machine's memory, when the device computes in it (lavapipe).
+    pub(super) host_memory: Option<u64>,
+    /// Graphs (fingerprint, fusion, symbols) already found to fit the device.
+    pub(super) fitted: std::collections::HashSet<(u64, bool, BTreeMap<String, usize>)>,
 }
 
 pub(super) type StepObserver = Box<dyn FnMut(&str, Option<&KernelDescription>) + Send>;
@@ -99,6 +105,8 @@ impl<R: Runtime> DeviceBackend<R> {
             plans: HashMap::new(),
             memory_peak: None,
             step_observer: None,
+            host_memory: None,
+            fitted: Default::default(),
         }
     }
 
@@ -128,6 +136,18 @@ impl<R: Runtime> DeviceBackend<R> {
     }
 
     /// Names the device and driver the tuning scope is for.
+    /// A device that computes in the machine's memory (a CPU Vulkan device): its
+    /// runs must fit in `memory` bytes.
+    pub fn in_host_memory(mut self, memory: Option<u64>) -> Self {
+        self.host_memory = memory;
+        self
+    }
+
+    /// The most bytes one buffer may hold on this device.
+    pub(super) fn buffer_limit(&self) -> u64 {
+        self.kernels.client().properties().memory.max_page_size
+    }
+
     pub fn identified_as(mut self, identity: String) -> Self {
         self.identity = identity;
         self
@@ -153,11 +173,36 @@ impl<R: Runtime> Backend for DeviceBackend<R> {
         text
     }
 
-    fn load_state(&mut self, state: &TensorMap) {
+    fn load_state(&mut self, state: &TensorMap) -> Result<(), BackendError> {
+        let limit = self.buffer_limit();
+        // Parameters before their optimizer state, by name: the same tensor is named
+        // every time.
+        let mut names: Vec<&String> = state.keys().collect();
+        names.sort_by_key(|n| (altc_compiler::train::is_optimizer_state(n), n.as_str()));
+        for name in names {
+            let t = &state[name];
+            let bytes = t.shape.iter().product::<usize>() as u64 * ELEMENT_BYTES as u64;
+            if bytes > limit {
+                return Err(FitError::Buffer {
+                    what: format!("state tensor `{name}`"),
+                    advice: FitError::OTHER_DEVICE,
+                    shape: t.shape.clone(),
+                    size: Bytes(bytes),
+                    limit: Bytes(limit),
+                    device: self.identity.clone(),
+                }
+                .into());
+            }
+        }
         self.state = state
             .iter()
             .map(|(n, t)| (n.clone(), self.upload(t)))
             .collect();
+        Ok(())
+    }
+
+    fn max_buffer_bytes(&self) -> Option<u64> {
+        Some(self.buffer_limit())
     }
 
     fn read_state(&mut self) -> TensorMap {
