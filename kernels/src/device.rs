@@ -2,7 +2,7 @@
 //! buffers, and the grid and argument helpers every family's launch uses.
 
 use crate::autotune::{TunedKernel, Tuning, TuningMode};
-use crate::elementwise::ops::{copy_kernel, fill_kernel, iota_kernel};
+use crate::elementwise::ops::{copy_kernel, fill_kernel, iota_kernel, ViewsMeta};
 use crate::view::View;
 use cubecl::prelude::*;
 use cubecl::server::Handle;
@@ -184,10 +184,8 @@ impl<R: Runtime> Kernels<R> {
         if n == 0 {
             return;
         }
-        let mut meta = u32s(shape.iter().copied());
-        meta.extend(u32s(x.strides.iter().copied()));
-        meta.extend(u32s(out_strides.iter().copied()));
-        meta.extend(u32s([x.offset, out_offset]));
+        let views = [(x.strides.as_slice(), x.offset), (out_strides, out_offset)];
+        let meta = ViewsMeta::words(shape, views.into_iter());
         let (count, dim) = grid(n);
         unsafe {
             copy_kernel::launch_unchecked::<f32, R>(

@@ -128,11 +128,96 @@ fn x_tile_value<F: Float>(
     value
 }
 
+/// The grouped expert matmul's metadata. The layout lives here only: `words` writes
+/// it on the host and `read` reads it in the kernel, field by field in this order.
+#[derive(CubeType, Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct GroupedMeta {
+    /// Assignments: rows of the output.
+    pub assignments: u32,
+    pub k: u32,
+    pub m: u32,
+    /// Assignments per row of `x`.
+    pub fan: u32,
+    /// The weights' strides along expert, K and M, and their offset.
+    pub w_expert: u32,
+    pub w_k: u32,
+    pub w_m: u32,
+    pub w_offset: u32,
+    /// The bias's strides along expert and M, and its offset.
+    pub bias_expert: u32,
+    pub bias_m: u32,
+    pub bias_offset: u32,
+}
+
+impl GroupedMeta {
+    pub fn words(&self) -> Vec<u32> {
+        vec![
+            self.assignments,
+            self.k,
+            self.m,
+            self.fan,
+            self.w_expert,
+            self.w_k,
+            self.w_m,
+            self.w_offset,
+            self.bias_expert,
+            self.bias_m,
+            self.bias_offset,
+        ]
+    }
+}
+
+#[cube]
+impl GroupedMeta {
+    pub fn read(meta: &Array<u32>) -> GroupedMeta {
+        GroupedMeta {
+            assignments: meta[0],
+            k: meta[1],
+            m: meta[2],
+            fan: meta[3],
+            w_expert: meta[4],
+            w_k: meta[5],
+            w_m: meta[6],
+            w_offset: meta[7],
+            bias_expert: meta[8],
+            bias_m: meta[9],
+            bias_offset: meta[10],
+        }
+    }
+}
+
+/// The expert weight gradient's metadata, written by `words` and read by `read`.
+#[derive(CubeType, Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct GradMeta {
+    pub k: u32,
+    pub m: u32,
+    /// Assignments per row of `a` and of `b`.
+    pub fan_a: u32,
+    pub fan_b: u32,
+}
+
+impl GradMeta {
+    pub fn words(&self) -> Vec<u32> {
+        vec![self.k, self.m, self.fan_a, self.fan_b]
+    }
+}
+
+#[cube]
+impl GradMeta {
+    pub fn read(meta: &Array<u32>) -> GradMeta {
+        GradMeta {
+            k: meta[0],
+            m: meta[1],
+            fan_a: meta[2],
+            fan_b: meta[3],
+        }
+    }
+}
+
 /// `out[a] = x[a / fan] @ w[e(a)] (+ bias[e(a)])` for the assignments at sorted
 /// positions `row_tile() * TILE ..` and output columns `CUBE_POS_X * TILE ..`. `x` is
-/// contiguous `[rows, K]`, `out` contiguous `[assignments, M]`. `meta`: assignments,
-/// K, M, fan, then w's expert, K and M strides and offset, then bias's expert and M
-/// strides and offset.
+/// contiguous `[rows, K]`, `out` contiguous `[assignments, M]`. `meta`: a
+/// `GroupedMeta`.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn expert_matmul_kernel<F: Float>(
@@ -169,11 +254,9 @@ pub(crate) fn expert_matmul_kernel<F: Float>(
     let tile = comptime!(TILE as usize);
     let mut x_tile = SharedMemory::<F>::new(tile * tile);
     let mut w_tile = SharedMemory::<F>::new(tile * tile);
-    let n = meta[0];
-    let k = meta[1];
-    let m = meta[2];
-    let fan = meta[3];
-    let (w_se, w_sk, w_sm, w_off) = (meta[4], meta[5], meta[6], meta[7]);
+    let lay = GroupedMeta::read(meta);
+    let (n, k, m, fan) = (lay.assignments, lay.k, lay.m, lay.fan);
+    let (w_se, w_sk, w_sm, w_off) = (lay.w_expert, lay.w_k, lay.w_m, lay.w_offset);
     let tx = UNIT_POS_X;
     let ty = UNIT_POS_Y;
     let first = row_tile() * CUBE_DIM_Y;
@@ -236,7 +319,8 @@ pub(crate) fn expert_matmul_kernel<F: Float>(
     }
     if valid && col < m {
         if comptime![has_bias] {
-            acc += bias[(meta[10] + own_expert * meta[8] + col * meta[9]) as usize];
+            acc +=
+                bias[(lay.bias_offset + own_expert * lay.bias_expert + col * lay.bias_m) as usize];
         }
         out[(assignment * m + col) as usize] = acc;
     }
@@ -262,11 +346,9 @@ fn expert_matmul_block<F: Float>(
     #[comptime] bf16_operands: bool,
     #[comptime] block: u32,
 ) {
-    let n = meta[0];
-    let k = meta[1];
-    let m = meta[2];
-    let fan = meta[3];
-    let (w_se, w_sk, w_sm, w_off) = (meta[4], meta[5], meta[6], meta[7]);
+    let lay = GroupedMeta::read(meta);
+    let (n, k, m, fan) = (lay.assignments, lay.k, lay.m, lay.fan);
+    let (w_se, w_sk, w_sm, w_off) = (lay.w_expert, lay.w_k, lay.w_m, lay.w_offset);
     let first = (row_tile() * CUBE_DIM_Y + UNIT_POS_Y) * block;
     let col0 = CUBE_POS_X * CUBE_DIM_X * block + UNIT_POS_X;
     let mut x_rows = Array::<u32>::new(comptime!(block as usize));
@@ -323,8 +405,9 @@ fn expert_matmul_block<F: Float>(
             if first + i < n && col < m {
                 let mut value = acc[(i * block + j) as usize];
                 if comptime![has_bias] {
-                    value += bias
-                        [(meta[10] + row_experts[i as usize] * meta[8] + col * meta[9]) as usize];
+                    let e = row_experts[i as usize];
+                    value +=
+                        bias[(lay.bias_offset + e * lay.bias_expert + col * lay.bias_m) as usize];
                 }
                 out[(assignments[i as usize] * m + col) as usize] = value;
             }
@@ -335,8 +418,8 @@ fn expert_matmul_block<F: Float>(
 /// `out[e] = sum over e's assignments a of A[a / fan_a]^T B[a / fan_b]` for expert
 /// `CUBE_POS_Z`, rows `CUBE_POS_Y * TILE ..` of K and columns `CUBE_POS_X * TILE ..`
 /// of M. `a` (`[rows_a, K]`) and `b` (`[rows_b, M]`) are contiguous, `out` is
-/// contiguous `[E, K, M]`; an expert with no assignment gets zeros. `meta`: K, M,
-/// fan_a, fan_b.
+/// contiguous `[E, K, M]`; an expert with no assignment gets zeros. `meta`: a
+/// `GradMeta`.
 #[cube(launch_unchecked)]
 pub(crate) fn expert_weight_grad_kernel<F: Float>(
     a: &Array<F>,
@@ -374,10 +457,8 @@ fn expert_weight_grad_tiled<F: Float>(
     let tile = comptime!(TILE as usize);
     let mut a_tile = SharedMemory::<F>::new(tile * tile);
     let mut b_tile = SharedMemory::<F>::new(tile * tile);
-    let k = meta[0];
-    let m = meta[1];
-    let fan_a = meta[2];
-    let fan_b = meta[3];
+    let lay = GradMeta::read(meta);
+    let (k, m, fan_a, fan_b) = (lay.k, lay.m, lay.fan_a, lay.fan_b);
     let e = CUBE_POS_Z;
     let tx = UNIT_POS_X;
     let ty = UNIT_POS_Y;
@@ -435,10 +516,8 @@ fn expert_weight_grad_direct<F: Float>(
     #[comptime] bf16_operands: bool,
     #[comptime] block: u32,
 ) {
-    let k = meta[0];
-    let m = meta[1];
-    let fan_a = meta[2];
-    let fan_b = meta[3];
+    let lay = GradMeta::read(meta);
+    let (k, m, fan_a, fan_b) = (lay.k, lay.m, lay.fan_a, lay.fan_b);
     let e = CUBE_POS_Z;
     let row0 = CUBE_POS_Y * CUBE_DIM_Y * block + UNIT_POS_Y;
     let col0 = CUBE_POS_X * CUBE_DIM_X * block + UNIT_POS_X;
@@ -693,9 +772,22 @@ impl<R: Runtime> Kernels<R> {
             (s[1], s[2])
         };
         let fan = op.assignments / op.rows.max(1);
-        let mut meta = u32s([op.assignments, op.k, op.m, fan, s[0], sk, sm, op.w.offset]);
         let bias = op.bias.unwrap_or(op.w);
-        meta.extend(u32s([bias.strides[0], bias.strides[1], bias.offset]));
+        let word = |v: usize| u32s([v])[0];
+        let meta = GroupedMeta {
+            assignments: word(op.assignments),
+            k: word(op.k),
+            m: word(op.m),
+            fan: word(fan),
+            w_expert: word(s[0]),
+            w_k: word(sk),
+            w_m: word(sm),
+            w_offset: word(op.w.offset),
+            bias_expert: word(bias.strides[0]),
+            bias_m: word(bias.strides[1]),
+            bias_offset: word(bias.offset),
+        }
+        .words();
         let launch = ExpertLaunch {
             client: self.client().clone(),
             x: (op.x.clone(), (op.rows * op.k).max(1)),
@@ -742,7 +834,14 @@ impl<R: Runtime> Kernels<R> {
         bf16_operands: bool,
     ) -> Handle {
         let fan = |rows: usize| assignments / rows.max(1);
-        let meta = u32s([k, m, fan(a_rows).max(1), fan(b_rows).max(1)]);
+        let word = |v: usize| u32s([v])[0];
+        let meta = GradMeta {
+            k: word(k),
+            m: word(m),
+            fan_a: word(fan(a_rows).max(1)),
+            fan_b: word(fan(b_rows).max(1)),
+        }
+        .words();
         let launch = ExpertGradLaunch {
             client: self.client().clone(),
             a: (a.clone(), (a_rows * k).max(1)),

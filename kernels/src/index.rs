@@ -2,6 +2,7 @@
 //! indices along the last axis. Indices travel as whole numbers in `F`.
 
 use crate::device::{buffer_arg, grid, u32s, Kernels};
+use crate::elementwise::ops::{view_offset, view_stride, ViewsMeta};
 use crate::view::View;
 use cubecl::prelude::*;
 use cubecl::server::Handle;
@@ -34,8 +35,8 @@ fn split_axis(
     (along, offset)
 }
 
-/// `out[c] = x[c with c[axis] = index[c]]`. `meta`: out (= index) shape, index
-/// strides, x strides, axis, index offset, x offset.
+/// `out[c] = x[c with c[axis] = index[c]]`. `meta`: the `ViewsMeta` of out's (=
+/// index's) shape, index and x, then the axis.
 #[cube(launch_unchecked)]
 pub(crate) fn gather_kernel<F: Float>(
     x: &Array<F>,
@@ -46,19 +47,24 @@ pub(crate) fn gather_kernel<F: Float>(
 ) {
     let pos = ABSOLUTE_POS;
     if pos < out.len() {
-        let axis = meta[3 * rank];
-        let (along, index_rest) = split_axis(pos as u32, meta, rank as u32, axis, rank);
-        let at = index_rest + along * meta[rank + axis as usize] + meta[3 * rank + 1];
+        let axis = meta[comptime!(ViewsMeta::len(rank, 2))];
+        let index_strides = comptime!(ViewsMeta::strides_at(rank, 0)) as u32;
+        let x_strides = comptime!(ViewsMeta::strides_at(rank, 1)) as u32;
+        let (along, index_rest) = split_axis(pos as u32, meta, index_strides, axis, rank);
+        let index_step = view_stride(meta, 0u32, axis, rank, 0usize);
+        let at = index_rest + along * index_step + view_offset(meta, 0u32, rank, 2usize, 0usize);
         let i = u32::cast_from(index[at as usize]);
-        let (_unused, x_rest) = split_axis(pos as u32, meta, 2 * rank as u32, axis, rank);
-        out[pos] = x[(x_rest + i * meta[2 * rank + axis as usize] + meta[3 * rank + 2]) as usize];
+        let (_unused, x_rest) = split_axis(pos as u32, meta, x_strides, axis, rank);
+        let x_step = view_stride(meta, 0u32, axis, rank, 1usize);
+        out[pos] =
+            x[(x_rest + i * x_step + view_offset(meta, 0u32, rank, 2usize, 1usize)) as usize];
     }
 }
 
 /// `out[c] = sum over j of src[c with c[axis] = j] where index[c with c[axis] = j] ==
 /// c[axis]`: each output element gathers its contributions, so duplicates add up
-/// deterministically without atomics. `meta`: out shape, index strides, src strides,
-/// axis, extent of the index along the axis, index offset, src offset.
+/// deterministically without atomics. `meta`: the `ViewsMeta` of out's shape, index
+/// and src, then the axis and the index's extent along it.
 #[cube(launch_unchecked)]
 pub(crate) fn scatter_add_kernel<F: Float>(
     index: &Array<F>,
@@ -69,18 +75,21 @@ pub(crate) fn scatter_add_kernel<F: Float>(
 ) {
     let pos = ABSOLUTE_POS;
     if pos < out.len() {
-        let axis = meta[3 * rank];
-        let extent = meta[3 * rank + 1];
-        let (target, index_rest) = split_axis(pos as u32, meta, rank as u32, axis, rank);
-        let (_unused, src_rest) = split_axis(pos as u32, meta, 2 * rank as u32, axis, rank);
-        let index_step = meta[rank + axis as usize];
-        let src_step = meta[2 * rank + axis as usize];
+        let extras = comptime!(ViewsMeta::len(rank, 2));
+        let (axis, extent) = (meta[extras], meta[extras + 1]);
+        let index_strides = comptime!(ViewsMeta::strides_at(rank, 0)) as u32;
+        let src_strides = comptime!(ViewsMeta::strides_at(rank, 1)) as u32;
+        let (target, index_rest) = split_axis(pos as u32, meta, index_strides, axis, rank);
+        let (_unused, src_rest) = split_axis(pos as u32, meta, src_strides, axis, rank);
+        let index_step = view_stride(meta, 0u32, axis, rank, 0usize);
+        let src_step = view_stride(meta, 0u32, axis, rank, 1usize);
+        let index_base = index_rest + view_offset(meta, 0u32, rank, 2usize, 0usize);
+        let src_base = src_rest + view_offset(meta, 0u32, rank, 2usize, 1usize);
         let mut acc = F::new(0.0);
         for j in 0..extent {
-            let i =
-                u32::cast_from(index[(index_rest + j * index_step + meta[3 * rank + 2]) as usize]);
+            let i = u32::cast_from(index[(index_base + j * index_step) as usize]);
             if i == target {
-                acc += src[(src_rest + j * src_step + meta[3 * rank + 3]) as usize];
+                acc += src[(src_base + j * src_step) as usize];
             }
         }
         out[pos] = acc;
@@ -117,10 +126,8 @@ impl<R: Runtime> Kernels<R> {
     pub fn gather(&self, x: &View, index: &View, axis: usize, shape: &[usize]) -> Handle {
         let n: usize = shape.iter().product();
         let out = self.alloc(n);
-        let mut meta = u32s(shape.iter().copied());
-        meta.extend(u32s(index.strides.iter().copied()));
-        meta.extend(u32s(x.strides.iter().copied()));
-        meta.extend(u32s([axis, index.offset, x.offset]));
+        let mut meta = ViewsMeta::of_views(shape, [index, x].into_iter());
+        meta.extend(u32s([axis]));
         let (count, dim) = grid(n);
         unsafe {
             gather_kernel::launch_unchecked::<f32, R>(
@@ -149,10 +156,8 @@ impl<R: Runtime> Kernels<R> {
     ) -> Handle {
         let n: usize = shape.iter().product();
         let out = self.alloc(n);
-        let mut meta = u32s(shape.iter().copied());
-        meta.extend(u32s(index.strides.iter().copied()));
-        meta.extend(u32s(src.strides.iter().copied()));
-        meta.extend(u32s([axis, extent, index.offset, src.offset]));
+        let mut meta = ViewsMeta::of_views(shape, [index, src].into_iter());
+        meta.extend(u32s([axis, extent]));
         let (count, dim) = grid(n);
         unsafe {
             scatter_add_kernel::launch_unchecked::<f32, R>(

@@ -1,7 +1,9 @@
 //! Launching single elementwise ops: the unfused baseline's kernels.
 
-use crate::device::{buffer_arg, grid, u32s, Kernels};
-use crate::elementwise::ops::{binary_kernel, select_kernel, unary_kernel, BinaryKind, UnaryKind};
+use crate::device::{buffer_arg, grid, Kernels};
+use crate::elementwise::ops::{
+    binary_kernel, select_kernel, unary_kernel, BinaryKind, UnaryKind, ViewsMeta,
+};
 use crate::view::View;
 use cubecl::prelude::*;
 use cubecl::server::Handle;
@@ -11,9 +13,7 @@ impl<R: Runtime> Kernels<R> {
     pub fn unary(&self, op: UnaryKind, x: &View, shape: &[usize]) -> Handle {
         let n: usize = shape.iter().product();
         let out = self.alloc(n);
-        let mut meta = u32s(shape.iter().copied());
-        meta.extend(u32s(x.strides.iter().copied()));
-        meta.extend(u32s([x.offset]));
+        let meta = ViewsMeta::of_views(shape, [x].into_iter());
         let (count, dim) = grid(n);
         unsafe {
             unary_kernel::launch_unchecked::<f32, R>(
@@ -33,10 +33,7 @@ impl<R: Runtime> Kernels<R> {
     pub fn binary(&self, op: BinaryKind, a: &View, b: &View, shape: &[usize]) -> Handle {
         let n: usize = shape.iter().product();
         let out = self.alloc(n);
-        let mut meta = u32s(shape.iter().copied());
-        meta.extend(u32s(a.strides.iter().copied()));
-        meta.extend(u32s(b.strides.iter().copied()));
-        meta.extend(u32s([a.offset, b.offset]));
+        let meta = ViewsMeta::of_views(shape, [a, b].into_iter());
         let (count, dim) = grid(n);
         unsafe {
             binary_kernel::launch_unchecked::<f32, R>(
@@ -57,11 +54,7 @@ impl<R: Runtime> Kernels<R> {
     pub fn select(&self, cond: &View, a: &View, b: &View, shape: &[usize]) -> Handle {
         let n: usize = shape.iter().product();
         let out = self.alloc(n);
-        let mut meta = u32s(shape.iter().copied());
-        for v in [cond, a, b] {
-            meta.extend(u32s(v.strides.iter().copied()));
-        }
-        meta.extend(u32s([cond.offset, a.offset, b.offset]));
+        let meta = ViewsMeta::of_views(shape, [cond, a, b].into_iter());
         let (count, dim) = grid(n);
         unsafe {
             select_kernel::launch_unchecked::<f32, R>(

@@ -2,6 +2,8 @@
 //! materialise transposes, broadcasts and slices), binary maps with broadcasting,
 //! comparisons, selection, fills and iotas.
 
+use crate::device::u32s;
+use crate::view::View;
 use cubecl::prelude::*;
 
 /// Unary maps. `Identity` copies, `Trunc` converts to whole numbers (a cast to an
@@ -68,16 +70,92 @@ pub(crate) fn offset_in(
     offset
 }
 
-/// Offset of the element at linear output position `pos` in a view: `meta` holds the
-/// output shape at `0..rank` and this view's strides at `strides_at..strides_at+rank`.
+/// The metadata of a kernel over views broadcast to one shape. The layout lives here
+/// only: `words` writes it on the host; `view_at` and `shape_extent` read it in the
+/// kernel. From where it starts: the shape (`rank` words), each view's strides (`rank`
+/// words each), then each view's offset, `len` words in all; a kernel that needs more
+/// puts its own words after them.
+pub(crate) struct ViewsMeta;
+
+impl ViewsMeta {
+    /// The layout of `shape` and views given as (strides, offset).
+    pub fn words<'a>(
+        shape: &[usize],
+        views: impl Iterator<Item = (&'a [usize], usize)> + Clone,
+    ) -> Vec<u32> {
+        let mut words = u32s(shape.iter().copied());
+        for (strides, _) in views.clone() {
+            words.extend(u32s(strides.iter().copied()));
+        }
+        words.extend(u32s(views.map(|(_, offset)| offset)));
+        words
+    }
+
+    /// The layout of `shape` and `views`.
+    pub fn of_views<'a>(
+        shape: &[usize],
+        views: impl Iterator<Item = &'a View> + Clone,
+    ) -> Vec<u32> {
+        Self::words(shape, views.map(|v| (v.strides.as_slice(), v.offset)))
+    }
+
+    pub const fn len(rank: usize, views: usize) -> usize {
+        (1 + views) * rank + views
+    }
+
+    pub const fn strides_at(rank: usize, view: usize) -> usize {
+        (1 + view) * rank
+    }
+
+    pub const fn offset_at(rank: usize, views: usize, view: usize) -> usize {
+        (1 + views) * rank + view
+    }
+}
+
+/// Where view `view` (of `views`) holds the element at linear position `pos` of the
+/// shape, for the `ViewsMeta` starting at `at`.
 #[cube]
-pub(crate) fn view_offset(
+pub(crate) fn view_at(
     pos: u32,
     meta: &Array<u32>,
-    strides_at: u32,
+    at: u32,
     #[comptime] rank: usize,
+    #[comptime] views: usize,
+    #[comptime] view: usize,
 ) -> u32 {
-    offset_in(pos, meta, 0, strides_at, rank)
+    let strides = at + comptime!(ViewsMeta::strides_at(rank, view)) as u32;
+    let offset = at as usize + comptime!(ViewsMeta::offset_at(rank, views, view));
+    offset_in(pos, meta, at, strides, rank) + meta[offset]
+}
+
+/// View `view`'s stride along `axis`, for the `ViewsMeta` starting at `at`.
+#[cube]
+pub(crate) fn view_stride(
+    meta: &Array<u32>,
+    at: u32,
+    axis: u32,
+    #[comptime] rank: usize,
+    #[comptime] view: usize,
+) -> u32 {
+    meta[at as usize + comptime!(ViewsMeta::strides_at(rank, view)) + axis as usize]
+}
+
+/// View `view`'s offset (of `views`), for the `ViewsMeta` starting at `at`.
+#[cube]
+pub(crate) fn view_offset(
+    meta: &Array<u32>,
+    at: u32,
+    #[comptime] rank: usize,
+    #[comptime] views: usize,
+    #[comptime] view: usize,
+) -> u32 {
+    meta[at as usize + comptime!(ViewsMeta::offset_at(rank, views, view))]
+}
+
+/// Extent `axis` of the shape of the `ViewsMeta` starting at `at`.
+#[cube]
+pub(crate) fn shape_extent(meta: &Array<u32>, at: u32, axis: usize) -> u32 {
+    meta[at as usize + axis]
 }
 
 /// `op` on one value: `unary_lanes` on a one-lane vector.
@@ -183,7 +261,7 @@ pub(crate) fn apply_binary<F: Float>(a: F, b: F, #[comptime] op: BinaryKind) -> 
     ))
 }
 
-/// `out[i] = op(x[view(i)])`. `meta`: out shape, x strides, x offset.
+/// `out[i] = op(x[view(i)])`. `meta`: the `ViewsMeta` of out's shape and x.
 #[cube(launch_unchecked)]
 pub(crate) fn unary_kernel<F: Float>(
     x: &Array<F>,
@@ -194,13 +272,13 @@ pub(crate) fn unary_kernel<F: Float>(
 ) {
     let pos = ABSOLUTE_POS;
     if pos < out.len() {
-        let at = view_offset(pos as u32, meta, rank as u32, rank) + meta[2 * rank];
+        let at = view_at(pos as u32, meta, 0u32, rank, 1usize, 0usize);
         out[pos] = apply_unary::<F>(x[at as usize], op);
     }
 }
 
-/// `out[i] = op(a[view(i)], b[view(i)])`. `meta`: out shape, a strides, b strides,
-/// a offset, b offset.
+/// `out[i] = op(a[view(i)], b[view(i)])`. `meta`: the `ViewsMeta` of out's shape, a
+/// and b.
 #[cube(launch_unchecked)]
 pub(crate) fn binary_kernel<F: Float>(
     a: &Array<F>,
@@ -212,14 +290,14 @@ pub(crate) fn binary_kernel<F: Float>(
 ) {
     let pos = ABSOLUTE_POS;
     if pos < out.len() {
-        let ia = view_offset(pos as u32, meta, rank as u32, rank) + meta[3 * rank];
-        let ib = view_offset(pos as u32, meta, 2 * rank as u32, rank) + meta[3 * rank + 1];
+        let ia = view_at(pos as u32, meta, 0u32, rank, 2usize, 0usize);
+        let ib = view_at(pos as u32, meta, 0u32, rank, 2usize, 1usize);
         out[pos] = apply_binary::<F>(a[ia as usize], b[ib as usize], op);
     }
 }
 
-/// `out[i] = cond[view(i)] != 0 ? a[view(i)] : b[view(i)]`. `meta`: out shape, the
-/// three operands' strides, then their offsets.
+/// `out[i] = cond[view(i)] != 0 ? a[view(i)] : b[view(i)]`. `meta`: the `ViewsMeta` of
+/// out's shape, cond, a and b.
 #[cube(launch_unchecked)]
 pub(crate) fn select_kernel<F: Float>(
     cond: &Array<F>,
@@ -231,9 +309,9 @@ pub(crate) fn select_kernel<F: Float>(
 ) {
     let pos = ABSOLUTE_POS;
     if pos < out.len() {
-        let ic = view_offset(pos as u32, meta, rank as u32, rank) + meta[4 * rank];
-        let ia = view_offset(pos as u32, meta, 2 * rank as u32, rank) + meta[4 * rank + 1];
-        let ib = view_offset(pos as u32, meta, 3 * rank as u32, rank) + meta[4 * rank + 2];
+        let ic = view_at(pos as u32, meta, 0u32, rank, 3usize, 0usize);
+        let ia = view_at(pos as u32, meta, 0u32, rank, 3usize, 1usize);
+        let ib = view_at(pos as u32, meta, 0u32, rank, 3usize, 2usize);
         out[pos] = select(
             cond[ic as usize] != F::new(0.0),
             a[ia as usize],
@@ -261,8 +339,8 @@ pub(crate) fn iota_kernel<F: Float>(out: &mut Array<F>, inner: u32, size: u32) {
 }
 
 /// `out[dst(c)] = x[src(c)]` for every coordinate `c` of the copied shape: writes a
-/// view into a region of a larger buffer (concatenation). `meta`: shape, x strides,
-/// out strides, x offset, out offset.
+/// view into a region of a larger buffer (concatenation). `meta`: the `ViewsMeta` of
+/// the copied shape, x and the region of out.
 #[cube(launch_unchecked)]
 pub(crate) fn copy_kernel<F: Float>(
     x: &Array<F>,
@@ -273,8 +351,8 @@ pub(crate) fn copy_kernel<F: Float>(
 ) {
     let pos = ABSOLUTE_POS as u32;
     if pos < count {
-        let from = view_offset(pos, meta, rank as u32, rank) + meta[3 * rank];
-        let to = view_offset(pos, meta, 2 * rank as u32, rank) + meta[3 * rank + 1];
+        let from = view_at(pos, meta, 0u32, rank, 2usize, 0usize);
+        let to = view_at(pos, meta, 0u32, rank, 2usize, 1usize);
         out[to as usize] = x[from as usize];
     }
 }

@@ -3,10 +3,14 @@
 //! straight-line code over registers; operands are loaded through their own strided
 //! (broadcast) views, and only the group's outputs are written.
 
-use crate::elementwise::ops::{apply_binary, apply_unary};
+use crate::device::u32s;
+use crate::elementwise::ops::{apply_binary, apply_unary, shape_extent, view_at, ViewsMeta};
 use crate::elementwise::ops::{BinaryKind, UnaryKind};
 use crate::reduce::kernel::ReduceKind;
-use crate::reduce::kernel::{combine, combine_lanes, offset_in, reduce_identity, reduce_position};
+use crate::reduce::kernel::{
+    combine, combine_lanes, kept_offset, reduce_identity, reduce_position, reduced_offset,
+    reduced_stride, ReduceMeta,
+};
 use cubecl::prelude::*;
 
 /// One step of a fused program; operands name earlier registers (one per step).
@@ -128,9 +132,7 @@ pub(crate) fn run_program<F: Float>(
         let op = comptime!(program.ops[step].clone());
         let value = match op {
             FusedOp::Load { input } => {
-                let strides_at = meta_at + comptime!(rank * (1 + input)) as u32;
-                let offset_at = meta_at + comptime!(rank * (1 + n_inputs) + input) as u32;
-                let at = offset_in(pos, meta, meta_at, strides_at, rank) + meta[offset_at as usize];
+                let at = view_at(pos, meta, meta_at, rank, n_inputs, input);
                 let source = inputs.index(comptime!(program.binding(input, segment)));
                 source[at as usize]
             }
@@ -140,9 +142,9 @@ pub(crate) fn run_program<F: Float>(
                 let mut rem = pos;
                 #[unroll]
                 for d in 0..comptime!(rank - 1 - axis) {
-                    rem /= meta[meta_at as usize + comptime!(rank - 1 - d)];
+                    rem /= shape_extent(meta, meta_at, comptime!(rank - 1 - d));
                 }
-                F::cast_from(rem % meta[meta_at as usize + axis])
+                F::cast_from(rem % shape_extent(meta, meta_at, axis))
             }
             FusedOp::Constant { bits } => F::new(comptime!(f32::from_bits(bits))),
             FusedOp::Unary { op, a } => apply_unary::<F>(*regs.index(a), op),
@@ -227,7 +229,7 @@ pub(crate) fn fused_kernel<F: Float>(
     let mut len = 1u32;
     #[unroll]
     for d in 0..program.rank {
-        len *= meta[d];
+        len *= shape_extent(meta, 0u32, d);
     }
     #[unroll]
     for i in 0..per_unit {
@@ -249,7 +251,7 @@ pub(crate) fn fused_kernel<F: Float>(
             // Rows are the last axis; a program without row outputs needs none.
             let mut row_len = 1u32;
             if comptime![!program.row_outputs.is_empty()] {
-                row_len = meta[comptime!(program.rank - 1)];
+                row_len = shape_extent(meta, 0u32, comptime!(program.rank - 1));
             }
             let row = pos / row_len;
             write_outputs::<F>(
@@ -263,6 +265,40 @@ pub(crate) fn fused_kernel<F: Float>(
             );
         }
     }
+}
+
+/// A multi-tensor launch's segment table, after its segments' own metadata: each
+/// segment's first position in the launch's combined range, then the range's end.
+/// `segment_table` writes it; `segment_range` and `range_end` read it.
+pub(crate) fn segment_table(lens: impl IntoIterator<Item = usize>) -> Vec<u32> {
+    let mut start = 0;
+    let mut table = Vec::new();
+    for len in lens {
+        table.extend(u32s([start]));
+        start += len;
+    }
+    table.extend(u32s([start]));
+    table
+}
+
+/// Segment `s`'s positions, `start..end`, from the table at `table`.
+#[cube]
+pub(crate) fn segment_range(
+    meta: &Array<u32>,
+    #[comptime] table: usize,
+    #[comptime] s: usize,
+) -> (u32, u32) {
+    (meta[table + s], meta[table + s + 1])
+}
+
+/// The end of the combined range, from the table at `table`.
+#[cube]
+pub(crate) fn range_end(
+    meta: &Array<u32>,
+    #[comptime] table: usize,
+    #[comptime] segments: usize,
+) -> u32 {
+    meta[table + segments]
 }
 
 /// One fused program over several tensors ("segments") of different sizes in one
@@ -280,9 +316,9 @@ pub(crate) fn multi_fused_kernel<F: Float>(
     #[comptime] segments: usize,
     #[comptime] per_unit: u32,
 ) {
-    let segment_meta = comptime!(1 + 2 * program.inputs);
-    let starts = comptime!(segments * (1 + 2 * program.inputs));
-    let total = meta[starts + segments];
+    let segment_meta = comptime!(ViewsMeta::len(1, program.inputs));
+    let starts = comptime!(segments * segment_meta);
+    let total = range_end(meta, starts, segments);
     let n_outputs = comptime!(program.outputs.len());
     #[unroll]
     for i in 0..per_unit {
@@ -290,8 +326,8 @@ pub(crate) fn multi_fused_kernel<F: Float>(
         if pos < total {
             #[unroll]
             for s in 0usize..segments {
-                let start = meta[starts + s];
-                if pos >= start && pos < meta[starts + s + 1] {
+                let (start, end) = segment_range(meta, starts, s);
+                if pos >= start && pos < end {
                     let local = pos - start;
                     let regs = run_program::<F>(
                         inputs,
@@ -348,25 +384,22 @@ pub(crate) fn reduce_epilogue_kernel<F: Float>(
     #[comptime] top_k: RowTopK,
 ) {
     let (row, lane) = reduce_position(lanes);
-    let at = comptime!(program.rank * (1 + program.inputs) + program.inputs) as u32;
-    let red_at = at + 2 * kept as u32;
+    let at = comptime!(ViewsMeta::len(program.rank, program.inputs)) as u32;
     // The row's best `top_k.k` values of one output and their indices, best first;
     // an index of `count` marks an empty slot.
     let k = comptime!(top_k.k.max(1));
     let mut best_v = Array::<F>::new(k);
     let mut best_i = Array::<u32>::new(k);
-    let tail = (red_at + 2) as usize;
-    let count = meta[tail + 1];
-    if row < meta[tail + 2] {
-        let base = meta[tail] + offset_in(row, meta, at, at + kept as u32, kept);
+    // After the one-axis reduction's layout: x's offset, the count, the rows.
+    let tail = at as usize + comptime!(ReduceMeta::len(kept, 1));
+    let (offset, count, rows) = (meta[tail], meta[tail + 1], meta[tail + 2]);
+    let step = reduced_stride(meta, at, kept, 1usize, 0usize);
+    if row < rows {
+        let base = offset + kept_offset(row, meta, at, kept);
         let mut acc = reduce_identity::<F>(op);
         let mut r = lane;
         while r < count {
-            acc = combine::<F>(
-                acc,
-                x[(base + r * meta[(red_at + 1) as usize]) as usize],
-                op,
-            );
+            acc = combine::<F>(acc, x[(base + r * step) as usize], op);
             r += lanes;
         }
         acc = combine_lanes::<F>(acc, lanes, op);
@@ -462,15 +495,14 @@ pub(crate) fn fused_reduce_kernel<F: Float>(
 ) {
     let (pos, lane) = reduce_position(lanes);
     if pos < out.len() as u32 {
-        let at = comptime!(program.rank * (1 + program.inputs) + program.inputs) as u32;
-        let base = offset_in(pos, meta, at, at + kept as u32, kept);
-        let red_at = at + 2 * kept as u32;
-        let count = meta[(red_at + 2 * reduced as u32) as usize];
+        let at = comptime!(ViewsMeta::len(program.rank, program.inputs)) as u32;
+        let base = kept_offset(pos, meta, at, kept);
+        let count = meta[at as usize + comptime!(ReduceMeta::len(kept, reduced))];
         let output = comptime!(program.outputs[0]);
         let mut acc = reduce_identity::<F>(op);
         let mut r = lane;
         while r < count {
-            let element = base + offset_in(r, meta, red_at, red_at + reduced as u32, reduced);
+            let element = base + reduced_offset(r, meta, at, kept, reduced);
             let regs = run_program::<F>(
                 inputs,
                 meta,

@@ -5,7 +5,8 @@ use crate::autotune::{bucket, Candidate, KernelKey, LaunchRecord, TunableLaunch}
 use crate::device::{
     buffer_arg, buffer_sequence, empty_buffers, grid_of, u32s, Kernels, CUBE_SIZE,
 };
-use crate::fused::kernel::{fused_kernel, multi_fused_kernel, FusedProgram};
+use crate::elementwise::ops::ViewsMeta;
+use crate::fused::kernel::{fused_kernel, multi_fused_kernel, segment_table, FusedProgram};
 use crate::fused::vector::{vector_fused_kernel, VectorProgram};
 use crate::view::{contiguous_strides, View};
 use cubecl::prelude::*;
@@ -170,12 +171,7 @@ impl<R: Runtime> Kernels<R> {
                 }
             }
         }
-        let mut start = 0;
-        for &len in &lens {
-            meta.extend(u32s([start]));
-            start += len / W;
-        }
-        meta.extend(u32s([start]));
+        meta.extend(segment_table(lens.iter().map(|&len| len / W)));
         Some(VectorLaunch {
             program: VectorProgram {
                 program: program.clone(),
@@ -290,28 +286,6 @@ pub struct Segment {
     pub inputs: Vec<View>,
 }
 
-/// The program part of a fused kernel's metadata: the program's shape, then each
-/// input's strides, then each input's offset.
-pub(crate) fn program_meta(shape: &[usize], inputs: &[View]) -> Vec<u32> {
-    program_meta_of(
-        shape,
-        inputs.iter().map(|v| (v.strides.as_slice(), v.offset)),
-    )
-}
-
-/// `program_meta` from each input's (strides, offset).
-pub(crate) fn program_meta_of<'a>(
-    shape: &[usize],
-    layouts: impl Iterator<Item = (&'a [usize], usize)> + Clone,
-) -> Vec<u32> {
-    let mut meta = u32s(shape.iter().copied());
-    for (strides, _) in layouts.clone() {
-        meta.extend(u32s(strides.iter().copied()));
-    }
-    meta.extend(u32s(layouts.map(|(_, offset)| offset)));
-    meta
-}
-
 impl<R: Runtime> Kernels<R> {
     /// Runs a fused elementwise `program` over `shape`: `inputs` are views already
     /// broadcast to `shape`; returns one contiguous buffer per program output. `seed`
@@ -325,7 +299,7 @@ impl<R: Runtime> Kernels<R> {
         step: u64,
     ) -> Vec<Handle> {
         let n: usize = shape.iter().product();
-        let meta = program_meta(shape, inputs);
+        let meta = ViewsMeta::of_views(shape, inputs.iter());
         let vectorised = self.vector_launch(program, &[(shape, inputs.iter().collect())]);
         let launch = FusedLaunch {
             client: self.client.clone(),
@@ -370,15 +344,11 @@ impl<R: Runtime> Kernels<R> {
             shared.iter().map(|v| (v.handle.clone(), v.len)).collect();
         for segment in segments {
             let views: Vec<View> = shared.iter().chain(&segment.inputs).cloned().collect();
-            meta.extend(program_meta(&[segment.len], &views));
+            meta.extend(ViewsMeta::of_views(&[segment.len], views.iter()));
             inputs.extend(segment.inputs.iter().map(|v| (v.handle.clone(), v.len)));
         }
-        let mut start = 0;
-        for segment in segments {
-            meta.extend(u32s([start]));
-            start += segment.len;
-        }
-        meta.extend(u32s([start]));
+        meta.extend(segment_table(segments.iter().map(|s| s.len)));
+        let total: usize = segments.iter().map(|s| s.len).sum();
         let shapes: Vec<[usize; 1]> = segments.iter().map(|s| [s.len]).collect();
         let tensors: Vec<(&[usize], Vec<&View>)> = segments
             .iter()
@@ -395,7 +365,7 @@ impl<R: Runtime> Kernels<R> {
                 family: MULTI_ELEMENTWISE.into(),
                 signature: format!(
                     "n{} tensors{} ops{} in{} out{}{}",
-                    bucket(start),
+                    bucket(total),
                     segments.len(),
                     program.ops.len(),
                     program.inputs,

@@ -5,7 +5,7 @@
 //! positions (iotas, dropout), no epilogue accumulator, no row or scalar outputs.
 
 use crate::elementwise::ops::{binary_lanes, unary_lanes};
-use crate::fused::kernel::{FusedOp, FusedProgram};
+use crate::fused::kernel::{range_end, segment_range, FusedOp, FusedProgram};
 use cubecl::prelude::*;
 
 /// A fused program as the vector kernel runs it: which inputs are one value
@@ -107,14 +107,14 @@ pub(crate) fn vector_fused_kernel<F: Float, N: Size>(
 ) {
     let inputs = comptime!(vp.program.inputs);
     let starts = comptime!(segments * inputs);
-    let total = meta[starts + segments];
+    let total = range_end(meta, starts, segments);
     let n_outputs = comptime!(vp.program.outputs.len());
     let pos = ABSOLUTE_POS as u32;
     if pos < total {
         #[unroll]
         for s in 0usize..segments {
-            let start = meta[starts + s];
-            if pos >= start && pos < meta[starts + s + 1] {
+            let (start, end) = segment_range(meta, starts, s);
+            if pos >= start && pos < end {
                 let local = pos - start;
                 let regs = run_vector_program::<F, N>(
                     vectors,

@@ -64,9 +64,89 @@ impl OperandLayout {
     }
 }
 
-/// Metadata words per member of a matmul kernel: see `matmul_kernel`.
+/// One member's metadata in a matmul kernel. The layout lives here only: `words`
+/// writes it on the host; `MatmulDims::read`, `batch_extent` and `batch_strides` read
+/// it in the kernel. In order: the output's batch shape, a's and b's strides along
+/// it (`batch_rank` words each, 0 where an operand broadcasts), then `dims`.
+pub(crate) struct MatmulMeta {
+    pub batch: Vec<u32>,
+    pub a_batch_strides: Vec<u32>,
+    pub b_batch_strides: Vec<u32>,
+    pub dims: MatmulDims,
+}
+
+/// A member's sizes, row and column strides (as read: transposes applied) and
+/// offsets.
+#[derive(CubeType, Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct MatmulDims {
+    pub m: u32,
+    pub n: u32,
+    pub k: u32,
+    pub a_row: u32,
+    pub a_col: u32,
+    pub b_row: u32,
+    pub b_col: u32,
+    pub a_offset: u32,
+    pub b_offset: u32,
+}
+
+impl MatmulMeta {
+    const DIMS_WORDS: usize = 9;
+
+    pub fn words(&self) -> Vec<u32> {
+        let d = &self.dims;
+        let mut words = self.batch.clone();
+        words.extend(&self.a_batch_strides);
+        words.extend(&self.b_batch_strides);
+        words.extend([
+            d.m, d.n, d.k, d.a_row, d.a_col, d.b_row, d.b_col, d.a_offset, d.b_offset,
+        ]);
+        debug_assert_eq!(words.len(), matmul_meta_len(self.batch.len()));
+        words
+    }
+}
+
+/// Metadata words per member of a matmul kernel.
 pub(crate) fn matmul_meta_len(batch_rank: usize) -> usize {
-    3 * batch_rank + 9
+    3 * batch_rank + MatmulMeta::DIMS_WORDS
+}
+
+#[cube]
+impl MatmulDims {
+    /// The dims of the member whose metadata starts at `at`.
+    pub fn read(meta: &Array<u32>, at: u32, #[comptime] batch_rank: usize) -> MatmulDims {
+        let tail = at as usize + comptime!(3 * batch_rank);
+        MatmulDims {
+            m: meta[tail],
+            n: meta[tail + 1],
+            k: meta[tail + 2],
+            a_row: meta[tail + 3],
+            a_col: meta[tail + 4],
+            b_row: meta[tail + 5],
+            b_col: meta[tail + 6],
+            a_offset: meta[tail + 7],
+            b_offset: meta[tail + 8],
+        }
+    }
+}
+
+/// The extent of batch axis `axis` of the member whose metadata starts at `at`.
+#[cube]
+fn batch_extent(meta: &Array<u32>, at: u32, axis: usize) -> u32 {
+    meta[at as usize + axis]
+}
+
+/// a's and b's strides along batch axis `axis` of the member at `at`.
+#[cube]
+fn batch_strides(
+    meta: &Array<u32>,
+    at: u32,
+    axis: usize,
+    #[comptime] batch_rank: usize,
+) -> (u32, u32) {
+    let a = meta[at as usize + batch_rank + axis];
+    let b = meta[at as usize + 2 * batch_rank + axis];
+    (a, b)
 }
 
 /// `x[at]`, rounded to bf16 when `bf16` (autocast operands).
@@ -120,7 +200,7 @@ fn summed_entries(
     if comptime![sum_batch] {
         #[unroll]
         for i in 0..batch_rank {
-            entries *= meta[at as usize + i];
+            entries *= batch_extent(meta, at, i);
         }
     }
     entries
@@ -135,18 +215,19 @@ fn batch_bases(
     entry: u32,
     #[comptime] batch_rank: usize,
 ) -> (u32, u32) {
-    let tail = at as usize + comptime!(3 * batch_rank);
+    let dims = MatmulDims::read(meta, at, batch_rank);
     let mut rem = entry;
-    let mut a_base = meta[tail + 7];
-    let mut b_base = meta[tail + 8];
+    let mut a_base = dims.a_offset;
+    let mut b_base = dims.b_offset;
     #[unroll]
     for i in 0..batch_rank {
         let axis = batch_rank - 1 - i;
-        let dim = meta[at as usize + axis];
+        let dim = batch_extent(meta, at, axis);
         let coord = rem % dim;
         rem /= dim;
-        a_base += coord * meta[at as usize + batch_rank + axis];
-        b_base += coord * meta[at as usize + 2 * batch_rank + axis];
+        let (a_stride, b_stride) = batch_strides(meta, at, axis, batch_rank);
+        a_base += coord * a_stride;
+        b_base += coord * b_stride;
     }
     (a_base, b_base)
 }
@@ -168,14 +249,9 @@ fn product_block<F: Float>(
     #[comptime] block: u32,
     #[comptime] bf16_operands: bool,
 ) -> Array<F> {
-    let tail = at as usize + comptime!(3 * batch_rank);
-    let m = meta[tail];
-    let n = meta[tail + 1];
-    let k = meta[tail + 2];
-    let a_rs = meta[tail + 3];
-    let a_cs = meta[tail + 4];
-    let b_rs = meta[tail + 5];
-    let b_cs = meta[tail + 6];
+    let dims = MatmulDims::read(meta, at, batch_rank);
+    let (m, n, k) = (dims.m, dims.n, dims.k);
+    let (a_rs, a_cs, b_rs, b_cs) = (dims.a_row, dims.a_col, dims.b_row, dims.b_col);
     let row0 = CUBE_POS_Y * CUBE_DIM_Y * block + UNIT_POS_Y;
     let col0 = CUBE_POS_X * CUBE_DIM_X * block + UNIT_POS_X;
     let mut acc = zeroed_block::<F>(block);
@@ -269,26 +345,16 @@ fn tile_operand<F: Float>(
     #[comptime] batch_rank: usize,
     #[comptime] bf16: bool,
 ) -> F {
-    let tail = at + comptime!(3 * batch_rank) as u32;
-    let (m, n, k) = (
-        meta[tail as usize],
-        meta[tail as usize + 1],
-        meta[tail as usize + 2],
-    );
+    let dims = MatmulDims::read(meta, at, batch_rank);
+    let (m, n, k) = (dims.m, dims.n, dims.k);
     let row = CUBE_POS_Y * CUBE_DIM_Y + UNIT_POS_Y;
     let col = CUBE_POS_X * CUBE_DIM_X + UNIT_POS_X;
     let (inside, at) = if comptime![of_b] {
         let bk = t * TILE + UNIT_POS_Y;
-        (
-            bk < k && col < n,
-            base + bk * meta[tail as usize + 5] + col * meta[tail as usize + 6],
-        )
+        (bk < k && col < n, base + bk * dims.b_row + col * dims.b_col)
     } else {
         let ak = t * TILE + UNIT_POS_X;
-        (
-            row < m && ak < k,
-            base + row * meta[tail as usize + 3] + ak * meta[tail as usize + 4],
-        )
+        (row < m && ak < k, base + row * dims.a_row + ak * dims.a_col)
     };
     let mut value = select(inside, x[select(inside, at, 0) as usize], F::new(0.0));
     if comptime![bf16] {
@@ -317,14 +383,9 @@ fn product_element<F: Float>(
     let tile = comptime!(TILE as usize);
     let mut a_tile = SharedMemory::<F>::new(tile * tile);
     let mut b_tile = SharedMemory::<F>::new(tile * tile);
-    let tail = at as usize + comptime!(3 * batch_rank);
-    let m = meta[tail];
-    let n = meta[tail + 1];
-    let k = meta[tail + 2];
-    let a_rs = meta[tail + 3];
-    let a_cs = meta[tail + 4];
-    let b_rs = meta[tail + 5];
-    let b_cs = meta[tail + 6];
+    let dims = MatmulDims::read(meta, at, batch_rank);
+    let (m, n, k) = (dims.m, dims.n, dims.k);
+    let (a_rs, a_cs, b_rs, b_cs) = (dims.a_row, dims.a_col, dims.b_row, dims.b_col);
 
     let tx = UNIT_POS_X;
     let ty = UNIT_POS_Y;
@@ -407,9 +468,7 @@ fn product_element<F: Float>(
 }
 
 /// `layout.members` matmuls of one shape, their operands bound as `layout` says. Per
-/// member, `meta` holds (`matmul_meta_len` words): the batch shape (`batch_rank`
-/// dims), a's batch strides, b's batch strides, then `M, N, K`, a's row and column
-/// strides, b's row and column strides, a offset, b offset. Each result is
+/// member, `meta` holds a `MatmulMeta` (`matmul_meta_len` words). Each result is
 /// contiguous `[batch..., M, N]`; cubes along z are each member's batch entries in
 /// turn.
 ///
@@ -454,14 +513,13 @@ pub(crate) fn matmul_kernel<F: Float>(
     #[comptime] bf16_operands: bool,
     #[comptime] epilogue: FusedProgram,
 ) {
-    let tail = comptime!(3 * batch_rank);
-    let m = meta[tail];
-    let n = meta[tail + 1];
+    let dims = MatmulDims::read(meta, 0, batch_rank);
+    let (m, n) = (dims.m, dims.n);
     let mut entries = 1u32;
     if comptime![!sum_batch] {
         #[unroll]
         for i in 0..batch_rank {
-            entries *= meta[i];
+            entries *= batch_extent(meta, 0, i);
         }
     }
     let member = CUBE_POS_Z / entries;

@@ -6,9 +6,9 @@ use crate::autotune::{bucket, Candidate, KernelKey, LaunchRecord, TunableLaunch}
 use crate::device::{
     buffer_arg, buffer_sequence, grid, tiles_of, u32s, Kernels, ELEMENT_BYTES, MAX_GRID,
 };
+use crate::elementwise::ops::ViewsMeta;
 use crate::fused::kernel::{fused_kernel, FusedOp, FusedProgram};
-use crate::fused::launch::{program_meta, program_meta_of};
-use crate::matmul::kernel::{matmul_kernel, OperandLayout, TILE};
+use crate::matmul::kernel::{matmul_kernel, MatmulDims, MatmulMeta, OperandLayout, TILE};
 use crate::view::{contiguous_strides, View};
 use cubecl::prelude::*;
 use cubecl::server::Handle;
@@ -349,11 +349,24 @@ pub(crate) fn matmul_meta(
     } else {
         out_batch.iter().product()
     };
-    let mut meta = u32s(out_batch.iter().copied());
-    meta.extend(u32s(batch_strides(a_shape, &a.strides)));
-    meta.extend(u32s(batch_strides(b_shape, &b.strides)));
-    meta.extend(u32s([m, n, k, a_rs, a_cs, b_rs, b_cs, a.offset, b.offset]));
-    (meta, m, n, k, batches)
+    let word = |v: usize| u32s([v])[0];
+    let meta = MatmulMeta {
+        batch: u32s(out_batch.iter().copied()),
+        a_batch_strides: u32s(batch_strides(a_shape, &a.strides)),
+        b_batch_strides: u32s(batch_strides(b_shape, &b.strides)),
+        dims: MatmulDims {
+            m: word(m),
+            n: word(n),
+            k: word(k),
+            a_row: word(a_rs),
+            a_col: word(a_cs),
+            b_row: word(b_rs),
+            b_col: word(b_cs),
+            a_offset: word(a.offset),
+            b_offset: word(b.offset),
+        },
+    };
+    (meta.words(), m, n, k, batches)
 }
 
 impl<R: Runtime> Kernels<R> {
@@ -497,8 +510,8 @@ impl<R: Runtime> Kernels<R> {
         let mut epilogue_meta = Vec::new();
         let mut apart_meta = Vec::new();
         for views in inputs {
-            epilogue_meta.extend(program_meta(&product_shape, views));
-            let apart = program_meta_of(
+            epilogue_meta.extend(ViewsMeta::of_views(&product_shape, views.iter()));
+            let apart = ViewsMeta::words(
                 &product_shape,
                 views
                     .iter()

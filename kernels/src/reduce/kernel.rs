@@ -3,6 +3,7 @@
 //! output element splits them across its units and combines the partial results in a
 //! fixed tree. Either way results are deterministic.
 
+use crate::device::u32s;
 pub(crate) use crate::elementwise::ops::offset_in;
 use crate::elementwise::ops::UnaryKind;
 use crate::elementwise::ops::{apply_unary, unordered};
@@ -79,8 +80,68 @@ pub(crate) fn combine_lanes<F: Float>(
     total
 }
 
-/// `meta`: kept shape (`kept` dims), kept strides, reduced shape (`reduced` dims),
-/// reduced strides, x offset, number of reduced elements.
+/// A reduction's metadata, which every reduce kernel reads first (after a fused
+/// program's `ViewsMeta` when it has one). The layout lives here only: `words` writes
+/// it; `kept_offset`, `reduced_offset` and `reduced_stride` read it. From where it
+/// starts: the kept axes' extents and their strides (`kept` words each), then the
+/// reduced axes' extents and their strides (`reduced` words each); `len` words in all,
+/// after which each kernel puts its own (offsets, counts).
+pub(crate) struct ReduceMeta;
+
+impl ReduceMeta {
+    /// The layout of a reduction of `shape` (read through `strides`) keeping axes
+    /// `kept` and reducing `reduced`.
+    pub fn words(
+        shape: &[usize],
+        strides: &[usize],
+        kept: &[usize],
+        reduced: &[usize],
+    ) -> Vec<u32> {
+        let mut words = Vec::with_capacity(Self::len(kept.len(), reduced.len()));
+        for axes in [kept, reduced] {
+            words.extend(u32s(axes.iter().map(|&a| shape[a])));
+            words.extend(u32s(axes.iter().map(|&a| strides[a])));
+        }
+        words
+    }
+
+    pub const fn len(kept: usize, reduced: usize) -> usize {
+        2 * kept + 2 * reduced
+    }
+}
+
+/// Where output `pos`'s reduced elements start, for the `ReduceMeta` at `at`.
+#[cube]
+pub(crate) fn kept_offset(pos: u32, meta: &Array<u32>, at: u32, #[comptime] kept: usize) -> u32 {
+    offset_in(pos, meta, at, at + kept as u32, kept)
+}
+
+/// Where reduced element `r` lies from its output's start, for the `ReduceMeta` at `at`.
+#[cube]
+pub(crate) fn reduced_offset(
+    r: u32,
+    meta: &Array<u32>,
+    at: u32,
+    #[comptime] kept: usize,
+    #[comptime] reduced: usize,
+) -> u32 {
+    let extents = at + comptime!(2 * kept) as u32;
+    offset_in(r, meta, extents, extents + reduced as u32, reduced)
+}
+
+/// The stride of reduced axis `axis`, for the `ReduceMeta` at `at`.
+#[cube]
+pub(crate) fn reduced_stride(
+    meta: &Array<u32>,
+    at: u32,
+    #[comptime] kept: usize,
+    #[comptime] reduced: usize,
+    #[comptime] axis: usize,
+) -> u32 {
+    meta[at as usize + comptime!(2 * kept + reduced + axis)]
+}
+
+/// `meta`: a `ReduceMeta`, then x's offset and the number of reduced elements.
 #[cube(launch_unchecked)]
 pub(crate) fn reduce_kernel<F: Float>(
     x: &Array<F>,
@@ -93,20 +154,13 @@ pub(crate) fn reduce_kernel<F: Float>(
 ) {
     let (pos, lane) = reduce_position(lanes);
     if pos < out.len() as u32 {
-        let tail = 2 * kept + 2 * reduced;
-        let base = offset_in(pos, meta, 0, kept as u32, kept) + meta[tail];
-        let count = meta[tail + 1];
+        let tail = comptime!(ReduceMeta::len(kept, reduced));
+        let (offset, count) = (meta[tail], meta[tail + 1]);
+        let base = kept_offset(pos, meta, 0u32, kept) + offset;
         let mut acc = reduce_identity::<F>(op);
         let mut r = lane;
         while r < count {
-            let v = x[(base
-                + offset_in(
-                    r,
-                    meta,
-                    2 * kept as u32,
-                    (2 * kept + reduced) as u32,
-                    reduced,
-                )) as usize];
+            let v = x[(base + reduced_offset(r, meta, 0u32, kept, reduced)) as usize];
             acc = combine::<F>(acc, v, op);
             r += lanes;
         }
@@ -123,10 +177,10 @@ pub(crate) fn reduce_kernel<F: Float>(
 
 /// The same reduction over `segments` contiguous buffers (after the unary
 /// `prologue`, such as squares for gradient norms), in one kernel: output element `o`
-/// of segment `s` lands at `out[s * outputs + o]`. `meta`: kept shape and strides,
-/// reduced shape and strides (shared: the buffers have one shape, or are each reduced
-/// whole as one flat axis), the outputs per segment, each segment's count of reduced
-/// elements, then each segment's offset in its buffer. With one lane a unit computes an output; otherwise a cube of
+/// of segment `s` lands at `out[s * outputs + o]`. `meta`: a `ReduceMeta` (shared: the
+/// buffers have one shape, or are each reduced whole as one flat axis), the outputs
+/// per segment, each segment's count of reduced elements, then each segment's offset
+/// in its buffer. With one lane a unit computes an output; otherwise a cube of
 /// `lanes`.
 #[cube(launch_unchecked)]
 // The kernel language has no iterators: comptime lists are walked by index.
@@ -143,13 +197,13 @@ pub(crate) fn multi_reduce_kernel<F: Float>(
     #[comptime] lanes: u32,
 ) {
     let (pos, lane) = reduce_position(lanes);
-    let tail = 2 * kept + 2 * reduced;
+    let tail = comptime!(ReduceMeta::len(kept, reduced));
     let outputs = meta[tail];
     if pos < outputs * segments as u32 {
         let segment = pos / outputs;
-        let count = meta[tail + 1 + segment as usize];
-        let base = meta[tail + 1 + segments + segment as usize]
-            + offset_in(pos % outputs, meta, 0, kept as u32, kept);
+        let (counts, offsets) = (tail + 1, tail + 1 + segments);
+        let count = meta[counts + segment as usize];
+        let base = meta[offsets + segment as usize] + kept_offset(pos % outputs, meta, 0u32, kept);
         let mut acc = reduce_identity::<F>(op);
         #[unroll]
         for s in 0..segments {
@@ -157,14 +211,7 @@ pub(crate) fn multi_reduce_kernel<F: Float>(
                 let x = inputs.index(s);
                 let mut r = lane;
                 while r < count {
-                    let at = base
-                        + offset_in(
-                            r,
-                            meta,
-                            2 * kept as u32,
-                            (2 * kept + reduced) as u32,
-                            reduced,
-                        );
+                    let at = base + reduced_offset(r, meta, 0u32, kept, reduced);
                     let mut v = x[at as usize];
                     #[unroll]
                     for p in 0..comptime!(prologue.len()) {

@@ -7,9 +7,9 @@ use crate::device::{
     ELEMENT_BYTES, MAX_GRID,
 };
 use crate::elementwise::ops::UnaryKind;
+use crate::elementwise::ops::ViewsMeta;
 use crate::fused::kernel::{fused_reduce_kernel, reduce_epilogue_kernel, FusedProgram, RowTopK};
-use crate::fused::launch::program_meta;
-use crate::reduce::kernel::{multi_reduce_kernel, reduce_kernel, ReduceKind};
+use crate::reduce::kernel::{multi_reduce_kernel, reduce_kernel, ReduceKind, ReduceMeta};
 use crate::view::{contiguous_strides, View};
 use cubecl::prelude::*;
 use cubecl::server::Handle;
@@ -199,8 +199,7 @@ impl<R: Runtime> TunableLaunch for ReduceLaunch<R> {
 
 /// How a reduction of `shape` (read through `strides`) over `axes` walks its operand.
 pub(crate) struct ReductionLayout {
-    /// The kept axes' extents and strides, then the reduced axes' (the layout every
-    /// reduce kernel reads first).
+    /// The `ReduceMeta` every reduce kernel reads first.
     meta: Vec<u32>,
     /// Output elements, and reduced elements per output.
     outputs: usize,
@@ -214,10 +213,7 @@ impl ReductionLayout {
     fn of(shape: &[usize], strides: &[usize], axes: &[usize]) -> ReductionLayout {
         let (reduced, kept): (Vec<usize>, Vec<usize>) =
             (0..shape.len()).partition(|a| axes.contains(a));
-        let mut meta = u32s(kept.iter().map(|&a| shape[a]));
-        meta.extend(u32s(kept.iter().map(|&a| strides[a])));
-        meta.extend(u32s(reduced.iter().map(|&a| shape[a])));
-        meta.extend(u32s(reduced.iter().map(|&a| strides[a])));
+        let meta = ReduceMeta::words(shape, strides, &kept, &reduced);
         ReductionLayout {
             meta,
             outputs: kept.iter().map(|&a| shape[a]).product(),
@@ -243,7 +239,7 @@ impl<R: Runtime> Kernels<R> {
         step: u64,
     ) -> Handle {
         let layout = ReductionLayout::of(shape, &contiguous_strides(shape), axes);
-        let mut meta = program_meta(shape, inputs);
+        let mut meta = ViewsMeta::of_views(shape, inputs.iter());
         meta.extend(&layout.meta);
         meta.extend(u32s([layout.count]));
         let source = ReduceSource::Prologue {
@@ -276,7 +272,7 @@ impl<R: Runtime> Kernels<R> {
     ) -> Vec<Handle> {
         let last = shape.len().checked_sub(1).expect("rows need an axis");
         let layout = ReductionLayout::of(shape, &x.strides, &[last]);
-        let mut meta = program_meta(shape, inputs);
+        let mut meta = ViewsMeta::of_views(shape, inputs.iter());
         meta.extend(&layout.meta);
         meta.extend(u32s([x.offset, layout.count, layout.outputs]));
         let source = ReduceSource::Epilogue {
