@@ -290,19 +290,18 @@ fn a_nan_stops_the_run_at_its_node_and_keeps_the_last_good_checkpoint() {
     let tasks_ref: &'static [TrainingTask] = Box::leak(tasks.clone().into_boxed_slice());
     // A fresh run on the poisoned data stops at its first step, before any
     // checkpoint: it says so instead of promising one.
+    let on_poisoned_data = |options: TrainOptions| {
+        let data = Dataset::load(&bad_data, program_ref).unwrap();
+        let reference = Box::new(ReferenceBackend::default());
+        Trainer::new(program_ref, tasks_ref, data, options, reference).unwrap()
+    };
     let fresh = TrainOptions {
         run_dir: dir.join("fresh"),
         ..opts.clone()
     };
-    let mut first = Trainer::new(
-        program_ref,
-        tasks_ref,
-        Dataset::load(&bad_data, program_ref).unwrap(),
-        fresh,
-        Box::new(ReferenceBackend::default()),
-    )
-    .unwrap();
-    let err = first.step().expect_err("NaN data must stop the run");
+    let err = on_poisoned_data(fresh)
+        .step()
+        .expect_err("NaN data must stop the run");
     assert!(
         err.to_string()
             .contains("no checkpoint was written before it"),
@@ -312,15 +311,9 @@ fn a_nan_stops_the_run_at_its_node_and_keeps_the_last_good_checkpoint() {
         resume: true,
         ..opts
     };
-    let mut poisoned = Trainer::new(
-        program_ref,
-        tasks_ref,
-        Dataset::load(&bad_data, program_ref).unwrap(),
-        resumed,
-        Box::new(ReferenceBackend::default()),
-    )
-    .unwrap();
-    let err = poisoned.step().expect_err("NaN data must stop the run");
+    let err = on_poisoned_data(resumed)
+        .step()
+        .expect_err("NaN data must stop the run");
     let TrainError::NonFinite(bad) = &err else {
         panic!("expected a non-finite error, got {err}");
     };
