@@ -2,7 +2,7 @@
 //! kernels live; opening the backend they name.
 
 use altc_compiler::spec::Precision;
-use altc_runtime::backend::{Backend, ReferenceBackend, TuningMode};
+use altc_runtime::backend::{Backend, BackendError, ReferenceBackend, TuningMode};
 use altc_runtime::device::DeviceChoice;
 use altc_runtime::tuning::Manifest;
 use anyhow::{Context, Result};
@@ -39,15 +39,15 @@ pub(crate) fn open_backend(
     fuse: bool,
     parameters: Option<usize>,
 ) -> Result<Box<dyn Backend>> {
-    let (choice, why) = match device {
-        Device::Reference => (None, None),
-        Device::Cuda => (Some(DeviceChoice::Cuda), None),
-        Device::Wgpu => (Some(DeviceChoice::Wgpu), None),
-        Device::Auto => auto_choice(parameters),
-    };
-    let backend: Box<dyn Backend> = match choice {
-        None => Box::new(ReferenceBackend::default()),
-        Some(choice) => altc_runtime::device::open(choice, precision, fuse)?,
+    let open = |choice| altc_runtime::device::open(choice, precision, fuse);
+    let (backend, why): (Box<dyn Backend>, Option<String>) = match device {
+        Device::Reference => (Box::new(ReferenceBackend::default()), None),
+        Device::Cuda => (open(DeviceChoice::Cuda)?, None),
+        Device::Wgpu => (open(DeviceChoice::Wgpu)?, None),
+        Device::Auto => {
+            let (backend, why) = open_auto(parameters, open)?;
+            (backend, Some(why))
+        }
     };
     match why {
         Some(why) => eprintln!("device: {} (auto: {why})", backend.describe()),
@@ -67,28 +67,33 @@ pub(crate) fn open_backend_for(
     open_backend(device, program.training.precision, fuse, parameters)
 }
 
-/// What `--device auto` runs on, and why.
-fn auto_choice(parameters: Option<usize>) -> (Option<DeviceChoice>, Option<String>) {
+/// Opens what `--device auto` runs on, and says why.
+fn open_auto(
+    parameters: Option<usize>,
+    open: impl Fn(DeviceChoice) -> Result<Box<dyn Backend>, BackendError>,
+) -> Result<(Box<dyn Backend>, String)> {
     use altc_runtime::device::{cuda_driver_present, vulkan_is_cpu_only};
-    if cuda_driver_present() {
-        return (
-            Some(DeviceChoice::Auto),
-            Some("a CUDA driver is present".into()),
-        );
-    }
-    match (parameters, vulkan_is_cpu_only()) {
-        (Some(n), Some(cpu)) if n < SMALL_MODEL_PARAMETERS => (
-            None,
-            Some(format!(
-                "no CUDA driver, and the only Vulkan device is the CPU ({cpu}): a model of {} parameters runs faster on the interpreter; --device wgpu runs it there",
+    let no_cuda = if cuda_driver_present() {
+        match open(DeviceChoice::Cuda) {
+            Ok(cuda) => return Ok((cuda, "a CUDA driver is present".into())),
+            Err(e) => format!("CUDA did not open ({e})"),
+        }
+    } else {
+        "no CUDA driver".to_string()
+    };
+    // Only a small model asks whether wgpu would run on the CPU.
+    if let Some(n) = parameters.filter(|&n| n < SMALL_MODEL_PARAMETERS) {
+        if let Some(cpu) = vulkan_is_cpu_only() {
+            let why = format!(
+                "{no_cuda}, and the only Vulkan device is the CPU ({cpu}): a model of {} parameters runs faster on the interpreter; --device wgpu runs it there",
                 altc_compiler::summary::thousands(n)
-            )),
-        ),
-        _ => (
-            Some(DeviceChoice::Wgpu),
-            Some("no CUDA driver; wgpu (Vulkan) is next".into()),
-        ),
+            );
+            return Ok((Box::new(ReferenceBackend::default()), why));
+        }
     }
+    let wgpu =
+        open(DeviceChoice::Wgpu).map_err(|e| anyhow::anyhow!("no device: {no_cuda}; {e}"))?;
+    Ok((wgpu, format!("{no_cuda}; wgpu (Vulkan) is next")))
 }
 
 /// Where tuned choices live: cubecl's autotune cache and altc's manifest.

@@ -363,10 +363,15 @@ pub fn run(args: RunArgs) -> Result<()> {
     // A resumed run keeps its length unless told otherwise, and its schedules' span
     // always.
     let resumed_length = (args.resume && record.steps > 0).then_some(record.steps);
-    let schedule_steps = resumed_length.map(|steps| match record.schedule_steps {
-        0 => steps,
-        span => span,
-    });
+    // Only a run that goes on from a checkpoint keeps its span: one restarted from
+    // step 0 plans its schedules afresh.
+    let schedule_steps =
+        resumed_length
+            .filter(|_| resume_from_checkpoint)
+            .map(|steps| match record.schedule_steps {
+                0 => steps,
+                span => span,
+            });
     let options = TrainOptions {
         steps: args.steps.map(|s| s as usize).or(resumed_length),
         schedule_steps,
@@ -404,18 +409,39 @@ pub fn run(args: RunArgs) -> Result<()> {
     }
 
     let total = trainer.total_steps();
-    let bar = ProgressBar::new(total as u64).with_position(trainer.step_index() as u64);
-    // The rate counts this process's steps only, not those a resumed run starts at.
-    bar.reset_eta();
+    let first = trainer.step_index() as u64;
+    let bar = ProgressBar::new(total as u64).with_position(first);
+    // Rate and time left count this process's steps only, not the ones a resumed run
+    // starts after (indicatif's estimator would count those as just done).
+    let started = std::time::Instant::now();
+    let rate = move |state: &ProgressState| {
+        state.pos().saturating_sub(first) as f64 / started.elapsed().as_secs_f64().max(1e-9)
+    };
     bar.set_style(
         ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}, {rate}] {msg}",
+            "{bar:30} {pos}/{len} [{elapsed_precise}<{left}, {rate}] {msg}",
         )
         .expect("valid template")
         .with_key(
             "rate",
-            |state: &ProgressState, w: &mut dyn std::fmt::Write| {
-                let _ = write!(w, "{:.1} steps/s", state.per_sec());
+            move |state: &ProgressState, w: &mut dyn std::fmt::Write| {
+                let _ = write!(w, "{:.1} steps/s", rate(state));
+            },
+        )
+        .with_key(
+            "left",
+            move |state: &ProgressState, w: &mut dyn std::fmt::Write| {
+                let per_second = rate(state);
+                let left = state.len().unwrap_or(0).saturating_sub(state.pos());
+                match (per_second > 0.0).then(|| left as f64 / per_second) {
+                    Some(seconds) => {
+                        let s = seconds.round() as u64;
+                        let _ = write!(w, "{:02}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60);
+                    }
+                    None => {
+                        let _ = write!(w, "--:--:--");
+                    }
+                }
             },
         ),
     );

@@ -216,6 +216,18 @@ fn synth_run_eval_and_resume_the_tiny_model() {
     );
     let err = assert_clean_failure(&train(&["--steps", "5", "--resume"]));
     assert!(err.contains("the run is at step 6 already"), "{err}");
+    // A run stopped before its first checkpoint starts again from step 0, and its
+    // schedules span the length it is given now.
+    let restarted = dir.join("restarted");
+    let o = train_tiny(&data, &restarted, &["--steps", "2"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    std::fs::remove_file(restarted.join("checkpoint.safetensors")).unwrap();
+    let o = train_tiny(&data, &restarted, &["--steps", "4", "--resume"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let said = stderr(&o);
+    assert!(said.contains("starting it again from step 0"), "{said}");
+    assert!(said.contains("resuming at step 0 of 4"), "{said}");
+    assert!(!said.contains("its schedules span"), "{said}");
 
     let store = dir.join("keys.safetensors");
     let st = store.to_str().unwrap();

@@ -24,12 +24,15 @@ pub fn ensure_runtime_dir() {
         if valid {
             return;
         }
-        let dir = std::env::temp_dir().join(format!("altc-runtime-{}", user_id()));
-        let made = std::fs::create_dir_all(&dir).and_then(|()| {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
-        });
-        if made.is_ok() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let uid = user_id();
+        let dir = std::env::temp_dir().join(format!("altc-runtime-{uid}"));
+        let made = std::fs::create_dir_all(&dir)
+            .and_then(|()| std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)));
+        // Only a directory of this user's own: one another user made first is not
+        // private to this one.
+        let own = std::fs::metadata(&dir).is_ok_and(|m| m.uid() == uid);
+        if made.is_ok() && own {
             std::env::set_var("XDG_RUNTIME_DIR", &dir);
         }
     });
@@ -38,5 +41,5 @@ pub fn ensure_runtime_dir() {
 /// The user id, from the owner of /proc/self (no libc call needed).
 fn user_id() -> u32 {
     use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/self").map_or(0, |m| m.uid())
+    std::fs::metadata("/proc/self").map_or(u32::MAX, |m| m.uid())
 }

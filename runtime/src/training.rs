@@ -194,7 +194,8 @@ impl<'p> Trainer<'p> {
             if ckpt.step > total_steps {
                 return Err(TrainError::Config(format!(
                     "the run is at step {} already; resume it with --steps {} or more",
-                    ckpt.step, ckpt.step
+                    ckpt.step,
+                    ckpt.step + 1
                 )));
             }
             (ckpt.state, ckpt.step)

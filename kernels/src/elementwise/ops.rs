@@ -71,8 +71,8 @@ pub(crate) fn offset_in(
 }
 
 /// The metadata of a kernel over views broadcast to one shape. The layout lives here
-/// only: `words` writes it on the host; `view_at` and `shape_extent` read it in the
-/// kernel. From where it starts: the shape (`rank` words), each view's strides (`rank`
+/// only: `words` writes it on the host; `view_at`, `view_stride`, `view_offset` and
+/// `shape_extent` read it in the kernel. From where it starts: the shape (`rank` words), each view's strides (`rank`
 /// words each), then each view's offset, `len` words in all; a kernel that needs more
 /// puts its own words after them.
 pub(crate) struct ViewsMeta;

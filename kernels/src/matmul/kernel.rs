@@ -2,7 +2,7 @@
 //! tile and batch entry. Operands are strided views, so transposed operands and
 //! broadcast batch dimensions (stride 0) need no copies.
 
-use crate::elementwise::ops::unordered;
+use crate::elementwise::ops::{unordered, ViewsMeta};
 use crate::fused::kernel::{run_program, FusedProgram};
 use cubecl::prelude::*;
 
@@ -300,7 +300,7 @@ fn write_product<F: Float>(
     let (row, col, entry) = place;
     let (m, n) = extent;
     let (seed_lo, seed_hi, rng_step) = seed;
-    let epilogue_len = comptime!(epilogue.rank * (1 + epilogue.inputs) + epilogue.inputs);
+    let epilogue_len = comptime!(ViewsMeta::len(epilogue.rank, epilogue.inputs));
     let written = comptime!(epilogue.outputs.len().max(1));
     if row < m && col < n {
         let pos = entry * m * n + row * n + col;

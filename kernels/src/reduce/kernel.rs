@@ -4,7 +4,7 @@
 //! fixed tree. Either way results are deterministic.
 
 use crate::device::u32s;
-pub(crate) use crate::elementwise::ops::offset_in;
+use crate::elementwise::ops::offset_in;
 use crate::elementwise::ops::UnaryKind;
 use crate::elementwise::ops::{apply_unary, unordered};
 use cubecl::prelude::*;

@@ -135,7 +135,6 @@ impl<R: Runtime> DeviceBackend<R> {
         self.execute(graph, Leaves::Shapes(input_shapes), ctx)
     }
 
-    /// Names the device and driver the tuning scope is for.
     /// A device that computes in the machine's memory (a CPU Vulkan device): its
     /// runs must fit in `memory` bytes.
     pub fn in_host_memory(mut self, memory: Option<u64>) -> Self {
@@ -148,6 +147,7 @@ impl<R: Runtime> DeviceBackend<R> {
         self.kernels.client().properties().memory.max_page_size
     }
 
+    /// Names the device and driver the tuning scope is for.
     pub fn identified_as(mut self, identity: String) -> Self {
         self.identity = identity;
         self
