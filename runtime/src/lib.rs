@@ -1,8 +1,8 @@
 //! altc's runtime: executing compiled programs. It owns backends (the reference
 //! interpreter, and cubecl devices running `altc_kernels`: wgpu, CUDA), paired datasets
 //! (loading, batching, the planted generator), the training loop over the schedule's
-//! tasks, checkpoints, retrieval, and the tuning manifest beside cubecl's autotune
-//! cache.
+//! tasks, checkpoints, retrieval, the tuning manifest beside cubecl's autotune
+//! cache, and text tokenization for text encoders.
 //!
 //! It reads lowered programs and training graphs from `altc_compiler` and never parses
 //! RON specs.
@@ -14,6 +14,7 @@ pub mod device;
 pub mod host;
 pub mod retrieval;
 pub mod synth;
+pub mod text;
 pub mod training;
 pub mod tuning;
 pub mod workload;
