@@ -33,6 +33,11 @@ pub(crate) fn u32s(values: impl IntoIterator<Item = usize>) -> Vec<u32> {
         .collect()
 }
 
+/// One extent, stride or count as a metadata word.
+pub(crate) fn word(value: usize) -> u32 {
+    u32s([value])[0]
+}
+
 /// Bytes of one buffer element: the kernels are instantiated for f32, and indices
 /// and masks are held in f32 words too.
 pub const ELEMENT_BYTES: usize = std::mem::size_of::<f32>();
@@ -67,7 +72,7 @@ pub(crate) fn buffer_arg<R: Runtime>((handle, len): &(Handle, usize)) -> ArrayAr
 
 /// Tiles of `edge` needed to cover `extent`, at least one (a launch is never empty).
 pub(crate) fn tiles_of(extent: usize, edge: u32) -> u32 {
-    u32s([extent])[0].div_ceil(edge).max(1)
+    word(extent).div_ceil(edge).max(1)
 }
 
 pub(crate) fn grid(units: usize) -> (CubeCount, CubeDim) {
@@ -76,7 +81,7 @@ pub(crate) fn grid(units: usize) -> (CubeCount, CubeDim) {
 
 /// A one-dimensional launch of `units` units in cubes of `cube`.
 pub(crate) fn grid_of(units: usize, cube: u32) -> (CubeCount, CubeDim) {
-    let cubes = u32s([units])[0].div_ceil(cube).max(1);
+    let cubes = word(units).div_ceil(cube).max(1);
     let x = cubes.min(MAX_GRID);
     (
         CubeCount::Static(x, cubes.div_ceil(x), 1),
@@ -195,7 +200,7 @@ impl<R: Runtime> Kernels<R> {
                 x.buffer_arg(),
                 ArrayArg::from_raw_parts(out.clone(), out_len.max(1)),
                 buffer_arg(&self.upload_once(meta)),
-                u32s([n])[0],
+                word(n),
                 shape.len(),
             )
         };
@@ -222,7 +227,7 @@ impl<R: Runtime> Kernels<R> {
         let out = self.alloc(n);
         let inner: usize = shape[axis + 1..].iter().product();
         let (count, dim) = grid(n);
-        let [inner, size] = [inner, shape[axis]].map(|v| u32s([v])[0]);
+        let [inner, size] = [inner, shape[axis]].map(word);
         unsafe {
             iota_kernel::launch_unchecked::<f32, R>(
                 &self.client,

@@ -10,7 +10,7 @@
 //! assignment cost nothing; one that receives all of them is just a long run.
 
 use crate::autotune::{bucket, Candidate, KernelKey, LaunchRecord, TunableLaunch};
-use crate::device::{buffer_arg, tiles_of, u32s, Kernels, ELEMENT_BYTES};
+use crate::device::{buffer_arg, tiles_of, word, Kernels, ELEMENT_BYTES};
 use crate::matmul::kernel::{accumulate_outer, operand_value, round_to_bf16, zeroed_block, TILE};
 use crate::matmul::launch::MatmulStrategy;
 use crate::view::View;
@@ -689,7 +689,7 @@ impl<R: Runtime> TunableLaunch for ExpertGradLaunch<R> {
         unsafe {
             expert_weight_grad_kernel::launch_unchecked::<f32, R>(
                 &self.client,
-                CubeCount::Static(tiles_of(m, span), tiles_of(k, span), u32s([experts])[0]),
+                CubeCount::Static(tiles_of(m, span), tiles_of(k, span), word(experts)),
                 CubeDim::new_2d(edge, edge),
                 buffer_arg(&self.a),
                 buffer_arg(&self.b),
@@ -737,8 +737,8 @@ impl<R: Runtime> Kernels<R> {
                 ArrayArg::from_raw_parts(index.clone(), n.max(1)),
                 ArrayArg::from_raw_parts(out_order.clone(), n.max(1)),
                 ArrayArg::from_raw_parts(offsets.clone(), experts + 1),
-                u32s([n])[0],
-                u32s([experts])[0],
+                word(n),
+                word(experts),
                 lanes,
                 order,
             )
@@ -773,7 +773,6 @@ impl<R: Runtime> Kernels<R> {
         };
         let fan = op.assignments / op.rows.max(1);
         let bias = op.bias.unwrap_or(op.w);
-        let word = |v: usize| u32s([v])[0];
         let meta = GroupedMeta {
             assignments: word(op.assignments),
             k: word(op.k),
@@ -797,7 +796,7 @@ impl<R: Runtime> Kernels<R> {
             offsets: (op.offsets.clone(), op.experts + 1),
             meta: self.upload_once(meta),
             extent: (op.assignments, op.m),
-            experts: u32s([op.experts])[0],
+            experts: word(op.experts),
             has_bias: op.bias.is_some(),
             bf16_operands: op.bf16_operands,
             record: LaunchRecord::new(KernelKey {
@@ -834,7 +833,6 @@ impl<R: Runtime> Kernels<R> {
         bf16_operands: bool,
     ) -> Handle {
         let fan = |rows: usize| assignments / rows.max(1);
-        let word = |v: usize| u32s([v])[0];
         let meta = GradMeta {
             k: word(k),
             m: word(m),

@@ -1,7 +1,7 @@
 //! Index kernels: gather and scatter-add along an axis (PyTorch semantics), and top-k
 //! indices along the last axis. Indices travel as whole numbers in `F`.
 
-use crate::device::{buffer_arg, grid, u32s, Kernels};
+use crate::device::{buffer_arg, grid, u32s, word, Kernels};
 use crate::elementwise::ops::{view_offset, view_stride, ViewsMeta};
 use crate::view::View;
 use cubecl::prelude::*;
@@ -178,7 +178,7 @@ impl<R: Runtime> Kernels<R> {
     pub fn top_k(&self, x: &Handle, rows: usize, n: usize, k: usize) -> Handle {
         let out = self.alloc(rows * k);
         let (count, dim) = grid(rows);
-        let [n32, k32] = [n, k].map(|v| u32s([v])[0]);
+        let [n32, k32] = [n, k].map(word);
         unsafe {
             top_k_kernel::launch_unchecked::<f32, R>(
                 &self.client,

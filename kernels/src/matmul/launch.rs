@@ -4,7 +4,7 @@
 
 use crate::autotune::{bucket, Candidate, KernelKey, LaunchRecord, TunableLaunch};
 use crate::device::{
-    buffer_arg, buffer_sequence, grid, tiles_of, u32s, Kernels, ELEMENT_BYTES, MAX_GRID,
+    buffer_arg, buffer_sequence, grid, tiles_of, u32s, word, Kernels, ELEMENT_BYTES, MAX_GRID,
 };
 use crate::elementwise::ops::ViewsMeta;
 use crate::fused::kernel::{fused_kernel, FusedOp, FusedProgram};
@@ -267,7 +267,7 @@ impl<R: Runtime> MatmulLaunch<R> {
         let count = CubeCount::Static(
             tiles_of(n, span),
             tiles_of(m, span),
-            u32s([batches * self.layout.members])[0],
+            word(batches * self.layout.members),
         );
         unsafe {
             matmul_kernel::launch_unchecked::<f32, R>(
@@ -349,7 +349,6 @@ pub(crate) fn matmul_meta(
     } else {
         out_batch.iter().product()
     };
-    let word = |v: usize| u32s([v])[0];
     let meta = MatmulMeta {
         batch: u32s(out_batch.iter().copied()),
         a_batch_strides: u32s(batch_strides(a_shape, &a.strides)),

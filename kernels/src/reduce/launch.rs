@@ -3,7 +3,7 @@
 
 use crate::autotune::{bucket, Candidate, KernelKey, LaunchRecord, TunableLaunch};
 use crate::device::{
-    buffer_arg, buffer_sequence, empty_buffers, grid, grid_of, u32s, Kernels, CUBE_SIZE,
+    buffer_arg, buffer_sequence, empty_buffers, grid, grid_of, u32s, word, Kernels, CUBE_SIZE,
     ELEMENT_BYTES, MAX_GRID,
 };
 use crate::elementwise::ops::UnaryKind;
@@ -93,7 +93,7 @@ impl<R: Runtime> TunableLaunch for ReduceLaunch<R> {
                 (count, dim, 1)
             }
             ReduceStrategy::CubePerOutput { lanes } => {
-                let cubes = u32s([n])[0];
+                let cubes = word(n);
                 let x = cubes.min(MAX_GRID);
                 (
                     CubeCount::Static(x, cubes.div_ceil(x), 1),

@@ -181,29 +181,6 @@ impl<R: Runtime> DeviceBackend<R> {
     }
 }
 
-/// Checks, before anything launches, that every buffer the plan reads or writes can
-/// be indexed in 32 bits as the kernels do; a product summed inside its matmul, or a
-/// view, is no buffer and may be larger.
-pub(super) fn indexable(
-    graph: &Graph,
-    plan: &FusionPlan,
-    symbols: &BTreeMap<String, usize>,
-) -> Result<(), BackendError> {
-    for id in buffers(graph, plan) {
-        let elements = concrete(&graph.node(id).ty.shape, symbols)
-            .map_or(0, |dims| dims.iter().map(|&d| d as u64).product::<u64>());
-        if elements > u64::from(u32::MAX) {
-            return Err(BackendError::TooLarge {
-                graph: graph.name.clone(),
-                node: id.index(),
-                origin: graph.node(id).origin.clone(),
-                elements,
-            });
-        }
-    }
-    Ok(())
-}
-
 /// The nodes that hold a buffer of their own in a run: the leaves, and what each
 /// step writes.
 fn buffers<'a>(graph: &'a Graph, plan: &'a FusionPlan) -> impl Iterator<Item = NodeId> + 'a {
@@ -246,36 +223,52 @@ impl<R: Runtime> DeviceBackend<R> {
         if self.fitted.contains(&key) {
             return Ok(());
         }
-        indexable(graph, plan, symbols)?;
         let limit = self.buffer_limit();
+        // One pass: a buffer past 32-bit indexing is refused as such wherever it
+        // stands; the first buffer past the device's largest is refused after.
+        let mut too_big = None;
         for id in buffers(graph, plan) {
             let Some(shape) = concrete(&graph.node(id).ty.shape, symbols) else {
                 continue;
             };
-            let bytes = shape.iter().map(|&d| d as u64).product::<u64>() * ELEMENT_BYTES as u64;
-            if bytes > limit {
-                let node = graph.node(id);
-                let batch_sized = node.ty.shape.dims().iter().any(|d| d.fixed().is_none());
-                return Err(FitError::Buffer {
-                    advice: if batch_sized {
-                        FitError::SMALLER_BATCH
-                    } else {
-                        FitError::OTHER_DEVICE
-                    },
-                    what: format!(
-                        "graph `{}`: node {} (`{}`, from {})",
-                        graph.name,
-                        id.index(),
-                        node.op.mnemonic(),
-                        node.origin
-                    ),
-                    shape,
-                    size: Bytes(bytes),
-                    limit: Bytes(limit),
-                    device: self.identity.clone(),
-                }
-                .into());
+            // A buffer must be indexable in 32 bits, as the kernels index it; a product
+            // summed inside its matmul, or a view, is no buffer and may be larger.
+            let elements = shape.iter().map(|&d| d as u64).product::<u64>();
+            if elements > u64::from(u32::MAX) {
+                return Err(BackendError::TooLarge {
+                    graph: graph.name.clone(),
+                    node: id.index(),
+                    origin: graph.node(id).origin.clone(),
+                    elements,
+                });
             }
+            let bytes = elements * ELEMENT_BYTES as u64;
+            if bytes > limit && too_big.is_none() {
+                too_big = Some((id, shape, bytes));
+            }
+        }
+        if let Some((id, shape, bytes)) = too_big {
+            let node = graph.node(id);
+            let batch_sized = node.ty.shape.dims().iter().any(|d| d.fixed().is_none());
+            return Err(FitError::Buffer {
+                advice: if batch_sized {
+                    FitError::SMALLER_BATCH
+                } else {
+                    FitError::OTHER_DEVICE
+                },
+                what: format!(
+                    "graph `{}`: node {} (`{}`, from {})",
+                    graph.name,
+                    id.index(),
+                    node.op.mnemonic(),
+                    node.origin
+                ),
+                shape,
+                size: Bytes(bytes),
+                limit: Bytes(limit),
+                device: self.identity.clone(),
+            }
+            .into());
         }
         if let Some(memory) = self.host_memory {
             let peak = fusion::cost::plan_cost(graph, plan, symbols).peak_bytes;

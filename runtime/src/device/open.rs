@@ -80,36 +80,47 @@ pub(super) fn open_cuda(bf16_matmuls: bool, fuse: bool) -> Result<Box<dyn Backen
 
 pub(super) fn open_wgpu(fuse: bool) -> Result<Box<dyn Backend>, BackendError> {
     use cubecl::wgpu::{WgpuDevice, WgpuRuntime};
-    crate::host::ensure_runtime_dir();
+    let adapters = vulkan_adapter_infos();
     let client = probe("wgpu (Vulkan)", || {
         WgpuRuntime::client(&WgpuDevice::default())
     })?;
     Ok(Box::new(
         DeviceBackend::<WgpuRuntime>::new(client, "wgpu", false)
             .fused(fuse)
-            .in_host_memory(vulkan_is_cpu_only().and_then(|_| crate::host::host_memory_bytes()))
-            .identified_as(format!("wgpu {}", vulkan_adapters())),
+            .in_host_memory(cpu_only(&adapters).and_then(|_| crate::host::host_memory_bytes()))
+            .identified_as(format!("wgpu {}", describe_adapters(&adapters))),
     ))
 }
 
-/// The Vulkan adapters present, with their drivers: what cubecl's default wgpu
-/// device is chosen from.
-pub(super) fn vulkan_adapters() -> String {
+/// The Vulkan adapters present: what cubecl's default wgpu device is chosen from.
+/// Listing them is the first use of Vulkan, so Mesa's runtime directory is set first.
+fn vulkan_adapter_infos() -> Vec<wgpu::AdapterInfo> {
     crate::host::ensure_runtime_dir();
     let instance = wgpu::Instance::default();
     let adapters = cubecl::future::block_on(instance.enumerate_adapters(wgpu::Backends::VULKAN));
+    adapters.iter().map(|a| a.get_info()).collect()
+}
+
+/// The adapters with their drivers, for the tuning scope.
+fn describe_adapters(adapters: &[wgpu::AdapterInfo]) -> String {
     let names: Vec<String> = adapters
         .iter()
-        .map(|a| {
-            let info = a.get_info();
-            format!("{} {} {}", info.name, info.driver, info.driver_info)
-        })
+        .map(|info| format!("{} {} {}", info.name, info.driver, info.driver_info))
         .collect();
     if names.is_empty() {
         "unknown adapter".into()
     } else {
         names.join("; ")
     }
+}
+
+/// The first adapter's name when every one runs on the CPU.
+fn cpu_only(adapters: &[wgpu::AdapterInfo]) -> Option<String> {
+    let all_cpu = !adapters.is_empty()
+        && adapters
+            .iter()
+            .all(|i| i.device_type == wgpu::DeviceType::Cpu);
+    all_cpu.then(|| adapters[0].name.clone())
 }
 
 /// Whether CUDA has a driver here (what `DeviceChoice::Auto` tries first).
@@ -121,12 +132,7 @@ pub fn cuda_driver_present() -> bool {
 /// lavapipe), so that wgpu would compute in host memory on the CPU; `None` when
 /// a GPU is among them or there is none.
 pub fn vulkan_is_cpu_only() -> Option<String> {
-    crate::host::ensure_runtime_dir();
-    let instance = wgpu::Instance::default();
-    let adapters = cubecl::future::block_on(instance.enumerate_adapters(wgpu::Backends::VULKAN));
-    let infos: Vec<wgpu::AdapterInfo> = adapters.iter().map(|a| a.get_info()).collect();
-    let all_cpu = !infos.is_empty() && infos.iter().all(|i| i.device_type == wgpu::DeviceType::Cpu);
-    all_cpu.then(|| infos[0].name.clone())
+    cpu_only(&vulkan_adapter_infos())
 }
 
 /// What one client reports: plane sizes, shared memory, element types.
