@@ -13,7 +13,17 @@ use anyhow::{bail, Result};
 use std::path::{Path, PathBuf};
 
 pub(crate) fn check(path: &Path) -> Result<()> {
-    let loaded = spec::load(path)?;
+    let (text, file) = (
+        std::fs::read_to_string(path).map_err(|source| spec::SpecError::Io {
+            file: path.display().to_string(),
+            source,
+        })?,
+        path.display().to_string(),
+    );
+    if spec::is_encoder_spec(&text) {
+        return crate::encoders::check_encoder(path, &text);
+    }
+    let loaded = spec::parse(&text, &file)?;
     let program = lower_loaded(&loaded, LowerOptions::default())?;
     emit(&format!(
         "{}{}: ok\n",

@@ -15,6 +15,7 @@ mod compile;
 mod console;
 mod cuda_check;
 mod devices;
+mod encoders;
 mod files;
 mod model;
 mod serving;
@@ -35,11 +36,15 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Validate a model spec and print its modules, parameter counts and shapes.
+    /// Validate a model spec and print its modules, parameter counts and shapes; or
+    /// an encoder spec (`EncoderSpec(...)`), its weights and tokenizer checked too.
     Check {
-        /// The model spec (`.ron`).
+        /// The model or encoder spec (`.ron`).
         spec: PathBuf,
     },
+    /// Write the encoder spec (RON) of a Hugging Face model folder, with the map
+    /// from its checkpoint's tensors to the spec's parameters (BERT family).
+    Import(encoders::ImportArgs),
     /// Lower a model spec and write the compiled artifact.
     Compile {
         /// The model spec (`.ron`).
@@ -94,7 +99,8 @@ enum Command {
     Run(training::RunArgs),
     /// Recompute the held-out recalls of a run from its checkpoint.
     Eval(training::EvalArgs),
-    /// Embed one side of a dataset into a safetensors vector store.
+    /// Embed one side of a dataset, or raw text with a pretrained encoder, into a
+    /// safetensors vector store.
     Embed(serving::EmbedArgs),
     /// Rank a vector store for a batch of queries on the device; recalls and queries/s.
     Retrieve(serving::RetrieveArgs),
@@ -157,6 +163,7 @@ fn main() -> ExitCode {
             dot,
             graphs,
         } => inspect(&artifact, dot, &graphs),
+        Command::Import(args) => encoders::import(args),
         Command::Data { command } => training::data(command),
         Command::Run(args) => training::run(args),
         Command::Eval(args) => training::eval(args),

@@ -25,19 +25,44 @@ pub enum Side {
 
 #[derive(Args)]
 pub struct EmbedArgs {
-    /// The run directory (holds `model.altc` and `checkpoint.safetensors`).
-    run_dir: PathBuf,
+    /// The run directory (holds `model.altc` and `checkpoint.safetensors`); not with
+    /// --encoder.
+    #[arg(required_unless_present = "encoder", conflicts_with = "encoder")]
+    run_dir: Option<PathBuf>,
     /// The paired dataset (safetensors) whose items to embed: every pair's target
     /// side with `--side key`, its source side with `--side query`.
-    #[arg(long)]
-    data: PathBuf,
+    #[arg(long, required_unless_present = "encoder", conflicts_with = "encoder")]
+    data: Option<PathBuf>,
     /// The direction, e.g. `image_to_text`.
-    #[arg(long)]
-    direction: String,
+    #[arg(long, required_unless_present = "encoder", conflicts_with = "encoder")]
+    direction: Option<String>,
     /// `key`: the direction's target side, what `retrieve` searches; `query`: its
     /// source side.
     #[arg(long, value_enum, default_value_t = Side::Key)]
     side: Side,
+    /// A pretrained text encoder spec (`altc import` writes one): embed the raw text
+    /// of --text with it instead of a run's model.
+    #[arg(long, requires = "text")]
+    encoder: Option<PathBuf>,
+    /// With --encoder: the items, one a line, or JSON lines (`.jsonl`) with the text
+    /// in --field.
+    #[arg(long, requires = "encoder")]
+    text: Option<PathBuf>,
+    /// With --text JSON lines: the field holding each item's text.
+    #[arg(long, default_value = "text")]
+    field: String,
+    /// With --text JSON lines: the field holding each item's id (its line number
+    /// where absent; plain text items are named by their line numbers).
+    #[arg(long, default_value = "id")]
+    id_field: String,
+    /// With --encoder: items per batch, 1 to 4,096; each batch is padded to a
+    /// power-of-two length over its longest item.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    batch_size: u64,
+    /// With --encoder: run the encoder's graph as lowered, without the e-graph
+    /// optimiser or fusion (the baseline).
+    #[arg(long)]
+    no_opt: bool,
     /// Where to write the vector store (safetensors); never one of the inputs.
     #[arg(short, long)]
     output: PathBuf,
@@ -87,12 +112,28 @@ fn load_run(run_dir: &Path, device: Device) -> Result<Loaded> {
 }
 
 pub fn embed_command(args: EmbedArgs) -> Result<()> {
-    let model = args.run_dir.join("model.altc");
-    let checkpoint = checkpoint_path(&args.run_dir);
+    if let (Some(encoder), Some(text)) = (&args.encoder, &args.text) {
+        return crate::encoders::embed_text(crate::encoders::TextEmbedRequest {
+            encoder,
+            text,
+            field: &args.field,
+            id_field: &args.id_field,
+            batch_size: args.batch_size as usize,
+            optimise: !args.no_opt,
+            output: &args.output,
+            device: args.device,
+        });
+    }
+    let (Some(run_dir), Some(data), Some(direction)) = (&args.run_dir, &args.data, &args.direction)
+    else {
+        bail!("embed needs a run directory with --data and --direction, or --encoder with --text");
+    };
+    let model = run_dir.join("model.altc");
+    let checkpoint = checkpoint_path(run_dir);
     crate::files::refuse_overwrite(
         &args.output,
         &[
-            ("--data", &args.data),
+            ("--data", data),
             ("model", &model),
             ("checkpoint", &checkpoint),
         ],
@@ -100,12 +141,11 @@ pub fn embed_command(args: EmbedArgs) -> Result<()> {
     let Loaded {
         program,
         mut backend,
-    } = load_run(&args.run_dir, args.device)?;
-    let Some(d) = program.directions.iter().find(|d| d.name == args.direction) else {
+    } = load_run(run_dir, args.device)?;
+    let Some(d) = program.directions.iter().find(|d| &d.name == direction) else {
         let known: Vec<&str> = program.directions.iter().map(|d| d.name.as_str()).collect();
         bail!(
-            "no direction `{}` (directions: {})",
-            args.direction,
+            "no direction `{direction}` (directions: {})",
             known.join(", ")
         );
     };
@@ -114,7 +154,7 @@ pub fn embed_command(args: EmbedArgs) -> Result<()> {
         Side::Query => (d.query_graph.clone(), d.source.clone()),
     };
     let graph = graph.context("this model has no contrastive loss, so no retrieval embeddings")?;
-    let data = Dataset::load(&args.data, &program)?;
+    let data = Dataset::load(data, &program)?;
     let pairs: Vec<usize> = (0..data.pairs).collect();
     let start = Instant::now();
     let (vectors, width) = embed(&program, backend.as_mut(), &data, &pairs, &graph)?;

@@ -261,11 +261,26 @@ impl Backward<'_> {
                 grads
             }
             Op::Gather { axis } => {
-                let shape = self.shape(operands[0]);
-                vec![
-                    Some(self.push(Op::ScatterAdd { axis, shape }, &[operands[1], g])?),
-                    None,
-                ]
+                let data = self.shape(operands[0]);
+                // Scatter over the index's extents, then sum what the data broadcast.
+                let mut full = self.shape(operands[1]);
+                full.0[axis] = data.0[axis].clone();
+                let scattered = self.push(
+                    Op::ScatterAdd {
+                        axis,
+                        shape: full.clone(),
+                    },
+                    &[operands[1], g],
+                )?;
+                let broadcast: Vec<usize> = (0..data.rank())
+                    .filter(|&i| data.0[i] != full.0[i])
+                    .collect();
+                let grad = if broadcast.is_empty() {
+                    scattered
+                } else {
+                    self.reduce(ReduceOp::Sum, scattered, &broadcast, true)?
+                };
+                vec![Some(grad), None]
             }
             Op::ScatterAdd { axis, .. } => vec![
                 None,

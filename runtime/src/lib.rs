@@ -2,7 +2,8 @@
 //! interpreter, and cubecl devices running `altc_kernels`: wgpu, CUDA), paired datasets
 //! (loading, batching, the planted generator), the training loop over the schedule's
 //! tasks, checkpoints, retrieval, the tuning manifest beside cubecl's autotune
-//! cache, and text tokenization for text encoders.
+//! cache, text tokenization, and pretrained encoders (their weights, embedding raw
+//! text).
 //!
 //! It reads lowered programs and training graphs from `altc_compiler` and never parses
 //! RON specs.
@@ -11,6 +12,7 @@ pub mod backend;
 pub mod checkpoint;
 pub mod data;
 pub mod device;
+pub mod encoding;
 pub mod host;
 pub mod retrieval;
 pub mod synth;

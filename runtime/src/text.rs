@@ -51,6 +51,15 @@ pub struct Tokenized {
 }
 
 impl Tokenized {
+    /// Row `row`'s real tokens, special tokens included.
+    pub fn row_length(&self, row: usize) -> usize {
+        let at = row * self.length;
+        self.mask[at..at + self.length]
+            .iter()
+            .filter(|&&m| m == 1)
+            .count()
+    }
+
     /// Row `row`'s real token ids.
     pub fn row(&self, row: usize) -> Vec<u32> {
         let at = row * self.length;

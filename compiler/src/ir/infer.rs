@@ -279,7 +279,7 @@ pub fn infer(op: &Op, operands: &[&TensorType]) -> Result<TensorType, TypeError>
                 return Err(dtype_err(op, "an i32 index", operands));
             }
             check_axis(op, *axis, x.shape.rank())?;
-            indexed_dims_fit(op, *axis, &x.shape, &index.shape)?;
+            gathered_dims_fit(op, *axis, &x.shape, &index.shape)?;
             ty(x.dtype, index.shape.clone())
         }
         Op::ScatterAdd { axis, shape } => {
@@ -421,6 +421,21 @@ fn indexed_dims_fit(op: &Op, axis: usize, data: &Shape, index: &Shape) -> Result
         return Err(shape_err(
             op,
             format!("index {index} must match data {data} on every axis but {axis}"),
+        ));
+    }
+    Ok(())
+}
+
+/// A gather's data matches its index on every axis but `axis`, or has extent 1
+/// there and is broadcast (a table looked up for every example of a batch).
+fn gathered_dims_fit(op: &Op, axis: usize, data: &Shape, index: &Shape) -> Result<(), TypeError> {
+    let fits = data.rank() == index.rank()
+        && (0..data.rank())
+            .all(|i| i == axis || data.0[i] == index.0[i] || data.0[i] == Dim::Fixed(1));
+    if !fits {
+        return Err(shape_err(
+            op,
+            format!("index {index} must match data {data} on every axis but {axis} (or data has extent 1 there)"),
         ));
     }
     Ok(())

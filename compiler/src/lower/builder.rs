@@ -138,6 +138,26 @@ impl<'p> Builder<'p> {
         self.add(y, b)
     }
 
+    /// `x W^T + b` over the last axis with `W` stored `[out, in]`, as PyTorch's
+    /// `nn.Linear` stores it, so pretrained weights load as they are.
+    pub fn dense(&mut self, x: NodeId, prefix: &str, inp: usize, out: usize) -> Result<NodeId> {
+        let bound = 1.0 / (inp as f64).sqrt();
+        let w = self.param(
+            &format!("{prefix}.weight"),
+            &[out, inp],
+            ParamKind::Weight,
+            Init::Uniform { bound },
+        )?;
+        let y = self.matmul(x, w, false, true)?;
+        let b = self.param(
+            &format!("{prefix}.bias"),
+            &[out],
+            ParamKind::Bias,
+            Init::Uniform { bound },
+        )?;
+        self.add(y, b)
+    }
+
     /// LayerNorm over the last axis (biased variance, as PyTorch).
     pub fn layer_norm(
         &mut self,

@@ -18,18 +18,21 @@
 //! `altmoe.md`.
 
 mod builder;
+mod encoder;
 mod params;
 
 pub use builder::BATCH;
+pub use encoder::{lower_encoder, EncoderProgram, IDS, MASK, TOKENS};
 pub use params::{Init, ParamInfo, ParamKind, ParamTable};
 
 use crate::ir::{BuildGraph, DType, Dim, Graph, GraphError, NodeId, Op, ReduceOp, Shape, UnaryOp};
 use crate::outputs;
 use crate::spec::{
-    Direction, Encoder, ExpertPool as ExpertPoolKind, Gate, GateInput, Layer, LossKind, ModelSpec,
-    NoDecay, Optimizer, Schedule, Temperature, Tokens, Training,
+    Direction, Encoder, ExpertPool as ExpertPoolKind, Gate, GateInput, LossKind, ModelSpec,
+    NoDecay, Optimizer, Schedule, Temperature, Training,
 };
 use builder::Builder;
+use encoder::EncoderRun;
 use serde::{Deserialize, Serialize};
 
 /// Whether graphs are lowered for training (dropout active) or inference.
@@ -182,6 +185,7 @@ pub fn lower(spec: &ModelSpec, options: LowerOptions) -> Result<Program, LowerEr
                 input_width: match &m.encoder {
                     Encoder::Precomputed => m.width,
                     Encoder::Graph { input_width, .. } => *input_width,
+                    Encoder::Text { .. } => unreachable!("validated: models take no raw text"),
                 },
                 width: m.width,
                 padded: m.tokens.is_padded(),
@@ -300,7 +304,7 @@ impl Lowering<'_> {
             .spec
             .modalities
             .iter()
-            .filter(|m| matches!(m.encoder, Encoder::Graph { frozen: true, .. }))
+            .filter(|m| m.encoder.is_frozen())
             .map(|m| format!("encoders.{}.", m.name))
             .collect();
         let Optimizer::AdamW { no_decay, .. } = &self.spec.optimizer;
@@ -336,115 +340,17 @@ fn encode(b: &mut Builder, spec: &ModelSpec, mi: usize) -> Result<Encoded, Graph
     let path = format!("modalities[{mi}]");
     let tokens = m.tokens.count();
     b.at(&path, |b| {
-        let mask = match m.tokens {
-            Tokens::Padded { .. } => {
-                Some(b.float_input(&format!("{}.mask", m.name), batch_shape(&[tokens]))?)
-            }
-            Tokens::Fixed(_) => None,
+        let run = EncoderRun {
+            inputs: &format!("{}.", m.name),
+            params: &format!("encoders.{}.", m.name),
+            path: &format!("{path}.encoder"),
+            tokens,
+            padded: m.tokens.is_padded(),
+            width: m.width,
         };
-        let (input_width, layers) = match &m.encoder {
-            Encoder::Precomputed => (m.width, &[][..]),
-            Encoder::Graph {
-                input_width,
-                layers,
-                ..
-            } => (*input_width, layers.as_slice()),
-        };
-        let mut x = b.float_input(
-            &format!("{}.tokens", m.name),
-            batch_shape(&[tokens, input_width]),
-        )?;
-        let mut mask = mask;
-        let mut width = input_width;
-        for (li, layer) in layers.iter().enumerate() {
-            let prefix = format!("encoders.{}.layers.{li}", m.name);
-            let lpath = format!("{path}.encoder.layers[{li}]");
-            (x, width, mask) =
-                b.at(&lpath, |b| encoder_layer(b, layer, &prefix, x, width, mask))?;
-        }
-        Ok(Encoded { tokens: x, mask })
+        let (tokens, mask) = run.lower(b, &m.encoder)?;
+        Ok(Encoded { tokens, mask })
     })
-}
-
-fn encoder_layer(
-    b: &mut Builder,
-    layer: &Layer,
-    prefix: &str,
-    x: NodeId,
-    width: usize,
-    mask: Option<NodeId>,
-) -> Result<(NodeId, usize, Option<NodeId>), GraphError> {
-    Ok(match layer {
-        Layer::Linear { width: out, bias } => {
-            (b.linear(x, prefix, width, *out, *bias)?, *out, mask)
-        }
-        Layer::Mlp {
-            hidden,
-            width: out,
-            activation,
-            residual,
-        } => {
-            let h = b.linear(x, &format!("{prefix}.fc1"), width, *hidden, true)?;
-            let h = b.activation(*activation, h)?;
-            let mut y = b.linear(h, &format!("{prefix}.fc2"), *hidden, *out, true)?;
-            if *residual {
-                y = b.add(y, x)?;
-            }
-            (y, *out, mask)
-        }
-        Layer::LayerNorm { eps } => (
-            b.layer_norm(x, &format!("{prefix}.norm"), width, *eps)?,
-            width,
-            mask,
-        ),
-        Layer::SelfAttention { heads } => (
-            self_attention(b, prefix, x, width, *heads, mask)?,
-            width,
-            mask,
-        ),
-        Layer::TokenPool(pooling) => {
-            let pooled = b.pool(x, mask, *pooling)?;
-            (b.reshape(pooled, batch_shape(&[1, width]))?, width, None)
-        }
-    })
-}
-
-/// Pre-norm multi-head self-attention with a residual: `x + Wo . MHA(LN(x))`.
-fn self_attention(
-    b: &mut Builder,
-    prefix: &str,
-    x: NodeId,
-    width: usize,
-    heads: usize,
-    mask: Option<NodeId>,
-) -> Result<NodeId, GraphError> {
-    let tokens = b.ty(x).dims()[1].fixed().expect("token counts are fixed");
-    let head_width = width / heads;
-    let normed = b.layer_norm(x, &format!("{prefix}.norm"), width, 1e-5)?;
-    let split = |b: &mut Builder, name: &str| -> Result<NodeId, GraphError> {
-        let y = b.linear(normed, &format!("{prefix}.{name}"), width, width, true)?;
-        let y = b.reshape(y, batch_shape(&[tokens, heads, head_width]))?;
-        b.transpose(y, &[0, 2, 1, 3])
-    };
-    let q = split(b, "query")?;
-    let k = split(b, "key")?;
-    let v = split(b, "value")?;
-    let scores = b.matmul(q, k, false, true)?;
-    let mut scores = b.scale(scores, 1.0 / (head_width as f64).sqrt())?;
-    if let Some(mask) = mask {
-        // Padding keys get a large negative bias: (mask - 1) * 1e9, shaped [B, 1, 1, L].
-        let one = b.scalar(1.0)?;
-        let off = b.sub(mask, one)?;
-        let bias = b.scale(off, 1e9)?;
-        let bias = b.reshape(bias, batch_shape(&[1, 1, tokens]))?;
-        scores = b.add(scores, bias)?;
-    }
-    let probs = b.softmax(scores, 3)?;
-    let attended = b.matmul(probs, v, false, false)?;
-    let merged = b.transpose(attended, &[0, 2, 1, 3])?;
-    let merged = b.reshape(merged, batch_shape(&[tokens, width]))?;
-    let out = b.linear(merged, &format!("{prefix}.output"), width, width, true)?;
-    b.add(x, out)
 }
 
 /// `z = act(Linear_d(e_x + d_emb))`: the source tokens in the connector's space.

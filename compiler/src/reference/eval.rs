@@ -426,7 +426,18 @@ fn eval_op(op: &Op, x: &[&Tensor], at: &Site, ctx: EvalContext) -> Result<Tensor
         Op::Gather { axis } => {
             let (src, index) = (x[0], x[1]);
             let idx = indices(index);
-            let st = strides(&src.shape);
+            // Data of extent 1 off the axis is broadcast over the index.
+            let st: Vec<usize> = strides(&src.shape)
+                .iter()
+                .enumerate()
+                .map(|(i, &s)| {
+                    if i != *axis && src.shape[i] == 1 {
+                        0
+                    } else {
+                        s
+                    }
+                })
+                .collect();
             let size = src.shape[*axis];
             let mut offsets = Vec::with_capacity(idx.len());
             let mut bad = None;

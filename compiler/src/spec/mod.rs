@@ -2,10 +2,12 @@
 //! error names the file and a line:column; semantic errors also name the spec path
 //! (`connector.router.top_k`) and say what would be valid.
 
+mod import;
 mod model;
 mod source_map;
 mod validate;
 
+pub use import::{import_hugging_face, ImportError};
 pub use model::*;
 pub use source_map::{Position, SourceMap};
 pub use validate::{MAX_BATCH, MAX_EXPERTS, MAX_STEPS, MAX_TOKENS, MAX_WIDTH};
@@ -75,15 +77,21 @@ impl SpecError {
     }
 }
 
-/// A parsed and validated spec with the text it came from, for locating later errors.
+/// A parsed and validated spec file with the text it came from, for locating later
+/// errors.
 #[derive(Debug)]
-pub struct LoadedSpec {
+pub struct Loaded<T> {
     pub file: String,
-    pub spec: ModelSpec,
+    pub spec: T,
     pub source_map: SourceMap,
 }
 
-impl LoadedSpec {
+/// A model spec file.
+pub type LoadedSpec = Loaded<ModelSpec>;
+/// A pretrained-encoder file (`altc import` writes them).
+pub type LoadedEncoder = Loaded<EncoderSpec>;
+
+impl<T> Loaded<T> {
     /// A semantic error at `path`, located in this spec's file.
     pub fn invalid(
         &self,
@@ -119,7 +127,55 @@ pub fn load_with_text(path: &Path) -> Result<(LoadedSpec, String), SpecError> {
 
 /// Parses and validates spec text; `file` names it in errors.
 pub fn parse(src: &str, file: &str) -> Result<LoadedSpec, SpecError> {
-    let spec: ModelSpec = ron::Options::default()
+    let loaded = parse_ron(src, file)?;
+    validate::validate(&loaded)?;
+    Ok(loaded)
+}
+
+/// Reads, parses and validates the pretrained-encoder file at `path`.
+pub fn load_encoder(path: &Path) -> Result<LoadedEncoder, SpecError> {
+    let file = path.display().to_string();
+    let src = std::fs::read_to_string(path).map_err(|source| SpecError::Io {
+        file: file.clone(),
+        source,
+    })?;
+    parse_encoder(&src, &file)
+}
+
+/// Parses and validates pretrained-encoder text; `file` names it in errors.
+pub fn parse_encoder(src: &str, file: &str) -> Result<LoadedEncoder, SpecError> {
+    let loaded = parse_ron(src, file)?;
+    validate::validate_encoder(&loaded)?;
+    Ok(loaded)
+}
+
+/// Which kind of spec a file's text holds, by the struct name it opens with
+/// (`EncoderSpec(...)`); anything else is read as a model.
+pub fn is_encoder_spec(src: &str) -> bool {
+    let mut rest = src;
+    loop {
+        rest = rest.trim_start();
+        if let Some(after) = rest.strip_prefix("//") {
+            rest = after.split_once('\n').map_or("", |(_, r)| r);
+        } else if let Some(after) = rest.strip_prefix("/*") {
+            rest = after.split_once("*/").map_or("", |(_, r)| r);
+        } else if let Some(after) = rest.strip_prefix("#![") {
+            rest = after.split_once(']').map_or("", |(_, r)| r);
+        } else {
+            break;
+        }
+    }
+    rest.strip_prefix("EncoderSpec")
+        .is_some_and(|r| r.trim_start().starts_with('('))
+}
+
+fn parse_ron<T: serde::de::DeserializeOwned>(
+    src: &str,
+    file: &str,
+) -> Result<Loaded<T>, SpecError> {
+    // `Block(heads: 12, ...)` rather than `Block((heads: 12, ...))`.
+    let spec: T = ron::Options::default()
+        .with_default_extension(ron::extensions::Extensions::UNWRAP_VARIANT_NEWTYPES)
         .from_str(src)
         .map_err(|e| SpecError::Syntax {
             file: file.to_string(),
@@ -129,13 +185,21 @@ pub fn parse(src: &str, file: &str) -> Result<LoadedSpec, SpecError> {
             },
             message: e.code.to_string(),
         })?;
-    let loaded = LoadedSpec {
+    Ok(Loaded {
         file: file.to_string(),
         spec,
         source_map: SourceMap::build(src),
-    };
-    validate::validate(&loaded)?;
-    Ok(loaded)
+    })
+}
+
+/// Prints an encoder spec as RON that `parse_encoder` reads back to the same spec,
+/// its struct name first so `altc check` knows it.
+pub fn encoder_to_ron(spec: &EncoderSpec) -> String {
+    let config = ron::ser::PrettyConfig::new()
+        .struct_names(true)
+        .extensions(ron::extensions::Extensions::UNWRAP_VARIANT_NEWTYPES)
+        .indentor("    ".to_string());
+    ron::ser::to_string_pretty(spec, config).expect("every spec value is representable in RON")
 }
 
 /// Prints a spec as RON that `parse` reads back to the same spec.

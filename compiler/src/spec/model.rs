@@ -67,7 +67,73 @@ pub enum Encoder {
         #[serde(default = "yes")]
         frozen: bool,
         layers: Vec<Layer>,
+        /// Pretrained values for the layers' parameters; without it they are
+        /// initialised from the seed.
+        #[serde(default)]
+        weights: Option<Weights>,
     },
+    /// A transformer over token ids from raw text: input `<modality>.ids` (`[B, L]`)
+    /// with its mask, L at most `max_length`. The first layer must be a
+    /// `TokenEmbedding`.
+    Text {
+        /// A Hugging Face `tokenizer.json`, relative to the spec's folder.
+        tokenizer: String,
+        /// Tokens per item, special tokens included; longer items are cut (and
+        /// counted).
+        max_length: usize,
+        #[serde(default = "yes")]
+        frozen: bool,
+        layers: Vec<Layer>,
+        #[serde(default)]
+        weights: Option<Weights>,
+    },
+}
+
+impl Encoder {
+    /// The layers and pretrained weights of a built encoder (`None` for precomputed
+    /// latents).
+    pub fn layers(&self) -> Option<(&[Layer], Option<&Weights>)> {
+        match self {
+            Encoder::Precomputed => None,
+            Encoder::Graph {
+                layers, weights, ..
+            }
+            | Encoder::Text {
+                layers, weights, ..
+            } => Some((layers, weights.as_ref())),
+        }
+    }
+
+    pub fn is_frozen(&self) -> bool {
+        match self {
+            Encoder::Precomputed => true,
+            Encoder::Graph { frozen, .. } | Encoder::Text { frozen, .. } => *frozen,
+        }
+    }
+}
+
+/// Pretrained parameter values from a safetensors file.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Weights {
+    /// The safetensors file, relative to the spec's folder.
+    pub file: String,
+    /// The file's tensor name for each encoder parameter path
+    /// (`"encoder.layer.0.attention.self.query.weight": "layers.4.attention.query.weight"`).
+    /// Every parameter of the encoder must be mapped; tensors of the file left out
+    /// are ignored.
+    pub tensors: BTreeMap<String, String>,
+}
+
+/// A pretrained encoder on its own, as `altc import` writes it: what `altc embed
+/// --encoder` runs, and what a model's modality can take in.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EncoderSpec {
+    pub name: String,
+    /// Width of the vectors (or tokens) it produces.
+    pub width: usize,
+    pub encoder: Encoder,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -98,6 +164,51 @@ pub enum Layer {
     SelfAttention { heads: usize },
     /// Pools the tokens to one (`[B, L, d] -> [B, 1, d]`).
     TokenPool(Pooling),
+    /// Token ids to vectors: row `id` of a learned `[vocab, width]` table.
+    TokenEmbedding { vocab: usize, width: usize },
+    /// Learned absolute positions: row `i` of a `[positions, width]` table added to
+    /// token `i`.
+    PositionEmbedding { positions: usize },
+    /// Learned segment embeddings; single-segment input adds row 0 to every token.
+    TokenTypeEmbedding { types: usize },
+    /// A learned class token put before the tokens (ViT, DINOv2); it is never
+    /// padding.
+    ClassToken,
+    /// One transformer encoder block.
+    Block(Block),
+    /// L2 normalisation of each token (of the pooled vector after `TokenPool`).
+    Normalize,
+}
+
+/// A transformer encoder block: multi-head self-attention over the unmasked tokens,
+/// then an MLP, each with biases and a residual. Its linear weights are stored
+/// `[out, in]`, as PyTorch's `nn.Linear` stores them.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Block {
+    pub heads: usize,
+    /// The MLP's hidden width.
+    pub intermediate: usize,
+    #[serde(default)]
+    pub norm: NormPlacement,
+    #[serde(default = "layer_norm_eps")]
+    pub eps: f64,
+    #[serde(default)]
+    pub activation: Activation,
+    /// LayerScale: each residual branch scaled per feature by a learned vector
+    /// started at this value (DINOv2); off when absent.
+    #[serde(default)]
+    pub layer_scale: Option<f64>,
+}
+
+/// Where a block's LayerNorms sit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NormPlacement {
+    /// `x = LN(x + f(x))` for each sub-layer (BERT).
+    #[default]
+    Post,
+    /// `x = x + f(LN(x))` for each sub-layer (ViT, DINOv2).
+    Pre,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

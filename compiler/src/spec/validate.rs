@@ -2,8 +2,8 @@
 //! the offending spec path and what would be valid; the first broken rule is reported.
 
 use super::{
-    DecaySchedule, Duration, Encoder, ExpertPool, GateInput, GradClip, Layer, LoadedSpec, LossKind,
-    LrSchedule, Optimizer, Schedule, Span, SpecError, Temperature,
+    DecaySchedule, Duration, Encoder, EncoderSpec, ExpertPool, GateInput, GradClip, Layer, Loaded,
+    LoadedSpec, LossKind, LrSchedule, Optimizer, Schedule, Span, SpecError, Temperature,
 };
 use std::collections::BTreeSet;
 
@@ -35,8 +35,8 @@ pub fn validate(s: &LoadedSpec) -> Check {
     training(s)
 }
 
-fn unique<'a>(
-    s: &LoadedSpec,
+fn unique<'a, T>(
+    s: &Loaded<T>,
     what: &str,
     path: &str,
     names: impl Iterator<Item = &'a str>,
@@ -62,7 +62,7 @@ fn unique<'a>(
 }
 
 /// A size from 1 to `max`.
-fn size(s: &LoadedSpec, path: &str, value: usize, max: usize, what: &str) -> Check {
+fn size<T>(s: &Loaded<T>, path: &str, value: usize, max: usize, what: &str) -> Check {
     if value == 0 || value > max {
         return Err(s.invalid(
             path,
@@ -77,11 +77,11 @@ fn size(s: &LoadedSpec, path: &str, value: usize, max: usize, what: &str) -> Che
 }
 
 /// A width or hidden size.
-fn width(s: &LoadedSpec, path: &str, value: usize, what: &str) -> Check {
+fn width<T>(s: &Loaded<T>, path: &str, value: usize, what: &str) -> Check {
     size(s, path, value, MAX_WIDTH, what)
 }
 
-fn positive_real(s: &LoadedSpec, path: &str, value: f64, what: &str) -> Check {
+fn positive_real<T>(s: &Loaded<T>, path: &str, value: f64, what: &str) -> Check {
     if !(value.is_finite() && value > 0.0) {
         return Err(s.invalid(
             path,
@@ -92,7 +92,7 @@ fn positive_real(s: &LoadedSpec, path: &str, value: f64, what: &str) -> Check {
     Ok(())
 }
 
-fn in_unit(s: &LoadedSpec, path: &str, value: f64, what: &str, upper_inclusive: bool) -> Check {
+fn in_unit<T>(s: &Loaded<T>, path: &str, value: f64, what: &str, upper_inclusive: bool) -> Check {
     let ok = value >= 0.0
         && if upper_inclusive {
             value <= 1.0
@@ -148,78 +148,240 @@ fn modalities(s: &LoadedSpec) -> Check {
             MAX_TOKENS,
             "the token count",
         )?;
-        let Encoder::Graph {
-            input_width,
-            layers,
-            ..
-        } = &m.encoder
-        else {
-            continue;
-        };
-        width(
-            s,
-            &format!("{path}.encoder.input_width"),
-            *input_width,
-            "the input width",
-        )?;
-        let mut current = *input_width;
-        for (li, layer) in layers.iter().enumerate() {
-            let lpath = format!("{path}.encoder.layers[{li}]");
-            match layer {
-                Layer::Linear { width: w, .. } => {
-                    width(s, &format!("{lpath}.width"), *w, "the width")?;
-                    current = *w;
-                }
-                Layer::Mlp {
-                    hidden,
-                    width: w,
-                    residual,
-                    ..
-                } => {
-                    width(s, &format!("{lpath}.hidden"), *hidden, "the hidden width")?;
-                    width(s, &format!("{lpath}.width"), *w, "the width")?;
-                    if *residual && *w != current {
-                        return Err(s.invalid(
-                            &format!("{lpath}.width"),
-                            format!("a residual MLP must keep its input width {current}, but this one produces {w}"),
-                            format!("width: {current}, or residual: false"),
-                        ));
-                    }
-                    current = *w;
-                }
-                Layer::LayerNorm { eps } => positive_real(s, &format!("{lpath}.eps"), *eps, "eps")?,
-                Layer::SelfAttention { heads } => {
-                    size(
-                        s,
-                        &format!("{lpath}.heads"),
-                        *heads,
-                        current,
-                        "the head count",
-                    )?;
-                    if current % heads != 0 {
-                        return Err(s.invalid(
-                            &format!("{lpath}.heads"),
-                            format!("{heads} heads do not divide the width {current}"),
-                            format!("a divisor of {current}: {}", divisors(current)),
-                        ));
-                    }
-                }
-                Layer::TokenPool(_) => {}
-            }
-        }
-        if current != m.width {
+        if let Encoder::Text { .. } = m.encoder {
             return Err(s.invalid(
-                &format!("{path}.encoder.layers"),
-                format!(
-                    "the encoder produces width {current}, but modality `{}` declares width {}",
-                    m.name, m.width
-                ),
-                format!(
-                    "end the layers at width {}, or declare width: {current}",
-                    m.width
-                ),
+                &format!("{path}.encoder"),
+                "a model cannot take raw text yet: `altc run` feeds encoders float tokens",
+                "embed the text with `altc embed --encoder` and train on the vectors with encoder: Precomputed",
             ));
         }
+        if let Encoder::Graph {
+            weights: Some(_), ..
+        } = m.encoder
+        {
+            return Err(s.invalid(
+                &format!("{path}.encoder.weights"),
+                "`altc run` does not load pretrained weights into a model's encoder yet",
+                "embed with the pretrained encoder (`altc embed --encoder`) and train on the vectors with encoder: Precomputed",
+            ));
+        }
+        let owner = format!("modality `{}`", m.name);
+        encoder(
+            s,
+            &format!("{path}.encoder"),
+            &owner,
+            &m.encoder,
+            m.width,
+            m.tokens.count(),
+        )?;
+    }
+    Ok(())
+}
+
+/// Checks a pretrained-encoder file: its name, its encoder and its weight map.
+pub fn validate_encoder(s: &Loaded<EncoderSpec>) -> Check {
+    let spec = &s.spec;
+    if spec.name.trim().is_empty() {
+        return Err(s.invalid("name", "the encoder needs a name", "any non-empty string"));
+    }
+    width(s, "width", spec.width, "the width")?;
+    if let Encoder::Precomputed = spec.encoder {
+        return Err(s.invalid(
+            "encoder",
+            "a precomputed encoder has nothing to run",
+            "Text(...) or Graph(...)",
+        ));
+    }
+    let tokens = match &spec.encoder {
+        Encoder::Text { max_length, .. } => *max_length,
+        _ => 1,
+    };
+    encoder(s, "encoder", "the file", &spec.encoder, spec.width, tokens)
+}
+
+/// The ids a text encoder reads travel to the device as whole numbers in `f32`,
+/// exact below 2^24.
+const MAX_VOCAB: usize = 1 << 24;
+
+/// An encoder's layers: each fits the width and token count before it, and the last
+/// produces the declared `declared` width.
+fn encoder<T>(
+    s: &Loaded<T>,
+    path: &str,
+    owner: &str,
+    encoder: &Encoder,
+    declared: usize,
+    tokens: usize,
+) -> Check {
+    let (mut current, layers, weights) = match encoder {
+        Encoder::Precomputed => return Ok(()),
+        Encoder::Graph {
+            input_width,
+            layers,
+            weights,
+            ..
+        } => {
+            width(
+                s,
+                &format!("{path}.input_width"),
+                *input_width,
+                "the input width",
+            )?;
+            (*input_width, layers, weights)
+        }
+        Encoder::Text {
+            tokenizer,
+            max_length,
+            layers,
+            weights,
+            ..
+        } => {
+            if tokenizer.trim().is_empty() {
+                return Err(s.invalid(
+                    &format!("{path}.tokenizer"),
+                    "the tokenizer path is empty",
+                    "a tokenizer.json, relative to this file's folder",
+                ));
+            }
+            size(
+                s,
+                &format!("{path}.max_length"),
+                *max_length,
+                MAX_TOKENS,
+                "the maximum length",
+            )?;
+            let Some(Layer::TokenEmbedding { width: w, .. }) = layers.first() else {
+                return Err(s.invalid(
+                    &format!("{path}.layers"),
+                    "a text encoder reads token ids, so its first layer must embed them",
+                    "start the layers with TokenEmbedding(vocab: ..., width: ...)",
+                ));
+            };
+            (*w, layers, weights)
+        }
+    };
+    let mut tokens = tokens;
+    for (li, layer) in layers.iter().enumerate() {
+        let lpath = format!("{path}.layers[{li}]");
+        match layer {
+            Layer::Linear { width: w, .. } => {
+                width(s, &format!("{lpath}.width"), *w, "the width")?;
+                current = *w;
+            }
+            Layer::Mlp {
+                hidden,
+                width: w,
+                residual,
+                ..
+            } => {
+                width(s, &format!("{lpath}.hidden"), *hidden, "the hidden width")?;
+                width(s, &format!("{lpath}.width"), *w, "the width")?;
+                if *residual && *w != current {
+                    return Err(s.invalid(
+                        &format!("{lpath}.width"),
+                        format!("a residual MLP must keep its input width {current}, but this one produces {w}"),
+                        format!("width: {current}, or residual: false"),
+                    ));
+                }
+                current = *w;
+            }
+            Layer::LayerNorm { eps } => positive_real(s, &format!("{lpath}.eps"), *eps, "eps")?,
+            Layer::SelfAttention { heads } => {
+                heads_divide(s, &format!("{lpath}.heads"), *heads, current)?
+            }
+            Layer::TokenPool(_) => tokens = 1,
+            Layer::TokenEmbedding { vocab, width: w } => {
+                if li != 0 || !matches!(encoder, Encoder::Text { .. }) {
+                    return Err(s.invalid(
+                        &lpath,
+                        "TokenEmbedding reads token ids, which only a text encoder's first layer sees",
+                        "use it as the first layer of encoder: Text(...)",
+                    ));
+                }
+                size(
+                    s,
+                    &format!("{lpath}.vocab"),
+                    *vocab,
+                    MAX_VOCAB,
+                    "the vocabulary size",
+                )?;
+                width(s, &format!("{lpath}.width"), *w, "the width")?;
+            }
+            Layer::PositionEmbedding { positions } => {
+                if *positions < tokens {
+                    return Err(s.invalid(
+                        &format!("{lpath}.positions"),
+                        format!("{positions} positions cannot cover the {tokens} tokens that reach this layer"),
+                        format!("positions: {tokens} or more, or a shorter maximum length"),
+                    ));
+                }
+            }
+            Layer::TokenTypeEmbedding { types } => size(
+                s,
+                &format!("{lpath}.types"),
+                *types,
+                MAX_VOCAB,
+                "the number of token types",
+            )?,
+            Layer::ClassToken => tokens += 1,
+            Layer::Block(block) => {
+                heads_divide(s, &format!("{lpath}.heads"), block.heads, current)?;
+                width(
+                    s,
+                    &format!("{lpath}.intermediate"),
+                    block.intermediate,
+                    "the intermediate width",
+                )?;
+                positive_real(s, &format!("{lpath}.eps"), block.eps, "eps")?;
+                if let Some(scale) = block.layer_scale {
+                    positive_real(
+                        s,
+                        &format!("{lpath}.layer_scale"),
+                        scale,
+                        "the LayerScale start",
+                    )?;
+                }
+            }
+            Layer::Normalize => {}
+        }
+    }
+    if current != declared {
+        return Err(s.invalid(
+            &format!("{path}.layers"),
+            format!("the encoder produces width {current}, but {owner} declares width {declared}"),
+            format!("end the layers at width {declared}, or declare width: {current}"),
+        ));
+    }
+    if let Some(weights) = weights {
+        if weights.file.trim().is_empty() {
+            return Err(s.invalid(
+                &format!("{path}.weights.file"),
+                "the weights file path is empty",
+                "a safetensors file, relative to this file's folder",
+            ));
+        }
+        let mut seen = BTreeSet::new();
+        for param in weights.tensors.values() {
+            if !seen.insert(param) {
+                return Err(s.invalid(
+                    &format!("{path}.weights.tensors"),
+                    format!("parameter `{param}` is mapped from two tensors"),
+                    "map each parameter from one tensor of the file",
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn heads_divide<T>(s: &Loaded<T>, path: &str, heads: usize, width: usize) -> Check {
+    size(s, path, heads, width, "the head count")?;
+    if width % heads != 0 {
+        return Err(s.invalid(
+            path,
+            format!("{heads} heads do not divide the width {width}"),
+            format!("a divisor of {width}: {}", divisors(width)),
+        ));
     }
     Ok(())
 }

@@ -119,7 +119,13 @@ impl<R: Runtime> DeviceBackend<R> {
                 }
                 contiguous(out)
             }
-            Op::Gather { axis } => contiguous(k.gather(&x[0].view, &x[1].view, *axis, &shape)),
+            Op::Gather { axis } => {
+                // Data of extent 1 off the axis is read broadcast over the index.
+                let mut data_shape = shape.clone();
+                data_shape[*axis] = x[0].shape[*axis];
+                let data = self.view_as(x[0], &data_shape);
+                contiguous(k.gather(&data, &x[1].view, *axis, &shape))
+            }
             Op::ScatterAdd { axis, .. } => {
                 contiguous(k.scatter_add(&x[0].view, &x[1].view, *axis, x[0].shape[*axis], &shape))
             }

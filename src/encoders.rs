@@ -1,0 +1,258 @@
+//! Pretrained encoders at the command line: `altc import` (a Hugging Face folder to an
+//! encoder spec), `altc check` of an encoder spec (its weights and tokenizer checked
+//! too), and `altc embed --encoder --text` (raw text to a vector store).
+
+use crate::console::emit;
+use crate::devices::{open_backend, Device};
+use altc_compiler::ir::DType;
+use altc_compiler::lower::lower_encoder;
+use altc_compiler::spec::{self, Encoder, EncoderSpec, Layer, Precision};
+use altc_compiler::summary::thousands;
+use altc_runtime::data::write_f32_safetensors;
+use altc_runtime::encoding::{load_weights, TextEncoder};
+use altc_runtime::text::TextTokenizer;
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Args)]
+pub struct ImportArgs {
+    /// A Hugging Face model folder: `config.json`, `model.safetensors` and
+    /// `tokenizer.json` (sentence-transformers' pooling files are read when present).
+    dir: PathBuf,
+    /// Where to write the encoder spec (`.ron`); its paths are relative to its folder.
+    #[arg(short, long)]
+    output: PathBuf,
+}
+
+pub fn import(args: ImportArgs) -> Result<()> {
+    let folder = match args.output.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let encoder = spec::import_hugging_face(&args.dir, &folder)?;
+    let text = format!(
+        "// Imported by `altc import {}`: a frozen text encoder, its weights mapped from\n// the checkpoint's tensor names to the layers' parameters.\n{}\n",
+        args.dir.display(),
+        spec::encoder_to_ron(&encoder)
+    );
+    // What is written must pass the checks any encoder spec gets.
+    let written = args.output.display().to_string();
+    spec::parse_encoder(&text, &written)?;
+    altc_runtime::atomic_write(&args.output, text.as_bytes())
+        .with_context(|| format!("writing {written}"))?;
+    let blocks = layers(&encoder)
+        .iter()
+        .filter(|l| matches!(l, Layer::Block(_)))
+        .count();
+    emit(&format!(
+        "imported {} -> {written} ({blocks} blocks, width {}, {} tensors mapped)\n",
+        args.dir.display(),
+        encoder.width,
+        encoder_weights_count(&encoder),
+    ))
+}
+
+fn layers(spec: &EncoderSpec) -> &[Layer] {
+    spec.encoder.layers().map_or(&[], |(layers, _)| layers)
+}
+
+fn encoder_weights_count(spec: &EncoderSpec) -> usize {
+    spec.encoder
+        .layers()
+        .and_then(|(_, w)| w)
+        .map_or(0, |w| w.tensors.len())
+}
+
+/// The folder an encoder spec's relative paths start from.
+fn spec_folder(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// `altc check` of an encoder spec: the spec, then its weights (every mapped tensor's
+/// presence, shape and dtype, every parameter mapped) and its tokenizer.
+pub fn check_encoder(path: &Path, text: &str) -> Result<()> {
+    let loaded = spec::parse_encoder(text, &path.display().to_string())?;
+    let encoder = &loaded.spec;
+    let max_length = match &encoder.encoder {
+        Encoder::Text { max_length, .. } => *max_length,
+        _ => 1,
+    };
+    let program = lower_encoder(encoder, max_length, DType::F32)?;
+    let base = spec_folder(path);
+    let mut report = format!(
+        "encoder {}: {} layers, width {}, {} parameters ({})\n",
+        encoder.name,
+        layers(encoder).len(),
+        encoder.width,
+        thousands(program.params.total_count()),
+        if encoder.encoder.is_frozen() {
+            "frozen"
+        } else {
+            "trainable"
+        },
+    );
+    if let Some((_, Some(weights))) = encoder.encoder.layers() {
+        load_weights(weights, &base, &program.params, DType::F32)?;
+        report.push_str(&format!(
+            "  weights: {} tensors of {} checked (presence, shape, dtype, finite)\n",
+            weights.tensors.len(),
+            base.join(&weights.file).display()
+        ));
+    } else {
+        report.push_str("  weights: none (initialised from the seed)\n");
+    }
+    if let Encoder::Text { tokenizer, .. } = &encoder.encoder {
+        TextTokenizer::load(&base.join(tokenizer), max_length)?;
+        report.push_str(&format!(
+            "  tokenizer: {} (at most {max_length} tokens an item)\n",
+            base.join(tokenizer).display()
+        ));
+    }
+    report.push_str(&format!("{}: ok\n", path.display()));
+    emit(&report)
+}
+
+/// One item of a text file and what names it in the store.
+struct Item {
+    id: String,
+    text: String,
+}
+
+/// Items of `path`: JSON lines (`.jsonl`) with the text in `field` and the id in
+/// `id_field` (its line number when absent), or else one item a line, named by its
+/// line number.
+fn read_items(path: &Path, field: &str, id_field: &str) -> Result<Vec<Item>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading {} (UTF-8 text)", path.display()))?;
+    let jsonl = path.extension().is_some_and(|e| e == "jsonl");
+    let mut items = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let number = i + 1;
+        if !jsonl {
+            items.push(Item {
+                id: number.to_string(),
+                text: line.to_string(),
+            });
+            continue;
+        }
+        let value: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("{}:{number}: not a JSON object", path.display()))?;
+        let Some(text) = value.get(field).and_then(|v| v.as_str()) else {
+            bail!(
+                "{}:{number}: no string field `{field}` (--field names the text's field)",
+                path.display()
+            );
+        };
+        let id = match value.get(id_field) {
+            Some(serde_json::Value::String(s)) => s.clone(),
+            Some(serde_json::Value::Number(n)) => n.to_string(),
+            _ => number.to_string(),
+        };
+        items.push(Item {
+            id,
+            text: text.to_string(),
+        });
+    }
+    if items.is_empty() {
+        bail!("{}: no items to embed", path.display());
+    }
+    Ok(items)
+}
+
+/// What `altc embed --encoder` is asked to do.
+pub struct TextEmbedRequest<'a> {
+    pub encoder: &'a Path,
+    pub text: &'a Path,
+    pub field: &'a str,
+    pub id_field: &'a str,
+    pub batch_size: usize,
+    pub optimise: bool,
+    pub output: &'a Path,
+    pub device: Device,
+}
+
+pub fn embed_text(request: TextEmbedRequest) -> Result<()> {
+    crate::files::refuse_overwrite(
+        request.output,
+        &[("--encoder", request.encoder), ("--text", request.text)],
+    )?;
+    let loaded = spec::load_encoder(request.encoder)?;
+    let items = read_items(request.text, request.field, request.id_field)?;
+    let base = spec_folder(request.encoder);
+    // The interpreter computes in f64, as the oracle; devices in f32.
+    let dtype = if request.device == Device::Reference {
+        DType::F64
+    } else {
+        DType::F32
+    };
+    let mut encoder = TextEncoder::open(&loaded.spec, &base, dtype, request.optimise)?;
+    let mut backend = open_backend(
+        request.device,
+        Precision::F32,
+        request.optimise,
+        Some(encoder.parameters()),
+    )?;
+    backend.load_state(encoder.state())?;
+    let texts: Vec<&str> = items.iter().map(|i| i.text.as_str()).collect();
+    let bar = ProgressBar::new(texts.len() as u64).with_style(
+        ProgressStyle::with_template("embedding {pos}/{len} items [{elapsed_precise}]")
+            .expect("a valid template"),
+    );
+    let start = Instant::now();
+    let embedded = encoder.embed(backend.as_mut(), &texts, request.batch_size, |done| {
+        bar.set_position(done as u64)
+    })?;
+    bar.finish_and_clear();
+    let seconds = start.elapsed().as_secs_f64();
+    let ids: Vec<&str> = items.iter().map(|i| i.id.as_str()).collect();
+    let metadata = HashMap::from([
+        ("altc.store".to_string(), "1".to_string()),
+        ("encoder".to_string(), loaded.spec.name.clone()),
+        ("ids".to_string(), serde_json::to_string(&ids)?),
+        ("truncated".to_string(), embedded.truncated.to_string()),
+        ("max_length".to_string(), encoder.max_length().to_string()),
+    ]);
+    write_f32_safetensors(
+        request.output,
+        &[(
+            "embeddings".to_string(),
+            vec![items.len(), embedded.width],
+            embedded.vectors,
+        )],
+        metadata,
+    )?;
+    if embedded.truncated > 0 {
+        eprintln!(
+            "note: {} of {} items were longer than {} tokens and were cut to it",
+            embedded.truncated,
+            items.len(),
+            encoder.max_length()
+        );
+    }
+    for (length, size) in &embedded.cut_batches {
+        eprintln!(
+            "note: batches of {length}-token items were cut to {size} items to fit the device"
+        );
+    }
+    let launches = embedded
+        .launches
+        .map(|n| format!(", {n} kernel launches a batch"))
+        .unwrap_or_default();
+    emit(&format!(
+        "embedded {} items with {} -> {} ([{}, {}], {} tokens, {:.1} items/s{launches})\n",
+        items.len(),
+        loaded.spec.name,
+        request.output.display(),
+        items.len(),
+        embedded.width,
+        thousands(embedded.tokens),
+        items.len() as f64 / seconds.max(1e-9)
+    ))
+}
