@@ -8,9 +8,11 @@ use altc_compiler::ir::DType;
 use altc_compiler::lower::lower_encoder;
 use altc_compiler::spec::{self, Encoder, EncoderSpec, Layer, Precision};
 use altc_compiler::summary::thousands;
+use altc_runtime::backend::{TunedKernel, TuningMode};
 use altc_runtime::data::write_f32_safetensors;
 use altc_runtime::encoding::{load_weights, TextEncoder};
 use altc_runtime::text::TextTokenizer;
+use altc_runtime::tuning::Manifest;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -176,6 +178,8 @@ pub struct TextEmbedRequest<'a> {
     pub optimise: bool,
     pub output: &'a Path,
     pub device: Device,
+    /// The tuning cache whose choices the device's kernels use.
+    pub tune_cache: &'a Path,
 }
 
 pub fn embed_text(request: TextEmbedRequest) -> Result<()> {
@@ -199,6 +203,7 @@ pub fn embed_text(request: TextEmbedRequest) -> Result<()> {
         request.optimise,
         Some(encoder.parameters()),
     )?;
+    crate::devices::use_tuned_kernels(backend.as_mut(), request.tune_cache)?;
     backend.load_state(encoder.state())?;
     let texts: Vec<&str> = items.iter().map(|i| i.text.as_str()).collect();
     let bar = ProgressBar::new(texts.len() as u64).with_style(
@@ -255,4 +260,58 @@ pub fn embed_text(request: TextEmbedRequest) -> Result<()> {
         thousands(embedded.tokens),
         items.len() as f64 / seconds.max(1e-9)
     ))
+}
+
+/// Whether `path` holds an encoder spec rather than a model (unreadable files are
+/// left to the model loader to report).
+pub fn is_encoder_file(path: &Path) -> bool {
+    std::fs::read_to_string(path).is_ok_and(|text| spec::is_encoder_spec(&text))
+}
+
+/// Lengths `altc tune` tunes an encoder for, as `altc embed` buckets them.
+const TUNED_LENGTHS: [usize; 2] = [32, 128];
+
+/// Tunes every tunable kernel of the encoder's graphs at the [`TUNED_LENGTHS`] on
+/// `device` and records the winners in `dir`.
+pub fn tune_encoder(
+    path: &Path,
+    device: Device,
+    batch: usize,
+    dir: &Path,
+) -> Result<Vec<TunedKernel>> {
+    let loaded = spec::load_encoder(path)?;
+    let mut encoder = TextEncoder::open(&loaded.spec, &spec_folder(path), DType::F32, true)?;
+    let mut backend = open_backend(device, Precision::F32, true, None)?;
+    let Some(scope) = backend.tuning_scope() else {
+        bail!(
+            "{} has no tunable kernels; tune on a device (--device wgpu or cuda)",
+            backend.describe()
+        );
+    };
+    eprintln!("tuning scope: {scope}");
+    backend.set_tuning(TuningMode::Tune);
+    backend.load_state(encoder.state())?;
+    let max_length = encoder.max_length();
+    for length in TUNED_LENGTHS.into_iter().filter(|&l| l <= max_length) {
+        eprintln!("{} at {length} tokens, batch {batch} ...", loaded.spec.name);
+        let item = synthetic_item(length);
+        let items = vec![item.as_str(); batch];
+        encoder
+            .embed(backend.as_mut(), &items, batch, |_| {})
+            .with_context(|| {
+                format!(
+                    "running {} at {length} tokens while tuning",
+                    loaded.spec.name
+                )
+            })?;
+    }
+    let decisions = backend.tuned_kernels();
+    Manifest::record(dir, &scope, &decisions)?;
+    Ok(decisions)
+}
+
+/// Text of `length` tokens with BERT's two special tokens: one word-piece word
+/// repeated.
+fn synthetic_item(length: usize) -> String {
+    vec!["the"; length.saturating_sub(2).max(1)].join(" ")
 }

@@ -69,6 +69,8 @@ pub struct EmbedArgs {
     /// Where to run: auto, cuda, wgpu or reference (`--help` says how auto chooses).
     #[arg(long, value_enum, default_value_t = Device::Auto)]
     device: Device,
+    #[command(flatten)]
+    cache: crate::devices::TuneCacheArgs,
 }
 
 #[derive(Args)]
@@ -112,8 +114,10 @@ fn load_run(run_dir: &Path, device: Device) -> Result<Loaded> {
 }
 
 pub fn embed_command(args: EmbedArgs) -> Result<()> {
+    let tune_cache = args.cache.configure_cubecl()?;
     if let (Some(encoder), Some(text)) = (&args.encoder, &args.text) {
         return crate::encoders::embed_text(crate::encoders::TextEmbedRequest {
+            tune_cache: &tune_cache,
             encoder,
             text,
             field: &args.field,
@@ -142,6 +146,7 @@ pub fn embed_command(args: EmbedArgs) -> Result<()> {
         program,
         mut backend,
     } = load_run(run_dir, args.device)?;
+    crate::devices::use_tuned_kernels(backend.as_mut(), &tune_cache)?;
     let Some(d) = program.directions.iter().find(|d| &d.name == direction) else {
         let known: Vec<&str> = program.directions.iter().map(|d| d.name.as_str()).collect();
         bail!(

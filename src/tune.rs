@@ -8,21 +8,22 @@ use crate::devices::{open_backend, Device};
 use crate::model::{load_program, lower_options};
 use crate::workloads::timed_graphs;
 use altc_compiler::reference::EvalContext;
-use altc_runtime::backend::TuningMode;
+use altc_runtime::backend::{TunedKernel, TuningMode};
 use altc_runtime::tuning::Manifest;
 use anyhow::{Context, Result};
 use clap::Args;
 use std::fmt::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Args)]
 pub struct TuneArgs {
-    /// The model: a spec (`.ron`) or a compiled artifact (`.altc`).
+    /// The model: a spec (`.ron`) or a compiled artifact (`.altc`); or an encoder
+    /// spec, tuned on batches of 32 and 128 tokens as `altc embed` runs them.
     model: PathBuf,
     /// Where to run: auto, cuda, wgpu or reference (`--help` says how auto chooses).
     #[arg(long, value_enum, default_value = "auto")]
     device: Device,
-    /// Batch size to tune for [default: the spec's].
+    /// Batch size to tune for [default: the spec's; 64 for an encoder].
     #[arg(long)]
     batch_size: Option<usize>,
     #[command(flatten)]
@@ -34,6 +35,11 @@ pub struct TuneArgs {
 
 pub fn tune(args: TuneArgs) -> Result<()> {
     let dir = args.cache.configure_cubecl()?;
+    if crate::encoders::is_encoder_file(&args.model) {
+        let batch = args.batch_size.unwrap_or(64).max(1);
+        let decisions = crate::encoders::tune_encoder(&args.model, args.device, batch, &dir)?;
+        return report(&args, &args.model.display().to_string(), &decisions, &dir);
+    }
     let program = load_program(&args.model, lower_options(false))?;
     let batch = args
         .batch_size
@@ -75,6 +81,11 @@ pub fn tune(args: TuneArgs) -> Result<()> {
     }
     let decisions = backend.tuned_kernels();
     Manifest::record(&dir, &scope, &decisions)?;
+    report(&args, &program.model, &decisions, &dir)
+}
+
+/// Says what was tuned: a count on stderr, the table (or JSON) on stdout.
+fn report(args: &TuneArgs, model: &str, decisions: &[TunedKernel], dir: &Path) -> Result<()> {
     let measured = decisions.iter().filter(|d| d.measured()).count();
     eprintln!(
         "{} kernels: {measured} measured now, {} from the cache; recorded in {}",
@@ -84,8 +95,7 @@ pub fn tune(args: TuneArgs) -> Result<()> {
     );
     if args.json {
         let text = serde_json::to_string_pretty(&serde_json::json!({
-            "model": program.model,
-            "scope": scope,
+            "model": model,
             "cache": dir,
             "kernels": decisions,
         }))
@@ -112,7 +122,7 @@ pub fn tune(args: TuneArgs) -> Result<()> {
         "{:<key_width$}{:<winner_width$}candidates",
         "kernel", "winner"
     );
-    for d in &decisions {
+    for d in decisions {
         let _ = writeln!(
             out,
             "{:<key_width$}{:<winner_width$}{}",

@@ -3,35 +3,11 @@
 //! normalisation (lower case, accents stripped, CJK characters split, punctuation
 //! apart), and the errors for files that are not tokenizers.
 
-use altc_runtime::text::{TextTokenizer, TokenizerError};
-use std::collections::HashMap;
-use std::path::PathBuf;
+mod common;
 
-/// The unpacked MiniLM model folder, or `None` (and a note) where setup has not
-/// fetched it; CI, which runs the setup, requires it.
-fn minilm() -> Option<PathBuf> {
-    let dir = std::env::var_os("ALTC_MINILM")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let cache = std::env::var_os("XDG_CACHE_HOME")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache"));
-            cache.join("altc/minilm")
-        });
-    if dir.join("tokenizer.json").exists() {
-        return Some(dir);
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "{} has no tokenizer.json: run scripts/setup.sh",
-        dir.display()
-    );
-    eprintln!(
-        "skipped: no MiniLM in {} (scripts/setup.sh fetches it)",
-        dir.display()
-    );
-    None
-}
+use altc_runtime::text::{TextTokenizer, TokenizerError};
+use common::minilm;
+use std::collections::HashMap;
 
 /// The ids of `pieces` in the model's vocab.txt (one piece a line, id = line index).
 fn vocab_ids(dir: &std::path::Path, pieces: &[&str]) -> Vec<u32> {

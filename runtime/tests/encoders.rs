@@ -1,0 +1,307 @@
+//! all-MiniLM-L6-v2 as altc runs it: imported from its Hugging Face folder, its
+//! token ids and normalised sentence embeddings compared with what
+//! sentence-transformers (PyTorch, CPU) produced for 64 sentences
+//! (`scripts/golden_minilm.py` wrote `golden/minilm_golden.safetensors`), on the
+//! reference interpreter and on wgpu; and the errors for weights and folders that do
+//! not fit.
+
+mod common;
+
+use altc_compiler::ir::DType;
+use altc_compiler::lower::lower_encoder;
+use altc_compiler::spec::{import_hugging_face, EncoderSpec, ImportError, Layer};
+use altc_runtime::backend::{Backend, ReferenceBackend};
+use altc_runtime::encoding::{load_weights, TextEncoder, WeightsError};
+use altc_runtime::text::TextTokenizer;
+use common::{minilm, open_present};
+use safetensors::SafeTensors;
+use std::path::{Path, PathBuf};
+
+/// How far altc's normalised vectors may be from PyTorch's, per element.
+const TOLERANCE: f64 = 1e-5;
+
+struct Golden {
+    sentences: Vec<String>,
+    ids: Vec<Vec<u32>>,
+    vectors: Vec<Vec<f32>>,
+}
+
+fn golden_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden")
+}
+
+fn golden() -> Golden {
+    let dir = golden_dir();
+    let sentences = std::fs::read_to_string(dir.join("minilm_sentences.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|line| {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            v["text"].as_str().unwrap().to_string()
+        })
+        .collect::<Vec<_>>();
+    let bytes = std::fs::read(dir.join("minilm_golden.safetensors")).unwrap();
+    let file = SafeTensors::deserialize(&bytes).unwrap();
+    let words = |name: &str| -> Vec<[u8; 4]> {
+        let t = file.tensor(name).unwrap();
+        t.data()
+            .chunks_exact(4)
+            .map(|b| [b[0], b[1], b[2], b[3]])
+            .collect()
+    };
+    let lengths: Vec<usize> = words("lengths")
+        .into_iter()
+        .map(|b| i32::from_le_bytes(b) as usize)
+        .collect();
+    let all_ids: Vec<u32> = words("ids")
+        .into_iter()
+        .map(|b| i32::from_le_bytes(b) as u32)
+        .collect();
+    let stride = all_ids.len() / sentences.len();
+    let ids = lengths
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| all_ids[i * stride..i * stride + n].to_vec())
+        .collect();
+    let floats: Vec<f32> = words("embedding")
+        .into_iter()
+        .map(f32::from_le_bytes)
+        .collect();
+    let width = floats.len() / sentences.len();
+    let vectors = floats.chunks(width).map(<[f32]>::to_vec).collect();
+    Golden {
+        sentences,
+        ids,
+        vectors,
+    }
+}
+
+/// The MiniLM folder imported as `altc import` does, its paths absolute.
+fn imported(dir: &Path) -> EncoderSpec {
+    import_hugging_face(dir, Path::new("/")).unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[test]
+fn token_ids_are_sentence_transformers_ids() {
+    let Some(dir) = minilm() else { return };
+    let golden = golden();
+    let tokenizer = TextTokenizer::load(&dir.join("tokenizer.json"), 256).unwrap();
+    let items: Vec<&str> = golden.sentences.iter().map(String::as_str).collect();
+    let tokenized = tokenizer.encode(&items).unwrap();
+    for (i, want) in golden.ids.iter().enumerate() {
+        assert_eq!(
+            &tokenized.row(i),
+            want,
+            "sentence {i}: {:?}",
+            golden.sentences[i]
+        );
+    }
+    assert_eq!(tokenized.truncated, 1, "one sentence is over 256 tokens");
+    assert!(golden.sentences.iter().any(String::is_empty));
+}
+
+/// Embeds the golden sentences on `backend` in `dtype` and compares every element.
+fn matches_golden(backend: &mut dyn Backend, dtype: DType, what: &str) {
+    let Some(dir) = minilm() else { return };
+    let golden = golden();
+    let spec = imported(&dir);
+    let mut encoder = TextEncoder::open(&spec, Path::new("/"), dtype, true).unwrap();
+    backend.load_state(encoder.state()).unwrap();
+    let items: Vec<&str> = golden.sentences.iter().map(String::as_str).collect();
+    let embedded = encoder.embed(backend, &items, 64, |_| {}).unwrap();
+    assert_eq!(embedded.truncated, 1);
+    let mut worst = (0.0f64, 0);
+    for (i, want) in golden.vectors.iter().enumerate() {
+        let got = &embedded.vectors[i * embedded.width..(i + 1) * embedded.width];
+        for (g, w) in got.iter().zip(want) {
+            let d = (f64::from(*g) - f64::from(*w)).abs();
+            if d > worst.0 {
+                worst = (d, i);
+            }
+        }
+    }
+    eprintln!(
+        "{what}: largest difference {:.2e} (sentence {})",
+        worst.0, worst.1
+    );
+    assert!(
+        worst.0 <= TOLERANCE,
+        "{what}: sentence {} ({:?}) is {:.2e} from sentence-transformers",
+        worst.1,
+        golden.sentences[worst.1],
+        worst.0
+    );
+}
+
+#[test]
+fn minilm_matches_sentence_transformers_on_the_reference_interpreter() {
+    matches_golden(&mut ReferenceBackend::default(), DType::F64, "reference");
+}
+
+#[test]
+fn minilm_matches_sentence_transformers_on_wgpu() {
+    let Some(mut device) = open_present(altc_runtime::device::DeviceChoice::Wgpu, true) else {
+        return;
+    };
+    matches_golden(device.as_mut(), DType::F32, "wgpu");
+}
+
+/// The imported spec's parameters as lowered, with its weights map.
+fn weights_error(dir: &Path, edit: impl FnOnce(&mut EncoderSpec)) -> WeightsError {
+    let mut spec = imported(dir);
+    edit(&mut spec);
+    let program = lower_encoder(&spec, 16, DType::F32).unwrap();
+    let (_, weights) = spec.encoder.layers().unwrap();
+    load_weights(
+        weights.unwrap(),
+        Path::new("/"),
+        &program.params,
+        DType::F32,
+    )
+    .err()
+    .expect("the weights do not fit")
+}
+
+fn weights_map(spec: &mut EncoderSpec) -> &mut std::collections::BTreeMap<String, String> {
+    match &mut spec.encoder {
+        altc_compiler::spec::Encoder::Text {
+            weights: Some(w), ..
+        } => &mut w.tensors,
+        _ => unreachable!("imported text encoders carry weights"),
+    }
+}
+
+#[test]
+fn a_missing_tensor_names_the_tensor_and_the_parameter() {
+    let Some(dir) = minilm() else { return };
+    let err = weights_error(&dir, |spec| {
+        let map = weights_map(spec);
+        let param = map.remove("encoder.layer.3.output.dense.bias").unwrap();
+        map.insert("encoder.layer.3.output.dense.bias_v2".into(), param);
+    });
+    let text = err.to_string();
+    assert!(matches!(err, WeightsError::Missing { .. }), "{text}");
+    assert!(
+        text.contains("model.safetensors")
+            && text.contains("`encoder.layer.3.output.dense.bias_v2`")
+            && text.contains("`layers.7.mlp.fc2.bias`"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_tensor_of_the_wrong_shape_names_both_shapes() {
+    let Some(dir) = minilm() else { return };
+    let err = weights_error(&dir, |spec| {
+        let Some((layers, _)) = spec.encoder.layers() else {
+            unreachable!()
+        };
+        assert!(matches!(layers[2], Layer::TokenTypeEmbedding { types: 2 }));
+        if let altc_compiler::spec::Encoder::Text { layers, .. } = &mut spec.encoder {
+            layers[2] = Layer::TokenTypeEmbedding { types: 3 };
+        }
+    });
+    let text = err.to_string();
+    assert!(matches!(err, WeightsError::Shape { .. }), "{text}");
+    assert!(
+        text.contains("`embeddings.token_type_embeddings.weight` is [2, 384]")
+            && text.contains("`layers.2.table` is [3, 384]"),
+        "{text}"
+    );
+}
+
+#[test]
+fn an_unmapped_parameter_and_an_unknown_one_are_refused() {
+    let Some(dir) = minilm() else { return };
+    let err = weights_error(&dir, |spec| {
+        weights_map(spec).remove("embeddings.LayerNorm.bias");
+    });
+    assert!(
+        matches!(&err, WeightsError::Unmapped { params, .. } if params == &["`layers.3.norm.beta`"]),
+        "{err}"
+    );
+    let err = weights_error(&dir, |spec| {
+        weights_map(spec).insert("pooler.dense.weight".into(), "pooler.weight".into());
+    });
+    assert!(
+        matches!(err, WeightsError::UnknownParam { .. })
+            && err.to_string().contains("`pooler.weight`"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_truncated_weights_file_is_named() {
+    let Some(dir) = minilm() else { return };
+    let scratch = scratch("truncated");
+    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    std::fs::write(scratch.join("model.safetensors"), &bytes[..bytes.len() / 3]).unwrap();
+    let spec = imported(&dir);
+    let program = lower_encoder(&spec, 16, DType::F32).unwrap();
+    let (_, weights) = spec.encoder.layers().unwrap();
+    let mut weights = weights.unwrap().clone();
+    weights.file = scratch.join("model.safetensors").display().to_string();
+    let err = load_weights(&weights, Path::new("/"), &program.params, DType::F32).unwrap_err();
+    assert!(matches!(err, WeightsError::Corrupt { .. }), "{err}");
+    assert!(err.to_string().contains("truncated"), "{err}");
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("altc-encoders-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn import_refuses_other_architectures_by_name() {
+    let dir = scratch("llama");
+    std::fs::write(
+        dir.join("config.json"),
+        r#"{"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64}"#,
+    )
+    .unwrap();
+    let err = import_hugging_face(&dir, &dir).unwrap_err();
+    assert!(matches!(err, ImportError::Architecture { .. }), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains("config.json")
+            && text.contains("`LlamaForCausalLM`")
+            && text.contains("BERT"),
+        "{text}"
+    );
+}
+
+#[test]
+fn import_refuses_the_tanh_gelu_approximation() {
+    let Some(minilm) = minilm() else { return };
+    let dir = scratch("gelu-new");
+    let config = std::fs::read_to_string(minilm.join("config.json"))
+        .unwrap()
+        .replace("\"gelu\"", "\"gelu_new\"");
+    std::fs::write(dir.join("config.json"), config).unwrap();
+    let err = import_hugging_face(&dir, &dir).unwrap_err();
+    assert!(
+        err.to_string().contains("hidden_act is \"gelu_new\""),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_corrupt_tokenizer_stops_the_encoder_before_it_runs() {
+    let Some(dir) = minilm() else { return };
+    let scratch = scratch("tokenizer");
+    std::fs::write(
+        scratch.join("tokenizer.json"),
+        "{\"version\": \"1.0\", \"model\": 7}",
+    )
+    .unwrap();
+    let mut spec = imported(&dir);
+    if let altc_compiler::spec::Encoder::Text { tokenizer, .. } = &mut spec.encoder {
+        *tokenizer = scratch.join("tokenizer.json").display().to_string();
+    }
+    let err = TextEncoder::open(&spec, Path::new("/"), DType::F32, true)
+        .err()
+        .expect("a corrupt tokenizer is refused");
+    assert!(err.to_string().contains("not a tokenizer.json"), "{err}");
+}
