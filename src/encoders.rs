@@ -48,7 +48,7 @@ pub fn import(args: ImportArgs) -> Result<()> {
         .with_context(|| format!("writing {written}"))?;
     let blocks = layers(&encoder)
         .iter()
-        .filter(|l| matches!(l, Layer::Block(_)))
+        .filter(|l| matches!(l, Layer::Block { .. }))
         .count();
     emit(&format!(
         "imported {} -> {written} ({blocks} blocks, width {}, {} tensors mapped)\n",

@@ -1289,30 +1289,52 @@ fn check_direction(direction: &str, moe: MoeDispatch) {
         by_name.len()
     );
 
+    check_model_gradients(
+        &format!("tiny model, {direction} loss"),
+        &forward,
+        loss,
+        &inputs,
+        &mut params,
+        ctx,
+        &by_name,
+    );
+}
+
+/// Checks the gradients of `loss` for every use of every parameter in `by_name`
+/// against central differences at a few elements of each parameter.
+fn check_model_gradients(
+    what: &str,
+    forward: &Graph,
+    loss: NodeId,
+    inputs: &TensorMap,
+    params: &mut TensorMap,
+    ctx: EvalContext,
+    by_name: &BTreeMap<String, Vec<NodeId>>,
+) {
     let mut graph = forward.clone();
     let wrt: Vec<NodeId> = by_name.values().flatten().copied().collect();
     let grads = append_gradients(&mut graph, loss, &wrt)
-        .unwrap_or_else(|e| panic!("{direction}: append_gradients failed: {e}"));
+        .unwrap_or_else(|e| panic!("{what}: append_gradients failed: {e}"));
     let mut k = 0;
-    for (name, ids) in &by_name {
+    for (name, ids) in by_name {
         for (site, _) in ids.iter().enumerate() {
             let g = grads[k].unwrap_or_else(|| {
-                panic!("{direction}: no gradient for use {site} of trainable parameter `{name}`")
+                panic!("{what}: no gradient for use {site} of trainable parameter `{name}`")
             });
             graph.set_output(format!("grad.{name}.{site}"), g).unwrap();
             k += 1;
         }
     }
-    let outputs = run(&graph, &inputs, &params, ctx)
-        .unwrap_or_else(|e| panic!("{direction}: the gradient graph does not run: {e}"));
+    let outputs = run(&graph, inputs, params, ctx)
+        .unwrap_or_else(|e| panic!("{what}: the gradient graph does not run: {e}"));
 
-    let objective = Objective::new(&forward, &inputs, &params, ctx, loss);
-    let l0 = objective.loss_at(&params).unwrap();
-    assert!(l0.is_finite(), "{direction}: loss {l0}");
+    let objective = Objective::new(forward, inputs, params, ctx, loss);
+    let l0 = objective.loss_at(params).unwrap();
+    assert!(l0.is_finite(), "{what}: loss {l0}");
     assert_eq!(
         outputs["loss"].scalar(),
         Some(l0),
-        "{direction}: appending gradients changed the loss"
+        "{what}: appending gradients changed the loss"
     );
 
     let mut failures = Vec::new();
@@ -1322,16 +1344,13 @@ fn check_direction(direction: &str, moe: MoeDispatch) {
         let mut total = vec![0.0; params[name].len()];
         for site in 0..ids.len() {
             let g = &outputs[&format!("grad.{name}.{site}")];
-            assert_eq!(
-                g.shape, shape,
-                "{direction}: shape of the gradient of `{name}`"
-            );
+            assert_eq!(g.shape, shape, "{what}: shape of the gradient of `{name}`");
             for (t, v) in total.iter_mut().zip(g.to_f64()) {
                 *t += v;
             }
         }
         for i in checked_elements(total.len(), pi as u64) {
-            let numeric = objective.central_difference(&mut params, name, i);
+            let numeric = objective.central_difference(params, name, i);
             checked += 1;
             let ok =
                 matches!(numeric, Ok(n) if (total[i] - n).abs() <= MODEL_ABS + MODEL_REL * n.abs());
@@ -1347,12 +1366,7 @@ fn check_direction(direction: &str, moe: MoeDispatch) {
         }
     }
     assert!(checked >= 3 * by_name.len());
-    report(
-        &format!("tiny model, {direction} loss"),
-        &failures,
-        MODEL_ABS,
-        MODEL_REL,
-    );
+    report(what, &failures, MODEL_ABS, MODEL_REL);
 }
 
 #[test]
@@ -1372,4 +1386,111 @@ fn tiny_model_directions_are_the_expected_ones() {
     let program = tiny_program(MoeDispatch::Sparse);
     let names: Vec<&str> = program.directions.iter().map(|d| d.name.as_str()).collect();
     assert_eq!(names, ["image_to_text", "text_to_image"]);
+}
+
+// ---------------------------------------------------------------------------------
+// A tiny random BERT, unfrozen
+// ---------------------------------------------------------------------------------
+
+/// A text encoder with every pretrained-encoder layer: token, class-token, position
+/// and token-type embeddings, a post-LN block (BERT) and a pre-LN block with
+/// LayerScale (DINOv2), masked-mean pooling and normalisation; width 8, 2 heads.
+fn tiny_bert() -> spec::EncoderSpec {
+    use spec::{Activation, Encoder, Layer, NormPlacement, Pooling};
+    let block = |norm, layer_scale| Layer::Block {
+        heads: 2,
+        intermediate: 12,
+        norm,
+        eps: 1e-12,
+        activation: Activation::Gelu,
+        layer_scale,
+    };
+    spec::EncoderSpec {
+        name: "tiny-bert".into(),
+        width: 8,
+        encoder: Encoder::Text {
+            tokenizer: "unused.json".into(),
+            max_length: 6,
+            frozen: false,
+            layers: vec![
+                Layer::TokenEmbedding {
+                    vocab: 11,
+                    width: 8,
+                },
+                Layer::ClassToken,
+                Layer::PositionEmbedding { positions: 8 },
+                Layer::TokenTypeEmbedding { types: 2 },
+                Layer::LayerNorm { eps: 1e-12 },
+                block(NormPlacement::Post, None),
+                block(NormPlacement::Pre, Some(0.5)),
+                Layer::TokenPool(Pooling::MaskedMean),
+                Layer::Normalize,
+            ],
+            weights: None,
+        },
+    }
+}
+
+#[test]
+fn tiny_random_bert_gradients() {
+    use altc_compiler::lower::lower_encoder;
+    let (batch, length, width) = (3, 5, 8);
+    let program = lower_encoder(&tiny_bert(), length, DType::F64).unwrap();
+    let mut forward = program.graph.clone();
+    let embedding = forward
+        .output("embedding")
+        .expect("encoders output `embedding`");
+    // L = sum(embedding * R), R fixed.
+    let r_shape = Shape(vec![Dim::sym("B"), Dim::Fixed(width)]);
+    let loss = {
+        let mut b = GraphBuilder::new(&mut forward, "test");
+        let r = b.input("r", DType::F64, r_shape).unwrap();
+        let weighted = b.mul(embedding, r).unwrap();
+        b.sum_all(weighted).unwrap()
+    };
+    forward.set_output("loss", loss).unwrap();
+
+    // Ids repeat within and across items, so the table's gradient sums several uses.
+    let ids = [3, 7, 3, 1, 9, 10, 0, 4, 4, 4, 2, 5, 8, 5, 6];
+    let mut inputs = TensorMap::new();
+    inputs.insert("ids".into(), i32s(&[batch, length], &ids));
+    inputs.insert(
+        "mask".into(),
+        Tensor::prefix_mask(DType::F64, length, &[5, 2, 3]),
+    );
+    inputs.insert(
+        "r".into(),
+        Tensor::f64(&[batch, width], signed_in(77, batch * width, 0.2, 1.0)),
+    );
+    let mut params = initial_parameters(&program.params, DType::F64, 5);
+    let mut by_name: BTreeMap<String, Vec<NodeId>> = BTreeMap::new();
+    for (name, id) in forward.parameters() {
+        assert!(
+            program.params.get(name).unwrap().trainable,
+            "`{name}` is unfrozen"
+        );
+        by_name.entry(name.to_string()).or_default().push(id);
+    }
+    assert!(by_name.contains_key("layers.0.table") && by_name.contains_key("layers.6.mlp_scale"));
+    check_model_gradients(
+        "tiny random BERT",
+        &forward,
+        loss,
+        &inputs,
+        &mut params,
+        EvalContext::default(),
+        &by_name,
+    );
+}
+
+#[test]
+fn gather_from_a_table_broadcast_over_the_batch() {
+    // A [1, 4, 3] table looked up by [2, 5, 3] indices: the gradient sums over the batch.
+    let mut c = OpCheck::new("Gather axis=1 [1, 4, 3] with [2, 5, 3] indices");
+    let table = c.uniform("table", &[1, 4, 3], -1.0, 1.0);
+    let rows = [2, 0, 0, 3, 2, 1, 1, 2, 0, 2];
+    let index: Vec<i32> = rows.iter().flat_map(|&r| [r; 3]).collect();
+    let idx = c.fixed("index", i32s(&[2, 5, 3], &index));
+    let y = c.op(Op::Gather { axis: 1 }, &[table, idx]);
+    c.check(y);
 }

@@ -305,3 +305,121 @@ fn missing_file_names_the_file() {
         "{text}"
     );
 }
+
+// ---------------------------------------------------------------------------------
+// Pretrained-encoder files
+// ---------------------------------------------------------------------------------
+
+const ENCODER_FILE: &str = "encoders/tiny_bert.ron";
+
+/// A small text encoder as `altc import` would write it.
+const TINY_BERT: &str = r#"// A one-block BERT.
+EncoderSpec(
+    name: "tiny-bert",
+    width: 8,
+    encoder: Text(
+        tokenizer: "tokenizer.json",
+        max_length: 6,
+        layers: [
+            TokenEmbedding(vocab: 11, width: 8),
+            PositionEmbedding(positions: 8),
+            LayerNorm(eps: 1e-12),
+            Block(heads: 2, intermediate: 12, norm: Post, eps: 1e-12),
+            TokenPool(MaskedMean),
+            Normalize,
+        ],
+        weights: Some(Weights(file: "model.safetensors", tensors: {
+            "embeddings.word_embeddings.weight": "layers.0.table",
+        })),
+    ),
+)
+"#;
+
+fn encoder_err(src: &str) -> SpecError {
+    match spec::parse_encoder(src, ENCODER_FILE) {
+        Ok(_) => panic!("the encoder spec should have been rejected"),
+        Err(e) => e,
+    }
+}
+
+fn bert_with(from: &str, to: &str) -> String {
+    assert_eq!(
+        TINY_BERT.matches(from).count(),
+        1,
+        "`{from}` must occur once"
+    );
+    TINY_BERT.replace(from, to)
+}
+
+#[test]
+fn an_encoder_file_is_told_from_a_model_and_parses() {
+    assert!(spec::is_encoder_spec(TINY_BERT));
+    assert!(!spec::is_encoder_spec(TINY));
+    let loaded = spec::parse_encoder(TINY_BERT, ENCODER_FILE).unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        loaded.spec.encoder.is_frozen(),
+        "encoders are frozen by default"
+    );
+    let printed = spec::encoder_to_ron(&loaded.spec);
+    assert!(spec::is_encoder_spec(&printed));
+    let reread = spec::parse_encoder(&printed, ENCODER_FILE).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(reread.spec, loaded.spec);
+}
+
+#[test]
+fn a_text_encoder_must_start_by_embedding_its_ids() {
+    let src = bert_with("TokenEmbedding(vocab: 11, width: 8),\n", "");
+    let err = encoder_err(&src);
+    assert_eq!(err.path(), Some("encoder.layers"), "{err}");
+    assert!(err.to_string().contains("TokenEmbedding(vocab"), "{err}");
+}
+
+#[test]
+fn encoder_block_heads_must_divide_the_width() {
+    let err = encoder_err(&bert_with("heads: 2", "heads: 3"));
+    assert_eq!(err.path(), Some("encoder.layers[3].heads"), "{err}");
+    let expected = position_of(&bert_with("heads: 2", "heads: 3"), "heads: 3", 7);
+    assert_eq!(err.position(), Some(expected), "{err}");
+    assert!(
+        err.to_string()
+            .contains("3 heads do not divide the width 8"),
+        "{err}"
+    );
+}
+
+#[test]
+fn position_embeddings_must_cover_the_maximum_length() {
+    let err = encoder_err(&bert_with("positions: 8", "positions: 4"));
+    assert_eq!(err.path(), Some("encoder.layers[1].positions"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("4 positions cannot cover the 6 tokens"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_parameter_mapped_from_two_tensors_is_refused() {
+    let src = bert_with(
+        "\"embeddings.word_embeddings.weight\": \"layers.0.table\",",
+        "\"embeddings.word_embeddings.weight\": \"layers.0.table\", \"other\": \"layers.0.table\",",
+    );
+    let err = encoder_err(&src);
+    assert_eq!(err.path(), Some("encoder.weights.tensors"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("`layers.0.table` is mapped from two tensors"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_model_cannot_take_raw_text_yet() {
+    let src = tiny_with(
+        "encoder: Precomputed",
+        "encoder: Text(tokenizer: \"t.json\", max_length: 6, layers: [TokenEmbedding(vocab: 5, width: 24)])",
+    );
+    let err = parse_err(&src);
+    assert!(err.path().is_some_and(|p| p.ends_with(".encoder")), "{err}");
+    assert!(err.to_string().contains("altc embed --encoder"), "{err}");
+}

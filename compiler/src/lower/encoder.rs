@@ -7,7 +7,7 @@ use super::params::{Init, ParamKind, ParamTable};
 use super::{batch_shape, LowerError};
 use crate::ir::{BuildGraph, DType, Dim, Graph, NodeId, Op, Shape};
 use crate::outputs::EMBEDDING;
-use crate::spec::{Block, Encoder, EncoderSpec, Layer, NormPlacement};
+use crate::spec::{Activation, Encoder, EncoderSpec, Layer, NormPlacement};
 
 /// The input of a text encoder: `[B, L]` token ids.
 pub const IDS: &str = "ids";
@@ -281,11 +281,28 @@ fn layer_forward(
             };
             (x, width, mask)
         }
-        Layer::Block(block) => (
-            transformer_block(b, block, prefix, x, width, mask)?,
-            width,
-            mask,
-        ),
+        Layer::Block {
+            heads,
+            intermediate,
+            norm,
+            eps,
+            activation,
+            layer_scale,
+        } => {
+            let block = BlockShape {
+                heads: *heads,
+                intermediate: *intermediate,
+                pre: *norm == NormPlacement::Pre,
+                eps: *eps,
+                activation: *activation,
+                layer_scale: *layer_scale,
+            };
+            (
+                transformer_block(b, &block, prefix, x, width, mask)?,
+                width,
+                mask,
+            )
+        }
         Layer::Normalize => (b.l2_normalize(x)?, width, mask),
     })
 }
@@ -327,18 +344,29 @@ fn attention(
     project(b, merged, "output")
 }
 
+/// A `Layer::Block`'s settings.
+struct BlockShape {
+    heads: usize,
+    intermediate: usize,
+    /// LayerNorm before each branch (else after each residual sum).
+    pre: bool,
+    eps: f64,
+    activation: Activation,
+    layer_scale: Option<f64>,
+}
+
 /// Attention then MLP, each a residual branch with a LayerNorm after the sum
 /// (`Post`) or before the branch (`Pre`), optionally scaled by LayerScale.
 fn transformer_block(
     b: &mut Builder,
-    block: &Block,
+    block: &BlockShape,
     prefix: &str,
     x: NodeId,
     width: usize,
     mask: Option<NodeId>,
 ) -> Result<NodeId> {
     let eps = block.eps;
-    let pre = block.norm == NormPlacement::Pre;
+    let pre = block.pre;
     let attention_norm = format!("{prefix}.attention_norm");
     let mlp_norm = format!("{prefix}.mlp_norm");
 
@@ -387,7 +415,7 @@ fn transformer_block(
 /// `x * gamma` per feature when the block has LayerScale, else `x`.
 fn layer_scale(
     b: &mut Builder,
-    block: &Block,
+    block: &BlockShape,
     name: &str,
     x: NodeId,
     width: usize,

@@ -2,7 +2,7 @@
 //! `tokenizer.json`, and sentence-transformers' pooling files when present) becomes
 //! an [`EncoderSpec`] with its weight map. The BERT family only, for now.
 
-use super::{Activation, Block, Encoder, EncoderSpec, Layer, NormPlacement, Pooling, Weights};
+use super::{Activation, Encoder, EncoderSpec, Layer, NormPlacement, Pooling, Weights};
 use safetensors::SafeTensors;
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -168,14 +168,14 @@ pub fn import_hugging_face(dir: &Path, relative_to: &Path) -> Result<EncoderSpec
             );
             map(format!("{hf}.{theirs}.bias"), format!("{ours}.{mine}.beta"));
         }
-        layers.push(Layer::Block(Block {
+        layers.push(Layer::Block {
             heads,
             intermediate,
             norm: NormPlacement::Post,
             eps,
             activation,
             layer_scale: None,
-        }));
+        });
     }
     layers.push(Layer::TokenPool(pooling));
     if normalize {

@@ -173,9 +173,7 @@ fn parse_ron<T: serde::de::DeserializeOwned>(
     src: &str,
     file: &str,
 ) -> Result<Loaded<T>, SpecError> {
-    // `Block(heads: 12, ...)` rather than `Block((heads: 12, ...))`.
     let spec: T = ron::Options::default()
-        .with_default_extension(ron::extensions::Extensions::UNWRAP_VARIANT_NEWTYPES)
         .from_str(src)
         .map_err(|e| SpecError::Syntax {
             file: file.to_string(),
@@ -197,7 +195,6 @@ fn parse_ron<T: serde::de::DeserializeOwned>(
 pub fn encoder_to_ron(spec: &EncoderSpec) -> String {
     let config = ron::ser::PrettyConfig::new()
         .struct_names(true)
-        .extensions(ron::extensions::Extensions::UNWRAP_VARIANT_NEWTYPES)
         .indentor("    ".to_string());
     ron::ser::to_string_pretty(spec, config).expect("every spec value is representable in RON")
 }

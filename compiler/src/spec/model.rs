@@ -174,31 +174,26 @@ pub enum Layer {
     /// A learned class token put before the tokens (ViT, DINOv2); it is never
     /// padding.
     ClassToken,
-    /// One transformer encoder block.
-    Block(Block),
+    /// One transformer encoder block: multi-head self-attention over the unmasked
+    /// tokens, then an MLP of `intermediate` hidden width, each with biases and a
+    /// residual. Its linear weights are stored `[out, in]`, as PyTorch's `nn.Linear`
+    /// stores them.
+    Block {
+        heads: usize,
+        intermediate: usize,
+        #[serde(default)]
+        norm: NormPlacement,
+        #[serde(default = "layer_norm_eps")]
+        eps: f64,
+        #[serde(default)]
+        activation: Activation,
+        /// LayerScale: each residual branch scaled per feature by a learned vector
+        /// started at this value (DINOv2); off when absent.
+        #[serde(default)]
+        layer_scale: Option<f64>,
+    },
     /// L2 normalisation of each token (of the pooled vector after `TokenPool`).
     Normalize,
-}
-
-/// A transformer encoder block: multi-head self-attention over the unmasked tokens,
-/// then an MLP, each with biases and a residual. Its linear weights are stored
-/// `[out, in]`, as PyTorch's `nn.Linear` stores them.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Block {
-    pub heads: usize,
-    /// The MLP's hidden width.
-    pub intermediate: usize,
-    #[serde(default)]
-    pub norm: NormPlacement,
-    #[serde(default = "layer_norm_eps")]
-    pub eps: f64,
-    #[serde(default)]
-    pub activation: Activation,
-    /// LayerScale: each residual branch scaled per feature by a learned vector
-    /// started at this value (DINOv2); off when absent.
-    #[serde(default)]
-    pub layer_scale: Option<f64>,
 }
 
 /// Where a block's LayerNorms sit.

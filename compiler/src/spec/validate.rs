@@ -324,16 +324,22 @@ fn encoder<T>(
                 "the number of token types",
             )?,
             Layer::ClassToken => tokens += 1,
-            Layer::Block(block) => {
-                heads_divide(s, &format!("{lpath}.heads"), block.heads, current)?;
+            Layer::Block {
+                heads,
+                intermediate,
+                eps,
+                layer_scale,
+                ..
+            } => {
+                heads_divide(s, &format!("{lpath}.heads"), *heads, current)?;
                 width(
                     s,
                     &format!("{lpath}.intermediate"),
-                    block.intermediate,
+                    *intermediate,
                     "the intermediate width",
                 )?;
-                positive_real(s, &format!("{lpath}.eps"), block.eps, "eps")?;
-                if let Some(scale) = block.layer_scale {
+                positive_real(s, &format!("{lpath}.eps"), *eps, "eps")?;
+                if let Some(scale) = *layer_scale {
                     positive_real(
                         s,
                         &format!("{lpath}.layer_scale"),
