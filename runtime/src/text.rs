@@ -149,3 +149,17 @@ impl TextTokenizer {
         })
     }
 }
+
+/// Where `scripts/setup.sh` unpacks sentence-transformers' all-MiniLM-L6-v2 (the
+/// text encoder the tests and the README use): `$ALTC_MINILM`, else
+/// `$XDG_CACHE_HOME/altc/minilm`, else `~/.cache/altc/minilm`.
+pub fn minilm_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("ALTC_MINILM") {
+        return PathBuf::from(dir);
+    }
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    cache.join("altc").join("minilm")
+}

@@ -1,6 +1,11 @@
 //! Running the `altc` binary as a user does, for the command-line suites.
 #![allow(dead_code)] // each suite uses its own part of these helpers
 
+#[path = "../../runtime/tests/common/minilm.rs"]
+mod minilm;
+#[allow(unused_imports)] // only the text-encoder suites look for MiniLM
+pub use minilm::minilm;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

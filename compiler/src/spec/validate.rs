@@ -382,7 +382,7 @@ fn encoder<T>(
 
 fn heads_divide<T>(s: &Loaded<T>, path: &str, heads: usize, width: usize) -> Check {
     size(s, path, heads, width, "the head count")?;
-    if width % heads != 0 {
+    if !width.is_multiple_of(heads) {
         return Err(s.invalid(
             path,
             format!("{heads} heads do not divide the width {width}"),
