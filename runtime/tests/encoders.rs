@@ -158,8 +158,7 @@ fn weights_error(dir: &Path, edit: impl FnOnce(&mut EncoderSpec)) -> WeightsErro
         &program.params,
         DType::F32,
     )
-    .err()
-    .expect("the weights do not fit")
+    .expect_err("the weights do not fit")
 }
 
 fn weights_map(spec: &mut EncoderSpec) -> &mut std::collections::BTreeMap<String, String> {
