@@ -187,42 +187,21 @@ pub fn embed_text(request: TextEmbedRequest) -> Result<()> {
         request.output,
         &[("--encoder", request.encoder), ("--text", request.text)],
     )?;
-    let loaded = spec::load_encoder(request.encoder)?;
     let items = read_items(request.text, request.field, request.id_field)?;
-    let base = spec_folder(request.encoder);
-    // The interpreter computes in f64, as the oracle; devices in f32.
-    let dtype = if request.device == Device::Reference {
-        DType::F64
-    } else {
-        DType::F32
+    let run = EncoderRun {
+        encoder: request.encoder,
+        batch_size: request.batch_size,
+        optimise: request.optimise,
+        device: request.device,
+        tune_cache: request.tune_cache,
     };
-    let mut encoder = TextEncoder::open(&loaded.spec, &base, dtype, request.optimise)?;
-    let mut backend = open_backend(
-        request.device,
-        Precision::F32,
-        request.optimise,
-        Some(encoder.parameters()),
-    )?;
-    crate::devices::use_tuned_kernels(backend.as_mut(), request.tune_cache)?;
-    backend.load_state(encoder.state())?;
-    let texts: Vec<&str> = items.iter().map(|i| i.text.as_str()).collect();
-    let bar = ProgressBar::new(texts.len() as u64).with_style(
-        ProgressStyle::with_template("embedding {pos}/{len} items [{elapsed_precise}]")
-            .expect("a valid template"),
-    );
-    let start = Instant::now();
-    let embedded = encoder.embed(backend.as_mut(), &texts, request.batch_size, |done| {
-        bar.set_position(done as u64)
-    })?;
-    bar.finish_and_clear();
-    let seconds = start.elapsed().as_secs_f64();
+    let (name, embedded) = run.embed(&items)?;
     let ids: Vec<&str> = items.iter().map(|i| i.id.as_str()).collect();
     let metadata = HashMap::from([
         ("altc.store".to_string(), "1".to_string()),
-        ("encoder".to_string(), loaded.spec.name.clone()),
+        ("encoder".to_string(), name.clone()),
         ("ids".to_string(), serde_json::to_string(&ids)?),
         ("truncated".to_string(), embedded.truncated.to_string()),
-        ("max_length".to_string(), encoder.max_length().to_string()),
     ]);
     write_f32_safetensors(
         request.output,
@@ -233,33 +212,239 @@ pub fn embed_text(request: TextEmbedRequest) -> Result<()> {
         )],
         metadata,
     )?;
-    if embedded.truncated > 0 {
-        eprintln!(
-            "note: {} of {} items were longer than {} tokens and were cut to it",
-            embedded.truncated,
-            items.len(),
-            encoder.max_length()
-        );
-    }
-    for (length, size) in &embedded.cut_batches {
-        eprintln!(
-            "note: batches of {length}-token items were cut to {size} items to fit the device"
-        );
-    }
     let launches = embedded
         .launches
         .map(|n| format!(", {n} kernel launches a batch"))
         .unwrap_or_default();
     emit(&format!(
-        "embedded {} items with {} -> {} ([{}, {}], {} tokens, {:.1} items/s{launches})\n",
+        "embedded {} items with {name} -> {} ([{}, {}], {} tokens, {:.1} items/s{launches})\n",
         items.len(),
-        loaded.spec.name,
         request.output.display(),
         items.len(),
         embedded.width,
         thousands(embedded.tokens),
-        items.len() as f64 / seconds.max(1e-9)
+        embedded.items_per_second,
     ))
+}
+
+/// How to run a text encoder over items.
+struct EncoderRun<'a> {
+    encoder: &'a Path,
+    batch_size: usize,
+    optimise: bool,
+    device: Device,
+    tune_cache: &'a Path,
+}
+
+/// What one encoder run gave, with its rate.
+struct EmbeddedItems {
+    vectors: Vec<f32>,
+    width: usize,
+    truncated: usize,
+    tokens: usize,
+    launches: Option<usize>,
+    items_per_second: f64,
+}
+
+impl EncoderRun<'_> {
+    /// The encoder's name and the items' vectors, with a progress bar and notes on
+    /// truncation and cut batches on stderr.
+    fn embed(&self, items: &[Item]) -> Result<(String, EmbeddedItems)> {
+        let loaded = spec::load_encoder(self.encoder)?;
+        let base = spec_folder(self.encoder);
+        // The interpreter computes in f64, as the oracle; devices in f32.
+        let dtype = if self.device == Device::Reference {
+            DType::F64
+        } else {
+            DType::F32
+        };
+        let mut encoder = TextEncoder::open(&loaded.spec, &base, dtype, self.optimise)?;
+        let mut backend = open_backend(
+            self.device,
+            Precision::F32,
+            self.optimise,
+            Some(encoder.parameters()),
+        )?;
+        crate::devices::use_tuned_kernels(backend.as_mut(), self.tune_cache)?;
+        backend.load_state(encoder.state())?;
+        let texts: Vec<&str> = items.iter().map(|i| i.text.as_str()).collect();
+        let bar = ProgressBar::new(texts.len() as u64).with_style(
+            ProgressStyle::with_template("embedding {pos}/{len} items [{elapsed_precise}]")
+                .expect("a valid template"),
+        );
+        let start = Instant::now();
+        let embedded = encoder.embed(backend.as_mut(), &texts, self.batch_size, |done| {
+            bar.set_position(done as u64)
+        })?;
+        bar.finish_and_clear();
+        let seconds = start.elapsed().as_secs_f64();
+        if embedded.truncated > 0 {
+            eprintln!(
+                "note: {} of {} items were longer than {} tokens and were cut to it",
+                embedded.truncated,
+                items.len(),
+                encoder.max_length()
+            );
+        }
+        for (length, size) in &embedded.cut_batches {
+            eprintln!(
+                "note: batches of {length}-token items were cut to {size} items to fit the device"
+            );
+        }
+        Ok((
+            loaded.spec.name,
+            EmbeddedItems {
+                vectors: embedded.vectors,
+                width: embedded.width,
+                truncated: embedded.truncated,
+                tokens: embedded.tokens,
+                launches: embedded.launches,
+                items_per_second: items.len() as f64 / seconds.max(1e-9),
+            },
+        ))
+    }
+}
+
+#[derive(Args)]
+pub struct DataTextArgs {
+    /// A modality and where its side comes from, as NAME=FILE (at least two): text
+    /// (`.txt`, one item a line, or `.jsonl` with --field) is embedded with
+    /// --encoder; a vector store (`.safetensors` with `embeddings` [N, width], as
+    /// `altc embed` writes) is taken as it is. Item `i` of every side is pair `i`.
+    #[arg(long = "modality", value_name = "NAME=FILE", required = true, num_args = 1, value_parser = parse_side)]
+    sides: Vec<(String, PathBuf)>,
+    /// The text encoder spec for the text sides (`altc import` writes one).
+    #[arg(long)]
+    encoder: Option<PathBuf>,
+    /// With JSON lines: the field holding each item's text.
+    #[arg(long, default_value = "text")]
+    field: String,
+    /// Items per encoder batch, 1 to 4,096.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    batch_size: u64,
+    /// Where to write the paired dataset (safetensors); never one of the inputs.
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Where to run the encoder: auto, cuda, wgpu or reference.
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    device: Device,
+    #[command(flatten)]
+    cache: crate::devices::TuneCacheArgs,
+}
+
+fn parse_side(text: &str) -> Result<(String, PathBuf), String> {
+    match text.split_once('=') {
+        Some((name, file)) if !name.is_empty() && !file.is_empty() => {
+            Ok((name.to_string(), PathBuf::from(file)))
+        }
+        _ => Err(format!(
+            "`{text}` is not NAME=FILE (e.g. text=captions.txt)"
+        )),
+    }
+}
+
+/// `altc data text`: a paired dataset whose modalities are pooled vectors, one token
+/// each (`<name>.tokens` `[N, 1, width]`), from raw text through a pretrained encoder
+/// or from vector stores: what a model with `encoder: Precomputed` and
+/// `tokens: Fixed(1)` trains on.
+pub fn data_text(args: DataTextArgs) -> Result<()> {
+    if args.sides.len() < 2 {
+        bail!("a paired dataset needs two modalities or more: give --modality NAME=FILE again");
+    }
+    let mut inputs: Vec<(&str, &Path)> = args
+        .sides
+        .iter()
+        .map(|(_, p)| ("--modality", p.as_path()))
+        .collect();
+    if let Some(e) = &args.encoder {
+        inputs.push(("--encoder", e));
+    }
+    crate::files::refuse_overwrite(&args.output, &inputs)?;
+    let tune_cache = args.cache.configure_cubecl()?;
+    let mut tensors = Vec::new();
+    let mut rows: Option<(usize, &Path)> = None;
+    let mut seen = std::collections::BTreeSet::new();
+    for (name, file) in &args.sides {
+        if !seen.insert(name) {
+            bail!("modality `{name}` is given twice");
+        }
+        let (count, width, vectors) = if file.extension().is_some_and(|e| e == "safetensors") {
+            read_vectors(file)?
+        } else {
+            let Some(encoder) = &args.encoder else {
+                bail!(
+                    "{}: text needs --encoder (a text encoder spec) to become vectors",
+                    file.display()
+                );
+            };
+            let items = read_items(file, &args.field, "id")?;
+            let run = EncoderRun {
+                encoder,
+                batch_size: args.batch_size as usize,
+                optimise: true,
+                device: args.device,
+                tune_cache: &tune_cache,
+            };
+            let (_, e) = run.embed(&items)?;
+            (items.len(), e.width, e.vectors)
+        };
+        match rows {
+            Some((n, first)) if n != count => bail!(
+                "{} has {count} items but {} has {n}: item i of every side is pair i",
+                file.display(),
+                first.display()
+            ),
+            None => rows = Some((count, file)),
+            _ => {}
+        }
+        tensors.push((format!("{name}.tokens"), vec![count, 1, width], vectors));
+    }
+    write_f32_safetensors(&args.output, &tensors, HashMap::new())?;
+    let sides: Vec<String> = tensors
+        .iter()
+        .map(|(name, shape, _)| format!("{name} {shape:?}"))
+        .collect();
+    emit(&format!(
+        "wrote {} ({} pairs: {})\n",
+        args.output.display(),
+        rows.map_or(0, |(n, _)| n),
+        sides.join(", ")
+    ))
+}
+
+/// The `embeddings` `[N, width]` of a vector store, finite.
+fn read_vectors(path: &Path) -> Result<(usize, usize, Vec<f32>)> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| anyhow::anyhow!("{}: not a safetensors file: {e}", path.display()))?;
+    let view = st.tensor("embeddings").map_err(|_| {
+        anyhow::anyhow!(
+            "{}: no tensor `embeddings` (a vector store as `altc embed` writes it)",
+            path.display()
+        )
+    })?;
+    let (&[rows, width], safetensors::Dtype::F32) = (view.shape(), view.dtype()) else {
+        bail!(
+            "{}: `embeddings` is {:?}{:?}, not F32 [items, width]",
+            path.display(),
+            view.dtype(),
+            view.shape()
+        );
+    };
+    let vectors: Vec<f32> = view
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    if let Some(i) = vectors.iter().position(|v| !v.is_finite()) {
+        bail!(
+            "{}: `embeddings` row {} holds {}",
+            path.display(),
+            i / width.max(1),
+            vectors[i]
+        );
+    }
+    Ok((rows, width, vectors))
 }
 
 /// Whether `path` holds an encoder spec rather than a model (unreadable files are

@@ -44,6 +44,9 @@ pub enum DataCommand {
         #[arg(long, default_value_t = 0.5, value_parser = non_negative_finite)]
         token_variation: f64,
     },
+    /// Write a paired dataset of pooled vectors from raw text (through a pretrained
+    /// encoder) and vector stores, one NAME=FILE per modality.
+    Text(crate::encoders::DataTextArgs),
 }
 
 /// A finite number, 0 or more.
@@ -229,15 +232,30 @@ fn short(hash: &str) -> &str {
 }
 
 pub fn data(command: DataCommand) -> Result<()> {
-    let DataCommand::Synth {
-        model,
-        output,
-        pairs,
-        seed,
-        latent,
-        noise,
-        token_variation,
-    } = command;
+    match command {
+        DataCommand::Text(args) => crate::encoders::data_text(args),
+        DataCommand::Synth {
+            model,
+            output,
+            pairs,
+            seed,
+            latent,
+            noise,
+            token_variation,
+        } => synth_data(model, output, pairs, seed, latent, noise, token_variation),
+    }
+}
+
+/// `altc data synth`.
+fn synth_data(
+    model: PathBuf,
+    output: PathBuf,
+    pairs: u64,
+    seed: u64,
+    latent: u64,
+    noise: f64,
+    token_variation: f64,
+) -> Result<()> {
     files::refuse_overwrite(&output, &[("model", &model)])?;
     let program = load_program(&model, LowerOptions::default())?;
     let (pairs, latent) = (pairs as usize, latent as usize);

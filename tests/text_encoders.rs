@@ -93,6 +93,28 @@ fn import_check_and_embed_reproduce_sentence_transformers() {
             .fold(0f32, f32::max);
         assert!(worst <= 1e-5, "sentence {i}: {worst:.2e} from PyTorch");
     }
+
+    // The same text beside the store: a paired dataset of one-token sides.
+    let pairs = scratch("text-pairs.safetensors");
+    let o = altc(&[
+        "data",
+        "text",
+        "--modality",
+        &format!("caption={}", text.display()),
+        "--modality",
+        &format!("vector={}", store.display()),
+        "--encoder",
+        spec_path,
+        "--device",
+        "reference",
+        "-o",
+        pairs.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (tensors, _) = read_f32(&pairs);
+    assert_eq!(tensors["caption.tokens"].0, [4, 1, 384]);
+    assert_eq!(tensors["vector.tokens"].0, [4, 1, 384]);
+    assert_eq!(tensors["caption.tokens"].1, tensors["vector.tokens"].1);
 }
 
 #[test]
