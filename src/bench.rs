@@ -24,12 +24,13 @@ use std::time::Instant;
 
 #[derive(Args)]
 pub struct BenchArgs {
-    /// The model: a spec (`.ron`) or a compiled artifact (`.altc`).
+    /// The model: a spec (`.ron`) or a compiled artifact (`.altc`); or an encoder
+    /// spec, timed on batches of --lengths tokens.
     model: PathBuf,
     /// Where to run: auto, cuda, wgpu or reference (`--help` says how auto chooses).
     #[arg(long, value_enum, default_value = "auto")]
     device: Device,
-    /// Batch size, 1 to 65,536 [default: the spec's].
+    /// Batch size, 1 to 65,536 [default: the spec's; 64 for an encoder].
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=altc_compiler::spec::MAX_BATCH as u64))]
     batch_size: Option<u64>,
     /// Timed runs per measurement, after the warm-up: 1 to 10,000.
@@ -41,6 +42,13 @@ pub struct BenchArgs {
     /// Print the results as JSON (to compare across commits) instead of a table.
     #[arg(long)]
     json: bool,
+    /// With an encoder spec: the sequence lengths to time, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "32,128")]
+    lengths: Vec<usize>,
+    /// With an encoder spec: the variants to time, comma-separated, of `tuned`,
+    /// `untuned` and `no-opt`.
+    #[arg(long, value_delimiter = ',', default_value = "tuned,untuned,no-opt", value_parser = ["tuned", "untuned", "no-opt"])]
+    variants: Vec<String>,
     #[command(flatten)]
     cache: crate::devices::TuneCacheArgs,
 }
@@ -114,6 +122,22 @@ struct Timed<'a> {
 }
 
 pub fn bench(args: BenchArgs) -> Result<()> {
+    if crate::encoders::is_encoder_file(&args.model) {
+        let tune_cache = args.cache.configure_cubecl()?;
+        let lengths = args.lengths.clone();
+        return crate::encoders::bench_encoder(
+            &args.model,
+            &crate::encoders::EncoderBench {
+                device: args.device,
+                batch: args.batch_size.map_or(64, |b| b as usize),
+                lengths: &lengths,
+                variants: &args.variants,
+                warmup: args.warmup as usize,
+                repeats: args.repeats as usize,
+                tune_cache: &tune_cache,
+            },
+        );
+    }
     let optimised = load_program(&args.model, lower_options(false))?;
     let baseline = load_program(&args.model, lower_options(true))?;
     let batch = args

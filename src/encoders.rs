@@ -453,15 +453,14 @@ pub fn is_encoder_file(path: &Path) -> bool {
     std::fs::read_to_string(path).is_ok_and(|text| spec::is_encoder_spec(&text))
 }
 
-/// Lengths `altc tune` tunes an encoder for, as `altc embed` buckets them.
-const TUNED_LENGTHS: [usize; 2] = [32, 128];
-
-/// Tunes every tunable kernel of the encoder's graphs at the [`TUNED_LENGTHS`] on
-/// `device` and records the winners in `dir`.
+/// Tunes every tunable kernel of the encoder's graphs at each of `lengths` (bucket
+/// lengths, as `altc embed` pads to) on `device`, recording the winners in `dir`
+/// after each length, so an interrupted tuning keeps what it measured.
 pub fn tune_encoder(
     path: &Path,
     device: Device,
     batch: usize,
+    lengths: &[usize],
     dir: &Path,
 ) -> Result<Vec<TunedKernel>> {
     let loaded = spec::load_encoder(path)?;
@@ -476,8 +475,13 @@ pub fn tune_encoder(
     eprintln!("tuning scope: {scope}");
     backend.set_tuning(TuningMode::Tune);
     backend.load_state(encoder.state())?;
-    let max_length = encoder.max_length();
-    for length in TUNED_LENGTHS.into_iter().filter(|&l| l <= max_length) {
+    for &length in lengths {
+        if length > encoder.max_length() {
+            bail!(
+                "--lengths: {length} is over the encoder's maximum length {}",
+                encoder.max_length()
+            );
+        }
         eprintln!("{} at {length} tokens, batch {batch} ...", loaded.spec.name);
         let item = synthetic_item(length);
         let items = vec![item.as_str(); batch];
@@ -489,14 +493,90 @@ pub fn tune_encoder(
                     loaded.spec.name
                 )
             })?;
+        Manifest::record(dir, &scope, &backend.tuned_kernels())?;
     }
-    let decisions = backend.tuned_kernels();
-    Manifest::record(dir, &scope, &decisions)?;
-    Ok(decisions)
+    Ok(backend.tuned_kernels())
 }
 
 /// Text of `length` tokens with BERT's two special tokens: one word-piece word
 /// repeated.
 fn synthetic_item(length: usize) -> String {
     vec!["the"; length.saturating_sub(2).max(1)].join(" ")
+}
+
+/// How `altc bench` times an encoder.
+pub struct EncoderBench<'a> {
+    pub device: Device,
+    pub batch: usize,
+    pub lengths: &'a [usize],
+    pub variants: &'a [String],
+    pub warmup: usize,
+    pub repeats: usize,
+    pub tune_cache: &'a Path,
+}
+
+/// `altc bench` of an encoder spec: sentences/s of one batch of `batch` items of
+/// exactly each length, for each variant (`tuned`, `untuned`, `no-opt`), after the
+/// warm-up runs (which lower, optimise and compile the bucket's kernels).
+pub fn bench_encoder(path: &Path, bench: &EncoderBench) -> Result<()> {
+    let loaded = spec::load_encoder(path)?;
+    let mut table = format!(
+        "{} on {} items a batch ({} warm-up, {} timed runs each)\n{:<8} {:<8} {:>12} {:>12} {:>10}\n",
+        loaded.spec.name, bench.batch, bench.warmup, bench.repeats, "length", "variant", "median ms", "sentences/s", "launches"
+    );
+    let dtype = if bench.device == Device::Reference {
+        DType::F64
+    } else {
+        DType::F32
+    };
+    for variant in bench.variants {
+        let optimise = variant != "no-opt";
+        let mut encoder = TextEncoder::open(&loaded.spec, &spec_folder(path), dtype, optimise)?;
+        let mut backend = open_backend(bench.device, Precision::F32, optimise, None)?;
+        if variant == "tuned"
+            && crate::devices::use_tuned_kernels(backend.as_mut(), bench.tune_cache)? == 0
+        {
+            eprintln!(
+                "note: no tuned kernels for this device in {}: run `altc tune {}` first for a tuned row",
+                bench.tune_cache.display(),
+                path.display()
+            );
+            continue;
+        }
+        backend.load_state(encoder.state())?;
+        for &length in bench.lengths {
+            if length > encoder.max_length() {
+                bail!(
+                    "--lengths: {length} is over the encoder's maximum length {}",
+                    encoder.max_length()
+                );
+            }
+            let item = synthetic_item(length);
+            let items = vec![item.as_str(); bench.batch];
+            let mut times = Vec::new();
+            let mut launches = None;
+            for run in 0..bench.warmup + bench.repeats {
+                eprintln!(
+                    "{variant}, {length} tokens: run {} of {} ...",
+                    run + 1,
+                    bench.warmup + bench.repeats
+                );
+                let start = Instant::now();
+                let embedded = encoder.embed(backend.as_mut(), &items, bench.batch, |_| {})?;
+                if run >= bench.warmup {
+                    times.push(start.elapsed().as_secs_f64());
+                }
+                launches = embedded.launches;
+            }
+            times.sort_by(f64::total_cmp);
+            let median = times[times.len() / 2];
+            table.push_str(&format!(
+                "{length:<8} {variant:<8} {:>12.1} {:>12.2} {:>10}\n",
+                median * 1e3,
+                bench.batch as f64 / median,
+                launches.map_or("-".into(), |n| n.to_string())
+            ));
+        }
+    }
+    emit(&table)
 }

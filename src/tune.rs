@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 #[derive(Args)]
 pub struct TuneArgs {
     /// The model: a spec (`.ron`) or a compiled artifact (`.altc`); or an encoder
-    /// spec, tuned on batches of 32 and 128 tokens as `altc embed` runs them.
+    /// spec, tuned on batches of --lengths tokens as `altc embed` runs them.
     model: PathBuf,
     /// Where to run: auto, cuda, wgpu or reference (`--help` says how auto chooses).
     #[arg(long, value_enum, default_value = "auto")]
@@ -31,13 +31,17 @@ pub struct TuneArgs {
     /// Print the tuned kernels as JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// With an encoder spec: the sequence lengths to tune for, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "32,128")]
+    lengths: Vec<usize>,
 }
 
 pub fn tune(args: TuneArgs) -> Result<()> {
     let dir = args.cache.configure_cubecl()?;
     if crate::encoders::is_encoder_file(&args.model) {
         let batch = args.batch_size.unwrap_or(64).max(1);
-        let decisions = crate::encoders::tune_encoder(&args.model, args.device, batch, &dir)?;
+        let decisions =
+            crate::encoders::tune_encoder(&args.model, args.device, batch, &args.lengths, &dir)?;
         return report(&args, &args.model.display().to_string(), &decisions, &dir);
     }
     let program = load_program(&args.model, lower_options(false))?;

@@ -1494,3 +1494,56 @@ fn gather_from_a_table_broadcast_over_the_batch() {
     let y = c.op(Op::Gather { axis: 1 }, &[table, idx]);
     c.check(y);
 }
+
+/// The tiny model with its image encoder frozen and a BERT block added to it.
+fn tiny_with_frozen_block_encoder() -> Program {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/alt_moe_tiny.ron");
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert_eq!(text.matches("frozen: false").count(), 1);
+    let text = text.replace("frozen: false", "frozen: true").replace(
+        "layers: [",
+        "layers: [Block(heads: 2, intermediate: 8, norm: Post), ",
+    );
+    let loaded = spec::parse(&text, "tiny-frozen.ron").unwrap_or_else(|e| panic!("{e}"));
+    lower(&loaded.spec, LowerOptions::default()).unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[test]
+fn a_frozen_encoder_gets_no_gradient_no_optimizer_state_and_no_backward_nodes() {
+    use altc_compiler::train::training_tasks_with_gradients;
+    let program = tiny_with_frozen_block_encoder();
+    let encoder: Vec<&str> = program
+        .params
+        .iter()
+        .filter(|p| p.name.starts_with("encoders.image."))
+        .map(|p| p.name.as_str())
+        .collect();
+    assert!(encoder
+        .iter()
+        .any(|n| n.contains(".attention.query.weight")));
+    assert!(program
+        .params
+        .iter()
+        .all(|p| p.trainable != p.name.starts_with("encoders.image.")));
+    for task in training_tasks_with_gradients(&program).unwrap() {
+        assert!(
+            task.updates.iter().all(|u| !u.starts_with("encoders.")),
+            "{}: updates an encoder parameter",
+            task.name
+        );
+        for (name, _) in task.graph.outputs() {
+            assert!(
+                !name.contains("encoders.image."),
+                "{}: outputs `{name}` for a frozen encoder",
+                task.name
+            );
+        }
+        let backward = task
+            .graph
+            .node_ids()
+            .map(|id| &task.graph.node(id).origin)
+            .filter(|o| o.contains("encoder") && o.ends_with("(backward)"))
+            .count();
+        assert_eq!(backward, 0, "{}: backward nodes for the encoder", task.name);
+    }
+}
