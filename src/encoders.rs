@@ -1,6 +1,8 @@
 //! Pretrained encoders at the command line: `altc import` (a Hugging Face folder to an
 //! encoder spec), `altc check` of an encoder spec (its weights and tokenizer checked
-//! too), and `altc embed --encoder --text` (raw text to a vector store).
+//! too), `altc embed --encoder --text` (raw text to a vector store), `altc data text`
+//! (a paired dataset from text and vector stores), and `altc tune`/`altc bench` of an
+//! encoder.
 
 use crate::console::emit;
 use crate::devices::{open_backend, Device};
@@ -31,11 +33,7 @@ pub struct ImportArgs {
 }
 
 pub fn import(args: ImportArgs) -> Result<()> {
-    let folder = match args.output.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let encoder = spec::import_hugging_face(&args.dir, &folder)?;
+    let encoder = spec::import_hugging_face(&args.dir, &spec_folder(&args.output))?;
     let text = format!(
         "// Imported by `altc import {}`: a frozen text encoder, its weights mapped from\n// the checkpoint's tensor names to the layers' parameters.\n{}\n",
         args.dir.display(),
@@ -552,6 +550,10 @@ pub fn bench_encoder(path: &Path, bench: &EncoderBench) -> Result<()> {
                 );
             }
             let item = synthetic_item(length);
+            let tokens = encoder.token_count(&item)?;
+            if tokens != length {
+                bail!("this tokenizer makes {tokens} tokens of the benchmark's {length}-token item (BERT's special tokens and one word piece repeated)");
+            }
             let items = vec![item.as_str(); bench.batch];
             let mut times = Vec::new();
             let mut launches = None;

@@ -261,6 +261,11 @@ impl TextEncoder {
         self.tokenizer.max_length()
     }
 
+    /// Tokens `text` becomes, special tokens included, after truncation.
+    pub fn token_count(&self, text: &str) -> Result<usize, EncodeError> {
+        Ok(self.tokenizer.encode(&[text])?.row_length(0))
+    }
+
     /// The weights, for `Backend::load_state`.
     pub fn state(&self) -> &TensorMap {
         &self.state
