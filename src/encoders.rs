@@ -12,8 +12,7 @@ use altc_compiler::spec::{self, Encoder, EncoderSpec, Layer, Precision};
 use altc_compiler::summary::thousands;
 use altc_runtime::backend::{TunedKernel, TuningMode};
 use altc_runtime::data::write_f32_safetensors;
-use altc_runtime::encoding::{load_weights, TextEncoder};
-use altc_runtime::text::TextTokenizer;
+use altc_runtime::encoding::{bucket_length, load_tokenizer, load_weights, TextEncoder};
 use altc_runtime::tuning::Manifest;
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -33,6 +32,12 @@ pub struct ImportArgs {
 }
 
 pub fn import(args: ImportArgs) -> Result<()> {
+    let inputs: Vec<(&str, PathBuf)> = ["config.json", "model.safetensors", "tokenizer.json"]
+        .into_iter()
+        .map(|f| ("model folder", args.dir.join(f)))
+        .collect();
+    let inputs: Vec<(&str, &Path)> = inputs.iter().map(|(w, p)| (*w, p.as_path())).collect();
+    crate::files::refuse_overwrite(&args.output, &inputs)?;
     let encoder = spec::import_hugging_face(&args.dir, &spec_folder(&args.output))?;
     let text = format!(
         "// Imported by `altc import {}`: a frozen text encoder, its weights mapped from\n// the checkpoint's tensor names to the layers' parameters.\n{}\n",
@@ -80,9 +85,8 @@ fn spec_folder(path: &Path) -> PathBuf {
 pub fn check_encoder(path: &Path, text: &str) -> Result<()> {
     let loaded = spec::parse_encoder(text, &path.display().to_string())?;
     let encoder = &loaded.spec;
-    let max_length = match &encoder.encoder {
-        Encoder::Text { max_length, .. } => *max_length,
-        _ => 1,
+    let Encoder::Text { max_length, .. } = encoder.encoder else {
+        unreachable!("validated: encoder files hold text encoders")
     };
     let program = lower_encoder(encoder, max_length, DType::F32)?;
     let base = spec_folder(path);
@@ -108,13 +112,12 @@ pub fn check_encoder(path: &Path, text: &str) -> Result<()> {
     } else {
         report.push_str("  weights: none (initialised from the seed)\n");
     }
-    if let Encoder::Text { tokenizer, .. } = &encoder.encoder {
-        TextTokenizer::load(&base.join(tokenizer), max_length)?;
-        report.push_str(&format!(
-            "  tokenizer: {} (at most {max_length} tokens an item)\n",
-            base.join(tokenizer).display()
-        ));
-    }
+    let tokenizer = load_tokenizer(encoder, &base)?;
+    report.push_str(&format!(
+        "  tokenizer: {} ({} ids, at most {max_length} tokens an item)\n",
+        tokenizer.path().display(),
+        thousands(tokenizer.vocab_size()),
+    ));
     report.push_str(&format!("{}: ok\n", path.display()));
     emit(&report)
 }
@@ -358,44 +361,61 @@ pub fn data_text(args: DataTextArgs) -> Result<()> {
         inputs.push(("--encoder", e));
     }
     crate::files::refuse_overwrite(&args.output, &inputs)?;
-    let tune_cache = args.cache.configure_cubecl()?;
-    let mut tensors = Vec::new();
-    let mut rows: Option<(usize, &Path)> = None;
+    // Every side read and counted before any text is embedded (which is slow).
+    enum Source {
+        Vectors { width: usize, values: Vec<f32> },
+        Text(Vec<Item>),
+    }
+    let mut sources = Vec::new();
     let mut seen = std::collections::BTreeSet::new();
     for (name, file) in &args.sides {
         if !seen.insert(name) {
             bail!("modality `{name}` is given twice");
         }
-        let (count, width, vectors) = if file.extension().is_some_and(|e| e == "safetensors") {
-            read_vectors(file)?
+        let (count, source) = if file.extension().is_some_and(|e| e == "safetensors") {
+            let (count, width, values) = read_vectors(file)?;
+            (count, Source::Vectors { width, values })
         } else {
-            let Some(encoder) = &args.encoder else {
+            if args.encoder.is_none() {
                 bail!(
                     "{}: text needs --encoder (a text encoder spec) to become vectors",
                     file.display()
                 );
-            };
+            }
             let items = read_items(file, &args.field, "id")?;
-            let run = EncoderRun {
-                encoder,
-                batch_size: args.batch_size as usize,
-                optimise: true,
-                device: args.device,
-                tune_cache: &tune_cache,
-            };
-            let (_, e) = run.embed(&items)?;
-            (items.len(), e.width, e.vectors)
+            (items.len(), Source::Text(items))
         };
-        match rows {
-            Some((n, first)) if n != count => bail!(
-                "{} has {count} items but {} has {n}: item i of every side is pair i",
-                file.display(),
-                first.display()
-            ),
-            None => rows = Some((count, file)),
-            _ => {}
+        if let Some((first, n, _)) = sources.first() {
+            if *n != count {
+                bail!(
+                    "{} has {count} items but {} has {n}: item i of every side is pair i",
+                    file.display(),
+                    first
+                );
+            }
         }
-        tensors.push((format!("{name}.tokens"), vec![count, 1, width], vectors));
+        sources.push((file.display().to_string(), count, (name, source)));
+    }
+    let tune_cache = args.cache.configure_cubecl()?;
+    let mut tensors = Vec::new();
+    let mut rows = 0;
+    for (_, count, (name, source)) in sources {
+        let (width, values) = match source {
+            Source::Vectors { width, values } => (width, values),
+            Source::Text(items) => {
+                let run = EncoderRun {
+                    encoder: args.encoder.as_deref().expect("checked above"),
+                    batch_size: args.batch_size as usize,
+                    optimise: true,
+                    device: args.device,
+                    tune_cache: &tune_cache,
+                };
+                let (_, embedded) = run.embed(&items)?;
+                (embedded.width, embedded.vectors)
+            }
+        };
+        rows = count;
+        tensors.push((format!("{name}.tokens"), vec![count, 1, width], values));
     }
     write_f32_safetensors(&args.output, &tensors, HashMap::new())?;
     let sides: Vec<String> = tensors
@@ -403,9 +423,8 @@ pub fn data_text(args: DataTextArgs) -> Result<()> {
         .map(|(name, shape, _)| format!("{name} {shape:?}"))
         .collect();
     emit(&format!(
-        "wrote {} ({} pairs: {})\n",
+        "wrote {} ({rows} pairs: {})\n",
         args.output.display(),
-        rows.map_or(0, |(n, _)| n),
         sides.join(", ")
     ))
 }
@@ -460,7 +479,7 @@ pub fn tune_encoder(
     batch: usize,
     lengths: &[usize],
     dir: &Path,
-) -> Result<Vec<TunedKernel>> {
+) -> Result<(String, Vec<TunedKernel>)> {
     let loaded = spec::load_encoder(path)?;
     let mut encoder = TextEncoder::open(&loaded.spec, &spec_folder(path), DType::F32, true)?;
     let mut backend = open_backend(device, Precision::F32, true, None)?;
@@ -474,9 +493,9 @@ pub fn tune_encoder(
     backend.set_tuning(TuningMode::Tune);
     backend.load_state(encoder.state())?;
     for &length in lengths {
-        if length > encoder.max_length() {
+        if bucket_length(length, encoder.max_length()) != length {
             bail!(
-                "--lengths: {length} is over the encoder's maximum length {}",
+                "--lengths: {length} is not a length altc pads batches to (8, 16, 32, ... up to the maximum, {})",
                 encoder.max_length()
             );
         }
@@ -493,7 +512,7 @@ pub fn tune_encoder(
             })?;
         Manifest::record(dir, &scope, &backend.tuned_kernels())?;
     }
-    Ok(backend.tuned_kernels())
+    Ok((scope, backend.tuned_kernels()))
 }
 
 /// Text of `length` tokens with BERT's two special tokens: one word-piece word
@@ -514,7 +533,7 @@ pub struct EncoderBench<'a> {
 }
 
 /// `altc bench` of an encoder spec: sentences/s of one batch of `batch` items of
-/// exactly each length, for each variant (`tuned`, `untuned`, `no-opt`), after the
+/// exactly each length (a length batches are padded to), for each variant (`tuned`, `untuned`, `no-opt`), after the
 /// warm-up runs (which lower, optimise and compile the bucket's kernels).
 pub fn bench_encoder(path: &Path, bench: &EncoderBench) -> Result<()> {
     let loaded = spec::load_encoder(path)?;
@@ -531,6 +550,10 @@ pub fn bench_encoder(path: &Path, bench: &EncoderBench) -> Result<()> {
         let optimise = variant != "no-opt";
         let mut encoder = TextEncoder::open(&loaded.spec, &spec_folder(path), dtype, optimise)?;
         let mut backend = open_backend(bench.device, Precision::F32, optimise, None)?;
+        if variant == "tuned" && backend.tuning_scope().is_none() {
+            eprintln!("note: {} has no kernels to tune", backend.describe());
+            continue;
+        }
         if variant == "tuned"
             && crate::devices::use_tuned_kernels(backend.as_mut(), bench.tune_cache)? == 0
         {
@@ -543,9 +566,9 @@ pub fn bench_encoder(path: &Path, bench: &EncoderBench) -> Result<()> {
         }
         backend.load_state(encoder.state())?;
         for &length in bench.lengths {
-            if length > encoder.max_length() {
+            if bucket_length(length, encoder.max_length()) != length {
                 bail!(
-                    "--lengths: {length} is over the encoder's maximum length {}",
+                    "--lengths: {length} is not a length altc pads batches to (8, 16, 32, ... up to the maximum, {})",
                     encoder.max_length()
                 );
             }

@@ -40,9 +40,15 @@ pub fn tune(args: TuneArgs) -> Result<()> {
     let dir = args.cache.configure_cubecl()?;
     if crate::encoders::is_encoder_file(&args.model) {
         let batch = args.batch_size.unwrap_or(64).max(1);
-        let decisions =
+        let (scope, decisions) =
             crate::encoders::tune_encoder(&args.model, args.device, batch, &args.lengths, &dir)?;
-        return report(&args, &args.model.display().to_string(), &decisions, &dir);
+        return report(
+            &args,
+            &args.model.display().to_string(),
+            &scope,
+            &decisions,
+            &dir,
+        );
     }
     let program = load_program(&args.model, lower_options(false))?;
     let batch = args
@@ -85,11 +91,17 @@ pub fn tune(args: TuneArgs) -> Result<()> {
     }
     let decisions = backend.tuned_kernels();
     Manifest::record(&dir, &scope, &decisions)?;
-    report(&args, &program.model, &decisions, &dir)
+    report(&args, &program.model, &scope, &decisions, &dir)
 }
 
 /// Says what was tuned: a count on stderr, the table (or JSON) on stdout.
-fn report(args: &TuneArgs, model: &str, decisions: &[TunedKernel], dir: &Path) -> Result<()> {
+fn report(
+    args: &TuneArgs,
+    model: &str,
+    scope: &str,
+    decisions: &[TunedKernel],
+    dir: &Path,
+) -> Result<()> {
     let measured = decisions.iter().filter(|d| d.measured()).count();
     eprintln!(
         "{} kernels: {measured} measured now, {} from the cache; recorded in {}",
@@ -100,6 +112,7 @@ fn report(args: &TuneArgs, model: &str, decisions: &[TunedKernel], dir: &Path) -
     if args.json {
         let text = serde_json::to_string_pretty(&serde_json::json!({
             "model": model,
+            "scope": scope,
             "cache": dir,
             "kernels": decisions,
         }))

@@ -263,6 +263,9 @@ impl Backward<'_> {
             Op::Gather { axis } => {
                 let data = self.shape(operands[0]);
                 // Scatter over the index's extents, then sum what the data broadcast.
+                // For a table looked up over a batch this scatters into
+                // `[B, vocab, width]` first: fine at test sizes, a cost to remove
+                // before training text encoders at scale.
                 let mut full = self.shape(operands[1]);
                 full.0[axis] = data.0[axis].clone();
                 let scattered = self.push(

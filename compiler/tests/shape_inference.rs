@@ -1115,7 +1115,7 @@ fn gather_rejects_non_i32_indices_mismatched_dims_and_bad_axes() {
     );
     assert_eq!(
         msg,
-        "`gather axis=1`: index [3, 2] must match data [4, 8] on every axis but 1"
+        "`gather axis=1`: index [3, 2] must match data [4, 8] on every axis but 1 (or data has extent 1 there)"
     );
     shape_err(
         Op::Gather { axis: 1 },

@@ -10,7 +10,7 @@ use altc_compiler::lower::{lower_encoder, EncoderProgram, LowerError, ParamTable
 use altc_compiler::optimize::{optimize, Limits};
 use altc_compiler::outputs::EMBEDDING;
 use altc_compiler::reference::{EvalContext, Tensor, TensorMap};
-use altc_compiler::spec::{Encoder, EncoderSpec, Weights};
+use altc_compiler::spec::{Encoder, EncoderSpec, Layer, Weights};
 use safetensors::{Dtype, SafeTensors};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -165,6 +165,12 @@ pub enum EncodeError {
         "{0} does not pool its tokens to one vector per item: end its layers with TokenPool(...)"
     )]
     NotPooled(String),
+    #[error("{path}: the tokenizer makes ids up to {tokens} (added tokens included), but the encoder's TokenEmbedding has {vocab} rows; a larger id would read past the table")]
+    Vocabulary {
+        path: PathBuf,
+        tokens: usize,
+        vocab: usize,
+    },
     #[error(transparent)]
     Tokenizer(#[from] TokenizerError),
     #[error(transparent)]
@@ -175,6 +181,37 @@ pub enum EncodeError {
     Optimise(altc_compiler::ir::GraphError),
     #[error(transparent)]
     Backend(#[from] BackendError),
+}
+
+/// The tokenizer of the text encoder `spec` (its path relative to `base`), checked to
+/// make no id past the encoder's embedding table.
+pub fn load_tokenizer(spec: &EncoderSpec, base: &Path) -> Result<TextTokenizer, EncodeError> {
+    let Encoder::Text {
+        tokenizer,
+        max_length,
+        layers,
+        ..
+    } = &spec.encoder
+    else {
+        return Err(EncodeError::NotText(spec.name.clone()));
+    };
+    let tokenizer = TextTokenizer::load(&base.join(tokenizer), *max_length)?;
+    if let Some(Layer::TokenEmbedding { vocab, .. }) = layers.first() {
+        if tokenizer.vocab_size() > *vocab {
+            return Err(EncodeError::Vocabulary {
+                path: tokenizer.path().to_path_buf(),
+                tokens: tokenizer.vocab_size(),
+                vocab: *vocab,
+            });
+        }
+    }
+    Ok(tokenizer)
+}
+
+/// Bucket lengths: powers of two from 8, so a batch is padded to at most twice its
+/// longest item and a corpus compiles a handful of graphs; never past `max`.
+pub fn bucket_length(length: usize, max: usize) -> usize {
+    length.max(8).next_power_of_two().min(max)
 }
 
 /// What an encoder run produced: one `width` vector per item, in input order.
@@ -204,12 +241,6 @@ pub struct TextEncoder {
     programs: BTreeMap<usize, EncoderProgram>,
 }
 
-/// Bucket lengths: powers of two from 8, so a batch is padded to at most twice its
-/// longest item and a corpus compiles a handful of graphs.
-fn bucket(length: usize, max: usize) -> usize {
-    length.max(8).next_power_of_two().min(max)
-}
-
 impl TextEncoder {
     /// Reads the tokenizer and weights `spec` names (paths relative to `base`, the
     /// spec's folder) for graphs in `dtype`, optimised by the e-graph when `optimise`.
@@ -219,19 +250,18 @@ impl TextEncoder {
         dtype: DType,
         optimise: bool,
     ) -> Result<TextEncoder, EncodeError> {
+        let tokenizer = load_tokenizer(spec, base)?;
         let Encoder::Text {
-            tokenizer,
             max_length,
             weights,
             ..
         } = &spec.encoder
         else {
-            return Err(EncodeError::NotText(spec.name.clone()));
+            unreachable!("load_tokenizer takes text encoders only")
         };
         let weights = weights
             .as_ref()
             .ok_or_else(|| EncodeError::NoWeights(spec.name.clone()))?;
-        let tokenizer = TextTokenizer::load(&base.join(tokenizer), *max_length)?;
         // The parameter table does not depend on the length: tables are sliced in
         // the graph.
         let program = lower_encoder(spec, *max_length, dtype)?;
@@ -301,7 +331,7 @@ impl TextEncoder {
             .collect();
         let mut buckets: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
         for (item, &length) in lengths.iter().enumerate() {
-            let key = bucket(length, self.max_length());
+            let key = bucket_length(length, self.max_length());
             buckets.entry(key).or_default().push(item);
         }
         let width = self.spec.width;

@@ -113,6 +113,15 @@ impl TextTokenizer {
         self.max_length
     }
 
+    /// Ids this tokenizer can produce: its vocabulary with added tokens.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Token ids and masks of `items`, with special tokens.
     pub fn encode(&self, items: &[&str]) -> Result<Tokenized, TokenizerError> {
         let mut rows = Vec::with_capacity(items.len());

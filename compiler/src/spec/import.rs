@@ -3,7 +3,6 @@
 //! an [`EncoderSpec`] with its weight map. The BERT family only, for now.
 
 use super::{Activation, Encoder, EncoderSpec, Layer, NormPlacement, Pooling, Weights};
-use safetensors::SafeTensors;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -99,10 +98,20 @@ pub fn import_hugging_face(dir: &Path, relative_to: &Path) -> Result<EncoderSpec
         }
     }
 
+    let tokenizer_path = dir.join(TOKENIZER);
+    if !tokenizer_path.is_file() {
+        return Err(ImportError::Read {
+            path: tokenizer_path,
+            source: std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "a text encoder needs its tokenizer.json",
+            ),
+        });
+    }
     let weights_path = dir.join(WEIGHTS);
     let prefix = tensor_prefix(&weights_path)?;
     let max_length = sentence_max_length(dir).unwrap_or(positions).min(positions);
-    let (pooling, normalize) = sentence_pooling(dir)?;
+    let (pooling, normalize) = sentence_pipeline(dir)?;
 
     let mut tensors = BTreeMap::new();
     let mut map = |file: String, param: String| {
@@ -190,7 +199,7 @@ pub fn import_hugging_face(dir: &Path, relative_to: &Path) -> Result<EncoderSpec
         name,
         width: hidden,
         encoder: Encoder::Text {
-            tokenizer: relative(&dir.join(TOKENIZER), relative_to),
+            tokenizer: relative(&tokenizer_path, relative_to),
             max_length,
             frozen: true,
             layers,
@@ -241,19 +250,37 @@ fn check_architecture(path: &Path, config: &Value) -> Result<(), ImportError> {
     Ok(())
 }
 
-/// The prefix the checkpoint puts before BERT's own names (`bert.` in task models).
+/// The prefix the checkpoint puts before BERT's own names (`bert.` in task models),
+/// from the file's header alone (a checkpoint can be gigabytes).
 fn tensor_prefix(path: &Path) -> Result<String, ImportError> {
-    let bytes = std::fs::read(path).map_err(|source| ImportError::Read {
+    use std::io::Read;
+    let read_err = |source| ImportError::Read {
         path: path.into(),
         source,
-    })?;
-    let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| ImportError::Weights {
+    };
+    let corrupt = |reason: String| ImportError::Weights {
         path: path.into(),
-        reason: e.to_string(),
-    })?;
+        reason,
+    };
+    let mut file = std::fs::File::open(path).map_err(read_err)?;
+    let mut length = [0u8; 8];
+    file.read_exact(&mut length).map_err(read_err)?;
+    let length = u64::from_le_bytes(length);
+    let size = file.metadata().map_err(read_err)?.len();
+    if length > size.saturating_sub(8) || length > 100 << 20 {
+        return Err(corrupt(format!(
+            "its header claims {length} bytes of a {size}-byte file"
+        )));
+    }
+    let mut header = vec![0u8; length as usize];
+    file.read_exact(&mut header).map_err(read_err)?;
+    let header: Value =
+        serde_json::from_slice(&header).map_err(|e| corrupt(format!("its header: {e}")))?;
+    let names = header
+        .as_object()
+        .ok_or_else(|| corrupt("its header is not a JSON object".into()))?;
     let suffix = "embeddings.word_embeddings.weight";
-    header
-        .tensors()
+    names
         .keys()
         .find_map(|name| name.strip_suffix(suffix).map(str::to_string))
         .ok_or_else(|| ImportError::NoEmbeddings { path: path.into() })
@@ -265,56 +292,79 @@ fn sentence_max_length(dir: &Path) -> Option<usize> {
     config.get("max_seq_length")?.as_u64().map(|v| v as usize)
 }
 
-/// sentence-transformers' pooling and whether it normalises; mean pooling over the
-/// mask without normalising for a plain BERT folder.
-fn sentence_pooling(dir: &Path) -> Result<(Pooling, bool), ImportError> {
-    let path = dir.join("1_Pooling/config.json");
-    let pooling = match read_json(&path) {
-        Err(ImportError::Read { .. }) => Pooling::MaskedMean,
-        Err(e) => return Err(e),
-        Ok(c) => {
-            let on = |key: &str| c.get(key).and_then(Value::as_bool) == Some(true);
-            let modes: Vec<&str> = [
-                "pooling_mode_cls_token",
-                "pooling_mode_mean_tokens",
-                "pooling_mode_max_tokens",
-                "pooling_mode_mean_sqrt_len_tokens",
-                "pooling_mode_weightedmean_tokens",
-                "pooling_mode_lasttoken",
-            ]
-            .into_iter()
-            .filter(|k| on(k))
-            .collect();
-            match modes[..] {
-                ["pooling_mode_mean_tokens"] => Pooling::MaskedMean,
-                ["pooling_mode_cls_token"] => Pooling::First,
-                _ => {
-                    return Err(ImportError::Unsupported {
-                        path,
-                        key: "the pooling",
-                        found: format!("{modes:?}"),
-                        supported: "one of pooling_mode_mean_tokens and pooling_mode_cls_token",
-                    })
-                }
+/// sentence-transformers' pipeline (`modules.json`): its pooling and whether it
+/// normalises. A module altc does not run (a `Dense` projection, say) is refused
+/// rather than dropped; a plain BERT folder gets mean pooling over the mask.
+fn sentence_pipeline(dir: &Path) -> Result<(Pooling, bool), ImportError> {
+    let modules_path = dir.join("modules.json");
+    let modules = match read_json(&modules_path) {
+        Err(ImportError::Read { .. }) => return Ok((Pooling::MaskedMean, false)),
+        other => other?,
+    };
+    let list = modules.as_array().ok_or_else(|| ImportError::Field {
+        path: modules_path.clone(),
+        key: "(the whole file)".into(),
+        expected: "a list of modules",
+    })?;
+    let mut pooling = Pooling::MaskedMean;
+    let mut normalize = false;
+    for module in list {
+        let kind = module.get("type").and_then(Value::as_str).unwrap_or("");
+        let folder = module.get("path").and_then(Value::as_str).unwrap_or("");
+        match kind.rsplit('.').next() {
+            Some("Transformer") => {}
+            Some("Pooling") => pooling = pooling_mode(&dir.join(folder).join(CONFIG))?,
+            Some("Normalize") => normalize = true,
+            _ => {
+                return Err(ImportError::Unsupported {
+                    path: modules_path,
+                    key: "a module",
+                    found: format!("\"{kind}\""),
+                    supported: "Transformer, Pooling and Normalize",
+                })
             }
         }
-    };
-    let normalize = read_json(&dir.join("modules.json")).ok().is_some_and(|m| {
-        m.as_array().is_some_and(|modules| {
-            modules.iter().any(|module| {
-                module.get("type").and_then(Value::as_str)
-                    == Some("sentence_transformers.models.Normalize")
-            })
-        })
-    });
+    }
     Ok((pooling, normalize))
 }
 
-/// `path` relative to the folder `base`, when both resolve and one holds the other;
-/// otherwise `path` made absolute.
+/// A sentence-transformers pooling config's mode: mean over the mask or the first
+/// token.
+fn pooling_mode(path: &Path) -> Result<Pooling, ImportError> {
+    let c = read_json(path)?;
+    let on = |key: &str| c.get(key).and_then(Value::as_bool) == Some(true);
+    let modes: Vec<&str> = [
+        "pooling_mode_cls_token",
+        "pooling_mode_mean_tokens",
+        "pooling_mode_max_tokens",
+        "pooling_mode_mean_sqrt_len_tokens",
+        "pooling_mode_weightedmean_tokens",
+        "pooling_mode_lasttoken",
+    ]
+    .into_iter()
+    .filter(|k| on(k))
+    .collect();
+    match modes[..] {
+        ["pooling_mode_mean_tokens"] => Ok(Pooling::MaskedMean),
+        ["pooling_mode_cls_token"] => Ok(Pooling::First),
+        _ => Err(ImportError::Unsupported {
+            path: path.into(),
+            key: "the pooling",
+            found: format!("{modes:?}"),
+            supported: "one of pooling_mode_mean_tokens and pooling_mode_cls_token",
+        }),
+    }
+}
+
+/// `path` relative to the folder `base` when `base` holds it; otherwise `path` made
+/// absolute.
 fn relative(path: &Path, base: &Path) -> String {
-    let full = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
-    let base = base.canonicalize().unwrap_or_else(|_| base.to_path_buf());
+    let resolve = |p: &Path| {
+        p.canonicalize()
+            .or_else(|_| std::path::absolute(p))
+            .unwrap_or_else(|_| p.to_path_buf())
+    };
+    let (full, base) = (resolve(path), resolve(base));
     full.strip_prefix(&base)
         .unwrap_or(&full)
         .display()

@@ -118,7 +118,7 @@ impl Encoder {
 pub struct Weights {
     /// The safetensors file, relative to the spec's folder.
     pub file: String,
-    /// The file's tensor name for each encoder parameter path
+    /// A map from the file's tensor names to the encoder's parameter paths
     /// (`"encoder.layer.0.attention.self.query.weight": "layers.4.attention.query.weight"`).
     /// Every parameter of the encoder must be mapped; tensors of the file left out
     /// are ignored.
@@ -126,7 +126,8 @@ pub struct Weights {
 }
 
 /// A pretrained encoder on its own, as `altc import` writes it: what `altc embed
-/// --encoder` runs, and what a model's modality can take in.
+/// --encoder` and `altc data text` run. Only text encoders can be files of their own
+/// for now.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EncoderSpec {

@@ -185,17 +185,14 @@ pub fn validate_encoder(s: &Loaded<EncoderSpec>) -> Check {
         return Err(s.invalid("name", "the encoder needs a name", "any non-empty string"));
     }
     width(s, "width", spec.width, "the width")?;
-    if let Encoder::Precomputed = spec.encoder {
+    let Encoder::Text { max_length, .. } = &spec.encoder else {
         return Err(s.invalid(
             "encoder",
-            "a precomputed encoder has nothing to run",
-            "Text(...) or Graph(...)",
+            "only text encoders can be files of their own for now (altc runs them with `embed --text`)",
+            "encoder: Text(tokenizer: ..., max_length: ..., layers: [...])",
         ));
-    }
-    let tokens = match &spec.encoder {
-        Encoder::Text { max_length, .. } => *max_length,
-        _ => 1,
     };
+    let tokens = *max_length;
     encoder(s, "encoder", "the file", &spec.encoder, spec.width, tokens)
 }
 
