@@ -80,6 +80,28 @@ fn spec_folder(path: &Path) -> PathBuf {
     }
 }
 
+/// The encoder spec read from `path` ready to run on `device`: its tokenizer and
+/// weights (paths relative to the spec's folder), graphs in f64 on the interpreter
+/// (the oracle) and f32 on devices.
+fn open_encoder(
+    spec: &EncoderSpec,
+    path: &Path,
+    device: Device,
+    optimise: bool,
+) -> Result<TextEncoder> {
+    let dtype = if device == Device::Reference {
+        DType::F64
+    } else {
+        DType::F32
+    };
+    Ok(TextEncoder::open(
+        spec,
+        &spec_folder(path),
+        dtype,
+        optimise,
+    )?)
+}
+
 /// `altc check` of an encoder spec: the spec, then its weights (every mapped tensor's
 /// presence, shape and dtype, every parameter mapped) and its tokenizer.
 pub fn check_encoder(path: &Path, text: &str) -> Result<()> {
@@ -171,31 +193,20 @@ fn read_items(path: &Path, field: &str, id_field: &str) -> Result<Vec<Item>> {
 
 /// What `altc embed --encoder` is asked to do.
 pub struct TextEmbedRequest<'a> {
-    pub encoder: &'a Path,
+    pub run: EncoderRun<'a>,
     pub text: &'a Path,
     pub field: &'a str,
     pub id_field: &'a str,
-    pub batch_size: usize,
-    pub optimise: bool,
     pub output: &'a Path,
-    pub device: Device,
-    /// The tuning cache whose choices the device's kernels use.
-    pub tune_cache: &'a Path,
 }
 
 pub fn embed_text(request: TextEmbedRequest) -> Result<()> {
+    let run = &request.run;
     crate::files::refuse_overwrite(
         request.output,
-        &[("--encoder", request.encoder), ("--text", request.text)],
+        &[("--encoder", run.encoder), ("--text", request.text)],
     )?;
     let items = read_items(request.text, request.field, request.id_field)?;
-    let run = EncoderRun {
-        encoder: request.encoder,
-        batch_size: request.batch_size,
-        optimise: request.optimise,
-        device: request.device,
-        tune_cache: request.tune_cache,
-    };
     let (name, embedded) = run.embed(&items)?;
     let ids: Vec<&str> = items.iter().map(|i| i.id.as_str()).collect();
     let metadata = HashMap::from([
@@ -229,12 +240,15 @@ pub fn embed_text(request: TextEmbedRequest) -> Result<()> {
 }
 
 /// How to run a text encoder over items.
-struct EncoderRun<'a> {
-    encoder: &'a Path,
-    batch_size: usize,
-    optimise: bool,
-    device: Device,
-    tune_cache: &'a Path,
+pub struct EncoderRun<'a> {
+    /// The encoder spec.
+    pub encoder: &'a Path,
+    pub batch_size: usize,
+    /// Through the e-graph and fusion (else the `--no-opt` baseline).
+    pub optimise: bool,
+    pub device: Device,
+    /// The tuning cache whose choices the device's kernels use.
+    pub tune_cache: &'a Path,
 }
 
 /// What one encoder run gave, with its rate.
@@ -252,14 +266,7 @@ impl EncoderRun<'_> {
     /// truncation and cut batches on stderr.
     fn embed(&self, items: &[Item]) -> Result<(String, EmbeddedItems)> {
         let loaded = spec::load_encoder(self.encoder)?;
-        let base = spec_folder(self.encoder);
-        // The interpreter computes in f64, as the oracle; devices in f32.
-        let dtype = if self.device == Device::Reference {
-            DType::F64
-        } else {
-            DType::F32
-        };
-        let mut encoder = TextEncoder::open(&loaded.spec, &base, dtype, self.optimise)?;
+        let mut encoder = open_encoder(&loaded.spec, self.encoder, self.device, self.optimise)?;
         let mut backend = open_backend(
             self.device,
             Precision::F32,
@@ -373,8 +380,14 @@ pub fn data_text(args: DataTextArgs) -> Result<()> {
             bail!("modality `{name}` is given twice");
         }
         let (count, source) = if file.extension().is_some_and(|e| e == "safetensors") {
-            let (count, width, values) = read_vectors(file)?;
-            (count, Source::Vectors { width, values })
+            let store = crate::serving::read_store(file)?;
+            (
+                store.rows,
+                Source::Vectors {
+                    width: store.width,
+                    values: store.vectors,
+                },
+            )
         } else {
             if args.encoder.is_none() {
                 bail!(
@@ -429,41 +442,6 @@ pub fn data_text(args: DataTextArgs) -> Result<()> {
     ))
 }
 
-/// The `embeddings` `[N, width]` of a vector store, finite.
-fn read_vectors(path: &Path) -> Result<(usize, usize, Vec<f32>)> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)
-        .map_err(|e| anyhow::anyhow!("{}: not a safetensors file: {e}", path.display()))?;
-    let view = st.tensor("embeddings").map_err(|_| {
-        anyhow::anyhow!(
-            "{}: no tensor `embeddings` (a vector store as `altc embed` writes it)",
-            path.display()
-        )
-    })?;
-    let (&[rows, width], safetensors::Dtype::F32) = (view.shape(), view.dtype()) else {
-        bail!(
-            "{}: `embeddings` is {:?}{:?}, not F32 [items, width]",
-            path.display(),
-            view.dtype(),
-            view.shape()
-        );
-    };
-    let vectors: Vec<f32> = view
-        .data()
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect();
-    if let Some(i) = vectors.iter().position(|v| !v.is_finite()) {
-        bail!(
-            "{}: `embeddings` row {} holds {}",
-            path.display(),
-            i / width.max(1),
-            vectors[i]
-        );
-    }
-    Ok((rows, width, vectors))
-}
-
 /// Whether `path` holds an encoder spec rather than a model (unreadable files are
 /// left to the model loader to report).
 pub fn is_encoder_file(path: &Path) -> bool {
@@ -481,7 +459,7 @@ pub fn tune_encoder(
     dir: &Path,
 ) -> Result<(String, Vec<TunedKernel>)> {
     let loaded = spec::load_encoder(path)?;
-    let mut encoder = TextEncoder::open(&loaded.spec, &spec_folder(path), DType::F32, true)?;
+    let mut encoder = open_encoder(&loaded.spec, path, device, true)?;
     let mut backend = open_backend(device, Precision::F32, true, None)?;
     let Some(scope) = backend.tuning_scope() else {
         bail!(
@@ -493,14 +471,8 @@ pub fn tune_encoder(
     backend.set_tuning(TuningMode::Tune);
     backend.load_state(encoder.state())?;
     for &length in lengths {
-        if bucket_length(length, encoder.max_length()) != length {
-            bail!(
-                "--lengths: {length} is not a length altc pads batches to (8, 16, 32, ... up to the maximum, {})",
-                encoder.max_length()
-            );
-        }
+        let item = bucket_item(&encoder, length)?;
         eprintln!("{} at {length} tokens, batch {batch} ...", loaded.spec.name);
-        let item = synthetic_item(length);
         let items = vec![item.as_str(); batch];
         encoder
             .embed(backend.as_mut(), &items, batch, |_| {})
@@ -515,10 +487,21 @@ pub fn tune_encoder(
     Ok((scope, backend.tuned_kernels()))
 }
 
-/// Text of `length` tokens with BERT's two special tokens: one word-piece word
-/// repeated.
-fn synthetic_item(length: usize) -> String {
-    vec!["the"; length.saturating_sub(2).max(1)].join(" ")
+/// An item of exactly `length` tokens for tuning and timing, `length` being one the
+/// encoder pads batches to: BERT's two special tokens around one word piece repeated.
+fn bucket_item(encoder: &TextEncoder, length: usize) -> Result<String> {
+    if bucket_length(length, encoder.max_length()) != length {
+        bail!(
+            "--lengths: {length} is not a length altc pads batches to (8, 16, 32, ... up to the maximum, {})",
+            encoder.max_length()
+        );
+    }
+    let item = vec!["the"; length.saturating_sub(2).max(1)].join(" ");
+    let tokens = encoder.token_count(&item)?;
+    if tokens != length {
+        bail!("this tokenizer makes {tokens} tokens of the benchmark's {length}-token item (BERT's special tokens and one word piece repeated)");
+    }
+    Ok(item)
 }
 
 /// How `altc bench` times an encoder.
@@ -541,14 +524,9 @@ pub fn bench_encoder(path: &Path, bench: &EncoderBench) -> Result<()> {
         "{} on {} items a batch ({} warm-up, {} timed runs each)\n{:<8} {:<8} {:>12} {:>12} {:>10}\n",
         loaded.spec.name, bench.batch, bench.warmup, bench.repeats, "length", "variant", "median ms", "sentences/s", "launches"
     );
-    let dtype = if bench.device == Device::Reference {
-        DType::F64
-    } else {
-        DType::F32
-    };
     for variant in bench.variants {
         let optimise = variant != "no-opt";
-        let mut encoder = TextEncoder::open(&loaded.spec, &spec_folder(path), dtype, optimise)?;
+        let mut encoder = open_encoder(&loaded.spec, path, bench.device, optimise)?;
         let mut backend = open_backend(bench.device, Precision::F32, optimise, None)?;
         if variant == "tuned" && backend.tuning_scope().is_none() {
             eprintln!("note: {} has no kernels to tune", backend.describe());
@@ -566,17 +544,7 @@ pub fn bench_encoder(path: &Path, bench: &EncoderBench) -> Result<()> {
         }
         backend.load_state(encoder.state())?;
         for &length in bench.lengths {
-            if bucket_length(length, encoder.max_length()) != length {
-                bail!(
-                    "--lengths: {length} is not a length altc pads batches to (8, 16, 32, ... up to the maximum, {})",
-                    encoder.max_length()
-                );
-            }
-            let item = synthetic_item(length);
-            let tokens = encoder.token_count(&item)?;
-            if tokens != length {
-                bail!("this tokenizer makes {tokens} tokens of the benchmark's {length}-token item (BERT's special tokens and one word piece repeated)");
-            }
+            let item = bucket_item(&encoder, length)?;
             let items = vec![item.as_str(); bench.batch];
             let mut times = Vec::new();
             let mut launches = None;

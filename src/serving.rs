@@ -117,15 +117,17 @@ pub fn embed_command(args: EmbedArgs) -> Result<()> {
     let tune_cache = args.cache.configure_cubecl()?;
     if let (Some(encoder), Some(text)) = (&args.encoder, &args.text) {
         return crate::encoders::embed_text(crate::encoders::TextEmbedRequest {
-            tune_cache: &tune_cache,
-            encoder,
+            run: crate::encoders::EncoderRun {
+                encoder,
+                batch_size: args.batch_size as usize,
+                optimise: !args.no_opt,
+                device: args.device,
+                tune_cache: &tune_cache,
+            },
             text,
             field: &args.field,
             id_field: &args.id_field,
-            batch_size: args.batch_size as usize,
-            optimise: !args.no_opt,
             output: &args.output,
-            device: args.device,
         });
     }
     let (Some(run_dir), Some(data), Some(direction)) = (&args.run_dir, &args.data, &args.direction)
@@ -196,16 +198,16 @@ pub fn embed_command(args: EmbedArgs) -> Result<()> {
 }
 
 /// A vector store as `altc embed` writes it.
-struct Store {
-    vectors: Vec<f32>,
-    rows: usize,
-    width: usize,
-    meta: HashMap<String, String>,
+pub(crate) struct Store {
+    pub vectors: Vec<f32>,
+    pub rows: usize,
+    pub width: usize,
+    pub meta: HashMap<String, String>,
 }
 
 /// Reads a vector store and checks its layout: `embeddings` `[rows, width]` of
 /// finite f32 values, with at least one row and one column.
-fn read_store(path: &Path) -> Result<Store> {
+pub(crate) fn read_store(path: &Path) -> Result<Store> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let (_, meta) = SafeTensors::read_metadata(&bytes)
         .map_err(|e| anyhow::anyhow!("{}: not a vector store: {e}", path.display()))?;

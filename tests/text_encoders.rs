@@ -5,8 +5,9 @@
 
 mod common;
 
-use common::{altc, assert_clean_failure, minilm, read_f32, scratch, stderr, stdout};
+use common::{altc, assert_clean_failure, golden, minilm, read_f32, scratch, stderr, stdout};
 use std::path::{Path, PathBuf};
+use std::process::Output;
 
 /// MiniLM imported into a scratch folder: the spec's path.
 fn import_minilm(dir: &Path, name: &str) -> PathBuf {
@@ -26,21 +27,19 @@ fn import_minilm(dir: &Path, name: &str) -> PathBuf {
     spec
 }
 
-/// The golden sentences and vectors, in file order.
-fn golden() -> (Vec<String>, Vec<Vec<f32>>) {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("runtime/tests/golden");
-    let sentences = std::fs::read_to_string(dir.join("minilm_sentences.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            v["text"].as_str().unwrap().to_string()
-        })
-        .collect();
-    let (tensors, _) = read_f32(&dir.join("minilm_golden.safetensors"));
-    let (shape, values) = &tensors["embedding"];
-    let vectors = values.chunks(shape[1]).map(<[f32]>::to_vec).collect();
-    (sentences, vectors)
+/// `altc embed --encoder SPEC --text TEXT -o OUTPUT`, then `extra`.
+fn embed(spec: &Path, text: &Path, output: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "embed",
+        "--encoder",
+        spec.to_str().unwrap(),
+        "--text",
+        text.to_str().unwrap(),
+        "-o",
+        output.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    altc(&args)
 }
 
 #[test]
@@ -57,23 +56,14 @@ fn import_check_and_embed_reproduce_sentence_transformers() {
     assert!(out.trim_end().ends_with(": ok"), "{out}");
 
     // Four one-line sentences of the golden set, embedded on the interpreter.
-    let (sentences, vectors) = golden();
+    let golden = golden();
+    let (sentences, vectors) = (&golden.sentences, &golden.vectors);
     let picked = [1, 2, 20, 25];
     let text = scratch("sentences.txt");
     let lines: Vec<&str> = picked.iter().map(|&i| sentences[i].as_str()).collect();
     std::fs::write(&text, lines.join("\n") + "\n").unwrap();
     let store = scratch("minilm-vectors.safetensors");
-    let o = altc(&[
-        "embed",
-        "--encoder",
-        spec_path,
-        "--text",
-        text.to_str().unwrap(),
-        "-o",
-        store.to_str().unwrap(),
-        "--device",
-        "reference",
-    ]);
+    let o = embed(&spec, &text, &store, &["--device", "reference"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(
         stdout(&o).contains("embedded 4 items with minilm"),
@@ -129,21 +119,19 @@ fn embed_reads_jsonl_ids_and_reports_truncation() {
     )
     .unwrap();
     let store = scratch("items.safetensors");
-    let o = altc(&[
-        "embed",
-        "--encoder",
-        spec.to_str().unwrap(),
-        "--text",
-        items.to_str().unwrap(),
-        "--field",
-        "body",
-        "--id-field",
-        "key",
-        "-o",
-        store.to_str().unwrap(),
-        "--device",
-        "reference",
-    ]);
+    let o = embed(
+        &spec,
+        &items,
+        &store,
+        &[
+            "--field",
+            "body",
+            "--id-field",
+            "key",
+            "--device",
+            "reference",
+        ],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(
         stderr(&o).contains("1 of 2 items were longer than 256 tokens"),
@@ -156,17 +144,12 @@ fn embed_reads_jsonl_ids_and_reports_truncation() {
 
     // A line without the field is named by file and line.
     std::fs::write(&items, "{\"body\": \"fine\"}\n{\"text\": \"no body\"}\n").unwrap();
-    let o = altc(&[
-        "embed",
-        "--encoder",
-        spec.to_str().unwrap(),
-        "--text",
-        items.to_str().unwrap(),
-        "--field",
-        "body",
-        "-o",
-        scratch("never.safetensors").to_str().unwrap(),
-    ]);
+    let o = embed(
+        &spec,
+        &items,
+        &scratch("never.safetensors"),
+        &["--field", "body"],
+    );
     let err = assert_clean_failure(&o);
     assert!(
         err.contains("items.jsonl:2: no string field `body`"),

@@ -9,72 +9,15 @@ mod common;
 
 use altc_compiler::ir::DType;
 use altc_compiler::lower::lower_encoder;
-use altc_compiler::spec::{import_hugging_face, EncoderSpec, ImportError, Layer};
+use altc_compiler::spec::{import_hugging_face, EncoderSpec, ImportError, Layer, Weights};
 use altc_runtime::backend::{Backend, ReferenceBackend};
 use altc_runtime::encoding::{load_weights, TextEncoder, WeightsError};
 use altc_runtime::text::TextTokenizer;
-use common::{minilm, open_present};
-use safetensors::SafeTensors;
+use common::{golden, minilm, open_present};
 use std::path::{Path, PathBuf};
 
 /// How far altc's normalised vectors may be from PyTorch's, per element.
 const TOLERANCE: f64 = 1e-5;
-
-struct Golden {
-    sentences: Vec<String>,
-    ids: Vec<Vec<u32>>,
-    vectors: Vec<Vec<f32>>,
-}
-
-fn golden_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden")
-}
-
-fn golden() -> Golden {
-    let dir = golden_dir();
-    let sentences = std::fs::read_to_string(dir.join("minilm_sentences.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|line| {
-            let v: serde_json::Value = serde_json::from_str(line).unwrap();
-            v["text"].as_str().unwrap().to_string()
-        })
-        .collect::<Vec<_>>();
-    let bytes = std::fs::read(dir.join("minilm_golden.safetensors")).unwrap();
-    let file = SafeTensors::deserialize(&bytes).unwrap();
-    let words = |name: &str| -> Vec<[u8; 4]> {
-        let t = file.tensor(name).unwrap();
-        t.data()
-            .chunks_exact(4)
-            .map(|b| [b[0], b[1], b[2], b[3]])
-            .collect()
-    };
-    let lengths: Vec<usize> = words("lengths")
-        .into_iter()
-        .map(|b| i32::from_le_bytes(b) as usize)
-        .collect();
-    let all_ids: Vec<u32> = words("ids")
-        .into_iter()
-        .map(|b| i32::from_le_bytes(b) as u32)
-        .collect();
-    let stride = all_ids.len() / sentences.len();
-    let ids = lengths
-        .iter()
-        .enumerate()
-        .map(|(i, &n)| all_ids[i * stride..i * stride + n].to_vec())
-        .collect();
-    let floats: Vec<f32> = words("embedding")
-        .into_iter()
-        .map(f32::from_le_bytes)
-        .collect();
-    let width = floats.len() / sentences.len();
-    let vectors = floats.chunks(width).map(<[f32]>::to_vec).collect();
-    Golden {
-        sentences,
-        ids,
-        vectors,
-    }
-}
 
 /// The MiniLM folder imported as `altc import` does, its paths absolute.
 fn imported(dir: &Path) -> EncoderSpec {
@@ -161,11 +104,11 @@ fn weights_error(dir: &Path, edit: impl FnOnce(&mut EncoderSpec)) -> WeightsErro
     .expect_err("the weights do not fit")
 }
 
-fn weights_map(spec: &mut EncoderSpec) -> &mut std::collections::BTreeMap<String, String> {
+fn weights_of(spec: &mut EncoderSpec) -> &mut Weights {
     match &mut spec.encoder {
         altc_compiler::spec::Encoder::Text {
             weights: Some(w), ..
-        } => &mut w.tensors,
+        } => w,
         _ => unreachable!("imported text encoders carry weights"),
     }
 }
@@ -174,7 +117,7 @@ fn weights_map(spec: &mut EncoderSpec) -> &mut std::collections::BTreeMap<String
 fn a_missing_tensor_names_the_tensor_and_the_parameter() {
     let Some(dir) = minilm() else { return };
     let err = weights_error(&dir, |spec| {
-        let map = weights_map(spec);
+        let map = &mut weights_of(spec).tensors;
         let param = map.remove("encoder.layer.3.output.dense.bias").unwrap();
         map.insert("encoder.layer.3.output.dense.bias_v2".into(), param);
     });
@@ -213,14 +156,16 @@ fn a_tensor_of_the_wrong_shape_names_both_shapes() {
 fn an_unmapped_parameter_and_an_unknown_one_are_refused() {
     let Some(dir) = minilm() else { return };
     let err = weights_error(&dir, |spec| {
-        weights_map(spec).remove("embeddings.LayerNorm.bias");
+        weights_of(spec).tensors.remove("embeddings.LayerNorm.bias");
     });
     assert!(
         matches!(&err, WeightsError::Unmapped { params, .. } if params == &["`layers.3.norm.beta`"]),
         "{err}"
     );
     let err = weights_error(&dir, |spec| {
-        weights_map(spec).insert("pooler.dense.weight".into(), "pooler.weight".into());
+        weights_of(spec)
+            .tensors
+            .insert("pooler.dense.weight".into(), "pooler.weight".into());
     });
     assert!(
         matches!(err, WeightsError::UnknownParam { .. })
@@ -235,12 +180,9 @@ fn a_truncated_weights_file_is_named() {
     let scratch = scratch("truncated");
     let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
     std::fs::write(scratch.join("model.safetensors"), &bytes[..bytes.len() / 3]).unwrap();
-    let spec = imported(&dir);
-    let program = lower_encoder(&spec, 16, DType::F32).unwrap();
-    let (_, weights) = spec.encoder.layers().unwrap();
-    let mut weights = weights.unwrap().clone();
-    weights.file = scratch.join("model.safetensors").display().to_string();
-    let err = load_weights(&weights, Path::new("/"), &program.params, DType::F32).unwrap_err();
+    let err = weights_error(&dir, |spec| {
+        weights_of(spec).file = scratch.join("model.safetensors").display().to_string();
+    });
     assert!(matches!(err, WeightsError::Corrupt { .. }), "{err}");
     assert!(err.to_string().contains("truncated"), "{err}");
 }

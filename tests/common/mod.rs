@@ -4,7 +4,14 @@
 #[path = "../../runtime/tests/common/minilm.rs"]
 mod minilm;
 #[allow(unused_imports)] // only the text-encoder suites look for MiniLM
-pub use minilm::minilm;
+pub use minilm::{minilm, Golden};
+
+/// The MiniLM golden set (`runtime/tests/golden`).
+pub fn golden() -> Golden {
+    minilm::golden_in(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("runtime/tests/golden"),
+    )
+}
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

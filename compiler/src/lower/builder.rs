@@ -26,6 +26,15 @@ crate::build_graph_from_fields!(Builder<'_>);
 
 pub type Result<T> = std::result::Result<T, GraphError>;
 
+/// How a projection's weight is stored.
+#[derive(Clone, Copy)]
+enum WeightLayout {
+    /// `[in, out]`: `x W`.
+    InOut,
+    /// `[out, in]`, PyTorch's: `x W^T`.
+    OutIn,
+}
+
 impl<'p> Builder<'p> {
     pub fn new(
         name: &str,
@@ -118,37 +127,40 @@ impl<'p> Builder<'p> {
         out: usize,
         bias: bool,
     ) -> Result<NodeId> {
-        let bound = 1.0 / (inp as f64).sqrt();
-        let w = self.param(
-            &format!("{prefix}.weight"),
-            &[inp, out],
-            ParamKind::Weight,
-            Init::Uniform { bound },
-        )?;
-        let y = self.matmul(x, w, false, false)?;
-        if !bias {
-            return Ok(y);
-        }
-        let b = self.param(
-            &format!("{prefix}.bias"),
-            &[out],
-            ParamKind::Bias,
-            Init::Uniform { bound },
-        )?;
-        self.add(y, b)
+        self.projection(x, prefix, (inp, out), bias, WeightLayout::InOut)
     }
 
     /// `x W^T + b` over the last axis with `W` stored `[out, in]`, as PyTorch's
     /// `nn.Linear` stores it, so pretrained weights load as they are.
     pub fn dense(&mut self, x: NodeId, prefix: &str, inp: usize, out: usize) -> Result<NodeId> {
+        self.projection(x, prefix, (inp, out), true, WeightLayout::OutIn)
+    }
+
+    /// `x` times `<prefix>.weight` stored in `layout`, plus `<prefix>.bias` when
+    /// `bias`; both initialised `U(-1/sqrt(in), 1/sqrt(in))`, PyTorch's default.
+    fn projection(
+        &mut self,
+        x: NodeId,
+        prefix: &str,
+        (inp, out): (usize, usize),
+        bias: bool,
+        layout: WeightLayout,
+    ) -> Result<NodeId> {
         let bound = 1.0 / (inp as f64).sqrt();
+        let (shape, transposed) = match layout {
+            WeightLayout::InOut => ([inp, out], false),
+            WeightLayout::OutIn => ([out, inp], true),
+        };
         let w = self.param(
             &format!("{prefix}.weight"),
-            &[out, inp],
+            &shape,
             ParamKind::Weight,
             Init::Uniform { bound },
         )?;
-        let y = self.matmul(x, w, false, true)?;
+        let y = self.matmul(x, w, false, transposed)?;
+        if !bias {
+            return Ok(y);
+        }
         let b = self.param(
             &format!("{prefix}.bias"),
             &[out],

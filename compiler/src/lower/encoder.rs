@@ -126,12 +126,8 @@ impl EncoderRun<'_> {
                     batch_shape(&[tokens]),
                 )?;
                 let x = b.at(&format!("{}.layers[0]", self.path), |b| {
-                    let table = b.param(
-                        &format!("{}layers.0.table", self.params),
-                        &[*vocab, *width],
-                        ParamKind::Embedding,
-                        Init::Normal { std: 0.02 },
-                    )?;
+                    let prefix = format!("{}layers.0", self.params);
+                    let table = embedding_table(b, &prefix, *vocab, *width)?;
                     embed_tokens(b, ids, table)
                 })?;
                 (x, *width, &layers[1..])
@@ -148,6 +144,38 @@ impl EncoderRun<'_> {
         }
         Ok((x, mask))
     }
+}
+
+/// A learned `[rows, width]` table, `<prefix>.table` (normal, std 0.02).
+fn embedding_table(b: &mut Builder, prefix: &str, rows: usize, width: usize) -> Result<NodeId> {
+    b.param(
+        &format!("{prefix}.table"),
+        &[rows, width],
+        ParamKind::Embedding,
+        Init::Normal { std: 0.02 },
+    )
+}
+
+/// `x` plus the first `count` rows of the `[rows, width]` table at `prefix`,
+/// broadcast over the batch (row `i` to token `i`, or one row to every token).
+fn add_first_rows(
+    b: &mut Builder,
+    x: NodeId,
+    prefix: &str,
+    rows: usize,
+    width: usize,
+    count: usize,
+) -> Result<NodeId> {
+    let table = embedding_table(b, prefix, rows, width)?;
+    let first = b.push(
+        Op::Slice {
+            axis: 0,
+            start: 0,
+            end: count,
+        },
+        &[table],
+    )?;
+    b.add(x, first)
 }
 
 /// Rows `ids` (`[B, L]`, `I32`) of `table` (`[vocab, width]`): one gather along the
@@ -223,39 +251,14 @@ fn layer_forward(
         Layer::TokenEmbedding { .. } => {
             unreachable!("validated: only a text encoder's first layer embeds ids")
         }
-        Layer::PositionEmbedding { positions } => {
-            let table = b.param(
-                &format!("{prefix}.table"),
-                &[*positions, width],
-                ParamKind::Embedding,
-                Init::Normal { std: 0.02 },
-            )?;
-            let rows = b.push(
-                Op::Slice {
-                    axis: 0,
-                    start: 0,
-                    end: tokens,
-                },
-                &[table],
-            )?;
-            (b.add(x, rows)?, width, mask)
-        }
+        Layer::PositionEmbedding { positions } => (
+            add_first_rows(b, x, prefix, *positions, width, tokens)?,
+            width,
+            mask,
+        ),
+        // One segment: every token is of type 0.
         Layer::TokenTypeEmbedding { types } => {
-            let table = b.param(
-                &format!("{prefix}.table"),
-                &[*types, width],
-                ParamKind::Embedding,
-                Init::Normal { std: 0.02 },
-            )?;
-            let first = b.push(
-                Op::Slice {
-                    axis: 0,
-                    start: 0,
-                    end: 1,
-                },
-                &[table],
-            )?;
-            (b.add(x, first)?, width, mask)
+            (add_first_rows(b, x, prefix, *types, width, 1)?, width, mask)
         }
         Layer::ClassToken => {
             let token = b.param(

@@ -124,8 +124,7 @@ pub(crate) fn view_at(
     #[comptime] view: usize,
 ) -> u32 {
     let strides = at + comptime!(ViewsMeta::strides_at(rank, view)) as u32;
-    let offset = at as usize + comptime!(ViewsMeta::offset_at(rank, views, view));
-    offset_in(pos, meta, at, strides, rank) + meta[offset]
+    offset_in(pos, meta, at, strides, rank) + view_offset(meta, at, rank, views, view)
 }
 
 /// View `view`'s stride along `axis`, for the `ViewsMeta` starting at `at`.

@@ -4,7 +4,12 @@
 
 mod minilm;
 #[allow(unused_imports)] // only the text-encoder suites look for MiniLM
-pub use minilm::minilm;
+pub use minilm::{minilm, Golden};
+
+/// The MiniLM golden set (`runtime/tests/golden`).
+pub fn golden() -> Golden {
+    minilm::golden_in(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden"))
+}
 
 use altc_compiler::ir::{BuildGraph, DType, Graph, GraphBuilder, NodeId};
 use altc_compiler::reference::{Tensor, TensorMap};
