@@ -12,7 +12,9 @@ use altc_compiler::spec::{self, Encoder, EncoderSpec, Layer, Precision};
 use altc_compiler::summary::thousands;
 use altc_runtime::backend::{TunedKernel, TuningMode};
 use altc_runtime::data::write_f32_safetensors;
-use altc_runtime::encoding::{bucket_length, load_tokenizer, load_weights, TextEncoder};
+use altc_runtime::encoding::{
+    bucket_length, load_tokenizer, load_weights, EncoderOutput, TextEncoder,
+};
 use altc_runtime::tuning::Manifest;
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -88,6 +90,7 @@ fn open_encoder(
     path: &Path,
     device: Device,
     optimise: bool,
+    output: EncoderOutput,
 ) -> Result<TextEncoder> {
     let dtype = if device == Device::Reference {
         DType::F64
@@ -99,6 +102,7 @@ fn open_encoder(
         &spec_folder(path),
         dtype,
         optimise,
+        output,
     )?)
 }
 
@@ -249,12 +253,15 @@ pub struct EncoderRun<'a> {
     pub device: Device,
     /// The tuning cache whose choices the device's kernels use.
     pub tune_cache: &'a Path,
+    pub output: EncoderOutput,
 }
 
 /// What one encoder run gave, with its rate.
 struct EmbeddedItems {
     vectors: Vec<f32>,
     width: usize,
+    tokens_per_item: usize,
+    mask: Option<Vec<f32>>,
     truncated: usize,
     tokens: usize,
     launches: Option<usize>,
@@ -266,7 +273,13 @@ impl EncoderRun<'_> {
     /// truncation and cut batches on stderr.
     fn embed(&self, items: &[Item]) -> Result<(String, EmbeddedItems)> {
         let loaded = spec::load_encoder(self.encoder)?;
-        let mut encoder = open_encoder(&loaded.spec, self.encoder, self.device, self.optimise)?;
+        let mut encoder = open_encoder(
+            &loaded.spec,
+            self.encoder,
+            self.device,
+            self.optimise,
+            self.output,
+        )?;
         let mut backend = open_backend(
             self.device,
             Precision::F32,
@@ -304,6 +317,8 @@ impl EncoderRun<'_> {
             EmbeddedItems {
                 vectors: embedded.vectors,
                 width: embedded.width,
+                tokens_per_item: embedded.tokens_per_item,
+                mask: embedded.mask,
                 truncated: embedded.truncated,
                 tokens: embedded.tokens,
                 launches: embedded.launches,
@@ -318,7 +333,9 @@ pub struct DataTextArgs {
     /// A modality and where its side comes from, as NAME=FILE (at least two): text
     /// (`.txt`, one item a line, or `.jsonl` with --field) is embedded with
     /// --encoder; a vector store (`.safetensors` with `embeddings` [N, width], as
-    /// `altc embed` writes) is taken as it is. Item `i` of every side is pair `i`.
+    /// `altc embed` writes) or a token store (`tokens` [N, T, width], with `mask`
+    /// [N, T] where items have padding) is taken as it is. Item `i` of every side
+    /// is pair `i`.
     #[arg(long = "modality", value_name = "NAME=FILE", required = true, num_args = 1, value_parser = parse_side)]
     sides: Vec<(String, PathBuf)>,
     /// The text encoder spec for the text sides (`altc import` writes one).
@@ -327,6 +344,19 @@ pub struct DataTextArgs {
     /// With JSON lines: the field holding each item's text.
     #[arg(long, default_value = "text")]
     field: String,
+    /// Keep the text encoder's tokens (its last layer before pooling) with a mask,
+    /// `[N, L, width]`, instead of one pooled vector an item: for a model whose text
+    /// modality is `tokens: Padded(max: L)`.
+    #[arg(long)]
+    tokens: bool,
+    /// With --tokens: pad every item to this many tokens [default: the longest
+    /// item's]; must be at least the longest.
+    #[arg(long, requires = "tokens", value_parser = clap::value_parser!(u64).range(1..=65_536))]
+    pad_to: Option<u64>,
+    /// Declare the last this many pairs the held-out split (kept in the file), so
+    /// every run on the dataset, whatever its seed, evaluates on the same pairs.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    held_out: Option<u64>,
     /// Items per encoder batch, 1 to 4,096.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]
     batch_size: u64,
@@ -351,10 +381,118 @@ fn parse_side(text: &str) -> Result<(String, PathBuf), String> {
     }
 }
 
-/// `altc data text`: a paired dataset whose modalities are pooled vectors, one token
-/// each (`<name>.tokens` `[N, 1, width]`), from raw text through a pretrained encoder
-/// or from vector stores: what a model with `encoder: Precomputed` and
-/// `tokens: Fixed(1)` trains on.
+/// One side of a paired dataset: `[items, tokens, width]` values and, for padded
+/// items, their `[items, tokens]` mask.
+struct Side {
+    items: usize,
+    tokens: usize,
+    width: usize,
+    values: Vec<f32>,
+    mask: Option<Vec<f32>>,
+}
+
+/// A token store: `tokens` `[N, T, width]` of finite f32 values and, optionally,
+/// `mask` `[N, T]` of 0 and 1 (as an image tower's dataset builder writes); `None`
+/// where the file holds no `tokens`.
+fn read_token_store(path: &Path) -> Result<Option<Side>> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| anyhow::anyhow!("{}: not a safetensors file: {e}", path.display()))?;
+    let f32_tensor = |name: &str| -> Result<Option<(Vec<usize>, Vec<f32>)>> {
+        let Ok(view) = st.tensor(name) else {
+            return Ok(None);
+        };
+        if view.dtype() != safetensors::Dtype::F32 {
+            bail!(
+                "{}: `{name}` is {:?}, not F32",
+                path.display(),
+                view.dtype()
+            );
+        }
+        let values: Vec<f32> = view
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            bail!(
+                "{}: `{name}` holds {} at element {i}",
+                path.display(),
+                values[i]
+            );
+        }
+        Ok(Some((view.shape().to_vec(), values)))
+    };
+    let Some((shape, values)) = f32_tensor("tokens")? else {
+        return Ok(None);
+    };
+    let &[items, tokens, width] = shape.as_slice() else {
+        bail!(
+            "{}: `tokens` is {shape:?}, not [items, tokens, width]",
+            path.display()
+        );
+    };
+    if items == 0 || tokens == 0 || width == 0 {
+        bail!("{}: `tokens` is {shape:?}: empty", path.display());
+    }
+    let mask = match f32_tensor("mask")? {
+        None => None,
+        Some((mask_shape, mask)) if mask_shape == [items, tokens] => Some(mask),
+        Some((mask_shape, _)) => bail!(
+            "{}: `mask` is {mask_shape:?}, but `tokens` needs [{items}, {tokens}]",
+            path.display()
+        ),
+    };
+    if let Some(m) = &mask {
+        if let Some(i) = m.iter().position(|&v| v != 0.0 && v != 1.0) {
+            bail!(
+                "{}: `mask` holds {} at item {}, token {}; masks hold 0 or 1",
+                path.display(),
+                m[i],
+                i / tokens,
+                i % tokens
+            );
+        }
+    }
+    Ok(Some(Side {
+        items,
+        tokens,
+        width,
+        values,
+        mask,
+    }))
+}
+
+/// `side` padded (with zeros, masked out) to `tokens` per item.
+fn pad_side(side: Side, tokens: usize, what: &str) -> Result<Side> {
+    if tokens < side.tokens {
+        bail!(
+            "--pad-to {tokens}: {what}'s longest item has {} tokens",
+            side.tokens
+        );
+    }
+    let row = side.tokens * side.width;
+    let mut values = vec![0f32; side.items * tokens * side.width];
+    let mut mask = vec![0f32; side.items * tokens];
+    for i in 0..side.items {
+        values[i * tokens * side.width..][..row].copy_from_slice(&side.values[i * row..][..row]);
+        let real = &mut mask[i * tokens..][..side.tokens];
+        match &side.mask {
+            Some(m) => real.copy_from_slice(&m[i * side.tokens..][..side.tokens]),
+            None => real.fill(1.0),
+        }
+    }
+    Ok(Side {
+        tokens,
+        values,
+        mask: Some(mask),
+        ..side
+    })
+}
+
+/// `altc data text`: a paired dataset from raw text (through a pretrained encoder:
+/// pooled vectors `[N, 1, width]`, or with --tokens its tokens and mask) and from
+/// vector or token stores: what a model with `encoder: Precomputed` trains on.
 pub fn data_text(args: DataTextArgs) -> Result<()> {
     if args.sides.len() < 2 {
         bail!("a paired dataset needs two modalities or more: give --modality NAME=FILE again");
@@ -370,7 +508,7 @@ pub fn data_text(args: DataTextArgs) -> Result<()> {
     crate::files::refuse_overwrite(&args.output, &inputs)?;
     // Every side read and counted before any text is embedded (which is slow).
     enum Source {
-        Vectors { width: usize, values: Vec<f32> },
+        Stored(Side),
         Text(Vec<Item>),
     }
     let mut sources = Vec::new();
@@ -379,15 +517,20 @@ pub fn data_text(args: DataTextArgs) -> Result<()> {
         if !seen.insert(name) {
             bail!("modality `{name}` is given twice");
         }
-        let (count, source) = if file.extension().is_some_and(|e| e == "safetensors") {
-            let store = crate::serving::read_store(file)?;
-            (
-                store.rows,
-                Source::Vectors {
-                    width: store.width,
-                    values: store.vectors,
-                },
-            )
+        let source = if file.extension().is_some_and(|e| e == "safetensors") {
+            match read_token_store(file)? {
+                Some(side) => Source::Stored(side),
+                None => {
+                    let store = crate::serving::read_store(file)?;
+                    Source::Stored(Side {
+                        items: store.rows,
+                        tokens: 1,
+                        width: store.width,
+                        values: store.vectors,
+                        mask: None,
+                    })
+                }
+            }
         } else {
             if args.encoder.is_none() {
                 bail!(
@@ -395,26 +538,33 @@ pub fn data_text(args: DataTextArgs) -> Result<()> {
                     file.display()
                 );
             }
-            let items = read_items(file, &args.field, "id")?;
-            (items.len(), Source::Text(items))
+            Source::Text(read_items(file, &args.field, "id")?)
         };
-        if let Some((first, n, _)) = sources.first() {
+        let count = match &source {
+            Source::Stored(side) => side.items,
+            Source::Text(items) => items.len(),
+        };
+        if let Some((first, n, _, _)) = sources.first() {
             if *n != count {
                 bail!(
-                    "{} has {count} items but {} has {n}: item i of every side is pair i",
+                    "{} has {count} items but {first} has {n}: item i of every side is pair i",
                     file.display(),
-                    first
                 );
             }
         }
-        sources.push((file.display().to_string(), count, (name, source)));
+        sources.push((file.display().to_string(), count, name, source));
+    }
+    let pairs = sources[0].1;
+    if let Some(held_out) = args.held_out {
+        if held_out as usize > pairs / 2 {
+            bail!("--held-out {held_out}: at most half of the {pairs} pairs can be held out");
+        }
     }
     let tune_cache = args.cache.configure_cubecl()?;
     let mut tensors = Vec::new();
-    let mut rows = 0;
-    for (_, count, (name, source)) in sources {
-        let (width, values) = match source {
-            Source::Vectors { width, values } => (width, values),
+    for (_, _, name, source) in sources {
+        let side = match source {
+            Source::Stored(side) => side,
             Source::Text(items) => {
                 let run = EncoderRun {
                     encoder: args.encoder.as_deref().expect("checked above"),
@@ -422,21 +572,53 @@ pub fn data_text(args: DataTextArgs) -> Result<()> {
                     optimise: true,
                     device: args.device,
                     tune_cache: &tune_cache,
+                    output: if args.tokens {
+                        EncoderOutput::Tokens
+                    } else {
+                        EncoderOutput::Pooled
+                    },
                 };
                 let (_, embedded) = run.embed(&items)?;
-                (embedded.width, embedded.vectors)
+                let side = Side {
+                    items: items.len(),
+                    tokens: embedded.tokens_per_item,
+                    width: embedded.width,
+                    values: embedded.vectors,
+                    mask: embedded.mask,
+                };
+                match args.pad_to {
+                    Some(tokens) => pad_side(side, tokens as usize, name)?,
+                    None => side,
+                }
             }
         };
-        rows = count;
-        tensors.push((format!("{name}.tokens"), vec![count, 1, width], values));
+        if let Some(mask) = side.mask {
+            tensors.push((format!("{name}.mask"), vec![side.items, side.tokens], mask));
+        }
+        tensors.push((
+            format!("{name}.tokens"),
+            vec![side.items, side.tokens, side.width],
+            side.values,
+        ));
     }
-    write_f32_safetensors(&args.output, &tensors, HashMap::new())?;
+    let mut metadata = HashMap::new();
+    if let Some(held_out) = args.held_out {
+        metadata.insert(
+            altc_runtime::data::HELD_OUT_KEY.to_string(),
+            held_out.to_string(),
+        );
+    }
+    write_f32_safetensors(&args.output, &tensors, metadata)?;
     let sides: Vec<String> = tensors
         .iter()
         .map(|(name, shape, _)| format!("{name} {shape:?}"))
         .collect();
+    let split = args
+        .held_out
+        .map(|n| format!("; the last {n} held out"))
+        .unwrap_or_default();
     emit(&format!(
-        "wrote {} ({rows} pairs: {})\n",
+        "wrote {} ({pairs} pairs: {}{split})\n",
         args.output.display(),
         sides.join(", ")
     ))
@@ -459,7 +641,7 @@ pub fn tune_encoder(
     dir: &Path,
 ) -> Result<(String, Vec<TunedKernel>)> {
     let loaded = spec::load_encoder(path)?;
-    let mut encoder = open_encoder(&loaded.spec, path, device, true)?;
+    let mut encoder = open_encoder(&loaded.spec, path, device, true, EncoderOutput::Pooled)?;
     let mut backend = open_backend(device, Precision::F32, true, None)?;
     let Some(scope) = backend.tuning_scope() else {
         bail!(
@@ -526,7 +708,13 @@ pub fn bench_encoder(path: &Path, bench: &EncoderBench) -> Result<()> {
     );
     for variant in bench.variants {
         let optimise = variant != "no-opt";
-        let mut encoder = open_encoder(&loaded.spec, path, bench.device, optimise)?;
+        let mut encoder = open_encoder(
+            &loaded.spec,
+            path,
+            bench.device,
+            optimise,
+            EncoderOutput::Pooled,
+        )?;
         let mut backend = open_backend(bench.device, Precision::F32, optimise, None)?;
         if variant == "tuned" && backend.tuning_scope().is_none() {
             eprintln!("note: {} has no kernels to tune", backend.describe());

@@ -17,7 +17,9 @@ mod cuda_check;
 mod devices;
 mod encoders;
 mod files;
+mod metrics;
 mod model;
+mod plot;
 mod serving;
 mod training;
 mod tune;
@@ -90,7 +92,8 @@ enum Command {
         #[arg(long = "graph", value_name = "NAME")]
         graphs: Vec<String>,
     },
-    /// Datasets: `altc data synth` writes a planted paired dataset.
+    /// Datasets: `altc data synth` writes a planted paired dataset; `altc data text`
+    /// one from text (through a pretrained encoder) and vector or token stores.
     Data {
         #[command(subcommand)]
         command: training::DataCommand,
@@ -99,6 +102,9 @@ enum Command {
     Run(training::RunArgs),
     /// Recompute the held-out recalls of a run from its checkpoint.
     Eval(training::EvalArgs),
+    /// Draw a run's metrics (`metrics.jsonl`) as PNG: loss terms, gradient norm and
+    /// learning rate (`loss.png`), held-out recalls (`recall.png`).
+    Plot(plot::PlotArgs),
     /// Embed one side of a dataset, or raw text with a pretrained encoder, into a
     /// safetensors vector store.
     Embed(serving::EmbedArgs),
@@ -167,6 +173,7 @@ fn main() -> ExitCode {
         Command::Data { command } => training::data(command),
         Command::Run(args) => training::run(args),
         Command::Eval(args) => training::eval(args),
+        Command::Plot(args) => plot::plot(args),
         Command::Embed(args) => serving::embed_command(args),
         Command::Retrieve(args) => serving::retrieve_command(args),
         Command::Doctor => serving::doctor(),

@@ -123,6 +123,7 @@ pub fn embed_command(args: EmbedArgs) -> Result<()> {
                 optimise: !args.no_opt,
                 device: args.device,
                 tune_cache: &tune_cache,
+                output: altc_runtime::encoding::EncoderOutput::Pooled,
             },
             text,
             field: &args.field,

@@ -4,6 +4,7 @@
 use crate::console::emit;
 use crate::devices::{open_backend_for, Device};
 use crate::files::{self, DataFile, DataIdentity};
+use crate::metrics::{Metric, MetricsLog};
 use crate::model::{load_model, load_program, lower_options, LoadedModel};
 use altc_compiler::artifact::{remove_stale_temporaries, Artifact};
 use altc_compiler::lower::{lower_loaded, LowerOptions, Program};
@@ -89,6 +90,10 @@ pub struct RunArgs {
     /// Write a checkpoint every this many steps, and at the end (0: only at the end).
     #[arg(long, default_value_t = 50)]
     checkpoint_every: u64,
+    /// Measure held-out recalls every this many steps, into `metrics.jsonl` (0: only
+    /// at the end).
+    #[arg(long, default_value_t = 50)]
+    eval_every: u64,
     /// The run directory [default: runs/<model name>].
     #[arg(long)]
     out: Option<PathBuf>,
@@ -144,7 +149,12 @@ struct RunRecord {
 const DEFAULT_HELD_OUT: usize = 512;
 
 /// What a run directory holds of a run.
-const RUN_FILES: [&str; 3] = ["run.ron", "model.altc", "checkpoint.safetensors"];
+const RUN_FILES: [&str; 4] = [
+    "run.ron",
+    "model.altc",
+    "checkpoint.safetensors",
+    crate::metrics::METRICS_FILE,
+];
 
 impl RunRecord {
     fn read(run_dir: &Path) -> Result<RunRecord> {
@@ -364,6 +374,14 @@ pub fn run(args: RunArgs) -> Result<()> {
     };
     let data = Dataset::from_bytes(&data_file.bytes, &record.data.path, program)?;
     drop(data_file);
+    // A dataset that fixes its held-out pairs decides a fresh run's split.
+    let record = match (args.resume, args.held_out, data.fixed_held_out) {
+        (false, None, Some(fixed)) => RunRecord {
+            held_out: fixed,
+            ..record
+        },
+        _ => record,
+    };
     let mut tasks = Vec::new();
     for compiled in training_steps(program, !args.no_opt)? {
         if let Some(done) = &compiled.optimised {
@@ -463,15 +481,36 @@ pub fn run(args: RunArgs) -> Result<()> {
             },
         ),
     );
+    let mut metrics = if resume_from_checkpoint {
+        MetricsLog::resume(&run_dir, trainer.step_index())?
+    } else {
+        MetricsLog::create(&run_dir)?
+    };
+    let eval_every = args.eval_every as usize;
     let mut last: Option<StepReport> = None;
+    let mut final_recalls = None;
     while trainer.step_index() < total {
         let report = trainer.step()?;
+        metrics.append(&Metric::from_report(
+            &report,
+            started.elapsed().as_secs_f64(),
+        ))?;
         bar.set_message(describe(&report));
         bar.inc(1);
         last = Some(report);
+        let done = trainer.step_index();
+        if done == total || (eval_every > 0 && done % eval_every == 0) {
+            let recalls = trainer.recalls()?;
+            metrics.append(&Metric::from_recalls(done, &recalls))?;
+            final_recalls = Some(recalls);
+        }
     }
     bar.finish();
     trainer.save_checkpoint()?;
+    let final_recalls = match final_recalls {
+        Some(r) => r,
+        None => trainer.recalls()?,
+    };
     let mut text = String::new();
     if let Some(r) = last {
         text.push_str(&format!("final step {}: {}\n", r.step, describe(&r)));
@@ -486,7 +525,11 @@ pub fn run(args: RunArgs) -> Result<()> {
         "checkpoint: {}\n",
         checkpoint_path(&run_dir).display()
     ));
-    text.push_str(&recall_table(&trainer.recalls()?));
+    text.push_str(&format!(
+        "metrics: {}\n",
+        run_dir.join(crate::metrics::METRICS_FILE).display()
+    ));
+    text.push_str(&recall_table(&final_recalls));
     emit(&text)
 }
 

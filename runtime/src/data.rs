@@ -1,6 +1,7 @@
 //! Paired datasets in safetensors: for each modality `m`, `m.tokens` `[N, L, d]` and,
 //! when padded, `m.mask` `[N, L]` (1 = real token), all f32, row `i` of every tensor
-//! being pair `i`. Batching, seeded per-epoch shuffling and a seeded held-out split.
+//! being pair `i`; metadata [`HELD_OUT_KEY`] may fix the held-out split as the last
+//! pairs. Batching, seeded per-epoch shuffling and a seeded (or fixed) held-out split.
 
 use altc_compiler::ir::DType;
 use altc_compiler::lower::{ModalityInfo, Program};
@@ -78,6 +79,14 @@ pub enum DataError {
         held_out: usize,
         pairs: usize,
     },
+    #[error("{path}: the dataset fixes its held-out split as its last {fixed} pairs, so {held_out} cannot be held out; leave --held-out out")]
+    FixedSplit {
+        path: PathBuf,
+        fixed: usize,
+        held_out: usize,
+    },
+    #[error("{path}: metadata `{HELD_OUT_KEY}` is `{value}`, not a count of pairs")]
+    HeldOutMetadata { path: PathBuf, value: String },
     #[error("{path}: the dataset holds no pairs")]
     Empty { path: PathBuf },
     #[error("{path}: {pairs} pairs leave {train} for training, fewer than one batch of {batch}")]
@@ -89,10 +98,16 @@ pub enum DataError {
     },
 }
 
+/// The metadata key of a dataset's fixed held-out split: its value is a count, the
+/// last that many pairs being held out.
+pub const HELD_OUT_KEY: &str = "altc.held_out";
+
 /// A loaded paired dataset.
 pub struct Dataset {
     pub path: PathBuf,
     pub pairs: usize,
+    /// The held-out pairs the file fixes (its last ones), if it fixes them.
+    pub fixed_held_out: Option<usize>,
     tensors: HashMap<String, (Vec<usize>, Vec<f32>)>,
 }
 
@@ -159,24 +174,57 @@ impl Dataset {
                 tensors.insert(name.clone(), (shape, values));
             }
         }
+        let fixed_held_out = match SafeTensors::read_metadata(bytes)
+            .ok()
+            .and_then(|(_, m)| m.metadata().clone())
+            .and_then(|m| m.get(HELD_OUT_KEY).cloned())
+        {
+            None => None,
+            Some(value) => {
+                Some(
+                    value
+                        .parse::<usize>()
+                        .map_err(|_| DataError::HeldOutMetadata {
+                            path: path.into(),
+                            value,
+                        })?,
+                )
+            }
+        };
         match pairs {
             Some(pairs) if pairs > 0 => Ok(Dataset {
                 path: path.into(),
                 pairs,
+                fixed_held_out,
                 tensors,
             }),
             _ => Err(DataError::Empty { path: path.into() }),
         }
     }
 
-    /// A seeded split: the first `held_out` of a fixed permutation is held out. At
-    /// least one pair and at most half of them can be.
+    /// A seeded split: the first `held_out` of a fixed permutation is held out; or,
+    /// where the file fixes its split, its last pairs (then `held_out` must be their
+    /// count). At least one pair and at most half of them can be.
     pub fn split(&self, held_out: usize, seed: u64) -> Result<Split, DataError> {
         if held_out == 0 || held_out > self.pairs / 2 {
             return Err(DataError::HeldOut {
                 path: self.path.clone(),
                 held_out,
                 pairs: self.pairs,
+            });
+        }
+        if let Some(fixed) = self.fixed_held_out {
+            if fixed != held_out {
+                return Err(DataError::FixedSplit {
+                    path: self.path.clone(),
+                    fixed,
+                    held_out,
+                });
+            }
+            let first = self.pairs - fixed;
+            return Ok(Split {
+                held_out: (first..self.pairs).collect(),
+                train: (0..first).collect(),
             });
         }
         let order = permutation(self.pairs, seed, u64::MAX);

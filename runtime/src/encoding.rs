@@ -165,6 +165,8 @@ pub enum EncodeError {
         "{0} does not pool its tokens to one vector per item: end its layers with TokenPool(...)"
     )]
     NotPooled(String),
+    #[error("{name}: its tokens come before TokenPool, but layers after it hold weights ({params}) that token output would drop")]
+    WeightsAfterPool { name: String, params: String },
     #[error("{path}: the tokenizer makes ids up to {tokens} (added tokens included), but the encoder's TokenEmbedding has {vocab} rows; a larger id would read past the table")]
     Vocabulary {
         path: PathBuf,
@@ -214,11 +216,26 @@ pub fn bucket_length(length: usize, max: usize) -> usize {
     length.max(8).next_power_of_two().min(max)
 }
 
-/// What an encoder run produced: one `width` vector per item, in input order.
+/// What an encoder gives for each item.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EncoderOutput {
+    /// Its pooled vector (normalised where the spec says so): one per item.
+    Pooled,
+    /// The tokens of its last layer before `TokenPool`, with a mask of the real ones:
+    /// what a model's padded `Precomputed` modality trains on.
+    Tokens,
+}
+
+/// What an encoder run produced, in input order: `[items, tokens_per_item, width]`
+/// values, with `mask` `[items, tokens_per_item]` (1 = a real token) for token output.
 #[derive(Clone, Debug)]
 pub struct Embedded {
     pub vectors: Vec<f32>,
     pub width: usize,
+    /// 1 for pooled output; for tokens, the longest item's length (shorter items
+    /// padded with zeros, masked out).
+    pub tokens_per_item: usize,
+    pub mask: Option<Vec<f32>>,
     /// Items cut to the maximum length.
     pub truncated: usize,
     /// Real tokens over all items, special tokens included.
@@ -238,17 +255,46 @@ pub struct TextEncoder {
     state: TensorMap,
     dtype: DType,
     optimise: bool,
+    output: EncoderOutput,
     programs: BTreeMap<usize, EncoderProgram>,
+}
+
+/// `spec` cut before its first `TokenPool`, so its graph outputs tokens; refused
+/// where the layers cut hold weights (they would be silently dropped).
+fn token_output_spec(spec: &EncoderSpec, max_length: usize) -> Result<EncoderSpec, EncodeError> {
+    let mut tokens = spec.clone();
+    if let Encoder::Text { layers, .. } = &mut tokens.encoder {
+        if let Some(pool) = layers.iter().position(|l| matches!(l, Layer::TokenPool(_))) {
+            layers.truncate(pool);
+        }
+    }
+    let full = lower_encoder(spec, max_length, DType::F32)?;
+    let kept = lower_encoder(&tokens, max_length, DType::F32)?;
+    let dropped: Vec<&str> = full
+        .params
+        .iter()
+        .map(|p| p.name.as_str())
+        .filter(|name| kept.params.get(name).is_none())
+        .collect();
+    if !dropped.is_empty() {
+        return Err(EncodeError::WeightsAfterPool {
+            name: spec.name.clone(),
+            params: dropped.join(", "),
+        });
+    }
+    Ok(tokens)
 }
 
 impl TextEncoder {
     /// Reads the tokenizer and weights `spec` names (paths relative to `base`, the
-    /// spec's folder) for graphs in `dtype`, optimised by the e-graph when `optimise`.
+    /// spec's folder) for graphs in `dtype` giving `output`, optimised by the e-graph
+    /// when `optimise`.
     pub fn open(
         spec: &EncoderSpec,
         base: &Path,
         dtype: DType,
         optimise: bool,
+        output: EncoderOutput,
     ) -> Result<TextEncoder, EncodeError> {
         let tokenizer = load_tokenizer(spec, base)?;
         let Encoder::Text {
@@ -262,23 +308,28 @@ impl TextEncoder {
         let weights = weights
             .as_ref()
             .ok_or_else(|| EncodeError::NoWeights(spec.name.clone()))?;
+        let spec = match output {
+            EncoderOutput::Pooled => spec.clone(),
+            EncoderOutput::Tokens => token_output_spec(spec, *max_length)?,
+        };
         // The parameter table does not depend on the length: tables are sliced in
         // the graph.
-        let program = lower_encoder(spec, *max_length, dtype)?;
-        let output = program
+        let program = lower_encoder(&spec, *max_length, dtype)?;
+        let embedding = program
             .graph
             .output(EMBEDDING)
             .expect("encoders output `embedding`");
-        if program.graph.node(output).ty.shape.rank() != 2 {
+        if output == EncoderOutput::Pooled && program.graph.node(embedding).ty.shape.rank() != 2 {
             return Err(EncodeError::NotPooled(spec.name.clone()));
         }
         let state = load_weights(weights, base, &program.params, dtype)?;
         Ok(TextEncoder {
-            spec: spec.clone(),
+            spec,
             tokenizer,
             state,
             dtype,
             optimise,
+            output,
             programs: BTreeMap::new(),
         })
     }
@@ -335,7 +386,18 @@ impl TextEncoder {
             buckets.entry(key).or_default().push(item);
         }
         let width = self.spec.width;
-        let mut vectors = vec![0f32; items.len() * width];
+        let per_item = match self.output {
+            EncoderOutput::Pooled => 1,
+            EncoderOutput::Tokens => lengths.iter().copied().max().unwrap_or(1),
+        };
+        let mut vectors = vec![0f32; items.len() * per_item * width];
+        let mask = (self.output == EncoderOutput::Tokens).then(|| {
+            let mut mask = vec![0f32; items.len() * per_item];
+            for (item, &length) in lengths.iter().enumerate() {
+                mask[item * per_item..item * per_item + length].fill(1.0);
+            }
+            mask
+        });
         let mut launches = None;
         let mut cut_batches = BTreeMap::new();
         let mut done = 0;
@@ -354,9 +416,18 @@ impl TextEncoder {
                     result => result?,
                 };
                 launches = backend.kernel_launches();
+                // A pooled batch is [chunk, width]; a token batch [chunk, length,
+                // width], of which an item keeps its real tokens.
+                let rows = match self.output {
+                    EncoderOutput::Pooled => 1,
+                    EncoderOutput::Tokens => length,
+                };
                 for (r, &item) in chunk.iter().enumerate() {
-                    for c in 0..width {
-                        vectors[item * width + c] = values[r * width + c] as f32;
+                    let real = rows.min(lengths[item]) * width;
+                    let from = &values[r * rows * width..][..real];
+                    let to = &mut vectors[item * per_item * width..][..real];
+                    for (t, f) in to.iter_mut().zip(from) {
+                        *t = *f as f32;
                     }
                 }
                 rest = &rest[chunk.len()..];
@@ -367,6 +438,8 @@ impl TextEncoder {
         Ok(Embedded {
             vectors,
             width,
+            tokens_per_item: per_item,
+            mask,
             truncated: tokenized.truncated,
             tokens: lengths.iter().sum(),
             launches,

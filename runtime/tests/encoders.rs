@@ -11,7 +11,7 @@ use altc_compiler::ir::DType;
 use altc_compiler::lower::lower_encoder;
 use altc_compiler::spec::{import_hugging_face, EncoderSpec, ImportError, Layer, Weights};
 use altc_runtime::backend::{Backend, ReferenceBackend};
-use altc_runtime::encoding::{load_weights, TextEncoder, WeightsError};
+use altc_runtime::encoding::{load_weights, EncoderOutput, TextEncoder, WeightsError};
 use altc_runtime::text::TextTokenizer;
 use common::{golden, minilm, open_present};
 use std::path::{Path, PathBuf};
@@ -48,7 +48,8 @@ fn matches_golden(backend: &mut dyn Backend, dtype: DType, what: &str) {
     let Some(dir) = minilm() else { return };
     let golden = golden();
     let spec = imported(&dir);
-    let mut encoder = TextEncoder::open(&spec, Path::new("/"), dtype, true).unwrap();
+    let mut encoder =
+        TextEncoder::open(&spec, Path::new("/"), dtype, true, EncoderOutput::Pooled).unwrap();
     backend.load_state(encoder.state()).unwrap();
     let items: Vec<&str> = golden.sentences.iter().map(String::as_str).collect();
     let embedded = encoder.embed(backend, &items, 64, |_| {}).unwrap();
@@ -87,6 +88,66 @@ fn minilm_matches_sentence_transformers_on_wgpu() {
         return;
     };
     matches_golden(device.as_mut(), DType::F32, "wgpu");
+}
+
+/// Token output (MiniLM's last layer before its pooling, with the mask of real
+/// tokens), pooled as sentence-transformers pools (masked mean, then L2 norm), gives
+/// PyTorch's vectors: the tokens are the encoder's, padding is masked, and items of
+/// different length buckets land in their own rows.
+#[test]
+fn minilm_tokens_pool_to_sentence_transformers_vectors() {
+    let Some(dir) = minilm() else { return };
+    let golden = golden();
+    let spec = imported(&dir);
+    let mut encoder = TextEncoder::open(
+        &spec,
+        Path::new("/"),
+        DType::F64,
+        true,
+        EncoderOutput::Tokens,
+    )
+    .unwrap();
+    let mut backend = ReferenceBackend::default();
+    backend.load_state(encoder.state()).unwrap();
+    // Short sentences of several lengths keep the interpreter quick.
+    let mut chosen: Vec<usize> = (0..golden.sentences.len())
+        .filter(|&i| (3..=24).contains(&golden.ids[i].len()))
+        .collect();
+    chosen.truncate(6);
+    let items: Vec<&str> = chosen
+        .iter()
+        .map(|&i| golden.sentences[i].as_str())
+        .collect();
+    let embedded = encoder.embed(&mut backend, &items, 4, |_| {}).unwrap();
+    let (width, per_item) = (embedded.width, embedded.tokens_per_item);
+    let longest = chosen.iter().map(|&i| golden.ids[i].len()).max().unwrap();
+    assert_eq!(per_item, longest);
+    let mask = embedded.mask.as_ref().expect("token output has a mask");
+    for (row, &i) in chosen.iter().enumerate() {
+        let real = golden.ids[i].len();
+        let item_mask = &mask[row * per_item..(row + 1) * per_item];
+        assert!(item_mask[..real].iter().all(|&m| m == 1.0));
+        assert!(item_mask[real..].iter().all(|&m| m == 0.0));
+        let tokens = &embedded.vectors[row * per_item * width..(row + 1) * per_item * width];
+        assert!(
+            tokens[real * width..].iter().all(|&v| v == 0.0),
+            "padding is zero"
+        );
+        let mut pooled = vec![0f64; width];
+        for t in 0..real {
+            for (p, v) in pooled.iter_mut().zip(&tokens[t * width..(t + 1) * width]) {
+                *p += f64::from(*v) / real as f64;
+            }
+        }
+        let norm = pooled.iter().map(|v| v * v).sum::<f64>().sqrt();
+        for (c, (p, want)) in pooled.iter().zip(&golden.vectors[i]).enumerate() {
+            let d = (p / norm - f64::from(*want)).abs();
+            assert!(
+                d <= TOLERANCE,
+                "sentence {i}, column {c}: {d:.2e} from sentence-transformers"
+            );
+        }
+    }
 }
 
 /// The imported spec's parameters as lowered, with its weights map.
@@ -241,8 +302,14 @@ fn a_corrupt_tokenizer_stops_the_encoder_before_it_runs() {
     if let altc_compiler::spec::Encoder::Text { tokenizer, .. } = &mut spec.encoder {
         *tokenizer = scratch.join("tokenizer.json").display().to_string();
     }
-    let err = TextEncoder::open(&spec, Path::new("/"), DType::F32, true)
-        .err()
-        .expect("a corrupt tokenizer is refused");
+    let err = TextEncoder::open(
+        &spec,
+        Path::new("/"),
+        DType::F32,
+        true,
+        EncoderOutput::Pooled,
+    )
+    .err()
+    .expect("a corrupt tokenizer is refused");
     assert!(err.to_string().contains("not a tokenizer.json"), "{err}");
 }
