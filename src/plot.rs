@@ -61,6 +61,16 @@ fn register_font() -> Result<()> {
         .map_err(|_| anyhow::anyhow!("{}: not a TrueType font plotters can read", path.display()))
 }
 
+/// Line colours, distinct on white (blue, red, green, purple, orange, brown).
+const COLOURS: [RGBColor; 6] = [
+    RGBColor(31, 119, 180),
+    RGBColor(214, 39, 40),
+    RGBColor(44, 160, 44),
+    RGBColor(148, 103, 189),
+    RGBColor(255, 127, 14),
+    RGBColor(140, 86, 75),
+];
+
 /// Named curves in the order they were first seen.
 #[derive(Default)]
 struct Curves(Vec<(String, Vec<(f64, f64)>)>);
@@ -221,7 +231,7 @@ fn draw_panels(
             .draw()
             .map_err(|e| drawing_error(&e))?;
         for (i, (name, line)) in curves.0.iter().enumerate() {
-            let color = Palette99::pick(i).to_rgba();
+            let color = COLOURS[i % COLOURS.len()].to_rgba();
             let finite: Vec<(f64, f64)> = line
                 .iter()
                 .copied()

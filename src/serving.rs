@@ -93,6 +93,13 @@ pub struct RetrieveArgs {
     /// Where to run: auto, cuda, wgpu or reference (`--help` says how auto chooses).
     #[arg(long, value_enum, default_value_t = Device::Auto)]
     device: Device,
+    /// Untimed runs first, which compile the kernels (a serving process pays that
+    /// once, not per query).
+    #[arg(long, default_value_t = 0)]
+    warmup: u64,
+    /// Timed runs, 1 to 1,000; the median is reported, with the spread.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    repeats: u64,
 }
 
 struct Loaded {
@@ -331,14 +338,35 @@ pub fn retrieve_command(args: RetrieveArgs) -> Result<()> {
         bail!("--k {k}, but the store holds {n} items (valid: 1 to {n})");
     }
     let queries: Vec<usize> = (0..asked).collect();
-    let start = Instant::now();
-    let (q, _) = embed(&program, backend.as_mut(), &data, &queries, &query_graph)?;
-    let q: Vec<f32> = q.into_iter().map(|v| v as f32).collect();
-    let mut ranked = Vec::with_capacity(queries.len());
-    for chunk in q.chunks(256 * width) {
-        ranked.extend(rank(backend.as_mut(), chunk, &store, width, k)?);
+    let mut times = Vec::new();
+    let mut ranked = Vec::new();
+    for run in 0..args.warmup + args.repeats {
+        let start = Instant::now();
+        let (q, _) = embed(&program, backend.as_mut(), &data, &queries, &query_graph)?;
+        let q: Vec<f32> = q.into_iter().map(|v| v as f32).collect();
+        ranked = Vec::with_capacity(queries.len());
+        for chunk in q.chunks(256 * width) {
+            ranked.extend(rank(backend.as_mut(), chunk, &store, width, k)?);
+        }
+        if run >= args.warmup {
+            times.push(start.elapsed().as_secs_f64());
+        }
     }
-    let seconds = start.elapsed().as_secs_f64();
+    times.sort_by(f64::total_cmp);
+    let seconds = times[times.len() / 2];
+    let timing = if times.len() > 1 {
+        format!(
+            "median of {} runs after {} warm-up, {:.3} to {:.3} s",
+            times.len(),
+            args.warmup,
+            times[0],
+            times[times.len() - 1]
+        )
+    } else if args.warmup > 0 {
+        format!("one run after {} warm-up", args.warmup)
+    } else {
+        "one run, compiling its kernels included".to_string()
+    };
     // R@k for the k the ranking reaches; a recall past it would count misses.
     let recall = |at: usize| {
         (at <= k).then(|| {
@@ -356,7 +384,7 @@ pub fn retrieve_command(args: RetrieveArgs) -> Result<()> {
         None => format!("R@{at} -"),
     };
     emit(&format!(
-        "{direction}: {} queries against {n} stored items on {}\n  {}  {}  {}  (chance R@1 {:.2}%)\n  {:.0} queries/s ({:.3} s: embedding the queries, scoring and top-{k} on the backend)\n",
+        "{direction}: {} queries against {n} stored items on {}\n  {}  {}  {}  (chance R@1 {:.2}%)\n  {:.0} queries/s, {:.2} ms a query ({:.3} s for the batch: embedding the queries, scoring and top-{k} on the backend; {timing})\n",
         queries.len(),
         backend.describe(),
         shown(1),
@@ -364,6 +392,7 @@ pub fn retrieve_command(args: RetrieveArgs) -> Result<()> {
         shown(10),
         100.0 / n as f64,
         queries.len() as f64 / seconds.max(1e-9),
+        1e3 * seconds / queries.len() as f64,
         seconds,
     ))
 }

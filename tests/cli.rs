@@ -262,6 +262,10 @@ fn synth_run_eval_and_resume_the_tiny_model() {
         "64",
         "--device",
         "reference",
+        "--warmup",
+        "1",
+        "--repeats",
+        "3",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let out = stdout(&o);
@@ -269,7 +273,12 @@ fn synth_run_eval_and_resume_the_tiny_model() {
         out.starts_with("image_to_text: 64 queries against 256 stored items"),
         "{out}"
     );
-    assert!(out.contains("queries/s"), "{out}");
+    assert!(
+        out.contains("queries/s")
+            && out.contains("ms a query")
+            && out.contains("median of 3 runs after 1 warm-up"),
+        "{out}"
+    );
 }
 
 #[test]

@@ -95,7 +95,7 @@ fn emoji_pairs_train_alt_moe_end_to_end() {
         encoder.to_str().unwrap(),
         "--tokens",
         "--pad-to",
-        "16",
+        "10",
         "--held-out",
         &HELD_OUT.to_string(),
         "--device",
@@ -106,10 +106,11 @@ fn emoji_pairs_train_alt_moe_end_to_end() {
     assert!(o.status.success(), "{}", stderr(&o));
     let (pairs, meta) = read_f32(&data);
     assert_eq!(meta["altc.held_out"], HELD_OUT.to_string());
-    assert_eq!(pairs["text.tokens"].0, [PAIRS, 16, 384]);
-    assert_eq!(pairs["text.mask"].0, [PAIRS, 16]);
+    // Padded to the model's 10 tokens, the longest emoji name's.
+    assert_eq!(pairs["text.tokens"].0, [PAIRS, 10, 384]);
+    assert_eq!(pairs["text.mask"].0, [PAIRS, 10]);
     // Every name is [CLS] words [SEP]: at least three real tokens, then padding.
-    for (i, mask) in pairs["text.mask"].1.chunks(16).enumerate() {
+    for (i, mask) in pairs["text.mask"].1.chunks(10).enumerate() {
         let real = mask.iter().filter(|&&m| m == 1.0).count();
         assert!(real >= 3, "pair {i}: {real} real tokens");
         assert!(
