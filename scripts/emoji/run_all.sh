@@ -19,7 +19,7 @@ train() {
     local model=$1 seed=$2
     local dir="$runs/$model-seed$seed"
     "$altc" run "examples/emoji/$model.ron" --data "$data" --device "$device" \
-        --seed "$seed" --out "$dir" --eval-every 50 --force >"$dir.log" 2>&1 \
+        --seed "$seed" --out "$dir" --eval-every 100 --force >"$dir.log" 2>&1 \
         || { echo "run_all: $model seed $seed failed; see $dir.log" >&2; return 1; }
     "$altc" plot "$dir" >>"$dir.log"
     echo "$model seed $seed: $(grep -A2 'held-out retrieval' "$dir.log" | tail -2 | tr -s ' ' | tr '\n' ';')"
