@@ -282,6 +282,87 @@ fn datasets_with_non_finite_values_or_bad_masks_are_refused_by_tensor_and_pair()
 }
 
 #[test]
+fn token_stores_and_fixed_splits_that_do_not_fit_are_refused_by_name() {
+    let dir = folder("bad-token-stores");
+    let good = dir.join("good.safetensors");
+    synth_tiny(&good, 64);
+    let (tensors, _) = read_f32(&good);
+    let store = |name: &str, parts: &[(&str, (Vec<usize>, Vec<f32>))]| {
+        let path = dir.join(name);
+        let map = parts
+            .iter()
+            .map(|(n, t)| (n.to_string(), t.clone()))
+            .collect();
+        write_f32(&path, &map, HashMap::new());
+        path
+    };
+    let image = store(
+        "image.safetensors",
+        &[("tokens", tensors["image.tokens"].clone())],
+    );
+    let mut half_mask = tensors["text.mask"].clone();
+    half_mask.1[4 * 6 + 2] = 0.5;
+    let cases = [
+        (
+            store(
+                "mask-value.safetensors",
+                &[
+                    ("tokens", tensors["text.tokens"].clone()),
+                    ("mask", half_mask),
+                ],
+            ),
+            "`mask` holds 0.5 at item 4, token 2",
+        ),
+        (
+            store(
+                "mask-shape.safetensors",
+                &[
+                    ("tokens", tensors["text.tokens"].clone()),
+                    ("mask", (vec![64, 5], vec![1.0; 64 * 5])),
+                ],
+            ),
+            "`mask` is [64, 5], but `tokens` needs [64, 6]",
+        ),
+        (
+            store(
+                "flat.safetensors",
+                &[(
+                    "tokens",
+                    (vec![64, 6 * 24], tensors["text.tokens"].1.clone()),
+                )],
+            ),
+            "`tokens` is [64, 144], not [items, tokens, width]",
+        ),
+    ];
+    for (i, (text, expected)) in cases.iter().enumerate() {
+        let out = dir.join(format!("pairs-{i}.safetensors"));
+        let err = assert_clean_failure(&altc(&[
+            "data",
+            "text",
+            "--modality",
+            &format!("text={}", s(text)),
+            "--modality",
+            &format!("image={}", s(&image)),
+            "-o",
+            s(&out),
+        ]));
+        assert!(err.contains(expected) && err.contains(s(text)), "{err}");
+        assert!(!out.exists());
+    }
+
+    // A dataset whose split metadata is not a count is named before training.
+    let (tensors, mut metadata) = read_f32(&good);
+    metadata.insert("altc.held_out".into(), "last 20".into());
+    let odd = dir.join("odd-split.safetensors");
+    write_f32(&odd, &tensors, metadata);
+    let err = assert_clean_failure(&train_tiny(&odd, &dir.join("run"), &["--steps", "1"]));
+    assert!(
+        err.contains("metadata `altc.held_out` is `last 20`, not a count of pairs"),
+        "{err}"
+    );
+}
+
+#[test]
 fn eval_refuses_a_checkpoint_holding_nan() {
     let dir = folder("nan-checkpoint");
     let (_, run) = trained(&dir);
