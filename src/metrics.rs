@@ -6,7 +6,7 @@
 
 use altc_runtime::retrieval::Recall;
 use altc_runtime::training::StepReport;
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -26,8 +26,11 @@ pub enum Metric {
         losses: BTreeMap<String, f64>,
         lr: f64,
         weight_decay: f64,
-        grad_norm: f64,
-        /// Seconds since this process started training.
+        /// Before clipping; absent where the step has no gradient norm (JSON has no
+        /// NaN).
+        grad_norm: Option<f64>,
+        /// Seconds since this process started training (a resumed run counts from
+        /// its resume).
         seconds: f64,
     },
     /// Held-out recalls after `step` steps, per direction: `[R@1, R@5, R@10]` as
@@ -53,7 +56,7 @@ impl Metric {
             losses: report.losses.iter().cloned().collect(),
             lr: report.lr,
             weight_decay: report.weight_decay,
-            grad_norm: report.grad_norm,
+            grad_norm: report.grad_norm.is_finite().then_some(report.grad_norm),
             seconds,
         }
     }
@@ -86,16 +89,23 @@ impl MetricsLog {
     }
 
     /// The log of a run resumed from its checkpoint after `step` steps: the lines up
-    /// to that step kept (rewritten atomically), those past it (and a line a kill
-    /// cut short) dropped.
+    /// to that step kept (rewritten atomically), those past it and a last line a
+    /// kill cut short dropped. Any other line that is not a metric stops the resume,
+    /// named, rather than being dropped.
     pub fn resume(run_dir: &Path, step: usize) -> Result<MetricsLog> {
         let path = run_dir.join(METRICS_FILE);
         let kept: Vec<Metric> = match std::fs::read_to_string(&path) {
-            Ok(text) => parse_lines(&text)
-                .0
-                .into_iter()
-                .filter(|m| m.step() <= step)
-                .collect(),
+            Ok(text) => {
+                let (metrics, skipped) = parse_lines(&text);
+                let last = text.lines().count();
+                if let Some(line) = skipped.iter().find(|&&l| l != last) {
+                    bail!(
+                        "{}:{line}: not a metric line (edited, or written by a newer altc?); move the file aside to resume",
+                        path.display()
+                    );
+                }
+                metrics.into_iter().filter(|m| m.step() <= step).collect()
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
             Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
         };

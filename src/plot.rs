@@ -43,6 +43,14 @@ const FONT_PATHS: [&str; 4] = [
 /// Registers a TrueType font as plotters' `sans-serif` (read at run time, so no font
 /// library is linked).
 fn register_font() -> Result<()> {
+    if let Some(font) = std::env::var_os("ALTC_FONT") {
+        if !Path::new(&font).is_file() {
+            bail!(
+                "ALTC_FONT={}: no such font file",
+                Path::new(&font).display()
+            );
+        }
+    }
     let candidates: Vec<PathBuf> = std::env::var_os("ALTC_FONT")
         .map(PathBuf::from)
         .into_iter()
@@ -128,7 +136,9 @@ pub fn plot(args: PlotArgs) -> Result<()> {
                         .entry(task)
                         .push((x, *value));
                 }
-                grad_norm.entry(task).push((x, *norm));
+                if let Some(norm) = norm {
+                    grad_norm.entry(task).push((x, *norm));
+                }
                 lr.entry("learning rate").push((x, *rate));
             }
             Metric::Recall {

@@ -95,7 +95,7 @@ pub struct RetrieveArgs {
     device: Device,
     /// Untimed runs first, which compile the kernels (a serving process pays that
     /// once, not per query).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=1000))]
     warmup: u64,
     /// Timed runs, 1 to 1,000; the median is reported, with the spread.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1000))]

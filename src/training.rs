@@ -45,8 +45,9 @@ pub enum DataCommand {
         #[arg(long, default_value_t = 0.5, value_parser = non_negative_finite)]
         token_variation: f64,
     },
-    /// Write a paired dataset of pooled vectors from raw text (through a pretrained
-    /// encoder) and vector stores, one NAME=FILE per modality.
+    /// Write a paired dataset from raw text (through a pretrained encoder: pooled
+    /// vectors, or its tokens with --tokens) and vector or token stores, one
+    /// NAME=FILE per modality.
     Text(crate::encoders::DataTextArgs),
 }
 
@@ -84,7 +85,9 @@ pub struct RunArgs {
     /// spec's seed].
     #[arg(long)]
     seed: Option<u64>,
-    /// Pairs held out for the recalls: 1 to half the dataset [default: 512].
+    /// Pairs held out for the recalls: 1 to half the dataset [default: the
+    /// dataset's fixed split (its last pairs) if it has one, else 512 by a split
+    /// seeded with the run's seed].
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     held_out: Option<u64>,
     /// Write a checkpoint every this many steps, and at the end (0: only at the end).
@@ -341,19 +344,12 @@ pub fn run(args: RunArgs) -> Result<()> {
             .into_iter()
             .filter(|f| run_dir.join(f).exists())
             .collect();
-        if !held.is_empty() {
-            if !args.force {
-                bail!(
-                    "{} already holds a run ({}): continue it with --resume, start afresh there with --force (deleting it), or choose another --out",
-                    run_dir.display(),
-                    held.join(", ")
-                );
-            }
-            for file in held {
-                let path = run_dir.join(file);
-                std::fs::remove_file(&path)
-                    .with_context(|| format!("--force: removing {}", path.display()))?;
-            }
+        if !held.is_empty() && !args.force {
+            bail!(
+                "{} already holds a run ({}): continue it with --resume, start afresh there with --force (deleting it), or choose another --out",
+                run_dir.display(),
+                held.join(", ")
+            );
         }
         let data_path = args
             .data
@@ -414,7 +410,9 @@ pub fn run(args: RunArgs) -> Result<()> {
         batch_size: record.batch_size,
         seed: record.seed,
         held_out: record.held_out,
-        checkpoint_every: args.checkpoint_every as usize,
+        // Checkpoints are written below, after the step's metrics: a kill between the
+        // two then costs a redone step, never a step missing from metrics.jsonl.
+        checkpoint_every: 0,
         run_dir: run_dir.clone(),
         resume: resume_from_checkpoint,
     };
@@ -425,6 +423,16 @@ pub fn run(args: RunArgs) -> Result<()> {
             trainer.warmup_steps(),
             trainer.total_steps()
         );
+    }
+    // --force deletes the old run only now, once the new one has passed every check.
+    if args.force {
+        for file in RUN_FILES {
+            let path = run_dir.join(file);
+            if path.exists() {
+                std::fs::remove_file(&path)
+                    .with_context(|| format!("--force: removing {}", path.display()))?;
+            }
+        }
     }
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
     // The record first: a run killed before its model is kept can still be resumed
@@ -487,6 +495,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         MetricsLog::create(&run_dir)?
     };
     let eval_every = args.eval_every as usize;
+    let checkpoint_every = args.checkpoint_every as usize;
     let mut last: Option<StepReport> = None;
     let mut final_recalls = None;
     while trainer.step_index() < total {
@@ -503,6 +512,9 @@ pub fn run(args: RunArgs) -> Result<()> {
             let recalls = trainer.recalls()?;
             metrics.append(&Metric::from_recalls(done, &recalls))?;
             final_recalls = Some(recalls);
+        }
+        if checkpoint_every > 0 && done % checkpoint_every == 0 && done < total {
+            trainer.save_checkpoint()?;
         }
     }
     bar.finish();
@@ -536,6 +548,7 @@ pub fn run(args: RunArgs) -> Result<()> {
 pub fn eval(args: EvalArgs) -> Result<()> {
     let record = RunRecord::read(&args.run_dir)?;
     let program: Program = Artifact::read(&args.run_dir.join("model.altc"))?.program;
+    let other_data = args.data.is_some();
     let data = match args.data {
         Some(path) => {
             eprintln!(
@@ -562,7 +575,12 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         &state_shapes(&program),
         program.dtype,
     )?;
-    let split = data.split(record.held_out, record.seed)?;
+    // Another dataset that fixes its own split is evaluated on that split.
+    let held_out = match (other_data, data.fixed_held_out) {
+        (true, Some(fixed)) => fixed,
+        _ => record.held_out,
+    };
+    let split = data.split(held_out, record.seed)?;
     let mut backend = open_backend_for(args.device, &program, !args.no_opt)?;
     backend.load_state(&ckpt.state)?;
     let r =

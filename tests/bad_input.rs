@@ -287,7 +287,8 @@ fn token_stores_and_fixed_splits_that_do_not_fit_are_refused_by_name() {
     let good = dir.join("good.safetensors");
     synth_tiny(&good, 64);
     let (tensors, _) = read_f32(&good);
-    let store = |name: &str, parts: &[(&str, (Vec<usize>, Vec<f32>))]| {
+    type Shaped = (Vec<usize>, Vec<f32>);
+    let store = |name: &str, parts: &[(&str, Shaped)]| {
         let path = dir.join(name);
         let map = parts
             .iter()
@@ -357,7 +358,7 @@ fn token_stores_and_fixed_splits_that_do_not_fit_are_refused_by_name() {
     write_f32(&odd, &tensors, metadata);
     let err = assert_clean_failure(&train_tiny(&odd, &dir.join("run"), &["--steps", "1"]));
     assert!(
-        err.contains("metadata `altc.held_out` is `last 20`, not a count of pairs"),
+        err.contains("metadata `altc.held_out` is `last 20`, not a count of pairs from 1 to half the dataset's 64"),
         "{err}"
     );
 }
@@ -507,7 +508,9 @@ fn a_run_directory_holds_one_run() {
     let (data, run) = trained(&dir);
     let error = assert_clean_failure(&train_tiny(&data, &run, &["--steps", "2"]));
     assert!(
-        error.contains("already holds a run (run.ron, model.altc, checkpoint.safetensors)"),
+        error.contains(
+            "already holds a run (run.ron, model.altc, checkpoint.safetensors, metrics.jsonl)"
+        ),
         "{error}"
     );
 

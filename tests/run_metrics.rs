@@ -80,6 +80,14 @@ fn a_run_records_every_step_and_periodic_recalls() {
     assert_eq!(steps_of(&lines, "step"), (1..=16).collect::<Vec<_>>());
     assert_eq!(steps_of(&lines, "recall"), [5, 10, 12, 15, 16]);
 
+    // A line that is not a metric anywhere but at the end is not silently dropped.
+    let text = std::fs::read_to_string(&path).unwrap();
+    let mut edited: Vec<&str> = text.lines().collect();
+    edited.insert(2, "an edit");
+    std::fs::write(&path, edited.join("\n") + "\n").unwrap();
+    let err = assert_clean_failure(&train_tiny(&data, &run_dir, &["--resume", "--steps", "18"]));
+    assert!(err.contains("metrics.jsonl:3: not a metric line"), "{err}");
+
     // --force starts the record afresh.
     let o = train_tiny(&data, &run_dir, &["--steps", "3", "--force"]);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -187,16 +195,36 @@ fn a_dataset_from_token_stores_fixes_its_held_out_split() {
     );
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).contains("20 queries"), "{}", stdout(&o));
+    let o = altc(&["eval", run_dir.to_str().unwrap(), "--device", "reference"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("20 queries"), "{}", stdout(&o));
+    // Refused before --force deletes the run already there.
     let err = assert_clean_failure(&run_model(
         "models/alt_moe_tiny.ron",
         &data,
-        &scratch("split-run-2"),
-        &["--steps", "2", "--batch-size", "16", "--held-out", "30"],
+        &run_dir,
+        &[
+            "--steps",
+            "2",
+            "--batch-size",
+            "16",
+            "--held-out",
+            "30",
+            "--force",
+        ],
     ));
     assert!(
         err.contains("fixes its held-out split as its last 20 pairs"),
         "{err}"
     );
+    for kept in [
+        "run.ron",
+        "model.altc",
+        "checkpoint.safetensors",
+        "metrics.jsonl",
+    ] {
+        assert!(run_dir.join(kept).exists(), "{kept} kept");
+    }
 
     // More held out than half the pairs is refused before anything is written.
     let refused = scratch("split-refused.safetensors");

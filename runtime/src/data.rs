@@ -85,8 +85,12 @@ pub enum DataError {
         fixed: usize,
         held_out: usize,
     },
-    #[error("{path}: metadata `{HELD_OUT_KEY}` is `{value}`, not a count of pairs")]
-    HeldOutMetadata { path: PathBuf, value: String },
+    #[error("{path}: metadata `{HELD_OUT_KEY}` is `{value}`, not a count of pairs from 1 to half the dataset's {pairs}")]
+    HeldOutMetadata {
+        path: PathBuf,
+        value: String,
+        pairs: usize,
+    },
     #[error("{path}: the dataset holds no pairs")]
     Empty { path: PathBuf },
     #[error("{path}: {pairs} pairs leave {train} for training, fewer than one batch of {batch}")]
@@ -181,14 +185,17 @@ impl Dataset {
         {
             None => None,
             Some(value) => {
-                Some(
-                    value
-                        .parse::<usize>()
-                        .map_err(|_| DataError::HeldOutMetadata {
+                let all = pairs.unwrap_or(0);
+                match value.parse::<usize>() {
+                    Ok(n) if n >= 1 && n <= all / 2 => Some(n),
+                    _ => {
+                        return Err(DataError::HeldOutMetadata {
                             path: path.into(),
                             value,
-                        })?,
-                )
+                            pairs: all,
+                        })
+                    }
+                }
             }
         };
         match pairs {

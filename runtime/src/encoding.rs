@@ -165,6 +165,8 @@ pub enum EncodeError {
         "{0} does not pool its tokens to one vector per item: end its layers with TokenPool(...)"
     )]
     NotPooled(String),
+    #[error("{0}: token output keeps the text's tokens and their mask, but a ClassToken layer adds a token of its own; embed pooled vectors instead")]
+    ClassTokenInTokens(String),
     #[error("{name}: its tokens come before TokenPool, but layers after it hold weights ({params}) that token output would drop")]
     WeightsAfterPool { name: String, params: String },
     #[error("{path}: the tokenizer makes ids up to {tokens} (added tokens included), but the encoder's TokenEmbedding has {vocab} rows; a larger id would read past the table")]
@@ -266,6 +268,10 @@ fn token_output_spec(spec: &EncoderSpec, max_length: usize) -> Result<EncoderSpe
     if let Encoder::Text { layers, .. } = &mut tokens.encoder {
         if let Some(pool) = layers.iter().position(|l| matches!(l, Layer::TokenPool(_))) {
             layers.truncate(pool);
+        }
+        // A class token adds a row the mask of the item's text tokens does not cover.
+        if layers.iter().any(|l| matches!(l, Layer::ClassToken)) {
+            return Err(EncodeError::ClassTokenInTokens(spec.name.clone()));
         }
     }
     let full = lower_encoder(spec, max_length, DType::F32)?;
@@ -423,7 +429,10 @@ impl TextEncoder {
                     EncoderOutput::Tokens => length,
                 };
                 for (r, &item) in chunk.iter().enumerate() {
-                    let real = rows.min(lengths[item]) * width;
+                    let real = match self.output {
+                        EncoderOutput::Pooled => width,
+                        EncoderOutput::Tokens => lengths[item] * width,
+                    };
                     let from = &values[r * rows * width..][..real];
                     let to = &mut vectors[item * per_item * width..][..real];
                     for (t, f) in to.iter_mut().zip(from) {

@@ -40,9 +40,10 @@ def recalls(queries, keys, ks=(1, 5, 10)):
     q = queries / np.linalg.norm(queries, axis=1, keepdims=True)
     k = keys / np.linalg.norm(keys, axis=1, keepdims=True)
     scores = q @ k.T
-    # Rank of the true key: how many keys score higher than it.
+    # Rank of the true key: how many other keys score at least as high (ties count
+    # against the query, as altc counts them).
     truth = np.diag(scores)[:, None]
-    rank = (scores > truth).sum(axis=1)
+    rank = (scores >= truth).sum(axis=1) - 1
     return [float((rank < k).mean()) for k in ks]
 
 

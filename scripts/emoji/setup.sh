@@ -10,7 +10,7 @@ want="$(sha256sum "$here/requirements.txt" | cut -d' ' -f1)"
 
 # Pillow's wheel loads FriBiDi from the system for its libraqm layout, without which
 # emoji ZWJ sequences do not become ligatures.
-if ! ldconfig -p | grep -q 'libfribidi\.so\.0'; then
+if ! dpkg -s libfribidi0 >/dev/null 2>&1; then
     sudo=""
     if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
     echo "emoji setup: installing libfribidi0"
@@ -18,8 +18,13 @@ if ! ldconfig -p | grep -q 'libfribidi\.so\.0'; then
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq libfribidi0 >/dev/null
 fi
 
-if [ ! -x "$venv/bin/python" ]; then
-    python3 -m venv "$venv"
+# A venv whose creation failed half-way (no ensurepip) is made again.
+if ! "$venv/bin/python" -m pip --version >/dev/null 2>&1; then
+    python3 -m venv --clear "$venv" || {
+        echo "emoji setup: python3 -m venv failed (Debian: install python3-venv)" >&2
+        exit 1
+    }
+    rm -f "$stamp"
 fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "emoji setup: installing requirements into $venv"

@@ -58,7 +58,8 @@ def main():
     print("|" + "---|" * (header.count("|") - 1))
     queries = None
     for key, label in MODELS:
-        runs = sorted(root.glob(f"{key}-seed*"))
+        # Run directories only: run_all.sh keeps each run's log beside it.
+        runs = sorted(p for p in root.glob(f"{key}-seed*") if p.is_dir())
         if not runs:
             continue
         per_run = [final_recalls(r) for r in runs]
