@@ -6,10 +6,11 @@
 #
 #   bash scripts/emoji/run_all.sh DATA.safetensors RUNS_DIR
 set -euo pipefail
+# Paths as given, from where the script was started, before it moves to the root.
+data=$(realpath "${1:?usage: run_all.sh DATA.safetensors RUNS_DIR}")
+runs=$(realpath -m "${2:?usage: run_all.sh DATA.safetensors RUNS_DIR}")
 cd "$(dirname "$0")/../.."
-data=${1:?usage: run_all.sh DATA.safetensors RUNS_DIR}
-runs=${2:?usage: run_all.sh DATA.safetensors RUNS_DIR}
-altc=${ALTC:-target/release/altc}
+altc=$(realpath "${ALTC:-target/release/altc}")
 venv="${XDG_CACHE_HOME:-$HOME/.cache}/altc/emoji-venv"
 device=${DEVICE:-reference}
 jobs=${JOBS:-$(($(nproc) > 2 ? 2 : 1))}
@@ -21,7 +22,8 @@ train() {
     "$altc" run "examples/emoji/$model.ron" --data "$data" --device "$device" \
         --seed "$seed" --out "$dir" --eval-every 100 --force >"$dir.log" 2>&1 \
         || { echo "run_all: $model seed $seed failed; see $dir.log" >&2; return 1; }
-    "$altc" plot "$dir" >>"$dir.log"
+    "$altc" plot "$dir" >>"$dir.log" 2>&1 \
+        || { echo "run_all: plotting $model seed $seed failed; see $dir.log" >&2; return 1; }
     echo "$model seed $seed: $(grep -A2 'held-out retrieval' "$dir.log" | tail -2 | tr -s ' ' | tr '\n' ';')"
 }
 export -f train
