@@ -11,7 +11,7 @@ use altc_compiler::lower::lower_encoder;
 use altc_compiler::spec::{self, Encoder, EncoderSpec, Layer, Precision};
 use altc_compiler::summary::thousands;
 use altc_runtime::backend::{TunedKernel, TuningMode};
-use altc_runtime::data::write_f32_safetensors;
+use altc_runtime::data::{write_f32_safetensors, HELD_OUT_KEY};
 use altc_runtime::encoding::{
     bucket_length, load_tokenizer, load_weights, EncoderOutput, TextEncoder,
 };
@@ -354,7 +354,8 @@ pub struct DataTextArgs {
     #[arg(long, requires = "tokens", value_parser = clap::value_parser!(u64).range(1..=65_536))]
     pad_to: Option<u64>,
     /// Declare the last this many pairs the held-out split (kept in the file), so
-    /// every run on the dataset, whatever its seed, evaluates on the same pairs.
+    /// every run on the dataset, whatever its seed, evaluates on the same pairs
+    /// [default: the split a token store fixes, if one does].
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     held_out: Option<u64>,
     /// Items per encoder batch, 1 to 4,096.
@@ -389,6 +390,8 @@ struct Side {
     width: usize,
     values: Vec<f32>,
     mask: Option<Vec<f32>>,
+    /// The held-out split a store fixes (its last items), from its `altc.held_out`.
+    held_out: Option<usize>,
 }
 
 /// A token store: `tokens` `[N, T, width]` of finite f32 values and, optionally,
@@ -454,12 +457,27 @@ fn read_token_store(path: &Path) -> Result<Option<Side>> {
             );
         }
     }
+    let held_out = match safetensors::SafeTensors::read_metadata(&bytes)
+        .ok()
+        .and_then(|(_, m)| m.metadata().clone())
+        .and_then(|m| m.get(HELD_OUT_KEY).cloned())
+    {
+        None => None,
+        Some(value) => match value.parse::<usize>() {
+            Ok(n) if n >= 1 && n <= items / 2 => Some(n),
+            _ => bail!(
+                "{}: metadata `{HELD_OUT_KEY}` is `{value}`, not a count of items from 1 to half its {items}",
+                path.display()
+            ),
+        },
+    };
     Ok(Some(Side {
         items,
         tokens,
         width,
         values,
         mask,
+        held_out,
     }))
 }
 
@@ -528,6 +546,7 @@ pub fn data_text(args: DataTextArgs) -> Result<()> {
                         width: store.width,
                         values: store.vectors,
                         mask: None,
+                        held_out: None,
                     })
                 }
             }
@@ -560,6 +579,26 @@ pub fn data_text(args: DataTextArgs) -> Result<()> {
             bail!("--held-out {held_out}: at most half of the {pairs} pairs can be held out");
         }
     }
+    // A store that fixes its split (as the emoji builder's does) passes it on; the
+    // sides and --held-out must agree.
+    let mut held_out = args
+        .held_out
+        .map(|n| (n as usize, "--held-out".to_string()));
+    for (file, _, _, source) in &sources {
+        if let Source::Stored(Side {
+            held_out: Some(n), ..
+        }) = source
+        {
+            match &held_out {
+                Some((m, from)) if m != n => {
+                    bail!("{file} fixes its last {n} items as held out, but {from} holds out {m}")
+                }
+                Some(_) => {}
+                None => held_out = Some((*n, file.clone())),
+            }
+        }
+    }
+    let held_out = held_out.map(|(n, _)| n);
     let tune_cache = args.cache.configure_cubecl()?;
     let mut tensors = Vec::new();
     for (_, _, name, source) in sources {
@@ -585,6 +624,7 @@ pub fn data_text(args: DataTextArgs) -> Result<()> {
                     width: embedded.width,
                     values: embedded.vectors,
                     mask: embedded.mask,
+                    held_out: None,
                 };
                 match args.pad_to {
                     Some(tokens) => pad_side(side, tokens as usize, name)?,
@@ -602,19 +642,15 @@ pub fn data_text(args: DataTextArgs) -> Result<()> {
         ));
     }
     let mut metadata = HashMap::new();
-    if let Some(held_out) = args.held_out {
-        metadata.insert(
-            altc_runtime::data::HELD_OUT_KEY.to_string(),
-            held_out.to_string(),
-        );
+    if let Some(held_out) = held_out {
+        metadata.insert(HELD_OUT_KEY.to_string(), held_out.to_string());
     }
     write_f32_safetensors(&args.output, &tensors, metadata)?;
     let sides: Vec<String> = tensors
         .iter()
         .map(|(name, shape, _)| format!("{name} {shape:?}"))
         .collect();
-    let split = args
-        .held_out
+    let split = held_out
         .map(|n| format!("; the last {n} held out"))
         .unwrap_or_default();
     emit(&format!(

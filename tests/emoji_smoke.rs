@@ -96,14 +96,13 @@ fn emoji_pairs_train_alt_moe_end_to_end() {
         "--tokens",
         "--pad-to",
         "10",
-        "--held-out",
-        &HELD_OUT.to_string(),
         "--device",
         "reference",
         "-o",
         data.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
+    // The builder's split, passed on from its store.
     let (pairs, meta) = read_f32(&data);
     assert_eq!(meta["altc.held_out"], HELD_OUT.to_string());
     // Padded to the model's 10 tokens, the longest emoji name's.

@@ -153,10 +153,13 @@ fn a_dataset_from_token_stores_fixes_its_held_out_split() {
         .into(),
         store_meta.clone(),
     );
+    // The image store fixes its split, as the emoji builder's does.
+    let mut image_meta = store_meta.clone();
+    image_meta.insert("altc.held_out".to_string(), "20".to_string());
     write_f32(
         &image_store,
         &[("tokens".to_string(), tensors["image.tokens"].clone())].into(),
-        store_meta,
+        image_meta,
     );
     let data = scratch("split-pairs.safetensors");
     let text_side = format!("text={}", text_store.display());
@@ -168,8 +171,6 @@ fn a_dataset_from_token_stores_fixes_its_held_out_split() {
         &text_side,
         "--modality",
         &image_side,
-        "--held-out",
-        "20",
         "-o",
         data.to_str().unwrap(),
     ]);
@@ -241,5 +242,23 @@ fn a_dataset_from_token_stores_fixes_its_held_out_split() {
         refused.to_str().unwrap(),
     ]));
     assert!(err.contains("at most half of the 128 pairs"), "{err}");
+    assert!(!refused.exists());
+    // Nor is a count the image store's split contradicts.
+    let err = assert_clean_failure(&altc(&[
+        "data",
+        "text",
+        "--modality",
+        &text_side,
+        "--modality",
+        &image_side,
+        "--held-out",
+        "30",
+        "-o",
+        refused.to_str().unwrap(),
+    ]));
+    assert!(
+        err.contains("fixes its last 20 items as held out, but --held-out holds out 30"),
+        "{err}"
+    );
     assert!(!refused.exists());
 }

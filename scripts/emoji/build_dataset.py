@@ -350,7 +350,8 @@ def main():
         "altc.tokens": f"[N, {1 + args.grid**2}, {DIM}] F32: token 0 CLS, then the pooled patch grid row-major",
         "altc.names": "names.txt (line i = row i), pairs.jsonl",
         "altc.count": str(n),
-        "altc.split": f"the last {held_out} rows held out",
+        # The fixed split, passed on by `altc data text` to the paired dataset.
+        "altc.held_out": str(held_out),
         "altc.seed": str(args.seed),
         "altc.licence": f"images: {OPENMOJI_LICENCE}; tower: {WEIGHTS_LICENCE}",
     }
