@@ -11,7 +11,9 @@ use altc_compiler::lower::lower_encoder;
 use altc_compiler::spec::{self, Encoder, EncoderSpec, Layer, Precision};
 use altc_compiler::summary::thousands;
 use altc_runtime::backend::{TunedKernel, TuningMode};
-use altc_runtime::data::{write_f32_safetensors, HELD_OUT_KEY};
+use altc_runtime::data::{
+    check_finite, f32_values, fixed_held_out, write_f32_safetensors, HELD_OUT_KEY,
+};
 use altc_runtime::encoding::{
     bucket_length, load_tokenizer, load_weights, EncoderOutput, TextEncoder,
 };
@@ -405,26 +407,10 @@ fn read_token_store(path: &Path) -> Result<Option<Side>> {
         let Ok(view) = st.tensor(name) else {
             return Ok(None);
         };
-        if view.dtype() != safetensors::Dtype::F32 {
-            bail!(
-                "{}: `{name}` is {:?}, not F32",
-                path.display(),
-                view.dtype()
-            );
-        }
-        let values: Vec<f32> = view
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
-        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-            bail!(
-                "{}: `{name}` holds {} at element {i}",
-                path.display(),
-                values[i]
-            );
-        }
-        Ok(Some((view.shape().to_vec(), values)))
+        Ok(Some((
+            view.shape().to_vec(),
+            f32_values(path, name, &view)?,
+        )))
     };
     let Some((shape, values)) = f32_tensor("tokens")? else {
         return Ok(None);
@@ -438,6 +424,7 @@ fn read_token_store(path: &Path) -> Result<Option<Side>> {
     if items == 0 || tokens == 0 || width == 0 {
         bail!("{}: `tokens` is {shape:?}: empty", path.display());
     }
+    check_finite(path, "tokens", &values, tokens * width)?;
     let mask = match f32_tensor("mask")? {
         None => None,
         Some((mask_shape, mask)) if mask_shape == [items, tokens] => Some(mask),
@@ -457,20 +444,7 @@ fn read_token_store(path: &Path) -> Result<Option<Side>> {
             );
         }
     }
-    let held_out = match safetensors::SafeTensors::read_metadata(&bytes)
-        .ok()
-        .and_then(|(_, m)| m.metadata().clone())
-        .and_then(|m| m.get(HELD_OUT_KEY).cloned())
-    {
-        None => None,
-        Some(value) => match value.parse::<usize>() {
-            Ok(n) if n >= 1 && n <= items / 2 => Some(n),
-            _ => bail!(
-                "{}: metadata `{HELD_OUT_KEY}` is `{value}`, not a count of items from 1 to half its {items}",
-                path.display()
-            ),
-        },
-    };
+    let held_out = fixed_held_out(&bytes, path, items)?;
     Ok(Some(Side {
         items,
         tokens,

@@ -164,16 +164,14 @@ fn a_dataset_from_token_stores_fixes_its_held_out_split() {
     let data = scratch("split-pairs.safetensors");
     let text_side = format!("text={}", text_store.display());
     let image_side = format!("image={}", image_store.display());
-    let o = altc(&[
-        "data",
-        "text",
-        "--modality",
-        &text_side,
-        "--modality",
-        &image_side,
-        "-o",
-        data.to_str().unwrap(),
-    ]);
+    // `altc data text` of the two stores into `out`, with `extra` flags.
+    let pair_stores = |extra: &[&str], out: &Path| {
+        let mut args = vec!["data", "text", "--modality", &text_side];
+        args.extend(["--modality", &image_side, "-o", out.to_str().unwrap()]);
+        args.extend(extra);
+        altc(&args)
+    };
+    let o = pair_stores(&[], &data);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(
         stdout(&o).contains("the last 20 held out"),
@@ -229,33 +227,11 @@ fn a_dataset_from_token_stores_fixes_its_held_out_split() {
 
     // More held out than half the pairs is refused before anything is written.
     let refused = scratch("split-refused.safetensors");
-    let err = assert_clean_failure(&altc(&[
-        "data",
-        "text",
-        "--modality",
-        &text_side,
-        "--modality",
-        &image_side,
-        "--held-out",
-        "65",
-        "-o",
-        refused.to_str().unwrap(),
-    ]));
+    let err = assert_clean_failure(&pair_stores(&["--held-out", "65"], &refused));
     assert!(err.contains("at most half of the 128 pairs"), "{err}");
     assert!(!refused.exists());
     // Nor is a count the image store's split contradicts.
-    let err = assert_clean_failure(&altc(&[
-        "data",
-        "text",
-        "--modality",
-        &text_side,
-        "--modality",
-        &image_side,
-        "--held-out",
-        "30",
-        "-o",
-        refused.to_str().unwrap(),
-    ]));
+    let err = assert_clean_failure(&pair_stores(&["--held-out", "30"], &refused));
     assert!(
         err.contains("fixes its last 20 items as held out, but --held-out holds out 30"),
         "{err}"

@@ -178,26 +178,7 @@ impl Dataset {
                 tensors.insert(name.clone(), (shape, values));
             }
         }
-        let fixed_held_out = match SafeTensors::read_metadata(bytes)
-            .ok()
-            .and_then(|(_, m)| m.metadata().clone())
-            .and_then(|m| m.get(HELD_OUT_KEY).cloned())
-        {
-            None => None,
-            Some(value) => {
-                let all = pairs.unwrap_or(0);
-                match value.parse::<usize>() {
-                    Ok(n) if n >= 1 && n <= all / 2 => Some(n),
-                    _ => {
-                        return Err(DataError::HeldOutMetadata {
-                            path: path.into(),
-                            value,
-                            pairs: all,
-                        })
-                    }
-                }
-            }
-        };
+        let fixed_held_out = fixed_held_out(bytes, path, pairs.unwrap_or(0))?;
         match pairs {
             Some(pairs) if pairs > 0 => Ok(Dataset {
                 path: path.into(),
@@ -298,9 +279,29 @@ fn permutation(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
     order
 }
 
+/// The held-out split the safetensors file `bytes` (read from `path`, `rows` rows)
+/// fixes in its metadata ([`HELD_OUT_KEY`]): a count from 1 to half the rows.
+pub fn fixed_held_out(bytes: &[u8], path: &Path, rows: usize) -> Result<Option<usize>, DataError> {
+    let Some(value) = SafeTensors::read_metadata(bytes)
+        .ok()
+        .and_then(|(_, m)| m.metadata().clone())
+        .and_then(|m| m.get(HELD_OUT_KEY).cloned())
+    else {
+        return Ok(None);
+    };
+    match value.parse::<usize>() {
+        Ok(n) if n >= 1 && n <= rows / 2 => Ok(Some(n)),
+        _ => Err(DataError::HeldOutMetadata {
+            path: path.into(),
+            value,
+            pairs: rows,
+        }),
+    }
+}
+
 /// Every value finite: a NaN in the data would otherwise surface steps later as a
 /// non-finite gradient, far from its cause.
-fn check_finite(path: &Path, name: &str, values: &[f32], row: usize) -> Result<(), DataError> {
+pub fn check_finite(path: &Path, name: &str, values: &[f32], row: usize) -> Result<(), DataError> {
     match values.iter().position(|v| !v.is_finite()) {
         None => Ok(()),
         Some(i) => Err(DataError::NonFinite {
@@ -345,7 +346,8 @@ fn dims(shape: &[usize]) -> String {
         .join(", ")
 }
 
-fn f32_values(path: &Path, name: &str, view: &TensorView) -> Result<Vec<f32>, DataError> {
+/// The values of an F32 tensor (any other dtype refused, named).
+pub fn f32_values(path: &Path, name: &str, view: &TensorView) -> Result<Vec<f32>, DataError> {
     if view.dtype() != safetensors::Dtype::F32 {
         return Err(DataError::DType {
             path: path.into(),
